@@ -1,0 +1,26 @@
+"""Batch LLM labelling over OpenAI-compatible chat-completions APIs.
+
+    import pipeline
+    summary = pipeline.run("configs/demo.yaml")      # or a dict / Config, with overrides
+    df = pipeline.load(summary.out_dir)              # polars DataFrame, output fields as columns
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["Config", "PipelineError", "Summary", "load", "load_config", "run", "run_async"]
+
+# Imported on first use: `pipeline --help` and `import pipeline` stay fast (no polars/aiohttp import).
+_LAZY = {
+    "Config": ".config", "load_config": ".config", "PipelineError": ".errors", "Summary": ".output",
+    "load": ".output", "run": ".runner", "run_async": ".runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

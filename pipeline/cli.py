@@ -1,0 +1,108 @@
+"""`pipeline run | simulate | status`: a thin layer that parses arguments and formats a Summary.
+
+Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
+sent); 3 stopped early (run-fatal or budget), resumable; 130 interrupted, resumable.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, PipelineError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description="Batch LLM labelling over OpenAI-compatible APIs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,simulate,status}")
+
+    run = sub.add_parser("run", help="run (or resume) a job", description="Run or resume the job a config describes.")
+    run.add_argument("config", help="path to the job's YAML config")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value by dotted key, e.g. --set output.dir=/tmp/x (repeatable)")
+    run.add_argument("--retry-failed", action="store_true", help="also re-request rows that failed permanently")
+    run.add_argument("--force-new", action="store_true",
+                     help="the job changed: move the old answers in output.dir aside and start over")
+    run.add_argument("--dry-run", action="store_true",
+                     help="read and render every request, estimate tokens, cost and time; send nothing")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar (for cron); errors still printed")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    sim = sub.add_parser("simulate", help="serve the built-in OpenAI-compatible simulator on 127.0.0.1")
+    from .simulator import add_arguments
+
+    add_arguments(sim)
+
+    status = sub.add_parser("status", help="counts, tokens and cost of a run, finished or not")
+    status.add_argument("out_dir", help="the job's output.dir")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "simulate":
+            from .simulator import serve
+
+            return serve(args)
+        from .status import print_status
+
+        return print_status(args.out_dir, as_json=args.json)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+    )
+    if not args.verbose:
+        logging.getLogger("pipeline").setLevel(logging.INFO if not args.quiet else logging.WARNING)
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from .estimate import dry_run
+
+        return dry_run(cfg, out=sys.stdout)
+    from .runner import run_async
+
+    summary = asyncio.run(run_async(cfg, retry_failed=args.retry_failed, force_new=args.force_new,
+                                    quiet=args.quiet, handle_signals=True, config_path=args.config))
+    _print_summary(summary, quiet=args.quiet)
+    return summary.exit_code
+
+
+def _print_summary(s: Any, *, quiet: bool) -> None:
+    line = (
+        f"{s.succeeded:,} succeeded, {s.failed:,} failed, {s.pending:,} pending of {s.rows_total:,} rows | "
+        f"{s.prompt_tokens + s.completion_tokens:,} tokens, ${s.cost_usd:.4f} "
+        f"(this run ${s.run_cost_usd:.4f}) | {s.requests_sent:,} requests in {s.wall_s:.1f}s"
+    )
+    if s.stopped and s.stopped != "incomplete":
+        print(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": "), file=sys.stderr)
+    if not quiet or s.exit_code not in (0,):
+        print(line, file=sys.stderr)
+        if s.retries:
+            print("retries: " + ", ".join(f"{k}={v}" for k, v in sorted(s.retries.items())), file=sys.stderr)
+        if s.structured.get("fallbacks"):
+            for note in s.structured["notes"]:
+                print(f"structured: {note}", file=sys.stderr)
+        print(f"outputs in {s.out_dir}", file=sys.stderr)
+    if s.next_step:
+        print(s.next_step, file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

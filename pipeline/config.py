@@ -1,0 +1,389 @@
+"""The job description: a closed, typed config, validated once.
+
+Every section rejects unknown keys (with a "did you mean" hint), and every error names the dotted key
+and the file. Relative paths resolve against the config file's folder. The API key is never part of
+the config: it is read from the environment variable named by `endpoint.api_key_env`, at the moment it
+is needed, and kept out of every repr.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+StructuredMode = Literal["auto", "json_schema", "json_object", "tool"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class InputConfig(Section):
+    path: str = Field(description="A Parquet or JSONL file, a glob, or a folder of them.")
+    format: Literal["auto", "jsonl", "parquet"] = Field("auto", description="Forced format; auto uses the extension.")
+    id_column: str | None = Field(None, description="Unique row id column; default: a hash of the row content.")
+    columns: list[str] = Field(default_factory=list, description="Input columns carried into results.parquet.")
+    batch_size: int = Field(1000, ge=1, le=100_000, description="Rows per streaming batch.")
+
+
+class EndpointConfig(Section):
+    base_url: str = Field("https://openrouter.ai/api/v1", description="API root, or 'simulator'.")
+    model: str = Field("openai/gpt-4-turbo", min_length=1)
+    api_key_env: str = Field("OPENROUTER_API_KEY", min_length=1, description="Env var holding the key.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra headers, e.g. HTTP-Referer, X-Title.")
+    timeout_s: float = Field(600.0, gt=0, description="Total time one attempt may take.")
+    read_timeout_s: float = Field(120.0, gt=0, description="Longest silence between two reads.")
+    connect_timeout_s: float = Field(15.0, gt=0)
+    simulator: dict[str, Any] = Field(
+        default_factory=dict, description="SimConfig options when base_url is 'simulator'."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v != "simulator" and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL such as https://openrouter.ai/api/v1, or 'simulator'")
+        return v.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _no_auth_header(cls, v: dict[str, str]) -> dict[str, str]:
+        # The key must only ever come from the environment, never from a file that gets committed.
+        if any(k.lower() == "authorization" for k in v):
+            raise ValueError("do not put Authorization here; set the key in the env var named by endpoint.api_key_env")
+        return v
+
+
+class PromptConfig(Section):
+    system: str | None = Field(None, description="Jinja2 template for the system message.")
+    user: str | None = Field(None, description="Jinja2 template for the user message.")
+    messages_column: str | None = Field(None, description="Column holding ready-made chat messages.")
+    images: list[str] = Field(default_factory=list, description="Columns holding images (URL, path, bytes, list).")
+    image_detail: Literal["auto", "low", "high"] = "auto"
+    image_max_side: int | None = Field(None, ge=16, description="Downscale local images to this longest side.")
+
+    @model_validator(mode="after")
+    def _has_prompt(self) -> "PromptConfig":
+        if not self.user and not self.messages_column:
+            raise ValueError("set prompt.user (a template) or prompt.messages_column")
+        return self
+
+
+class ProviderConfig(Section):
+    """OpenRouter provider routing preferences, passed through as `provider`."""
+
+    order: list[str] | None = None
+    allow_fallbacks: bool | None = None
+    require_parameters: bool | None = None
+    data_collection: Literal["allow", "deny"] | None = None
+    zdr: bool | None = None
+    enforce_distillable_text: bool | None = None
+    only: list[str] | None = None
+    ignore: list[str] | None = None
+    quantizations: list[str] | None = None
+    sort: Union[Literal["price", "throughput", "latency"], dict[str, Any], None] = None
+    preferred_min_throughput: Union[float, dict[str, float], None] = None
+    preferred_max_latency: Union[float, dict[str, float], None] = None
+    max_price: dict[str, float] | None = None
+
+
+class ParamsConfig(Section):
+    """Request body fields. Absent fields are not sent, so the provider's defaults apply."""
+
+    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stop: Union[str, list[str], None] = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: bool | None = None
+    stream: bool = False
+    models: list[str] | None = Field(None, description="OpenRouter model fallback list.")
+    provider: ProviderConfig | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="Any other body field, sent untouched.")
+    from_columns: dict[str, str] = Field(
+        default_factory=dict, description="Body field -> input column, for per-row values (seed, max_tokens...)."
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Union[str, list[str], None]) -> Union[str, list[str], None]:
+        if isinstance(v, list) and not 1 <= len(v) <= 4:
+            raise ValueError("give a string or a list of 1 to 4 strings")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        for tok, bias in (v or {}).items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias for token {tok} is {bias}; it must be between -100 and 100")
+        return v
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> "ParamsConfig":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        return self
+
+
+class StructuredConfig(Section):
+    schema_: Union[dict[str, Any], str, None] = Field(
+        None, alias="schema", description="JSON Schema inline, or a path to a .json file."
+    )
+    mode: StructuredMode = "auto"
+    name: str = Field("output", pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    strict: bool = True
+    bad_content_retries: int = Field(2, ge=0, le=20)
+    length_max_tokens: int | None = Field(
+        None, ge=1, description="On finish_reason=length, retry once with this max_tokens (else fail)."
+    )
+    capabilities: dict[str, list[Literal["json_schema", "json_object", "tool"]]] = Field(
+        default_factory=dict, description="Model glob -> modes it supports, best first (adds to built-ins)."
+    )
+
+
+class LimitsConfig(Section):
+    requests_per_minute: float | None = Field(500, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    max_concurrency: int = Field(64, ge=1, le=4096)
+    max_retries: int = Field(6, ge=0, le=100, description="Transient retries per request.")
+    backoff_base_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+    max_retry_after_s: float = Field(900.0, gt=0, description="A longer server wait fails the request instead.")
+    burst_s: float = Field(1.0, gt=0, description="Seconds of quota that may go out at once (smooth dispatch).")
+    adaptive: bool = Field(True, description="Learn limits from rate-limit headers and 429s.")
+
+
+class BudgetConfig(Section):
+    max_cost_usd: float | None = Field(None, gt=0)
+
+
+class OutputConfig(Section):
+    dir: str
+    fsync_interval_s: float = Field(1.0, gt=0, le=60)
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+class CacheConfig(Section):
+    dir: str | None = Field(None, description="Cross-run response cache shared by several jobs.")
+
+
+class Price(Section):
+    input_per_m: float = Field(ge=0)
+    output_per_m: float = Field(ge=0)
+    per_image: float = Field(0.0, ge=0)
+
+
+class RunConfig(Section):
+    grace_period_s: float = Field(30.0, ge=0, description="How long in-flight requests may finish on Ctrl-C.")
+    progress: bool = True
+
+
+BUILTIN_PRICES: dict[str, Price] = {
+    "openai/gpt-4-turbo": Price(input_per_m=10, output_per_m=30),
+    "gpt-4-turbo": Price(input_per_m=10, output_per_m=30),
+    "gpt-4-turbo-2024-04-09": Price(input_per_m=10, output_per_m=30),
+    "openai/gpt-4o": Price(input_per_m=2.5, output_per_m=10),
+    "gpt-4o": Price(input_per_m=2.5, output_per_m=10),
+    "openai/gpt-4o-mini": Price(input_per_m=0.15, output_per_m=0.6),
+    "gpt-4o-mini": Price(input_per_m=0.15, output_per_m=0.6),
+}
+
+
+class Config(Section):
+    input: InputConfig
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    prompt: PromptConfig
+    params: ParamsConfig = Field(default_factory=ParamsConfig)
+    structured: StructuredConfig | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    output: OutputConfig
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    prices: dict[str, Price] = Field(default_factory=dict, description="Model -> price; adds to built-ins.")
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    # Where the config came from; not part of the YAML.
+    source: str = Field("<dict>", exclude=True)
+
+    def api_key(self) -> str:
+        """The key from the environment; a clear error (never the value) when it is missing."""
+        if self.endpoint.base_url == "simulator":
+            return os.environ.get(self.endpoint.api_key_env) or "sk-simulator"
+        key = os.environ.get(self.endpoint.api_key_env, "").strip()
+        if not key:
+            raise ConfigError(
+                f"the API key is missing: set the environment variable {self.endpoint.api_key_env} "
+                f"(export {self.endpoint.api_key_env}=...) or name another one with endpoint.api_key_env",
+                key="endpoint.api_key_env",
+                file=self.source,
+            )
+        return key
+
+    def price(self, model: str) -> Price | None:
+        return self.prices.get(model) or BUILTIN_PRICES.get(model)
+
+    def request_fingerprint(self) -> str:
+        """Hash of everything that changes what is asked; limits, budget and output may change freely."""
+        keep = {
+            "input": self.input.model_dump(exclude={"batch_size"}),
+            "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
+            "prompt": self.prompt.model_dump(),
+            "params": self.params.model_dump(exclude_none=True),
+            "structured": self.structured.model_dump(by_alias=True) if self.structured else None,
+        }
+        return hashlib.sha256(orjson.dumps(keep, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(
+    source: Union[str, Path, dict[str, Any], Config],
+    overrides: Union[list[str], dict[str, Any], None] = None,
+) -> Config:
+    """Read, override and validate a config once. Raises ConfigError naming the key and file."""
+    if isinstance(source, Config):
+        if not overrides:
+            return source
+        raw, base, name = source.model_dump(by_alias=True, exclude={"source"}), Path.cwd(), source.source
+    elif isinstance(source, dict):
+        raw, base, name = _deep_copy(source), Path.cwd(), "<dict>"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ConfigError("config file not found (give the path to a .yaml file)", file=name)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"not valid YAML: {exc}", file=name) from None
+        if not isinstance(raw, dict):
+            raise ConfigError("the config must be a mapping of sections (input, endpoint, prompt, ...)", file=name)
+        base = path.resolve().parent
+    for key, value in _normalise_overrides(overrides).items():
+        _set_dotted(raw, key, value, name)
+    try:
+        cfg = Config.model_validate({**raw, "source": name})
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, raw), file=name) from None
+    _resolve_paths(cfg, base)
+    return cfg
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _normalise_overrides(overrides: Union[list[str], dict[str, Any], None]) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return overrides
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE with a dotted key (e.g. output.dir=/tmp/x), got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = text
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, file: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section", key=key, file=file)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        # pydantic puts union member names in the location; they mean nothing to a user.
+        loc = [p for p in loc if p not in {"str", "list[str]", "dict[str,any]", "literal['price','throughput','latency']"}]
+        dotted = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            hint = _did_you_mean(loc)
+            lines.append(f"{dotted}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{dotted}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{dotted}: {msg} (got {_short(err.get('input'))})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return ""
+        ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return ""
+        model = inner[0]
+    names = []
+    for fname, f in model.model_fields.items():
+        if fname == "source":
+            continue
+        names.append(f.alias or fname)
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; known keys: {', '.join(sorted(names))}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _resolve_paths(cfg: Config, base: Path) -> None:
+    def resolve(p: str) -> str:
+        expanded = os.path.expanduser(p)
+        return os.path.normpath(expanded if os.path.isabs(expanded) else str(base / expanded))
+
+    cfg.input.path = resolve(cfg.input.path)
+    cfg.output.dir = resolve(cfg.output.dir)
+    if cfg.cache.dir:
+        cfg.cache.dir = resolve(cfg.cache.dir)
+    if cfg.structured and isinstance(cfg.structured.schema_, str):
+        # Load the file now so the job fingerprint covers the schema's content, not its path.
+        path = Path(resolve(cfg.structured.schema_))
+        try:
+            loaded = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError(f"schema file {path} not found", key="structured.schema", file=cfg.source) from None
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"schema file {path} is not valid JSON: {exc}", key="structured.schema",
+                              file=cfg.source) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"schema file {path} must hold a JSON object", key="structured.schema", file=cfg.source)
+        cfg.structured.schema_ = loaded

@@ -1,0 +1,153 @@
+"""One exception tree for the whole pipeline.
+
+    PipelineError
+    ├── UsageError              bad config, input or command line; nothing was sent (exit 2)
+    │   ├── ConfigError         names the config key and file
+    │   ├── InputError          names the input file and row or line
+    │   ├── JobChangedError     the output dir holds answers to a different job
+    │   └── StoreLockedError    another runner owns the output dir
+    ├── RowError                one input row cannot become a request (a failure row, the run goes on)
+    ├── RequestError            what one attempt of one request ended in
+    │   ├── TransientError      retry with jittered backoff (408, 5xx, timeouts, resets, 200-with-error)
+    │   │   └── RateLimited     429 rate limit: the whole client pauses, not just this request
+    │   ├── PermanentError      record as a failure, never retry (400, 404, 413, 422, too large for TPM)
+    │   └── BadContentError     not JSON, fails the schema, truncated, refused: a small separate budget
+    └── RunFatalError           no request can succeed: stop dispatching, keep what is done (exit 3)
+        ├── AuthError           401/403: the key is wrong or lacks permission
+        ├── CreditsError        402, 429 insufficient_quota and the spend-limit codes
+        └── BudgetExceeded      budget.max_cost_usd would be exceeded
+
+Every error carries typed fields and a message that says what to do next. No message may ever contain
+the API key: errors are built from status codes and response bodies, never from request headers.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+ErrorClass = Literal["transient", "permanent", "bad_content", "run_fatal", "input", "interrupted"]
+
+EXIT_OK = 0
+EXIT_FAILED_ROWS = 1
+EXIT_USAGE = 2
+EXIT_STOPPED = 3
+EXIT_INTERRUPTED = 130
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+    exit_code: int = EXIT_USAGE
+
+
+class UsageError(PipelineError):
+    """The run cannot start: fix the config, the input or the command line. Nothing was sent."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    def __init__(self, message: str, *, key: str | None = None, file: str | None = None) -> None:
+        self.key = key
+        self.file = file
+        where = ""
+        if file and key:
+            where = f"{file}: {key}: "
+        elif file:
+            where = f"{file}: "
+        elif key:
+            where = f"{key}: "
+        super().__init__(where + message)
+
+
+class InputError(UsageError):
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None) -> None:
+        self.file = file
+        self.row = row
+        where = file or ""
+        if row is not None:
+            where += f" row {row}" if where else f"row {row}"
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class JobChangedError(UsageError):
+    """The output directory holds a different job; mixing answers would be silently wrong."""
+
+
+class StoreLockedError(UsageError):
+    """Another live process is writing the same output directory."""
+
+
+class RowError(PipelineError):
+    """One row cannot be turned into a request; it becomes a failure row and the run goes on."""
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None) -> None:
+        self.file = file
+        self.row = row
+        self.message = message
+        where = f"{file} row {row}: " if file is not None and row is not None else ""
+        super().__init__(where + message)
+
+
+class RequestError(PipelineError):
+    """The outcome of one attempt of one request that did not produce a usable answer."""
+
+    error_class: ErrorClass = "transient"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+        content: str | None = None,
+    ) -> None:
+        self.message = message
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+        self.content = content
+        prefix = f"HTTP {status}: " if status else ""
+        super().__init__(prefix + message)
+
+
+class TransientError(RequestError):
+    error_class = "transient"
+
+
+class RateLimited(TransientError):
+    """A 429 rate limit; `retry_after` is how long the whole client should wait, if the server said."""
+
+
+class PermanentError(RequestError):
+    error_class = "permanent"
+
+
+class BadContentError(RequestError):
+    """The model answered but the answer is unusable; `reason` says why."""
+
+    error_class = "bad_content"
+
+    def __init__(self, message: str, *, reason: str, content: str | None = None, **kw: object) -> None:
+        self.reason = reason
+        super().__init__(message, content=content, **kw)  # type: ignore[arg-type]
+
+
+class RunFatalError(RequestError):
+    """No further request can succeed; stop the run, keep what is done."""
+
+    error_class = "run_fatal"
+    exit_code = EXIT_STOPPED
+    hint = "fix the cause, then re-run the same command to resume"
+
+
+class AuthError(RunFatalError):
+    hint = "check the API key in the environment variable named by endpoint.api_key_env, then re-run to resume"
+
+
+class CreditsError(RunFatalError):
+    hint = "add credits or raise the key's limit (or lower params.max_tokens), then re-run to resume"
+
+
+class BudgetExceeded(RunFatalError):
+    hint = "raise budget.max_cost_usd (e.g. --set budget.max_cost_usd=50), then re-run to resume"

@@ -1,0 +1,274 @@
+"""Results, failures and the summary, written so that every input row lands exactly once.
+
+Each input batch, once all its rows are resolved, becomes two part files (`parts/NNNNNNNN.f.parquet`
+then `parts/NNNNNNNN.r.parquet`, each written to a temp file and renamed; the results part is the
+batch's completion mark). A resume skips batches whose part exists without re-reading or re-rendering
+them. At the end (and on interruption) the parts are concatenated in batch order into
+`results.parquet` and `failures.parquet`, again via temp file + rename, so readers never see a torn
+file and an interrupted merge leaves the previous outputs intact.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .schema import arrow_type, to_arrow
+from .store import Record
+
+PART_RE = re.compile(r"^(\d{8})\.r\.parquet$")
+
+LOGPROB_TYPE = pa.list_(pa.struct([
+    ("token", pa.string()), ("logprob", pa.float64()),
+    ("top_logprobs", pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64())]))),
+]))
+
+
+@dataclass
+class Layout:
+    """Which columns the outputs have; fixed for a job so every part has the same shape."""
+
+    id_column: str
+    schema: dict[str, Any] | None
+    with_tool_calls: bool = False
+    with_logprobs: bool = False
+    with_ttft: bool = False
+    compression: str = "zstd"
+
+    def output_type(self) -> pa.DataType | None:
+        return arrow_type(self.schema) if self.schema is not None else None
+
+
+@dataclass(slots=True)
+class RowFailure:
+    """A row that never became a request (bad input), with where it came from."""
+
+    error_class: str
+    message: str
+
+
+def write_part(
+    parts_dir: Path,
+    index: int,
+    layout: Layout,
+    carried: pa.Table,
+    outcomes: Sequence[Record | RowFailure],
+) -> tuple[int, int]:
+    """Write one batch's results and failures parts; returns (succeeded, failed)."""
+    ok_idx = [i for i, o in enumerate(outcomes) if isinstance(o, Record) and o.state == "ok"]
+    ok_set = set(ok_idx)
+    bad_idx = [i for i in range(len(outcomes)) if i not in ok_set]
+    carried = _rename_carried(carried, layout)
+    results = _results_table(carried.take(pa.array(ok_idx, pa.int64())), [outcomes[i] for i in ok_idx], layout)  # type: ignore[misc]
+    failures = _failures_table(carried.take(pa.array(bad_idx, pa.int64())), [outcomes[i] for i in bad_idx], layout)
+    stem = parts_dir / f"{index:08d}"
+    _atomic_parquet(failures, Path(f"{stem}.f.parquet"), layout.compression)
+    _atomic_parquet(results, Path(f"{stem}.r.parquet"), layout.compression)
+    return len(ok_idx), len(bad_idx)
+
+
+def done_parts(parts_dir: Path) -> set[int]:
+    if not parts_dir.is_dir():
+        return set()
+    return {int(m.group(1)) for name in os.listdir(parts_dir) if (m := PART_RE.match(name))}
+
+
+def _rename_carried(carried: pa.Table, layout: Layout) -> pa.Table:
+    reserved = set(RESULT_COLUMNS) | {"output", "error_class", "status", "message"}
+    names = []
+    for name in carried.column_names:
+        if name == "__id":
+            names.append(layout.id_column)
+        elif name in reserved or name == layout.id_column:
+            names.append(f"input.{name}")  # an input column must never shadow one of ours
+        else:
+            names.append(name)
+    return carried.rename_columns(names)
+
+
+RESULT_COLUMNS = [
+    "content", "finish_reason", "model", "provider", "prompt_tokens", "completion_tokens", "cost_usd",
+    "latency_s", "attempts", "cache_hit", "request_key",
+]
+
+
+def _results_table(carried: pa.Table, recs: list[Record], layout: Layout) -> pa.Table:
+    cols: dict[str, pa.Array] = {}
+    out_type = layout.output_type()
+    if out_type is not None and layout.schema is not None:
+        values = [orjson.loads(r.output_json) if r.output_json else None for r in recs]
+        cols["output"] = to_arrow(values, layout.schema, out_type)
+    cols["content"] = pa.array([r.content for r in recs], pa.string())
+    cols["finish_reason"] = pa.array([r.finish_reason for r in recs], pa.string())
+    cols["model"] = pa.array([r.model for r in recs], pa.string())
+    cols["provider"] = pa.array([r.provider for r in recs], pa.string())
+    cols["prompt_tokens"] = pa.array([r.prompt_tokens for r in recs], pa.int64())
+    cols["completion_tokens"] = pa.array([r.completion_tokens for r in recs], pa.int64())
+    cols["cost_usd"] = pa.array([r.cost_usd for r in recs], pa.float64())
+    cols["latency_s"] = pa.array([r.latency_s for r in recs], pa.float64())
+    cols["attempts"] = pa.array([r.attempts for r in recs], pa.int64())
+    cols["cache_hit"] = pa.array([bool(r.cache_hit) for r in recs], pa.bool_())
+    cols["request_key"] = pa.array([r.key for r in recs], pa.string())
+    if layout.with_ttft:
+        cols["ttft_s"] = pa.array([r.ttft_s for r in recs], pa.float64())
+    if layout.with_tool_calls:
+        cols["tool_calls"] = pa.array([r.tool_calls_json for r in recs], pa.string())
+    if layout.with_logprobs:
+        cols["logprobs"] = pa.array([orjson.loads(r.logprobs_json) if r.logprobs_json else None for r in recs],
+                                    LOGPROB_TYPE)
+    table = carried
+    for name, arr in cols.items():
+        table = table.append_column(name, arr)
+    return table
+
+
+def _failures_table(carried: pa.Table, outcomes: list[Record | RowFailure], layout: Layout) -> pa.Table:
+    def get(o: Record | RowFailure, name: str) -> Any:
+        return getattr(o, name, None)
+
+    table = carried.select([layout.id_column]) if carried.num_columns else carried
+    cols = {
+        "error_class": pa.array([o.error_class for o in outcomes], pa.string()),
+        "status": pa.array([get(o, "status") for o in outcomes], pa.int64()),
+        "message": pa.array([o.message for o in outcomes], pa.string()),
+        "attempts": pa.array([get(o, "attempts") or 0 for o in outcomes], pa.int64()),
+        "content": pa.array([get(o, "content") for o in outcomes], pa.string()),
+        "cost_usd": pa.array([get(o, "cost_usd") or 0.0 for o in outcomes], pa.float64()),
+        "request_key": pa.array([get(o, "key") for o in outcomes], pa.string()),
+    }
+    for name, arr in cols.items():
+        table = table.append_column(name, arr)
+    # The carried input columns after ours: enough context to act on a failure in a notebook.
+    for name in carried.column_names:
+        if name != layout.id_column:
+            table = table.append_column(name, carried.column(name))
+    return table
+
+
+def _atomic_parquet(table: pa.Table, path: Path, compression: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression=None if compression == "none" else compression)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def merge_parts(parts_dir: Path, out_dir: Path, compression: str) -> tuple[int, int]:
+    """Concatenate the parts in batch order into results.parquet and failures.parquet (bounded memory)."""
+    indices = sorted(done_parts(parts_dir))
+    counts = []
+    for suffix, name in (("r", "results.parquet"), ("f", "failures.parquet")):
+        files = [parts_dir / f"{i:08d}.{suffix}.parquet" for i in indices]
+        counts.append(_concat(files, out_dir / name, compression))
+    return counts[0], counts[1]
+
+
+def _concat(files: list[Path], dest: Path, compression: str) -> int:
+    if not files:
+        return 0
+    schemas = [pq.read_schema(f) for f in files]
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    tmp = dest.with_name(dest.name + ".tmp")
+    rows = 0
+    with pq.ParquetWriter(tmp, schema, compression=None if compression == "none" else compression) as writer:
+        for f in files:
+            table = pq.read_table(f)
+            if table.num_rows:
+                writer.write_table(_conform(table, schema))
+                rows += table.num_rows
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, dest)
+    return rows
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    if table.schema.equals(schema):
+        return table
+    cols = []
+    for fld in schema:
+        if fld.name in table.column_names:
+            cols.append(table.column(fld.name).cast(fld.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, fld.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+@dataclass
+class Summary:
+    """What a run did; `summary.json` is this object, and the CLI only formats it."""
+
+    out_dir: str
+    rows_total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    pending: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    run_cost_usd: float = 0.0
+    wall_s: float = 0.0
+    requests_sent: int = 0
+    retries: dict[str, int] = field(default_factory=dict)
+    failures_by_class: dict[str, int] = field(default_factory=dict)
+    cache_hits: int = 0
+    deduplicated: int = 0
+    resumed_rows: int = 0
+    stopped: str | None = None
+    stop_message: str | None = None
+    next_step: str | None = None
+    exit_code: int = 0
+    config_fingerprint: str = ""
+    structured: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+
+
+def write_json_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def failure_counts(out_dir: Path) -> dict[str, int]:
+    path = out_dir / "failures.parquet"
+    if not path.exists():
+        return {}
+    df = pl.read_parquet(path, columns=["error_class"])
+    return {str(k): int(v) for k, v in df.group_by("error_class").len().iter_rows()}
+
+
+def load(out_dir: str | os.PathLike[str], *, include_failures: bool = False, unnest: bool = True) -> pl.DataFrame:
+    """The results as a polars DataFrame: input columns, output fields as columns, usage columns.
+
+    Output fields are unnested to top-level columns, prefixed with `output_` only where a name is
+    already taken. With include_failures=True, failure rows are appended (their output columns null)
+    with their error_class, status and message.
+    """
+    out = Path(out_dir)
+    path = out / "results.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run `pipeline run CONFIG` first (or check the folder)")
+    df = pl.read_parquet(path)
+    if unnest and "output" in df.columns and isinstance(df.schema["output"], pl.Struct):
+        taken = set(df.columns) - {"output"}
+        fields = [f.name for f in df.schema["output"].fields]  # type: ignore[union-attr]
+        renamed = {f: (f"output_{f}" if f in taken else f) for f in fields}
+        df = df.with_columns(pl.col("output").struct.rename_fields([renamed[f] for f in fields])).unnest("output")
+    if include_failures and (out / "failures.parquet").exists():
+        failures = pl.read_parquet(out / "failures.parquet").drop(["content", "cost_usd", "attempts"], strict=False)
+        df = pl.concat([df, failures], how="diagonal_relaxed")
+    return df

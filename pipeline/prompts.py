@@ -1,0 +1,313 @@
+"""Rows into request bodies: Jinja templates over columns, image parts, and the request key.
+
+Templates are compiled once with StrictUndefined, so a missing column fails the row instead of
+silently sending an empty prompt, and a value printed by `{{ ... }}` that is null fails it too ("null
+in column X"); a null tested in `{% if x %}` is fine. `Renderer.check_columns(scan.columns)` turns a
+template variable (or image / messages / from_columns column) that no input column provides into one
+ConfigError before anything is sent, instead of a failure on every row.
+
+The body holds the model, the messages, and exactly the params set in the config (absent ones stay
+absent so the provider's defaults apply), `params.extra` at the top level, and per-row values from
+`params.from_columns`. Structured-output shaping is added later by `structured`. Nested values taken
+from the config (tools, provider, ...) are shared between bodies: build new ones, never mutate them.
+With `prompt.messages_column` the column's messages are sent; `prompt.system` is prepended when they
+have no system message and `prompt.user`, when also set, is appended as a final user message.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+import jinja2.meta
+import orjson
+
+from .config import Config
+from .errors import ConfigError, RowError
+from .images import ImageEncoder
+
+# Longest matching prefix of the model name (provider prefix dropped) wins; others get the default.
+CONTEXT_WINDOWS: dict[str, int] = {
+    "gpt-4-turbo": 128_000, "gpt-4-1106": 128_000, "gpt-4-0125": 128_000, "gpt-4-vision": 128_000,
+    "gpt-4o": 128_000, "gpt-4.1": 1_047_576, "gpt-4-32k": 32_768, "gpt-4": 8_192, "gpt-3.5-turbo": 16_385,
+    "gpt-5": 400_000, "o1": 200_000, "o3": 200_000, "o4-mini": 200_000, "claude": 200_000,
+    "gemini-1.5-pro": 2_097_152, "gemini": 1_048_576, "llama-3.1": 131_072, "llama-3.2": 131_072,
+    "llama-3.3": 131_072, "mistral-large": 128_000, "qwen2.5": 32_768,
+}
+DEFAULT_CONTEXT = 128_000
+TOKENS_PER_MESSAGE = 4
+REPLY_PRIMING_TOKENS = 3
+_INT_PARAMS = frozenset({"seed", "max_tokens", "max_completion_tokens", "top_logprobs", "n", "top_k"})
+_NUM_PARAMS = frozenset({"temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                         "min_p", "top_a"})
+_OWN_FIELDS = ("extra", "from_columns", "stream", "models", "provider", "logit_bias")
+
+
+@dataclass(slots=True)
+class Draft:
+    body: dict[str, Any]
+    est_prompt_tokens: int
+    max_tokens: int | None
+
+
+class _NullValue(Exception):
+    """Raised from inside a template when `{{ ... }}` would print a null."""
+
+
+def _no_null(value: Any) -> Any:
+    if value is None:
+        raise _NullValue
+    return value
+
+
+def context_window(model: str) -> int:
+    """Context size in tokens for a model name such as 'openai/gpt-4-turbo' (default 128k)."""
+    name = model.rsplit("/", 1)[-1].lower()
+    best = max((p for p in CONTEXT_WINDOWS if name.startswith(p)), key=len, default=None)
+    return CONTEXT_WINDOWS[best] if best else DEFAULT_CONTEXT
+
+
+class Renderer:
+    """Turns input rows into Drafts. Construct once per run: templates compile here, not per row.
+
+    `input_dir` is where relative image paths resolve when a row's origin names no file; normally they
+    resolve against the folder of the row's own input file. Pass `columns` (or call check_columns) to
+    reject templates that use columns the input does not have.
+    """
+
+    def __init__(self, cfg: Config, input_dir: str | None = None, columns: Iterable[str] | None = None) -> None:
+        self.cfg = cfg
+        p = cfg.prompt
+        self._env = jinja2.Environment(undefined=jinja2.StrictUndefined, finalize=_no_null, autoescape=False,
+                                       keep_trailing_newline=True)
+        self.variables: dict[str, set[str]] = {}
+        self._system = self._compile(p.system, "prompt.system")
+        self._user = self._compile(p.user, "prompt.user")
+        self._globals = dict(self._env.globals)
+        self._system_text = self._constant(self._system, "prompt.system")
+        self._messages_col = p.messages_column
+        self._image_cols = list(p.images)
+        self._images = ImageEncoder(p.image_detail, p.image_max_side)
+        self._input_dir = input_dir or os.getcwd()
+        self._from_columns = list(cfg.params.from_columns.items())
+        self._static = self._static_body()
+        self._context = context_window(cfg.endpoint.model)
+        if columns is not None:
+            self.check_columns(columns)
+
+    def _compile(self, source: str | None, key: str) -> jinja2.Template | None:
+        if not source:
+            return None
+        try:
+            ast = self._env.parse(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError(f"template syntax error on line {exc.lineno}: {exc.message}", key=key,
+                              file=self.cfg.source) from None
+        self.variables[key] = set(jinja2.meta.find_undeclared_variables(ast)) - set(self._env.globals)
+        return self._env.from_string(ast)
+
+    def _constant(self, template: jinja2.Template | None, key: str) -> str | None:
+        """The text of a template that uses no column, rendered once (a fixed system prompt, typically)."""
+        if template is None or self.variables[key]:
+            return None
+        try:
+            return _render(template, {}, self._globals)
+        except Exception:  # noqa: BLE001 - rendered per row instead, where the failure becomes a RowError
+            return None
+
+    def _static_body(self) -> dict[str, Any]:
+        params, src = self.cfg.params, self.cfg.source
+        body: dict[str, Any] = params.model_dump(exclude_none=True, exclude=set(_OWN_FIELDS))
+        if params.logit_bias:
+            body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}  # JSON keys are strings
+        if params.models:
+            body["models"] = list(params.models)
+        if params.provider is not None and (provider := params.provider.model_dump(exclude_none=True)):
+            body["provider"] = provider
+        if params.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        for key, value in params.extra.items():
+            if key in ("model", "messages", "stream"):
+                hint = {"model": "endpoint.model", "messages": "prompt", "stream": "params.stream"}[key]
+                raise ConfigError(f"set {key} with {hint}, not in params.extra", key=f"params.extra.{key}", file=src)
+            if key in body:
+                raise ConfigError(f"{key} is already set by params.{key}; set it once", key=f"params.extra.{key}",
+                                  file=src)
+            body[key] = value
+        for field in params.from_columns:
+            if field == "messages":
+                raise ConfigError("messages cannot come from params.from_columns; use prompt.messages_column",
+                                  key="params.from_columns.messages", file=src)
+        body["model"] = self.cfg.endpoint.model
+        return body
+
+    def check_columns(self, columns: Iterable[str]) -> None:
+        """ConfigError naming the key when the config uses a column the input does not have."""
+        have = set(columns)
+        available = ", ".join(sorted(have)) or "(none)"
+        uses: list[tuple[str, set[str]]] = list(self.variables.items())
+        uses += [("prompt.images", set(self._image_cols))]
+        uses += [("prompt.messages_column", {self._messages_col} if self._messages_col else set())]
+        uses += [(f"params.from_columns.{f}", {c}) for f, c in self._from_columns]
+        for key, names in uses:
+            missing = sorted(names - have)
+            if missing:
+                raise ConfigError(f"uses {', '.join(map(repr, missing))}, not among the input columns: {available}",
+                                  key=key, file=self.cfg.source)
+
+    def render(self, row: dict[str, Any], origin: tuple[str, int]) -> Draft:
+        """The request body for one row; RowError naming file+row when the row cannot become one."""
+        messages: list[dict[str, Any]] = []
+        system = self._system_text
+        if system is None and self._system is not None:
+            system = self._text(self._system, "prompt.system", row, origin)
+        user = self._text(self._user, "prompt.user", row, origin) if self._user else None
+        if self._messages_col:
+            messages = self._column_messages(row, origin)
+            if system is not None and not any(m["role"] == "system" for m in messages):
+                messages.insert(0, {"role": "system", "content": system})
+            if user is not None:
+                messages.append({"role": "user", "content": user})
+        else:
+            if system is not None:
+                messages.append({"role": "system", "content": system})
+            messages.append({"role": "user", "content": user})
+        image_tokens = self._add_images(messages, row, origin) if self._image_cols else 0
+        body = dict(self._static)
+        body["messages"] = messages
+        for field, column in self._from_columns:
+            value = row.get(column)
+            if value is not None:
+                body[field] = _param(field, value, column, origin)
+        est = estimate_prompt_tokens(body, image_tokens)
+        if est > self._context:
+            raise RowError(f"the prompt is about {est:,} tokens, over the {self._context:,}-token context window of "
+                           f"{body['model']}; shorten this row's text or images", file=origin[0], row=origin[1])
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        return Draft(body, est, max_tokens if type(max_tokens) is int else None)
+
+    def _text(self, template: jinja2.Template, key: str, row: dict[str, Any], origin: tuple[str, int]) -> str:
+        try:
+            return _render(template, row, self._globals)
+        except _NullValue:
+            nulls = self._printed_nulls(template, key, row)
+            what = f"null in column {', '.join(map(repr, nulls))}" if nulls else "a null value"
+            msg = f"{key}: {what} (use {{{{ x or '' }}}} or an {{% if %}} to allow it)"
+        except jinja2.UndefinedError as exc:
+            cols = ", ".join(list(row)[:20]) or "(none)"
+            msg = f"{key}: {exc.message}; this row's columns: {cols}"
+        except Exception as exc:  # noqa: BLE001 - a filter or expression failed on this row's values
+            msg = f"{key}: rendering failed: {type(exc).__name__}: {exc}"
+        raise RowError(msg, file=origin[0], row=origin[1])
+
+    def _printed_nulls(self, template: jinja2.Template, key: str, row: dict[str, Any]) -> list[str]:
+        """Which null columns the template prints (vs. only tests); the error path only, so re-rendering is fine."""
+        nulls = sorted(v for v in self.variables[key] if v in row and row[v] is None)
+        printed = []
+        for name in nulls:
+            try:
+                _render(template, {**row, **{v: "" for v in nulls if v != name}}, self._globals)
+            except _NullValue:
+                printed.append(name)
+            except Exception:  # noqa: BLE001, S110 - another problem, not this column's null
+                pass
+        return printed or nulls
+
+    def _column_messages(self, row: dict[str, Any], origin: tuple[str, int]) -> list[dict[str, Any]]:
+        col = self._messages_col
+        value = row.get(col)  # type: ignore[arg-type]
+        if isinstance(value, (str, bytes)):
+            try:
+                value = orjson.loads(value)  # a JSON-encoded list, as CSV-born Parquet often has
+            except orjson.JSONDecodeError:
+                pass
+        shape = "a non-empty list of {role, content} messages"
+        if not isinstance(value, list) or not value:
+            raise RowError(f"column {col!r} must hold {shape}, got {type(value).__name__}", file=origin[0],
+                           row=origin[1])
+        out: list[dict[str, Any]] = []
+        for i, m in enumerate(value):
+            ok = isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m
+            content = m.get("content") if ok else None
+            if not ok or not (isinstance(content, (str, list)) or (content is None and m.get("tool_calls"))):
+                raise RowError(f"column {col!r} message {i} is not a {{role, content}} object with text or "
+                               f"content parts; the column must hold {shape}", file=origin[0], row=origin[1])
+            # Parquet structs give every field to every message; nulls would be sent as explicit nulls.
+            out.append({k: v for k, v in m.items() if v is not None})
+        return out
+
+    def _add_images(self, messages: list[dict[str, Any]], row: dict[str, Any], origin: tuple[str, int]) -> int:
+        base = os.path.dirname(origin[0]) if origin[0] else self._input_dir
+        parts: list[dict[str, Any]] = []
+        tokens = 0
+        for col in self._image_cols:
+            got, n = self._images.parts(row.get(col), base_dir=base, origin=origin, column=col)
+            parts += got
+            tokens += n
+        if not parts:
+            return 0
+        target = next((m for m in reversed(messages) if m["role"] == "user"), None)
+        if target is None:
+            messages.append({"role": "user", "content": parts})
+            return tokens
+        text = target["content"]
+        if isinstance(text, list):
+            target["content"] = [*text, *parts]
+        else:
+            # Text first, then the images (wire-facts §1.4); an empty text part is left out.
+            target["content"] = ([{"type": "text", "text": text}] if text else []) + parts
+        return tokens
+
+
+def _render(template: jinja2.Template, row: dict[str, Any], env_globals: dict[str, Any]) -> str:
+    # Template.render() rebuilds its context from a ChainMap of globals on every call, which is half the
+    # cost of a short template; one dict merge does the same job. Errors surface unwrapped.
+    ctx = template.new_context({**env_globals, **row}, shared=True)
+    return "".join(template.root_render_func(ctx))
+
+
+def _param(field: str, value: Any, column: str, origin: tuple[str, int]) -> Any:
+    """A per-row body value, checked for the fields whose type is known."""
+    if field in _INT_PARAMS:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if type(value) is not int:
+            raise RowError(f"column {column!r} gives {field}={value!r:.40}; it must be an integer",
+                           file=origin[0], row=origin[1])
+    elif field in _NUM_PARAMS and (type(value) is bool or not isinstance(value, (int, float))):
+        raise RowError(f"column {column!r} gives {field}={value!r:.40}; it must be a number",
+                       file=origin[0], row=origin[1])
+    return value
+
+
+def estimate_prompt_tokens(body: dict[str, Any], image_tokens: int = 0) -> int:
+    """Prompt tokens, estimated: text chars/4, ~4 per message, plus schemas/tools and the images given.
+
+    Image parts are skipped (a data URL's length says nothing about its cost); pass their tokens.
+    """
+    chars = 0
+    messages = body.get("messages") or ()
+    for m in messages:
+        content = m.get("content")
+        if type(content) is str:
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "text":
+                    chars += len(part.get("text") or "")
+        if "tool_calls" in m:
+            chars += len(orjson.dumps(m["tool_calls"]))
+    for key in ("tools", "response_format", "functions"):
+        if key in body:
+            chars += len(orjson.dumps(body[key]))
+    return (chars + 3) // 4 + TOKENS_PER_MESSAGE * len(messages) + REPLY_PRIMING_TOKENS + image_tokens
+
+
+def finalize(body: dict[str, Any], base_url: str) -> tuple[bytes, str]:
+    """The canonical payload (sent as is) and the request key: sha256 of base_url, newline, payload."""
+    payload = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return payload, hashlib.sha256(base_url.encode() + b"\n" + payload).hexdigest()

@@ -1,0 +1,177 @@
+"""Classify every reply, and decide how long to wait before the next attempt.
+
+`classify(reply)` returns the completion body when it is a usable answer and raises a `RequestError`
+subclass otherwise (see errors.py for the tree). The rules follow wire-facts.md §5: the body decides
+before the status does (a 429 can be a quota error that will never clear; a 200 can carry an error).
+
+`Backoff` is exponential with full jitter, capped, and yields to the server's own wait
+(`Retry-After`, `retry-after-ms`, OpenAI/OpenRouter reset headers, "try again in 9.8s") when given.
+Randomness is injected so tests are exact.
+"""
+from __future__ import annotations
+
+import email.utils
+import random
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .errors import (
+    AuthError,
+    CreditsError,
+    PermanentError,
+    RateLimited,
+    RequestError,
+    TransientError,
+)
+from .limits import parse_go_duration
+from .transport import Reply
+
+TRANSIENT_STATUS = frozenset({408, 409, 425, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
+QUOTA_CODES = frozenset({
+    "insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
+    "project_spend_limit_exceeded", "organization_usage_limit_exceeded", "billing_hard_limit_reached",
+})
+_TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)", re.I)
+_TOO_LARGE = re.compile(r"request too large|Limit (\d+), Requested (\d+)", re.I)
+
+
+def classify(reply: Reply) -> dict[str, Any]:
+    """The completion body if the reply is a usable answer; otherwise raise what kind of failure it is."""
+    try:
+        body = orjson.loads(reply.body) if reply.body else None
+    except orjson.JSONDecodeError:
+        body = None
+    if reply.status == 200:
+        if not isinstance(body, dict):
+            raise TransientError("HTTP 200 with a body that is not JSON", status=200, code="malformed")
+        err = body.get("error")
+        choices = body.get("choices")
+        if err and not choices:
+            raise _from_error(_status_of(err, 502), err, reply.headers, in_body=True)
+        if not choices:
+            raise TransientError("HTTP 200 without choices", status=200, code="no_choices")
+        first = choices[0]
+        if first.get("finish_reason") == "error" or err:
+            cerr = first.get("error") or err or {"message": "the provider ended the answer with an error"}
+            raise _from_error(_status_of(cerr, 502), cerr, reply.headers, in_body=True)
+        return body
+    err: Any = body.get("error") if isinstance(body, dict) else None
+    if err is None and isinstance(body, dict) and body.get("object") == "error":
+        err = body  # legacy flat vLLM body
+    if err is None:
+        text = reply.body[:200].decode("utf-8", "replace").strip()
+        err = {"message": text or f"HTTP {reply.status} with an empty body"}
+    elif isinstance(err, str):
+        err = {"message": err}  # vLLM: {"error": "Unauthorized"}
+    raise _from_error(reply.status, err, reply.headers, in_body=False)
+
+
+def _status_of(err: Any, default: int) -> int:
+    code = err.get("code") if isinstance(err, dict) else None
+    if isinstance(code, int):
+        return code
+    if isinstance(code, str) and code.isdigit():
+        return int(code)
+    named = {"server_error": 500, "rate_limit_exceeded": 429, "timeout": 504, "insufficient_quota": 429}
+    if isinstance(code, str) and code in named:
+        return named[code]
+    http = err.get("http_status") if isinstance(err, dict) else None
+    return http if isinstance(http, int) else default
+
+
+def _from_error(status: int, err: dict[str, Any], headers: Mapping[str, str], *, in_body: bool) -> RequestError:
+    message = str(err.get("message") or "")[:500]
+    meta = err.get("metadata") if isinstance(err.get("metadata"), dict) else {}
+    raw = meta.get("raw")
+    if isinstance(raw, str) and raw:
+        message = f"{message}: {raw[:300]}"
+    code = err.get("code")
+    etype = err.get("type")
+    code_s = str(code) if code is not None else None
+    wait = retry_after(headers, err, message)
+    if in_body and status < 400:
+        status = 502
+    if status in (401, 403):
+        if status == 403 and (meta.get("reasons") or meta.get("flagged_input") or "blocked" in message.lower()):
+            # Moderation or guardrail on this row's content, not on the key: only this row fails.
+            return PermanentError(message or "blocked by moderation", status=status, code=code_s)
+        return AuthError(message or "not authorised", status=status, code=code_s)
+    if status == 402:
+        if wait is not None:
+            return TransientError(message, status=402, code=code_s, retry_after=wait)
+        err_out = CreditsError(message or "insufficient credits", status=402, code=code_s)
+        return err_out
+    if status == 429:
+        if etype == "insufficient_quota" or code_s in QUOTA_CODES:
+            return CreditsError(message or "quota exhausted", status=429, code=code_s or etype)
+        m = _TOO_LARGE.search(message)
+        if m and (m.group(1) is None or int(m.group(2)) > int(m.group(1))):
+            return PermanentError(message, status=429, code="request_too_large")
+        return RateLimited(message or "rate limited", status=429, code=code_s, retry_after=wait)
+    if status in TRANSIENT_STATUS or status >= 500:
+        return TransientError(message or f"server error {status}", status=status, code=code_s, retry_after=wait)
+    return PermanentError(message or f"HTTP {status}", status=status, code=code_s)
+
+
+def retry_after(headers: Mapping[str, str], err: Mapping[str, Any] | None = None, message: str = "") -> float | None:
+    """Seconds the server asked us to wait, from whichever signal it gave; None if it gave none."""
+    h = {k.lower(): v for k, v in headers.items()}
+    meta = err.get("metadata") if err and isinstance(err.get("metadata"), dict) else {}
+    if isinstance(meta.get("headers"), dict):
+        h = {**{k.lower(): str(v) for k, v in meta["headers"].items()}, **h}
+    if "retry-after-ms" in h:
+        try:
+            return max(0.0, float(h["retry-after-ms"]) / 1000)
+        except ValueError:
+            pass
+    if "retry-after" in h:
+        value = h["retry-after"].strip()
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            if parsed is not None:
+                return max(0.0, parsed.timestamp() - time.time())
+    avail = err.get("availability") if err else None
+    if isinstance(avail, dict) and isinstance(avail.get("retry_after"), (int, float)):
+        return float(avail["retry_after"])
+    if h.get("x-ratelimit-remaining") == "0" and "x-ratelimit-reset" in h:
+        try:  # OpenRouter: epoch milliseconds
+            return max(0.0, float(h["x-ratelimit-reset"]) / 1000 - time.time())
+        except ValueError:
+            pass
+    waits = []
+    for kind in ("requests", "tokens"):
+        if h.get(f"x-ratelimit-remaining-{kind}") == "0" and f"x-ratelimit-reset-{kind}" in h:
+            d = parse_go_duration(h[f"x-ratelimit-reset-{kind}"])
+            if d is not None:
+                waits.append(d)
+    if waits:
+        return max(waits)
+    m = _TRY_AGAIN.search(message)
+    if m:
+        return float(m.group(1)) / (1000 if m.group(2).lower() == "ms" else 1)
+    return None
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter, capped; the server's wait wins when it gave one."""
+
+    base_s: float = 1.0
+    max_s: float = 60.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, attempt: int, server_wait: float | None = None) -> float:
+        """Seconds to wait before attempt number `attempt + 1` (attempt counts from 1)."""
+        ceiling = min(self.max_s, self.base_s * (2 ** (attempt - 1)))
+        jittered = self.rng.uniform(0, ceiling)
+        if server_wait is not None:
+            # Honour the server, plus a little jitter so a crowd of clients does not return at once.
+            return server_wait + self.rng.uniform(0, min(1.0, 0.1 * server_wait + 0.05))
+        return jittered

@@ -1,0 +1,338 @@
+"""Ties the stages together: input batches -> requests -> dispatch -> parts -> outputs -> Summary.
+
+`process(batches)` is the engine: it turns an iterator of input batches into part files and never owns
+where the input comes from, so another driver (Ray Data, a notebook loop) can call it per block.
+`run_async` owns one job folder from lock to summary; `run` is the sync wrapper and also works inside an
+already running event loop (Jupyter) by running the job on a private loop in a worker thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import platform
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .config import Config, load_config
+from .dispatch import Dispatcher, Job, Stopped
+from .errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, RowError
+from .limits import Limits
+from .output import Layout, RowFailure, Summary, done_parts, failure_counts, merge_parts, write_json_atomic, write_part
+from .progress import Progress
+from .prompts import Renderer, estimate_prompt_tokens, finalize
+from .reader import InputBatch, Source
+from .state import JobDir
+from .store import FINAL_STATES, Record, Store
+from .structured import StructuredPlan
+from .transport import HttpTransport, Transport
+
+log = logging.getLogger("pipeline")
+
+# Unfinished batches held at once: enough to keep every concurrency slot busy while a straggler retries.
+MAX_OPEN_BATCHES = 4
+
+
+class Engine:
+    """Renders, dispatches and writes the parts of one job; knows nothing of files or signals."""
+
+    def __init__(self, cfg: Config, dispatcher: Dispatcher, renderer: Renderer, plan: StructuredPlan | None,
+                 store: Store, layout: Layout, parts_dir: Path, progress: Progress, *, retry_failed: bool,
+                 cache: Store | None = None) -> None:
+        self.cfg, self.dispatcher, self.renderer, self.plan = cfg, dispatcher, renderer, plan
+        self.store, self.cache, self.layout, self.parts_dir = store, cache, layout, parts_dir
+        self.progress, self.retry_failed = progress, retry_failed
+        self.request_tasks: set[asyncio.Task[Record]] = set()
+        self.failed_rows = 0
+        self.open_batches = 0
+
+    async def process(self, batches: Iterable[InputBatch]) -> None:
+        window = asyncio.Semaphore(max(MAX_OPEN_BATCHES, -(-self.cfg.limits.max_concurrency * 2 // self.cfg.input.batch_size)))
+        pending: set[asyncio.Task[None]] = set()
+        for batch in batches:
+            await window.acquire()
+            if self.dispatcher.stop_reason:
+                window.release()
+                break
+            task = asyncio.create_task(self._batch(batch))
+            pending.add(task)
+            task.add_done_callback(lambda t: (pending.discard(t), window.release()))
+            # Let the batch render and dispatch before reading the next one.
+            await asyncio.sleep(0)
+        while pending:
+            await asyncio.gather(*list(pending), return_exceptions=False)
+
+    async def _batch(self, batch: InputBatch) -> None:
+        n = len(batch.rows)
+        outcomes: list[Record | RowFailure | None] = [None] * n
+        row_keys: list[str | None] = [None] * n
+        jobs: dict[str, Job] = {}
+        base_url = self.cfg.endpoint.base_url
+        for i, row in enumerate(batch.rows):
+            err = batch.errors[i]
+            if err is None:
+                try:
+                    draft = self.renderer.render(row, batch.origins[i])
+                except RowError as exc:
+                    err = exc
+            if err is not None:
+                outcomes[i] = RowFailure("input", str(err))
+                continue
+            body = self.plan.shape(draft.body) if self.plan is not None else draft.body
+            payload, key = finalize(body, base_url)
+            row_keys[i] = key
+            if key not in jobs:
+                est = draft.est_prompt_tokens
+                if self.plan is not None:
+                    est += estimate_prompt_tokens(body) - estimate_prompt_tokens(draft.body)
+                extra = draft.est_prompt_tokens - estimate_prompt_tokens(draft.body)
+                jobs[key] = Job(key, payload, draft.body, est, draft.max_tokens, _count_images(draft.body),
+                                image_tokens=extra, mode=self.plan.mode if self.plan else None)
+        records = self._known(jobs)
+        todo = [job for key, job in jobs.items() if key not in records]
+        if todo:
+            tasks = [asyncio.create_task(self.dispatcher.submit(job)) for job in todo]
+            self.request_tasks.update(tasks)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            self.request_tasks.difference_update(tasks)
+            for job, res in zip(todo, results):
+                if isinstance(res, Record):
+                    records[job.key] = res
+                elif not isinstance(res, (Stopped, asyncio.CancelledError)):
+                    raise res  # a bug, not an outcome: surface it
+        if any(k is not None and k not in records for k in row_keys):
+            return  # stopped before every row had an answer: the batch stays open for the resume
+        for i, key in enumerate(row_keys):
+            if key is not None:
+                outcomes[i] = records[key]
+        ok, bad = write_part(self.parts_dir, batch.index, self.layout, batch.carried, outcomes)  # type: ignore[arg-type]
+        self.failed_rows += bad
+        self.progress.advance(n, self.dispatcher.stats, self.failed_rows)
+
+    def _known(self, jobs: dict[str, Job]) -> dict[str, Record]:
+        """Answers already paid for: this job's store first, then the shared cache."""
+        found = self.store.get_many(jobs.keys())
+        keep = {"ok"} if self.retry_failed else FINAL_STATES
+        records = {k: r for k, r in found.items() if r.state in keep}
+        if self.cache is not None:
+            missing = [k for k in jobs if k not in records]
+            hits = [r for r in self.cache.get_many(missing, with_raw=True).values() if r.state == "ok"] if missing else []
+            for r in hits:
+                r.cache_hit, r.cost_usd, r.created_at = True, 0.0, 0.0
+            if hits:
+                self.store.put_now(hits)
+                self.dispatcher.stats.cache_hits += len(hits)
+                records.update({r.key: r for r in hits})
+        return records
+
+
+def _count_images(body: dict[str, Any]) -> int:
+    count = 0
+    for msg in body.get("messages", ()):
+        content = msg.get("content")
+        if isinstance(content, list):
+            count += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
+    return count
+
+
+async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
+                    schema: dict[str, Any] | None = None, quiet: bool = False, handle_signals: bool = False,
+                    transport: Transport | None = None, config_path: str | None = None) -> Summary:
+    """Run one job to completion, stop or interruption; never raises for row-level problems."""
+    started = time.monotonic()
+    config_path = config_path or cfg.source
+    source = Source(cfg.input)
+    scan = source.scan()
+    renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None)
+    plan = StructuredPlan(cfg.structured, cfg.endpoint.model, schema=schema) if cfg.structured else None
+    api_key = cfg.api_key()
+    jobdir = JobDir(cfg.output.dir)
+    jobdir.lock()
+    sim = None
+    store = cache = None
+    try:
+        jobdir.check_job(cfg, scan, force_new=force_new, config_path=config_path)
+        store = Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)
+        if plan is not None and (mode := store.get_meta("structured_mode")):
+            plan.mode = mode  # an earlier run of this job already learned the model's structured mode
+        if cfg.cache.dir:
+            os.makedirs(cfg.cache.dir, exist_ok=True)
+            cache = Store(os.path.join(cfg.cache.dir, "cache.sqlite"), fsync_interval_s=cfg.output.fsync_interval_s)
+        base_url = cfg.endpoint.base_url
+        if base_url == "simulator":
+            from .simulator import SimConfig, Simulator
+            sim = Simulator(SimConfig(**cfg.endpoint.simulator))
+            base_url = await sim.start()
+        transport = transport or HttpTransport(
+            base_url, api_key, cfg.endpoint.headers, timeout_s=cfg.endpoint.timeout_s,
+            read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
+            pool_size=cfg.limits.max_concurrency,
+        )
+        spent_before = store.totals()["cost_usd"]
+        dispatcher = Dispatcher(cfg, transport, store, Limits(cfg.limits), plan, cache=cache, spent_before=spent_before)
+        layout = Layout(
+            id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
+            with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
+            with_ttft=cfg.params.stream, compression=cfg.output.compression,
+        )
+        done = done_parts(jobdir.parts)
+        resumed = _rows_in_parts(jobdir.parts, done)
+        progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
+        engine = Engine(cfg, dispatcher, renderer, plan, store, layout, jobdir.parts, progress,
+                        retry_failed=retry_failed, cache=cache)
+        interrupted = _install_signals(dispatcher, engine, cfg.run.grace_period_s) if handle_signals else None
+        try:
+            await engine.process(source.batches(skip=done.__contains__))
+        finally:
+            if interrupted is not None:
+                interrupted()
+            progress.close()
+            await transport.close()
+        store.sync()
+        succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression)
+        totals = store.totals()
+        summary = Summary(
+            out_dir=str(jobdir.path), rows_total=scan.rows, succeeded=succeeded, failed=failed,
+            pending=scan.rows - succeeded - failed, prompt_tokens=totals["prompt_tokens"],
+            completion_tokens=totals["completion_tokens"], cost_usd=round(totals["cost_usd"], 6),
+            run_cost_usd=round(dispatcher.stats.cost_usd, 6), wall_s=round(time.monotonic() - started, 3),
+            requests_sent=dispatcher.stats.requests_sent, retries=dict(dispatcher.stats.retries),
+            failures_by_class=failure_counts(jobdir.path), cache_hits=dispatcher.stats.cache_hits,
+            deduplicated=dispatcher.stats.deduplicated, resumed_rows=resumed,
+            config_fingerprint=cfg.request_fingerprint(), versions=_versions(),
+            structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
+        )
+        _finish(summary, dispatcher, config_path)
+        write_json_atomic(jobdir.path / "summary.json", summary.to_json())
+        return summary
+    finally:
+        if sim is not None:
+            await sim.stop()
+        if cache is not None:
+            cache.close()
+        if store is not None:
+            store.close()
+        jobdir.unlock()
+
+
+def _finish(summary: Summary, dispatcher: Dispatcher, config_path: str) -> None:
+    resume = f"pipeline run {config_path}"
+    reason = dispatcher.stop_reason
+    if reason in ("fatal", "budget") and dispatcher.fatal is not None:
+        summary.stopped, summary.exit_code = reason, EXIT_STOPPED
+        summary.stop_message = str(dispatcher.fatal)
+        summary.next_step = f"{dispatcher.fatal.hint}: {resume}"
+    elif reason == "interrupted":
+        summary.stopped, summary.exit_code = "interrupted", EXIT_INTERRUPTED
+        summary.next_step = f"resume with: {resume}"
+    elif summary.pending:
+        summary.stopped, summary.exit_code = "incomplete", EXIT_STOPPED
+        summary.next_step = f"some rows have no answer yet; resume with: {resume}"
+    else:
+        summary.exit_code = EXIT_FAILED_ROWS if summary.failed else EXIT_OK
+        if summary.failed:
+            summary.next_step = f"see failures.parquet; retry failed rows with: {resume} --retry-failed"
+
+
+def _rows_in_parts(parts: Path, done: set[int]) -> int:
+    import pyarrow.parquet as pq
+
+    total = 0
+    for i in done:
+        for suffix in ("r", "f"):
+            f = parts / f"{i:08d}.{suffix}.parquet"
+            if f.exists():
+                total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def _install_signals(dispatcher: Dispatcher, engine: Engine, grace_s: float) -> Any:
+    """First Ctrl-C/SIGTERM: stop dispatching, let in-flight requests finish within the grace period.
+    Second: cancel them now (the store is consistent either way). Returns an uninstaller."""
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    hits = {"n": 0}
+    timer: list[asyncio.TimerHandle] = []
+
+    def hard_stop() -> None:
+        for task in list(engine.request_tasks):
+            task.cancel()
+
+    def on_signal() -> None:
+        hits["n"] += 1
+        dispatcher.stop("interrupted")
+        if hits["n"] == 1:
+            engine.progress.note(f"stopping: finishing requests in flight (up to {grace_s:g}s); Ctrl-C again to stop now")
+            timer.append(loop.call_later(grace_s, hard_stop))
+        else:
+            hard_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+
+    def uninstall() -> None:
+        for t in timer:
+            t.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    return uninstall
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("llm-batch-pipeline", "aiohttp", "polars", "pyarrow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_failed: bool = False,
+        force_new: bool = False, quiet: bool = False, schema: Any = None, set: list[str] | None = None,
+        **overrides: Any) -> Summary:
+    """Run a job from a config path, dict or Config; keyword overrides use dotted paths with `__`
+    (`output__dir="/tmp/x"`) or section dicts (`limits={"max_concurrency": 8}`). A pydantic model
+    class may be given as `schema`."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
+        else:
+            flat[key.replace("__", ".")] = value
+    cfg = load_config(config if not isinstance(config, os.PathLike) else str(config), set or flat or None)
+    if set and flat:
+        cfg = load_config(cfg, flat)
+    schema_dict = None
+    if schema is not None:
+        from .schema import from_pydantic
+        schema_dict = schema if isinstance(schema, dict) else from_pydantic(schema)
+        if cfg.structured is None:
+            cfg = load_config(cfg, {"structured.schema": schema_dict})
+    coro_factory = lambda: run_async(cfg, retry_failed=retry_failed, force_new=force_new,  # noqa: E731
+                                     schema=schema_dict, quiet=quiet)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro_factory())
+    # Inside a running loop (Jupyter): a private loop in a worker thread; block this cell until done.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as pool:
+        return pool.submit(lambda: asyncio.run(coro_factory())).result()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("schema", "headers", "extra", "simulator", "provider"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

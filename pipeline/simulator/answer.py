@@ -1,0 +1,115 @@
+"""The simulated model's answer to one request: content or tool call, finish reason, usage.
+
+All randomness comes from the request digest (hash of seed + canonical body), so an identical
+request always gets the identical answer, whichever arrival it is.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .content import SchemaFinder, break_schema, fake_json, plain_text, small_json
+from .tokens import text_tokens
+
+REFUSAL_TEXT = "I'm sorry, I can't help with that."
+_EMPTY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+@dataclass(slots=True)
+class Answer:
+    content: str | None
+    refusal: str | None
+    tool_name: str | None
+    tool_id: str | None
+    tool_args: str | None
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    rng_seed: int  # drives stream chunk sizes, so streams are as deterministic as bodies
+
+    @property
+    def output(self) -> str:
+        """The text a client would accumulate (content, refusal or tool arguments)."""
+        return self.tool_args if self.tool_name is not None else (self.content or self.refusal or "")
+
+
+@dataclass(slots=True)
+class Target:
+    """What the request asks the model to produce."""
+
+    kind: str  # "text" | "json" | "tool"
+    schema: dict[str, Any] | None = None
+    tool_name: str | None = None
+
+
+def find_target(body: dict[str, Any], flavor: str, finder: SchemaFinder) -> Target:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if isinstance(tools, list) and tools and choice != "none":
+        functions = [t.get("function") for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+        wanted = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+        fn = next((f for f in functions if f.get("name") == wanted), functions[0] if functions else None)
+        if fn is not None:
+            params = fn.get("parameters")
+            return Target("tool", params if isinstance(params, dict) else _EMPTY_OBJECT_SCHEMA, str(fn.get("name")))
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict):
+        kind = fmt.get("type")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            return Target("json", schema if isinstance(schema, dict) else None)
+        if kind == "json_object":
+            schema = fmt.get("schema") if flavor == "llamacpp" else None  # llama.cpp's own extension
+            if not isinstance(schema, dict):
+                schema = finder.find(body.get("messages") or [])
+            return Target("json", schema)
+    structured = body.get("structured_outputs")  # vLLM's extra parameter
+    if flavor == "vllm" and isinstance(structured, dict) and isinstance(structured.get("json"), dict):
+        return Target("json", structured["json"])
+    if flavor == "llamacpp" and isinstance(body.get("json_schema"), dict):
+        return Target("json", body["json_schema"])
+    return Target("text")
+
+
+def make_answer(target: Target, digest: bytes, prompt_tokens: int, max_tokens: int | None,
+                fault: str | None, cached_ratio: float) -> Answer:
+    seed = int.from_bytes(digest[:8], "big")
+    rng = random.Random(seed)
+    value: Any = None
+    if target.kind == "text":
+        output = plain_text(rng)
+    else:
+        value = fake_json(target.schema, rng) if target.schema else small_json(rng)
+        if fault == "schema_invalid":
+            value = break_schema(value, target.schema or {"type": "object", "required": ["answer"]})
+        output = orjson.dumps(value).decode()
+    finish = "tool_calls" if target.kind == "tool" else "stop"
+    content: str | None = output
+    refusal: str | None = None
+    tool_name = target.tool_name if target.kind == "tool" else None
+    if fault == "refusal":
+        content, refusal, tool_name, finish = None, REFUSAL_TEXT, None, "stop"
+    elif fault == "empty":
+        content, tool_name, finish = "", None, "stop"
+    elif fault == "length":
+        # Cut mid-object so the JSON cannot parse, as a real max_tokens stop does.
+        output = output[: max(1, min(len(output) - 1, len(output) // 2))]
+        content, finish = output, "length"
+    if max_tokens is not None and content is not None and text_tokens(content) > max_tokens:
+        content = content[: max_tokens * 4]
+        finish = "length"
+    text = refusal if refusal is not None else (content or "")
+    completion = text_tokens(text) if text else 0
+    tool_args: str | None = None
+    tool_id: str | None = None
+    if tool_name is not None:
+        tool_args, content = content or "", None
+        tool_id = "call_" + digest[8:20].hex()
+    return Answer(content, refusal, tool_name, tool_id, tool_args, finish, prompt_tokens, completion,
+                  int(prompt_tokens * cached_ratio), seed)

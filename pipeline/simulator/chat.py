@@ -1,0 +1,371 @@
+"""``POST .../chat/completions``: decide everything at arrival, then sleep, then answer.
+
+Order of checks (like the real services): auth -> JSON -> validation -> credits -> RPM/TPM ->
+injected fault -> answer. All decisions, billing and window accounting happen at arrival, before
+any latency sleep, so counts stay in arrival order and a client that disconnects while waiting
+has still been billed (as OpenRouter bills aborted non-streaming requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import os
+import random
+import time
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .answer import Answer, find_target, make_answer
+from .config import SimConfig
+from .content import SchemaFinder
+from .envelopes import SimError, generic_error, render
+from .faults import (BODY_FAULTS, TRANSPORT_FAULTS, ErrorContext, FaultChoice, FaultPicker, auth_error,
+                     edge_timeout_error, fault_error, payment_required, refusal_error)
+from .limits import Credits, RateLimits
+from .responses import ChunkMaker, Meta, completion_body, error_200_body
+from .stats import Accounting, redact_headers
+from .streaming import StreamSpec, abort_connection, write_stream
+from .tokens import ImageSizer, prompt_tokens
+from .validation import messages_text, validate
+
+_JSON = "application/json"
+_GENERATIONS_KEPT = 100_000
+
+
+class ChatService:
+    """Per-run state of the simulated endpoint; ``Simulator.reset`` replaces it wholesale."""
+
+    def __init__(self, cfg: SimConfig, stopping: asyncio.Event) -> None:
+        self.cfg = cfg
+        self.stopping = stopping
+        self.acct = Accounting(cfg.log_limit, cfg.track_bodies)
+        self.faults = FaultPicker(cfg)
+        self.latency_rng = random.Random(cfg.seed ^ 0x1A7E)  # own stream: latency knobs never shift faults
+        self.limits = RateLimits(cfg.rpm, cfg.tpm, time.monotonic())
+        self.credits = Credits(cfg.credits_usd)
+        self.generations: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.finder = SchemaFinder()
+        self.sizer = ImageSizer(cfg.remote_image_size)
+        self.seed_bytes = str(cfg.seed).encode() + b"\x00"
+        self.nonce = os.urandom(4).hex()
+        self.arrivals = 0
+        self.ids = itertools.count(1)
+
+    # -- entry point ---------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        now = time.monotonic()
+        self.arrivals += 1
+        arrival = self.arrivals
+        choice = self.faults.pick(arrival)  # one draw per arrival, whatever happens next
+        acct = self.acct
+        acct.arrive(now)
+        entry: dict[str, Any] = {"n": arrival, "time": time.time(), "method": request.method, "path": request.path,
+                                 "headers": redact_headers(request.headers), "body": None, "body_sha256": None,
+                                 "status": None, "fault": None}
+        if acct.log.maxlen:
+            acct.log.append(entry)
+        try:
+            resp = await self._handle(request, now, choice, entry)
+        except asyncio.CancelledError:
+            entry["status"] = "cancelled"
+            acct.status("cancelled")
+            raise
+        finally:
+            acct.leave()
+        acct.status(str(entry["status"]))
+        return resp
+
+    # -- planning ------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request, now: float, choice: FaultChoice | None,
+                      entry: dict[str, Any]) -> web.StreamResponse:
+        cfg = self.cfg
+        headers = self._base_headers(request, now)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._error(generic_error(413), headers, entry)
+        raw_digest = hashlib.sha256(raw).digest()
+        entry["body_sha256"] = raw_digest.hex()
+        auth = request.headers.get("Authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not key:
+            return self._error(auth_error(missing=True), headers, entry)
+        if cfg.api_key is not None and key != cfg.api_key:
+            return self._error(auth_error(missing=False), headers, entry)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            msg = "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your " \
+                  "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON."
+            return self._error(SimError(400, msg, or_message="Invalid JSON body", error_type="invalid_request"),
+                               headers, entry)
+        entry["body"] = body if len(raw) <= cfg.log_body_max_bytes else {"_omitted_bytes": len(raw)}
+        model = str(body.get("model") or (cfg.default_model if cfg.flavor != "openai" else ""))
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+            return self._error(SimError(400, f"Invalid type for 'max_tokens': expected an integer, but got "
+                                        f"{type(max_tokens).__name__} instead.", param="max_tokens",
+                                        oa_code="invalid_type", error_type="invalid_request"), headers, entry)
+        prompt, _images = prompt_tokens(body, self.sizer, cfg.upscale_images)
+        text = messages_text(body.get("messages") or []) if isinstance(body.get("messages"), list) else ""
+        err = validate(body, cfg, model, prompt, max_tokens, text)
+        if err is not None:
+            return self._error(err, headers, entry)
+
+        fault = choice.name if choice is not None else None
+        content_fault = fault if fault in BODY_FAULTS else None
+        target = find_target(body, cfg.flavor, self.finder)
+        digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(body), option=orjson.OPT_SORT_KEYS)).digest()
+        answer = make_answer(target, digest, prompt, max_tokens, content_fault, cfg.cached_tokens_ratio)
+        served_model = model
+        if fault == "model_down":
+            served_model = self._fallback_model(body, model) or ""
+        price = cfg.price_for(served_model or model)
+        p_in, p_out = price.input_per_m / 1e6, price.output_per_m / 1e6
+        ctx = ErrorContext(cfg.flavor, model, cfg.provider_name, text, prompt, max_tokens, cfg.retry_after_s,
+                           cfg.tpm, {})
+
+        refusal = self._credit_check(ctx, prompt * p_in, p_out, max_tokens)
+        if refusal is not None:
+            return self._error(refusal, headers, entry)
+        charge = prompt + (answer.completion_tokens if cfg.tpm_charge == "usage" or max_tokens is None else max_tokens)
+        limited = self.limits.admit(charge, now)
+        if limited is not None:
+            if cfg.flavor == "openrouter":
+                ctx.rate_headers = self.limits.openrouter_headers(time.time(), limited.retry_after)
+            return self._error(refusal_error(limited, ctx), headers, entry)
+
+        if fault is not None:
+            entry["fault"] = fault
+            self.acct.fault(fault)
+            if fault == "reset":
+                abort_connection(request, rst=True)
+                entry["status"] = "reset"
+                return web.Response(status=500)
+            if fault not in BODY_FAULTS and fault not in TRANSPORT_FAULTS:
+                if fault.startswith("429") and cfg.flavor == "openrouter":
+                    wait = choice.rule.retry_after if choice and choice.rule and choice.rule.retry_after else None
+                    ctx.rate_headers = self.limits.openrouter_headers(time.time(), wait or cfg.retry_after_s or 1.0)
+                return self._error(fault_error(fault, choice.rule if choice else None, ctx), headers, entry)
+            if fault == "model_down" and not served_model:
+                return self._error(generic_error(502), headers, entry)
+
+        if cfg.flavor == "openai":  # remaining-* after this request was taken, as OpenAI reports
+            headers.update(self.limits.openai_headers(now))
+        meta = self._meta(served_model or model, p_in, p_out, headers)
+        stream = body.get("stream") is True
+        # Bill what was generated; a non-streaming partial-error body reports (and bills) half.
+        if fault != "error_200" and not (fault == "stream_error_legacy" and not stream):
+            partial = fault in ("error_200_partial", "stream_error") and not stream
+            self._bill(now, meta, _partial(answer) if partial else answer, body)
+        latency = self._latency()
+        if fault == "hang":
+            latency = max(latency, cfg.hang_s)
+        if cfg.edge_timeout_s is not None and latency > cfg.edge_timeout_s:
+            await self._sleep(cfg.edge_timeout_s)
+            self.acct.fault("edge_timeout")
+            entry["fault"] = entry["fault"] or "edge_timeout"
+            return self._error(edge_timeout_error(cfg.flavor), headers, entry)
+        if stream:
+            return await self._stream(request, body, meta, answer, choice, latency, headers, entry, raw_digest)
+        if latency > 0 and not await self._sleep(latency):
+            abort_connection(request, rst=False)  # the simulator is stopping: drop hung requests
+            entry["status"] = "hang"
+            return web.Response(status=503)
+        return await self._respond(request, meta, answer, choice, headers, entry, raw_digest)
+
+    def _credit_check(self, ctx: ErrorContext, prompt_usd: float, out_per_token: float,
+                      max_tokens: int | None) -> SimError | None:
+        credits = self.credits
+        if credits.limit is None:
+            return None
+        if credits.exhausted:
+            if self.cfg.flavor == "openai":
+                return fault_error("429_quota", None, ctx)
+            return payment_required(ctx, afford=False)
+        if self.cfg.credits_preflight and max_tokens and self.cfg.flavor == "openrouter":
+            affordable = credits.affordable_tokens(prompt_usd, out_per_token)
+            if affordable is not None and affordable < max_tokens:
+                return payment_required(ctx, afford=True, can_afford=affordable)
+        return None
+
+    def _fallback_model(self, body: dict[str, Any], model: str) -> str | None:
+        models = body.get("models")
+        if self.cfg.flavor != "openrouter" or not isinstance(models, list):
+            return None
+        chain = [model] + [m for m in models if isinstance(m, str) and m != model]
+        return chain[1] if len(chain) > 1 else None
+
+    def _latency(self) -> float:
+        cfg = self.cfg
+        if cfg.latency_ms <= 0 and cfg.latency_jitter_ms <= 0:
+            return 0.0
+        rng = self.latency_rng
+        ms = cfg.latency_ms + (rng.uniform(-cfg.latency_jitter_ms, cfg.latency_jitter_ms) if cfg.latency_jitter_ms else 0)
+        if cfg.latency_tail_prob and rng.random() < cfg.latency_tail_prob:
+            ms *= cfg.latency_tail_multiplier
+        return max(0.0, ms) / 1000.0
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless the simulator stops first; False when interrupted by stop."""
+        if seconds <= 0:
+            return True
+        if seconds < 5:  # short waits: a plain sleep is cheaper than a wait_for task
+            await asyncio.sleep(seconds)
+            return not self.stopping.is_set()
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+            return False
+        except asyncio.TimeoutError:
+            return True
+
+    def _meta(self, model: str, p_in: float, p_out: float, headers: dict[str, str]) -> Meta:
+        cfg = self.cfg
+        created = int(time.time())
+        n = next(self.ids)
+        if cfg.flavor == "openrouter":
+            gen_id = headers.get("X-Generation-Id") or f"gen-{created}-{self.nonce}{n:012d}"
+        else:
+            gen_id = f"chatcmpl-{self.nonce}{n:020d}"
+        fingerprint = "b4200-sim" if cfg.flavor == "llamacpp" else f"fp_{self.nonce[:6]}{cfg.seed % 10000:04d}"
+        return Meta(cfg.flavor, gen_id, created, model, cfg.provider_name, fingerprint, p_in, p_out)
+
+    def _bill(self, now: float, meta: Meta, answer: Answer, body: dict[str, Any]) -> None:
+        cost = meta.cost(answer)
+        self.acct.bill(now, answer.prompt_tokens, answer.completion_tokens, cost)
+        self.credits.charge(cost)
+        if self.cfg.flavor == "openrouter":
+            self.generations[meta.id] = {
+                "id": meta.id, "model": meta.model, "provider_name": meta.provider, "total_cost": cost,
+                "tokens_prompt": answer.prompt_tokens, "tokens_completion": answer.completion_tokens,
+                "native_tokens_prompt": answer.prompt_tokens, "native_tokens_completion": answer.completion_tokens,
+                "native_tokens_reasoning": 0, "native_tokens_cached": answer.cached_tokens,
+                "finish_reason": answer.finish_reason, "native_finish_reason": answer.finish_reason,
+                "streamed": bool(body.get("stream")), "cancelled": False, "is_byok": False,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.created)),
+                "upstream_inference_cost": None, "cache_discount": None, "usage": cost,
+                "_ready_at": time.monotonic() + self.cfg.generation_delay_s}
+            if len(self.generations) > _GENERATIONS_KEPT:
+                self.generations.popitem(last=False)
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def _base_headers(self, request: web.Request, now: float) -> dict[str, str]:
+        flavor = self.cfg.flavor
+        if flavor == "openrouter":
+            return {"X-Generation-Id": f"gen-{int(time.time())}-{self.nonce}{next(self.ids):012d}"}
+        if flavor == "openai":
+            headers = self.limits.openai_headers(now)
+            headers["x-request-id"] = f"req_{self.nonce}{self.arrivals:024x}"
+            headers["openai-processing-ms"] = "1"
+            headers["openai-version"] = "2020-10-01"
+            headers["openai-organization"] = "org-simulator"
+            return headers
+        if flavor == "vllm":
+            return {"X-Request-Id": request.headers.get("X-Request-Id") or f"{self.nonce}{self.arrivals:024x}"}
+        return {}
+
+    def _error(self, err: SimError, headers: dict[str, str], entry: dict[str, Any]) -> web.Response:
+        status, body, extra = render(err, self.cfg.flavor, self.cfg.provider_name)
+        headers.update(extra)
+        headers["Content-Type"] = _JSON
+        entry["status"] = status
+        return web.Response(status=status, body=body, headers=headers)
+
+    async def _respond(self, request: web.Request, meta: Meta, answer: Answer, choice: FaultChoice | None,
+                       headers: dict[str, str], entry: dict[str, Any], raw_digest: bytes) -> web.StreamResponse:
+        fault = choice.name if choice is not None else None
+        rule = choice.rule if choice is not None else None
+        headers["Content-Type"] = _JSON
+        entry["status"] = 200
+        if fault in ("error_200", "stream_error_legacy"):
+            err = generic_error(rule.status if rule and rule.status else 502, rule.message if rule else None)
+            return web.Response(body=orjson.dumps(error_200_body(meta, err)), headers=headers)
+        if fault in ("error_200_partial", "stream_error"):
+            err = generic_error(rule.status if rule and rule.status else 502, rule.message if rule else None)
+            partial = _partial(answer)
+            return web.Response(body=orjson.dumps(completion_body(meta, partial, err)), headers=headers)
+        body = orjson.dumps(completion_body(meta, answer))
+        if fault == "malformed":  # a 200 whose body is cut off: not JSON
+            return web.Response(body=body[: len(body) // 2], headers=headers)
+        if fault == "stream_truncate":  # promise the full length, deliver half, then drop the connection
+            resp = web.StreamResponse(headers=headers)
+            resp.content_length = len(body)
+            await resp.prepare(request)
+            await resp.write(body[: len(body) // 2])
+            abort_connection(request, rst=False)
+            return resp
+        if fault in (None, "model_down", "hang", "stream_no_usage"):
+            self.acct.served(raw_digest)
+        return web.Response(body=body, headers=headers)
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], meta: Meta, answer: Answer,
+                      choice: FaultChoice | None, latency: float, headers: dict[str, str],
+                      entry: dict[str, Any], raw_digest: bytes) -> web.StreamResponse:
+        cfg = self.cfg
+        fault = choice.name if choice is not None else None
+        rule = choice.rule if choice is not None else None
+        options = body.get("stream_options")
+        include_usage = cfg.flavor == "openrouter" or (isinstance(options, dict) and options.get("include_usage") is True)
+        err: SimError | None = None
+        if fault in ("stream_error", "stream_error_legacy", "error_200", "error_200_partial"):
+            err = generic_error(rule.status if rule and rule.status else 502, rule.message if rule else None)
+            err.provider_wrap = False
+            err.or_message = err.or_message if rule and rule.message else "Upstream provider disconnected"
+        after = rule.after_chunks if rule and rule.after_chunks is not None else cfg.stream_error_after_chunks
+        done = rule.done if rule and rule.done is not None else cfg.stream_error_done
+        if fault == "hang" and not await self._sleep(latency):
+            abort_connection(request, rst=False)
+            entry["status"] = "hang"
+            return web.StreamResponse()
+        spec = StreamSpec(cfg.stream_comments if cfg.flavor == "openrouter" else 0, cfg.stream_comment_interval_ms / 1000,
+                          0.0 if fault == "hang" else latency, cfg.stream_chunk_ms / 1000, cfg.stream_split_writes,
+                          cfg.stream_split_delay_ms / 1000, cfg.stream_crlf, cfg.stream_chunk_chars, include_usage,
+                          fault, err, after, done)
+        headers["Content-Type"] = "text/event-stream"
+        headers["Cache-Control"] = "no-cache"
+        resp = web.StreamResponse(headers=headers)
+        entry["status"] = 200
+        self.acct.streams += 1
+        await resp.prepare(request)
+        ending = await write_stream(request, resp, ChunkMaker(meta, include_usage, cfg.stream_obfuscation), answer,
+                                    spec, cfg.flavor == "openrouter")
+        if ending == "truncated":
+            return resp
+        await resp.write_eof()
+        if ending == "ok" and fault in (None, "model_down", "hang", "stream_no_usage"):
+            self.acct.served(raw_digest)
+        return resp
+
+    # -- side endpoint data --------------------------------------------------------------------
+
+    def generation(self, gen_id: str) -> dict[str, Any] | None:
+        record = self.generations.get(gen_id)
+        if record is None or time.monotonic() < record["_ready_at"]:
+            return None
+        return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def _content_key(body: dict[str, Any]) -> dict[str, Any]:
+    """The body minus transport-only fields, so streamed and plain answers have the same content."""
+    if "stream" not in body and "stream_options" not in body:
+        return body
+    return {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+
+
+def _partial(answer: Answer) -> Answer:
+    """The first half of the answer, for OpenRouter's 200-with-partial-content error choice."""
+    text = answer.output
+    half = text[: len(text) // 2]
+    return Answer(half if answer.tool_name is None else None, None, answer.tool_name, answer.tool_id,
+                  half if answer.tool_name is not None else None, "error", answer.prompt_tokens,
+                  (len(half) + 3) // 4, answer.cached_tokens, answer.rng_seed)

@@ -1,0 +1,193 @@
+"""Simulator configuration: one closed pydantic model plus the scripted fault plan.
+
+Every field has a default, so ``SimConfig()`` is a healthy zero-latency OpenRouter look-alike.
+Random fault rates are per-arrival probabilities drawn from ``random.Random(seed)``; scripted
+faults (``fault_plan``) address arrivals by their 1-based number and win over random draws.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+Flavor = Literal["openrouter", "openai", "vllm", "llamacpp"]
+
+# Faults a random rate can draw, in the fixed order the single per-arrival uniform draw walks them.
+RATE_FAULTS: tuple[str, ...] = (
+    "429", "500", "502", "503", "hang", "reset", "malformed", "schema_invalid",
+    "length", "refusal", "error_200", "empty",
+)
+
+# Every named fault a FaultRule may ask for; any other 3-digit HTTP status is accepted as well
+# and gets a generic envelope for that status.
+FAULT_NAMES: frozenset[str] = frozenset({
+    "400", "401", "402", "402_afford", "403", "404", "408", "413", "422",
+    "429", "429_quota", "429_too_large", "429_capacity",
+    "500", "502", "503", "503_unavailable", "504", "524", "529",
+    "hang", "reset", "malformed", "schema_invalid", "length", "refusal",
+    "error_200", "error_200_partial", "empty", "model_down",
+    "stream_error", "stream_error_legacy", "stream_truncate", "stream_no_usage",
+})
+
+_RANGE_PART = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d*)\s*)?$")
+
+
+class FaultRule(BaseModel):
+    """One scripted fault: ``requests`` picks arrivals ("17", "100-140", "3,5,9-12", "40-", "*")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: str
+    fault: str
+    retry_after: float | None = None  # seconds for Retry-After (429/503/529/402 in-flight budget)
+    status: int | None = None  # error code carried by error_200 / stream_error bodies
+    message: str | None = None  # replaces the default error message
+    after_chunks: int | None = None  # content chunks sent before stream_error / stream_truncate
+    done: bool | None = None  # send ``data: [DONE]`` after a stream_error (default SimConfig)
+
+    _spans: list[tuple[int, int]] = PrivateAttr(default_factory=list)
+
+    @field_validator("requests", mode="before")
+    @classmethod
+    def _coerce_requests(cls, value: Any) -> str:
+        return str(value)
+
+    @field_validator("fault", mode="before")
+    @classmethod
+    def _check_fault(cls, value: Any) -> str:
+        name = str(value)
+        if name not in FAULT_NAMES and not re.fullmatch(r"[1-5]\d\d", name):
+            raise ValueError(f"unknown fault {name!r}; known: {', '.join(sorted(FAULT_NAMES))}")
+        return name
+
+    @model_validator(mode="after")
+    def _parse_spans(self) -> FaultRule:
+        spans: list[tuple[int, int]] = []
+        for part in self.requests.split(","):
+            if part.strip() == "*":
+                spans.append((1, 1 << 62))
+                continue
+            m = _RANGE_PART.match(part)
+            if not m:
+                raise ValueError(f"requests={self.requests!r}: expected N, N-M, N- or *, comma separated")
+            lo = int(m.group(1))
+            hi = lo if m.group(2) is None else (int(m.group(2)) if m.group(2) else 1 << 62)
+            if lo < 1 or hi < lo:
+                raise ValueError(f"requests={self.requests!r}: ranges are 1-based and ascending")
+            spans.append((lo, hi))
+        self._spans = spans
+        return self
+
+    def matches(self, arrival: int) -> bool:
+        return any(lo <= arrival <= hi for lo, hi in self._spans)
+
+
+class Price(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_m: float = 10.0  # USD per million prompt tokens
+    output_per_m: float = 30.0  # USD per million completion tokens
+
+
+class SimConfig(BaseModel):
+    """All knobs of the simulator; closed to unknown keys so a typo in a fault plan is loud."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    flavor: Flavor = "openrouter"
+    seed: int = 0
+    api_key: str | None = None  # None: any non-empty bearer token is accepted
+
+    # Latency: mean + uniform jitter, plus a rare long tail; 0 means no sleep at all.
+    latency_ms: float = Field(0.0, ge=0)
+    latency_jitter_ms: float = Field(0.0, ge=0)
+    latency_tail_prob: float = Field(0.0, ge=0, le=1)
+    latency_tail_multiplier: float = Field(10.0, ge=1)
+    edge_timeout_s: float | None = Field(None, gt=0)  # longer requests get 524 (openrouter) or 408
+    hang_s: float = Field(3600.0, ge=0)
+
+    # Random fault rates (per arrival, summed must stay <= 1).
+    rate_429: float = Field(0.0, ge=0, le=1)
+    rate_500: float = Field(0.0, ge=0, le=1)
+    rate_502: float = Field(0.0, ge=0, le=1)
+    rate_503: float = Field(0.0, ge=0, le=1)
+    rate_hang: float = Field(0.0, ge=0, le=1)
+    rate_reset: float = Field(0.0, ge=0, le=1)
+    rate_malformed: float = Field(0.0, ge=0, le=1)
+    rate_schema_invalid: float = Field(0.0, ge=0, le=1)
+    rate_length: float = Field(0.0, ge=0, le=1)
+    rate_refusal: float = Field(0.0, ge=0, le=1)
+    rate_error_200: float = Field(0.0, ge=0, le=1)
+    rate_empty: float = Field(0.0, ge=0, le=1)
+    retry_after_s: float | None = Field(1.0, ge=0)  # Retry-After on random 429/503; None omits it
+    fault_plan: list[FaultRule] = Field(default_factory=list)
+
+    # Enforced limits (token buckets that start full); None = unlimited.
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    tpm_charge: Literal["usage", "max_tokens"] = "usage"  # what a request costs the TPM bucket
+    credits_usd: float | None = Field(None, ge=0)
+    credits_preflight: bool = True  # 402 "can only afford N" when max_tokens would overspend
+
+    # Model behaviour.
+    default_model: str = "openai/gpt-4-turbo"
+    provider_name: str = "OpenAI"
+    context_tokens: int = Field(128_000, gt=0)
+    max_output_tokens: dict[str, int] = Field(default_factory=lambda: {"gpt-4-turbo": 4096})
+    no_json_schema_models: list[str] = Field(default_factory=lambda: ["gpt-4-turbo"])
+    default_price: Price = Field(default_factory=Price)
+    prices: dict[str, Price] = Field(default_factory=dict)  # exact model name -> price
+    upscale_images: bool = False
+    remote_image_size: tuple[int, int] = (1024, 1024)  # assumed for http(s) URLs, never fetched
+    cached_tokens_ratio: float = Field(0.0, ge=0, le=1)  # share of prompt reported as cached
+
+    # Streaming.
+    stream_comments: int = Field(2, ge=0)  # ": OPENROUTER PROCESSING" lines before the first token
+    stream_comment_interval_ms: float = Field(0.0, ge=0)
+    stream_chunk_ms: float = Field(0.0, ge=0)  # delay between content chunks
+    stream_chunk_chars: tuple[int, int] = (1, 16)  # content delta size range
+    stream_split_writes: bool = False  # split frames across TCP writes mid-JSON and mid-"\n\n"
+    stream_split_delay_ms: float = Field(1.0, ge=0)
+    stream_crlf: bool = False
+    stream_obfuscation: bool = False  # OpenAI-style "obfuscation" padding field on chunks
+    stream_error_after_chunks: int = Field(3, ge=0)
+    stream_error_done: bool = False  # whether [DONE] follows a mid-stream error chunk
+
+    # Side endpoints and bookkeeping.
+    generation_delay_s: float = Field(0.0, ge=0)  # /generation answers 404 until this has passed
+    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    log_limit: int = Field(100_000, ge=0)
+    log_body_max_bytes: int = Field(65_536, ge=0)  # larger bodies are logged as a size marker
+    track_bodies: bool = True  # served_by_body accounting (one small entry per distinct body)
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> SimConfig:
+        total = sum(getattr(self, "rate_" + name) for name in RATE_FAULTS)
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"fault rates sum to {total:.3f}; they must sum to at most 1")
+        lo, hi = self.stream_chunk_chars
+        if lo < 1 or hi < lo:
+            raise ValueError("stream_chunk_chars must be (min >= 1, max >= min)")
+        return self
+
+    def price_for(self, model: str) -> Price:
+        return self.prices.get(model, self.default_price)
+
+    def api_root_path(self) -> str:
+        return "/api/v1" if self.flavor == "openrouter" else "/v1"
+
+
+def load_fault_plan(path: str | Path) -> list[FaultRule]:
+    """Read a fault plan from YAML or JSON: a list of rules, or ``{"fault_plan": [...]}``."""
+    text = Path(path).read_text(encoding="utf-8")
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if isinstance(data, dict):
+        data = data.get("fault_plan", data.get("faults"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of fault rules (or a 'fault_plan' key)")
+    return [FaultRule.model_validate(item) for item in data]

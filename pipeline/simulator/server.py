@@ -1,0 +1,172 @@
+"""The simulator's HTTP server: lifecycle, routes, and the side endpoints.
+
+Routes:
+- ``POST /api/v1/chat/completions`` and ``POST /v1/chat/completions`` (one handler)
+- ``GET /api/v1/key``, ``GET /api/v1/generation?id=`` (OpenRouter side endpoints, auth required)
+- ``GET /_sim/stats``, ``GET /_sim/requests?since=N&limit=M``, ``POST /_sim/reset`` (test hooks;
+  the reset body may carry SimConfig overrides, e.g. a new ``fault_plan``)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .chat import ChatService
+from .config import SimConfig
+from .envelopes import render
+from .faults import auth_error
+
+LOOPBACK = "127.0.0.1"
+_JSON = "application/json"
+
+
+class Simulator:
+    """An OpenAI/OpenRouter-compatible endpoint on loopback; deterministic for a given seed."""
+
+    def __init__(self, cfg: SimConfig | None = None) -> None:
+        self.cfg = cfg if cfg is not None else SimConfig()
+        self._stopping = asyncio.Event()
+        self.service = ChatService(self.cfg, self._stopping)
+        self._runner: web.AppRunner | None = None
+        self.base_url: str | None = None
+        self.port: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, host: str = LOOPBACK, port: int = 0) -> str:
+        """Serve on ``host:port`` (port 0 picks a free one); returns the API root URL."""
+        if host != LOOPBACK:
+            raise ValueError(f"the simulator only listens on {LOOPBACK}, not {host!r}")
+        if self._runner is not None:
+            raise RuntimeError("simulator already started")
+        self._stopping = asyncio.Event()
+        self.service.stopping = self._stopping
+        app = web.Application(client_max_size=self.cfg.max_body_bytes)
+        app.router.add_post("/api/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        for prefix in ("/api/v1", "/v1"):
+            app.router.add_get(prefix + "/key", self._key)
+            app.router.add_get(prefix + "/generation", self._generation)
+        app.router.add_get("/_sim/stats", self._stats)
+        app.router.add_get("/_sim/requests", self._requests)
+        app.router.add_post("/_sim/reset", self._reset)
+        # handler_cancellation: a client that gives up cancels its handler (hangs, latency sleeps).
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.25)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        self.base_url = f"http://{host}:{self.port}{self.cfg.api_root_path()}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        self._stopping.set()  # releases hung requests before the runner waits for handlers
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def reset(self, **overrides: Any) -> None:
+        """Forget counters, log, buckets and credits; optionally change config fields."""
+        if overrides:
+            self.cfg = SimConfig.model_validate({**self.cfg.model_dump(), **overrides})
+        self.service = ChatService(self.cfg, self._stopping)
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        out = self.service.acct.snapshot()
+        credits = self.service.credits
+        out["credits"] = {"limit_usd": credits.limit, "used_usd": round(credits.usage, 10),
+                          "remaining_usd": credits.remaining}
+        return out
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        return list(self.service.acct.log)
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.service.handle(request)
+
+    def _authorized(self, request: web.Request) -> web.Response | None:
+        auth = request.headers.get("Authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if key and (self.cfg.api_key is None or key == self.cfg.api_key):
+            return None
+        status, body, headers = render(auth_error(missing=not key), self.cfg.flavor, self.cfg.provider_name)
+        headers["Content-Type"] = _JSON
+        return web.Response(status=status, body=body, headers=headers)
+
+    async def _key(self, request: web.Request) -> web.Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        self.service.acct.other_requests += 1
+        credits = self.service.credits
+        usage = round(credits.usage, 10)
+        data = {"label": "sk-or-v1-sim...", "limit": credits.limit, "limit_remaining": credits.remaining,
+                "limit_reset": None, "include_byok_in_limit": False, "usage": usage, "usage_daily": usage,
+                "usage_weekly": usage, "usage_monthly": usage, "byok_usage": 0, "byok_usage_daily": 0,
+                "byok_usage_weekly": 0, "byok_usage_monthly": 0, "is_free_tier": False,
+                "is_management_key": False, "is_provisioning_key": False, "expires_at": None,
+                "creator_user_id": "user_sim_0001", "rate_limit": {"requests": -1, "interval": "10s"}}
+        return _json({"data": data})
+
+    async def _generation(self, request: web.Request) -> web.Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        self.service.acct.other_requests += 1
+        record = self.service.generation(request.query.get("id", ""))
+        if record is None:
+            return _json({"error": {"code": 404, "message": "Generation not found"}}, status=404)
+        return _json({"data": record})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return _json(self.stats)
+
+    async def _requests(self, request: web.Request) -> web.Response:
+        entries = self.log
+        since = _int(request.query.get("since"), 0)
+        if since:
+            entries = [e for e in entries if e["n"] > since]
+        limit = _int(request.query.get("limit"), 0)
+        if limit:
+            entries = entries[-limit:]
+        return _json(entries)
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        overrides: Any = orjson.loads(raw) if raw.strip() else {}
+        if not isinstance(overrides, dict):
+            return _json({"error": "expected a JSON object of SimConfig overrides"}, status=400)
+        try:
+            self.reset(**overrides)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            return _json({"error": str(exc)}, status=400)
+        return _json({"ok": True})
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type=_JSON)
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text else default
+    except ValueError:
+        return default
