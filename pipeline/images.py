@@ -121,7 +121,7 @@ class ImageEncoder:
         tokens = 0
         for i, item in enumerate(items):
             try:
-                enc = self.encode(item, base_dir=base_dir)
+                enc = self._encode(item, base_dir=base_dir)
             except _ImageProblem as exc:
                 where = f"column {column!r}" + (f" item {i}" if items is value else "")
                 raise RowError(f"{where}: {exc}", file=origin[0], row=origin[1]) from None
@@ -131,7 +131,7 @@ class ImageEncoder:
             tokens += enc.tokens
         return parts, tokens
 
-    def encode(self, item: Any, *, base_dir: str) -> EncodedImage | None:
+    def _encode(self, item: Any, *, base_dir: str) -> EncodedImage | None:
         """One image value to a URL plus size; None for an empty value. Raises _ImageProblem."""
         if item is None:
             return None
@@ -142,7 +142,7 @@ class ImageEncoder:
             if item.get("bytes"):
                 return self._from_bytes(bytes(item["bytes"]), what="the bytes")
             inner = item.get("url") or item.get("path")
-            return self.encode(inner, base_dir=base_dir) if inner else None
+            return self._encode(inner, base_dir=base_dir) if inner else None
         if not isinstance(item, str):
             raise _ImageProblem(
                 f"an image must be a URL, a data URL, a file path or bytes, not {type(item).__name__}"

@@ -25,6 +25,7 @@ from .schema import arrow_type, to_arrow
 from .store import Record
 
 PART_RE = re.compile(r"^(\d{8})\.r\.parquet$")
+PARTIAL_RE = re.compile(r"^(\d{8})\.p[rf]\.parquet$")
 
 LOGPROB_TYPE = pa.list_(pa.struct([
     ("token", pa.string()), ("logprob", pa.float64()),
@@ -60,19 +61,36 @@ def write_part(
     index: int,
     layout: Layout,
     carried: pa.Table,
-    outcomes: Sequence[Record | RowFailure],
+    outcomes: Sequence[Record | RowFailure | None],
 ) -> tuple[int, int]:
-    """Write one batch's results and failures parts; returns (succeeded, failed)."""
+    """Write one batch's results and failures parts; returns (succeeded, failed).
+
+    With rows still pending (None: the run stopped before they had an answer) the parts are *partial*:
+    the outputs show what is done, and a resume replaces them with the batch's complete parts.
+    """
     ok_idx = [i for i, o in enumerate(outcomes) if isinstance(o, Record) and o.state == "ok"]
     ok_set = set(ok_idx)
-    bad_idx = [i for i in range(len(outcomes)) if i not in ok_set]
+    bad_idx = [i for i, o in enumerate(outcomes) if o is not None and i not in ok_set]
     carried = _rename_carried(carried, layout)
     results = _results_table(carried.take(pa.array(ok_idx, pa.int64())), [outcomes[i] for i in ok_idx], layout)  # type: ignore[misc]
-    failures = _failures_table(carried.take(pa.array(bad_idx, pa.int64())), [outcomes[i] for i in bad_idx], layout)
+    failures = _failures_table(carried.take(pa.array(bad_idx, pa.int64())), [outcomes[i] for i in bad_idx], layout)  # type: ignore[misc]
+    partial = any(o is None for o in outcomes)
     stem = parts_dir / f"{index:08d}"
-    _atomic_parquet(failures, Path(f"{stem}.f.parquet"), layout.compression)
-    _atomic_parquet(results, Path(f"{stem}.r.parquet"), layout.compression)
+    r, f = ("pr", "pf") if partial else ("r", "f")
+    _atomic_parquet(failures, Path(f"{stem}.{f}.parquet"), layout.compression)
+    _atomic_parquet(results, Path(f"{stem}.{r}.parquet"), layout.compression)
+    if not partial:
+        for stale in (Path(f"{stem}.pr.parquet"), Path(f"{stem}.pf.parquet")):
+            stale.unlink(missing_ok=True)
     return len(ok_idx), len(bad_idx)
+
+
+def drop_partial_parts(parts_dir: Path) -> None:
+    """A resume recomputes unfinished batches; their partial parts from the last stop must go."""
+    if parts_dir.is_dir():
+        for name in os.listdir(parts_dir):
+            if PARTIAL_RE.match(name):
+                os.unlink(parts_dir / name)
 
 
 def done_parts(parts_dir: Path) -> set[int]:
@@ -163,11 +181,13 @@ def _atomic_parquet(table: pa.Table, path: Path, compression: str) -> None:
 
 def merge_parts(parts_dir: Path, out_dir: Path, compression: str) -> tuple[int, int]:
     """Concatenate the parts in batch order into results.parquet and failures.parquet (bounded memory)."""
-    indices = sorted(done_parts(parts_dir))
+    complete = done_parts(parts_dir)
+    partial = {int(m.group(1)) for n in os.listdir(parts_dir) if (m := PARTIAL_RE.match(n))} - complete
     counts = []
-    for suffix, name in (("r", "results.parquet"), ("f", "failures.parquet")):
-        files = [parts_dir / f"{i:08d}.{suffix}.parquet" for i in indices]
-        counts.append(_concat(files, out_dir / name, compression))
+    for kind, name in (("r", "results.parquet"), ("f", "failures.parquet")):
+        files = [parts_dir / f"{i:08d}.{kind if i in complete else 'p' + kind}.parquet"
+                 for i in sorted(complete | partial)]
+        counts.append(_concat([f for f in files if f.exists()], out_dir / name, compression))
     return counts[0], counts[1]
 
 

@@ -92,6 +92,10 @@ def _from_error(status: int, err: dict[str, Any], headers: Mapping[str, str], *,
         message = f"{message}: {raw[:300]}"
     code = err.get("code")
     etype = err.get("type")
+    inner = _upstream_error(raw)
+    if inner:  # OpenRouter's "Provider returned error": the upstream body decides (quota vs rate limit)
+        etype = inner.get("type") or etype
+        code = inner.get("code") if isinstance(inner.get("code"), str) else code
     code_s = str(code) if code is not None else None
     wait = retry_after(headers, err, message)
     if in_body and status < 400:
@@ -116,6 +120,17 @@ def _from_error(status: int, err: dict[str, Any], headers: Mapping[str, str], *,
     if status in TRANSIENT_STATUS or status >= 500:
         return TransientError(message or f"server error {status}", status=status, code=code_s, retry_after=wait)
     return PermanentError(message or f"HTTP {status}", status=status, code=code_s)
+
+
+def _upstream_error(raw: Any) -> dict[str, Any] | None:
+    if not isinstance(raw, str) or not raw.startswith("{"):
+        return None
+    try:
+        inner = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    err = inner.get("error") if isinstance(inner, dict) else None
+    return err if isinstance(err, dict) else None
 
 
 def retry_after(headers: Mapping[str, str], err: Mapping[str, Any] | None = None, message: str = "") -> float | None:

@@ -24,7 +24,17 @@ from .config import Config, load_config
 from .dispatch import Dispatcher, Job, Stopped
 from .errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, RowError
 from .limits import Limits
-from .output import Layout, RowFailure, Summary, done_parts, failure_counts, merge_parts, write_json_atomic, write_part
+from .output import (
+    Layout,
+    RowFailure,
+    Summary,
+    done_parts,
+    drop_partial_parts,
+    failure_counts,
+    merge_parts,
+    write_json_atomic,
+    write_part,
+)
 from .progress import Progress
 from .prompts import Renderer, estimate_prompt_tokens, finalize
 from .reader import InputBatch, Source
@@ -106,14 +116,13 @@ class Engine:
                     records[job.key] = res
                 elif not isinstance(res, (Stopped, asyncio.CancelledError)):
                     raise res  # a bug, not an outcome: surface it
-        if any(k is not None and k not in records for k in row_keys):
-            return  # stopped before every row had an answer: the batch stays open for the resume
         for i, key in enumerate(row_keys):
-            if key is not None:
+            if key is not None and key in records:
                 outcomes[i] = records[key]
-        ok, bad = write_part(self.parts_dir, batch.index, self.layout, batch.carried, outcomes)  # type: ignore[arg-type]
+        # Rows still None were stopped before an answer: the part is partial and the batch stays open.
+        ok, bad = write_part(self.parts_dir, batch.index, self.layout, batch.carried, outcomes)
         self.failed_rows += bad
-        self.progress.advance(n, self.dispatcher.stats, self.failed_rows)
+        self.progress.advance(ok + bad, self.dispatcher.stats, self.failed_rows)
 
     def _known(self, jobs: dict[str, Job]) -> dict[str, Record]:
         """Answers already paid for: this job's store first, then the shared cache."""
@@ -181,6 +190,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
             with_ttft=cfg.params.stream, compression=cfg.output.compression,
         )
+        drop_partial_parts(jobdir.parts)
         done = done_parts(jobdir.parts)
         resumed = _rows_in_parts(jobdir.parts, done)
         progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)

@@ -128,3 +128,14 @@ def test_error_messages_never_echo_request_headers() -> None:
     with pytest.raises(AuthError) as info:
         classify(reply(401, or_err(401, "No auth credentials found"), {"authorization": "Bearer sk-secret"}))
     assert "sk-secret" not in str(info.value)
+
+
+def test_openrouter_wrapped_upstream_errors_are_classified_by_the_upstream_body() -> None:
+    quota = orjson.dumps({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+                                    "param": None, "code": "insufficient_quota"}}).decode()
+    with pytest.raises(CreditsError):
+        classify(reply(429, or_err(429, "Provider returned error", raw=quota, provider_name="OpenAI")))
+    big = orjson.dumps({"error": {"message": "Request too large for gpt-4 on tokens per min (TPM): Limit 30000, "
+                                  "Requested 31538.", "type": "tokens", "code": "rate_limit_exceeded"}}).decode()
+    with pytest.raises(PermanentError):
+        classify(reply(429, or_err(429, "Provider returned error", raw=big)))

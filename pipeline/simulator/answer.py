@@ -35,7 +35,9 @@ class Answer:
     @property
     def output(self) -> str:
         """The text a client would accumulate (content, refusal or tool arguments)."""
-        return self.tool_args if self.tool_name is not None else (self.content or self.refusal or "")
+        if self.tool_name is not None:
+            return self.tool_args or ""
+        return self.content or self.refusal or ""
 
 
 @dataclass(slots=True)
@@ -51,7 +53,8 @@ def find_target(body: dict[str, Any], flavor: str, finder: SchemaFinder) -> Targ
     tools = body.get("tools")
     choice = body.get("tool_choice")
     if isinstance(tools, list) and tools and choice != "none":
-        functions = [t.get("function") for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+        functions: list[dict[str, Any]] = [t["function"] for t in tools
+                                           if isinstance(t, dict) and isinstance(t.get("function"), dict)]
         wanted = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
         fn = next((f for f in functions if f.get("name") == wanted), functions[0] if functions else None)
         if fn is not None:

@@ -24,8 +24,18 @@ from .answer import Answer, find_target, make_answer
 from .config import SimConfig
 from .content import SchemaFinder
 from .envelopes import SimError, generic_error, render
-from .faults import (BODY_FAULTS, TRANSPORT_FAULTS, ErrorContext, FaultChoice, FaultPicker, auth_error,
-                     edge_timeout_error, fault_error, payment_required, refusal_error)
+from .faults import (
+    BODY_FAULTS,
+    TRANSPORT_FAULTS,
+    ErrorContext,
+    FaultChoice,
+    FaultPicker,
+    auth_error,
+    edge_timeout_error,
+    fault_error,
+    payment_required,
+    refusal_error,
+)
 from .limits import Credits, RateLimits
 from .responses import ChunkMaker, Meta, completion_body, error_200_body
 from .stats import Accounting, redact_headers
@@ -48,7 +58,7 @@ class ChatService:
         self.latency_rng = random.Random(cfg.seed ^ 0x1A7E)  # own stream: latency knobs never shift faults
         self.limits = RateLimits(cfg.rpm, cfg.tpm, time.monotonic())
         self.credits = Credits(cfg.credits_usd)
-        self.generations: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.generations: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
         self.finder = SchemaFinder()
         self.sizer = ImageSizer(cfg.remote_image_size)
         self.seed_bytes = str(cfg.seed).encode() + b"\x00"
@@ -58,7 +68,7 @@ class ChatService:
 
     # -- entry point ---------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         now = time.monotonic()
         self.arrivals += 1
         arrival = self.arrivals
@@ -83,7 +93,7 @@ class ChatService:
 
     # -- planning ------------------------------------------------------------------------------
 
-    async def _handle(self, request: web.Request, now: float, choice: FaultChoice | None,
+    async def _handle(self, request: web.BaseRequest, now: float, choice: FaultChoice | None,
                       entry: dict[str, Any]) -> web.StreamResponse:
         cfg = self.cfg
         headers = self._base_headers(request, now)
@@ -163,10 +173,6 @@ class ChatService:
             headers.update(self.limits.openai_headers(now))
         meta = self._meta(served_model or model, p_in, p_out, headers)
         stream = body.get("stream") is True
-        # Bill what was generated; a non-streaming partial-error body reports (and bills) half.
-        if fault != "error_200" and not (fault == "stream_error_legacy" and not stream):
-            partial = fault in ("error_200_partial", "stream_error") and not stream
-            self._bill(now, meta, _partial(answer) if partial else answer, body)
         latency = self._latency()
         if fault == "hang":
             latency = max(latency, cfg.hang_s)
@@ -175,12 +181,19 @@ class ChatService:
             self.acct.fault("edge_timeout")
             entry["fault"] = entry["fault"] or "edge_timeout"
             return self._error(edge_timeout_error(cfg.flavor), headers, entry)
+        # Bill what was generated; a non-streaming partial-error body reports (and bills) half.
+        # A hung request is billed only if it ever finishes.
+        if fault not in ("error_200", "hang") and not (fault == "stream_error_legacy" and not stream):
+            partial = fault in ("error_200_partial", "stream_error") and not stream
+            self._bill(now, meta, _partial(answer) if partial else answer, body)
         if stream:
             return await self._stream(request, body, meta, answer, choice, latency, headers, entry, raw_digest)
         if latency > 0 and not await self._sleep(latency):
             abort_connection(request, rst=False)  # the simulator is stopping: drop hung requests
             entry["status"] = "hang"
             return web.Response(status=503)
+        if fault == "hang":
+            self._bill(time.monotonic(), meta, answer, body)
         return await self._respond(request, meta, answer, choice, headers, entry, raw_digest)
 
     def _credit_check(self, ctx: ErrorContext, prompt_usd: float, out_per_token: float,
@@ -225,7 +238,7 @@ class ChatService:
         try:
             await asyncio.wait_for(self.stopping.wait(), seconds)
             return False
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return True
 
     def _meta(self, model: str, p_in: float, p_out: float, headers: dict[str, str]) -> Meta:
@@ -243,23 +256,16 @@ class ChatService:
         cost = meta.cost(answer)
         self.acct.bill(now, answer.prompt_tokens, answer.completion_tokens, cost)
         self.credits.charge(cost)
-        if self.cfg.flavor == "openrouter":
-            self.generations[meta.id] = {
-                "id": meta.id, "model": meta.model, "provider_name": meta.provider, "total_cost": cost,
-                "tokens_prompt": answer.prompt_tokens, "tokens_completion": answer.completion_tokens,
-                "native_tokens_prompt": answer.prompt_tokens, "native_tokens_completion": answer.completion_tokens,
-                "native_tokens_reasoning": 0, "native_tokens_cached": answer.cached_tokens,
-                "finish_reason": answer.finish_reason, "native_finish_reason": answer.finish_reason,
-                "streamed": bool(body.get("stream")), "cancelled": False, "is_byok": False,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.created)),
-                "upstream_inference_cost": None, "cache_discount": None, "usage": cost,
-                "_ready_at": time.monotonic() + self.cfg.generation_delay_s}
+        if self.cfg.flavor == "openrouter":  # a compact tuple; the JSON is built only when asked for
+            self.generations[meta.id] = (meta.model, meta.provider, meta.created, cost, answer.prompt_tokens,
+                                         answer.completion_tokens, answer.cached_tokens, answer.finish_reason,
+                                         body.get("stream") is True, time.monotonic() + self.cfg.generation_delay_s)
             if len(self.generations) > _GENERATIONS_KEPT:
                 self.generations.popitem(last=False)
 
     # -- answering -----------------------------------------------------------------------------
 
-    def _base_headers(self, request: web.Request, now: float) -> dict[str, str]:
+    def _base_headers(self, request: web.BaseRequest, now: float) -> dict[str, str]:
         flavor = self.cfg.flavor
         if flavor == "openrouter":
             return {"X-Generation-Id": f"gen-{int(time.time())}-{self.nonce}{next(self.ids):012d}"}
@@ -281,7 +287,7 @@ class ChatService:
         entry["status"] = status
         return web.Response(status=status, body=body, headers=headers)
 
-    async def _respond(self, request: web.Request, meta: Meta, answer: Answer, choice: FaultChoice | None,
+    async def _respond(self, request: web.BaseRequest, meta: Meta, answer: Answer, choice: FaultChoice | None,
                        headers: dict[str, str], entry: dict[str, Any], raw_digest: bytes) -> web.StreamResponse:
         fault = choice.name if choice is not None else None
         rule = choice.rule if choice is not None else None
@@ -308,7 +314,7 @@ class ChatService:
             self.acct.served(raw_digest)
         return web.Response(body=body, headers=headers)
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], meta: Meta, answer: Answer,
+    async def _stream(self, request: web.BaseRequest, body: dict[str, Any], meta: Meta, answer: Answer,
                       choice: FaultChoice | None, latency: float, headers: dict[str, str],
                       entry: dict[str, Any], raw_digest: bytes) -> web.StreamResponse:
         cfg = self.cfg
@@ -323,10 +329,12 @@ class ChatService:
             err.or_message = err.or_message if rule and rule.message else "Upstream provider disconnected"
         after = rule.after_chunks if rule and rule.after_chunks is not None else cfg.stream_error_after_chunks
         done = rule.done if rule and rule.done is not None else cfg.stream_error_done
-        if fault == "hang" and not await self._sleep(latency):
-            abort_connection(request, rst=False)
-            entry["status"] = "hang"
-            return web.StreamResponse()
+        if fault == "hang":
+            if not await self._sleep(latency):
+                abort_connection(request, rst=False)
+                entry["status"] = "hang"
+                return web.StreamResponse()
+            self._bill(time.monotonic(), meta, answer, body)
         spec = StreamSpec(cfg.stream_comments if cfg.flavor == "openrouter" else 0, cfg.stream_comment_interval_ms / 1000,
                           0.0 if fault == "hang" else latency, cfg.stream_chunk_ms / 1000, cfg.stream_split_writes,
                           cfg.stream_split_delay_ms / 1000, cfg.stream_crlf, cfg.stream_chunk_chars, include_usage,
@@ -350,9 +358,16 @@ class ChatService:
 
     def generation(self, gen_id: str) -> dict[str, Any] | None:
         record = self.generations.get(gen_id)
-        if record is None or time.monotonic() < record["_ready_at"]:
-            return None
-        return {k: v for k, v in record.items() if not k.startswith("_")}
+        if record is None or time.monotonic() < record[-1]:
+            return None  # unknown, or "not ready yet" as OpenRouter answers right after completion
+        model, provider, created, cost, prompt, completion, cached, finish, streamed, _ready = record
+        return {"id": gen_id, "model": model, "provider_name": provider, "total_cost": cost, "usage": cost,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+                "tokens_prompt": prompt, "tokens_completion": completion, "native_tokens_prompt": prompt,
+                "native_tokens_completion": completion, "native_tokens_reasoning": 0, "native_tokens_cached": cached,
+                "finish_reason": finish, "native_finish_reason": finish, "streamed": streamed, "cancelled": False,
+                "is_byok": False, "upstream_inference_cost": None, "cache_discount": None, "latency": 0,
+                "generation_time": 0}
 
 
 def _content_key(body: dict[str, Any]) -> dict[str, Any]:

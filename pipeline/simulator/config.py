@@ -104,65 +104,65 @@ class SimConfig(BaseModel):
     api_key: str | None = None  # None: any non-empty bearer token is accepted
 
     # Latency: mean + uniform jitter, plus a rare long tail; 0 means no sleep at all.
-    latency_ms: float = Field(0.0, ge=0)
-    latency_jitter_ms: float = Field(0.0, ge=0)
-    latency_tail_prob: float = Field(0.0, ge=0, le=1)
-    latency_tail_multiplier: float = Field(10.0, ge=1)
-    edge_timeout_s: float | None = Field(None, gt=0)  # longer requests get 524 (openrouter) or 408
-    hang_s: float = Field(3600.0, ge=0)
+    latency_ms: float = Field(default=0.0, ge=0)
+    latency_jitter_ms: float = Field(default=0.0, ge=0)
+    latency_tail_prob: float = Field(default=0.0, ge=0, le=1)
+    latency_tail_multiplier: float = Field(default=10.0, ge=1)
+    edge_timeout_s: float | None = Field(default=None, gt=0)  # longer requests get 524 (openrouter) or 408
+    hang_s: float = Field(default=3600.0, ge=0)
 
     # Random fault rates (per arrival, summed must stay <= 1).
-    rate_429: float = Field(0.0, ge=0, le=1)
-    rate_500: float = Field(0.0, ge=0, le=1)
-    rate_502: float = Field(0.0, ge=0, le=1)
-    rate_503: float = Field(0.0, ge=0, le=1)
-    rate_hang: float = Field(0.0, ge=0, le=1)
-    rate_reset: float = Field(0.0, ge=0, le=1)
-    rate_malformed: float = Field(0.0, ge=0, le=1)
-    rate_schema_invalid: float = Field(0.0, ge=0, le=1)
-    rate_length: float = Field(0.0, ge=0, le=1)
-    rate_refusal: float = Field(0.0, ge=0, le=1)
-    rate_error_200: float = Field(0.0, ge=0, le=1)
-    rate_empty: float = Field(0.0, ge=0, le=1)
-    retry_after_s: float | None = Field(1.0, ge=0)  # Retry-After on random 429/503; None omits it
+    rate_429: float = Field(default=0.0, ge=0, le=1)
+    rate_500: float = Field(default=0.0, ge=0, le=1)
+    rate_502: float = Field(default=0.0, ge=0, le=1)
+    rate_503: float = Field(default=0.0, ge=0, le=1)
+    rate_hang: float = Field(default=0.0, ge=0, le=1)
+    rate_reset: float = Field(default=0.0, ge=0, le=1)
+    rate_malformed: float = Field(default=0.0, ge=0, le=1)
+    rate_schema_invalid: float = Field(default=0.0, ge=0, le=1)
+    rate_length: float = Field(default=0.0, ge=0, le=1)
+    rate_refusal: float = Field(default=0.0, ge=0, le=1)
+    rate_error_200: float = Field(default=0.0, ge=0, le=1)
+    rate_empty: float = Field(default=0.0, ge=0, le=1)
+    retry_after_s: float | None = Field(default=1.0, ge=0)  # Retry-After on random 429/503; None omits it
     fault_plan: list[FaultRule] = Field(default_factory=list)
 
     # Enforced limits (token buckets that start full); None = unlimited.
-    rpm: int | None = Field(None, gt=0)
-    tpm: int | None = Field(None, gt=0)
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
     tpm_charge: Literal["usage", "max_tokens"] = "usage"  # what a request costs the TPM bucket
-    credits_usd: float | None = Field(None, ge=0)
+    credits_usd: float | None = Field(default=None, ge=0)
     credits_preflight: bool = True  # 402 "can only afford N" when max_tokens would overspend
 
     # Model behaviour.
     default_model: str = "openai/gpt-4-turbo"
     provider_name: str = "OpenAI"
-    context_tokens: int = Field(128_000, gt=0)
+    context_tokens: int = Field(default=128_000, gt=0)
     max_output_tokens: dict[str, int] = Field(default_factory=lambda: {"gpt-4-turbo": 4096})
     no_json_schema_models: list[str] = Field(default_factory=lambda: ["gpt-4-turbo"])
     default_price: Price = Field(default_factory=Price)
     prices: dict[str, Price] = Field(default_factory=dict)  # exact model name -> price
     upscale_images: bool = False
     remote_image_size: tuple[int, int] = (1024, 1024)  # assumed for http(s) URLs, never fetched
-    cached_tokens_ratio: float = Field(0.0, ge=0, le=1)  # share of prompt reported as cached
+    cached_tokens_ratio: float = Field(default=0.0, ge=0, le=1)  # share of prompt reported as cached
 
     # Streaming.
-    stream_comments: int = Field(2, ge=0)  # ": OPENROUTER PROCESSING" lines before the first token
-    stream_comment_interval_ms: float = Field(0.0, ge=0)
-    stream_chunk_ms: float = Field(0.0, ge=0)  # delay between content chunks
+    stream_comments: int = Field(default=2, ge=0)  # ": OPENROUTER PROCESSING" lines before the first token
+    stream_comment_interval_ms: float = Field(default=0.0, ge=0)
+    stream_chunk_ms: float = Field(default=0.0, ge=0)  # delay between content chunks
     stream_chunk_chars: tuple[int, int] = (1, 16)  # content delta size range
     stream_split_writes: bool = False  # split frames across TCP writes mid-JSON and mid-"\n\n"
-    stream_split_delay_ms: float = Field(1.0, ge=0)
+    stream_split_delay_ms: float = Field(default=1.0, ge=0)
     stream_crlf: bool = False
     stream_obfuscation: bool = False  # OpenAI-style "obfuscation" padding field on chunks
-    stream_error_after_chunks: int = Field(3, ge=0)
+    stream_error_after_chunks: int = Field(default=3, ge=0)
     stream_error_done: bool = False  # whether [DONE] follows a mid-stream error chunk
 
     # Side endpoints and bookkeeping.
-    generation_delay_s: float = Field(0.0, ge=0)  # /generation answers 404 until this has passed
-    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
-    log_limit: int = Field(100_000, ge=0)
-    log_body_max_bytes: int = Field(65_536, ge=0)  # larger bodies are logged as a size marker
+    generation_delay_s: float = Field(default=0.0, ge=0)  # /generation answers 404 until this has passed
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    log_limit: int = Field(default=100_000, ge=0)
+    log_body_max_bytes: int = Field(default=65_536, ge=0)  # larger bodies are logged as a size marker
     track_bodies: bool = True  # served_by_body accounting (one small entry per distinct body)
 
     @model_validator(mode="after")
@@ -188,6 +188,6 @@ def load_fault_plan(path: str | Path) -> list[FaultRule]:
     data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     if isinstance(data, dict):
         data = data.get("fault_plan", data.get("faults"))
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of fault rules (or a 'fault_plan' key)")
+    if not isinstance(data, list):  # a config-file problem: ValueError like every other one
+        raise ValueError(f"{path}: expected a list of fault rules (or a 'fault_plan' key)")  # noqa: TRY004
     return [FaultRule.model_validate(item) for item in data]

@@ -40,10 +40,10 @@ class SchemaFaker:
             return self.value(self.resolve(schema["$ref"]), depth + 1)
         if "const" in schema:
             return schema["const"]
-        if "enum" in schema and schema["enum"]:
+        if schema.get("enum"):
             return self.rng.choice(schema["enum"])
         for key in ("anyOf", "oneOf"):
-            if key in schema and schema[key]:
+            if schema.get(key):
                 return self.value(self._pick_branch(schema[key], depth), depth + 1)
         if "allOf" in schema:
             return self.value(self._merge_all_of(schema), depth + 1)
@@ -99,7 +99,7 @@ class SchemaFaker:
             concrete = [k for k in kind if k != "null"]
             if not concrete or (len(concrete) < len(kind) and (depth >= _MAX_DEPTH or self.rng.random() < 0.2)):
                 return "null"
-            return self.rng.choice(concrete)
+            return str(self.rng.choice(concrete))
         if isinstance(kind, str):
             return kind
         if "properties" in schema or "additionalProperties" in schema:

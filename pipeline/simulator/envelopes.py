@@ -90,7 +90,7 @@ def render(err: SimError, flavor: str, provider: str) -> tuple[int, bytes, dict[
     if err.retry_after is not None:
         headers["Retry-After"] = seconds_text(err.retry_after)
         if flavor == "openai":
-            headers["retry-after-ms"] = str(int(round(err.retry_after * 1000)))
+            headers["retry-after-ms"] = str(round(err.retry_after * 1000))
     return err.status, orjson.dumps(body), headers
 
 

@@ -86,8 +86,8 @@ def fault_error(name: str, rule: FaultRule | None, ctx: ErrorContext) -> SimErro
         requested = max(ctx.prompt_tokens + (ctx.max_tokens or 0), limit + 1)
         return too_large(ctx, limit, requested, message)
     if name == "429_capacity":
-        wait = retry if retry is not None else (ctx.retry_after or 1.0)
-        return _availability(429, "capacity_exhausted", True, wait, ctx, message or "Provider capacity exhausted")
+        capacity_wait = retry if retry is not None else (ctx.retry_after or 1.0)
+        return _availability(429, "capacity_exhausted", True, capacity_wait, ctx, message or "Provider capacity exhausted")
     if name == "503_unavailable":
         wait = retry if retry is not None else ctx.retry_after
         return _availability(503, "temporarily_unavailable", True, wait, ctx,

@@ -46,14 +46,12 @@ class Accounting:
     def arrive(self, now: float) -> None:
         self.requests += 1
         self.in_flight += 1
-        if self.in_flight > self.max_concurrency:
-            self.max_concurrency = self.in_flight
+        self.max_concurrency = max(self.max_concurrency, self.in_flight)
         window = self._arrivals
         while window and now - window[0] >= WINDOW_S:
             window.popleft()
         window.append(now)
-        if len(window) > self.peak_rpm:
-            self.peak_rpm = len(window)
+        self.peak_rpm = max(self.peak_rpm, len(window))
 
     def leave(self) -> None:
         self.in_flight -= 1
@@ -74,8 +72,7 @@ class Accounting:
             self._token_sum -= window.popleft()[1]
         window.append((arrived, prompt + completion))
         self._token_sum += prompt + completion
-        if self._token_sum > self.peak_tpm:
-            self.peak_tpm = self._token_sum
+        self.peak_tpm = max(self.peak_tpm, self._token_sum)
 
     def served(self, body_digest: bytes) -> None:
         if self.track_bodies:

@@ -45,7 +45,7 @@ class _Truncate(Exception):
     """Raised inside the frame loop to cut the connection mid-stream."""
 
 
-def abort_connection(request: web.Request, rst: bool) -> None:
+def abort_connection(request: web.BaseRequest, rst: bool) -> None:
     """Drop the connection without finishing the response.
 
     ``rst`` sends a TCP reset (the client sees ECONNRESET and may lose unread data); without it
@@ -64,7 +64,7 @@ def abort_connection(request: web.Request, rst: bool) -> None:
 
 
 class SSEWriter:
-    def __init__(self, request: web.Request, resp: web.StreamResponse, spec: StreamSpec) -> None:
+    def __init__(self, request: web.BaseRequest, resp: web.StreamResponse, spec: StreamSpec) -> None:
         self.request = request
         self.resp = resp
         self.spec = spec
@@ -102,7 +102,7 @@ class SSEWriter:
             self.buffer.clear()
 
 
-async def write_stream(request: web.Request, resp: web.StreamResponse, maker: ChunkMaker, answer: Answer,
+async def write_stream(request: web.BaseRequest, resp: web.StreamResponse, maker: ChunkMaker, answer: Answer,
                        spec: StreamSpec, openrouter: bool) -> str:
     """Write the whole event stream; returns how it ended ("ok", "error", "truncated")."""
     w = SSEWriter(request, resp, spec)

@@ -37,7 +37,7 @@ class SimulatorThread:
         asyncio.set_event_loop(loop)
         try:
             started.set_result(loop.run_until_complete(self.sim.start(self.host, self.port)))
-        except BaseException as exc:  # surface bind errors etc. in the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - bind errors etc. belong to the caller's thread
             started.set_exception(exc)
             loop.close()
             return
@@ -57,7 +57,8 @@ class SimulatorThread:
         return asyncio.run_coroutine_threadsafe(invoke(), loop).result(timeout=30)
 
     def stats(self) -> dict[str, Any]:
-        return self.call(lambda: self.sim.stats)
+        stats: dict[str, Any] = self.call(lambda: self.sim.stats)
+        return stats
 
     def reset(self, **overrides: Any) -> None:
         self.call(self.sim.reset, **overrides)
