@@ -158,7 +158,8 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     config_path = config_path or cfg.source
     source = Source(cfg.input)
     scan = source.scan()
-    renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None)
+    renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
+                        columns=scan.columns)
     plan = StructuredPlan(cfg.structured, cfg.endpoint.model, schema=schema) if cfg.structured else None
     api_key = cfg.api_key()
     jobdir = JobDir(cfg.output.dir)

@@ -107,20 +107,22 @@ def test_run_fatal_stops_dispatch_and_resumes_later(tmp_path: Path, fault: str) 
     ids_once(tmp_path / "out", 200)
 
 
-@pytest.mark.parametrize("fault,reason,attempts", [
-    ("schema_invalid", "schema", 3), ("malformed_json", "not_json", 3), ("refusal", "refusal", 3), ("length", "length", 1),
-])
+@pytest.mark.parametrize("fault,reason,attempts", [("schema_invalid", "schema", 3), ("refusal", "refusal", 3),
+                                                    ("length", "length", 1)])
 def test_bad_content_has_its_own_small_budget(tmp_path: Path, fault: str, reason: str, attempts: int) -> None:
-    fault_name = {"malformed_json": "schema_invalid"}.get(fault, fault)
-    if fault == "malformed_json":
-        pytest.skip("the simulator's schema_invalid covers JSON that breaks the schema; not_json is unit-tested")
-    s = pipeline.run(job(tmp_path, 3, sim={"fault_plan": [{"requests": "1-100", "fault": fault_name}]},
+    s = pipeline.run(job(tmp_path, 3, sim={"fault_plan": [{"requests": "1-100", "fault": fault}]},
                          limits={"max_concurrency": 1}))
     assert s.exit_code == 1 and s.failed == 3
     _, fail = read(tmp_path / "out")
     assert set(fail["error_class"]) == {"bad_content"}
     assert fail["attempts"].to_list() == [attempts] * 3
     assert all(m.startswith(reason) for m in fail["message"])
+    assert fail["content"].null_count() == 0  # the raw answer (or the refusal text) is kept
+
+
+def test_template_using_a_missing_column_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nosuchcol"):
+        pipeline.run(job(tmp_path, 3, prompt={"user": "{{ nosuchcol }}"}))
 
 
 def test_length_retries_once_with_raised_max_tokens(tmp_path: Path) -> None:
