@@ -102,13 +102,13 @@ def test_skip_does_not_parse_and_keeps_ids(tmp_path: Path, monkeypatch: pytest.M
     src = source(tmp_path, batch_size=5)
     src.scan()
     parsed: list[int] = []
-    real_parse = reader._parse
+    real_parse = reader.parse
 
     def counting(raw: bytes, line: int) -> Any:
         parsed.append(line)
         return real_parse(raw, line)
 
-    monkeypatch.setattr(reader, "_parse", counting)
+    monkeypatch.setattr(reader, "parse", counting)
     kept = collect(src, skip=lambda i: i % 3 != 1)
     assert [b.index for b in kept] == [1, 4, 7]
     assert len(parsed) == 15  # only the rows of the three batches that were read

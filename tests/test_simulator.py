@@ -260,7 +260,7 @@ def test_image_tokens_in_usage() -> None:
         base = text_only[1]["usage"]["prompt_tokens"]
         for image, extra in (({"url": _png_data_url(2048, 4096), "detail": "high"}, 1105),
                              ({"url": "https://example.com/x.jpg"}, 765),
-                             ({"url": _png_data_url(4096, 8192), "detail": "low"}, 85)):
+                             ({"url": _png_data_url(1000, 600), "detail": "low"}, 85)):
             status, data, _ = await post(s, url, {"model": "m", "messages": [{"role": "user", "content": [
                 {"type": "text", "text": "describe"}, {"type": "image_url", "image_url": image}]}]})
             assert status == 200 and data["usage"]["prompt_tokens"] == base + extra
@@ -449,6 +449,32 @@ def test_concurrency_latency_and_log_bound() -> None:
     serve(SimConfig(latency_ms=150, latency_jitter_ms=20, log_limit=5), check)
 
 
+def test_latency_knobs() -> None:
+    async def check(sim: Simulator, url: str, s: aiohttp.ClientSession) -> list[float]:
+        took = []
+        for payload in (schema_body("a"), schema_body("b"), body("c")):
+            start = time.perf_counter()
+            assert (await post(s, url, payload))[0] == 200
+            took.append(time.perf_counter() - start)
+        return took
+    first_schema, same_schema, no_schema = serve(SimConfig(new_schema_latency_ms=300), check)
+    assert first_schema >= 0.3 and same_schema < 0.2 and no_schema < 0.2
+    tail = serve(SimConfig(latency_ms=40, latency_tail_prob=1.0, latency_tail_multiplier=4), check)
+    assert min(tail) >= 0.16
+    per_token = serve(SimConfig(latency_per_output_token_ms=10), check)
+    assert min(per_token) >= 0.1  # every answer here is at least 10 tokens
+
+
+def test_unknown_routes() -> None:
+    async def check(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
+        async with s.get(url + "/chat/completions", headers=AUTH) as resp:
+            assert resp.status == 405
+        async with s.post(url + "/completions", headers=AUTH) as resp:
+            assert resp.status == 404 and (await resp.json())["error"]["code"] == 404
+        assert sim.stats["requests"] == 0
+    serve(SimConfig(), check)
+
+
 def test_edge_timeout() -> None:
     for flavor, expected in (("openrouter", 524), ("openai", 408)):
         async def check(sim: Simulator, url: str, s: aiohttp.ClientSession, expected: int = expected) -> None:
@@ -527,6 +553,10 @@ def test_cli_config_from_args(tmp_path: Path) -> None:
         ("openai", 7, 20.0, 0.1, 0.05, 100)
     assert cfg.credits_usd == 5 and cfg.stream_split_writes is True and cfg.fault_plan[0].retry_after == 2
     assert args.port == 0 and config_from_args(parser.parse_args([])) == SimConfig()
+    settings = tmp_path / "sim.yaml"
+    settings.write_text("flavor: vllm\nrate_500: 0.2\nfault_plan:\n  - {requests: '1', fault: reset}\n")
+    cfg = config_from_args(parser.parse_args(["--config", str(settings), "--rate-500", "0.1"]))
+    assert (cfg.flavor, cfg.rate_500, cfg.fault_plan[0].fault) == ("vllm", 0.1, "reset")
     with pytest.raises(SystemExit):
         parser.parse_args(["--host", "0.0.0.0"])
     with pytest.raises(ValueError, match="fault rates"):
@@ -536,20 +566,20 @@ def test_cli_config_from_args(tmp_path: Path) -> None:
 def test_cli_serves_in_subprocess_until_interrupted() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "SIM_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.simulator", "--port", "0", "--flavor", "openai",
-                             "--api-key-env", "SIM_KEY"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", url)
-        assert _urllib_post(url, body())[0] == 200
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with subprocess.Popen([sys.executable, "-m", "pipeline.simulator", "--port", "0", "--flavor", "openai",
+                           "--api-key-env", "SIM_KEY"],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().strip()
+            assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", url)
+            assert _urllib_post(url, body())[0] == 200
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     bad = subprocess.run([sys.executable, "-m", "pipeline.simulator", "--rate-500", "2"], check=False, cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "rate_500" in bad.stderr

@@ -155,6 +155,16 @@ def test_paced_stream_with_keepalives() -> None:
         assert evts[-1] == ("data", "[DONE]")
     serve(SimConfig(latency_ms=200, stream_comments=1, stream_comment_interval_ms=40, stream_chunk_ms=1), check)
 
+    async def late_usage(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
+        async with s.post(url + "/chat/completions", json=body(), headers=AUTH) as resp:
+            text = b""
+            while b'"finish_reason":"stop"' not in text:
+                text += await resp.content.readany()
+            start = asyncio.get_running_loop().time()
+            rest = await resp.read()
+        assert asyncio.get_running_loop().time() - start >= 0.1 and b'"choices":[]' in rest
+    serve(SimConfig(stream_usage_delay_ms=150), late_usage)
+
 
 @pytest.mark.parametrize("done", [False, True])
 def test_openrouter_mid_stream_error(done: bool) -> None:

@@ -1,9 +1,10 @@
 """``POST .../chat/completions``: decide everything at arrival, then sleep, then answer.
 
 Order of checks (like the real services): auth -> JSON -> validation -> credits -> RPM/TPM ->
-injected fault -> answer. All decisions, billing and window accounting happen at arrival, before
-any latency sleep, so counts stay in arrival order and a client that disconnects while waiting
-has still been billed (as OpenRouter bills aborted non-streaming requests).
+injected fault -> answer. Decisions, billing and window accounting happen at arrival, before any
+latency sleep, so counts stay in arrival order and a client that disconnects while waiting has
+still been billed (as OpenRouter bills aborted non-streaming requests). The exception is a hang,
+billed only if it ever completes, and an edge timeout, never billed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import hashlib
 import itertools
 import os
-import random
 import time
 from collections import OrderedDict
 from typing import Any
@@ -38,8 +38,9 @@ from .faults import (
 )
 from .limits import Credits, RateLimits
 from .responses import ChunkMaker, Meta, completion_body, error_200_body
-from .stats import Accounting, redact_headers
+from .stats import Accounting, LogEntry, redact_headers
 from .streaming import StreamSpec, abort_connection, write_stream
+from .timing import Timing
 from .tokens import ImageSizer, prompt_tokens
 from .validation import messages_text, validate
 
@@ -52,10 +53,9 @@ class ChatService:
 
     def __init__(self, cfg: SimConfig, stopping: asyncio.Event) -> None:
         self.cfg = cfg
-        self.stopping = stopping
         self.acct = Accounting(cfg.log_limit, cfg.track_bodies)
         self.faults = FaultPicker(cfg)
-        self.latency_rng = random.Random(cfg.seed ^ 0x1A7E)  # own stream: latency knobs never shift faults
+        self.timing = Timing(cfg, stopping)
         self.limits = RateLimits(cfg.rpm, cfg.tpm, time.monotonic())
         self.credits = Credits(cfg.credits_usd)
         self.generations: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
@@ -75,26 +75,24 @@ class ChatService:
         choice = self.faults.pick(arrival)  # one draw per arrival, whatever happens next
         acct = self.acct
         acct.arrive(now)
-        entry: dict[str, Any] = {"n": arrival, "time": time.time(), "method": request.method, "path": request.path,
-                                 "headers": redact_headers(request.headers), "body": None, "body_sha256": None,
-                                 "status": None, "fault": None}
+        entry = LogEntry(arrival, time.time(), request.method, request.path, redact_headers(request.headers))
         if acct.log.maxlen:
             acct.log.append(entry)
         try:
             resp = await self._handle(request, now, choice, entry)
         except asyncio.CancelledError:
-            entry["status"] = "cancelled"
+            entry.status = "cancelled"
             acct.status("cancelled")
             raise
         finally:
             acct.leave()
-        acct.status(str(entry["status"]))
+        acct.status(str(entry.status))
         return resp
 
     # -- planning ------------------------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest, now: float, choice: FaultChoice | None,
-                      entry: dict[str, Any]) -> web.StreamResponse:
+                      entry: LogEntry) -> web.StreamResponse:
         cfg = self.cfg
         headers = self._base_headers(request, now)
         try:
@@ -102,7 +100,10 @@ class ChatService:
         except web.HTTPRequestEntityTooLarge:
             return self._error(generic_error(413), headers, entry)
         raw_digest = hashlib.sha256(raw).digest()
-        entry["body_sha256"] = raw_digest.hex()
+        entry.digest = raw_digest
+        entry.size = len(raw)
+        if len(raw) <= cfg.log_body_max_bytes:
+            entry.raw = raw
         auth = request.headers.get("Authorization", "")
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if not key:
@@ -118,7 +119,6 @@ class ChatService:
                   "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON."
             return self._error(SimError(400, msg, or_message="Invalid JSON body", error_type="invalid_request"),
                                headers, entry)
-        entry["body"] = body if len(raw) <= cfg.log_body_max_bytes else {"_omitted_bytes": len(raw)}
         model = str(body.get("model") or (cfg.default_model if cfg.flavor != "openai" else ""))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
@@ -155,11 +155,11 @@ class ChatService:
             return self._error(refusal_error(limited, ctx), headers, entry)
 
         if fault is not None:
-            entry["fault"] = fault
+            entry.fault = fault
             self.acct.fault(fault)
             if fault == "reset":
                 abort_connection(request, rst=True)
-                entry["status"] = "reset"
+                entry.status = "reset"
                 return web.Response(status=500)
             if fault not in BODY_FAULTS and fault not in TRANSPORT_FAULTS:
                 if fault.startswith("429") and cfg.flavor == "openrouter":
@@ -173,13 +173,13 @@ class ChatService:
             headers.update(self.limits.openai_headers(now))
         meta = self._meta(served_model or model, p_in, p_out, headers)
         stream = body.get("stream") is True
-        latency = self._latency()
+        latency = self.timing.latency(answer.completion_tokens, body)
         if fault == "hang":
             latency = max(latency, cfg.hang_s)
         if cfg.edge_timeout_s is not None and latency > cfg.edge_timeout_s:
-            await self._sleep(cfg.edge_timeout_s)
+            await self.timing.sleep(cfg.edge_timeout_s)
             self.acct.fault("edge_timeout")
-            entry["fault"] = entry["fault"] or "edge_timeout"
+            entry.fault = entry.fault or "edge_timeout"
             return self._error(edge_timeout_error(cfg.flavor), headers, entry)
         # Bill what was generated; a non-streaming partial-error body reports (and bills) half.
         # A hung request is billed only if it ever finishes.
@@ -188,9 +188,9 @@ class ChatService:
             self._bill(now, meta, _partial(answer) if partial else answer, body)
         if stream:
             return await self._stream(request, body, meta, answer, choice, latency, headers, entry, raw_digest)
-        if latency > 0 and not await self._sleep(latency):
+        if latency > 0 and not await self.timing.sleep(latency):
             abort_connection(request, rst=False)  # the simulator is stopping: drop hung requests
-            entry["status"] = "hang"
+            entry.status = "hang"
             return web.Response(status=503)
         if fault == "hang":
             self._bill(time.monotonic(), meta, answer, body)
@@ -217,29 +217,6 @@ class ChatService:
             return None
         chain = [model] + [m for m in models if isinstance(m, str) and m != model]
         return chain[1] if len(chain) > 1 else None
-
-    def _latency(self) -> float:
-        cfg = self.cfg
-        if cfg.latency_ms <= 0 and cfg.latency_jitter_ms <= 0:
-            return 0.0
-        rng = self.latency_rng
-        ms = cfg.latency_ms + (rng.uniform(-cfg.latency_jitter_ms, cfg.latency_jitter_ms) if cfg.latency_jitter_ms else 0)
-        if cfg.latency_tail_prob and rng.random() < cfg.latency_tail_prob:
-            ms *= cfg.latency_tail_multiplier
-        return max(0.0, ms) / 1000.0
-
-    async def _sleep(self, seconds: float) -> bool:
-        """Sleep unless the simulator stops first; False when interrupted by stop."""
-        if seconds <= 0:
-            return True
-        if seconds < 5:  # short waits: a plain sleep is cheaper than a wait_for task
-            await asyncio.sleep(seconds)
-            return not self.stopping.is_set()
-        try:
-            await asyncio.wait_for(self.stopping.wait(), seconds)
-            return False
-        except TimeoutError:
-            return True
 
     def _meta(self, model: str, p_in: float, p_out: float, headers: dict[str, str]) -> Meta:
         cfg = self.cfg
@@ -280,19 +257,19 @@ class ChatService:
             return {"X-Request-Id": request.headers.get("X-Request-Id") or f"{self.nonce}{self.arrivals:024x}"}
         return {}
 
-    def _error(self, err: SimError, headers: dict[str, str], entry: dict[str, Any]) -> web.Response:
+    def _error(self, err: SimError, headers: dict[str, str], entry: LogEntry) -> web.Response:
         status, body, extra = render(err, self.cfg.flavor, self.cfg.provider_name)
         headers.update(extra)
         headers["Content-Type"] = _JSON
-        entry["status"] = status
+        entry.status = status
         return web.Response(status=status, body=body, headers=headers)
 
     async def _respond(self, request: web.BaseRequest, meta: Meta, answer: Answer, choice: FaultChoice | None,
-                       headers: dict[str, str], entry: dict[str, Any], raw_digest: bytes) -> web.StreamResponse:
+                       headers: dict[str, str], entry: LogEntry, raw_digest: bytes) -> web.StreamResponse:
         fault = choice.name if choice is not None else None
         rule = choice.rule if choice is not None else None
         headers["Content-Type"] = _JSON
-        entry["status"] = 200
+        entry.status = 200
         if fault in ("error_200", "stream_error_legacy"):
             err = generic_error(rule.status if rule and rule.status else 502, rule.message if rule else None)
             return web.Response(body=orjson.dumps(error_200_body(meta, err)), headers=headers)
@@ -316,7 +293,7 @@ class ChatService:
 
     async def _stream(self, request: web.BaseRequest, body: dict[str, Any], meta: Meta, answer: Answer,
                       choice: FaultChoice | None, latency: float, headers: dict[str, str],
-                      entry: dict[str, Any], raw_digest: bytes) -> web.StreamResponse:
+                      entry: LogEntry, raw_digest: bytes) -> web.StreamResponse:
         cfg = self.cfg
         fault = choice.name if choice is not None else None
         rule = choice.rule if choice is not None else None
@@ -330,19 +307,22 @@ class ChatService:
         after = rule.after_chunks if rule and rule.after_chunks is not None else cfg.stream_error_after_chunks
         done = rule.done if rule and rule.done is not None else cfg.stream_error_done
         if fault == "hang":
-            if not await self._sleep(latency):
+            if not await self.timing.sleep(latency):
                 abort_connection(request, rst=False)
-                entry["status"] = "hang"
+                entry.status = "hang"
                 return web.StreamResponse()
             self._bill(time.monotonic(), meta, answer, body)
-        spec = StreamSpec(cfg.stream_comments if cfg.flavor == "openrouter" else 0, cfg.stream_comment_interval_ms / 1000,
-                          0.0 if fault == "hang" else latency, cfg.stream_chunk_ms / 1000, cfg.stream_split_writes,
-                          cfg.stream_split_delay_ms / 1000, cfg.stream_crlf, cfg.stream_chunk_chars, include_usage,
-                          fault, err, after, done)
+        spec = StreamSpec(
+            comments=cfg.stream_comments if cfg.flavor == "openrouter" else 0,
+            comment_interval=cfg.stream_comment_interval_ms / 1000, ttft=0.0 if fault == "hang" else latency,
+            chunk_delay=cfg.stream_chunk_ms / 1000, split=cfg.stream_split_writes,
+            split_delay=cfg.stream_split_delay_ms / 1000, crlf=cfg.stream_crlf, chunk_chars=cfg.stream_chunk_chars,
+            usage_chunk=include_usage, usage_delay=cfg.stream_usage_delay_ms / 1000, fault=fault, error=err,
+            after_chunks=after, done_after_error=done)
         headers["Content-Type"] = "text/event-stream"
         headers["Cache-Control"] = "no-cache"
         resp = web.StreamResponse(headers=headers)
-        entry["status"] = 200
+        entry.status = 200
         self.acct.streams += 1
         await resp.prepare(request)
         ending = await write_stream(request, resp, ChunkMaker(meta, include_usage, cfg.stream_obfuscation), answer,

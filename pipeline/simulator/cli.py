@@ -31,6 +31,8 @@ _VALUE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--latency-jitter-ms", "latency_jitter_ms", float, "uniform jitter around the mean"),
     ("--latency-tail-prob", "latency_tail_prob", float, "probability of a long-tail request"),
     ("--latency-tail-multiplier", "latency_tail_multiplier", float, "latency multiplier for tail requests"),
+    ("--latency-per-token-ms", "latency_per_output_token_ms", float, "extra latency per output token"),
+    ("--new-schema-latency-ms", "new_schema_latency_ms", float, "extra latency on a json_schema's first use"),
     ("--edge-timeout-s", "edge_timeout_s", float, "requests slower than this get 524 (openrouter) or 408"),
     ("--hang-s", "hang_s", float, "how long a 'hang' fault holds the request"),
     ("--retry-after-s", "retry_after_s", float, "Retry-After sent with random 429/503 faults"),
@@ -41,6 +43,7 @@ _VALUE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--stream-comments", "stream_comments", int, "': OPENROUTER PROCESSING' lines before the first token"),
     ("--stream-comment-interval-ms", "stream_comment_interval_ms", float, "spacing of keep-alive comments"),
     ("--stream-chunk-ms", "stream_chunk_ms", float, "delay between streamed content chunks"),
+    ("--stream-usage-delay-ms", "stream_usage_delay_ms", float, "delay before the final usage chunk"),
     ("--stream-error-after-chunks", "stream_error_after_chunks", int, "content chunks before a stream fault"),
     ("--generation-delay-s", "generation_delay_s", float, "/generation answers 404 until this has passed"),
 )

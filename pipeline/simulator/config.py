@@ -108,6 +108,8 @@ class SimConfig(BaseModel):
     latency_jitter_ms: float = Field(default=0.0, ge=0)
     latency_tail_prob: float = Field(default=0.0, ge=0, le=1)
     latency_tail_multiplier: float = Field(default=10.0, ge=1)
+    latency_per_output_token_ms: float = Field(default=0.0, ge=0)  # total latency grows with the answer
+    new_schema_latency_ms: float = Field(default=0.0, ge=0)  # extra once per new json_schema (first use)
     edge_timeout_s: float | None = Field(default=None, gt=0)  # longer requests get 524 (openrouter) or 408
     hang_s: float = Field(default=3600.0, ge=0)
 
@@ -155,6 +157,7 @@ class SimConfig(BaseModel):
     stream_split_delay_ms: float = Field(default=1.0, ge=0)
     stream_crlf: bool = False
     stream_obfuscation: bool = False  # OpenAI-style "obfuscation" padding field on chunks
+    stream_usage_delay_ms: float = Field(default=0.0, ge=0)  # old OpenRouter: usage chunk arrives late
     stream_error_after_chunks: int = Field(default=3, ge=0)
     stream_error_done: bool = False  # whether [DONE] follows a mid-stream error chunk
 
@@ -162,7 +165,7 @@ class SimConfig(BaseModel):
     generation_delay_s: float = Field(default=0.0, ge=0)  # /generation answers 404 until this has passed
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     log_limit: int = Field(default=100_000, ge=0)
-    log_body_max_bytes: int = Field(default=65_536, ge=0)  # larger bodies are logged as a size marker
+    log_body_max_bytes: int = Field(default=16_384, ge=0)  # larger bodies are logged as a size marker
     track_bodies: bool = True  # served_by_body accounting (one small entry per distinct body)
 
     @model_validator(mode="after")

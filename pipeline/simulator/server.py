@@ -45,7 +45,7 @@ class Simulator:
         if self._runner is not None:
             raise RuntimeError("simulator already started")
         self._stopping = asyncio.Event()
-        self.service.stopping = self._stopping
+        self.service.timing.stopping = self._stopping
         loop = asyncio.get_running_loop()
         max_body = self.cfg.max_body_bytes
 
@@ -96,13 +96,13 @@ class Simulator:
 
     @property
     def log(self) -> list[dict[str, Any]]:
-        return list(self.service.acct.log)
+        return [entry.as_dict() for entry in list(self.service.acct.log)]
 
     # -- handlers ------------------------------------------------------------------------------
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
-        if path.endswith("/chat/completions") and path in ("/api/v1/chat/completions", "/v1/chat/completions"):
+        if path in _CHAT_PATHS:
             if request.method != "POST":
                 return _json({"error": {"code": 405, "message": "Method Not Allowed"}}, status=405)
             return await self.service.handle(request)
@@ -149,14 +149,14 @@ class Simulator:
         return _json(self.stats)
 
     async def _requests(self, request: web.BaseRequest) -> web.Response:
-        entries = self.log
+        entries = list(self.service.acct.log)
         since = _int(request.query.get("since"), 0)
         if since:
-            entries = [e for e in entries if e["n"] > since]
+            entries = [e for e in entries if e.n > since]
         limit = _int(request.query.get("limit"), 0)
         if limit:
             entries = entries[-limit:]
-        return _json(entries)
+        return _json([e.as_dict() for e in entries])
 
     async def _reset(self, request: web.BaseRequest) -> web.Response:
         raw = await request.read()
@@ -170,6 +170,7 @@ class Simulator:
         return _json({"ok": True})
 
 
+_CHAT_PATHS = frozenset({"/api/v1/chat/completions", "/v1/chat/completions"})
 _ROUTES: dict[tuple[str, str], Callable[[Simulator, web.BaseRequest], Awaitable[web.Response]]] = {
     ("GET", "/api/v1/key"): Simulator._key, ("GET", "/v1/key"): Simulator._key,
     ("GET", "/api/v1/generation"): Simulator._generation, ("GET", "/v1/generation"): Simulator._generation,

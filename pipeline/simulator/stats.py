@@ -8,18 +8,48 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+import orjson
+
 WINDOW_S = 60.0
 _SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "proxy-authorization", "cookie"})
 
 
-def redact_headers(headers: Any) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in headers.items():
-        if key.lower() in _SECRET_HEADERS:
-            continue
-        out[str(key)] = str(value)
-    out["Authorization"] = "present" if headers.get("Authorization") else "absent"
-    return out
+def redact_headers(headers: Any) -> tuple[tuple[str, str], ...]:
+    kept = [(str(k), str(v)) for k, v in headers.items() if k.lower() not in _SECRET_HEADERS]
+    kept.append(("Authorization", "present" if headers.get("Authorization") else "absent"))
+    return tuple(kept)
+
+
+class LogEntry:
+    """One request in the log, kept compact (raw body bytes, header pairs); ``as_dict`` expands it."""
+
+    __slots__ = ("digest", "fault", "headers", "method", "n", "path", "raw", "size", "status", "time")
+
+    def __init__(self, n: int, when: float, method: str, path: str, headers: tuple[tuple[str, str], ...]) -> None:
+        self.n = n
+        self.time = when
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.raw: bytes | None = None
+        self.size = 0
+        self.digest: bytes | None = None
+        self.status: int | str | None = None
+        self.fault: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        body: Any = None
+        if self.raw is not None:
+            try:
+                body = orjson.loads(self.raw)
+            except orjson.JSONDecodeError:
+                body = None
+        elif self.size:
+            body = {"_omitted_bytes": self.size}
+        return {"n": self.n, "time": self.time, "method": self.method, "path": self.path,
+                "headers": dict(self.headers), "body": body,
+                "body_sha256": self.digest.hex() if self.digest is not None else None,
+                "status": self.status, "fault": self.fault}
 
 
 class Accounting:
@@ -41,7 +71,7 @@ class Accounting:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cost_usd = 0.0
-        self.log: deque[dict[str, Any]] = deque(maxlen=log_limit)
+        self.log: deque[LogEntry] = deque(maxlen=log_limit)
 
     def arrive(self, now: float) -> None:
         self.requests += 1

@@ -35,6 +35,7 @@ class StreamSpec:
     crlf: bool
     chunk_chars: tuple[int, int]
     usage_chunk: bool
+    usage_delay: float  # seconds before the usage chunk
     fault: str | None
     error: SimError | None  # what a stream_error / error_200 event carries
     after_chunks: int
@@ -69,7 +70,8 @@ class SSEWriter:
         self.resp = resp
         self.spec = spec
         self.eol = b"\r\n" if spec.crlf else b"\n"
-        self.paced = spec.split or spec.chunk_delay > 0 or spec.comment_interval > 0 or spec.ttft > 0
+        self.paced = spec.split or spec.chunk_delay > 0 or spec.comment_interval > 0 or spec.ttft > 0 \
+            or spec.usage_delay > 0
         self.buffer: list[bytes] = []
 
     def frame(self, payload: bytes, field: bytes = b"data") -> bytes:
@@ -138,7 +140,7 @@ async def write_stream(request: web.BaseRequest, resp: web.StreamResponse, maker
             return await _end_badly(w, maker, spec, fault)
         await w.emit(w.frame(dumps(final)), spec.chunk_delay)
         if spec.usage_chunk and fault != "stream_no_usage":
-            await w.emit(w.frame(dumps(maker.usage_chunk(answer))))
+            await w.emit(w.frame(dumps(maker.usage_chunk(answer))), spec.usage_delay)
         await w.emit(w.frame(DONE))
         return "ok"
     except _Truncate:

@@ -10,7 +10,6 @@ import base64
 import binascii
 import io
 import math
-from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -44,24 +43,19 @@ def image_tokens(width: int, height: int, detail: str, upscale: bool = False) ->
 
 
 class ImageSizer:
-    """Reads image dimensions from data URLs (header bytes only), caching by URL."""
+    """Reads image dimensions from data URLs, decoding only the header bytes.
 
-    def __init__(self, remote_size: tuple[int, int], limit: int = 1024) -> None:
+    No cache: decoding ~100 kB of base64 is cheaper than hashing a multi-megabyte URL, and a
+    cache keyed by the URL itself would pin every image of a long run in memory.
+    """
+
+    def __init__(self, remote_size: tuple[int, int]) -> None:
         self.remote_size = remote_size
-        self._cache: OrderedDict[str, tuple[int, int]] = OrderedDict()
-        self._limit = limit
 
     def size(self, url: str) -> tuple[int, int]:
         if not url.startswith("data:"):
             return self.remote_size  # never fetch: the simulator must not leave loopback
-        cached = self._cache.get(url)
-        if cached is not None:
-            return cached
-        size = _data_url_size(url) or self.remote_size
-        self._cache[url] = size
-        if len(self._cache) > self._limit:
-            self._cache.popitem(last=False)
-        return size
+        return _data_url_size(url) or self.remote_size
 
 
 def _data_url_size(url: str) -> tuple[int, int] | None:

@@ -1,0 +1,226 @@
+"""Input file formats: which files a path names, and how rows come out of JSONL and Parquet.
+
+The reader (reader.py) decides batches and ids; this module knows the files: resolving a file, glob or
+folder; reading a JSONL line range from a checkpoint; reading a Parquet row range while jumping over
+whole row groups; parsing one JSONL line into a row or a reason it is not one; and the id helpers.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from base64 import b64encode
+from bisect import bisect_right
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import InputConfig
+from .errors import InputError
+
+_EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+_FORCED_EXTENSIONS = {"parquet": (".parquet", ".pq"), "jsonl": (".jsonl", ".ndjson", ".json")}
+_SUPPORTED = ".parquet, .jsonl, .ndjson"
+PQ_CHUNK = 65_536    # rows per Arrow batch when scanning Parquet
+
+
+@dataclass
+class File:
+    path: str
+    kind: str
+    name: str = ""
+    rows: int = 0
+    schema: pa.Schema | None = None
+    rg_starts: tuple[int, ...] = ()
+
+
+def parse(raw: bytes, line: int) -> dict[str, Any] | str:
+    """The row object, or (as a str) why the line is not one; a str return keeps hot loops flat."""
+    if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            return f"line is not valid UTF-8 (byte {uexc.start}); re-encode the file as UTF-8"
+        return f"line is not valid JSON: {exc}"
+    if type(obj) is not dict:
+        return f"line holds a JSON {type(obj).__name__.replace('NoneType', 'null')}, not an object"
+    return obj
+
+
+def jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    with open_binary(path) as fh:
+        for line, raw in enumerate(fh, 1):
+            if not raw.isspace():
+                yield line, parse(raw, line)
+
+
+def json_default(value: Any) -> str:
+    # Parquet values orjson cannot serialize (bytes, Decimal); only hashed, so any stable text will do.
+    return b64encode(bytes(value)).decode() if isinstance(value, (bytes, bytearray, memoryview)) else str(value)
+
+
+def digest8(obj: dict[str, Any]) -> bytes:
+    """The first 8 bytes of the row's content hash: its derived id (as hex) and its dedup key."""
+    opts = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+    return hashlib.sha256(orjson.dumps(obj, default=json_default, option=opts)).digest()[:8]
+
+
+def json_id(value: Any, path: str, line: int, column: str) -> str:
+    if type(value) is str and value:
+        return value
+    if type(value) is int:
+        return str(value)
+    if value is None or value == "":
+        raise InputError(f"empty or missing id in column {column!r}", file=path, row=line)
+    raise InputError(f"id in column {column!r} must be a string or an integer, got {type(value).__name__} "
+                     f"{value!r:.40}", file=path, row=line)
+
+
+def arrow_ids(col: pa.Array | pa.ChunkedArray, path: str, column: str, first_row: int = 0) -> list[str]:
+    t = col.type
+    if pa.types.is_dictionary(t):
+        col, t = col.cast(t.value_type), t.value_type
+    if pa.types.is_integer(t):
+        col = pc.cast(col, pa.string())
+    elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise InputError(f"id column {column!r} has type {t}; use a string or integer column", file=path)
+    bad = pc.or_kleene(pc.is_null(col), pc.equal(col, ""))
+    if pc.any(bad).as_py():
+        raise InputError(f"empty or missing id in column {column!r}", file=path,
+                         row=first_row + pc.index(bad, True).as_py())
+    ids: list[str] = col.to_pylist()
+    return ids
+
+
+def parquet_ids(f: File, column: str) -> Iterator[tuple[int, list[str]]]:
+    """(first row, ids) per chunk, reading only the id column."""
+    with pq.ParquetFile(f.path) as pf:
+        row = 0
+        for batch in pf.iter_batches(batch_size=PQ_CHUNK, columns=[column]):
+            yield row, arrow_ids(batch.column(0), f.path, column, first_row=row)
+            row += len(batch)
+
+
+def open_binary(path: str) -> Any:
+    try:
+        return open(path, "rb", buffering=1 << 20)
+    except OSError as exc:
+        raise InputError(f"cannot read the file: {exc.strerror or exc}", file=path) from None
+
+
+class JsonlReader:
+    def __init__(self, path: str) -> None:
+        self.fh = open_binary(path)
+        self.line = self.row = 0   # physical lines and non-blank lines consumed
+
+    def read(self, row: int, n: int, ck_offset: int, ck_line: int) -> list[tuple[int, bytes]]:
+        """n non-blank lines from `row` on; seeks (to the checkpoint, or to the top) unless already there."""
+        if row != self.row:
+            self.fh.seek(ck_offset if row else 0)
+            self.line, self.row = (ck_line if row else 0), row
+        out: list[tuple[int, bytes]] = []
+        line, readline = self.line, self.fh.readline
+        while len(out) < n:
+            raw = readline()
+            if not raw:
+                break
+            line += 1
+            if not raw.isspace():
+                out.append((line, raw))
+        self.line, self.row = line, self.row + len(out)
+        return out
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class ParquetReader:
+    """Reads row ranges; jumps over whole row groups instead of decoding them."""
+
+    def __init__(self, f: File) -> None:
+        self.f = f
+        self.pf = pq.ParquetFile(f.path)
+        self.it: Iterator[pa.RecordBatch] | None = None
+        self.buf: pa.RecordBatch | None = None
+        self.buf_start = self.next_start = 0
+
+    def read(self, start: int, n: int) -> pa.Table:
+        pieces: list[pa.RecordBatch] = []
+        pos, end, starts = start, start + n, self.f.rg_starts
+        while pos < end:
+            buf = self.buf
+            if buf is not None and self.buf_start <= pos < self.buf_start + len(buf):
+                take = min(end, self.buf_start + len(buf)) - pos
+                pieces.append(buf.slice(pos - self.buf_start, take))
+                pos += take
+                continue
+            rg = bisect_right(starts, pos) - 1
+            if self.it is None or pos < self.next_start or rg > bisect_right(starts, self.next_start) - 1:
+                self.it = self.pf.iter_batches(batch_size=max(n, 4096), row_groups=range(rg, len(starts)))
+                self.next_start = starts[rg]
+            try:
+                self.buf = next(self.it)
+            except StopIteration:
+                raise InputError(f"the file ended before row {pos}; it changed after the scan",
+                                 file=self.f.path) from None
+            self.buf_start, self.next_start = self.next_start, self.next_start + len(self.buf)
+        return pa.Table.from_batches(pieces)
+
+    def close(self) -> None:
+        self.pf.close()
+
+
+def resolve(cfg: InputConfig) -> list[File]:
+    path, forced = cfg.path, (None if cfg.format == "auto" else cfg.format)
+    if os.path.isfile(path):
+        matched, explicit = [path], True
+        problem = f"unsupported file type; supported: {_SUPPORTED} (or set input.format)"
+    elif os.path.isdir(path):
+        matched, explicit = sorted(glob.glob(os.path.join(glob.escape(path), "*"))), False
+        problem = f"the folder holds no input files ({_SUPPORTED})"
+    elif any(ch in path for ch in "*?["):
+        matched, explicit = sorted(glob.glob(path, recursive=True)), True
+        problem = f"no {_SUPPORTED} files match this pattern"
+    else:
+        raise InputError("input file or folder not found (input.path is resolved against the config's folder)",
+                         file=path)
+    files = []
+    for p in matched:
+        ext = os.path.splitext(p)[1].lower()
+        # A forced format applies to whatever a path or pattern names; in a folder it picks the extensions.
+        kind = (forced if explicit or ext in _FORCED_EXTENSIONS[forced] else None) if forced else _EXTENSIONS.get(ext)
+        if kind and os.path.isfile(p):
+            files.append(File(p, kind))
+    if not files:
+        seen = ", ".join(os.path.basename(p) for p in matched[:5]) if matched != [path] else ""
+        raise InputError(problem + (f"; found only {seen}" if seen else ""), file=path)
+    if all(os.path.getsize(f.path) == 0 for f in files):
+        raise InputError("the input is empty", file=path)
+    names = [os.path.basename(f.path) for f in files]
+    if len(set(names)) < len(names):  # bad-row ids must stay unique across same-named files
+        root = os.path.commonpath([os.path.abspath(f.path) for f in files])
+        names = [os.path.relpath(os.path.abspath(f.path), root) for f in files]
+    for f, name in zip(files, names):
+        f.name = name
+        if f.kind == "jsonl":
+            open_binary(f.path).close()
+            continue
+        try:
+            with pq.ParquetFile(f.path) as pf:
+                meta = pf.metadata
+                f.schema, f.rows = pf.schema_arrow, meta.num_rows
+                sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"not a readable Parquet file ({exc})", file=f.path) from None
+        f.rg_starts = tuple(accumulate(sizes, initial=0))[:-1]
+    return files
