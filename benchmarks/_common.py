@@ -116,7 +116,8 @@ def write_rows(path: Path, n: int) -> Path:
     with open(path, "w", encoding="utf-8", buffering=1 << 20) as fh:
         chunk: list[str] = []
         for i in range(n):
-            chunk.append(f'{{"rid":"r{i:07d}","text":"review number {i}: works fine, arrived late","stars":{i % 5 + 1}}}\n')
+            text = f"review number {i}: works fine, arrived late"
+            chunk.append(f'{{"rid":"r{i:07d}","text":"{text}","stars":{i % 5 + 1}}}\n')
             if len(chunk) >= 10_000:
                 fh.write("".join(chunk))
                 chunk.clear()
@@ -153,10 +154,14 @@ def cleanup(path: Path) -> None:
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[_fmt(c) for c in row] for row in rows]
+    numeric = [[isinstance(c, (int, float)) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda vals: "| " + " | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths))) + " |"  # noqa: E731
-    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(r) for r in cells]
+
+    def line(vals: list[str], right: list[bool]) -> str:
+        return "| " + " | ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(vals, widths, right)) + " |"
+
+    out = [line(headers, [False] * len(headers)), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(c, r) for c, r in zip(cells, numeric)]
     return "\n".join(out)
 
 
@@ -176,3 +181,94 @@ def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+class Probe:
+    """A Transport wrapper for `pipeline.run_async(cfg, transport=...)` that records every attempt.
+
+    Keeps (sent_at, answered_at, status, tokens) per attempt on the loop's clock; `tokens` (prompt +
+    completion from the answer's usage) only when `count_tokens`. Costs ~2 us per request.
+    """
+
+    def __init__(self, inner: Any, *, count_tokens: bool = False) -> None:
+        self.inner = inner
+        self.count_tokens = count_tokens
+        self.events: list[tuple[float, float, int, int]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def send(self, payload: bytes, *, stream: bool = False) -> Any:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            reply = await self.inner.send(payload, stream=stream)
+        finally:
+            self.in_flight -= 1
+        tokens = 0
+        if self.count_tokens and reply.status == 200:
+            import orjson
+
+            usage = (orjson.loads(reply.body) or {}).get("usage") or {}
+            tokens = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+        self.events.append((t0, loop.time(), reply.status, tokens))
+        return reply
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def span(self) -> tuple[float, float]:
+        """(first send, last answer)."""
+        return min(e[0] for e in self.events), max(e[1] for e in self.events)
+
+    def mean_in_flight(self) -> float:
+        first, last = self.span()
+        return sum(e[1] - e[0] for e in self.events) / (last - first)
+
+
+def http_transport(base_url: str, concurrency: int) -> Any:
+    """The pipeline's own HttpTransport, built as the runner builds it for these benchmark configs."""
+    from pipeline.transport import HttpTransport
+
+    return HttpTransport(base_url=base_url, api_key=os.environ[API_KEY_ENV], pool_size=concurrency)
+
+
+def run_probed(cfg_dict: dict[str, Any], probe: Probe) -> Any:
+    """pipeline.run_async on a fresh loop with the probe as its transport; returns the Summary."""
+    import asyncio
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_async
+
+    return asyncio.run(run_async(load_config(cfg_dict), transport=probe, quiet=True))
+
+
+def vm(field: str) -> float:
+    """A /proc/self/status field in MB (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class FakeTransport:
+    """A Transport with no socket: answers every request at once with the endpoint's fixed tool-call body."""
+
+    def __init__(self) -> None:
+        from _endpoint import BODY
+
+        from pipeline.transport import Reply
+
+        self.reply = Reply(200, {"Content-Type": "application/json"}, BODY, 0.0)
+        self.sent = 0
+
+    async def send(self, payload: bytes, *, stream: bool = False) -> Any:
+        self.sent += 1
+        return self.reply
+
+    async def close(self) -> None:
+        return None

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
 from typing import Any
 
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, PipelineError
+from .errors import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, PipelineError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description="Batch LLM labelling over OpenAI-compatible APIs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,simulate,status}")
 
@@ -31,9 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     sim = sub.add_parser("simulate", help="serve the built-in OpenAI-compatible simulator on 127.0.0.1")
-    from .simulator import add_arguments
+    if argv is None or "simulate" in argv:
+        # Only then: the simulator pulls in aiohttp and pydantic, which `pipeline --help` does not need.
+        from .simulator import add_arguments
 
-    add_arguments(sim)
+        add_arguments(sim)
 
     status = sub.add_parser("status", help="counts, tokens and cost of a run, finished or not")
     status.add_argument("out_dir", help="the job's output.dir")
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
@@ -60,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (OSError, sqlite3.Error) as exc:
+        # Disk full or another I/O error while writing: what was committed before it is intact.
+        print(f"error: I/O error: {exc}; fix it (e.g. free disk space), then re-run the same command to resume",
+              file=sys.stderr)
+        return EXIT_STOPPED
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -79,7 +88,8 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import run_async
 
     summary = asyncio.run(run_async(cfg, retry_failed=args.retry_failed, force_new=args.force_new,
-                                    quiet=args.quiet, handle_signals=True, config_path=args.config))
+                                    quiet=args.quiet, handle_signals=True, config_path=args.config,
+                                    overrides=args.overrides))
     _print_summary(summary, quiet=args.quiet)
     return summary.exit_code
 

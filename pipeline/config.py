@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -39,6 +39,8 @@ class EndpointConfig(Section):
     model: str = Field("openai/gpt-4-turbo", min_length=1)
     api_key_env: str = Field("OPENROUTER_API_KEY", min_length=1, description="Env var holding the key.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra headers, e.g. HTTP-Referer, X-Title.")
+    app_url: str | None = Field(None, description="Your app's URL, sent as HTTP-Referer (OpenRouter attribution).")
+    app_title: str | None = Field(None, description="Your app's name, sent as X-OpenRouter-Title and X-Title.")
     timeout_s: float = Field(600.0, gt=0, description="Total time one attempt may take.")
     read_timeout_s: float = Field(120.0, gt=0, description="Longest silence between two reads.")
     connect_timeout_s: float = Field(15.0, gt=0)
@@ -60,6 +62,32 @@ class EndpointConfig(Section):
         if any(k.lower() == "authorization" for k in v):
             raise ValueError("do not put Authorization here; set the key in the env var named by endpoint.api_key_env")
         return v
+
+    @field_validator("app_url", "app_title")
+    @classmethod
+    def _app_headers_agree(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # A field validator (headers is declared first) so the error names endpoint.app_url / app_title.
+        names = ("HTTP-Referer",) if info.field_name == "app_url" else ("X-OpenRouter-Title", "X-Title")
+        given = {k.lower(): val for k, val in (info.data.get("headers") or {}).items()}
+        for name in names:
+            if v is not None and given.get(name.lower(), v) != v:
+                raise ValueError(f"contradicts headers.{name} ({given[name.lower()]!r}); set it in one place")
+        return v
+
+    def _app_headers(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        if self.app_url:
+            out["HTTP-Referer"] = self.app_url
+        if self.app_title:
+            # OpenRouter's current title header, plus the legacy one it still honours (wire-facts §1.1).
+            out["X-OpenRouter-Title"] = self.app_title
+            out["X-Title"] = self.app_title
+        return out
+
+    def request_headers(self) -> dict[str, str]:
+        """Headers sent with every request: app attribution, then `headers` (which win on case)."""
+        given = {k.lower() for k in self.headers}
+        return {**{k: v for k, v in self._app_headers().items() if k.lower() not in given}, **self.headers}
 
 
 class PromptConfig(Section):
@@ -109,7 +137,7 @@ class ParamsConfig(Section):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
     response_format: dict[str, Any] | None = None
     structured_outputs: bool | None = None
     stream: bool = False
@@ -135,11 +163,13 @@ class ParamsConfig(Section):
                 raise ValueError(f"bias for token {tok} is {bias}; it must be between -100 and 100")
         return v
 
-    @model_validator(mode="after")
-    def _logprobs(self) -> "ParamsConfig":
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs: true")
-        return self
+    @field_validator("top_logprobs")
+    @classmethod
+    def _logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        # A field validator (logprobs is declared first) so the error names params.top_logprobs.
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires params.logprobs: true")
+        return v
 
 
 class StructuredConfig(Section):
@@ -248,7 +278,9 @@ class Config(Section):
             "params": self.params.model_dump(exclude_none=True),
             "structured": self.structured.model_dump(by_alias=True) if self.structured else None,
         }
-        return hashlib.sha256(orjson.dumps(keep, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+        # NON_STR_KEYS: params.logit_bias is keyed by token id (int).
+        options = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+        return hashlib.sha256(orjson.dumps(keep, option=options)).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,7 +317,20 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(_explain(exc, raw), file=name) from None
     _resolve_paths(cfg, base)
+    _check_budget_price(cfg)
     return cfg
+
+
+def _check_budget_price(cfg: Config) -> None:
+    """A budget is only enforceable when the worst case of a request in flight can be priced."""
+    if cfg.budget.max_cost_usd is None:
+        return
+    for model in [cfg.endpoint.model, *(cfg.params.models or [])]:
+        if cfg.price(model) is None:
+            raise ConfigError(
+                f"needs a price for {model!r} to count requests in flight at their maximum "
+                f"cost; add prices: {{{model!r}: {{input_per_m: ..., output_per_m: ...}}}} (USD per million tokens)",
+                key="budget.max_cost_usd", file=cfg.source)
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
@@ -313,7 +358,9 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, file: str) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
+        nxt = node.get(part)
+        if nxt is None:  # absent, or an optional section dumped as null (structured: None)
+            nxt = node[part] = {}
         if not isinstance(nxt, dict):
             raise ConfigError(f"cannot set {key}: {part} is not a section", key=key, file=file)
         node = nxt
@@ -325,7 +372,7 @@ def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
     for err in exc.errors():
         loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
         # pydantic puts union member names in the location; they mean nothing to a user.
-        loc = [p for p in loc if p not in {"str", "list[str]", "dict[str,any]", "literal['price','throughput','latency']"}]
+        loc = [p for p in loc if p not in {"str", "list[str]", "dict[str,any]"} and not p.startswith("literal[")]
         dotted = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             hint = _did_you_mean(loc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +97,7 @@ class Dispatcher:
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+            self.limits.stop()  # requests queued on a limit leave now instead of at the rate limit
 
     async def submit(self, job: Job) -> Record:
         """The record for this request; joins an identical request already in flight."""
@@ -131,6 +133,9 @@ class Dispatcher:
                     async with self.limits.slot(est_tokens) as permit:
                         if self.stop_reason:
                             raise Stopped()
+                        if self.plan is not None and job.mode != self.plan.mode:
+                            # Queued before a structured-mode fallback: send it the way the run asks now.
+                            payload, key = self._reshape(job, max_tokens)
                         attempts += 1
                         self.stats.requests_sent += 1
                         try:
@@ -140,7 +145,7 @@ class Dispatcher:
                         except RequestError:
                             permit.settle(0)
                             raise
-                        usage = read_usage(body, self.cfg, job.n_images)
+                        usage = read_usage(body, self.cfg, job.n_images, est_prompt=job.est_prompt)
                         permit.settle(usage.prompt_tokens + usage.completion_tokens or None)
                 finally:
                     self.reserved -= reserve
@@ -151,8 +156,15 @@ class Dispatcher:
                 transient += 1
                 self.stats.retries["rate_limited"] += 1
                 wait = exc.retry_after if exc.retry_after is not None else self.backoff.delay(transient)
-                self.limits.pause(min(wait, self.cfg.limits.max_retry_after_s))
-                if transient > self.cfg.limits.max_retries or wait > self.cfg.limits.max_retry_after_s:
+                longest = self.cfg.limits.max_retry_after_s
+                if wait > longest:
+                    # Every request would hear the same: stop (resumable) rather than pause the run for ages.
+                    self._fatal(RunFatalError(
+                        f"{exc}; the server asks to wait {wait:.0f}s, more than limits.max_retry_after_s={longest:g}: "
+                        "re-run the same command after that to resume", status=exc.status))
+                    raise Stopped() from None
+                self.limits.pause(wait)
+                if transient > self.cfg.limits.max_retries:
                     return await self._fail(key, "transient", exc, attempts, paid)
                 continue
             except TransientError as exc:
@@ -167,7 +179,7 @@ class Dispatcher:
                 await asyncio.sleep(self.backoff.delay(transient, exc.retry_after))
                 continue
             except PermanentError as exc:
-                if self.plan is not None and (job.mode != self.plan.mode or self.plan.fallback(exc.status, exc.message, exc.code)):
+                if self.plan is not None and self.plan.fallback(exc.status, exc.message, exc.code, mode=job.mode):
                     # The structured mode is not supported here: re-shape under the next mode, same row.
                     self.store.set_meta("structured_mode", self.plan.mode)
                     payload, key = self._reshape(job, max_tokens)
@@ -207,12 +219,21 @@ class Dispatcher:
                 latency_s=reply.latency_s, ttft_s=reply.ttft_s, tool_calls_json=parsed.tool_calls_json,
                 logprobs_json=parsed.logprobs_json, raw=reply.body,
             )
-            await self.store.put(record)
+            await self._put(record)
             self.stats.successes += 1
             self.limits.on_success()
             if self.cache is not None:
                 self.cache.put_now([Record(**{**_fields(record), "cache_hit": False, "created_at": 0.0})])
             return record
+
+    async def _put(self, record: Record) -> None:
+        try:
+            await self.store.put(record)
+        except (OSError, sqlite3.Error) as exc:
+            # Disk full or an I/O error: nothing more can be recorded. Stop; what is committed stays.
+            self._fatal(RunFatalError(f"cannot write to {self.store.path}: {exc}; free disk space (or fix the "
+                                      "error), then re-run the same command to resume"))
+            raise Stopped() from None
 
     def _reshape(self, job: Job, max_tokens: int | None) -> tuple[bytes, str]:
         body = dict(job.draft_body)
@@ -253,7 +274,7 @@ class Dispatcher:
             message=_message(exc), content=exc.content, prompt_tokens=paid[0], completion_tokens=paid[1],
             cost_usd=paid[2], raw=raw,
         )
-        await self.store.put(record)
+        await self._put(record)
         self.stats.failures[state] += 1
         return record
 

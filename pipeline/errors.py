@@ -78,12 +78,18 @@ class StoreLockedError(UsageError):
 
 
 class RowError(PipelineError):
-    """One row cannot be turned into a request; it becomes a failure row and the run goes on."""
+    """One row cannot be turned into a request; it becomes a failure row and the run goes on.
 
-    def __init__(self, message: str, *, file: str | None = None, row: int | None = None) -> None:
+    `reason` groups failures for the dry run's report: input (unparsable line), missing_column,
+    null_value, template, image, context (over the window), param (bad per-row parameter).
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
+                 reason: str = "input") -> None:
         self.file = file
         self.row = row
         self.message = message
+        self.reason = reason
         where = f"{file} row {row}: " if file is not None and row is not None else ""
         super().__init__(where + message)
 

@@ -124,7 +124,7 @@ class ImageEncoder:
                 enc = self._encode(item, base_dir=base_dir)
             except _ImageProblem as exc:
                 where = f"column {column!r}" + (f" item {i}" if items is value else "")
-                raise RowError(f"{where}: {exc}", file=origin[0], row=origin[1]) from None
+                raise RowError(f"{where}: {exc}", file=origin[0], row=origin[1], reason="image") from None
             if enc is None:
                 continue
             parts.append({"type": "image_url", "image_url": {"url": enc.url, "detail": self.detail}})
@@ -197,6 +197,8 @@ class ImageEncoder:
 
     def _inspect(self, data: bytes, *, what: str) -> tuple[bytes, str, int, int]:
         """Checked image bytes (downscaled if asked), the real format and the size sent."""
+        if len(data) > MAX_IMAGE_BYTES and not self.max_side:
+            raise _ImageProblem(_too_large(len(data), what))  # sent as is, so no need to decode it at all
         fmt = sniff_format(data)
         if fmt is None:
             raise _ImageProblem(f"{what}: not a supported image ({_describe_unsupported(data)}); "
@@ -209,6 +211,9 @@ class ImageEncoder:
                                     f"({_SUPPORTED_TEXT})")
             if self.max_side and max(width, height) > self.max_side:
                 data, width, height = _downscale(img, fmt, self.max_side)
+        except Image.DecompressionBombError as exc:
+            # Pillow refuses absurd pixel counts (a crafted or broken file); that is this row's problem only.
+            raise _ImageProblem(f"{what}: {exc}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise _ImageProblem(f"{what}: cannot be read as a {fmt.upper()} image ({exc})") from None
         if len(data) > MAX_IMAGE_BYTES:

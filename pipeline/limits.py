@@ -1,13 +1,29 @@
-"""How fast requests may go out: requests/min, tokens/min, concurrency, and server-ordered pauses.
+"""How fast requests may go out: requests/min, tokens/min, concurrency, and what the server teaches.
 
-The buckets are aiolimiter leaky buckets. They start full. The requests bucket holds `burst_s` seconds
-of quota, so dispatch is smooth within the minute rather than a minute's quota in the first second; the
-tokens bucket holds a full minute, because one request may need a large share of it. Token use is
-estimated before sending (prompt estimate + max_tokens) and reconciled with the real usage after.
+Buckets. Each configured limit is a leaky bucket (aiolimiter) that holds `burst_s` seconds of quota and
+refills at `(limit - burst) / 60` per second. Any window of W seconds then admits at most
+`burst + rate * W`, so no sliding minute ever sees more than the limit (the simulator measures exactly
+that), and dispatch is smooth within the minute instead of a minute's quota in the first second. Token
+use is estimated before sending (prompt estimate + max_tokens) and settled against the real usage after.
 
-A 429 pauses the whole client until the server's reset, then concurrency ramps back up (AIMD) when the
-server gave no rate-limit headers to learn from. Configured limits are hard ceilings: what the server
-teaches can only lower them.
+Learning (`observe`, on every reply, `limits.adaptive`):
+- OpenAI `x-ratelimit-limit-{requests,tokens}` lower our rate to 99% of the server's (never raise it:
+  configured limits are hard ceilings; a limit the config left open is filled in from the server).
+- OpenAI `x-ratelimit-remaining-*` / `x-ratelimit-reset-*` (Go durations): when under half the budget
+  is left, requests are paced at `remaining / reset`, so we slow down before a 429 rather than after.
+  With a continuously refilling server that pace equals the server's rate at half the budget, which is
+  where it settles; with a fixed window it spends exactly what is left by the reset.
+- OpenRouter `X-RateLimit-Limit/-Reset` (epoch ms) on its 429s: a limit whose window resets within a
+  minute is taken as requests per minute (the free tier's 20/min).
+
+429s. A rate-limit answer pauses the whole client until the server's reset (`pause`, called by the
+retry loop with the server's wait); after the pause the requests bucket restarts empty, so traffic comes
+back at the steady rate, not as a burst. A 429 that says nothing about when (no Retry-After, no reset
+header, no "try again in") halves concurrency instead (multiplicative decrease, once per episode:
+answers to requests sent before the last cut do not cut again), and every `limit` successes add one
+slot back up to the configured ceiling (additive increase). That AIMD loop is what adapts when the
+server sends no rate-limit headers at all; with headers, the pause and the learned rate do the job, and
+a stray 429 does not cost half the concurrency.
 
 All time comes from the running loop's clock (`loop.time()`, as aiolimiter uses), so tests drive these
 classes with a virtual-time loop and never sleep.
@@ -16,24 +32,62 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import re
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Mapping
+from types import TracebackType
 
 from aiolimiter import AsyncLimiter
 
 from .config import LimitsConfig
-from .errors import PermanentError
+from .errors import PermanentError, RateLimited
+
+HEADROOM = 0.99  # share of a learned limit we use: estimate errors and arrival jitter stay under the server's
+LOW_REMAINING = 0.5  # pace from remaining/reset only below this share of the limit
+MIN_PACE = 0.1  # never pace slower than this share of the limit's own rate (stale remaining=0)
+_MINUTE = 60.0
 
 
 class Bucket(AsyncLimiter):
-    """An aiolimiter bucket whose level can be corrected after the fact and whose rate can be lowered."""
+    """A leaky bucket of `burst_s` seconds of quota whose refill keeps every sliding minute in the limit.
 
-    def __init__(self, per_minute: float, capacity: float) -> None:
-        capacity = max(1.0, capacity)
-        super().__init__(max_rate=capacity, time_period=capacity / (per_minute / 60.0))
+    Capacity b and refill r admit at most b + r*W in any W seconds, so r = (limit - b) / 60. A request
+    larger than b (a big token estimate) grows b to its size and lowers r to match, rather than failing
+    or overshooting the minute; b is capped at half the limit so the refill never stalls.
+    """
+
+    def __init__(self, per_minute: float, burst_s: float) -> None:
+        super().__init__(max_rate=1.0, time_period=_MINUTE)
+        self.burst_s = burst_s
+        self.largest = 0.0
+        self._apply(per_minute)
+
+    def _apply(self, per_minute: float) -> None:
         self.per_minute = per_minute
+        burst = max(1.0, per_minute * self.burst_s / _MINUTE, self.largest)
+        self.max_rate = min(burst, max(1.0, per_minute / 2))
+        self._rate_per_sec = max(per_minute - self.max_rate, per_minute / 2) / _MINUTE
+        self.time_period = self.max_rate / self._rate_per_sec
+
+    @property
+    def rate_per_s(self) -> float:
+        return self._rate_per_sec
+
+    def set_rate(self, per_minute: float) -> None:
+        self._leak()
+        self._apply(per_minute)
+        self._wake_next()
+
+    async def take(self, amount: float) -> None:
+        """Acquire `amount` (at most the per-minute limit; the caller checks)."""
+        if amount > self.max_rate:
+            self.largest = amount
+            self.set_rate(self.per_minute)
+        await self.acquire(min(amount, self.max_rate))
+        if amount > self.max_rate:  # only past half the limit: owed, so the minute is still respected
+            self._level += amount - self.max_rate
 
     def adjust(self, delta: float) -> None:
         """Add (debt) or remove (refund) capacity already taken, e.g. real tokens vs the estimate."""
@@ -41,32 +95,54 @@ class Bucket(AsyncLimiter):
         self._level = max(0.0, self._level + delta)
         self._wake_next()
 
-    def set_rate(self, per_minute: float) -> None:
+    def open(self) -> None:
+        """No limit any more: every waiter goes at once (used when dispatch stops)."""
+        self.max_rate = math.inf
+        self._wake_next()
+
+    def drain(self) -> None:
+        """Spend the burst allowance, so the next dispatches go out at the steady rate."""
         self._leak()
-        self.per_minute = per_minute
-        self._rate_per_sec = per_minute / 60.0
-        self.time_period = self.max_rate / self._rate_per_sec
+        self._level = max(self._level, self.max_rate)
         self._wake_next()
 
 
 class Gate:
-    """A concurrency cap that can be resized while tasks wait on it (AIMD after 429s)."""
+    """A concurrency cap that can be resized while tasks wait on it (AIMD after 429s).
+
+    A release wakes one waiter per free slot, counting the woken ones until they run, so a release
+    wakes one task rather than every waiter that might fit. A task that asks again right after its own
+    release (a retry) may take the slot first; the waiter it overtook keeps its place at the front.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
+        self._woken = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def acquire(self) -> None:
+        front = False
         while self.in_flight >= self.limit:
             fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
+            if front:
+                self._waiters.appendleft(fut)
+            else:
+                self._waiters.append(fut)
             try:
                 await fut
             except asyncio.CancelledError:
                 if fut.done() and not fut.cancelled():
-                    self._wake()  # pass the wake-up we consumed to someone else
+                    self._woken -= 1
+                    self._wake()  # pass the wake-up we will not use to the next waiter
+                else:
+                    try:
+                        self._waiters.remove(fut)
+                    except ValueError:
+                        pass
                 raise
+            self._woken -= 1
+            front = True
         self.in_flight += 1
 
     def release(self) -> None:
@@ -78,20 +154,22 @@ class Gate:
         self._wake()
 
     def _wake(self) -> None:
-        free = self.limit - self.in_flight
-        while free > 0 and self._waiters:
+        while self._waiters and self.in_flight + self._woken < self.limit:
             fut = self._waiters.popleft()
             if not fut.done():
+                self._woken += 1
                 fut.set_result(None)
-                free -= 1
 
 
-@dataclass(slots=True)
 class Permit:
     """One dispatched request's share of the limits; `settle` corrects the token estimate."""
 
-    tokens: float
-    limits: "Limits"
+    __slots__ = ("limits", "sent_at", "tokens")
+
+    def __init__(self, tokens: float, limits: Limits, sent_at: float = 0.0) -> None:
+        self.tokens = tokens
+        self.limits = limits
+        self.sent_at = sent_at
 
     def settle(self, actual_tokens: int | None) -> None:
         if actual_tokens is not None and self.limits.tokens is not None:
@@ -99,60 +177,162 @@ class Permit:
             self.tokens = actual_tokens
 
 
+class Pacer(AsyncLimiter):
+    """Spaces dispatches at `rate` units per second while the server's remaining budget is low.
+
+    Active from `pace()` until the server's reset (a timer lifts it then, waking whoever waits), or
+    until an answer shows the budget recovered. Its burst is one request (or the largest token
+    estimate), so what is left is spread over the time to reset instead of spent at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(max_rate=1.0, time_period=1.0)
+        self.active = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def pace(self, rate: float, seconds: float) -> None:
+        self._leak()
+        self._rate_per_sec = rate
+        self.time_period = self.max_rate / rate
+        self.active = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(seconds, self.lift)
+        self._wake_next()
+
+    def lift(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.active = False
+        self._level = 0.0
+        self._rate_per_sec = 1e12  # whoever still waits goes now
+        self._wake_next()
+
+    async def take(self, amount: float) -> None:
+        self.max_rate = max(self.max_rate, amount)
+        await self.acquire(amount)
+
+
+class Slot:
+    """`async with limits.slot(tokens) as permit`: every limit waited for, a concurrency slot held.
+
+    A class rather than @asynccontextmanager: this runs once per request, and the fast path (free slot,
+    no pause, no pacing) costs no generator frames.
+    """
+
+    __slots__ = ("est", "limits", "permit")
+
+    def __init__(self, limits: Limits, est: float) -> None:
+        self.limits = limits
+        self.est = est
+        self.permit: Permit | None = None
+
+    async def __aenter__(self) -> Permit:
+        lim, est = self.limits, self.est
+        if lim.tokens is not None and est > lim.tokens.per_minute:
+            raise PermanentError(
+                f"this request needs about {int(est)} tokens, more than limits.tokens_per_minute "
+                f"({int(lim.tokens.per_minute)}); lower params.max_tokens or shorten the prompt"
+            )
+        await lim.gate.acquire()
+        try:
+            if lim._resume_at:
+                await lim._wait_pause()
+            if lim.requests is not None:
+                await lim.requests.acquire(1)
+            if lim.tokens is not None:
+                await lim.tokens.take(est)
+            if lim._pacing:
+                await lim._wait_pace(est)
+            if lim._resume_at:
+                await lim._wait_pause()  # a pause may have started while we waited for the buckets
+        except BaseException:
+            lim.gate.release()
+            raise
+        self.permit = Permit(est, lim, asyncio.get_running_loop().time())
+        return self.permit
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        lim = self.limits
+        lim.gate.release()
+        if isinstance(exc, RateLimited) and exc.retry_after is None and self.permit is not None:
+            lim.decrease(self.permit.sent_at)  # no word on when: AIMD is all we have
+
+
 class Limits:
     def __init__(self, cfg: LimitsConfig) -> None:
         self.cfg = cfg
         rpm, tpm = cfg.requests_per_minute, cfg.tokens_per_minute
-        self.requests = Bucket(rpm, rpm * cfg.burst_s / 60.0) if rpm else None
-        self.tokens = Bucket(tpm, tpm) if tpm else None
+        self.requests = Bucket(rpm, cfg.burst_s) if rpm else None
+        self.tokens = Bucket(tpm, cfg.burst_s) if tpm else None
         self.gate = Gate(cfg.max_concurrency)
         self._resume_at = 0.0
+        self._drain_on_resume = False
+        self._last_cut = -math.inf
         self._successes_since_cut = 0
+        self._pacers: dict[str, Pacer] = {}
+        self._pacing = False
+        self.stopped = False
+        self._stop = asyncio.Event()
         self.pauses = 0
+        self.cuts = 0
         self.learned: dict[str, float] = {}
 
-    @asynccontextmanager
-    async def slot(self, est_tokens: float) -> AsyncIterator[Permit]:
+    def slot(self, est_tokens: float) -> Slot:
         """Wait for every limit, then hold a concurrency slot for the duration of one attempt."""
-        if self.tokens is not None and est_tokens > self.tokens.max_rate:
-            raise PermanentError(
-                f"this request needs about {int(est_tokens)} tokens, more than limits.tokens_per_minute "
-                f"({int(self.tokens.max_rate)}); lower params.max_tokens or shorten the prompt"
-            )
-        await self.gate.acquire()
-        try:
-            await self._wait_pause()
-            if self.requests is not None:
-                await self.requests.acquire(1)
-            if self.tokens is not None:
-                await self.tokens.acquire(est_tokens)
-            # A pause may have started while we waited for the buckets.
-            await self._wait_pause()
-            yield Permit(est_tokens, self)
-        finally:
-            self.gate.release()
+        return Slot(self, est_tokens)
+
+    # -- server-ordered pauses and AIMD ------------------------------------------------------------
 
     async def _wait_pause(self) -> None:
         loop = asyncio.get_running_loop()
-        while (delay := self._resume_at - loop.time()) > 0:
-            await asyncio.sleep(delay)
+        while not self.stopped and (delay := self._resume_at - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+            except TimeoutError:
+                pass
+        self._resume_at = 0.0
+        if self._drain_on_resume and not self.stopped:
+            self._drain_on_resume = False
+            if self.requests is not None:
+                self.requests.drain()
 
     def pause(self, seconds: float) -> None:
-        """The server said wait: nobody dispatches until then. Concurrency is cut in half (AIMD)."""
+        """The server said wait: nobody dispatches until then, and then not as a burst."""
+        if seconds <= 0:
+            return
         now = asyncio.get_running_loop().time()
         if now + seconds > self._resume_at:
             self._resume_at = now + seconds
+            self._drain_on_resume = True
             self.pauses += 1
-        if self.cfg.adaptive and not self.learned:
-            self.gate.resize(max(1, self.gate.limit // 2))
-            self._successes_since_cut = 0
 
-    @property
-    def paused_until(self) -> float:
-        return self._resume_at
+    def stop(self) -> None:
+        """Dispatch is over (run-fatal, budget, Ctrl-C): whoever waits on a limit goes now, to find
+        the stop and leave without sending, instead of draining the queue at the rate limit."""
+        self.stopped = True
+        self._stop.set()
+        self.gate.resize(sys.maxsize)
+        for bucket in (self.requests, self.tokens):
+            if bucket is not None:
+                bucket.open()
+        for pacer in self._pacers.values():
+            pacer.lift()
+        self._pacing = False
+
+    def decrease(self, sent_at: float) -> None:
+        """A 429: halve concurrency, once per episode (a request sent before the last cut does not cut)."""
+        if not self.cfg.adaptive or sent_at < self._last_cut:
+            return
+        self._last_cut = asyncio.get_running_loop().time()
+        self.gate.resize(self.gate.limit // 2)
+        self._successes_since_cut = 0
+        self.cuts += 1
 
     def on_success(self) -> None:
-        """Additive increase back towards the configured ceiling after a cut."""
+        """Additive increase: one slot back per `limit` successes, up to the configured ceiling."""
         if self.gate.limit >= self.cfg.max_concurrency:
             return
         self._successes_since_cut += 1
@@ -160,37 +340,85 @@ class Limits:
             self._successes_since_cut = 0
             self.gate.resize(min(self.cfg.max_concurrency, self.gate.limit + 1))
 
+    # -- learning from headers ---------------------------------------------------------------------
+
     def observe(self, headers: Mapping[str, str]) -> None:
-        """Learn the server's real limits from OpenAI-style x-ratelimit-limit-* headers (lower only)."""
-        if not self.cfg.adaptive:
+        """Learn the server's budget from OpenAI- or OpenRouter-style rate-limit headers (see module doc)."""
+        if not self.cfg.adaptive or self.stopped:
             return
-        for kind, bucket in (("requests", self.requests), ("tokens", self.tokens)):
-            raw = headers.get(f"x-ratelimit-limit-{kind}")
-            if raw is None:
-                continue
-            try:
-                limit = float(raw)
-            except ValueError:
-                continue
-            if limit <= 0:
-                continue
-            self.learned[kind] = limit
-            # Stay a hair under the server's limit so our estimate errors don't trip it.
-            target = limit * 0.98
-            if bucket is not None and target < bucket.per_minute:
-                bucket.set_rate(target)
+        h = {k.lower(): v for k, v in headers.items() if k[:12].lower() == "x-ratelimit-"}
+        if not h:
+            return
+        for kind in ("requests", "tokens"):
+            limit = _number(h.get(f"x-ratelimit-limit-{kind}"))
+            if limit:
+                self._learn(kind, limit)
+            remaining = _number(h.get(f"x-ratelimit-remaining-{kind}"))
+            reset = parse_go_duration(h.get(f"x-ratelimit-reset-{kind}", ""))
+            if remaining is not None and reset:
+                self._pace_from(kind, remaining, reset, limit or self.learned.get(kind))
+        limit = _number(h.get("x-ratelimit-limit"))
+        reset_ms = _number(h.get("x-ratelimit-reset"))
+        if limit and reset_ms and 0 < reset_ms / 1000 - time.time() <= _MINUTE:
+            self._learn("requests", limit)  # OpenRouter reports resets in epoch milliseconds
+
+    def _learn(self, kind: str, limit: float) -> None:
+        self.learned[kind] = limit
+        target = limit * HEADROOM
+        bucket = self.requests if kind == "requests" else self.tokens
+        if bucket is None:
+            # The config left this limit open: the server's own is the ceiling now.
+            bucket = Bucket(target, self.cfg.burst_s)
+            if kind == "requests":
+                self.requests = bucket
+            else:
+                self.tokens = bucket
+        elif target < bucket.per_minute:
+            bucket.set_rate(target)
+
+    def _pace_from(self, kind: str, remaining: float, reset_s: float, limit: float | None) -> None:
+        bucket = self.requests if kind == "requests" else self.tokens
+        ours = bucket.rate_per_s if bucket is not None else math.inf
+        rate = max(remaining / reset_s, MIN_PACE * limit / _MINUTE) if limit else math.inf
+        pacer = self._pacers.get(kind)
+        if limit is None or remaining >= LOW_REMAINING * limit or rate >= ours:
+            if pacer is not None and pacer.active:
+                pacer.lift()  # the budget recovered: the buckets alone again
+        else:
+            if pacer is None:
+                pacer = self._pacers[kind] = Pacer()
+            pacer.pace(rate, reset_s)
+        self._pacing = any(p.active for p in self._pacers.values())
+
+    async def _wait_pace(self, est_tokens: float) -> None:
+        for kind, amount in (("requests", 1.0), ("tokens", est_tokens)):
+            pacer = self._pacers.get(kind)
+            if pacer is not None and pacer.active:
+                await pacer.take(amount)
+        self._pacing = any(p.active for p in self._pacers.values())
 
 
-_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
 
 def parse_go_duration(text: str) -> float | None:
-    """OpenAI reset headers: '1s', '6m0s', '12ms', '9.816s' -> seconds."""
+    """OpenAI reset headers: '1s', '6m0s', '12ms', '9.816s' -> seconds; None if not a Go duration."""
+    text = text.strip()
     total, pos = 0.0, 0
-    for m in _GO_DURATION.finditer(text.strip()):
+    for m in _GO_DURATION.finditer(text):
         if m.start() != pos:
             return None
         pos = m.end()
-        value, unit = float(m.group(1)), m.group(2)
-        total += value * {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}[unit]
-    return total if pos and pos == len(text.strip()) else None
+        total += float(m.group(1)) * _UNIT_S[m.group(2)]
+    return total if pos and pos == len(text) else None

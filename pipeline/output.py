@@ -100,7 +100,7 @@ def done_parts(parts_dir: Path) -> set[int]:
 
 
 def _rename_carried(carried: pa.Table, layout: Layout) -> pa.Table:
-    reserved = set(RESULT_COLUMNS) | {"output", "error_class", "status", "message"}
+    reserved = set(RESULT_COLUMNS) | {"output", "error_class", "status", "message", "ttft_s", "tool_calls", "logprobs"}
     names = []
     for name in carried.column_names:
         if name == "__id":

@@ -38,6 +38,12 @@ CONTEXT_WINDOWS: dict[str, int] = {
     "llama-3.3": 131_072, "mistral-large": 128_000, "qwen2.5": 32_768,
 }
 DEFAULT_CONTEXT = 128_000
+# Longest output a model can produce (same prefix rule). Bounds a request's worst-case cost when
+# max_tokens is absent, and a configured max_tokens above it is an error before anything is sent.
+MAX_OUTPUT_TOKENS: dict[str, int] = {
+    "gpt-4-turbo": 4_096, "gpt-4-1106": 4_096, "gpt-4-0125": 4_096, "gpt-4-vision": 4_096,
+    "gpt-4o-2024-05-13": 4_096, "gpt-4o": 16_384, "gpt-4.1": 32_768, "gpt-3.5-turbo": 4_096,
+}
 TOKENS_PER_MESSAGE = 4
 REPLY_PRIMING_TOKENS = 3
 _INT_PARAMS = frozenset({"seed", "max_tokens", "max_completion_tokens", "top_logprobs", "n", "top_k"})
@@ -57,17 +63,33 @@ class _NullValue(Exception):
     """Raised from inside a template when `{{ ... }}` would print a null."""
 
 
+class _NotText(Exception):
+    """Raised when `{{ ... }}` would print a list, mapping or bytes: Python's repr is not prompt text."""
+
+
 def _no_null(value: Any) -> Any:
     if value is None:
         raise _NullValue
+    if isinstance(value, (dict, list, tuple, bytes, bytearray)):
+        raise _NotText(type(value).__name__)
     return value
 
 
 def context_window(model: str) -> int:
     """Context size in tokens for a model name such as 'openai/gpt-4-turbo' (default 128k)."""
-    name = model.rsplit("/", 1)[-1].lower()
-    best = max((p for p in CONTEXT_WINDOWS if name.startswith(p)), key=len, default=None)
+    best = _longest_prefix(model, CONTEXT_WINDOWS)
     return CONTEXT_WINDOWS[best] if best else DEFAULT_CONTEXT
+
+
+def max_output_tokens(model: str) -> int | None:
+    """The model's output cap (4096 for gpt-4-turbo), or None when the table does not know it."""
+    best = _longest_prefix(model, MAX_OUTPUT_TOKENS)
+    return MAX_OUTPUT_TOKENS[best] if best else None
+
+
+def _longest_prefix(model: str, table: dict[str, int]) -> str | None:
+    name = model.rsplit("/", 1)[-1].lower()
+    return max((p for p in table if name.startswith(p)), key=len, default=None)
 
 
 class Renderer:
@@ -95,6 +117,10 @@ class Renderer:
         self._from_columns = list(cfg.params.from_columns.items())
         self._static = self._static_body()
         self._context = context_window(cfg.endpoint.model)
+        self._max_output = max_output_tokens(cfg.endpoint.model)
+        if cfg.params.max_tokens is not None and self._max_output and cfg.params.max_tokens > self._max_output:
+            raise ConfigError(f"{cfg.params.max_tokens} is more than {cfg.endpoint.model} can produce "
+                              f"({self._max_output} tokens); lower it", key="params.max_tokens", file=cfg.source)
         if columns is not None:
             self.check_columns(columns)
 
@@ -129,8 +155,12 @@ class Renderer:
             body["provider"] = provider
         if params.stream:
             body["stream"] = True
+            # Usage arrives in a final chunk only when asked for (OpenAI; OpenRouter ignores it, harmless).
             body["stream_options"] = {"include_usage": True}
         for key, value in params.extra.items():
+            if key == "stream_options" and isinstance(value, dict) and params.stream:
+                body["stream_options"] = {**body["stream_options"], **value}  # e.g. include_obfuscation
+                continue
             if key in ("model", "messages", "stream"):
                 hint = {"model": "endpoint.model", "messages": "prompt", "stream": "params.stream"}[key]
                 raise ConfigError(f"set {key} with {hint}, not in params.extra", key=f"params.extra.{key}", file=src)
@@ -183,10 +213,14 @@ class Renderer:
             value = row.get(column)
             if value is not None:
                 body[field] = _param(field, value, column, origin)
+                if field == "max_tokens" and self._max_output and body[field] > self._max_output:
+                    raise RowError(f"column {column!r} gives max_tokens={body[field]}, more than {body['model']} can "
+                                   f"produce ({self._max_output})", file=origin[0], row=origin[1], reason="param")
         est = estimate_prompt_tokens(body, image_tokens)
         if est > self._context:
             raise RowError(f"the prompt is about {est:,} tokens, over the {self._context:,}-token context window of "
-                           f"{body['model']}; shorten this row's text or images", file=origin[0], row=origin[1])
+                           f"{body['model']}; shorten this row's text or images", file=origin[0], row=origin[1],
+                           reason="context")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         return Draft(body, est, max_tokens if type(max_tokens) is int else None)
 
@@ -196,13 +230,17 @@ class Renderer:
         except _NullValue:
             nulls = self._printed_nulls(template, key, row)
             what = f"null in column {', '.join(map(repr, nulls))}" if nulls else "a null value"
-            msg = f"{key}: {what} (use {{{{ x or '' }}}} or an {{% if %}} to allow it)"
+            msg, reason = f"{key}: {what} (use {{{{ x or '' }}}} or an {{% if %}} to allow it)", "null_value"
+        except _NotText as exc:
+            msg = (f"{key}: a value printed by {{{{ ... }}}} is a {exc}, not text; format it in the template, "
+                   f"e.g. {{{{ x | join(', ') }}}} or {{{{ x | tojson }}}}")
+            reason = "template"
         except jinja2.UndefinedError as exc:
             cols = ", ".join(list(row)[:20]) or "(none)"
-            msg = f"{key}: {exc.message}; this row's columns: {cols}"
+            msg, reason = f"{key}: {exc.message}; this row's columns: {cols}", "missing_column"
         except Exception as exc:  # noqa: BLE001 - a filter or expression failed on this row's values
-            msg = f"{key}: rendering failed: {type(exc).__name__}: {exc}"
-        raise RowError(msg, file=origin[0], row=origin[1])
+            msg, reason = f"{key}: rendering failed: {type(exc).__name__}: {exc}", "template"
+        raise RowError(msg, file=origin[0], row=origin[1], reason=reason)
 
     def _printed_nulls(self, template: jinja2.Template, key: str, row: dict[str, Any]) -> list[str]:
         """Which null columns the template prints (vs. only tests); the error path only, so re-rendering is fine."""
@@ -228,14 +266,15 @@ class Renderer:
         shape = "a non-empty list of {role, content} messages"
         if not isinstance(value, list) or not value:
             raise RowError(f"column {col!r} must hold {shape}, got {type(value).__name__}", file=origin[0],
-                           row=origin[1])
+                           row=origin[1], reason="messages")
         out: list[dict[str, Any]] = []
         for i, m in enumerate(value):
             ok = isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m
             content = m.get("content") if ok else None
             if not ok or not (isinstance(content, (str, list)) or (content is None and m.get("tool_calls"))):
                 raise RowError(f"column {col!r} message {i} is not a {{role, content}} object with text or "
-                               f"content parts; the column must hold {shape}", file=origin[0], row=origin[1])
+                               f"content parts; the column must hold {shape}", file=origin[0], row=origin[1],
+                               reason="messages")
             # Parquet structs give every field to every message; nulls would be sent as explicit nulls.
             out.append({k: v for k, v in m.items() if v is not None})
         return out
@@ -277,10 +316,10 @@ def _param(field: str, value: Any, column: str, origin: tuple[str, int]) -> Any:
             value = int(value)
         if type(value) is not int:
             raise RowError(f"column {column!r} gives {field}={value!r:.40}; it must be an integer",
-                           file=origin[0], row=origin[1])
+                           file=origin[0], row=origin[1], reason="param")
     elif field in _NUM_PARAMS and (type(value) is bool or not isinstance(value, (int, float))):
         raise RowError(f"column {column!r} gives {field}={value!r:.40}; it must be a number",
-                       file=origin[0], row=origin[1])
+                       file=origin[0], row=origin[1], reason="param")
     return value
 
 

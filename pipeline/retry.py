@@ -36,8 +36,21 @@ QUOTA_CODES = frozenset({
     "insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
     "project_spend_limit_exceeded", "organization_usage_limit_exceeded", "billing_hard_limit_reached",
 })
-_TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)", re.I)
-_TOO_LARGE = re.compile(r"request too large|Limit (\d+), Requested (\d+)", re.I)
+_TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)", re.IGNORECASE)
+_TOO_LARGE = re.compile(r"request too large|Limit (\d+), Requested (\d+)", re.IGNORECASE)
+_AFFORD = re.compile(r"fewer max_tokens|can only afford", re.IGNORECASE)
+_AFFORD_N = re.compile(r"can only afford (\d+)", re.IGNORECASE)
+_SLOW_DOWN = re.compile(r"\bslow down\b", re.IGNORECASE)
+# String error codes (OpenRouter's streaming docs, OpenAI's `code`) and OpenRouter's metadata.error_type,
+# as the HTTP status they stand for, so a 200 or an SSE event carrying them is classified like one.
+NAMED_STATUS = {
+    "server_error": 500, "internal_error": 500, "server": 500, "unmapped": 500, "rate_limit_exceeded": 429,
+    "insufficient_quota": 429, "timeout": 504, "provider_overloaded": 503, "overloaded": 503,
+    "provider_unavailable": 502, "bad_gateway": 502, "service_unavailable": 503, "payment_required": 402,
+    "authentication": 401, "invalid_api_key": 401, "permission_denied": 403, "not_found": 404,
+    "invalid_request": 400, "invalid_prompt": 400, "context_length_exceeded": 400, "max_tokens_exceeded": 400,
+    "token_limit_exceeded": 400, "string_too_long": 400, "payload_too_large": 413, "unprocessable": 422,
+}
 
 
 def classify(reply: Reply) -> dict[str, Any]:
@@ -49,7 +62,9 @@ def classify(reply: Reply) -> dict[str, Any]:
     if reply.status == 200:
         if not isinstance(body, dict):
             raise TransientError("HTTP 200 with a body that is not JSON", status=200, code="malformed")
-        err = body.get("error")
+        err: Any = body.get("error")
+        if isinstance(err, str):
+            err = {"message": err}
         choices = body.get("choices")
         if err and not choices:
             raise _from_error(_status_of(err, 502), err, reply.headers, in_body=True)
@@ -60,7 +75,7 @@ def classify(reply: Reply) -> dict[str, Any]:
             cerr = first.get("error") or err or {"message": "the provider ended the answer with an error"}
             raise _from_error(_status_of(cerr, 502), cerr, reply.headers, in_body=True)
         return body
-    err: Any = body.get("error") if isinstance(body, dict) else None
+    err = body.get("error") if isinstance(body, dict) else None
     if err is None and isinstance(body, dict) and body.get("object") == "error":
         err = body  # legacy flat vLLM body
     if err is None:
@@ -72,22 +87,32 @@ def classify(reply: Reply) -> dict[str, Any]:
 
 
 def _status_of(err: Any, default: int) -> int:
-    code = err.get("code") if isinstance(err, dict) else None
-    if isinstance(code, int):
+    """The HTTP status an error object inside a 200 (or an SSE event) stands for: int or string code,
+    then the availability variant's http_status, then metadata.error_type."""
+    if not isinstance(err, dict):
+        return default
+    code = err.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
         return code
     if isinstance(code, str) and code.isdigit():
         return int(code)
-    named = {"server_error": 500, "rate_limit_exceeded": 429, "timeout": 504, "insufficient_quota": 429}
-    if isinstance(code, str) and code in named:
-        return named[code]
-    http = err.get("http_status") if isinstance(err, dict) else None
-    return http if isinstance(http, int) else default
+    if isinstance(code, str) and code in NAMED_STATUS:
+        return NAMED_STATUS[code]
+    http = err.get("http_status")
+    if isinstance(http, int):
+        return http
+    meta = err.get("metadata")
+    etype = meta.get("error_type") if isinstance(meta, dict) else err.get("error_type")
+    return NAMED_STATUS.get(etype, default) if isinstance(etype, str) else default
 
 
 def _from_error(status: int, err: dict[str, Any], headers: Mapping[str, str], *, in_body: bool) -> RequestError:
     message = str(err.get("message") or "")[:500]
-    meta = err.get("metadata") if isinstance(err.get("metadata"), dict) else {}
+    raw_meta = err.get("metadata")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     raw = meta.get("raw")
+    if isinstance(raw, dict):  # some relays give the upstream body as an object, not a JSON string
+        raw = orjson.dumps(raw).decode()
     if isinstance(raw, str) and raw:
         message = f"{message}: {raw[:300]}"
     code = err.get("code")
@@ -105,11 +130,13 @@ def _from_error(status: int, err: dict[str, Any], headers: Mapping[str, str], *,
             # Moderation or guardrail on this row's content, not on the key: only this row fails.
             return PermanentError(message or "blocked by moderation", status=status, code=code_s)
         return AuthError(message or "not authorised", status=status, code=code_s)
+    avail = err.get("availability")
+    if isinstance(avail, dict) and avail.get("retryable") is False:
+        return PermanentError(message or f"HTTP {status}", status=status, code=str(avail.get("code") or code_s))
     if status == 402:
-        if wait is not None:
+        if wait is not None:  # OpenRouter's in-flight budget: wait-and-retry, unlike every other 402
             return TransientError(message, status=402, code=code_s, retry_after=wait)
-        err_out = CreditsError(message or "insufficient credits", status=402, code=code_s)
-        return err_out
+        return _credits(message, code_s)
     if status == 429:
         if etype == "insufficient_quota" or code_s in QUOTA_CODES:
             return CreditsError(message or "quota exhausted", status=429, code=code_s or etype)
@@ -117,9 +144,23 @@ def _from_error(status: int, err: dict[str, Any], headers: Mapping[str, str], *,
         if m and (m.group(1) is None or int(m.group(2)) > int(m.group(1))):
             return PermanentError(message, status=429, code="request_too_large")
         return RateLimited(message or "rate limited", status=429, code=code_s, retry_after=wait)
+    if status == 503 and _SLOW_DOWN.search(message):
+        # OpenAI's "Slow Down": our request rate itself is the problem, so the whole client backs off.
+        return RateLimited(message, status=503, code="slow_down", retry_after=wait)
     if status in TRANSIENT_STATUS or status >= 500:
         return TransientError(message or f"server error {status}", status=status, code=code_s, retry_after=wait)
     return PermanentError(message or f"HTTP {status}", status=status, code=code_s)
+
+
+def _credits(message: str, code: str | None) -> CreditsError:
+    """A 402: no credits. When the body says fewer max_tokens would do, say so in the next step."""
+    err = CreditsError(message or "insufficient credits", status=402, code=code)
+    if _AFFORD.search(message):
+        n = _AFFORD_N.search(message)
+        afford = f" (the key can only afford {n.group(1)} tokens now)" if n else ""
+        err.hint = (f"lower params.max_tokens{afford}, e.g. --set params.max_tokens=N, or add credits, "
+                    "then re-run to resume")
+    return err
 
 
 def _upstream_error(raw: Any) -> dict[str, Any] | None:
@@ -136,7 +177,8 @@ def _upstream_error(raw: Any) -> dict[str, Any] | None:
 def retry_after(headers: Mapping[str, str], err: Mapping[str, Any] | None = None, message: str = "") -> float | None:
     """Seconds the server asked us to wait, from whichever signal it gave; None if it gave none."""
     h = {k.lower(): v for k, v in headers.items()}
-    meta = err.get("metadata") if err and isinstance(err.get("metadata"), dict) else {}
+    raw_meta = err.get("metadata") if err else None
+    meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     if isinstance(meta.get("headers"), dict):
         h = {**{k.lower(): str(v) for k, v in meta["headers"].items()}, **h}
     if "retry-after-ms" in h:

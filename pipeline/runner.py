@@ -28,7 +28,6 @@ from .output import (
     Layout,
     RowFailure,
     Summary,
-    done_parts,
     drop_partial_parts,
     failure_counts,
     merge_parts,
@@ -38,7 +37,7 @@ from .output import (
 from .progress import Progress
 from .prompts import Renderer, estimate_prompt_tokens, finalize
 from .reader import InputBatch, Source
-from .state import JobDir
+from .state import JobDir, resume_command
 from .store import FINAL_STATES, Record, Store
 from .structured import StructuredPlan
 from .transport import HttpTransport, Transport
@@ -60,7 +59,6 @@ class Engine:
         self.progress, self.retry_failed = progress, retry_failed
         self.request_tasks: set[asyncio.Task[Record]] = set()
         self.failed_rows = 0
-        self.open_batches = 0
 
     async def process(self, batches: Iterable[InputBatch]) -> None:
         window = asyncio.Semaphore(max(MAX_OPEN_BATCHES, -(-self.cfg.limits.max_concurrency * 2 // self.cfg.input.batch_size)))
@@ -79,31 +77,7 @@ class Engine:
             await asyncio.gather(*list(pending), return_exceptions=False)
 
     async def _batch(self, batch: InputBatch) -> None:
-        n = len(batch.rows)
-        outcomes: list[Record | RowFailure | None] = [None] * n
-        row_keys: list[str | None] = [None] * n
-        jobs: dict[str, Job] = {}
-        base_url = self.cfg.endpoint.base_url
-        for i, row in enumerate(batch.rows):
-            err = batch.errors[i]
-            if err is None:
-                try:
-                    draft = self.renderer.render(row, batch.origins[i])
-                except RowError as exc:
-                    err = exc
-            if err is not None:
-                outcomes[i] = RowFailure("input", str(err))
-                continue
-            body = self.plan.shape(draft.body) if self.plan is not None else draft.body
-            payload, key = finalize(body, base_url)
-            row_keys[i] = key
-            if key not in jobs:
-                est = draft.est_prompt_tokens
-                if self.plan is not None:
-                    est += estimate_prompt_tokens(body) - estimate_prompt_tokens(draft.body)
-                extra = draft.est_prompt_tokens - estimate_prompt_tokens(draft.body)
-                jobs[key] = Job(key, payload, draft.body, est, draft.max_tokens, _count_images(draft.body),
-                                image_tokens=extra, mode=self.plan.mode if self.plan else None)
+        outcomes, row_keys, jobs = render_batch(batch, self.renderer, self.plan, self.cfg.endpoint.base_url)
         records = self._known(jobs)
         todo = [job for key, job in jobs.items() if key not in records]
         if todo:
@@ -121,6 +95,11 @@ class Engine:
                 outcomes[i] = records[key]
         # Rows still None were stopped before an answer: the part is partial and the batch stays open.
         ok, bad = write_part(self.parts_dir, batch.index, self.layout, batch.carried, outcomes)
+        if ok + bad == len(outcomes):
+            # Indexed after the files are in place; a kill in between costs one footer read on resume.
+            failed = [o for o in outcomes if isinstance(o, Record) and o.state != "ok"]
+            self.store.put_part(batch.index, ok=ok, failed=bad, request_failed=len(failed),
+                                transient=sum(1 for o in failed if o.state == "transient"))
         self.failed_rows += bad
         self.progress.advance(ok + bad, self.dispatcher.stats, self.failed_rows)
 
@@ -141,6 +120,39 @@ class Engine:
         return records
 
 
+def render_batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | None, base_url: str
+                 ) -> tuple[list[Record | RowFailure | None], list[str | None], dict[str, Job]]:
+    """Each row's outcome so far (input failures), its request key, and one Job per distinct key.
+
+    Module-level so that tools which must predict request keys exactly (benchmarks/resume_scale.py)
+    use the very code the runner uses."""
+    n = len(batch.rows)
+    outcomes: list[Record | RowFailure | None] = [None] * n
+    row_keys: list[str | None] = [None] * n
+    jobs: dict[str, Job] = {}
+    for i, row in enumerate(batch.rows):
+        err = batch.errors[i]
+        if err is None:
+            try:
+                draft = renderer.render(row, batch.origins[i])
+            except RowError as exc:
+                err = exc
+        if err is not None:
+            outcomes[i] = RowFailure("input", str(err))
+            continue
+        body = plan.shape(draft.body) if plan is not None else draft.body
+        payload, key = finalize(body, base_url)
+        row_keys[i] = key
+        if key not in jobs:
+            est = draft.est_prompt_tokens
+            if plan is not None:
+                est += estimate_prompt_tokens(body) - estimate_prompt_tokens(draft.body)
+            extra = draft.est_prompt_tokens - estimate_prompt_tokens(draft.body)
+            jobs[key] = Job(key, payload, draft.body, est, draft.max_tokens, _count_images(draft.body),
+                            image_tokens=extra, mode=plan.mode if plan else None)
+    return outcomes, row_keys, jobs
+
+
 def _count_images(body: dict[str, Any]) -> int:
     count = 0
     for msg in body.get("messages", ()):
@@ -152,22 +164,31 @@ def _count_images(body: dict[str, Any]) -> int:
 
 async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
                     schema: dict[str, Any] | None = None, quiet: bool = False, handle_signals: bool = False,
-                    transport: Transport | None = None, config_path: str | None = None) -> Summary:
-    """Run one job to completion, stop or interruption; never raises for row-level problems."""
+                    transport: Transport | None = None, config_path: str | None = None,
+                    overrides: list[str] | None = None, interrupt: Interrupt | None = None) -> Summary:
+    """Run one job to completion, stop or interruption; never raises for row-level problems.
+
+    `config_path` and `overrides` (the --set items) are only used to print the command that resumes;
+    `interrupt` lets another thread stop the run as Ctrl-C would (see `run`)."""
     started = time.monotonic()
     config_path = config_path or cfg.source
+    command = resume_command(config_path, overrides, retry_failed=retry_failed)
+    if schema is not None:  # into the config, so the job fingerprint covers the schema actually asked for
+        cfg = load_config(cfg, {"structured.schema": schema})
+    jobdir = JobDir(cfg.output.dir)
+    jobdir.adopt_batch_size(cfg)  # before the scan: it records where each batch starts
     source = Source(cfg.input)
     scan = source.scan()
     renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
                         columns=scan.columns)
-    plan = StructuredPlan(cfg.structured, cfg.endpoint.model, schema=schema) if cfg.structured else None
+    plan = (StructuredPlan(cfg.structured, cfg.endpoint.model, schema=schema, endpoint=cfg.endpoint, params=cfg.params)
+            if cfg.structured else None)
     api_key = cfg.api_key()
-    jobdir = JobDir(cfg.output.dir)
     jobdir.lock()
     sim = None
     store = cache = None
     try:
-        jobdir.check_job(cfg, scan, force_new=force_new, config_path=config_path)
+        jobdir.check_job(cfg, scan, force_new=force_new, config_path=config_path, command=command)
         store = Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)
         if plan is not None and (mode := store.get_meta("structured_mode")):
             plan.mode = mode  # an earlier run of this job already learned the model's structured mode
@@ -180,7 +201,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             sim = Simulator(SimConfig(**cfg.endpoint.simulator))
             base_url = await sim.start()
         transport = transport or HttpTransport(
-            base_url, api_key, cfg.endpoint.headers, timeout_s=cfg.endpoint.timeout_s,
+            base_url, api_key, cfg.endpoint.request_headers(), timeout_s=cfg.endpoint.timeout_s,
             read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
             pool_size=cfg.limits.max_concurrency,
         )
@@ -192,17 +213,16 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             with_ttft=cfg.params.stream, compression=cfg.output.compression,
         )
         drop_partial_parts(jobdir.parts)
-        done = done_parts(jobdir.parts)
-        resumed = _rows_in_parts(jobdir.parts, done)
+        done, resumed = jobdir.resume_plan(store, retry_failed=retry_failed)
         progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
         engine = Engine(cfg, dispatcher, renderer, plan, store, layout, jobdir.parts, progress,
                         retry_failed=retry_failed, cache=cache)
-        interrupted = _install_signals(dispatcher, engine, cfg.run.grace_period_s) if handle_signals else None
+        interrupt = interrupt or Interrupt()
+        interrupt.attach(dispatcher, engine, cfg.run.grace_period_s, signals=handle_signals)
         try:
             await engine.process(source.batches(skip=done.__contains__))
         finally:
-            if interrupted is not None:
-                interrupted()
+            interrupt.detach()
             progress.close()
             await transport.close()
         store.sync()
@@ -219,7 +239,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             config_fingerprint=cfg.request_fingerprint(), versions=_versions(),
             structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
         )
-        _finish(summary, dispatcher, config_path)
+        _finish(summary, dispatcher, command, resume_command(config_path, overrides, retry_failed=True))
         write_json_atomic(jobdir.path / "summary.json", summary.to_json())
         return summary
     finally:
@@ -232,8 +252,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
         jobdir.unlock()
 
 
-def _finish(summary: Summary, dispatcher: Dispatcher, config_path: str) -> None:
-    resume = f"pipeline run {config_path}"
+def _finish(summary: Summary, dispatcher: Dispatcher, resume: str, retry: str) -> None:
     reason = dispatcher.stop_reason
     if reason in ("fatal", "budget") and dispatcher.fatal is not None:
         summary.stopped, summary.exit_code = reason, EXIT_STOPPED
@@ -248,53 +267,83 @@ def _finish(summary: Summary, dispatcher: Dispatcher, config_path: str) -> None:
     else:
         summary.exit_code = EXIT_FAILED_ROWS if summary.failed else EXIT_OK
         if summary.failed:
-            summary.next_step = f"see failures.parquet; retry failed rows with: {resume} --retry-failed"
+            summary.next_step = f"see failures.parquet; retry failed rows with: {retry}"
 
 
-def _rows_in_parts(parts: Path, done: set[int]) -> int:
-    import pyarrow.parquet as pq
+class Interrupt:
+    """Ctrl-C and SIGTERM for one run, also when triggered from another thread (a notebook's Ctrl-C).
 
-    total = 0
-    for i in done:
-        for suffix in ("r", "f"):
-            f = parts / f"{i:08d}.{suffix}.parquet"
-            if f.exists():
-                total += pq.ParquetFile(f).metadata.num_rows
-    return total
+    First: stop dispatching and let requests in flight finish within the grace period, then write
+    the outputs for what is done. Second: cancel the requests in flight now; answers already received
+    are still committed (the store's pending group commit runs on cancellation too), so the store
+    stays consistent. Signal handlers are installed only in the main thread (the event loop can only
+    handle signals there) and the previous handlers are put back afterwards.
+    """
 
+    def __init__(self) -> None:
+        self.hits = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._engine: Engine | None = None
+        self._grace_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._previous: dict[int, Any] = {}
 
-def _install_signals(dispatcher: Dispatcher, engine: Engine, grace_s: float) -> Any:
-    """First Ctrl-C/SIGTERM: stop dispatching, let in-flight requests finish within the grace period.
-    Second: cancel them now (the store is consistent either way). Returns an uninstaller."""
-    loop = asyncio.get_running_loop()
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    hits = {"n": 0}
-    timer: list[asyncio.TimerHandle] = []
+    def attach(self, dispatcher: Dispatcher, engine: Engine, grace_s: float, *, signals: bool) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._dispatcher, self._engine, self._grace_s = dispatcher, engine, grace_s
+        if signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.getsignal(sig)
+                self._loop.add_signal_handler(sig, self.trigger)
+        if self.hits:  # Ctrl-C came while the job was still starting
+            self._apply(self.hits)
 
-    def hard_stop() -> None:
-        for task in list(engine.request_tasks):
+    def trigger(self) -> None:
+        """Called on the run's event loop (signal handler)."""
+        self.hits += 1
+        if self._dispatcher is not None:
+            self._apply(self.hits)
+
+    def trigger_threadsafe(self) -> None:
+        """Called from any thread; before the run is attached, it is remembered and applied on attach."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.hits += 1
+            return
+        try:
+            loop.call_soon_threadsafe(self.trigger)
+        except RuntimeError:  # the loop closed meanwhile: the run is over
+            pass
+
+    def _apply(self, hits: int) -> None:
+        assert self._dispatcher is not None and self._engine is not None and self._loop is not None
+        self._dispatcher.stop("interrupted")
+        if hits == 1:
+            text = (f"stopping: finishing requests in flight (up to {self._grace_s:g}s); "
+                    "Ctrl-C again to stop now")
+            if self._engine.progress.enabled:
+                self._engine.progress.note(text)
+            else:
+                log.warning("%s", text)
+            self._timer = self._loop.call_later(self._grace_s, self._hard_stop)
+        else:
+            self._hard_stop()
+
+    def _hard_stop(self) -> None:
+        assert self._engine is not None
+        for task in list(self._engine.request_tasks):
             task.cancel()
 
-    def on_signal() -> None:
-        hits["n"] += 1
-        dispatcher.stop("interrupted")
-        if hits["n"] == 1:
-            engine.progress.note(f"stopping: finishing requests in flight (up to {grace_s:g}s); Ctrl-C again to stop now")
-            timer.append(loop.call_later(grace_s, hard_stop))
-        else:
-            hard_stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-
-    def uninstall() -> None:
-        for t in timer:
-            t.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-    return uninstall
+    def detach(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._loop is not None:
+            for sig, previous in self._previous.items():
+                self._loop.remove_signal_handler(sig)
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+        self._dispatcher = self._engine = None
 
 
 def _versions() -> dict[str, str]:
@@ -328,15 +377,27 @@ def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_faile
         schema_dict = schema if isinstance(schema, dict) else from_pydantic(schema)
         if cfg.structured is None:
             cfg = load_config(cfg, {"structured.schema": schema_dict})
+    interrupt = Interrupt()
     coro_factory = lambda: run_async(cfg, retry_failed=retry_failed, force_new=force_new,  # noqa: E731
-                                     schema=schema_dict, quiet=quiet)
+                                     schema=schema_dict, quiet=quiet, interrupt=interrupt)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro_factory())
+        return asyncio.run(coro_factory())  # Ctrl-C: KeyboardInterrupt, after the store is closed
     # Inside a running loop (Jupyter): a private loop in a worker thread; block this cell until done.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as pool:
-        return pool.submit(lambda: asyncio.run(coro_factory())).result()
+        future = pool.submit(lambda: asyncio.run(coro_factory()))
+        while True:
+            try:
+                # Wake up now and then: a signal handled by another thread does not interrupt a blocked
+                # wait, and Python runs the KeyboardInterrupt handler only when this thread runs.
+                return future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                continue
+            except KeyboardInterrupt:
+                # Interrupting the cell stops the job as Ctrl-C stops the CLI (a second time: at once) and
+                # returns its summary, instead of leaving it running behind the cell with the lock held.
+                interrupt.trigger_threadsafe()
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

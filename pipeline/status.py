@@ -1,6 +1,7 @@
 """`pipeline status OUT_DIR`: progress of a job, read safely while another process runs it."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -9,41 +10,67 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 
-from .errors import UsageError
-from .output import done_parts
-from .state import JobDir
-from .store import Store
+from .errors import EXIT_FAILED_ROWS, EXIT_OK, UsageError
+from .output import PARTIAL_RE, done_parts
+from .state import JobDir, count_part
+from .store import PartCounts, Store
 
 
 def job_status(out_dir: str) -> dict[str, Any]:
     jobdir = JobDir(out_dir)
     manifest = jobdir.read_manifest()
-    if manifest is None and not Path(jobdir.store_path).exists():
+    owner = jobdir.owner()
+    if manifest is None and not Path(jobdir.store_path).exists() and owner is None:
         raise UsageError(f"{out_dir} holds no job (no manifest.json or store.sqlite); give a job's output.dir")
-    succeeded = failed = 0
-    for i in done_parts(jobdir.parts):
-        for suffix in ("r", "f"):
-            f = jobdir.parts / f"{i:08d}.{suffix}.parquet"
-            if f.exists():
-                n = pq.ParquetFile(f).metadata.num_rows
-                if suffix == "r":
-                    succeeded += n
-                else:
-                    failed += n
     totals: dict[str, Any] = {"by_state": {}, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
                               "last_write": None}
+    index: dict[int, PartCounts] = {}
     if Path(jobdir.store_path).exists():
+        # Read-only, through SQLite's WAL: a running writer is never blocked and never sees us.
         store = Store(jobdir.store_path, readonly=True)
         try:
             totals = store.totals()
+            index = store.parts()
         finally:
             store.close()
+    succeeded = failed = 0
+    complete = done_parts(jobdir.parts)
+    for i in complete:
+        # The store's part index, or (a part written just before a kill) the part's own files.
+        counts = index.get(i) or count_part(jobdir.parts, i)
+        succeeded += counts.ok
+        failed += counts.failed
+    # Batches a stop left unfinished have partial parts (a handful at most): they are in the outputs too.
+    names = os.listdir(jobdir.parts) if jobdir.parts.is_dir() else []
+    for name in names:
+        m = PARTIAL_RE.match(name)
+        if m and int(m.group(1)) not in complete:
+            rows = pq.ParquetFile(jobdir.parts / name).metadata.num_rows
+            if name.endswith(".pr.parquet"):
+                succeeded += rows
+            else:
+                failed += rows
     rows_total = int(manifest.get("rows_total", 0)) if manifest else 0
-    owner = jobdir.owner()
     summary_path = jobdir.path / "summary.json"
-    last = max(filter(None, [totals["last_write"], manifest.get("updated") if manifest else None]), default=None)
+    summary: dict[str, Any] | None = None
+    summary_at = None
+    if summary_path.exists():
+        summary_at = summary_path.stat().st_mtime
+        try:
+            summary = orjson.loads(summary_path.read_bytes())
+        except orjson.JSONDecodeError:
+            summary = None
+    if owner is not None:
+        state = "running"
+    elif summary is not None and summary_at is not None and summary_at >= (totals["last_write"] or 0):
+        # The summary is newer than every stored answer: it describes how the last run ended.
+        state = "finished" if summary.get("exit_code") in (EXIT_OK, EXIT_FAILED_ROWS) else str(summary.get("stopped"))
+    else:
+        state = "not running"  # answers newer than any summary: the last run was killed or crashed
+    updated = [totals["last_write"], manifest.get("updated") if manifest else None, summary_at]
     return {
         "out_dir": str(jobdir.path),
+        "state": state,
         "rows_total": rows_total,
         "rows_done": succeeded,
         "rows_failed": failed,
@@ -52,10 +79,12 @@ def job_status(out_dir: str) -> dict[str, Any]:
         "prompt_tokens": totals["prompt_tokens"],
         "completion_tokens": totals["completion_tokens"],
         "cost_usd": round(totals["cost_usd"], 6),
-        "last_update": last,
+        "last_update": max(filter(None, updated), default=None),
         "running": owner is not None,
         "pid": owner.get("pid") if owner else None,
-        "finished": summary_path.exists() and owner is None,
+        "host": owner.get("host") if owner else None,
+        "finished": state == "finished",
+        "resume_command": manifest.get("command") if manifest else None,
     }
 
 
@@ -65,7 +94,7 @@ def print_status(out_dir: str, *, as_json: bool = False) -> int:
         sys.stdout.write(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["last_update"])) if st["last_update"] else "never"
-    state = f"running (pid {st['pid']})" if st["running"] else ("finished" if st["finished"] else "not running")
+    state = f"running (pid {st['pid']} on {st['host']})" if st["running"] else st["state"]
     stored = ", ".join(f"{k} {v:,}" for k, v in sorted(st["responses_stored"].items())) or "none"
     print(f"job        {st['out_dir']}: {state}")
     print(f"rows       {st['rows_done']:,} done, {st['rows_failed']:,} failed, {st['rows_pending']:,} pending "
@@ -74,4 +103,6 @@ def print_status(out_dir: str, *, as_json: bool = False) -> int:
     print(f"tokens     {st['prompt_tokens']:,} prompt + {st['completion_tokens']:,} completion")
     print(f"cost       ${st['cost_usd']:.4f}")
     print(f"updated    {when}")
+    if not st["running"] and st["rows_pending"] and st["resume_command"]:
+        print(f"resume     {st['resume_command']}")
     return 0

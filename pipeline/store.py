@@ -12,6 +12,14 @@ loss costs one fsync a second, not one per response.
 
 Record states: ok | permanent | bad_content | transient (retries exhausted). A later record for the same
 key replaces an earlier one (e.g. a failure that `--retry-failed` turned into a success).
+
+Two small tables keep start-up and `pipeline status` independent of the job's size (a 1M-row store is
+~1 GB, and summing it costs a second warm and far more cold):
+  tally   counts, tokens and cost per (state, cache_hit), kept by triggers in the same transaction as
+          the responses they count, so they can never disagree after a crash;
+  parts   per finished batch: rows ok / failed / failed transiently / failed after a request, written
+          right after the batch's part files, so a resume knows which batches to skip or reopen
+          without opening a thousand Parquet footers.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tally + parts tables (a version-1 store is upgraded on open)
 
 # States a resume does not request again; `--retry-failed` narrows this to "ok" only.
 FINAL_STATES = frozenset({"ok", "permanent", "bad_content"})
@@ -61,6 +69,50 @@ _COLUMNS = [f.name for f in fields(Record)]
 _INSERT = f"INSERT OR REPLACE INTO responses ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SELECT_NO_RAW = ", ".join(c for c in _COLUMNS if c != "raw")
 
+# No conflict clause inside the triggers: the firing INSERT OR REPLACE would impose its own on them.
+_TALLY_ADD = """
+    INSERT INTO tally (state, cache_hit) SELECT new.state, coalesce(new.cache_hit, 0) WHERE NOT EXISTS
+        (SELECT 1 FROM tally WHERE state = new.state AND cache_hit = coalesce(new.cache_hit, 0));
+    UPDATE tally SET n = n + 1, prompt_tokens = prompt_tokens + coalesce(new.prompt_tokens, 0),
+        completion_tokens = completion_tokens + coalesce(new.completion_tokens, 0),
+        cost_usd = cost_usd + coalesce(new.cost_usd, 0), last_write = max(coalesce(last_write, 0), new.created_at)
+    WHERE state = new.state AND cache_hit = coalesce(new.cache_hit, 0);
+"""
+_TALLY_SUB = """
+    UPDATE tally SET n = n - 1, prompt_tokens = prompt_tokens - coalesce(old.prompt_tokens, 0),
+        completion_tokens = completion_tokens - coalesce(old.completion_tokens, 0),
+        cost_usd = cost_usd - coalesce(old.cost_usd, 0)
+    WHERE state = old.state AND cache_hit = coalesce(old.cache_hit, 0);
+"""
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS responses (
+        key TEXT PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER, status INTEGER,
+        error_class TEXT, message TEXT, content TEXT, output_json TEXT, finish_reason TEXT,
+        model TEXT, provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,
+        cost_usd REAL, latency_s REAL, ttft_s REAL, tool_calls_json TEXT, logprobs_json TEXT,
+        cache_hit INTEGER, created_at REAL, raw BLOB)""",
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)",
+    """CREATE TABLE IF NOT EXISTS tally (
+        state TEXT NOT NULL, cache_hit INTEGER NOT NULL, n INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0, last_write REAL, PRIMARY KEY (state, cache_hit))""",
+    f"CREATE TRIGGER IF NOT EXISTS tally_add AFTER INSERT ON responses BEGIN {_TALLY_ADD} END",
+    f"CREATE TRIGGER IF NOT EXISTS tally_sub AFTER DELETE ON responses BEGIN {_TALLY_SUB} END",
+    """CREATE TABLE IF NOT EXISTS parts (
+        batch INTEGER PRIMARY KEY, ok INTEGER NOT NULL, failed INTEGER NOT NULL,
+        transient INTEGER NOT NULL, request_failed INTEGER NOT NULL)""",
+]
+
+
+@dataclass(slots=True, frozen=True)
+class PartCounts:
+    """One finished batch: rows answered, failed, failed with retries exhausted, failed after a request."""
+
+    ok: int
+    failed: int
+    transient: int
+    request_failed: int
+
 
 class Store:
     def __init__(self, path: str, *, fsync_interval_s: float = 1.0, readonly: bool = False) -> None:
@@ -73,18 +125,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL: commits append to the WAL without fsync (the OS has the data); we fsync on a timer.
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS responses (
-                    key TEXT PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER, status INTEGER,
-                    error_class TEXT, message TEXT, content TEXT, output_json TEXT, finish_reason TEXT,
-                    model TEXT, provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,
-                    cost_usd REAL, latency_s REAL, ttft_s REAL, tool_calls_json TEXT, logprobs_json TEXT,
-                    cache_hit INTEGER, created_at REAL, raw BLOB);
-                CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
-                """
-            )
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            # A REPLACE must fire the delete trigger for the row it replaces, or the tally double-counts.
+            self._db.execute("PRAGMA recursive_triggers=ON")
+            self._create_schema()
         self._pending: list[tuple[Record, asyncio.Future[None]]] = []
         self._flush_scheduled = False
         self._dirty = False
@@ -94,6 +137,26 @@ class Store:
         if not readonly:
             self._fsync_thread = threading.Thread(target=self._fsync_loop, name="store-fsync", daemon=True)
             self._fsync_thread.start()
+
+    def _create_schema(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")  # one writer at a time creates or upgrades (a shared cache.dir)
+        try:
+            had_tally = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tally'").fetchone() is not None
+            for statement in _SCHEMA:
+                db.execute(statement)
+            if not had_tally:
+                # A version-1 store (or a new one): count what is already there, once.
+                db.execute(
+                    "INSERT INTO tally SELECT state, coalesce(cache_hit, 0), count(*), coalesce(sum(prompt_tokens), 0),"
+                    " coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0), max(created_at)"
+                    " FROM responses GROUP BY state, coalesce(cache_hit, 0)"
+                )
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -169,13 +232,46 @@ class Store:
         return out
 
     def totals(self) -> dict[str, Any]:
-        """Counts by state, tokens and cost, last write time: what `pipeline status` shows."""
-        by_state = dict(self._db.execute("SELECT state, count(*) FROM responses GROUP BY state").fetchall())
-        p, c, cost, last = self._db.execute(
-            "SELECT coalesce(sum(prompt_tokens),0), coalesce(sum(completion_tokens),0),"
-            " coalesce(sum(cost_usd),0), max(created_at) FROM responses WHERE cache_hit = 0"
-        ).fetchone()
-        return {"by_state": by_state, "prompt_tokens": p, "completion_tokens": c, "cost_usd": cost, "last_write": last}
+        """Counts by state, tokens and cost (cache hits are counted, not charged), last write time: what
+        `pipeline status` shows and where a resumed budget starts. Reads the tally, not the responses."""
+        try:
+            rows = self._db.execute(
+                "SELECT state, cache_hit, n, prompt_tokens, completion_tokens, cost_usd, last_write FROM tally"
+            ).fetchall()
+        except sqlite3.OperationalError:  # a version-1 store opened read-only: sum it the slow way
+            rows = self._db.execute(
+                "SELECT state, cache_hit, count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens),"
+                " 0), coalesce(sum(cost_usd), 0), max(created_at) FROM responses GROUP BY state, cache_hit"
+            ).fetchall()
+        by_state: dict[str, int] = {}
+        p = c = 0
+        cost = 0.0
+        last = None
+        for state, cache_hit, n, pt, ct, usd, when in rows:
+            if n:
+                by_state[state] = by_state.get(state, 0) + n
+            if not cache_hit:
+                p, c, cost = p + pt, c + ct, cost + usd
+            if when is not None and n:
+                last = when if last is None else max(last, when)
+        return {"by_state": by_state, "prompt_tokens": p, "completion_tokens": c, "cost_usd": max(cost, 0.0),
+                "last_write": last}
+
+    # -- the part index ------------------------------------------------------------------------------
+
+    def put_part(self, batch: int, *, ok: int, failed: int, transient: int, request_failed: int) -> None:
+        """Record a finished batch (after its part files are in place); a later record replaces it."""
+        self._db.execute("INSERT OR REPLACE INTO parts VALUES (?, ?, ?, ?, ?)",
+                         (batch, ok, failed, transient, request_failed))
+        self._dirty = True
+
+    def parts(self) -> dict[int, PartCounts]:
+        """The finished batches this store knows of (one small row each)."""
+        try:
+            rows = self._db.execute("SELECT batch, ok, failed, transient, request_failed FROM parts").fetchall()
+        except sqlite3.OperationalError:  # a version-1 store opened read-only
+            return {}
+        return {b: PartCounts(ok, failed, transient, rf) for b, ok, failed, transient, rf in rows}
 
     def iter_records(self) -> Iterator[Record]:
         for row in self._db.execute(f"SELECT {_SELECT_NO_RAW} FROM responses"):

@@ -18,16 +18,24 @@ import fnmatch
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from .config import StructuredConfig
+from .config import EndpointConfig, ParamsConfig, StructuredConfig
 from .errors import BadContentError, ConfigError
 from .schema import SCHEMA_KEY, check_schema, pointer, strict_normalise, tolerant_schema
 
 MODES = ("json_schema", "tool", "json_object")
+# Modes whose schema travels only in a request parameter (response_format, tools). On OpenRouter such a
+# parameter is a soft preference: with no supporting provider the request goes to one that ignores it,
+# and the model answers prose that fails as bad content on every row, paid for each time.
+# provider.require_parameters turns that into a free 404, which auto mode reads as "not supported".
+# json_object is left alone: its schema is also in the prompt, so an ignored response_format still
+# gets JSON, and as the last resort it must not be blocked by some other parameter a provider lacks.
+GUARDED_MODES = ("json_schema", "tool")
 
 # Model glob (fnmatch, case-insensitive) -> supported modes, best first; the first matching glob wins,
 # so specific snapshots come before family globs.
@@ -36,28 +44,13 @@ MODES = ("json_schema", "tool", "json_object")
 # follow it (required keys, enums, nesting), while JSON mode only guarantees syntax and leaves the schema
 # to a prompt instruction; it is also what LangChain and the OpenAI cookbooks used for extraction
 # before structured outputs existed. json_object stays as the fallback for routes without tools.
-BUILTIN_CAPABILITIES: dict[str, list[str]] = {
-    "gpt-4-turbo*": ["tool", "json_object"],
-    "openai/gpt-4-turbo*": ["tool", "json_object"],
-    "gpt-4-1106*": ["tool", "json_object"],
-    "gpt-4-0125*": ["tool", "json_object"],
-    "openai/gpt-4-1106*": ["tool", "json_object"],
-    "openai/gpt-4-0125*": ["tool", "json_object"],
+_LEGACY = ["tool", "json_object"]
+_MODERN = ["json_schema", "tool", "json_object"]
+BUILTIN_CAPABILITIES: dict[str, list[str]] = {  # matched with and without OpenRouter's "openai/" prefix
+    "gpt-4-turbo*": _LEGACY, "gpt-4-1106*": _LEGACY, "gpt-4-0125*": _LEGACY,
     # The first gpt-4o snapshot predates structured outputs (OpenAI: 2024-08-06 and later only).
-    "gpt-4o-2024-05-13": ["tool", "json_object"],
-    "openai/gpt-4o-2024-05-13": ["tool", "json_object"],
-    "gpt-4o*": ["json_schema", "tool", "json_object"],
-    "openai/gpt-4o*": ["json_schema", "tool", "json_object"],
-    "gpt-4.1*": ["json_schema", "tool", "json_object"],
-    "openai/gpt-4.1*": ["json_schema", "tool", "json_object"],
-    "o1*": ["json_schema", "tool", "json_object"],
-    "o3*": ["json_schema", "tool", "json_object"],
-    "o4*": ["json_schema", "tool", "json_object"],
-    "openai/o1*": ["json_schema", "tool", "json_object"],
-    "openai/o3*": ["json_schema", "tool", "json_object"],
-    "openai/o4*": ["json_schema", "tool", "json_object"],
-    "gpt-5*": ["json_schema", "tool", "json_object"],
-    "openai/gpt-5*": ["json_schema", "tool", "json_object"],
+    "gpt-4o-2024-05-13": _LEGACY,
+    "gpt-4o*": _MODERN, "gpt-4.1*": _MODERN, "gpt-5*": _MODERN, "o1*": _MODERN, "o3*": _MODERN, "o4*": _MODERN,
 }
 # Unknown models: vLLM and llama.cpp constrain decoding with json_schema, and auto steps down if not.
 DEFAULT_CAPABILITIES: list[str] = ["json_schema", "json_object", "tool"]
@@ -76,10 +69,10 @@ _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\r?\n?(.*?)\r?\n?[ \t]*```", re.DOT
 
 def capabilities(model: str, extra: dict[str, list[str]] | None = None) -> list[str]:
     """Supported modes for a model, best first: config entries win over the built-in table."""
-    name = model.lower()
+    names = {model.lower(), model.lower().removeprefix("openai/")}
     for table in (extra or {}, BUILTIN_CAPABILITIES):
         for glob, modes in table.items():
-            if fnmatch.fnmatchcase(name, glob.lower()):
+            if any(fnmatch.fnmatchcase(name, glob.lower()) for name in names):
                 return list(modes)
     return list(DEFAULT_CAPABILITIES)
 
@@ -91,7 +84,8 @@ class StructuredPlan:
     atomic with respect to the requests in flight.
     """
 
-    def __init__(self, cfg: StructuredConfig, model: str, *, schema: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: StructuredConfig, model: str, *, schema: dict[str, Any] | None = None,
+                 endpoint: EndpointConfig | None = None, params: ParamsConfig | None = None) -> None:
         self.cfg = cfg
         self.model = model
         self.schema: dict[str, Any] = schema if schema is not None else _load(cfg.schema_)
@@ -108,6 +102,13 @@ class StructuredPlan:
                                   f"(known: {', '.join(known)}); expect HTTP 400/404, or use mode: auto")
         self._abandoned: set[str] = set()
         self._mode = self.modes[0]
+        # Set only where the user left it unset: an explicit false (or true) is theirs to keep.
+        self.require_parameters = (endpoint is not None and routes_via_openrouter(endpoint)
+                                   and _user_require_parameters(params) is None)
+        if self.require_parameters and any(m in GUARDED_MODES for m in self.modes):
+            self.notes.append("provider.require_parameters: true is sent with json_schema and tool requests, so "
+                              "OpenRouter answers 404 instead of routing to a provider that would ignore the "
+                              "schema; set params.provider.require_parameters: false to route anyway")
         self.sent_schema: dict[str, Any] = self.schema
         if self.cfg.strict and "json_schema" in self.modes:
             # Strict mode rejects schemas that leave properties optional or objects open; send what it
@@ -131,7 +132,11 @@ class StructuredPlan:
         if value not in MODES:
             raise ValueError(f"unknown structured mode {value!r}; expected one of {', '.join(MODES)}")
         if value in self.modes:
-            self._abandoned.update(self.modes[: self.modes.index(value)])
+            skipped = [m for m in self.modes[: self.modes.index(value)] if m not in self._abandoned]
+            self._abandoned.update(skipped)
+            if skipped:
+                self.notes.append(f"starting in {value}: an earlier run of this job found "
+                                  f"{', '.join(skipped)} not supported by {self.model}")
         self._mode = value
 
     # -- requests ------------------------------------------------------------------------------------
@@ -140,7 +145,8 @@ class StructuredPlan:
         """A new body asking for structured output in the current mode; the input is not touched.
 
         Whatever an earlier shape() added is removed first, so re-shaping after a fallback or shaping
-        twice never duplicates anything. The plan owns response_format and, in tool mode, tool_choice.
+        twice never duplicates anything. The plan owns response_format, in tool mode tool_choice, and on
+        OpenRouter provider.require_parameters unless the user set it.
         """
         out = dict(body)
         self._unshape(out)
@@ -153,16 +159,13 @@ class StructuredPlan:
             out["response_format"] = {"type": "json_object"}
             out["messages"] = self._instruct(list(out.get("messages") or []))
         else:
-            tool = {
-                "type": "function",
-                "function": {
-                    "name": self.cfg.name,
-                    "description": self.schema.get("description") or TOOL_DESCRIPTION,
-                    "parameters": self.schema,
-                },
-            }
-            out["tools"] = [*(out.get("tools") or []), tool]
+            fn = {"name": self.cfg.name, "description": self.schema.get("description") or TOOL_DESCRIPTION,
+                  "parameters": self.schema}
+            out["tools"] = [*(out.get("tools") or []), {"type": "function", "function": fn}]
             out["tool_choice"] = {"type": "function", "function": {"name": self.cfg.name}}
+        if self.require_parameters and self.mode in GUARDED_MODES:
+            # A new dict: the provider preferences are shared by every body built from the config.
+            out["provider"] = {**(out.get("provider") or {}), "require_parameters": True}
         return out
 
     def mode_of(self, body: dict[str, Any]) -> str | None:
@@ -177,6 +180,11 @@ class StructuredPlan:
 
     def _unshape(self, out: dict[str, Any]) -> None:
         out.pop("response_format", None)
+        if self.require_parameters and isinstance(out.get("provider"), dict):
+            # Ours to remove: the guard is only on when the user did not set require_parameters.
+            out["provider"] = {k: v for k, v in out["provider"].items() if k != "require_parameters"}
+            if not out["provider"]:
+                del out["provider"]
         if self._is_ours(out.get("tool_choice")):
             del out["tool_choice"]
         if out.get("tools"):
@@ -243,7 +251,9 @@ class StructuredPlan:
         self._mode = nxt
         short = _clip(message.strip(), 200)
         self.fallbacks.append({"from": sent, "to": nxt, "status": status, "message": short})
-        self.notes.append(f"{sent} not supported by {self.model} (HTTP {status}: {short}); "
+        why = (" (with the provider.require_parameters the pipeline sets, any parameter the providers lack gives "
+               "this 404, not only the structured one)") if self.require_parameters and _NO_ENDPOINTS in text else ""
+        self.notes.append(f"{sent} not supported by {self.model} (HTTP {status}: {short}){why}; "
                           f"falling back to {nxt} for the rest of the run")
         return True
 
@@ -263,16 +273,24 @@ class StructuredPlan:
             # may answer after it, and some servers put a forced call's JSON in content.
             raw = _content_text(message.get("content"))
             text = _unfence(raw)
-            if self.mode == "tool" and not text.startswith("{"):
-                if not (finish_reason == "length" and not text):
-                    raise BadContentError(f"no call to the {self.cfg.name} tool and the content is not JSON: "
-                                          f"{_clip(text, 200)!r}", reason="no_tool_call", content=raw)
+            # Prose, or a call to another tool; nothing at all is "empty", cut off mid-call is "length".
+            other_call = bool(message.get("tool_calls")) and finish_reason != "length"
+            if self.mode == "tool" and not text.startswith("{") and (text or other_call):
+                raise BadContentError(f"no call to the {self.cfg.name} tool and the content is not JSON: "
+                                      f"{_clip(text, 200)!r}", reason="no_tool_call", content=raw)
         if finish_reason == "length":
             # Checked before "empty": a reasoning model cut off mid-thought answers with nothing, and
             # the remedy (more max_tokens) is the length one.
             raise BadContentError("the answer was cut off at max_tokens (finish_reason: length)",
                                   reason="length", content=raw)
         if not text:
+            others = message.get("tool_calls") or []
+            if others and self.mode != "tool":
+                # With the user's own params.tools the model may call one instead of answering; keep the
+                # calls as the raw content so the failure row shows what it did.
+                names = ", ".join(str((c.get("function") or {}).get("name")) for c in others if isinstance(c, dict))
+                raise BadContentError(f"the model called {names} instead of answering with the JSON object",
+                                      reason="tool_call", content=orjson.dumps(others).decode())
             raise BadContentError("the answer is empty", reason="empty", content=raw)
         try:
             value = orjson.loads(text)
@@ -303,6 +321,28 @@ class StructuredPlan:
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+def routes_via_openrouter(endpoint: EndpointConfig) -> bool:
+    """Whether requests go to OpenRouter (or to the built-in simulator playing it)."""
+    if endpoint.base_url == "simulator":
+        from .simulator import SimConfig  # imported here: only simulator runs need it
+
+        # Its default flavor is the one it plays when the config does not say.
+        return bool(endpoint.simulator.get("flavor", SimConfig.model_fields["flavor"].default) == "openrouter")
+    host = (urlsplit(endpoint.base_url).hostname or "").lower()
+    return host == "openrouter.ai" or host.endswith(".openrouter.ai")
+
+
+def _user_require_parameters(params: ParamsConfig | None) -> bool | None:
+    """provider.require_parameters as the user set it (params.provider or params.extra), else None."""
+    if params is None:
+        return None
+    if params.provider is not None and params.provider.require_parameters is not None:
+        return params.provider.require_parameters
+    extra = params.extra.get("provider")
+    value = extra.get("require_parameters") if isinstance(extra, dict) else None
+    return bool(value) if value is not None else None
 
 
 def _unsupported(mode: str, text: str, status: int | None, *, generic: bool = True) -> bool:

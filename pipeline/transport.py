@@ -2,9 +2,12 @@
 
 `Transport.send(payload, stream=...)` posts canonical JSON bytes to `{base_url}/chat/completions` and
 returns a `Reply` (status, headers, body bytes, timings). For `stream: true` the SSE events are read
-and assembled into one chat.completion body, so everything after this seam sees one shape. Network
-failures become `TransientError`; a redirect or a TLS failure is run-fatal (it will not get better and
-the key must not follow a redirect to another host).
+and assembled into one chat.completion body, so everything after this seam sees one shape; `ttft_s` is
+the time to the first content, refusal, reasoning or tool-call token (not to the empty role chunk or a
+keep-alive comment). A stream that carries an error event or stops without a finish_reason or [DONE]
+raises `TransientError` (a 429 in it `RateLimited`): the answer is incomplete and a retry may succeed.
+Network failures become `TransientError`; a redirect or a TLS failure is run-fatal (it will not get
+better and the key must not follow a redirect to another host).
 
 Tests and benchmarks replace this class with anything that has the same `send`/`close` (a fake, or
 the real class pointed at the simulator on loopback).
@@ -12,6 +15,7 @@ the real class pointed at the simulator on loopback).
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +24,9 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from .errors import RunFatalError, TransientError
+from .errors import RateLimited, RunFatalError, TransientError
+
+_SSE_ACCEPT = {"Accept": "text/event-stream"}
 
 
 @dataclass(slots=True)
@@ -77,7 +83,8 @@ class HttpTransport:
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
-            async with session.post(self.url, data=payload, allow_redirects=False) as resp:
+            accept = _SSE_ACCEPT if stream else None
+            async with session.post(self.url, data=payload, allow_redirects=False, headers=accept) as resp:
                 if 300 <= resp.status < 400:
                     raise RunFatalError(
                         f"the endpoint answered with a redirect (HTTP {resp.status}) to "
@@ -92,8 +99,11 @@ class HttpTransport:
                 body = await resp.read()
                 return Reply(resp.status, resp.headers, body, loop.time() - start)
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError, ssl.SSLError) as exc:
-            raise RunFatalError(f"TLS failure talking to {self.base_url}: {type(exc).__name__}") from None
-        except asyncio.TimeoutError:
+            inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
+            why = getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or type(exc).__name__
+            raise RunFatalError(f"TLS failure talking to {self.base_url}: {why}; check endpoint.base_url "
+                                "(http or https?) and the server's certificate") from None
+        except TimeoutError:
             raise TransientError(f"no answer within the timeout ({loop.time() - start:.1f}s)", code="timeout") from None
         except aiohttp.ClientConnectorError as exc:
             raise TransientError(
@@ -108,116 +118,207 @@ class HttpTransport:
             self._session = None
 
 
-async def _read_sse(resp: aiohttp.ClientResponse, loop: asyncio.AbstractEventLoop, start: float) -> tuple[bytes, float | None]:
-    """Read an SSE stream into one chat.completion body (bytes). Tolerates comments, CRLF, split reads."""
+async def _read_sse(resp: aiohttp.ClientResponse, loop: asyncio.AbstractEventLoop,
+                    start: float) -> tuple[bytes, float | None]:
+    """Read an SSE stream into one chat.completion body (bytes) and the time to the first token."""
+    parser = SSEParser()
     acc = _Assembler()
-    buf = b""
     ttft: float | None = None
     async for chunk in resp.content.iter_any():
-        buf += chunk
-        buf = buf.replace(b"\r\n", b"\n")
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            data_lines, error_field = [], None
-            for line in event.split(b"\n"):
-                if not line or line.startswith(b":"):
-                    continue  # keep-alive comment such as ': OPENROUTER PROCESSING'
-                name, _, value = line.partition(b":")
-                value = value[1:] if value.startswith(b" ") else value
-                if name == b"data":
-                    data_lines.append(value)
-                elif name == b"error":
-                    error_field = value  # legacy llama.cpp error field, dropped by spec-only parsers
-            if error_field is not None:
-                acc.error(_loads_or_text(error_field))
-            if not data_lines:
-                continue
-            data = b"\n".join(data_lines)
-            if data.strip() == b"[DONE]":
-                acc.done = True
-                continue
-            obj = _loads_or_text(data)
-            if ttft is None:
-                ttft = loop.time() - start
-            acc.add(obj)
-    if buf.strip():
-        raise TransientError("the stream ended in the middle of an event", code="stream_truncated")
-    if not acc.done and not acc.errored and not acc.finished:
-        raise TransientError("the stream ended without a finish_reason or [DONE]", code="stream_truncated")
+        for name, data in parser.feed(chunk):
+            acc.event(name, data)
+        if ttft is None and acc.got_token:
+            ttft = loop.time() - start
+    for name, data in parser.close():
+        acc.event(name, data)
+    if ttft is None and acc.got_token:
+        ttft = loop.time() - start
     return orjson.dumps(acc.result()), ttft
 
 
-def _loads_or_text(data: bytes) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise TransientError("the stream carried an event that is not JSON", code="malformed") from None
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+class SSEParser:
+    """Incremental server-sent-events decoder: bytes in, (field, data) events out.
+
+    Lines end in LF, CRLF or a lone CR, and a CRLF may be split across two reads; a blank line ends
+    an event; lines starting with ':' are comments (OpenRouter's `: OPENROUTER PROCESSING` keep-alives);
+    `data` lines of one event join with LF. Besides `data`, the non-standard `error` field of older
+    llama.cpp builds is kept, because a spec-only parser would silently drop that error (wire-facts §4.2).
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf already searched for a line end, so a long event is scanned once
+        self._data: list[bytes] = []
+        self._error: bytes | None = None
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        buf = self._buf
+        buf += chunk
+        events: list[tuple[str, bytes]] = []
+        pos = 0
+        for m in _EOL.finditer(buf, max(0, self._scanned - 1)):
+            if m.end() == len(buf) and m.group() == b"\r":
+                break  # maybe the first half of a CRLF: wait for the next read
+            self._line(bytes(buf[pos:m.start()]), events)
+            pos = m.end()
+        del buf[:pos]
+        self._scanned = len(buf)
+        return events
+
+    def close(self) -> list[tuple[str, bytes]]:
+        """The events left when the stream ends, including a last one without its blank line."""
+        events: list[tuple[str, bytes]] = []
+        if self._buf:
+            self._line(bytes(self._buf.rstrip(b"\r")), events)
+            self._buf.clear()
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[tuple[str, bytes]]) -> None:
+        if not line:
+            if self._error is not None:
+                events.append(("error", self._error))
+            if self._data:
+                events.append(("data", b"\n".join(self._data)))
+            self._data, self._error = [], None
+            return
+        if line.startswith(b":"):
+            return
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"error":
+            self._error = value
+        # `event`, `id` and `retry` carry nothing a chat completion needs.
 
 
 class _Assembler:
-    """Folds chat.completion.chunk events into the non-streaming body shape."""
+    """Folds chat.completion.chunk events into the non-streaming body shape (choice 0 only).
+
+    `result()` raises TransientError when the stream did not end well: an error event arrived
+    (OpenRouter's mid-stream error chunk with `finish_reason: "error"`, a vLLM/llama.cpp `{"error":...}`
+    event, the legacy `error:` field), or the stream stopped with neither a finish_reason nor [DONE].
+    Either way the answer is incomplete and a retry may well succeed, so both are transient.
+    """
 
     def __init__(self) -> None:
         self.done = False
         self.finished = False
-        self.errored = False
+        self.got_token = False
+        self.err: dict[str, Any] | None = None
         self.meta: dict[str, Any] = {}
         self.content: list[str] = []
         self.refusal: list[str] = []
+        self.reasoning: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
+        self.native_finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.logprobs: list[Any] = []
-        self.err: Any = None
 
-    def error(self, err: Any) -> None:
-        self.errored = True
-        self.err = err.get("error", err) if isinstance(err, dict) else {"message": str(err)}
+    def event(self, name: str, data: bytes) -> None:
+        if name == "error":
+            self._error(_loads(data, allow_text=True))
+            return
+        if data.strip() == b"[DONE]":
+            self.done = True
+            return
+        self.add(_loads(data))
+
+    def _error(self, err: Any) -> None:
+        if self.err is None:
+            inner = err.get("error", err) if isinstance(err, dict) else err
+            self.err = inner if isinstance(inner, dict) else {"message": str(inner)}
 
     def add(self, obj: Any) -> None:
         if not isinstance(obj, dict):
             return
-        for k in ("id", "model", "provider", "created", "system_fingerprint"):
-            if k in obj and k not in self.meta:
+        for k in ("id", "model", "provider", "created", "system_fingerprint", "service_tier"):
+            if obj.get(k) is not None and k not in self.meta:
                 self.meta[k] = obj[k]
         if obj.get("usage"):
-            self.usage = obj["usage"]
-        if "error" in obj and obj["error"]:
-            self.error(obj)
+            self.usage = obj["usage"]  # the final chunk's (choices: []); earlier chunks carry null
+        if obj.get("error"):
+            self._error(obj)
         for choice in obj.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                self.content.append(delta["content"])
-            if delta.get("refusal"):
-                self.refusal.append(delta["refusal"])
-            for tc in delta.get("tool_calls") or []:
-                slot = self.tool_calls.setdefault(tc.get("index", 0), {"type": "function", "function": {"name": "", "arguments": ""}})
-                if tc.get("id"):
-                    slot["id"] = tc["id"]
-                fn = tc.get("function") or {}
-                slot["function"]["name"] += fn.get("name") or ""
-                slot["function"]["arguments"] += fn.get("arguments") or ""
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue  # n > 1 is not something a labelling run asks for; keep choice 0 whole
+            self._delta(choice.get("delta") or {})
             lp = choice.get("logprobs")
-            if lp and lp.get("content"):
+            if isinstance(lp, dict) and lp.get("content"):
                 self.logprobs.extend(lp["content"])
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+                self.native_finish_reason = choice.get("native_finish_reason")
                 self.finished = True
+                if choice["finish_reason"] == "error":
+                    self._error(choice.get("error") or {"message": "the provider ended the stream with an error"})
+
+    def _delta(self, delta: dict[str, Any]) -> None:
+        for key, sink in (("content", self.content), ("refusal", self.refusal), ("reasoning", self.reasoning)):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                sink.append(text)
+                self.got_token = True
+        for tc in delta.get("tool_calls") or []:
+            self.got_token = True
+            slot = self.tool_calls.setdefault(tc.get("index", 0),
+                                              {"type": "function", "function": {"name": "", "arguments": ""}})
+            if tc.get("id"):
+                slot["id"] = tc["id"]
+            fn = tc.get("function") or {}
+            slot["function"]["name"] += fn.get("name") or ""
+            slot["function"]["arguments"] += fn.get("arguments") or ""
 
     def result(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) if self.content else None}
+        partial = "".join(self.content) or None
+        if self.err is not None:
+            raise _stream_error(self.err, partial)
+        if not self.done and not self.finished:
+            raise TransientError("the stream ended without a finish_reason or [DONE] (cut off)",
+                                 code="stream_truncated", content=partial)
+        message: dict[str, Any] = {"role": "assistant", "content": partial}
         if self.refusal:
             message["refusal"] = "".join(self.refusal)
+        if self.reasoning:
+            message["reasoning"] = "".join(self.reasoning)
         if self.tool_calls:
             message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
         choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": self.finish_reason}
+        if self.native_finish_reason is not None:
+            choice["native_finish_reason"] = self.native_finish_reason
         if self.logprobs:
             choice["logprobs"] = {"content": self.logprobs}
         body: dict[str, Any] = {**self.meta, "object": "chat.completion", "choices": [choice]}
         if self.usage is not None:
             body["usage"] = self.usage
-        if self.errored:
-            choice["finish_reason"] = "error"
-            choice["error"] = self.err
-            body["error"] = self.err
         return body
+
+
+def _stream_error(err: dict[str, Any], partial: str | None) -> TransientError:
+    """A mid-stream error: the 200 was already committed, so retry (a 429 pauses the whole client)."""
+    code = err.get("code")
+    raw_meta = err.get("metadata")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    message = f"error in the middle of the stream: {str(err.get('message') or 'no message')[:300]}"
+    if meta.get("error_type"):
+        message += f" ({meta['error_type']})"
+    code_s = str(code) if code is not None else "stream_error"
+    if code in (429, "429", "rate_limit_exceeded") or meta.get("error_type") == "rate_limit_exceeded":
+        return RateLimited(message, status=200, code=code_s, content=partial)
+    return TransientError(message, status=200, code=code_s, content=partial)
+
+
+def _loads(data: bytes, *, allow_text: bool = False) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        if allow_text:
+            return {"message": data.decode("utf-8", "replace")}
+        raise TransientError("the stream carried an event that is not JSON (cut off or garbled)",
+                             code="malformed") from None

@@ -77,6 +77,23 @@ CASES: list[tuple[int, object, dict[str, str], type[RequestError]]] = [
     (200, {"id": "x", "choices": None}, {}, TransientError),
     (200, {"id": "x", "choices": [{"message": {"content": "part"}, "finish_reason": "error", "error": {"code": 502, "message": "disconnect"}}]}, {}, TransientError),
     (200, {"id": "x", "error": {"code": "server_error", "message": "stream died"}, "choices": [{"message": {"content": ""}, "finish_reason": "error"}]}, {}, TransientError),
+    (200, {"id": "x", "error": {"code": "rate_limit_exceeded", "message": "slow"}, "choices": [{"delta": {}, "finish_reason": "error"}]}, {}, RateLimited),
+    (200, {"error": {"message": "upstream", "metadata": {"error_type": "provider_overloaded"}}}, {}, TransientError),
+    (200, {"error": "Unauthorized"}, {}, TransientError),
+    # the availability variant: no error.code, the HTTP status (or http_status) decides
+    (429, {"error": {"message": "Provider capacity exhausted", "error_type": "rate_limit_exceeded", "http_status": 429,
+                     "availability": {"code": "capacity_exhausted", "retryable": True, "retry_after": 2}}}, {}, RateLimited),
+    (503, {"error": {"message": "Model temporarily unavailable", "error_type": "provider_overloaded", "http_status": 503,
+                     "availability": {"code": "temporarily_unavailable", "retryable": True}}}, {}, TransientError),
+    (404, {"error": {"message": "No endpoints", "error_type": "not_found", "http_status": 404,
+                     "availability": {"code": "no_endpoints", "retryable": False}}}, {}, PermanentError),
+    (200, {"error": {"message": "No endpoints", "http_status": 404, "availability": {"code": "no_endpoints",
+                                                                                  "retryable": False}}}, {}, PermanentError),
+    # OpenAI 503 "Slow Down": the request rate is the problem, so the whole client backs off
+    (503, oa_err("Slow Down: a sudden increase in your request rate is impacting service reliability.", "server_error", None), {}, RateLimited),
+    # OpenRouter 402s: credits (run-fatal), the max_tokens pre-flight (run-fatal), the in-flight budget (wait)
+    (402, or_err(402, "This request requires more credits, or fewer max_tokens. You requested up to 4096 tokens, but can only afford 812."), {}, CreditsError),
+    (402, or_err(402, "Insufficient credits", limit_source="openrouter_in_flight_budget"), {"Retry-After": "2"}, TransientError),
 ]
 
 
@@ -139,3 +156,51 @@ def test_openrouter_wrapped_upstream_errors_are_classified_by_the_upstream_body(
                                   "Requested 31538.", "type": "tokens", "code": "rate_limit_exceeded"}}).decode()
     with pytest.raises(PermanentError):
         classify(reply(429, or_err(429, "Provider returned error", raw=big)))
+
+
+def test_402_that_fewer_max_tokens_would_clear_says_so_in_the_next_step() -> None:
+    body = or_err(402, "This request requires more credits, or fewer max_tokens. You requested up to 4096 tokens, "
+                       "but can only afford 812. To increase, visit https://openrouter.ai/settings/credits")
+    with pytest.raises(CreditsError) as info:
+        classify(reply(402, body))
+    assert "lower params.max_tokens (the key can only afford 812 tokens now)" in info.value.hint
+    with pytest.raises(CreditsError) as plain:
+        classify(reply(402, or_err(402, "Insufficient credits", limit_source="openrouter_credits")))
+    assert plain.value.hint == CreditsError.hint  # the generic next step: add credits
+
+
+@pytest.mark.parametrize("raw_as", ["string", "object"])
+def test_wrapped_quota_and_too_large_never_retry_whatever_the_wrapping(raw_as: str) -> None:
+    def wrapped(status: int, upstream: dict[str, object]) -> Reply:
+        raw: object = orjson.dumps(upstream).decode() if raw_as == "string" else upstream
+        return reply(status, or_err(status, "Provider returned error", raw=raw, provider_name="OpenAI"))
+
+    for code in ("insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
+                 "project_spend_limit_exceeded", "organization_usage_limit_exceeded"):
+        with pytest.raises(CreditsError):
+            classify(wrapped(429, {"error": {"message": "quota", "type": "insufficient_quota", "code": code}}))
+        with pytest.raises(CreditsError):
+            classify(reply(429, oa_err("quota", "insufficient_quota", code)))
+    big = {"error": {"message": "Request too large for gpt-4-turbo in organization org-x on tokens per min (TPM): "
+                                "Limit 30000, Requested 31538.", "type": "tokens", "code": "rate_limit_exceeded"}}
+    with pytest.raises(PermanentError):
+        classify(wrapped(429, big))
+    ok_limit = {"error": {"message": "Rate limit reached for gpt-4 on tokens per min (TPM): Limit 10000, Used 9000, "
+                                     "Requested 3082. Please try again in 1.5s.", "type": "tokens",
+                          "code": "rate_limit_exceeded"}}
+    with pytest.raises(RateLimited) as info:
+        classify(wrapped(429, ok_limit))
+    assert info.value.retry_after == pytest.approx(1.5)
+
+
+def test_string_codes_mid_stream_map_to_the_status_they_name() -> None:
+    def chunk(code: object) -> Reply:
+        return reply(200, {"id": "x", "error": {"code": code, "message": "m"},
+                           "choices": [{"index": 0, "message": {"content": "par"}, "finish_reason": "error"}]})
+
+    for code, kind in (("server_error", TransientError), (502, TransientError), ("502", TransientError),
+                       ("rate_limit_exceeded", RateLimited), ("timeout", TransientError),
+                       ("insufficient_quota", CreditsError), ("authentication", AuthError)):
+        with pytest.raises(RequestError) as info:
+            classify(chunk(code))
+        assert type(info.value) is kind, code

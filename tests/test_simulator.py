@@ -583,3 +583,20 @@ def test_cli_serves_in_subprocess_until_interrupted() -> None:
     bad = subprocess.run([sys.executable, "-m", "pipeline.simulator", "--rate-500", "2"], check=False, cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "rate_500" in bad.stderr
+
+
+def test_zero_latency_throughput_smoke() -> None:
+    """Loose floor (real rate is several thousand/s): catches accidental per-request sleeps or heavy work."""
+    async def check(sim: Simulator, url: str, s: aiohttp.ClientSession) -> float:
+        sem = asyncio.Semaphore(32)
+        payloads = [orjson.dumps(schema_body(f"row {i}")) for i in range(1500)]
+
+        async def one(raw: bytes) -> int:
+            async with sem, s.post(url + "/chat/completions", data=raw, headers=AUTH) as resp:
+                await resp.read()
+                return resp.status
+        start = time.perf_counter()
+        statuses = await asyncio.gather(*(one(raw) for raw in payloads))
+        assert set(statuses) == {200} and sim.stats["requests"] == 1500
+        return len(payloads) / (time.perf_counter() - start)
+    assert serve(SimConfig(), check) > 500

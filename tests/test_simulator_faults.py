@@ -57,9 +57,10 @@ def one_fault(flavor: str, fault: str, **rule: Any) -> tuple[int, Any, Any]:
     return serve(SimConfig(flavor=flavor, fault_plan=[FaultRule(requests="2", fault=fault, **rule)]), check)
 
 
-STATUS_FAULTS = {"400": 400, "401": 401, "402": 402, "402_afford": 402, "403": 403, "404": 404, "408": 408,
+STATUS_FAULTS = {"400": 400, "401": 401, "402": 402, "402_afford": 402, "403": 403, "403_key": 403, "404": 404, "408": 408,
                  "413": 413, "422": 422, "429": 429, "429_quota": 429, "429_too_large": 429, "429_capacity": 429,
-                 "500": 500, "502": 502, "503": 503, "503_unavailable": 503, "504": 504, "524": 524, "529": 529}
+                 "500": 500, "502": 502, "503": 503, "503_unavailable": 503, "503_slow_down": 503, "504": 504, "524": 524,
+                 "529": 529}
 
 
 @pytest.mark.parametrize("flavor", ["openrouter", "openai", "vllm", "llamacpp"])
@@ -85,9 +86,15 @@ def test_status_faults_have_flavor_envelopes(flavor: str, fault: str) -> None:
 def test_openrouter_fault_details() -> None:
     status, data, headers = one_fault("openrouter", "429", retry_after=2.5)
     assert headers["Retry-After"] == "2.5"
-    assert {"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"} <= set(headers)
-    assert int(headers["X-RateLimit-Reset"]) > time.time() * 1000
-    assert data["error"]["metadata"]["headers"]["X-RateLimit-Remaining"] == headers["X-RateLimit-Remaining"]
+    assert "X-RateLimit-Limit" not in headers  # no platform limit configured: an upstream provider's 429
+
+    async def platform(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
+        await post(s, url)
+        _, data, headers = await post(s, url)
+        assert {"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"} <= set(headers)
+        assert headers["X-RateLimit-Limit"] == "100" and int(headers["X-RateLimit-Reset"]) > time.time() * 1000
+        assert data["error"]["metadata"]["headers"]["X-RateLimit-Remaining"] == headers["X-RateLimit-Remaining"]
+    serve(SimConfig(rpm=100, fault_plan=[FaultRule(requests="2", fault="429", retry_after=2.5)]), platform)
 
     _, data, _ = one_fault("openrouter", "502")
     meta = data["error"]["metadata"]
@@ -242,3 +249,56 @@ def test_scripted_plan_wins_and_counts() -> None:
 def test_every_fault_name_is_accepted() -> None:
     for name in FAULT_NAMES:
         assert FaultRule(requests="1", fault=name).fault == name
+
+
+def test_slow_down_and_legacy_vllm_bodies_classify_like_the_real_ones() -> None:
+    from pipeline.errors import PermanentError, RateLimited, TransientError
+    from pipeline.retry import classify
+    from pipeline.transport import Reply
+
+    def classified(flavor: str, fault: str, **cfg: Any) -> type[Exception]:
+        async def check(sim: Simulator, url: str, s: aiohttp.ClientSession) -> type[Exception]:
+            async with s.post(url + "/chat/completions", data=orjson.dumps(BODY), headers=AUTH) as resp:
+                reply = Reply(resp.status, resp.headers, await resp.read(), 0.0)
+            with pytest.raises(Exception) as info:
+                classify(reply)
+            return type(info.value)
+        return serve(SimConfig(flavor=flavor, fault_plan=[FaultRule(requests="1", fault=fault)], **cfg), check)
+
+    _, data, _ = one_fault("openai", "503_slow_down", retry_after=2)
+    assert data["error"]["message"].startswith("Slow Down") and data["error"]["type"] == "server_error"
+    _, data, headers = one_fault("openrouter", "503_slow_down")
+    assert data["error"]["message"] == "Provider returned error" and "Slow Down" in data["error"]["metadata"]["raw"]
+    assert classified("openai", "503_slow_down") is RateLimited
+    assert classified("openrouter", "503_slow_down") is RateLimited
+
+    status, data, _ = one_fault("vllm", "422")
+    assert status == 422 and data["error"]["code"] == 422
+    async def legacy(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
+        status, data, _ = await post(s, url)
+        assert status == 400
+        assert data == {"object": "error", "message": "Invalid request.", "type": "BadRequestError", "param": None,
+                        "code": 400}
+    serve(SimConfig(flavor="vllm", vllm_legacy_errors=True, fault_plan=[FaultRule(requests="1", fault="400")]), legacy)
+    assert classified("vllm", "400", vllm_legacy_errors=True) is PermanentError
+    assert classified("vllm", "503", vllm_legacy_errors=True) is TransientError
+
+
+def test_quantized_limits_refuse_bursts_beyond_the_quantum() -> None:
+    async def check(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
+        statuses = [(await post(s, url))[0] for _ in range(12)]
+        assert statuses[:10] == [200] * 10 and 429 in statuses[10:]  # 600/min quantized to 10 per second
+        await asyncio.sleep(0.25)
+        assert (await post(s, url))[0] == 200
+    serve(SimConfig(rpm=600, limit_burst_s=1.0), check)
+
+    async def openai(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
+        _, _, headers = await post(s, url)
+        assert headers["x-ratelimit-limit-requests"] == "600"
+        assert int(headers["x-ratelimit-remaining-requests"]) == 599  # on the minute's scale
+    serve(SimConfig(flavor="openai", rpm=600, limit_burst_s=1.0), openai)
+
+
+def test_injected_openrouter_429_without_an_rpm_has_no_platform_headers() -> None:
+    _, data, headers = one_fault("openrouter", "429", retry_after=0.5)
+    assert "X-RateLimit-Limit" not in headers and "headers" not in data["error"].get("metadata", {})

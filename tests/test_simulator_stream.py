@@ -267,3 +267,66 @@ def test_official_openai_client_end_to_end() -> None:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="sk-wrong", max_retries=0).chat.completions.create(
                 model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_keepalive_comments_between_chunks() -> None:
+    async def unpaced(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
+        _, _, pieces = await raw_stream(s, url, body())
+        evts = events(b"".join(pieces).decode())
+        content = [i for i, e in enumerate(evts) if e[0] == "data" and '"content"' in e[1]]
+        # Every content chunk after the first is preceded by a keep-alive comment.
+        assert all(evts[i - 1][0] == ":" for i in content[2:])
+        assert joined_content(data_json(evts))
+    serve(SimConfig(stream_comments_between=True), unpaced)
+
+    async def paced(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
+        _, _, pieces = await raw_stream(s, url, body())
+        evts = events(b"".join(pieces).decode())
+        first_data = next(i for i, e in enumerate(evts) if e[0] == "data")
+        between = sum(1 for e in evts[first_data:] if e[0] == ":")
+        chunks = len(data_json(evts))
+        assert between >= 2 * (chunks - 4)  # 25 ms gaps hold two 10-ms keep-alives each
+    serve(SimConfig(stream_comments_between=True, stream_comment_interval_ms=10, stream_chunk_ms=25,
+                    stream_chunk_chars=(20, 40)), paced)
+
+
+def test_official_openai_client_streams_through_keepalives_and_string_error_codes() -> None:
+    openai = pytest.importorskip("openai")
+    cfg = SimConfig(stream_comments=2, stream_comments_between=True, stream_split_writes=True,
+                    stream_split_delay_ms=0, stream_error_code="string",
+                    fault_plan=[FaultRule(requests="2", fault="stream_error", status=502, after_chunks=2)])
+    with SimulatorThread(cfg) as url:
+        client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+        chunks = list(client.chat.completions.create(model="openai/gpt-4o", stream=True,
+                                                     messages=[{"role": "user", "content": "hi"}]))
+        assert chunks[-1].usage is not None and any(c.choices and c.choices[0].delta.content for c in chunks)
+        with pytest.raises(openai.APIError) as info:  # the SDK raises on an SSE event that carries an error
+            list(client.chat.completions.create(model="openai/gpt-4o", stream=True,
+                                                messages=[{"role": "user", "content": "hi"}]))
+        assert isinstance(info.value.body, dict) and info.value.body.get("code") == "server_error"
+
+
+def test_string_mid_stream_error_code_is_classified_by_the_pipeline() -> None:
+    from pipeline.errors import RateLimited, TransientError
+    from pipeline.retry import classify
+    from pipeline.transport import HttpTransport
+
+    async def run() -> list[type[Exception]]:
+        plan = [FaultRule(requests="1", fault="stream_error", status=502),
+                FaultRule(requests="2", fault="stream_error", status=429)]
+        sim = Simulator(SimConfig(stream_error_code="string", fault_plan=plan))
+        url = await sim.start()
+        transport = HttpTransport(url, "sk-test")
+        kinds: list[type[Exception]] = []
+        try:
+            for _ in range(2):
+                try:
+                    classify(await transport.send(orjson.dumps(body()), stream=True))
+                except TransientError as exc:
+                    kinds.append(type(exc))
+        finally:
+            await transport.close()
+            await sim.stop()
+        return kinds
+
+    assert asyncio.run(run()) == [TransientError, RateLimited]

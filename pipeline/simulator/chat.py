@@ -56,7 +56,7 @@ class ChatService:
         self.acct = Accounting(cfg.log_limit, cfg.track_bodies)
         self.faults = FaultPicker(cfg)
         self.timing = Timing(cfg, stopping)
-        self.limits = RateLimits(cfg.rpm, cfg.tpm, time.monotonic())
+        self.limits = RateLimits(cfg.rpm, cfg.tpm, time.monotonic(), cfg.limit_burst_s)
         self.credits = Credits(cfg.credits_usd)
         self.generations: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
         self.finder = SchemaFinder()
@@ -258,7 +258,7 @@ class ChatService:
         return {}
 
     def _error(self, err: SimError, headers: dict[str, str], entry: LogEntry) -> web.Response:
-        status, body, extra = render(err, self.cfg.flavor, self.cfg.provider_name)
+        status, body, extra = render(err, self.cfg.flavor, self.cfg.provider_name, legacy=self.cfg.vllm_legacy_errors)
         headers.update(extra)
         headers["Content-Type"] = _JSON
         entry.status = status
@@ -315,6 +315,7 @@ class ChatService:
         spec = StreamSpec(
             comments=cfg.stream_comments if cfg.flavor == "openrouter" else 0,
             comment_interval=cfg.stream_comment_interval_ms / 1000, ttft=0.0 if fault == "hang" else latency,
+            comments_between=cfg.stream_comments_between and cfg.flavor == "openrouter",
             chunk_delay=cfg.stream_chunk_ms / 1000, split=cfg.stream_split_writes,
             split_delay=cfg.stream_split_delay_ms / 1000, crlf=cfg.stream_crlf, chunk_chars=cfg.stream_chunk_chars,
             usage_chunk=include_usage, usage_delay=cfg.stream_usage_delay_ms / 1000, fault=fault, error=err,
@@ -325,8 +326,8 @@ class ChatService:
         entry.status = 200
         self.acct.streams += 1
         await resp.prepare(request)
-        ending = await write_stream(request, resp, ChunkMaker(meta, include_usage, cfg.stream_obfuscation), answer,
-                                    spec, cfg.flavor == "openrouter")
+        maker = ChunkMaker(meta, include_usage, cfg.stream_obfuscation, cfg.stream_error_code == "string")
+        ending = await write_stream(request, resp, maker, answer, spec, cfg.flavor == "openrouter")
         if ending == "truncated":
             return resp
         await resp.write_eof()

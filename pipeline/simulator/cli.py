@@ -38,6 +38,7 @@ _VALUE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--retry-after-s", "retry_after_s", float, "Retry-After sent with random 429/503 faults"),
     ("--rpm", "rpm", int, "requests-per-minute limit (token bucket, starts full)"),
     ("--tpm", "tpm", int, "tokens-per-minute limit (token bucket, starts full)"),
+    ("--limit-burst-s", "limit_burst_s", float, "seconds of the rpm/tpm limits a burst may use (60 = a minute)"),
     ("--credits-usd", "credits_usd", float, "prepaid credits; 402 once used up"),
     ("--context-tokens", "context_tokens", int, "context window; longer prompts get 400"),
     ("--stream-comments", "stream_comments", int, "': OPENROUTER PROCESSING' lines before the first token"),
@@ -45,6 +46,7 @@ _VALUE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--stream-chunk-ms", "stream_chunk_ms", float, "delay between streamed content chunks"),
     ("--stream-usage-delay-ms", "stream_usage_delay_ms", float, "delay before the final usage chunk"),
     ("--stream-error-after-chunks", "stream_error_after_chunks", int, "content chunks before a stream fault"),
+    ("--stream-error-code", "stream_error_code", str, "int | string: error code type in mid-stream error events"),
     ("--generation-delay-s", "generation_delay_s", float, "/generation answers 404 until this has passed"),
 )
 _BOOL_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -52,6 +54,8 @@ _BOOL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--stream-crlf", "stream_crlf", "end SSE lines with CRLF"),
     ("--stream-error-done", "stream_error_done", "send [DONE] after a mid-stream error event"),
     ("--stream-obfuscation", "stream_obfuscation", "add OpenAI's 'obfuscation' field to chunks"),
+    ("--stream-comments-between", "stream_comments_between", "keep-alive comments between content chunks too"),
+    ("--vllm-legacy-errors", "vllm_legacy_errors", "older vLLM's flat {\"object\":\"error\",...} error bodies"),
     ("--upscale-images", "upscale_images", "upscale small images to a 768-px short side when counting tokens"),
 )
 

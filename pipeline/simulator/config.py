@@ -26,9 +26,9 @@ RATE_FAULTS: tuple[str, ...] = (
 # Every named fault a FaultRule may ask for; any other 3-digit HTTP status is accepted as well
 # and gets a generic envelope for that status.
 FAULT_NAMES: frozenset[str] = frozenset({
-    "400", "401", "402", "402_afford", "403", "404", "408", "413", "422",
+    "400", "401", "402", "402_afford", "403", "403_key", "404", "408", "413", "422",
     "429", "429_quota", "429_too_large", "429_capacity",
-    "500", "502", "503", "503_unavailable", "504", "524", "529",
+    "500", "502", "503", "503_unavailable", "503_slow_down", "504", "524", "529",
     "hang", "reset", "malformed", "schema_invalid", "length", "refusal",
     "error_200", "error_200_partial", "empty", "model_down",
     "stream_error", "stream_error_legacy", "stream_truncate", "stream_no_usage",
@@ -133,6 +133,9 @@ class SimConfig(BaseModel):
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
     tpm_charge: Literal["usage", "max_tokens"] = "usage"  # what a request costs the TPM bucket
+    # Seconds of the per-minute limits that may arrive at once: 60 is a bucket holding a whole minute;
+    # lower quantizes the limit the way OpenAI may (60,000/min enforced as 1,000/s with 1 s).
+    limit_burst_s: float = Field(default=60.0, gt=0, le=60)
     credits_usd: float | None = Field(default=None, ge=0)
     credits_preflight: bool = True  # 402 "can only afford N" when max_tokens would overspend
 
@@ -151,6 +154,9 @@ class SimConfig(BaseModel):
     # Streaming.
     stream_comments: int = Field(default=2, ge=0)  # ": OPENROUTER PROCESSING" lines before the first token
     stream_comment_interval_ms: float = Field(default=0.0, ge=0)
+    # Keep-alive comments between content chunks too: every interval of a paced stream's gaps, or one
+    # before each chunk when the interval is 0 (OpenRouter flavor, like the comments before the first token).
+    stream_comments_between: bool = False
     stream_chunk_ms: float = Field(default=0.0, ge=0)  # delay between content chunks
     stream_chunk_chars: tuple[int, int] = (1, 16)  # content delta size range
     stream_split_writes: bool = False  # split frames across TCP writes mid-JSON and mid-"\n\n"
@@ -160,6 +166,9 @@ class SimConfig(BaseModel):
     stream_usage_delay_ms: float = Field(default=0.0, ge=0)  # old OpenRouter: usage chunk arrives late
     stream_error_after_chunks: int = Field(default=3, ge=0)
     stream_error_done: bool = False  # whether [DONE] follows a mid-stream error chunk
+    # OpenRouter's streaming docs show a string code ("server_error") where the API reference has an int.
+    stream_error_code: Literal["int", "string"] = "int"
+    vllm_legacy_errors: bool = False  # older vLLM: flat {"object":"error","message",...} error bodies
 
     # Side endpoints and bookkeeping.
     generation_delay_s: float = Field(default=0.0, ge=0)  # /generation answers 404 until this has passed

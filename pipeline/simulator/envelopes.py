@@ -4,7 +4,8 @@
   as "Provider returned error" with the upstream body as a string in ``metadata.raw``; the
   availability variant has no ``error.code`` but ``error_type``/``http_status``/``availability``.
 - openai: ``{"error":{"message","type","param","code":str|null}}``.
-- vllm: ``{"error":{"message","type","param":null,"code":int}}``; 401 is ``{"error":"Unauthorized"}``.
+- vllm: ``{"error":{"message","type","param":null,"code":int}}``; 401 is ``{"error":"Unauthorized"}``;
+  older versions (``legacy``) answered with the flat ``{"object":"error","message","type","param","code"}``.
 - llamacpp: ``{"error":{"code":int,"message","type"}}``.
 """
 
@@ -82,8 +83,12 @@ def error_object(err: SimError, flavor: str, provider: str) -> Any:
     return {"code": err.status, "message": err.message, "type": kind, **err.lcpp_extra}
 
 
-def render(err: SimError, flavor: str, provider: str) -> tuple[int, bytes, dict[str, str]]:
-    body: dict[str, Any] = {"error": error_object(err, flavor, provider)}
+def render(err: SimError, flavor: str, provider: str, *, legacy: bool = False) -> tuple[int, bytes, dict[str, str]]:
+    obj = error_object(err, flavor, provider)
+    if legacy and flavor == "vllm" and isinstance(obj, dict):
+        body: dict[str, Any] = {"object": "error", **obj}
+    else:
+        body = {"error": obj}
     if flavor == "openrouter":
         body["user_id"] = USER_ID
     headers = dict(err.headers)
@@ -136,6 +141,14 @@ def generic_error(status: int, message: str | None = None) -> SimError:
         f"HTTP {status}", "server_error" if status >= 500 else "invalid_request_error", None, f"HTTP {status}", "unmapped")
     return SimError(status, message or oa_msg, oa_type, oa_code, or_message=message or or_msg,
                     error_type=error_type, provider_wrap=(status == 502 and message is None))
+
+
+# Mid-stream error codes as strings, for the variant OpenRouter's streaming docs show.
+_STRING_CODES = {429: "rate_limit_exceeded", 504: "timeout", 524: "timeout", 408: "timeout", 402: "payment_required"}
+
+
+def string_code(status: int) -> str:
+    return _STRING_CODES.get(status, "server_error" if status >= 500 else "invalid_request")
 
 
 def flagged_input(text: str) -> str:

@@ -92,6 +92,8 @@ def fault_error(name: str, rule: FaultRule | None, ctx: ErrorContext) -> SimErro
         wait = retry if retry is not None else ctx.retry_after
         return _availability(503, "temporarily_unavailable", True, wait, ctx,
                              message or "Model temporarily unavailable")
+    if name == "503_slow_down":
+        return slow_down(retry, message)
     if name == "401":
         return SimError(401, message or _GENERIC_401, "invalid_request_error", "invalid_api_key",
                         or_message=message or "User not found.", lcpp_type="authentication_error")
@@ -99,6 +101,8 @@ def fault_error(name: str, rule: FaultRule | None, ctx: ErrorContext) -> SimErro
         return payment_required(ctx, name == "402_afford", retry, message)
     if name == "403":
         return _moderation(ctx, message)
+    if name == "403_key":  # the key itself lacks permission: no moderation metadata
+        return generic_error(403, message or "This API key is not allowed to use this model")
     err = generic_error(int(name), message)
     if err.status == 404:
         err.or_message = message or "No endpoints found that can handle the requested parameters."
@@ -109,6 +113,17 @@ def fault_error(name: str, rule: FaultRule | None, ctx: ErrorContext) -> SimErro
 
 
 _GENERIC_401 = "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
+
+
+_SLOW_DOWN = ("Slow Down: a sudden increase in your request rate is impacting service reliability. Please reduce "
+              "your request rate to its original level, maintain a consistent rate for at least 15 minutes, and "
+              "then gradually increase it.")
+
+
+def slow_down(retry_after: float | None, message: str | None = None) -> SimError:
+    """OpenAI's 503 "Slow Down" (relayed by OpenRouter as a provider error): back off as a whole client."""
+    return SimError(503, message or _SLOW_DOWN, "server_error", None, provider_wrap=True,
+                    error_type="provider_overloaded", retry_after=retry_after)
 
 
 def auth_error(missing: bool) -> SimError:
@@ -134,7 +149,7 @@ def rate_limited(ctx: ErrorContext, kind: str, retry_after: float | None, messag
                          "Visit https://platform.openai.com/account/rate-limits to learn more.")
     err = SimError(429, oa_msg, kind, "rate_limit_exceeded", or_message=message or f"Rate limit exceeded: limit_rpm/{ctx.model}",
                    error_type="rate_limit_exceeded", retry_after=retry_after)
-    if ctx.flavor == "openrouter":
+    if ctx.flavor == "openrouter" and ctx.rate_headers:
         err.headers.update(ctx.rate_headers)
         err.metadata["headers"] = dict(ctx.rate_headers)
     elif ctx.flavor == "openai" and scripted:  # real bucket refusals already carry bucket headers

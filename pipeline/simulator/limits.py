@@ -2,6 +2,7 @@
 
 OpenAI replenishes limits continuously rather than per fixed window, so a bucket that starts full
 and refills at ``limit/60`` per second gives bursts of 429s with realistic remaining/reset values.
+A bucket may hold less than a minute (``burst_s``): OpenAI says it may enforce 60,000/min as 1,000/s.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# Reported when a limit is not configured, so OpenAI-flavor headers are always present.
-UNLIMITED_RPM = 10_000
-UNLIMITED_TPM = 2_000_000
+# Reported when a limit is not configured, so OpenAI-flavor headers are always present. Far above what a
+# loopback run can send: a client that learns limits from headers must not be slowed by these.
+UNLIMITED_RPM = 1_000_000
+UNLIMITED_TPM = 1_000_000_000
 
 
 def go_duration(seconds: float) -> str:
@@ -39,32 +41,37 @@ def seconds_text(seconds: float) -> str:
 
 
 class TokenBucket:
-    """Capacity ``limit``, refilled continuously at ``limit / 60`` per second, starting full."""
+    """``limit`` per minute, refilled continuously at ``limit / 60`` per second, starting full.
 
-    def __init__(self, limit: int, now: float) -> None:
+    The bucket holds ``burst_s`` seconds of the limit (a whole minute by default). ``remaining`` is on
+    the minute's scale either way: the limit less what the bucket is missing.
+    """
+
+    def __init__(self, limit: int, now: float, burst_s: float = 60.0) -> None:
         self.limit = limit
         self.rate = limit / 60.0
-        self.level = float(limit)
+        self.capacity = max(1.0, limit * min(burst_s, 60.0) / 60.0)
+        self.level = self.capacity
         self.stamp = now
 
     def refill(self, now: float) -> None:
         if now > self.stamp:
-            self.level = min(self.limit, self.level + (now - self.stamp) * self.rate)
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
             self.stamp = now
 
     def wait_for(self, amount: float) -> float:
         """Seconds until ``amount`` is available (inf when it never fits)."""
-        if amount > self.limit:
+        if amount > self.capacity:
             return math.inf
         return max(0.0, (amount - self.level) / self.rate)
 
     def reset_in(self) -> float:
         """Seconds until the bucket is full again (OpenAI's ``x-ratelimit-reset-*`` meaning)."""
-        return (self.limit - self.level) / self.rate
+        return (self.capacity - self.level) / self.rate
 
     @property
     def remaining(self) -> int:
-        return max(0, int(self.level))
+        return max(0, int(self.limit - (self.capacity - self.level)))
 
 
 @dataclass(slots=True)
@@ -79,16 +86,16 @@ class Refusal:
 
 
 class RateLimits:
-    def __init__(self, rpm: int | None, tpm: int | None, now: float) -> None:
-        self.rpm = TokenBucket(rpm, now) if rpm else None
-        self.tpm = TokenBucket(tpm, now) if tpm else None
+    def __init__(self, rpm: int | None, tpm: int | None, now: float, burst_s: float = 60.0) -> None:
+        self.rpm = TokenBucket(rpm, now, burst_s) if rpm else None
+        self.tpm = TokenBucket(tpm, now, burst_s) if tpm else None
 
     def admit(self, tokens: int, now: float) -> Refusal | None:
         """Take one request and ``tokens`` from the buckets, or say why not (taking nothing)."""
         for bucket in (self.rpm, self.tpm):
             if bucket is not None:
                 bucket.refill(now)
-        if self.tpm is not None and tokens > self.tpm.limit:
+        if self.tpm is not None and tokens > self.tpm.capacity:
             return Refusal("too_large", self.tpm.limit, 0, tokens, 0.0)
         if self.rpm is not None and self.rpm.level < 1:
             used = self.rpm.limit - self.rpm.remaining
@@ -117,11 +124,16 @@ class RateLimits:
         return headers
 
     def openrouter_headers(self, now_epoch: float, retry_after: float) -> dict[str, str]:
-        """``X-RateLimit-*`` as OpenRouter sends them on its own 429s (reset in epoch ms)."""
-        limit = self.rpm.limit if self.rpm is not None else 20
-        remaining = self.rpm.remaining if self.rpm is not None else 0
+        """``X-RateLimit-*`` as OpenRouter sends them on its own (platform) 429s, reset in epoch ms.
+
+        Only a configured rpm is a platform limit: without one, a 429 stands for an upstream provider's
+        and carries no X-RateLimit-* at all (OpenRouter sends them for its own limits only).
+        """
+        if self.rpm is None:
+            return {}
+        remaining = self.rpm.remaining if self.rpm.level >= 1 else 0
         return {
-            "X-RateLimit-Limit": str(limit),
+            "X-RateLimit-Limit": str(self.rpm.limit),
             "X-RateLimit-Remaining": str(remaining),
             "X-RateLimit-Reset": str(int((now_epoch + max(retry_after, 0.001)) * 1000)),
         }

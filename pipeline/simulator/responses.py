@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .answer import Answer
-from .envelopes import SimError, error_object
+from .envelopes import SimError, error_object, string_code
 
 OBJECT = "chat.completion"
 CHUNK = "chat.completion.chunk"
@@ -111,10 +111,11 @@ def error_200_body(meta: Meta, error: SimError) -> dict[str, Any]:
 class ChunkMaker:
     """Builds the chunk dicts of one stream; every chunk shares id, created and model."""
 
-    def __init__(self, meta: Meta, include_usage: bool, obfuscation: bool) -> None:
+    def __init__(self, meta: Meta, include_usage: bool, obfuscation: bool, string_codes: bool = False) -> None:
         self.meta = meta
         self.include_usage = include_usage and meta.flavor != "openrouter"
         self.obfuscation = obfuscation and meta.flavor == "openai"
+        self.string_codes = string_codes and meta.flavor == "openrouter"
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         m = self.meta
@@ -156,8 +157,11 @@ class ChunkMaker:
         m = self.meta
         if m.flavor != "openrouter":
             return {"error": error_object(error, m.flavor, m.provider)}
+        obj = error_object(error, m.flavor, m.provider)
+        if self.string_codes and isinstance(obj.get("code"), int):
+            obj["code"] = string_code(obj["code"])
         return {"id": m.id, "object": CHUNK, "created": m.created, "model": m.model, "provider": m.provider,
-                "error": error_object(error, m.flavor, m.provider),
+                "error": obj,
                 "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error",
                              "native_finish_reason": "error", "logprobs": None}]}
 

@@ -28,6 +28,7 @@ DONE = b"[DONE]"
 class StreamSpec:
     comments: int  # keep-alive comments before the first token (OpenRouter only)
     comment_interval: float  # seconds; also repeats comments while waiting for the first token
+    comments_between: bool  # keep-alive comments between content chunks as well
     ttft: float  # seconds until the first token
     chunk_delay: float  # seconds between content chunks
     split: bool
@@ -135,7 +136,10 @@ async def write_stream(request: web.BaseRequest, resp: web.StreamResponse, maker
             data = dumps(chunk)
             if fault == "malformed" and i == 0:
                 data = data[: max(1, len(data) // 2)]  # an event whose JSON never closes
-            await w.emit(w.frame(data), spec.chunk_delay if i else 0.0)
+            delay = spec.chunk_delay if i else 0.0
+            if spec.comments_between:
+                delay = await _keepalives(w, delay, spec.comment_interval)
+            await w.emit(w.frame(data), delay)
         if fault in ("stream_error", "stream_error_legacy", "error_200_partial", "stream_truncate"):
             return await _end_badly(w, maker, spec, fault)
         await w.emit(w.frame(dumps(final)), spec.chunk_delay)
@@ -150,6 +154,18 @@ async def write_stream(request: web.BaseRequest, resp: web.StreamResponse, maker
     finally:
         if w.buffer and not (request.transport is None or request.transport.is_closing()):
             await w.flush()
+
+
+async def _keepalives(w: SSEWriter, delay: float, interval: float) -> float:
+    """Comments inside the gap before a chunk: one per interval of it, or just one when unpaced.
+    Returns what is left of the gap to wait before the chunk itself."""
+    if interval <= 0:
+        await w.emit(w.comment())
+        return delay
+    while delay > interval:
+        await w.emit(w.comment(), interval)
+        delay -= interval
+    return delay
 
 
 async def _end_badly(w: SSEWriter, maker: ChunkMaker, spec: StreamSpec, fault: str | None) -> str:

@@ -1,0 +1,361 @@
+"""`pipeline run CONFIG --dry-run`: what a run would send, cost and take, without sending anything.
+
+The input is read and every request rendered by the runner's own code (`runner.render_batch`), one
+batch at a time, so the figures are those of the real run: the same request keys (identical requests
+counted once, rows already answered in `output.dir` or the shared cache left out), the same prompt
+estimate the tokens/minute limiter uses (text at ~4 characters a token, images by the GPT-4 Turbo tile
+rule) and the same per-row failures. Nothing goes to the network, no API key is needed, and nothing is
+written: the store is opened read-only (SQLite `immutable` when no run is writing it, so not even its
+-wal/-shm files appear).
+
+Output tokens are a range, 0 to max_tokens per request (the model's output cap when max_tokens is
+unset). The "likely" figure is the mean completion tokens of the answers this job (or the shared cache)
+already holds: a measured number from the same prompt and model, or none at all rather than a guess.
+Time is bounded separately by requests/minute, tokens/minute and concurrency x an assumed latency;
+the slowest bound is the estimate, and the assumption is printed next to it.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .config import BUILTIN_PRICES, Config
+from .errors import EXIT_OK, RowError
+from .output import done_parts
+from .parse import find_price, worst_output_tokens
+from .prompts import Renderer, context_window, max_output_tokens
+from .reader import InputBatch, Source
+from .runner import render_batch
+from .state import JobDir, count_part
+from .store import FINAL_STATES
+from .structured import StructuredPlan
+
+# Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
+# what gpt-4-turbo typically sustains on OpenRouter and OpenAI. Printed with the figure it produces.
+FIRST_TOKEN_S = 0.6
+SECONDS_PER_OUTPUT_TOKEN = 0.03
+MAX_EXAMPLES = 5
+# Request keys remembered to count identical requests once (8 bytes of key each, ~70 bytes in a set):
+# past this many the count may include a few repeats, but memory stays bounded.
+MAX_KEYS_TRACKED = 2_000_000
+
+
+@dataclass
+class Estimate:
+    """The dry run's figures; `report()` formats them. Token and cost figures cover requests to send."""
+
+    rows_total: int = 0
+    rows_done_ok: int = 0           # already answered in output.dir (results)
+    rows_done_failed: int = 0       # already recorded as failed there (a resume does not re-ask them)
+    rows_cached: int = 0            # answered by the shared cache.dir: free
+    rows_failing: int = 0           # cannot become a request
+    failing_by_reason: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    rows_to_send: int = 0
+    requests: int = 0               # distinct requests among rows_to_send
+    prompt_tokens: int = 0
+    images: int = 0
+    image_tokens: int = 0
+    output_max: int = 0
+    output_likely_per_request: float | None = None
+    likely_basis: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def dry_run(cfg: Config, out: TextIO) -> int:
+    """Print the estimate; 0 (config and input errors raise UsageError, which the CLI turns into 2)."""
+    out.write(report(estimate(cfg), cfg))
+    return EXIT_OK
+
+
+def estimate(cfg: Config) -> Estimate:
+    cfg = cfg.model_copy(deep=True)  # the job's own batch size may replace the configured one
+    est = Estimate()
+    JobDir(cfg.output.dir).adopt_batch_size(cfg)  # before the scan, as the runner does (read-only)
+    source = Source(cfg.input)
+    scan = source.scan()
+    est.rows_total = scan.rows
+    renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
+                        columns=scan.columns)
+    plan = (StructuredPlan(cfg.structured, cfg.endpoint.model, endpoint=cfg.endpoint, params=cfg.params)
+            if cfg.structured else None)
+    store, done = _job_state(cfg, scan.fingerprint, est)
+    cache = _open_readonly(os.path.join(cfg.cache.dir, "cache.sqlite")) if cfg.cache.dir else None
+    try:
+        if plan is not None and store is not None and (mode := _meta(store, "structured_mode")):
+            plan.mode = mode  # as the runner does: an earlier run already learned the structured mode
+        _count_done_parts(JobDir(cfg.output.dir), done, est)
+        seen: set[int] = set()
+        for batch in source.batches(skip=done.__contains__):
+            _batch(batch, renderer, plan, cfg, store, cache, seen, est)
+        est.output_likely_per_request, est.likely_basis = _likely_output(store, cache)
+    finally:
+        for db in (store, cache):
+            if db is not None:
+                db.close()
+    return est
+
+
+def _batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | None, cfg: Config,
+           store: sqlite3.Connection | None, cache: sqlite3.Connection | None, seen: set[int], est: Estimate) -> None:
+    # Outcomes are not kept: a failing row's reason is re-derived in _failing.
+    _, row_keys, jobs = render_batch(batch, renderer, plan, cfg.endpoint.base_url)
+    answered = _states(store, jobs.keys())
+    cached = {k for k, s in _states(cache, [k for k in jobs if k not in answered]).items() if s == "ok"}
+    for i, key in enumerate(row_keys):
+        if key is None:
+            _failing(batch, i, renderer, est)
+        elif key in answered:
+            if answered[key] == "ok":
+                est.rows_done_ok += 1
+            else:
+                est.rows_done_failed += 1
+        elif key in cached:
+            est.rows_cached += 1
+        else:
+            est.rows_to_send += 1
+    for key, job in jobs.items():
+        short = int(key[:16], 16)
+        if key in answered or key in cached or short in seen:
+            continue
+        if len(seen) < MAX_KEYS_TRACKED:
+            seen.add(short)
+        est.requests += 1
+        est.prompt_tokens += job.est_prompt
+        est.images += job.n_images
+        est.image_tokens += job.image_tokens
+        est.output_max += worst_output_tokens(cfg, job.est_prompt, job.max_tokens)
+
+
+def _failing(batch: InputBatch, i: int, renderer: Renderer, est: Estimate) -> None:
+    """Count a row that cannot become a request, by reason; the render is repeated to get the reason."""
+    err = batch.errors[i]
+    if err is None:
+        try:
+            renderer.render(batch.rows[i], batch.origins[i])
+        except RowError as exc:
+            err = exc
+    reason = getattr(err, "reason", "input") if err is not None else "input"
+    est.rows_failing += 1
+    est.failing_by_reason[reason] += 1
+    if len(est.examples) < MAX_EXAMPLES:
+        where = f"{err.file} row {err.row}" if err is not None and err.file else f"row id {batch.ids[i]}"
+        message = err.message if err is not None else "cannot be rendered"
+        est.examples.append(f"{where}: [{reason}] {message}")
+
+
+# -- what output.dir already holds ---------------------------------------------------------------------
+
+
+def _job_state(cfg: Config, input_fingerprint: str, est: Estimate) -> tuple[sqlite3.Connection | None, set[int]]:
+    """The job's store (read-only) and its finished batches, when output.dir holds this same job."""
+    jobdir = JobDir(cfg.output.dir)
+    if not jobdir.path.exists():
+        est.notes.append(f"output.dir {jobdir.path} does not exist yet: a fresh run")
+        return None, set()
+    manifest = jobdir.read_manifest()
+    has_store = Path(jobdir.store_path).exists()
+    if manifest is None and not has_store:
+        return None, set()
+    if manifest is not None and (manifest.get("fingerprint") != cfg.request_fingerprint()
+                                 or manifest.get("input_fingerprint") != input_fingerprint):
+        est.notes.append(f"output.dir {jobdir.path} holds a different job (prompt, model, params or input "
+                         "changed): the run will refuse it unless --force-new, which starts over (figures below)")
+        return None, set()
+    return (_open_readonly(jobdir.store_path) if has_store else None), done_parts(jobdir.parts)
+
+
+def _count_done_parts(jobdir: JobDir, done: set[int], est: Estimate) -> None:
+    """Count the finished batches a resume skips, and drop from `done` those it reopens: as
+    JobDir.resume_plan decides, a batch with rows whose retries ran out on transient errors is asked again."""
+    for i in sorted(done):
+        counts = count_part(jobdir.parts, i)
+        if counts.transient:
+            done.discard(i)
+            continue
+        est.rows_done_ok += counts.ok
+        est.rows_done_failed += counts.failed
+
+
+def _open_readonly(path: str) -> sqlite3.Connection | None:
+    if not os.path.exists(path):
+        return None
+    # Without a -wal file no run is writing, and `immutable` reads without creating -wal/-shm files;
+    # with one, a run is live (or died): plain read-only mode sees its latest commits.
+    mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
+    return sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+
+
+def _meta(db: sqlite3.Connection, name: str) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def _states(db: sqlite3.Connection | None, keys: Iterable[str]) -> dict[str, str]:
+    """key -> state for the keys a resume would not request again."""
+    if db is None:
+        return {}
+    unique = list(keys)
+    out: dict[str, str] = {}
+    for i in range(0, len(unique), 500):
+        chunk = unique[i:i + 500]
+        sql = f"SELECT key, state FROM responses WHERE key IN ({','.join('?' * len(chunk))})"
+        out.update((k, s) for k, s in db.execute(sql, chunk) if s in FINAL_STATES)
+    return out
+
+
+def _likely_output(store: sqlite3.Connection | None, cache: sqlite3.Connection | None) -> tuple[float | None, str]:
+    for db, where in ((store, "this job's output.dir"), (cache, "the shared cache")):
+        if db is None:
+            continue
+        n, mean = db.execute("SELECT count(*), avg(completion_tokens) FROM responses WHERE state = 'ok'").fetchone()
+        if n:
+            return float(mean), f"mean of {n:,} answers in {where}"
+    return None, "unknown until some rows are answered (run a sample first, e.g. --set input.path=sample.jsonl)"
+
+
+# -- cost and time ---------------------------------------------------------------------------------
+
+
+def cost_range(est: Estimate, cfg: Config) -> tuple[float, float | None, float] | None:
+    """(no output, likely, max output) in USD for the requests to send; None without a price."""
+    price = find_price(cfg, cfg.endpoint.model)
+    if price is None:
+        return None
+    base = est.prompt_tokens * price.input_per_m / 1e6 + est.images * price.per_image
+    likely = (None if est.output_likely_per_request is None else
+              base + est.requests * est.output_likely_per_request * price.output_per_m / 1e6)
+    # The dearest fallback model bounds the top of the range: OpenRouter bills the model that served.
+    dearest = max((p for m in cfg.params.models or [] if (p := find_price(cfg, m))),
+                  key=lambda p: (p.input_per_m, p.output_per_m), default=price)
+    top = max(price, dearest, key=lambda p: (p.input_per_m, p.output_per_m))
+    high = (est.prompt_tokens * top.input_per_m / 1e6 + est.images * top.per_image
+            + est.output_max * top.output_per_m / 1e6)
+    return base, likely, high
+
+
+def assumed_latency(cfg: Config) -> tuple[float, float, str]:
+    """(seconds before output, seconds per output token, how that was decided)."""
+    if cfg.endpoint.base_url == "simulator":
+        sim = cfg.endpoint.simulator
+        first, per = float(sim.get("latency_ms", 0.0)) / 1000, float(sim.get("latency_per_output_token_ms", 0.0)) / 1000
+        return first, per, f"the simulator's latency_ms={first * 1000:g} + {per * 1000:g} ms per output token"
+    how = (f"{FIRST_TOKEN_S:g} s to the first token + {SECONDS_PER_OUTPUT_TOKEN * 1000:g} ms per output token "
+           "(~33 tokens/s, typical of gpt-4-turbo)")
+    return FIRST_TOKEN_S, SECONDS_PER_OUTPUT_TOKEN, how
+
+
+def time_bounds(est: Estimate, cfg: Config) -> dict[str, tuple[float, float]]:
+    """Seconds each limit alone needs, (with the likely or no output, with max output)."""
+    n, lim = est.requests, cfg.limits
+    out_low = est.requests * (est.output_likely_per_request or 0.0)
+    bounds: dict[str, tuple[float, float]] = {}
+    if lim.requests_per_minute:
+        t = n / lim.requests_per_minute * 60
+        bounds["requests/min"] = (t, t)
+    if lim.tokens_per_minute:
+        bounds["tokens/min"] = ((est.prompt_tokens + out_low) / lim.tokens_per_minute * 60,
+                                (est.prompt_tokens + est.output_max) / lim.tokens_per_minute * 60)
+    first, per, _ = assumed_latency(cfg)
+    bounds["concurrency"] = ((n * first + out_low * per) / lim.max_concurrency,
+                             (n * first + est.output_max * per) / lim.max_concurrency)
+    return bounds
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def report(est: Estimate, cfg: Config) -> str:
+    model = cfg.endpoint.model
+    cap = max_output_tokens(model)
+    lines = [f"Dry run of {cfg.source}: nothing was sent and nothing written.", ""]
+
+    def add(label: str, text: str) -> None:
+        lines.append(f"  {label:<15} {text}")
+
+    add("endpoint", f"{cfg.endpoint.base_url}  model {model} (context {context_window(model):,} tokens"
+        + (f", output cap {cap:,})" if cap else ")"))
+    add("input", f"{est.rows_total:,} rows from {cfg.input.path}")
+    for note in est.notes:
+        add("", note)
+    add("already done", f"{est.rows_done_ok:,} answered, {est.rows_done_failed:,} recorded as failed (not re-asked)")
+    if est.rows_cached:
+        add("cached", f"{est.rows_cached:,} rows answered by the shared cache {cfg.cache.dir} (free)")
+    add("would fail", f"{est.rows_failing:,} rows" + (": " + ", ".join(
+        f"{r} {n:,}" for r, n in est.failing_by_reason.most_common()) if est.rows_failing else ""))
+    for example in est.examples:
+        add("", example)
+    same = est.rows_to_send - est.requests
+    add("to send", f"{est.requests:,} requests for {est.rows_to_send:,} rows"
+        + (f" ({same:,} of them {'repeats' if same == 1 else 'repeat'} an identical request, sent once)"
+           if same else ""))
+    add("input tokens", f"~{est.prompt_tokens:,} (text ~4 characters a token + 4 a message; "
+        f"{est.images:,} images ~{est.image_tokens:,} tokens by the tile rule)")
+    likely = est.output_likely_per_request
+    per_row = "max_tokens" in cfg.params.from_columns
+    limit = ("max_tokens of each row" if per_row else f"max_tokens {cfg.params.max_tokens:,} a request"
+             if cfg.params.max_tokens is not None else "no max_tokens: the model's output cap a request")
+    add("output tokens", f"0 .. {est.output_max:,} ({limit})")
+    add("", f"likely ~{round(likely * est.requests):,} ({likely:.1f} a request: {est.likely_basis})"
+        if likely is not None else f"likely: {est.likely_basis}")
+    _cost_lines(est, cfg, add)
+    _time_lines(est, cfg, add)
+    return "\n".join(lines) + "\n"
+
+
+def _cost_lines(est: Estimate, cfg: Config, add: Any) -> None:
+    costs = cost_range(est, cfg)
+    model = cfg.endpoint.model
+    if costs is None:
+        add("cost", f"unknown: no price for {model}; add prices: {{{model}: {{input_per_m: .., output_per_m: ..}}}}")
+        return
+    low, likely, high = costs
+    price = find_price(cfg, model)
+    assert price is not None
+    source = "built-in" if model not in cfg.prices and model in BUILTIN_PRICES else "from prices"
+    per_image = f", ${price.per_image:g} an image" if price.per_image else ""
+    add("cost (USD)", f"${low:.4f} .. ${high:.4f}" + (f", likely ${likely:.4f}" if likely is not None else "")
+        + f"  ({model}: ${price.input_per_m:g}/M in, ${price.output_per_m:g}/M out{per_image}, {source})")
+    cap = cfg.budget.max_cost_usd
+    if cap is None:
+        return
+    spent = 0.0
+    store = _open_readonly(JobDir(cfg.output.dir).store_path) if est.rows_done_ok + est.rows_done_failed else None
+    if store is not None:
+        spent = store.execute("SELECT coalesce(sum(cost_usd), 0) FROM responses WHERE cache_hit = 0").fetchone()[0]
+        store.close()
+    left = cap - spent
+    verdict = ("fits even at max output" if high <= left else
+               "may stop at the budget (exit 3) if answers run long" if low <= left else
+               "will stop at the budget (exit 3) before the end; raise it with --set budget.max_cost_usd=...")
+    add("budget", f"${cap:g} (${spent:.4f} spent by earlier runs of this job, ${left:.4f} left): {verdict}")
+
+
+def _time_lines(est: Estimate, cfg: Config, add: Any) -> None:
+    bounds = time_bounds(est, cfg)
+    low = max(lo for lo, _ in bounds.values())
+    high = max(hi for _, hi in bounds.values())
+    slowest = max(bounds, key=lambda k: bounds[k][1])
+    add("time", f"{_duration(low)} .. {_duration(high)} without retries (slowest limit: {slowest})")
+    lim = cfg.limits
+    detail = {"requests/min": f"{est.requests:,} requests at {lim.requests_per_minute:g}/min",
+              "tokens/min": f"input + output tokens at {lim.tokens_per_minute or 0:g}/min",
+              "concurrency": f"{lim.max_concurrency} at a time x latency of {assumed_latency(cfg)[2]}"}
+    for name, (lo, hi) in bounds.items():
+        span = _duration(lo) if lo == hi else f"{_duration(lo)} .. {_duration(hi)}"
+        add("", f"{name:<13} {span}: {detail[name]}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
