@@ -179,8 +179,8 @@ def main() -> None:
                 res[v]["ratio"].append((n / wall) / bare_rps)
             print(f"round {r}: bare {bare_rps:,.0f} req/s; " + ", ".join(
                 f"{v} {res[v]['rps'][-1]:,.0f}" for v in variants), flush=True)
-    rows = [["bare aiohttp", median(res["bare"]["rps"]), median(res["bare"]["cpu"]), ""]]
-    rows += [[v, median(res[v]["rps"]), median(res[v]["cpu"]), f"{median(res[v]['ratio']):.2f}"] for v in variants]
+    rows = [["bare aiohttp", median(res["bare"]["rps"]), median(res["bare"]["cpu"]), 1.0]]
+    rows += [[v, median(res[v]["rps"]), median(res[v]["cpu"]), median(res[v]["ratio"])] for v in variants]
     how = "each patch alone" if args.single else "patches are cumulative"
     print(f"\n{n:,} requests, concurrency {conc}, medians of {args.rounds} rounds; {how}")
     print(table(["variant", "req/s", "client CPU ms/req", "vs bare req/s"], rows))

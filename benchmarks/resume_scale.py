@@ -41,7 +41,7 @@ from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
 from pipeline.state import JobDir
 from pipeline.store import Record, Store
-from pipeline.structured import StructuredPlan
+from pipeline.structured import StructuredPlan, plan_for
 
 OPEN_BATCHES = 4  # batches a killed run leaves half-answered (the runner keeps about this many open)
 ANSWER = '{"sentiment":"positive","score":4,"tags":["delivery","quality"]}'
@@ -124,7 +124,9 @@ def build(work: Path, n: int, done: float, batch_size: int) -> dict[str, Any]:
 
 def make_plan(cfg: Any) -> StructuredPlan:
     """The structured plan exactly as run_async builds it (the request keys depend on it)."""
-    return StructuredPlan(cfg.structured, cfg.endpoint.model, endpoint=cfg.endpoint, params=cfg.params)
+    plan = plan_for(cfg)
+    assert plan is not None
+    return plan
 
 
 def reset(work: Path, state: dict[str, Any]) -> None:

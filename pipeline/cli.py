@@ -12,7 +12,7 @@ import sqlite3
 import sys
 from typing import Any
 
-from .errors import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, PipelineError
+from .errors import EXIT_INTERRUPTED, EXIT_STOPPED, PipelineError
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from .errors import (
     TransientError,
 )
 from .limits import Limits
-from .parse import max_cost, parse_completion, read_usage
+from .parse import Usage, max_cost, parse_completion, read_usage
 from .prompts import estimate_prompt_tokens, finalize
 from .retry import Backoff, classify
 from .store import Record, Store
@@ -142,10 +142,10 @@ class Dispatcher:
                             reply = await self.transport.send(payload, stream=self.stream)
                             self.limits.observe(reply.headers)
                             body = classify(reply)
-                        except RequestError:
-                            permit.settle(0)
+                        except RequestError as exc:
+                            permit.settle(self._charge(exc.billed, job, paid) if exc.billed else 0)
                             raise
-                        usage = read_usage(body, self.cfg, job.n_images, est_prompt=job.est_prompt)
+                        usage = self._usage(body, job)
                         permit.settle(usage.prompt_tokens + usage.completion_tokens or None)
                 finally:
                     self.reserved -= reserve
@@ -186,11 +186,7 @@ class Dispatcher:
                     continue
                 return await self._fail(key, "permanent", exc, attempts, paid)
 
-            self.spent += usage.cost_usd
-            paid[0] += usage.prompt_tokens
-            paid[1] += usage.completion_tokens
-            paid[2] += usage.cost_usd
-            self._account(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
+            self._charge(body, job, paid, usage)
             try:
                 parsed = parse_completion(body, usage, self.plan)
             except BadContentError as exc:
@@ -261,10 +257,20 @@ class Dispatcher:
             log.error("stopping: %s", exc)
         self.stop("budget" if isinstance(exc, BudgetExceeded) else "fatal")
 
-    def _account(self, p: int, c: int, cost: float) -> None:
-        self.stats.prompt_tokens += p
-        self.stats.completion_tokens += c
-        self.stats.cost_usd += cost
+    def _usage(self, body: dict[str, Any], job: Job) -> Usage:
+        return read_usage(body, self.cfg, job.n_images, est_prompt=job.est_prompt)
+
+    def _charge(self, body: dict[str, Any], job: Job, paid: list[Any], usage: Usage | None = None) -> int:
+        """Count a paid attempt (a success, or a failure the provider billed anyway); returns its tokens."""
+        usage = usage or self._usage(body, job)
+        self.spent += usage.cost_usd
+        paid[0] += usage.prompt_tokens
+        paid[1] += usage.completion_tokens
+        paid[2] += usage.cost_usd
+        self.stats.prompt_tokens += usage.prompt_tokens
+        self.stats.completion_tokens += usage.completion_tokens
+        self.stats.cost_usd += usage.cost_usd
+        return usage.prompt_tokens + usage.completion_tokens
 
     async def _fail(
         self, key: str, state: str, exc: RequestError, attempts: int, paid: list[Any], raw: bytes | None = None

@@ -22,7 +22,7 @@ the API key: errors are built from status codes and response bodies, never from 
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 ErrorClass = Literal["transient", "permanent", "bad_content", "run_fatal", "input", "interrupted"]
 
@@ -49,6 +49,7 @@ class ConfigError(UsageError):
     def __init__(self, message: str, *, key: str | None = None, file: str | None = None) -> None:
         self.key = key
         self.file = file
+        self.detail = message
         where = ""
         if file and key:
             where = f"{file}: {key}: "
@@ -57,6 +58,10 @@ class ConfigError(UsageError):
         elif key:
             where = f"{key}: "
         super().__init__(where + message)
+
+    def located(self, file: str) -> "ConfigError":
+        """The same error, naming the config file (for checks that only see one section)."""
+        return self if self.file else ConfigError(self.detail, key=self.key, file=file)
 
 
 class InputError(UsageError):
@@ -98,6 +103,8 @@ class RequestError(PipelineError):
     """The outcome of one attempt of one request that did not produce a usable answer."""
 
     error_class: ErrorClass = "transient"
+    # The body of a failed attempt the provider billed anyway (partial output, usage): it counts as spend.
+    billed: dict[str, Any] | None = None
 
     def __init__(
         self,

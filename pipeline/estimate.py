@@ -33,7 +33,7 @@ from .reader import InputBatch, Source
 from .runner import render_batch
 from .state import JobDir, count_part
 from .store import FINAL_STATES
-from .structured import StructuredPlan
+from .structured import StructuredPlan, plan_for
 
 # Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
 # what gpt-4-turbo typically sustains on OpenRouter and OpenAI. Printed with the figure it produces.
@@ -82,8 +82,7 @@ def estimate(cfg: Config) -> Estimate:
     est.rows_total = scan.rows
     renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
                         columns=scan.columns)
-    plan = (StructuredPlan(cfg.structured, cfg.endpoint.model, endpoint=cfg.endpoint, params=cfg.params)
-            if cfg.structured else None)
+    plan = plan_for(cfg)
     store, done = _job_state(cfg, scan.fingerprint, est)
     cache = _open_readonly(os.path.join(cfg.cache.dir, "cache.sqlite")) if cfg.cache.dir else None
     try:
@@ -343,7 +342,8 @@ def _time_lines(est: Estimate, cfg: Config, add: Any) -> None:
     slowest = max(bounds, key=lambda k: bounds[k][1])
     add("time", f"{_duration(low)} .. {_duration(high)} without retries (slowest limit: {slowest})")
     lim = cfg.limits
-    detail = {"requests/min": f"{est.requests:,} requests at {lim.requests_per_minute:g}/min",
+    # Formatted for every limit, printed only for those that are set (a None limit has no bound line).
+    detail = {"requests/min": f"{est.requests:,} requests at {lim.requests_per_minute or 0:g}/min",
               "tokens/min": f"input + output tokens at {lim.tokens_per_minute or 0:g}/min",
               "concurrency": f"{lim.max_concurrency} at a time x latency of {assumed_latency(cfg)[2]}"}
     for name, (lo, hi) in bounds.items():

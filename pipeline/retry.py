@@ -67,13 +67,13 @@ def classify(reply: Reply) -> dict[str, Any]:
             err = {"message": err}
         choices = body.get("choices")
         if err and not choices:
-            raise _from_error(_status_of(err, 502), err, reply.headers, in_body=True)
+            raise _billed(_from_error(_status_of(err, 502), err, reply.headers, in_body=True), body)
         if not choices:
-            raise TransientError("HTTP 200 without choices", status=200, code="no_choices")
+            raise _billed(TransientError("HTTP 200 without choices", status=200, code="no_choices"), body)
         first = choices[0]
         if first.get("finish_reason") == "error" or err:
             cerr = first.get("error") or err or {"message": "the provider ended the answer with an error"}
-            raise _from_error(_status_of(cerr, 502), cerr, reply.headers, in_body=True)
+            raise _billed(_from_error(_status_of(cerr, 502), cerr, reply.headers, in_body=True), body)
         return body
     err = body.get("error") if isinstance(body, dict) else None
     if err is None and isinstance(body, dict) and body.get("object") == "error":
@@ -84,6 +84,14 @@ def classify(reply: Reply) -> dict[str, Any]:
     elif isinstance(err, str):
         err = {"message": err}  # vLLM: {"error": "Unauthorized"}
     raise _from_error(reply.status, err, reply.headers, in_body=False)
+
+
+def _billed(exc: RequestError, body: dict[str, Any]) -> RequestError:
+    """A 200 that carries an error may still have been billed: keep its usage (or partial output)."""
+    choices = body.get("choices")
+    if isinstance(body.get("usage"), dict) or (isinstance(choices, list) and choices):
+        exc.billed = body
+    return exc
 
 
 def _status_of(err: Any, default: int) -> int:

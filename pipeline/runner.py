@@ -39,7 +39,7 @@ from .prompts import Renderer, estimate_prompt_tokens, finalize
 from .reader import InputBatch, Source
 from .state import JobDir, resume_command
 from .store import FINAL_STATES, Record, Store
-from .structured import StructuredPlan
+from .structured import StructuredPlan, plan_for
 from .transport import HttpTransport, Transport
 
 log = logging.getLogger("pipeline")
@@ -181,8 +181,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     scan = source.scan()
     renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
                         columns=scan.columns)
-    plan = (StructuredPlan(cfg.structured, cfg.endpoint.model, schema=schema, endpoint=cfg.endpoint, params=cfg.params)
-            if cfg.structured else None)
+    plan = plan_for(cfg, schema)
     api_key = cfg.api_key()
     jobdir.lock()
     sim = None

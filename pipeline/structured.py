@@ -24,7 +24,7 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from .config import EndpointConfig, ParamsConfig, StructuredConfig
+from .config import Config, EndpointConfig, ParamsConfig, StructuredConfig
 from .errors import BadContentError, ConfigError
 from .schema import SCHEMA_KEY, check_schema, pointer, strict_normalise, tolerant_schema
 
@@ -398,3 +398,14 @@ def _load(source: dict[str, Any] | str | None) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"schema file {source} must hold a JSON object", key=SCHEMA_KEY)
     return loaded
+
+
+def plan_for(cfg: Config, schema: dict[str, Any] | None = None) -> StructuredPlan | None:
+    """The job's plan, or None without a `structured` section; schema errors name the config file."""
+    if cfg.structured is None:
+        return None
+    try:
+        return StructuredPlan(cfg.structured, cfg.endpoint.model, schema=schema, endpoint=cfg.endpoint,
+                              params=cfg.params)
+    except ConfigError as exc:
+        raise exc.located(cfg.source) from None

@@ -277,11 +277,15 @@ class _Assembler:
 
     def result(self) -> dict[str, Any]:
         partial = "".join(self.content) or None
-        if self.err is not None:
-            raise _stream_error(self.err, partial)
-        if not self.done and not self.finished:
-            raise TransientError("the stream ended without a finish_reason or [DONE] (cut off)",
-                                 code="stream_truncated", content=partial)
+        if self.err is not None or (not self.done and not self.finished):
+            exc = (_stream_error(self.err, partial) if self.err is not None else
+                   TransientError("the stream ended without a finish_reason or [DONE] (cut off)",
+                                  code="stream_truncated", content=partial))
+            calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            if partial or calls or self.usage:  # tokens were generated: the provider bills them
+                message = {"role": "assistant", "content": partial, "tool_calls": calls or None}
+                exc.billed = {**self.meta, "usage": self.usage, "choices": [{"message": message}]}
+            raise exc
         message: dict[str, Any] = {"role": "assistant", "content": partial}
         if self.refusal:
             message["refusal"] = "".join(self.refusal)

@@ -30,7 +30,8 @@ import pipeline
 from pipeline.cli import main
 from tests.conftest import SCHEMA, job, write_rows
 
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6"
+                       "kgAAAABJRU5ErkJggg==")
 
 
 @dataclass
@@ -189,7 +190,8 @@ CASES: dict[str, Case] = {
                                       "is a list, not text; format it in the template", "failures"),
     "prompt over the context window": Case(with_input(GOOD + [row("big", "word " * 130_000)]), 1,
                                            "over the 128,000-token context window", "failures"),
-    "bad per-row parameter": Case(with_input(GOOD + [row("p", mt="many")], params={"from_columns": {"max_tokens": "mt"}}),
+    "bad per-row parameter": Case(with_input(GOOD + [row("p", mt="many")],
+                                             params={"from_columns": {"max_tokens": "mt"}}),
                                   1, "column 'mt' gives max_tokens='many'; it must be an integer", "failures"),
     "image file missing": Case(image_rows("pics/gone.png"), 1, "image file not found", "failures"),
     "image unreadable": Case(image_rows("pics/a-folder.png"), 1, "cannot read image file", "failures"),
@@ -211,7 +213,8 @@ CASES: dict[str, Case] = {
 }
 
 
-def run_case(case: Case, tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+def run_case(case: Case, tmp: Path, capsys: pytest.CaptureFixture[str],
+             monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
     argv = case.build(tmp)
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env["BAD_INPUT_KEY"] = "sk-test-bad-input"

@@ -161,3 +161,10 @@ def test_rows_whose_retries_ran_out_are_counted_as_to_send_again(tmp_path: Path)
     assert (s.succeeded, s.failed) == (5, 1)
     est = estimate(load_config(cfg))  # a resume asks the transient failure again, and only it
     assert (est.rows_done_ok, est.rows_done_failed, est.requests) == (5, 0, 1)
+
+
+def test_dry_run_with_no_request_limit(tmp_path: Path) -> None:
+    cfg = load_config(job(tmp_path, 5, limits={"requests_per_minute": None, "tokens_per_minute": None}))
+    out = io.StringIO()
+    assert dry_run(cfg, out=out) == 0
+    assert "requests/min" not in out.getvalue() and "concurrency" in out.getvalue()

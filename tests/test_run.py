@@ -194,3 +194,37 @@ def test_run_inside_a_running_event_loop(tmp_path: Path) -> None:
         return pipeline.run(job(tmp_path, 5)).succeeded
 
     assert asyncio.run(notebook_cell()) == 5
+
+
+def test_invalid_schema_names_the_key_the_pointer_and_the_file(tmp_path: Path) -> None:
+    import yaml
+
+    cfg = job(tmp_path, 3, structured={"schema": {"type": "object", "properties": {"a": {"type": "strin"}}}})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    p = cli("run", str(path))
+    assert p.returncode == 2
+    assert str(path) in p.stderr and "structured.schema" in p.stderr and "/properties/a/type" in p.stderr
+
+
+@pytest.mark.parametrize("fault,stream", [("error_200_partial", False), ("stream_error", True)])
+def test_failed_attempts_that_were_billed_count_as_spend(tmp_path: Path, fault: str, stream: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.simulator import SimConfig, SimulatorThread
+
+    monkeypatch.setenv("SIM_KEY", "sk-test")
+    costs = []
+    for plan in ([], [{"requests": "1-4", "fault": fault}]):
+        server = SimulatorThread(SimConfig(retry_after_s=0.01, fault_plan=plan))
+        with server as url:
+            cfg = job(tmp_path, 6, endpoint={"base_url": url, "api_key_env": "SIM_KEY"}, params={"stream": stream},
+                      limits={"max_concurrency": 1})
+            cfg["output"]["dir"] = str(tmp_path / f"out{len(plan)}")
+            s = pipeline.run(cfg)
+            sim_billed = server.stats()["cost_usd"]
+        assert (s.exit_code, s.succeeded, s.requests_sent) == (0, 6, 6 + 4 * len(plan))
+        costs.append(s.cost_usd)
+    clean, faulty = costs
+    assert faulty > clean * 1.1  # the 4 broken attempts generated tokens, and those were billed
+    if not stream:  # a partial 200 reports its usage: our books match the provider's bill exactly
+        assert faulty == pytest.approx(sim_billed)

@@ -64,9 +64,9 @@ def write(tmp: Path, cfg: dict[str, Any]) -> Path:
 MODES: dict[str, dict[str, Any]] = {
     # The simulator demands exactly this key, so a pass proves it was sent to the endpoint.
     "success": {"sim": {"api_key": KEY}},
-    "failures": {"sim": {"api_key": KEY, "fault_plan": [{"requests": "1-3", "fault": "500"},
-                                                        {"requests": "4-30", "fault": "schema_invalid"},
-                                                        {"requests": "31", "fault": "404", "message": "no such model"}]}},
+    "failures": {"sim": {"api_key": KEY, "fault_plan": [
+        {"requests": "1-3", "fault": "500"}, {"requests": "4-30", "fault": "schema_invalid"},
+        {"requests": "31", "fault": "404", "message": "no such model"}]}},
     "fatal 401": {"sim": {"api_key": "sk-or-v1-some-other-key"}},
     "stream": {"sim": {"api_key": KEY, "stream_comments_between": True}, "params": {"stream": True, "max_tokens": 200}},
     "402 credits": {"sim": {"api_key": KEY, "credits_usd": 0.004}},
