@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from .errors import ConfigError
 
 StructuredMode = Literal["auto", "json_schema", "json_object", "tool"]
+DEFAULT_BATCH_SIZE = 1000
+IMAGE_BATCH_SIZE = 64
 
 
 class Section(BaseModel):
@@ -31,7 +33,11 @@ class InputConfig(Section):
     format: Literal["auto", "jsonl", "parquet"] = Field("auto", description="Forced format; auto uses the extension.")
     id_column: str | None = Field(None, description="Unique row id column; default: a hash of the row content.")
     columns: list[str] = Field(default_factory=list, description="Input columns carried into results.parquet.")
-    batch_size: int = Field(1000, ge=1, le=100_000, description="Rows per streaming batch.")
+    batch_size: int | None = Field(
+        None, ge=1, le=100_000,
+        description="Rows per streaming batch; default 1000, or 64 when prompt.images is set (image payloads are "
+                    "large, and a few open batches are held in memory).",
+    )
 
 
 class EndpointConfig(Section):
@@ -196,7 +202,9 @@ class LimitsConfig(Section):
     backoff_base_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(60.0, gt=0)
     max_retry_after_s: float = Field(900.0, gt=0, description="A longer server wait fails the request instead.")
-    burst_s: float = Field(1.0, gt=0, description="Seconds of quota that may go out at once (smooth dispatch).")
+    # Half a second: a server that enforces per second (as OpenAI may) never sees our opening burst plus
+    # the refill exceed its one-second bucket, even with arrival jitter.
+    burst_s: float = Field(0.5, gt=0, description="Seconds of quota that may go out at once (smooth dispatch).")
     adaptive: bool = Field(True, description="Learn limits from rate-limit headers and 429s.")
 
 
@@ -251,6 +259,12 @@ class Config(Section):
 
     # Where the config came from; not part of the YAML.
     source: str = Field("<dict>", exclude=True)
+
+    @model_validator(mode="after")
+    def _default_batch_size(self) -> "Config":
+        if self.input.batch_size is None:
+            self.input.batch_size = IMAGE_BATCH_SIZE if self.prompt.images else DEFAULT_BATCH_SIZE
+        return self
 
     def api_key(self) -> str:
         """The key from the environment; a clear error (never the value) when it is missing."""

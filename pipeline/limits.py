@@ -373,7 +373,8 @@ class Limits:
                 self.requests = bucket
             else:
                 self.tokens = bucket
-        elif target < bucket.per_minute:
+        elif limit < bucket.per_minute:
+            # Only a server limit below our own ceiling matters; at or above it our bucket already holds.
             bucket.set_rate(target)
 
     def _pace_from(self, kind: str, remaining: float, reset_s: float, limit: float | None) -> None:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import InputConfig
+from .config import DEFAULT_BATCH_SIZE, InputConfig
 from .errors import InputError, RowError
 from .formats import (
     File,
@@ -71,6 +71,8 @@ class InputScan:
 
 class Source:
     def __init__(self, cfg: InputConfig) -> None:
+        if cfg.batch_size is None:  # an InputConfig used on its own, outside a Config that sets the default
+            cfg = cfg.model_copy(update={"batch_size": DEFAULT_BATCH_SIZE})
         self.cfg = cfg
         self._files = resolve(cfg)
         self.files = [f.path for f in self._files]

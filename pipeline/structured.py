@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema_rs
 import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
@@ -118,7 +119,10 @@ class StructuredPlan:
         self._instruction = INSTRUCTION.format(schema=orjson.dumps(self.schema).decode())
         # Compiled once: validation runs for every answer. Optional properties also accept null, so a
         # strict-mode "absent" (null) passes and lands as a null column value.
-        self._validator = Draft202012Validator(tolerant_schema(self.schema))
+        tolerant = tolerant_schema(self.schema)
+        self._validator = Draft202012Validator(tolerant)  # for the error message, when an answer is bad
+        # The hot path: the Rust validator answers "valid?" ~100x faster (a quarter of our CPU per request).
+        self._is_valid = jsonschema_rs.validator_for(tolerant).is_valid
 
     @property
     def mode(self) -> str:
@@ -297,7 +301,7 @@ class StructuredPlan:
         except orjson.JSONDecodeError as exc:
             raise BadContentError(f"the answer is not JSON ({exc}): {_clip(text, 120)!r}"[:ERROR_CHARS],
                                   reason="not_json", content=raw) from None
-        if not self._validator.is_valid(value):
+        if not self._is_valid(value):
             err = best_match(self._validator.iter_errors(value))
             where = pointer(err.absolute_path) if err is not None else "(root)"
             why = err.message if err is not None else "invalid"

@@ -226,3 +226,14 @@ def test_extra_stream_options_merge_with_include_usage(tmp_path: Path) -> None:
     cfg = load_config(job(tmp_path, 1, params={"stream": True, "extra": extra}))
     body = Renderer(cfg).render({"text": "x"}, ("in.jsonl", 1)).body
     assert body["stream_options"] == {"include_usage": True, "include_obfuscation": False}
+
+
+def test_batch_size_defaults_small_when_images_are_sent(tmp_path: Path) -> None:
+    from pipeline.config import DEFAULT_BATCH_SIZE, IMAGE_BATCH_SIZE, load_config
+
+    cfg = job(tmp_path, 3)
+    assert load_config(cfg).input.batch_size == DEFAULT_BATCH_SIZE
+    cfg["prompt"]["images"] = ["photo"]
+    assert load_config(cfg).input.batch_size == IMAGE_BATCH_SIZE
+    cfg["input"]["batch_size"] = 10
+    assert load_config(cfg).input.batch_size == 10

@@ -55,7 +55,7 @@ def test_identical_requests_are_sent_once(tmp_path: Path) -> None:
     write_rows(tmp_path / "in.jsonl", 40, dup_every=4)  # 10 distinct texts, 40 rows
     cfg = job(tmp_path, limits={"max_concurrency": 4})
     s = pipeline.run(cfg)
-    assert s.succeeded == 40 and s.requests_sent == 10
+    assert s.succeeded == 40 and s.requests_sent == 10 and s.deduplicated == 30
 
 
 @pytest.mark.parametrize("fault,extra", [
