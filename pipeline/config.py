@@ -283,8 +283,8 @@ class Config(Section):
     def price(self, model: str) -> Price | None:
         return self.prices.get(model) or BUILTIN_PRICES.get(model)
 
-    def request_fingerprint(self) -> str:
-        """Hash of everything that changes what is asked; limits, budget and output may change freely."""
+    def request_config(self) -> dict[str, Any]:
+        """Everything that changes what is asked, as plain JSON; limits, budget and output may change freely."""
         keep = {
             "input": self.input.model_dump(exclude={"batch_size"}),
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
@@ -293,8 +293,12 @@ class Config(Section):
             "structured": self.structured.model_dump(by_alias=True) if self.structured else None,
         }
         # NON_STR_KEYS: params.logit_bias is keyed by token id (int).
-        options = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
-        return hashlib.sha256(orjson.dumps(keep, option=options)).hexdigest()[:16]
+        loaded: dict[str, Any] = orjson.loads(orjson.dumps(keep, option=orjson.OPT_NON_STR_KEYS, default=str))
+        return loaded
+
+    def request_fingerprint(self) -> str:
+        """Hash of `request_config()`: a resume with a different one would mix answers to other requests."""
+        return hashlib.sha256(orjson.dumps(self.request_config(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------

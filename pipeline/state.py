@@ -119,7 +119,7 @@ class JobDir:
         """Refuse to mix two jobs in one folder, naming what changed; returns the manifest to use.
         `command` is how the user ran this job (to show the --force-new variant of it)."""
         fingerprint = cfg.request_fingerprint()
-        request = _request_config(cfg)
+        request = cfg.request_config()
         current = self.read_manifest()
         has_answers = Path(self.store_path).exists() or any(self.parts.glob("*.parquet"))
         if current is not None and has_answers:
@@ -237,19 +237,6 @@ def count_part(parts: Path, index: int) -> PartCounts:
     transient = pc.sum(pc.equal(classes, "transient")).as_py() or 0
     from_input = pc.sum(pc.equal(classes, "input")).as_py() or 0
     return PartCounts(ok, len(classes), transient, len(classes) - from_input)
-
-
-def _request_config(cfg: Config) -> dict[str, Any]:
-    """What the request fingerprint covers, as plain JSON, so that a refusal can name the changed keys."""
-    keep = {
-        "input": cfg.input.model_dump(exclude={"batch_size"}),
-        "endpoint": {"base_url": cfg.endpoint.base_url, "model": cfg.endpoint.model},
-        "prompt": cfg.prompt.model_dump(),
-        "params": cfg.params.model_dump(exclude_none=True),
-        "structured": cfg.structured.model_dump(by_alias=True) if cfg.structured else None,
-    }
-    loaded: dict[str, Any] = orjson.loads(orjson.dumps(keep, option=orjson.OPT_NON_STR_KEYS, default=str))
-    return loaded
 
 
 _MISSING = object()

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import pytest
 from PIL import Image
 
 from pipeline.simulator import FaultRule, SimConfig, Simulator, SimulatorThread, add_arguments, config_from_args
+from tests.simclient import serve
 
 KEY = "sk-test-secret-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -47,19 +47,6 @@ def schema_body(text: str = "Great screen.", strict: bool = True, **extra: Any) 
     return body(text, response_format=fmt, **extra)
 
 
-Test = Callable[[Simulator, str, aiohttp.ClientSession], Awaitable[Any]]
-
-
-def serve(cfg: SimConfig, test: Test) -> Any:
-    async def main() -> Any:
-        sim = Simulator(cfg)
-        url = await sim.start()
-        try:
-            async with aiohttp.ClientSession() as session:
-                return await test(sim, url, session)
-        finally:
-            await sim.stop()
-    return asyncio.run(main())
 
 
 async def post(session: aiohttp.ClientSession, url: str, payload: Any, headers: dict[str, str] | None = AUTH,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -14,6 +13,7 @@ import orjson
 import pytest
 
 from pipeline.simulator import FAULT_NAMES, FaultRule, SimConfig, Simulator
+from tests.simclient import serve
 
 AUTH = {"Authorization": "Bearer sk-test"}
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": ["a", "b"]},
@@ -23,19 +23,6 @@ BODY = {"model": "openai/gpt-4o", "max_tokens": 300,
         "messages": [{"role": "system", "content": "Label it."}, {"role": "user", "content": "A fine product."}],
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": SCHEMA}}}
 
-Test = Callable[[Simulator, str, aiohttp.ClientSession], Awaitable[Any]]
-
-
-def serve(cfg: SimConfig, test: Test) -> Any:
-    async def main() -> Any:
-        sim = Simulator(cfg)
-        url = await sim.start()
-        try:
-            async with aiohttp.ClientSession() as session:
-                return await test(sim, url, session)
-        finally:
-            await sim.stop()
-    return asyncio.run(main())
 
 
 async def post(s: aiohttp.ClientSession, url: str, payload: Any = BODY) -> tuple[int, Any, Any]:

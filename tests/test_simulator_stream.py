@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -13,6 +12,7 @@ import orjson
 import pytest
 
 from pipeline.simulator import FaultRule, SimConfig, Simulator, SimulatorThread
+from tests.simclient import serve
 
 AUTH = {"Authorization": "Bearer sk-test"}
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": ["a", "b"]},
@@ -26,19 +26,6 @@ def body(stream: bool = True, **extra: Any) -> dict[str, Any]:
             "response_format": FMT, "stream": stream, **extra}
 
 
-Test = Callable[[Simulator, str, aiohttp.ClientSession], Awaitable[Any]]
-
-
-def serve(cfg: SimConfig, test: Test) -> Any:
-    async def main() -> Any:
-        sim = Simulator(cfg)
-        url = await sim.start()
-        try:
-            async with aiohttp.ClientSession() as session:
-                return await test(sim, url, session)
-        finally:
-            await sim.stop()
-    return asyncio.run(main())
 
 
 async def raw_stream(s: aiohttp.ClientSession, url: str, payload: dict[str, Any]) -> tuple[int, Any, list[bytes]]:
