@@ -1,7 +1,9 @@
 """Preview of proposed speed fixes, applied as monkeypatches, measured like overhead.py.
 
 Already landed in pipeline/ (so no longer here): limits.Gate hands a freed slot to one waiter (it used
-to wake ~19 futures per request), and Limits.slot is a class-based context manager with fast paths.
+to wake ~19 futures per request), Limits.slot is a class-based context manager with fast paths, the
+run freezes the GC and raises its threshold (runner.run_async), and validity is checked with
+jsonschema-rs (structured.StructuredPlan).
 
 NOT part of the pipeline: each patch below is the smallest code that shows what a fix in pipeline/
 would gain, so the lead can judge it before anyone edits pipeline/. Once a fix lands in pipeline/,
@@ -12,10 +14,6 @@ alternate with the bare aiohttp loop (same endpoint process), and the table show
     python benchmarks/fix_preview.py -n 40000 --rounds 5
 
 Patches (in order):
-  gc        gc.freeze() after start-up and gc.set_threshold(50_000, 50, 100) for the run: today ~20% of
-            the run is the cyclic GC (gen-2 passes over ~150k live objects, ~30 of them per 40k rows)
-  validate  structured validation with jsonschema_rs (Rust, Draft 2020-12) on the hot path; jsonschema
-            only to explain a failure (best_match), as today
   window    runner.MAX_OPEN_BATCHES 4 -> 2: half as many rows waiting as Tasks at once (4,000 -> 2,000 for
             128 slots), so fewer live objects for the GC to walk
   store     Store commits on a writer thread (sqlite3 releases the GIL while stepping), so the executemany
@@ -37,29 +35,8 @@ from overhead import bare_loop, measure, pipeline_once
 
 import pipeline.runner as runner_mod
 import pipeline.store as store_mod
-import pipeline.structured as structured_mod
 
 ORIGINAL: dict[str, Any] = {}
-
-
-# -- validate: jsonschema_rs on the hot path ---------------------------------------------------------
-class RsValidator:
-    def __init__(self, slow: Any) -> None:
-        import jsonschema_rs
-
-        self.slow = slow
-        self.fast = jsonschema_rs.validator_for(slow.schema)
-
-    def is_valid(self, value: Any) -> bool:
-        return self.fast.is_valid(value)
-
-    def iter_errors(self, value: Any) -> Any:
-        return self.slow.iter_errors(value)
-
-
-def _plan_init(self: Any, *a: Any, **k: Any) -> None:
-    ORIGINAL["plan_init"](self, *a, **k)
-    self._validator = RsValidator(self._validator)
 
 
 # -- store: commits on a writer thread ---------------------------------------------------------------
@@ -107,31 +84,11 @@ def _store_close(self: Any) -> None:
     ORIGINAL["store_close"](self)
 
 
-PATCHES = ["gc", "validate", "window", "store", "uvloop"]
+PATCHES = ["window", "store", "uvloop"]
 
 
 def apply(name: str) -> None:
-    if name == "gc":
-        import gc
-
-        ORIGINAL["run_async"] = runner_mod.run_async
-
-        async def run_async(*a: Any, **k: Any) -> Any:
-            old = gc.get_threshold()
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(50_000, 50, 100)
-            try:
-                return await ORIGINAL["run_async"](*a, **k)
-            finally:
-                gc.set_threshold(*old)
-                gc.unfreeze()
-
-        runner_mod.run_async = run_async  # type: ignore[assignment]
-    elif name == "validate":
-        ORIGINAL["plan_init"] = structured_mod.StructuredPlan.__init__
-        structured_mod.StructuredPlan.__init__ = _plan_init  # type: ignore[method-assign]
-    elif name == "window":
+    if name == "window":
         runner_mod.MAX_OPEN_BATCHES = 2
     elif name == "store":
         # The store's sqlite connection is used from the writer thread (check_same_thread=False already).
