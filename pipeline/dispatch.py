@@ -7,6 +7,7 @@ budget; a run-fatal answer stops all dispatch at once (the rows it stops stay pe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import sqlite3
@@ -219,8 +220,17 @@ class Dispatcher:
             self.stats.successes += 1
             self.limits.on_success()
             if self.cache is not None:
-                self.cache.put_now([Record(**{**_fields(record), "cache_hit": False, "created_at": 0.0})])
+                await self._share(record)
             return record
+
+    async def _share(self, record: Record) -> None:
+        """Copy an answer to the cross-run cache, in the cache's per-tick group commit (not one commit each).
+        The answer is already safe in this job's store, so a cache that cannot be written only warns."""
+        assert self.cache is not None
+        try:
+            await self.cache.put(dataclasses.replace(record, cache_hit=False, created_at=0.0))
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not add an answer to the cache %s: %s", self.cache.path, exc)
 
     async def _put(self, record: Record) -> None:
         try:
@@ -293,7 +303,3 @@ def _message(exc: RequestError) -> str:
 
 def _dumps(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
-
-
-def _fields(record: Record) -> dict[str, Any]:
-    return {name: getattr(record, name) for name in record.__slots__}  # type: ignore[attr-defined]

@@ -162,12 +162,12 @@ def render_batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | N
         payload, key = finalize(body, base_url)
         row_keys[i] = key
         if key not in jobs:
-            est = draft.est_prompt_tokens
-            if plan is not None:
-                est += estimate_prompt_tokens(body) - estimate_prompt_tokens(draft.body)
-            extra = draft.est_prompt_tokens - estimate_prompt_tokens(draft.body)
+            text_tokens = estimate_prompt_tokens(draft.body)
+            image_tokens = draft.est_prompt_tokens - text_tokens
+            # Shaping adds the schema (tools or system prompt) to what is sent: estimate what is sent.
+            est = estimate_prompt_tokens(body, image_tokens) if plan is not None else draft.est_prompt_tokens
             jobs[key] = Job(key, payload, draft.body, est, draft.max_tokens, _count_images(draft.body),
-                            image_tokens=extra, mode=plan.mode if plan else None)
+                            image_tokens=image_tokens, mode=plan.mode if plan else None)
     return outcomes, row_keys, jobs
 
 
