@@ -231,7 +231,7 @@ class Probe:
 
 def http_transport(base_url: str, concurrency: int) -> Any:
     """The pipeline's own HttpTransport, built as the runner builds it for these benchmark configs."""
-    from pipeline.transport import HttpTransport
+    from pipeline.send.transport import HttpTransport
 
     return HttpTransport(base_url=base_url, api_key=os.environ[API_KEY_ENV], pool_size=concurrency)
 
@@ -241,7 +241,7 @@ def run_probed(cfg_dict: dict[str, Any], probe: Probe) -> Any:
     import asyncio
 
     from pipeline.config import load_config
-    from pipeline.runner import run_async
+    from pipeline.engines.runner import run_async
 
     return asyncio.run(run_async(load_config(cfg_dict), transport=probe, quiet=True))
 
@@ -261,7 +261,7 @@ class FakeTransport:
     def __init__(self) -> None:
         from _endpoint import BODY
 
-        from pipeline.transport import Reply
+        from pipeline.send.transport import Reply
 
         self.reply = Reply(200, {"Content-Type": "application/json"}, BODY, 0.0)
         self.sent = 0

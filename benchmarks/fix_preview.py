@@ -33,8 +33,8 @@ from typing import Any
 from _common import cleanup, endpoint, median, print_machine, scratch, table, write_rows
 from overhead import bare_loop, measure, pipeline_once
 
-import pipeline.runner as runner_mod
-import pipeline.store as store_mod
+import pipeline.engines.runner as runner_mod
+import pipeline.state.store as store_mod
 
 ORIGINAL: dict[str, Any] = {}
 

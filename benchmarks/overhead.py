@@ -134,7 +134,7 @@ async def transport_loop(base_url: str, n: int, concurrency: int) -> int:
 def pipeline_fake(data: Path, out: Path, concurrency: int) -> int:
     """The whole pipeline with no socket: run_async with a transport that answers at once."""
     from pipeline.config import load_config
-    from pipeline.runner import run_async
+    from pipeline.engines.runner import run_async
 
     cleanup(out)
     fake = FakeTransport()

@@ -33,15 +33,15 @@ import orjson
 from _common import REPO, cleanup, job_config, print_machine, scratch, table, write_rows
 
 from pipeline.config import load_config
-from pipeline.output import Layout, write_part
-from pipeline.prompts import Renderer
-from pipeline.reader import Source
-from pipeline.runner import render_batch
+from pipeline.write.output import Layout, write_part
+from pipeline.build.prompts import Renderer
+from pipeline.read.reader import Source
+from pipeline.engines.runner import render_batch
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
-from pipeline.state import JobDir
-from pipeline.store import Record, Store
-from pipeline.structured import StructuredPlan, plan_for
+from pipeline.state.jobdir import JobDir
+from pipeline.state.store import Record, Store
+from pipeline.build.structured import StructuredPlan, plan_for
 
 OPEN_BATCHES = 4  # batches a killed run leaves half-answered (the runner keeps about this many open)
 ANSWER = '{"sentiment":"positive","score":4,"tags":["delivery","quality"]}'

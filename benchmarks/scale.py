@@ -34,8 +34,8 @@ def child(args: list[str]) -> None:
     import asyncio
 
     from pipeline.config import load_config
-    from pipeline.runner import run_async
-    from pipeline.transport import HttpTransport  # noqa: F401 - imported like a real run would
+    from pipeline.engines.runner import run_async
+    from pipeline.send.transport import HttpTransport  # noqa: F401 - imported like a real run would
 
     import pyarrow  # noqa: F401
     import polars  # noqa: F401

@@ -107,8 +107,8 @@ def main() -> None:
         print(f"\ncommand: {' '.join(cmd)}; median of {args.repeat} fresh processes; key from ${API_KEY_ENV}")
         print(table(["what", "median s", "min s", "max s"], rows))
         if args.importtime:
-            total, heavy = import_times("pipeline.runner", args.importtime)
-            print(f"\n`import pipeline.runner` (what a run imports) takes {total:.0f} ms; heaviest packages "
+            total, heavy = import_times("pipeline.engines.runner", args.importtime)
+            print(f"\n`import pipeline.engines.runner` (what a run imports) takes {total:.0f} ms; heaviest packages "
                   "(nested imports overlap):")
             print(table(["package", "cumulative ms", "share"], heavy))
     finally:

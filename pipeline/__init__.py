@@ -13,8 +13,8 @@ __all__ = ["Config", "PipelineError", "Summary", "load", "load_config", "run", "
 
 # Imported on first use: `pipeline --help` and `import pipeline` stay fast (no polars/aiohttp import).
 _LAZY = {
-    "Config": ".config", "load_config": ".config", "PipelineError": ".errors", "Summary": ".output",
-    "load": ".output", "run": ".runner", "run_async": ".runner",
+    "Config": ".config", "load_config": ".config", "PipelineError": ".errors", "Summary": ".write.output",
+    "load": ".write.output", "run": ".engines.runner", "run_async": ".engines.runner",
 }
 
 

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             from .simulator import serve
 
             return serve(args)
-        from .status import print_status
+        from .state.status import print_status
 
         return print_status(args.out_dir, as_json=args.json)
     except PipelineError as exc:
@@ -82,10 +82,10 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from .estimate import dry_run
+        from .engines.estimate import dry_run
 
         return dry_run(cfg, out=sys.stdout)
-    from .runner import run_async
+    from .engines.runner import run_async
 
     summary = asyncio.run(run_async(cfg, retry_failed=args.retry_failed, force_new=args.force_new,
                                     quiet=args.quiet, handle_signals=True, config_path=args.config,

@@ -117,7 +117,7 @@ def changed_job(tmp: Path) -> list[str]:
 
 
 def locked_output(tmp: Path) -> list[str]:
-    from pipeline.state import JobDir
+    from pipeline.state.jobdir import JobDir
 
     holder = JobDir(tmp / "out")
     holder.lock()  # held for the test's life: another "run" owns the folder
@@ -304,7 +304,7 @@ def stopped_run(tmp: Path, rows: int) -> tuple[dict[str, Any], pipeline.Summary]
 
 def test_disk_full_in_the_store_stops_and_loses_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.store import Store
+    from pipeline.state.store import Store
 
     cfg, first = stopped_run(tmp_path, 60)
     before = snapshot(tmp_path / "out")

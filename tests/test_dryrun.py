@@ -15,7 +15,7 @@ import pytest
 
 import pipeline
 from pipeline.config import load_config
-from pipeline.estimate import cost_range, dry_run, estimate, time_bounds
+from pipeline.engines.estimate import cost_range, dry_run, estimate, time_bounds
 from pipeline.simulator import SimConfig, SimulatorThread
 from tests.conftest import job
 

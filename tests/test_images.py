@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pipeline import images
+from pipeline.build import images
 from pipeline.errors import RowError
-from pipeline.images import ImageEncoder, image_tokens, sniff_format
+from pipeline.build.images import ImageEncoder, image_tokens, sniff_format
 
 ORIGIN = ("/data/in.jsonl", 3)
 

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import LimitsConfig
 from pipeline.errors import PermanentError, RateLimited
-from pipeline.limits import Gate, Limits, parse_go_duration
+from pipeline.send.limits import Gate, Limits, parse_go_duration
 from pipeline.simulator.limits import go_duration
 from tests.vclock import run_virtual
 
@@ -312,8 +312,8 @@ def test_pacing_spreads_what_is_left_over_the_time_to_reset() -> None:
 
 
 def test_openrouter_429_headers_teach_a_per_minute_limit_and_the_pause() -> None:
-    from pipeline.retry import classify
-    from pipeline.transport import Reply
+    from pipeline.send.retry import classify
+    from pipeline.send.transport import Reply
 
     reset_ms = str(int((time.time() + 8) * 1000))
     headers = {"X-RateLimit-Limit": "20", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset_ms}

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, RowError
-from pipeline.prompts import Draft, Renderer, context_window, estimate_prompt_tokens, finalize
+from pipeline.build.prompts import Draft, Renderer, context_window, estimate_prompt_tokens, finalize
 
 ORIGIN = ("/data/in.jsonl", 7)
 
@@ -188,7 +188,7 @@ def test_finalize_deterministic_and_sensitive() -> None:
 
 
 def test_finalize_same_key_in_another_process(tmp_path: Path) -> None:
-    code = ("from pipeline.prompts import finalize; "
+    code = ("from pipeline.build.prompts import finalize; "
             "print(finalize({'b': [1, {'y': 2, 'x': 1}], 'a': 'é'}, 'https://h')[1])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip()

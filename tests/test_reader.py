@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import reader
+from pipeline.read import reader
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
-from pipeline.reader import InputBatch, Source
+from pipeline.read.reader import InputBatch, Source
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

@@ -220,7 +220,7 @@ def test_budget_needs_a_price_for_every_model_it_may_be_served_by(tmp_path: Path
 
 
 def test_extra_stream_options_merge_with_include_usage(tmp_path: Path) -> None:
-    from pipeline.prompts import Renderer
+    from pipeline.build.prompts import Renderer
 
     extra = {"stream_options": {"include_obfuscation": False}}
     cfg = load_config(job(tmp_path, 1, params={"stream": True, "extra": extra}))

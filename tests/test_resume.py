@@ -29,9 +29,9 @@ import pipeline
 from pipeline.errors import JobChangedError
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
-from pipeline.state import JobDir
-from pipeline.status import job_status
-from pipeline.store import Record, Store
+from pipeline.state.jobdir import JobDir
+from pipeline.state.status import job_status
+from pipeline.state.store import Record, Store
 from tests.conftest import REPO, job, write_rows
 
 KEY_ENV = "RESUME_TEST_KEY"

@@ -15,8 +15,8 @@ from pipeline.errors import (
     RequestError,
     TransientError,
 )
-from pipeline.retry import Backoff, classify, retry_after
-from pipeline.transport import Reply
+from pipeline.send.retry import Backoff, classify, retry_after
+from pipeline.send.transport import Reply
 
 OK = {"id": "gen-1", "model": "openai/gpt-4-turbo", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
 

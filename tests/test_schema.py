@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
 from pipeline.errors import ConfigError
-from pipeline.schema import arrow_type, check_schema, from_pydantic, strict_normalise, to_arrow, tolerant_schema
+from pipeline.build.schema import arrow_type, check_schema, from_pydantic, strict_normalise, to_arrow, tolerant_schema
 
 DICT = pa.dictionary(pa.int32(), pa.string())
 

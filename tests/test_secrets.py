@@ -114,7 +114,7 @@ def test_dry_run_and_simulate_print_no_key(tmp_path: Path) -> None:
 def test_debug_logs_exceptions_and_the_simulator_log_hold_no_key(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                                  capsys: pytest.CaptureFixture[str],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.dispatch as dispatch
+    import pipeline.send.dispatch as dispatch
     from pipeline.simulator import SimConfig, SimulatorThread
 
     monkeypatch.setenv(ENV, KEY)
@@ -152,7 +152,7 @@ def _sim_log(url: str) -> list[dict[str, Any]]:
 
 def test_error_messages_and_reprs_never_carry_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.config import load_config
-    from pipeline.transport import HttpTransport
+    from pipeline.send.transport import HttpTransport
 
     monkeypatch.setenv(ENV, KEY)
     cfg = load_config(job(tmp_path, 1, endpoint={"api_key_env": ENV, "base_url": "http://127.0.0.1:9/v1"}))

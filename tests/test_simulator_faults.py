@@ -240,8 +240,8 @@ def test_every_fault_name_is_accepted() -> None:
 
 def test_slow_down_and_legacy_vllm_bodies_classify_like_the_real_ones() -> None:
     from pipeline.errors import PermanentError, RateLimited, TransientError
-    from pipeline.retry import classify
-    from pipeline.transport import Reply
+    from pipeline.send.retry import classify
+    from pipeline.send.transport import Reply
 
     def classified(flavor: str, fault: str, **cfg: Any) -> type[Exception]:
         async def check(sim: Simulator, url: str, s: aiohttp.ClientSession) -> type[Exception]:

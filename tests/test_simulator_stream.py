@@ -295,8 +295,8 @@ def test_official_openai_client_streams_through_keepalives_and_string_error_code
 
 def test_string_mid_stream_error_code_is_classified_by_the_pipeline() -> None:
     from pipeline.errors import RateLimited, TransientError
-    from pipeline.retry import classify
-    from pipeline.transport import HttpTransport
+    from pipeline.send.retry import classify
+    from pipeline.send.transport import HttpTransport
 
     async def run() -> list[type[Exception]]:
         plan = [FaultRule(requests="1", fault="stream_error", status=502),

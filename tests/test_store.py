@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store import Record, Store
+from pipeline.state.store import Record, Store
 
 
 def rec(i: int, state: str = "ok") -> Record:
@@ -83,7 +83,7 @@ def test_a_reader_sees_committed_records_while_the_writer_runs(tmp_path: Path) -
 
 WRITER = textwrap.dedent("""
     import asyncio, sys
-    from pipeline.store import Record, Store
+    from pipeline.state.store import Record, Store
     store = Store(sys.argv[1], fsync_interval_s=0.2)
     async def main():
         i = 0

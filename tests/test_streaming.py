@@ -10,7 +10,7 @@ import pytest
 
 import pipeline
 from pipeline.errors import RateLimited, TransientError
-from pipeline.transport import SSEParser, _Assembler
+from pipeline.send.transport import SSEParser, _Assembler
 from tests.conftest import job
 
 FLAVORS = ["openrouter", "openai"]

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.config import StructuredConfig
 from pipeline.errors import BadContentError, ConfigError
-from pipeline.schema import strict_normalise
-from pipeline.structured import (BUILTIN_CAPABILITIES, DEFAULT_CAPABILITIES, TOOL_DESCRIPTION, StructuredPlan,
+from pipeline.build.schema import strict_normalise
+from pipeline.build.structured import (BUILTIN_CAPABILITIES, DEFAULT_CAPABILITIES, TOOL_DESCRIPTION, StructuredPlan,
                                  capabilities)
 
 SCHEMA: dict[str, Any] = {

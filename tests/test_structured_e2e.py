@@ -28,11 +28,11 @@ from pydantic import BaseModel
 import pipeline
 from pipeline.config import EndpointConfig, ParamsConfig, StructuredConfig, load_config
 from pipeline.errors import JobChangedError
-from pipeline.schema import arrow_type, strict_normalise, tolerant_schema
+from pipeline.build.schema import arrow_type, strict_normalise, tolerant_schema
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
-from pipeline.structured import StructuredPlan, routes_via_openrouter
-from pipeline.transport import Reply
+from pipeline.build.structured import StructuredPlan, routes_via_openrouter
+from pipeline.send.transport import Reply
 from tests.conftest import SCHEMA, job
 
 KEY_ENV = "STRUCTURED_E2E_KEY"
@@ -532,7 +532,7 @@ def test_run_with_a_schema_inside_a_running_event_loop(tmp_path: Path) -> None:
 def test_progress_bar_is_tqdm_auto() -> None:
     import tqdm.auto
 
-    from pipeline import progress
+    from pipeline.engines import progress
 
     assert progress.tqdm is tqdm.auto.tqdm  # a widget in Jupyter, a text bar in a terminal
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 import pipeline
 from pipeline.config import load_config
-from pipeline.estimate import estimate
+from pipeline.engines.estimate import estimate
 from pipeline.simulator import SimConfig, SimulatorThread
 
 KEY_ENV = "VISION_TEST_KEY"

@@ -25,7 +25,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import RowError
+from ..errors import RowError
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 UNKNOWN_URL_SIZE = (1024, 1024)

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from .errors import (
+from ..errors import (
     AuthError,
     CreditsError,
     PermanentError,

@@ -19,7 +19,7 @@ import pyarrow as pa
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SCHEMA_KEY = "structured.schema"
 _TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")

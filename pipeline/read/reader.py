@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import DEFAULT_BATCH_SIZE, InputConfig
-from .errors import InputError, RowError
+from ..config import DEFAULT_BATCH_SIZE, InputConfig
+from ..errors import InputError, RowError
 from .formats import (
     File,
     JsonlReader,

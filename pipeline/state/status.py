@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 
-from .errors import EXIT_FAILED_ROWS, EXIT_OK, UsageError
-from .output import PARTIAL_RE, done_parts
-from .state import JobDir, count_part
+from ..errors import EXIT_FAILED_ROWS, EXIT_OK, UsageError
+from ..write.output import PARTIAL_RE, done_parts
+from .jobdir import JobDir, count_part
 from .store import PartCounts, Store
 
 

@@ -25,8 +25,8 @@ import jinja2
 import jinja2.meta
 import orjson
 
-from .config import Config
-from .errors import ConfigError, RowError
+from ..config import Config
+from ..errors import ConfigError, RowError
 from .images import ImageEncoder
 
 # Longest matching prefix of the model name (provider prefix dropped) wins; others get the default.

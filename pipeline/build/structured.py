@@ -25,8 +25,8 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from .config import Config, EndpointConfig, ParamsConfig, StructuredConfig
-from .errors import BadContentError, ConfigError
+from ..config import Config, EndpointConfig, ParamsConfig, StructuredConfig
+from ..errors import BadContentError, ConfigError
 from .schema import SCHEMA_KEY, check_schema, pointer, strict_normalise, tolerant_schema
 
 MODES = ("json_schema", "tool", "json_object")
@@ -330,7 +330,7 @@ class StructuredPlan:
 def routes_via_openrouter(endpoint: EndpointConfig) -> bool:
     """Whether requests go to OpenRouter (or to the built-in simulator playing it)."""
     if endpoint.base_url == "simulator":
-        from .simulator import SimConfig  # imported here: only simulator runs need it
+        from ..simulator import SimConfig  # imported here: only simulator runs need it
 
         # Its default flavor is the one it plays when the config does not say.
         return bool(endpoint.simulator.get("flavor", SimConfig.model_fields["flavor"].default) == "openrouter")

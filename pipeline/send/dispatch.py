@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from .config import Config
-from .errors import (
+from ..config import Config
+from ..errors import (
     BadContentError,
     BudgetExceeded,
     PermanentError,
@@ -28,11 +28,11 @@ from .errors import (
     TransientError,
 )
 from .limits import Limits
-from .parse import Usage, max_cost, parse_completion, read_usage
-from .prompts import estimate_prompt_tokens, finalize
+from ..write.parse import Usage, max_cost, parse_completion, read_usage
+from ..build.prompts import estimate_prompt_tokens, finalize
 from .retry import Backoff, classify
-from .store import Record, Store
-from .structured import StructuredPlan
+from ..state.store import Record, Store
+from ..build.structured import StructuredPlan
 from .transport import Transport
 
 log = logging.getLogger("pipeline")

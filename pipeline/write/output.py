@@ -21,8 +21,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import arrow_type, to_arrow
-from .store import Record
+from ..build.schema import arrow_type, to_arrow
+from ..state.store import Record
 
 PART_RE = re.compile(r"^(\d{8})\.r\.parquet$")
 PARTIAL_RE = re.compile(r"^(\d{8})\.p[rf]\.parquet$")

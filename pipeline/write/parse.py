@@ -16,10 +16,10 @@ from typing import Any
 
 import orjson
 
-from .config import Config, Price
-from .errors import BadContentError
-from .prompts import context_window, max_output_tokens
-from .structured import StructuredPlan
+from ..config import Config, Price
+from ..errors import BadContentError
+from ..build.prompts import context_window, max_output_tokens
+from ..build.structured import StructuredPlan
 
 
 @dataclass(slots=True)

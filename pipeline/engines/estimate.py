@@ -24,16 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import BUILTIN_PRICES, Config
-from .errors import EXIT_OK, RowError
-from .output import done_parts
-from .parse import find_price, worst_output_tokens
-from .prompts import Renderer, context_window, max_output_tokens
-from .reader import InputBatch, Source
+from ..config import BUILTIN_PRICES, Config
+from ..errors import EXIT_OK, RowError
+from ..write.output import done_parts
+from ..write.parse import find_price, worst_output_tokens
+from ..build.prompts import Renderer, context_window, max_output_tokens
+from ..read.reader import InputBatch, Source
 from .runner import render_batch
-from .state import JobDir, count_part
-from .store import FINAL_STATES
-from .structured import StructuredPlan, plan_for
+from ..state.jobdir import JobDir, count_part
+from ..state.store import FINAL_STATES
+from ..build.structured import StructuredPlan, plan_for
 
 # Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
 # what gpt-4-turbo typically sustains on OpenRouter and OpenAI. Printed with the figure it produces.

@@ -30,10 +30,10 @@ import orjson
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import Config
-from .errors import JobChangedError, StoreLockedError, UsageError
-from .output import done_parts, write_json_atomic
-from .reader import InputScan
+from ..config import Config
+from ..errors import JobChangedError, StoreLockedError, UsageError
+from ..write.output import done_parts, write_json_atomic
+from ..read.reader import InputScan
 from .store import PartCounts, Store
 
 MANIFEST_VERSION = 1

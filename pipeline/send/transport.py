@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from .errors import RateLimited, RunFatalError, TransientError
+from ..errors import RateLimited, RunFatalError, TransientError
 
 _SSE_ACCEPT = {"Accept": "text/event-stream"}
 

@@ -23,11 +23,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config
-from .dispatch import Dispatcher, Job, Stopped
-from .errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, RowError
-from .limits import Limits
-from .output import (
+from ..config import Config, load_config
+from ..send.dispatch import Dispatcher, Job, Stopped
+from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, RowError
+from ..send.limits import Limits
+from ..write.output import (
     Layout,
     RowFailure,
     Summary,
@@ -38,12 +38,12 @@ from .output import (
     write_part,
 )
 from .progress import Progress
-from .prompts import Renderer, estimate_prompt_tokens, finalize
-from .reader import InputBatch, Source
-from .state import JobDir, resume_command
-from .store import FINAL_STATES, Record, Store
-from .structured import StructuredPlan, plan_for
-from .transport import HttpTransport, Transport
+from ..build.prompts import Renderer, estimate_prompt_tokens, finalize
+from ..read.reader import InputBatch, Source
+from ..state.jobdir import JobDir, resume_command
+from ..state.store import FINAL_STATES, Record, Store
+from ..build.structured import StructuredPlan, plan_for
+from ..send.transport import HttpTransport, Transport
 
 log = logging.getLogger("pipeline")
 
@@ -219,7 +219,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             cache = Store(os.path.join(cfg.cache.dir, "cache.sqlite"), fsync_interval_s=cfg.output.fsync_interval_s)
         base_url = cfg.endpoint.base_url
         if base_url == "simulator":
-            from .simulator import SimConfig, Simulator
+            from ..simulator import SimConfig, Simulator
             sim = Simulator(SimConfig(**cfg.endpoint.simulator))
             base_url = await sim.start()
         transport = transport or HttpTransport(
@@ -397,7 +397,7 @@ def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_faile
         cfg = load_config(cfg, flat)
     schema_dict = None
     if schema is not None:
-        from .schema import from_pydantic
+        from ..build.schema import from_pydantic
         schema_dict = schema if isinstance(schema, dict) else from_pydantic(schema)
         if cfg.structured is None:
             cfg = load_config(cfg, {"structured.schema": schema_dict})

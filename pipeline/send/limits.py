@@ -41,8 +41,8 @@ from types import TracebackType
 
 from aiolimiter import AsyncLimiter
 
-from .config import LimitsConfig
-from .errors import PermanentError, RateLimited
+from ..config import LimitsConfig
+from ..errors import PermanentError, RateLimited
 
 HEADROOM = 0.99  # share of a learned limit we use: estimate errors and arrival jitter stay under the server's
 LOW_REMAINING = 0.5  # pace from remaining/reset only below this share of the limit

@@ -6,7 +6,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from .dispatch import Stats
+from ..send.dispatch import Stats
 
 
 class Progress:

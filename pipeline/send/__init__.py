@@ -1,0 +1,1 @@
+"""Sending requests: the network seam, limits, classification and the retry loop."""
