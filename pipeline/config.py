@@ -38,6 +38,10 @@ class InputConfig(Section):
         description="Rows per streaming batch; default 1000, or 64 when prompt.images is set (image payloads are "
                     "large, and a few open batches are held in memory).",
     )
+    limit: int | None = Field(
+        None, ge=1, description="Only the first N rows (`--limit N`): a cheap trial; outputs and resume are those "
+                                "of a job over these rows. Not part of the job's identity.",
+    )
 
 
 class EndpointConfig(Section):
@@ -284,9 +288,10 @@ class Config(Section):
         return self.prices.get(model) or BUILTIN_PRICES.get(model)
 
     def request_config(self) -> dict[str, Any]:
-        """Everything that changes what is asked, as plain JSON; limits, budget and output may change freely."""
+        """Everything that shapes what is asked: the job's identity, as plain JSON. The input is data (it may
+        grow or change between runs), and limits, budget, output, carried columns and progress may change
+        freely."""
         keep = {
-            "input": self.input.model_dump(exclude={"batch_size"}),
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
             "prompt": self.prompt.model_dump(),
             "params": self.params.model_dump(exclude_none=True),

@@ -6,6 +6,7 @@
     │   ├── InputError          names the input file and row or line
     │   ├── JobChangedError     the output dir holds answers to a different job
     │   └── StoreLockedError    another runner owns the output dir
+    ├── InputChangedError       an input file changed while it was read: stopped unmixed (exit 3)
     ├── RowError                one input row cannot become a request (a failure row, the run goes on)
     ├── RequestError            what one attempt of one request ended in
     │   ├── TransientError      retry with jittered backoff (408, 5xx, timeouts, resets, 200-with-error)
@@ -80,6 +81,22 @@ class JobChangedError(UsageError):
 
 class StoreLockedError(UsageError):
     """Another live process is writing the same output directory."""
+
+
+class InputChangedError(PipelineError):
+    """An input file changed while this run read it (another job still writing it, or overwriting it).
+
+    Raised before any row of the new version is used, so the outputs never mix two versions. Exit 3:
+    what was answered is kept; re-run once the file is complete (only new requests are sent)."""
+
+    exit_code = EXIT_STOPPED
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path}: the input file changed while it was being read ({what}); stopped before rows of two "
+            "versions could mix. Re-run once whatever writes it has finished (answers so far are kept)."
+        )
 
 
 class RowError(PipelineError):

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..config import Config, load_config
 from ..send.dispatch import Dispatcher, Job, Stopped
-from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, RowError
+from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, InputChangedError, RowError
 from ..send.limits import Limits
 from ..write.output import (
     Layout,
@@ -34,13 +34,15 @@ from ..write.output import (
     drop_partial_parts,
     failure_counts,
     merge_parts,
+    output_ids,
     write_json_atomic,
     write_part,
 )
+from ..ops.invocation import Invocation
 from .progress import Progress
 from ..build.prompts import Renderer, estimate_prompt_tokens, finalize
 from ..read.reader import InputBatch, Source
-from ..state.jobdir import JobDir, resume_command
+from ..state.jobdir import JobDir, part_context, part_names, part_number, resume_command
 from ..state.store import FINAL_STATES, Record, Store
 from ..build.structured import StructuredPlan, plan_for
 from ..send.transport import HttpTransport, Transport
@@ -56,26 +58,36 @@ class Engine:
 
     def __init__(self, cfg: Config, dispatcher: Dispatcher, renderer: Renderer, plan: StructuredPlan | None,
                  store: Store, layout: Layout, parts_dir: Path, progress: Progress, *, retry_failed: bool,
-                 cache: Store | None = None) -> None:
+                 names: list[str], cache: Store | None = None) -> None:
         self.cfg, self.dispatcher, self.renderer, self.plan = cfg, dispatcher, renderer, plan
         self.store, self.cache, self.layout, self.parts_dir = store, cache, layout, parts_dir
-        self.progress, self.retry_failed = progress, retry_failed
+        self.progress, self.retry_failed, self.names = progress, retry_failed, names
         self.request_tasks: set[asyncio.Task[Record]] = set()
         self.failed_rows = 0
+        # Rows of the batches read: whose request had no answer when the run started (sent now, or still
+        # pending), and whose outcome was known (answered in the store or the cache, or a bad input row).
+        self.rows_new = self.rows_reused = 0
 
     async def process(self, batches: Iterable[InputBatch]) -> None:
         window = asyncio.Semaphore(max(MAX_OPEN_BATCHES, -(-self.cfg.limits.max_concurrency * 2 // self.cfg.input.batch_size)))
         pending: set[asyncio.Task[None]] = set()
-        for batch in batches:
-            await window.acquire()
-            if self.dispatcher.stop_reason:
-                window.release()
-                break
-            task = asyncio.create_task(self._batch(batch))
-            pending.add(task)
-            task.add_done_callback(lambda t: (pending.discard(t), window.release()))
-            # Let the batch render and dispatch before reading the next one.
-            await asyncio.sleep(0)
+        try:
+            for batch in batches:
+                await window.acquire()
+                if self.dispatcher.stop_reason:
+                    window.release()
+                    break
+                task = asyncio.create_task(self._batch(batch))
+                pending.add(task)
+                task.add_done_callback(lambda t: (pending.discard(t), window.release()))
+                # Let the batch render and dispatch before reading the next one.
+                await asyncio.sleep(0)
+        except InputChangedError:
+            # The batches already read are of the version the scan saw: let them finish, then stop.
+            self.dispatcher.stop("input_changed")
+            while pending:
+                await asyncio.gather(*list(pending), return_exceptions=True)
+            raise
         while pending:
             await asyncio.gather(*list(pending), return_exceptions=False)
 
@@ -84,6 +96,9 @@ class Engine:
         records = self._known(jobs)
         rows_per_key = Counter(k for k in row_keys if k is not None)
         self.dispatcher.stats.deduplicated += sum(rows_per_key.values()) - len(rows_per_key)
+        new = sum(n for k, n in rows_per_key.items() if k not in records)
+        self.rows_new += new
+        self.rows_reused += len(row_keys) - new
         input_failed = sum(1 for o in outcomes if o is not None)
         self._rows_done(input_failed + sum(rows_per_key[k] for k in records),
                         input_failed + sum(rows_per_key[k] for k, r in records.items() if r.state != "ok"))
@@ -104,11 +119,12 @@ class Engine:
             if key is not None and key in records:
                 outcomes[i] = records[key]
         # Rows still None were stopped before an answer: the part is partial and the batch stays open.
-        ok, bad = write_part(self.parts_dir, batch.index, self.layout, batch.carried, outcomes)
+        name = self.names[batch.index]
+        ok, bad = write_part(self.parts_dir, name, self.layout, batch.carried, outcomes)
         if ok + bad == len(outcomes):
             # Indexed after the files are in place; a kill in between costs one footer read on resume.
             failed = [o for o in outcomes if isinstance(o, Record) and o.state != "ok"]
-            self.store.put_part(batch.index, ok=ok, failed=bad, request_failed=len(failed),
+            self.store.put_part(part_number(name), ok=ok, failed=bad, request_failed=len(failed),
                                 transient=sum(1 for o in failed if o.state == "transient"))
 
     def _answered(self, rows: int, task: asyncio.Task[Record]) -> None:
@@ -187,20 +203,28 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     """Run one job to completion, stop or interruption; never raises for row-level problems.
 
     `config_path` and `overrides` (the --set items) are only used to print the command that resumes;
-    `interrupt` lets another thread stop the run as Ctrl-C would (see `run`)."""
-    started = time.monotonic()
-    config_path = config_path or cfg.source
-    command = resume_command(config_path, overrides, retry_failed=retry_failed)
+    `interrupt` lets another thread stop the run as Ctrl-C would (see `run`). Every invocation, refused
+    and failed ones included, is one record in output.dir/history.jsonl (ops/invocation.py)."""
     if schema is not None:  # into the config, so the job fingerprint covers the schema actually asked for
         cfg = load_config(cfg, {"structured.schema": schema})
+    invocation = Invocation(cfg)
+    try:
+        summary = await _run_job(cfg, invocation, schema, retry_failed=retry_failed, force_new=force_new, quiet=quiet,
+                                 handle_signals=handle_signals, transport=transport,
+                                 config_path=config_path or cfg.source, overrides=overrides, interrupt=interrupt)
+    except BaseException as exc:
+        await invocation.finish(None, exc)
+        raise
+    await invocation.finish(summary, None)
+    return summary
+
+
+async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] | None, *, retry_failed: bool, force_new: bool, quiet: bool,
+                   handle_signals: bool, transport: Transport | None, config_path: str,
+                   overrides: list[str] | None, interrupt: Interrupt | None) -> Summary:
+    started = time.monotonic()
+    command = resume_command(config_path, overrides, retry_failed=retry_failed)
     jobdir = JobDir(cfg.output.dir)
-    jobdir.adopt_batch_size(cfg)  # before the scan: it records where each batch starts
-    source = Source(cfg.input)
-    scan = source.scan()
-    renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
-                        columns=scan.columns)
-    plan = plan_for(cfg, schema)
-    api_key = cfg.api_key()
     jobdir.lock()
     sim = None
     store = cache = None
@@ -210,8 +234,16 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
     try:
-        jobdir.check_job(cfg, scan, force_new=force_new, config_path=config_path, command=command)
+        invocation.attach(jobdir.path)
+        manifest = jobdir.check_job(cfg, force_new=force_new, config_path=config_path, command=command)
+        source = Source(cfg.input)  # after check_job: the job keeps the batch size it started with
+        scan = source.scan()
+        renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
+                            columns=scan.columns)
+        plan = plan_for(cfg, schema)
+        api_key = cfg.api_key()
         store = Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)
+        jobdir.bind_store(store, manifest)
         if plan is not None and (mode := store.get_meta("structured_mode")):
             plan.mode = mode  # an earlier run of this job already learned the model's structured mode
         if cfg.cache.dir:
@@ -227,28 +259,32 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
             pool_size=cfg.limits.max_concurrency,
         )
-        spent_before = store.totals()["cost_usd"]
-        dispatcher = Dispatcher(cfg, transport, store, Limits(cfg.limits), plan, cache=cache, spent_before=spent_before)
+        dispatcher = Dispatcher(cfg, transport, store, Limits(cfg.limits), plan, cache=cache,
+                                spent_before=store.totals()["cost_usd"])
         layout = Layout(
             id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
             with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
             with_ttft=cfg.params.stream, compression=cfg.output.compression,
         )
+        names = part_names(scan.digests, part_context(scan.carried_types, layout.id_column, layout))
+        jobdir.record_input(manifest, scan.rows, names)
         drop_partial_parts(jobdir.parts)
-        done, resumed = jobdir.resume_plan(store, retry_failed=retry_failed)
+        reuse, resumed = jobdir.reusable(store, names, retry_failed=retry_failed)
         progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
         engine = Engine(cfg, dispatcher, renderer, plan, store, layout, jobdir.parts, progress,
-                        retry_failed=retry_failed, cache=cache)
+                        retry_failed=retry_failed, names=names, cache=cache)
         interrupt = interrupt or Interrupt()
         interrupt.attach(dispatcher, engine, cfg.run.grace_period_s, signals=handle_signals)
         try:
-            await engine.process(source.batches(skip=done.__contains__))
+            await engine.process(source.batches(skip=lambda i: names[i] in reuse))
         finally:
             interrupt.detach()
             progress.close()
             await transport.close()
         store.sync()
-        succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression)
+        previous_ids = output_ids(jobdir.path, layout.id_column)
+        succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression, names)
+        jobdir.prune(store, names)
         totals = store.totals()
         summary = Summary(
             out_dir=str(jobdir.path), rows_total=scan.rows, succeeded=succeeded, failed=failed,
@@ -258,8 +294,11 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             requests_sent=dispatcher.stats.requests_sent, retries=dict(dispatcher.stats.retries),
             failures_by_class=failure_counts(jobdir.path), cache_hits=dispatcher.stats.cache_hits,
             deduplicated=dispatcher.stats.deduplicated, resumed_rows=resumed,
+            rows_new=engine.rows_new, rows_reused=resumed + engine.rows_reused,
+            rows_removed=source.count_missing(previous_ids),
             config_fingerprint=cfg.request_fingerprint(), versions=_versions(),
             structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
+            **invocation.stamp(),
         )
         _finish(summary, dispatcher, command, resume_command(config_path, overrides, retry_failed=True))
         write_json_atomic(jobdir.path / "summary.json", summary.to_json())

@@ -38,6 +38,8 @@ class File:
     rows: int = 0
     schema: pa.Schema | None = None
     rg_starts: tuple[int, ...] = ()
+    stamp: tuple[int, int, int] | None = None   # (size, mtime_ns, inode) when the scan read it
+    content_hash: bytes = b""                   # Parquet only: the file's bytes, hashed by the scan
 
 
 def parse(raw: bytes, line: int) -> dict[str, Any] | str:
