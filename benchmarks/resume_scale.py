@@ -209,8 +209,9 @@ def phases(work: Path) -> list[list[Any]]:
     t = time.perf_counter()
     jobdir = JobDir(cfg.output.dir)
     names = (jobdir.read_manifest() or {}).get("batches", [])
-    skip, resumed = jobdir.reusable(store, names, retry_failed=False)
-    rows.append([f"reusable parts ({len(skip)}) and their rows ({resumed:,})", time.perf_counter() - t])
+    skip, reused = jobdir.reusable(store, names, retry_failed=False)
+    rows.append([f"reusable parts ({len(skip)}) and their rows ({reused.ok + reused.failed:,})",
+                 time.perf_counter() - t])
     store.close()
     del totals, scan
     return rows

@@ -220,6 +220,26 @@ class OutputConfig(Section):
     dir: str
     fsync_interval_s: float = Field(1.0, gt=0, le=60)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    metrics_file: str | None = Field(
+        None, description="Write the job's figures here in the Prometheus text format (node_exporter's textfile "
+                          "collector), atomically, every 30 s during a run and at its end.",
+    )
+
+
+class NotifyConfig(Section):
+    webhook: str | None = Field(None, description="POST the run record (JSON) to this URL when a run ends.")
+    on: list[Literal["failure", "success"]] = Field(
+        default_factory=lambda: ["failure"], description="When to POST: failure (exit code not 0), success (exit 0).",
+    )
+    timeout_s: float = Field(10.0, gt=0, le=300, description="Time one POST may take.")
+    retries: int = Field(3, ge=0, le=10, description="Further POSTs when the receiver cannot be reached or answers 5xx.")
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return v
 
 
 class CacheConfig(Section):
@@ -235,6 +255,10 @@ class Price(Section):
 class RunConfig(Section):
     grace_period_s: float = Field(30.0, ge=0, description="How long in-flight requests may finish on Ctrl-C.")
     progress: bool = True
+    progress_interval_s: float = Field(
+        30.0, gt=0, le=3600, description="When stderr is not a terminal (cron, a log file): one plain status line "
+                                         "this often instead of a redrawn bar.",
+    )
 
 
 BUILTIN_PRICES: dict[str, Price] = {
@@ -260,6 +284,7 @@ class Config(Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     prices: dict[str, Price] = Field(default_factory=dict, description="Model -> price; adds to built-ins.")
     run: RunConfig = Field(default_factory=RunConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     # Where the config came from; not part of the YAML.
     source: str = Field("<dict>", exclude=True)
@@ -442,6 +467,8 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
 
     cfg.input.path = resolve(cfg.input.path)
     cfg.output.dir = resolve(cfg.output.dir)
+    if cfg.output.metrics_file:
+        cfg.output.metrics_file = resolve(cfg.output.metrics_file)
     if cfg.cache.dir:
         cfg.cache.dir = resolve(cfg.cache.dir)
     if cfg.structured and isinstance(cfg.structured.schema_, str):

@@ -39,11 +39,12 @@ from ..write.output import (
     write_part,
 )
 from ..ops.invocation import Invocation
-from .progress import Progress
+from ..ops.metrics import Figures, ObservedTransport, Tally
+from .progress import Live, Progress
 from ..build.prompts import Renderer, estimate_prompt_tokens, finalize
 from ..read.reader import InputBatch, Source
 from ..state.jobdir import JobDir, part_context, part_names, part_number, resume_command
-from ..state.store import FINAL_STATES, Record, Store
+from ..state.store import FINAL_STATES, PartCounts, Record, Store
 from ..build.structured import StructuredPlan, plan_for
 from ..send.transport import HttpTransport, Transport
 
@@ -63,7 +64,7 @@ class Engine:
         self.store, self.cache, self.layout, self.parts_dir = store, cache, layout, parts_dir
         self.progress, self.retry_failed, self.names = progress, retry_failed, names
         self.request_tasks: set[asyncio.Task[Record]] = set()
-        self.failed_rows = 0
+        self.failed_rows = self.rows_done = 0
         # Rows of the batches read: whose request had no answer when the run started (sent now, or still
         # pending), and whose outcome was known (answered in the store or the cache, or a bad input row).
         self.rows_new = self.rows_reused = 0
@@ -134,6 +135,7 @@ class Engine:
 
     def _rows_done(self, rows: int, failed: int) -> None:
         if rows:
+            self.rows_done += rows
             self.failed_rows += failed
             self.progress.advance(rows, self.dispatcher.stats, self.failed_rows)
 
@@ -244,6 +246,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
         api_key = cfg.api_key()
         store = Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)
         jobdir.bind_store(store, manifest)
+        spent_before = store.totals()["cost_usd"]
         if plan is not None and (mode := store.get_meta("structured_mode")):
             plan.mode = mode  # an earlier run of this job already learned the model's structured mode
         if cfg.cache.dir:
@@ -259,8 +262,9 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
             read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
             pool_size=cfg.limits.max_concurrency,
         )
+        transport = ObservedTransport(transport, invocation.tally)
         dispatcher = Dispatcher(cfg, transport, store, Limits(cfg.limits), plan, cache=cache,
-                                spent_before=store.totals()["cost_usd"])
+                                spent_before=spent_before)
         layout = Layout(
             id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
             with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
@@ -269,21 +273,27 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
         names = part_names(scan.digests, part_context(scan.carried_types, layout.id_column, layout))
         jobdir.record_input(manifest, scan.rows, names)
         drop_partial_parts(jobdir.parts)
-        reuse, resumed = jobdir.reusable(store, names, retry_failed=retry_failed)
-        progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
+        reuse, reused = jobdir.reusable(store, names, retry_failed=retry_failed)
+        resumed = reused.ok + reused.failed
+        progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet,
+                            interval_s=cfg.run.progress_interval_s, live=lambda: _live(invocation.tally, dispatcher))
         engine = Engine(cfg, dispatcher, renderer, plan, store, layout, jobdir.parts, progress,
                         retry_failed=retry_failed, names=names, cache=cache)
+        invocation.watch(lambda: _figures(jobdir, scan.rows, reused, engine, dispatcher, invocation, spent_before))
         interrupt = interrupt or Interrupt()
         interrupt.attach(dispatcher, engine, cfg.run.grace_period_s, signals=handle_signals)
+        heartbeat = asyncio.create_task(invocation.heartbeat(progress))
         try:
             await engine.process(source.batches(skip=lambda i: names[i] in reuse))
         finally:
+            heartbeat.cancel()
             interrupt.detach()
-            progress.close()
             await transport.close()
+            progress.close()
         store.sync()
         previous_ids = output_ids(jobdir.path, layout.id_column)
         succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression, names)
+        progress.finish(succeeded + failed, failed, dispatcher.stats)
         jobdir.prune(store, names)
         totals = store.totals()
         summary = Summary(
@@ -313,6 +323,23 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
         jobdir.unlock()
         gc.set_threshold(*gc_threshold)
         gc.unfreeze()
+
+
+def _live(tally: Tally, dispatcher: Dispatcher) -> Live:
+    return Live(tally.in_flight, dispatcher.limits.paused_for(), tally.last_error)
+
+
+def _figures(jobdir: JobDir, rows: int, reused: PartCounts, engine: Engine, dispatcher: Dispatcher,
+             invocation: Invocation, spent_before: float) -> Figures:
+    """The job's figures now, for the metrics file (rows in reused parts plus rows answered this run)."""
+    failed = reused.failed + engine.failed_rows
+    done = reused.ok + reused.failed + engine.rows_done
+    s, t = dispatcher.stats, invocation.tally
+    return Figures(job=str(jobdir.path), rows={"succeeded": done - failed, "failed": failed, "pending": rows - done},
+                   requests=dict(t.by_class), rate_limited=t.rate_limited, prompt_tokens=s.prompt_tokens,
+                   completion_tokens=s.completion_tokens, run_cost_usd=s.cost_usd,
+                   job_cost_usd=spent_before + s.cost_usd, last_success=t.last_success,
+                   started=invocation.started, running=True)
 
 
 def _finish(summary: Summary, dispatcher: Dispatcher, resume: str, retry: str) -> None:

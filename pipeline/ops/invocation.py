@@ -1,25 +1,29 @@
 """One invocation of a job, as the operator sees it afterwards.
 
 It gives the run its id and clock, opens `pipeline.log` once the run owns the output folder (a run
-refused by the lock must not write into another run's log), and when the run ends, however it ends,
-appends the run record to `history.jsonl`, logs run_end, writes the metrics file and sends the alert.
+refused by the lock must not write into another run's log), keeps the heartbeat (progress once a
+second, the metrics file every 30 s), and when the run ends, however it ends, appends the run record
+to `history.jsonl`, logs run_end, writes the metrics file a last time and sends the alert.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import socket
 import sqlite3
 import time
 import traceback
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
 from ..errors import EXIT_INTERRUPTED, EXIT_STOPPED, InputChangedError, PipelineError, UsageError
-from . import history
+from . import history, notify
 from .logfile import LogFile, iso_utc
+from .metrics import METRICS_INTERVAL_S, Figures, Tally, write_metrics
 
 log = logging.getLogger("pipeline")
 
@@ -59,6 +63,22 @@ class Invocation:
         self.started = time.time()
         self.run_id = new_run_id(self.started)
         self.logfile: LogFile | None = None
+        self.tally = Tally()
+        self._figures: Callable[[], Figures] | None = None
+
+    def watch(self, figures: Callable[[], Figures]) -> None:
+        """How to read the job's figures while it runs (the runner knows; we only write them)."""
+        self._figures = figures
+
+    async def heartbeat(self, progress: Any) -> None:
+        """Until cancelled: the progress display once a second, the metrics file every 30 s."""
+        written = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            progress.tick()
+            if self.cfg.output.metrics_file and time.monotonic() - written >= METRICS_INTERVAL_S:
+                written = time.monotonic()
+                self._write_metrics(None)
 
     @property
     def started_at(self) -> str:
@@ -66,7 +86,10 @@ class Invocation:
 
     def attach(self, out_dir: Path) -> None:
         """The run owns out_dir now: open its log and say the run started."""
-        self.logfile = LogFile(out_dir)
+        try:
+            self.logfile = LogFile(out_dir)
+        except OSError as err:  # e.g. a link planted at pipeline.log: never followed, the run goes on
+            log.warning("cannot write %s: %s", out_dir / "pipeline.log", err)
         log.info("run %s started (pid %d)", self.run_id, os.getpid(),
                  extra={"event": "run_start", "run_id": self.run_id, "pid": os.getpid(), "config": self.cfg.source})
 
@@ -103,7 +126,34 @@ class Invocation:
                 history.append(self.out_dir, record)
         except OSError as err:
             log.warning("could not append to %s: %s", self.out_dir / history.HISTORY_FILE, err)
+        if self.cfg.output.metrics_file:
+            self._write_metrics(record)
+        await self._notify(record)
         if self.logfile is not None:
             self.logfile.close()
             self.logfile = None
         return record
+
+    def _write_metrics(self, record: history.RunRecord | None) -> None:
+        """The live figures, or at the end the record's (with its exit code)."""
+        path = self.cfg.output.metrics_file
+        assert path is not None
+        f = self._figures() if self._figures is not None else Figures(
+            job=str(self.out_dir), rows={}, requests={}, rate_limited=0, prompt_tokens=0, completion_tokens=0,
+            run_cost_usd=0.0, job_cost_usd=0.0, last_success=None, started=self.started, running=True)
+        if record is not None:
+            f.running, f.exit_code = False, record.exit_code
+            if record.rows_total:
+                f.rows = {"succeeded": record.succeeded, "failed": record.failed, "pending": record.pending}
+            f.run_cost_usd = record.cost_usd
+        try:
+            write_metrics(path, f)
+        except OSError as err:
+            log.warning("could not write the metrics file %s: %s", path, err)
+
+    async def _notify(self, record: history.RunRecord) -> None:
+        n = self.cfg.notify
+        outcome = "success" if record.exit_code == 0 else "failure"
+        if n.webhook and outcome in n.on:
+            payload = {"job": str(self.out_dir), "outcome": outcome, "host": socket.gethostname(), **record.to_json()}
+            await notify.post(n.webhook, payload, timeout_s=n.timeout_s, retries=n.retries)

@@ -64,7 +64,7 @@ class HumanFormatter(logging.Formatter):
 
 class JsonLinesHandler(logging.handlers.RotatingFileHandler):
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = MAX_BYTES, backups: int = BACKUPS) -> None:
-        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True)
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
         self.setFormatter(JsonFormatter())
 
     def _open(self) -> Any:
@@ -79,7 +79,7 @@ class LogFile:
     terminal shows is decided by the stderr handler's own level (the CLI sets it)."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.handler = JsonLinesHandler(out_dir / LOG_FILE)
+        self.handler = JsonLinesHandler(out_dir / LOG_FILE)  # opened now: an OSError is the caller's to report
         self.handler.setLevel(logging.INFO)
         self.logger = logging.getLogger("pipeline")
         self._level = self.logger.level

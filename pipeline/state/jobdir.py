@@ -201,8 +201,8 @@ class JobDir:
 
     # -- parts: one per batch content ------------------------------------------------------------
 
-    def reusable(self, store: Store, names: list[str], *, retry_failed: bool) -> tuple[set[str], int]:
-        """The parts of this run's batches that can be used as they are, and how many rows they hold.
+    def reusable(self, store: Store, names: list[str], *, retry_failed: bool) -> tuple[set[str], PartCounts]:
+        """The parts of this run's batches that can be used as they are, and the rows they hold.
 
         A part is named after its batch's content (part_names), so a complete part of the same name holds
         exactly this batch's rows and outcomes: no reading, rendering or store look-ups needed. It is
@@ -213,7 +213,7 @@ class JobDir:
         on_disk = done_parts(self.parts)
         index = store.parts()
         reuse: set[str] = set()
-        rows = 0
+        ok = failed = 0
         for name in names:
             if name not in on_disk:
                 continue
@@ -224,8 +224,8 @@ class JobDir:
             if c.transient or (retry_failed and c.request_failed):
                 continue
             reuse.add(name)
-            rows += c.ok + c.failed
-        return reuse, rows
+            ok, failed = ok + c.ok, failed + c.failed
+        return reuse, PartCounts(ok, failed, 0, 0)
 
     def prune(self, store: Store, names: list[str]) -> None:
         """Drop the parts of batches this input no longer has (their answers stay in the store)."""
