@@ -194,3 +194,25 @@ def test_limit_verbose_version_and_status_by_config_path(tmp_path: Path) -> None
     assert version.returncode == 0 and version.stdout.strip() == f"pipeline {pipeline.__version__}"
 
 
+
+
+def test_a_dataframe_or_arrow_table_is_input_and_a_grown_one_sends_only_its_new_rows(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    cfg = job(tmp_path, 1)
+    del cfg["input"]["path"]
+    frame = pl.DataFrame({"rid": [f"r{i}" for i in range(8)], "text": [f"t{i}" for i in range(8)], "stars": [1] * 8})
+    first = pipeline.run(cfg, input=frame)
+    assert (first.exit_code, first.succeeded, first.requests_sent) == (0, 8, 8)
+    again = pipeline.run(cfg, input=frame.to_pandas())  # the same rows from pandas: nothing to ask
+    assert (again.succeeded, again.requests_sent) == (8, 0)
+    old = frame.to_arrow()
+    grown = pa.concat_tables([old, pa.table({"rid": ["r8"], "text": ["t8"], "stars": [2]}).cast(old.schema)])
+    third = pipeline.run(cfg, input=grown)
+    assert (third.succeeded, third.requests_sent, third.rows_reused) == (9, 1, 8)
+
+
+def test_the_resume_hint_from_a_notebook_names_the_output_folder(tmp_path: Path) -> None:
+    cfg = job(tmp_path, 12, sim={"fault_plan": [{"requests": "4-", "fault": "401"}]}, limits={"max_concurrency": 1})
+    s = pipeline.run(cfg)
+    assert s.exit_code == 3 and s.next_step and str(tmp_path / "out") in s.next_step

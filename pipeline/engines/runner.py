@@ -42,6 +42,7 @@ from ..ops.invocation import Invocation
 from ..ops.metrics import Figures, ObservedTransport, Tally
 from .progress import Live, Progress
 from ..build.prompts import Renderer, estimate_prompt_tokens, finalize
+from ..read.frames import frame_file
 from ..read.reader import InputBatch, Source
 from ..state.jobdir import JobDir, part_context, part_names, part_number, resume_command
 from ..state.store import FINAL_STATES, PartCounts, Record, Store
@@ -225,7 +226,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
                    handle_signals: bool, transport: Transport | None, config_path: str,
                    overrides: list[str] | None, interrupt: Interrupt | None) -> Summary:
     started = time.monotonic()
-    command = resume_command(config_path, overrides, retry_failed=retry_failed)
+    command = resume_command(config_path, overrides, retry_failed=retry_failed, out_dir=cfg.output.dir)
     jobdir = JobDir(cfg.output.dir)
     jobdir.lock()
     sim = None
@@ -310,7 +311,8 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
             structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
             **invocation.stamp(),
         )
-        _finish(summary, dispatcher, command, resume_command(config_path, overrides, retry_failed=True))
+        _finish(summary, dispatcher, command,
+                resume_command(config_path, overrides, retry_failed=True, out_dir=cfg.output.dir))
         write_json_atomic(jobdir.path / "summary.json", summary.to_json())
         return summary
     finally:
@@ -451,7 +453,14 @@ def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_faile
         **overrides: Any) -> Summary:
     """Run a job from a config path, dict or Config; keyword overrides use dotted paths with `__`
     (`output__dir="/tmp/x"`) or section dicts (`limits={"max_concurrency": 8}`). A pydantic model
-    class may be given as `schema`."""
+    class may be given as `schema`, and the input as `input=` a polars/pandas DataFrame or an Arrow
+    table (read/frames.py) instead of `input.path`."""
+    data = overrides.get("input")
+    if data is not None and not isinstance(data, dict):
+        rest = {k: v for k, v in overrides.items() if k != "input"}
+        with frame_file(data) as path:
+            return run(config, retry_failed=retry_failed, force_new=force_new, quiet=quiet, schema=schema, set=set,
+                       input={"path": path, "format": "parquet"}, **rest)
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
         if isinstance(value, dict):

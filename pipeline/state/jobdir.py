@@ -281,11 +281,14 @@ def _parse_owner(fd: int) -> dict[str, Any] | None:
         return None
 
 
-def resume_command(config_path: str | None, overrides: list[str] | None, *, retry_failed: bool) -> str:
-    """The command that continues this job: the config path as given plus every --set, shell-quoted."""
+def resume_command(config_path: str | None, overrides: list[str] | None, *, retry_failed: bool,
+                   out_dir: str | None = None) -> str:
+    """The command that continues this job: the config path as given plus every --set, shell-quoted.
+    From a notebook (a dict config) it names the output folder, which a notebook user may not have set."""
     if not config_path or config_path == "<dict>":
         call, flag = ("pipeline.run(..., retry_failed=True)", " --retry-failed") if retry_failed else ("pipeline.run(...)", "")
-        return f"the same {call} call (or `pipeline run CONFIG{flag}` with this job's config file)"
+        where = f" with output.dir {out_dir}" if out_dir else ""
+        return f"the same {call} call{where} (or `pipeline run CONFIG{flag}` with this job's config file)"
     argv = ["pipeline", "run", config_path]
     for item in overrides or ():
         argv += ["--set", item]
