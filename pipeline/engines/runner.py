@@ -67,7 +67,8 @@ class Engine:
         self.request_tasks: set[asyncio.Task[Record]] = set()
         self.failed_rows = self.rows_done = 0
         # Rows of the batches read: whose request had no answer when the run started (sent now, or still
-        # pending), and whose outcome was known (answered in the store or the cache, or a bad input row).
+        # pending), and whose request was answered before (in the store or the cache). Bad input rows have
+        # no request and are neither.
         self.rows_new = self.rows_reused = 0
 
     async def process(self, batches: Iterable[InputBatch]) -> None:
@@ -100,7 +101,7 @@ class Engine:
         self.dispatcher.stats.deduplicated += sum(rows_per_key.values()) - len(rows_per_key)
         new = sum(n for k, n in rows_per_key.items() if k not in records)
         self.rows_new += new
-        self.rows_reused += len(row_keys) - new
+        self.rows_reused += sum(rows_per_key.values()) - new
         input_failed = sum(1 for o in outcomes if o is not None)
         self._rows_done(input_failed + sum(rows_per_key[k] for k in records),
                         input_failed + sum(rows_per_key[k] for k, r in records.items() if r.state != "ok"))
@@ -305,7 +306,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
             requests_sent=dispatcher.stats.requests_sent, retries=dict(dispatcher.stats.retries),
             failures_by_class=failure_counts(jobdir.path), cache_hits=dispatcher.stats.cache_hits,
             deduplicated=dispatcher.stats.deduplicated, resumed_rows=resumed,
-            rows_new=engine.rows_new, rows_reused=resumed + engine.rows_reused,
+            rows_new=engine.rows_new, rows_reused=reused.ok + reused.request_failed + engine.rows_reused,
             rows_removed=source.count_missing(previous_ids),
             config_fingerprint=cfg.request_fingerprint(), versions=_versions(),
             structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},

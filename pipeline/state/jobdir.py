@@ -213,7 +213,7 @@ class JobDir:
         on_disk = done_parts(self.parts)
         index = store.parts()
         reuse: set[str] = set()
-        ok = failed = 0
+        ok = failed = request_failed = 0
         for name in names:
             if name not in on_disk:
                 continue
@@ -224,8 +224,8 @@ class JobDir:
             if c.transient or (retry_failed and c.request_failed):
                 continue
             reuse.add(name)
-            ok, failed = ok + c.ok, failed + c.failed
-        return reuse, PartCounts(ok, failed, 0, 0)
+            ok, failed, request_failed = ok + c.ok, failed + c.failed, request_failed + c.request_failed
+        return reuse, PartCounts(ok, failed, 0, request_failed)
 
     def prune(self, store: Store, names: list[str]) -> None:
         """Drop the parts of batches this input no longer has (their answers stay in the store)."""

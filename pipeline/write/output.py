@@ -256,7 +256,7 @@ class Summary:
     deduplicated: int = 0
     resumed_rows: int = 0
     rows_new: int = 0        # rows whose request had no answer before this run (sent, or still pending)
-    rows_reused: int = 0     # rows answered from earlier runs at no cost (or bad input rows)
+    rows_reused: int = 0     # rows whose request was answered by an earlier run (no cost now)
     rows_removed: int = 0    # rows of the previous outputs no longer in the input (answers kept in the store)
     stopped: str | None = None
     stop_message: str | None = None
