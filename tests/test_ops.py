@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 import pipeline
+from pipeline import cli
 from pipeline.engines.progress import Live, Progress
 from pipeline.ops import history, notify
 from pipeline.ops.logfile import JsonLinesHandler, LogFile
@@ -180,18 +181,19 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
                           timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def test_limit_verbose_version_and_status_by_config_path(tmp_path: Path) -> None:
+def test_limit_verbose_version_and_status_by_config_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path, job(tmp_path, 20))
     done = run_cli("run", str(path), "--limit", "5", "-v")
     assert done.returncode == 0, done.stderr
     assert "run_start: run" in done.stderr and "run_end: run" in done.stderr  # pipeline.log mirrored, human form
     assert "rows 5 new, 0 reused, 0 removed" in done.stderr
     assert pl.read_parquet(tmp_path / "out" / "results.parquet").height == 5
-    status = run_cli("status", str(path), "--json")
-    st = json.loads(status.stdout)
+    assert cli.main(["status", str(path), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
     assert (st["rows_total"], st["rows_done"], st["last_runs"][-1]["rows_new"]) == (5, 5, 5)
-    version = run_cli("--version")
-    assert version.returncode == 0 and version.stdout.strip() == f"pipeline {pipeline.__version__}"
+    with pytest.raises(SystemExit) as done_version:
+        cli.main(["--version"])
+    assert done_version.value.code == 0 and capsys.readouterr().out.strip() == f"pipeline {pipeline.__version__}"
 
 
 
