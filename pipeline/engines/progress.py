@@ -29,6 +29,11 @@ class Live:
     last_error: str | None = None
 
 
+def _in_notebook(stream: TextIO) -> bool:
+    """A Jupyter kernel's stderr is no terminal, but tqdm.auto draws a widget there: a bar, not lines."""
+    return stream is sys.stderr and "ipykernel" in sys.modules
+
+
 class Progress:
     def __init__(self, total: int, initial: int, *, enabled: bool, interval_s: float = 30.0,
                  live: Callable[[], Live] = Live, stream: TextIO | None = None) -> None:
@@ -39,7 +44,7 @@ class Progress:
         self._stats: Stats | None = None
         self._start = self._last_line = time.monotonic()
         self._initial = initial
-        tty = enabled and self.stream.isatty()
+        tty = enabled and (self.stream.isatty() or _in_notebook(self.stream))
         self._bar = (
             tqdm(total=total, initial=initial, unit="row", file=self.stream, dynamic_ncols=True, mininterval=0.5,
                  smoothing=0.1, desc="labelling")
