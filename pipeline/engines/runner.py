@@ -85,8 +85,9 @@ class Engine:
                 task.add_done_callback(lambda t: (pending.discard(t), window.release()))
                 # Let the batch render and dispatch before reading the next one.
                 await asyncio.sleep(0)
-        except InputChangedError:
+        except InputChangedError as exc:
             # The batches already read are of the version the scan saw: let them finish, then stop.
+            log.error("%s", exc, extra={"event": "stop", "reason": "input_changed", "message": str(exc)})
             self.dispatcher.stop("input_changed")
             while pending:
                 await asyncio.gather(*list(pending), return_exceptions=True)
