@@ -169,6 +169,8 @@ def test_an_input_file_that_grows_during_a_run_stops_it_before_outputs_mix(tmp_p
     out = tmp_path / "out"
     assert not (out / "results.parquet").exists()  # no outputs from two versions
     assert history.read(out)[-1]["stop_reason"] == "input_changed"
+    events = [json.loads(line) for line in (out / "pipeline.log").read_text().splitlines()]
+    assert [e["reason"] for e in events if e["event"] == "stop"] == ["input_changed"]
     sim.reset(latency_ms=0)
     s = pipeline.run(cfg)  # once the file is complete: the answers so far are kept
     assert (s.exit_code, s.succeeded) == (0, 101) and s.rows_reused >= 1

@@ -87,7 +87,7 @@ class Engine:
                 await asyncio.sleep(0)
         except InputChangedError as exc:
             # The batches already read are of the version the scan saw: let them finish, then stop.
-            log.error("%s", exc, extra={"event": "stop", "reason": "input_changed", "message": str(exc)})
+            log.error("%s", exc, extra={"event": "stop", "reason": "input_changed"})
             self.dispatcher.stop("input_changed")
             while pending:
                 await asyncio.gather(*list(pending), return_exceptions=True)

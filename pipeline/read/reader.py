@@ -24,7 +24,6 @@ InputChangedError before a row of the new version is used.
 from __future__ import annotations
 
 import hashlib
-import os
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ import pyarrow.parquet as pq
 
 from ..config import DEFAULT_BATCH_SIZE, InputConfig
 from ..errors import InputChangedError, InputError, RowError
+from .digest import BatchHash, check_stamp, file_hash, stamp
 from .formats import (
     File,
     JsonlReader,
@@ -68,7 +68,6 @@ class InputBatch:
     origins: list[tuple[str, int]]
     errors: list[RowError | None]
     carried: pa.Table
-    digest: bytes = b""   # what the batch holds (see the module docstring); names its part files
 
 
 @dataclass
@@ -122,10 +121,10 @@ class Source:
     def _batch(
         self, st: _Index, readers: dict[int, JsonlReader | ParquetReader], index: int, start: int, n: int
     ) -> InputBatch:
-        out = InputBatch(index, [], [], [], [], pa.table({}), st.scan.digests[index])
+        out = InputBatch(index, [], [], [], [], pa.table({}))
         tables: list[pa.Table] = []
         fi = bisect_right(st.starts, start) - 1
-        check, last = _BatchHash(), self._files[fi]
+        check, last = BatchHash(), self._files[fi]
         local = start - st.starts[fi]
         g = start
         while g < start + n:
@@ -136,7 +135,7 @@ class Source:
                         old.close()
                     readers.clear()
                     readers[fi] = JsonlReader(f.path) if f.kind == "jsonl" else ParquetReader(f)
-                    _check_stamp(f)
+                    check_stamp(f)
                 rd, last = readers[fi], f
                 check.file(f)
                 if isinstance(rd, JsonlReader):
@@ -148,7 +147,7 @@ class Source:
                 else:
                     check.rows(f, local, take)
                     tables.append(self._parquet(st, out, f, rd.read(local, take), local))
-                _check_stamp(f)  # read, then checked: a file rewritten meanwhile never reaches a request
+                check_stamp(f)  # read, then checked: a file rewritten meanwhile never reaches a request
                 g += take
             fi, local = fi + 1, 0
         if check.digest() != st.raw_digests[index]:
@@ -209,7 +208,7 @@ class _Index:
         self.starts: list[int] = []
         self.missing_id: tuple[str, int] | None = None
         self.dup_rows, self.dup_ranks = array("Q"), array("I")
-        self.hashes: list[_BatchHash] = []
+        self.hashes: list[BatchHash] = []
         self.raw_digests: list[bytes] = []
         self.scan = self._run()
         self.schema = pa.schema([(c, self.types.get(c, pa.null())) for c in cfg.columns])
@@ -219,9 +218,9 @@ class _Index:
         cfg = self.cfg
         for f in self.files:
             self.starts.append(self.total)
-            f.stamp = _stamp(f.path)
+            f.stamp = stamp(f.path)
             self._jsonl(f) if f.kind == "jsonl" else self._parquet(f)
-            _check_stamp(f)  # the scan's counts and ids must come from one version of the file
+            check_stamp(f)  # the scan's counts and ids must come from one version of the file
         if self.total == 0:
             raise InputError("the input has no rows (only empty files or blank lines)", file=cfg.path)
         available = f"available columns: {', '.join(self.columns) or '(none)'}"
@@ -282,11 +281,11 @@ class _Index:
                     break
                 if self.total % bs == 0:
                     self._checkpoints(1, offset - len(raw), line - 1)
-                    cur = _BatchHash()
+                    cur = BatchHash()
                     cur.file(f)
                     self.hashes.append(cur)
                 assert cur is not None
-                # Inlined _BatchHash.line (the hot loop): a line number only where the numbering jumps.
+                # Inlined BatchHash.line (the hot loop): a line number only where the numbering jumps.
                 if line != cur.next:
                     cur.gap(line)
                 cur.h.update(raw)
@@ -349,7 +348,7 @@ class _Index:
 
     def _hash_parquet(self, f: File) -> None:
         """Feed the file's batches' digests: its content hash and each batch's row range in it."""
-        f.content_hash = _file_hash(f.path)
+        f.content_hash = file_hash(f.path)
         start, bs = self.total, self.cfg.batch_size
         if start % bs and f.rows:
             self.hashes[-1].file(f)
@@ -357,7 +356,7 @@ class _Index:
         while pos < f.rows:
             take = min(bs - (start + pos) % bs, f.rows - pos)
             if (start + pos) % bs == 0:
-                self.hashes.append(_BatchHash())
+                self.hashes.append(BatchHash())
                 self.hashes[-1].file(f)
             self.hashes[-1].rows(f, pos, take)
             pos += take
@@ -395,58 +394,6 @@ def _id_key(rid: str, derived: bool) -> int:
         except ValueError:
             pass
     return hash(rid) & _MASK
-
-
-class _BatchHash:
-    """One batch's content digest, fed per segment the same way by the scan and by batches()."""
-
-    __slots__ = ("h", "next")
-
-    def __init__(self) -> None:
-        self.h = hashlib.blake2b(digest_size=8)
-        self.next = -1  # the line number expected next; any other is hashed (blank lines move line numbers)
-
-    def file(self, f: File) -> None:
-        self.h.update(b"\0file\0" + f.path.encode() + b"\0")
-        self.next = -1
-
-    def gap(self, line: int) -> None:
-        self.h.update(b"\0line\0" + line.to_bytes(8, "little"))
-
-    def line(self, line: int, raw: bytes) -> None:
-        if line != self.next:
-            self.gap(line)
-        self.h.update(raw)
-        self.next = line + 1
-
-    def rows(self, f: File, start: int, n: int) -> None:
-        self.h.update(f.content_hash + start.to_bytes(8, "little") + n.to_bytes(8, "little"))
-
-    def digest(self) -> bytes:
-        return self.h.digest()
-
-
-def _stamp(path: str) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def _check_stamp(f: File) -> None:
-    try:
-        now = _stamp(f.path)
-    except OSError:
-        now = None
-    if now != f.stamp:
-        raise InputChangedError(f.path, "its size, modification time or inode changed")
-
-
-def _file_hash(path: str) -> bytes:
-    """A Parquet file's content hash (its rows are hashed as a whole: files are written whole)."""
-    h = hashlib.blake2b(digest_size=16)
-    with open_binary(path) as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.digest()
 
 
 def _duplicate_runs(keys: array[int]) -> list[tuple[int, list[int]]]:
