@@ -17,7 +17,7 @@ from typing import TextIO
 
 from tqdm.auto import tqdm
 
-from ..send.dispatch import Stats
+from ..send.stats import Stats
 
 
 @dataclass

@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import Config
-from ..errors import JobChangedError, StoreLockedError, UsageError
-from ..write.output import ANY_PART_RE, Layout, done_parts, write_json_atomic
+from ..errors import JobChangedError, StateVersionError, StoreLockedError, UsageError
+from ..write.output import ANY_PART_RE, OutputColumns, done_parts, write_json_atomic
 from .store import PartCounts, Store
 
 MANIFEST_VERSION = 2   # 2: no input fingerprint (input is data); `batches` names this run's parts
@@ -109,10 +109,17 @@ class JobDir:
         if not self.manifest_path.exists():
             return None
         try:
-            manifest: dict[str, Any] = orjson.loads(self.manifest_path.read_bytes())
-            return manifest
+            manifest = orjson.loads(self.manifest_path.read_bytes())
         except orjson.JSONDecodeError:
             return None
+        if not isinstance(manifest, dict):
+            return None
+        version = manifest.get("version", 1)
+        if isinstance(version, int) and version > MANIFEST_VERSION:
+            raise StateVersionError(
+                f"{self.manifest_path} is version {version}, written by a newer pipeline than this one (which "
+                f"reads up to {MANIFEST_VERSION}); run that version, or use another output.dir")
+        return manifest
 
     def stored_identity(self) -> dict[str, Any] | None:
         """The job's identity as its store recorded it (the authority: a manifest can be lost or stale)."""
@@ -221,7 +228,7 @@ class JobDir:
             if c is None:
                 c = count_part(self.parts, name)
                 store.put_part(part_number(name), **asdict(c))
-            if c.transient or (retry_failed and c.request_failed):
+            if c.failed_transient or (retry_failed and c.request_failed):
                 continue
             reuse.add(name)
             ok, failed, request_failed = ok + c.ok, failed + c.failed, request_failed + c.request_failed
@@ -247,7 +254,7 @@ class JobDir:
         self.parts.mkdir(exist_ok=True)
 
 
-def part_context(carried_types: dict[str, str], id_column: str, layout: Layout) -> bytes:
+def part_context(carried_types: dict[str, str], id_column: str, layout: OutputColumns) -> bytes:
     """What shapes a part besides its batch's rows: the columns and types it is written with."""
     shape = {"version": PART_FORMAT, "id": id_column, "carried": carried_types, "schema": layout.schema,
              "tool_calls": layout.with_tool_calls, "logprobs": layout.with_logprobs, "ttft": layout.with_ttft}
