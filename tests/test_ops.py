@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,44 @@ def test_the_resume_hint_from_a_notebook_names_the_output_folder(tmp_path: Path)
     cfg = job(tmp_path, 12, sim={"fault_plan": [{"requests": "4-", "fault": "401"}]}, limits={"max_concurrency": 1})
     s = pipeline.run(cfg)
     assert s.exit_code == 3 and s.next_step and str(tmp_path / "out") in s.next_step
+
+
+def test_an_unreachable_endpoint_is_named_in_the_summary_history_and_log(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("OPS_TEST_KEY", "sk-test")
+    cfg = job(tmp_path, 10, endpoint={"base_url": f"http://127.0.0.1:{port}/v1", "api_key_env": "OPS_TEST_KEY"})
+    cfg["endpoint"].pop("simulator")
+    s = pipeline.run(cfg)
+    host = f"127.0.0.1:{port}"
+    assert s.exit_code == 3 and host in (s.stop_message or "")
+    run = history.read(tmp_path / "out")[-1]
+    assert (run["exit_code"], run["stop_reason"]) == (3, "fatal") and host in run["message"]
+    events = [json.loads(line) for line in (tmp_path / "out" / "pipeline.log").read_text().splitlines()]
+    assert [e["reason"] for e in events if e["event"] == "stop"] == ["fatal"]
+    assert events[-1]["event"] == "run_end" and events[-1]["exit_code"] == 3
+
+
+def test_the_metrics_file_is_written_during_the_run_not_only_at_its_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.ops import invocation, metrics
+
+    monkeypatch.setattr(invocation, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(metrics, "METRICS_INTERVAL_S", 0.0)
+    prom = tmp_path / "pipeline.prom"
+    cfg = job(tmp_path, 6, sim={"latency_ms": 100}, limits={"max_concurrency": 1}, output={"metrics_file": str(prom)})
+    seen: list[str] = []
+    t = threading.Thread(target=pipeline.run, args=(cfg,))
+    t.start()
+    while t.is_alive() and not seen:
+        if prom.exists() and "pipeline_run_running" in (text := prom.read_text()):
+            seen.append(text)
+        time.sleep(0.01)
+    t.join(60)
+    assert seen, "no metrics file while the run was going"
+    running = {x.name: x.value for fam in text_string_to_metric_families(seen[0]) for x in fam.samples}
+    assert running["pipeline_run_running"] == 1 and "pipeline_run_exit_code" not in running

@@ -20,14 +20,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
-from ..errors import EXIT_INTERRUPTED, EXIT_STOPPED, InputChangedError, PipelineError, UsageError
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_STOPPED, InputChangedError, PipelineError, UsageError
 from . import history, notify
 from .logfile import LogFile, iso_utc
-from .metrics import METRICS_INTERVAL_S, Figures, Tally, write_metrics
+from . import metrics
+from .metrics import Figures, Tally, write_metrics
 
 log = logging.getLogger("pipeline")
 
-EXIT_INTERNAL = 70  # errors.py's EXIT_INTERNAL (documented there); a bug, never a row-level outcome
+HEARTBEAT_S = 1.0   # how often the progress display is refreshed (and the metrics file checked for due)
 
 
 def new_run_id(now: float) -> str:
@@ -74,9 +75,9 @@ class Invocation:
         """Until cancelled: the progress display once a second, the metrics file every 30 s."""
         written = time.monotonic()
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(HEARTBEAT_S)
             progress.tick()
-            if self.cfg.output.metrics_file and time.monotonic() - written >= METRICS_INTERVAL_S:
+            if self.cfg.output.metrics_file and time.monotonic() - written >= metrics.METRICS_INTERVAL_S:
                 written = time.monotonic()
                 self._write_metrics(None)
 
