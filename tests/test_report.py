@@ -243,3 +243,21 @@ def test_report_renders_in_a_browser(demo: Path, tmp_path: Path) -> None:
     masks = [ch.point(lambda v, c=c: 255 if abs(v - c) < 24 else 0) for ch, c in zip(channels, (0x3B, 0x6E, 0xA8))]
     accent = ImageChops.multiply(ImageChops.multiply(masks[0], masks[1]), masks[2]).histogram()[255]
     assert accent > 5000, accent
+
+
+def test_untrusted_folder_without_summary(demo: Path, tmp_path: Path) -> None:
+    """A stopped job has no summary.json; answers and messages may carry markup: the page stays inert."""
+    out = tmp_path / "copy"
+    shutil.copytree(demo, out)
+    (out / "summary.json").unlink()
+    res = pl.read_parquet(out / "results.parquet")
+    hostile = '<script>alert(1)</script><img src="http://x.invalid/a.png">'
+    res = res.with_columns(pl.col("output").struct.with_fields(
+        pl.when(pl.int_range(pl.len()) == 0).then(pl.lit(hostile)).otherwise(pl.field("summary")).alias("summary")))
+    res.write_parquet(out / "results.parquet")
+    text = pipeline.report(out).html
+    fig = Figures(text)
+    assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert _external_urls(text) == []
+    assert int(fig.values["r0.succeeded"]) == res.height and "no summary.json" in text
+    assert num(fig, "r0.prompt_tokens") == res.get_column("prompt_tokens").sum()

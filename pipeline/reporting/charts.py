@@ -34,7 +34,8 @@ def svg(chart: alt.TopLevelMixin) -> str:
     spec = chart.configure(font=FONT, background="white", padding=14).configure_view(strokeWidth=0).configure_axis(
         labelFontSize=11, titleFontSize=11, grid=True, gridColor="#eee", domainColor="#999", tickColor="#999",
     ).configure_title(fontSize=13, anchor="start").to_dict(validate=False)  # built here, valid; saves ~40%
-    return _NAMESPACES.sub("", vlc.vegalite_to_svg(spec), count=2)
+    # Labels come from answers: a URL among them is text, written so that the file holds no literal URL.
+    return _NAMESPACES.sub("", vlc.vegalite_to_svg(spec), count=2).replace("://", "&#58;//")
 
 
 def _values(df: pl.DataFrame) -> alt.Data:
@@ -50,7 +51,7 @@ def bars(df: pl.DataFrame, value: str, count: str, title: str, *, color: str = A
     base = alt.Chart(_values(df.with_columns(pl.col(value).cast(pl.String).fill_null("(null)"))), title=title)
     bar = base.mark_bar(color=color).encode(
         y=alt.Y(f"{value}:N", sort=order, title=None, axis=alt.Axis(labelLimit=180)),
-        x=alt.X(f"{count}:Q", title=count),
+        x=alt.X(f"{count}:Q", title=count, axis=alt.Axis(tickMinStep=1)),
         tooltip=[f"{value}:N", f"{count}:Q"],
     )
     text = base.mark_text(align="left", dx=3, fontSize=10, color="#333").encode(
@@ -63,7 +64,7 @@ def histogram(df: pl.DataFrame, title: str, x_title: str, *, marks: dict[str, fl
     """Bars over [start, end) bins; optional labelled rules (p50/p90/p99)."""
     layers: list[Any] = [
         alt.Chart(_values(df)).mark_bar(color=ACCENT, stroke="white", strokeWidth=0.5).encode(
-            x=alt.X("start:Q", title=x_title, bin="binned"), x2="end:Q", y=alt.Y("count:Q", title="rows"),
+            x=alt.X("start:Q", title=x_title, bin="binned"), x2="end:Q", y=alt.Y("count:Q", title="rows", axis=alt.Axis(tickMinStep=1)),
             tooltip=["start:Q", "end:Q", "count:Q"],
         )
     ]
@@ -87,7 +88,7 @@ def throughput(df: pl.DataFrame, pauses: list[dict[str, float]], title: str) -> 
         line={"color": ACCENT}, color=ACCENT, opacity=0.35, interpolate="step-after").encode(
         x=alt.X("t_s:Q", title="seconds since the first answer"), y=alt.Y("per_s:Q", title="answers / s"),
     ))
-    return svg(alt.layer(*layers, title=title).properties(width=WIDTH * 2 - 40, height=HEIGHT))
+    return svg(alt.layer(*layers, title=title).properties(width=WIDTH + 40, height=HEIGHT))
 
 
 def shares(df: pl.DataFrame, title: str) -> str:

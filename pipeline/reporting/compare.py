@@ -139,8 +139,8 @@ def gold_scores(runs: list[RunData], labels: list[str], spec: str
             fn = int(((pred_ok != cls) & (gold_v == cls)).sum())
             p = tp / (tp + fp) if tp + fp else None
             r = tp / (tp + fn) if tp + fn else None
-            f1 = 2 * p * r / (p + r) if p is not None and r is not None and p + r else (0.0 if p is not None and r is not None else None)
-            scores.append({"run": label, "class": cls, "precision": p, "recall": r, "f1": f1, "support": tp + fn})
+            scores.append({"run": label, "class": cls, "precision": p, "recall": r, "f1": _f1(p, r),
+                           "support": tp + fn})
         classes += scores
         f1s = [s["f1"] for s in scores if s["support"] and s["f1"] is not None]
         summary.append({"run": label, "field": name, "rows": n,
@@ -151,6 +151,12 @@ def gold_scores(runs: list[RunData], labels: list[str], spec: str
             pl.DataFrame(classes, schema={"run": pl.String, "class": pl.String, "precision": pl.Float64,
                                           "recall": pl.Float64, "f1": pl.Float64, "support": pl.Int64}),
             str(chosen))
+
+
+def _f1(p: float | None, r: float | None) -> float | None:
+    if p is None or r is None:
+        return None
+    return 2 * p * r / (p + r) if p + r else 0.0
 
 
 def _gold_column(run: RunData, column: str) -> str:
@@ -178,7 +184,9 @@ def _gold_field(out: pl.DataFrame, gold: pl.Series, column: str) -> str:
 
 
 def _keyed(run: RunData) -> pl.DataFrame:
-    ids = run.results.get_column(run.id_column).cast(pl.String).alias("__id") if run.results.height else pl.Series("__id", [], pl.String)
+    if not run.results.height:
+        return pl.DataFrame({"__id": []}, schema={"__id": pl.String})
+    ids = run.results.get_column(run.id_column).cast(pl.String).alias("__id")
     out = run.outputs()
     return out.with_columns(ids) if out.width else pl.DataFrame({"__id": ids})
 

