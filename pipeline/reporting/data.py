@@ -17,6 +17,9 @@ import polars as pl
 
 from ..errors import UsageError
 
+# The raw answer text is most of results.parquet and the report never shows a successful row's raw text.
+_BULKY = ("content", "logprobs", "tool_calls")
+_LOG_BACKUPS = 9  # pipeline.log rotates by size into .1, .2 ...; read more than are kept, oldest first
 # Store columns the report needs; `raw` and the content stay on disk (a 1M-row store is ~1 GB).
 _TIMING_COLUMNS = ["key", "state", "attempts", "status", "error_class", "latency_s", "created_at", "cache_hit",
                    "cost_usd"]
@@ -75,11 +78,11 @@ def load_run(out_dir: str | Path) -> RunData:
     if not manifest and not summary and not (path / "results.parquet").exists():
         raise UsageError(f"{path} holds no job (no manifest.json, summary.json or results.parquet); "
                          "give a job's output.dir")
-    events, bad_log = _read_jsonl(path / "pipeline.log")
+    events, bad_log = read_log(path)
     history, bad_history = _read_jsonl(path / "history.jsonl")
     return RunData(
         path=path, summary=summary, manifest=manifest,
-        results=_read_parquet(path / "results.parquet"), failures=_read_parquet(path / "failures.parquet"),
+        results=_read_parquet(path / "results.parquet", skip=_BULKY), failures=_read_parquet(path / "failures.parquet"),
         timings=read_timings(path / "store.sqlite"), events=events, history=history,
         skipped_lines=bad_log + bad_history,
     )
@@ -107,8 +110,21 @@ def read_timings(store_path: Path) -> pl.DataFrame:
     return pl.DataFrame(data, schema=schema, strict=False)
 
 
-def _read_parquet(path: Path) -> pl.DataFrame:
-    return pl.read_parquet(path) if path.exists() else pl.DataFrame()
+def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """pipeline.log events, oldest first: the rotated files (pipeline.log.3 ... .1) before the live one."""
+    events: list[dict[str, Any]] = []
+    bad = 0
+    for name in [f"pipeline.log.{i}" for i in range(_LOG_BACKUPS, 0, -1)] + ["pipeline.log"]:
+        found, skipped = _read_jsonl(path / name)
+        events += found
+        bad += skipped
+    return events, bad
+
+
+def _read_parquet(path: Path, skip: tuple[str, ...] = ()) -> pl.DataFrame:
+    if not path.exists():
+        return pl.DataFrame()
+    return pl.scan_parquet(path).select(pl.exclude(*skip)).collect() if skip else pl.read_parquet(path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

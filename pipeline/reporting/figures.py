@@ -16,6 +16,7 @@ from .data import RunData
 
 QUANTILES = (0.5, 0.9, 0.99)
 HIST_BINS = 20
+TAIL_FACTOR = 1.5  # latency bars stop at 1.5 x p99; slower requests are counted in the last bar
 TOP_VALUES = 15
 EXAMPLES = 3
 EXAMPLE_CHARS = 2000
@@ -60,8 +61,10 @@ def time_figures(run: RunData, bins: int = 40) -> TimeFigures:
     ok = t.filter((pl.col("state") == "ok") & pl.col("latency_s").is_not_null()).get_column("latency_s")
     latency: dict[str, float | None] = {f"p{round(q * 100)}": _num(ok.quantile(q, "linear")) for q in QUANTILES}
     latency["mean"] = _num(ok.mean())
+    # A long tail would squeeze the body of the distribution into one bar: the last bar holds the tail.
+    top = latency["p99"] * TAIL_FACTOR if latency["p99"] else None
     if t.height == 0:
-        return TimeFigures(0, 0.0, pl.DataFrame({"t_s": [], "per_s": []}), latency, histogram(ok), [])
+        return TimeFigures(0, 0.0, pl.DataFrame({"t_s": [], "per_s": []}), latency, histogram(ok, upper=top), [])
     start = float(t.get_column("created_at").min())  # type: ignore[arg-type]
     span = float(t.get_column("created_at").max()) - start  # type: ignore[operator]
     width = max(span / bins, 1e-3)
@@ -76,7 +79,7 @@ def time_figures(run: RunData, bins: int = 40) -> TimeFigures:
         when, seconds = _epoch(e.get("ts")), e.get("seconds")
         if when is not None and isinstance(seconds, (int, float)):
             pauses.append({"t_s": when - start, "seconds": float(seconds)})
-    return TimeFigures(t.height, span, throughput, latency, histogram(ok), pauses)
+    return TimeFigures(t.height, span, throughput, latency, histogram(ok, upper=top), pauses)
 
 
 def failure_figures(run: RunData) -> tuple[pl.DataFrame, dict[str, list[dict[str, Any]]]]:
@@ -168,13 +171,16 @@ def value_counts(s: pl.Series, top: int | None = None) -> pl.DataFrame:
     return counts.head(top) if top else counts
 
 
-def histogram(v: pl.Series, bins: int = HIST_BINS) -> pl.DataFrame:
-    """Equal-width bins over [min, max]; the last bin is closed so max is counted."""
+def histogram(v: pl.Series, bins: int = HIST_BINS, *, upper: float | None = None) -> pl.DataFrame:
+    """Equal-width bins over [min, max] (max: `upper` when lower); the last bin also counts everything
+    above, so the counts always add up to the values given."""
     v = v.drop_nulls().cast(pl.Float64).drop_nans()
     if v.len() == 0:
         return pl.DataFrame({"start": [], "end": [], "count": []}, schema={"start": pl.Float64, "end": pl.Float64,
                                                                           "count": pl.Int64})
     lo, hi = float(v.min()), float(v.max())  # type: ignore[arg-type]
+    if upper is not None and lo < upper < hi:
+        hi = upper
     if hi == lo:
         return pl.DataFrame({"start": [lo], "end": [hi], "count": [v.len()]}, schema={"start": pl.Float64,
                                                                                     "end": pl.Float64, "count": pl.Int64})

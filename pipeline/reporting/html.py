@@ -15,7 +15,9 @@ import polars as pl
 from . import charts
 from .compare import Comparison
 from .data import RunData
-from .figures import failure_figures, field_summaries, run_figures, time_figures
+from .figures import TAIL_FACTOR, failure_figures, field_summaries, run_figures, time_figures
+
+HISTORY_ROWS = 30
 
 CSS = """
 .pr{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;color:#1d2330;
@@ -107,12 +109,20 @@ def _run(run: RunData, p: str, title: str) -> str:
 def _history(run: RunData, p: str) -> str:
     if not run.history:
         return "<p class=\"muted\">No run history (history.jsonl) in this folder.</p>"
-    cols = ["run_id", "started_at", "finished_at", "exit_code", "rows_new", "rows_reused", "succeeded", "failed",
-            "pending", "requests", "cost_usd", "stop_reason"]
-    rows = [{c: (h.get(c) if not isinstance(h.get(c), (dict, list)) else str(h.get(c))) for c in cols}
-            for h in run.history]
-    df = pl.DataFrame(rows, schema={c: pl.String for c in cols}, strict=False)
-    return f"<h3>Run history</h3>{table(df, key=f'{p}.history')}"
+    cols = ["run_id", "started_at", "finished_at", "exit_code", "rows_new", "rows_reused", "rows_removed",
+            "succeeded", "failed", "pending", "requests", "retries", "cost_usd", "stop_reason", "message"]
+    shown = run.history[-HISTORY_ROWS:]
+    rows = [{c: _fmt_history(h.get(c)) for c in cols} for h in shown]
+    df = pl.DataFrame(rows, schema={c: pl.String for c in cols})
+    earlier = len(run.history) - len(shown)
+    note = f"<p class=\"muted\">{earlier:,} earlier runs not shown.</p>" if earlier else ""
+    return f"<h3>Run history (history.jsonl)</h3>{note}{table(df, key=f'{p}.history')}"
+
+
+def _fmt_history(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return ", ".join(f"{a}={b}" for a, b in sorted(v.items(), key=str)) or None
+    return None if v is None else str(v)
 
 
 def _time(run: RunData, p: str) -> str:
@@ -129,7 +139,8 @@ def _time(run: RunData, p: str) -> str:
         _figure(charts.throughput(t.throughput, t.pauses, "Answers stored per second"),
                 "From each stored answer's commit time; shaded: 429 pauses." + pauses),
         _figure(charts.histogram(t.latency_hist, "Latency of answered requests", "seconds", marks=lat),
-                "Per request (the last attempt's latency), with p50 / p90 / p99."),
+                "Per request (the last attempt's latency), with p50 / p90 / p99; the last bar also holds "
+                f"every request slower than {TAIL_FACTOR:g} x p99."),
     ]
     return f"{head}<div class=\"cards\">{''.join(cards)}</div><div class=\"grid\">{''.join(figs)}</div>"
 

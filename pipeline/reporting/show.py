@@ -25,7 +25,7 @@ import polars as pl
 
 from ..errors import ConfigError, InputError, PipelineError, UsageError
 from ..state.store import Record, Store
-from .data import _read_json, _read_jsonl
+from .data import _read_json, read_log
 
 REDACTED = "Bearer [redacted]"
 _DATA_URL_KEEP = 80
@@ -55,7 +55,7 @@ def row_story(out_dir: str, row_id: str, *, config: str | None = None) -> RowSto
         story.record = _stored(path, key)
     story.request = _request(path, manifest, row_id, key, config)
     keys = {k for k in (key, (story.request or {}).get("key")) if k}
-    events, _ = _read_jsonl(path / "pipeline.log")
+    events, _ = read_log(path)
     story.attempts = [e for e in events if e.get("event") == "attempt_failed" and e.get("key") in keys]
     return story
 
