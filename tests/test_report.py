@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections import Counter
+from datetime import datetime, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -72,15 +73,21 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
                      endpoint={"model": model, "simulator": {"latency_ms": 0, "fault_plan": faults}},
                      structured={"bad_content_retries": 0})
         outs.append(out)
-    # pipeline.log and history.jsonl as contracts 2 and 3 define them, plus a torn last line.
+    # pipeline.log and history.jsonl as contracts 2 and 3 define them (times within the run), plus a torn line.
+    with sqlite3.connect(outs[1] / "store.sqlite") as db:
+        first, last = db.execute("SELECT min(created_at), max(created_at) FROM responses").fetchone()
     (outs[1] / "pipeline.log").write_text(
-        json.dumps({"ts": "2026-01-01T00:00:00Z", "level": "WARNING", "event": "rate_pause", "msg": "429",
+        json.dumps({"ts": _iso(first + 0.001), "level": "WARNING", "event": "rate_pause", "msg": "429",
                     "seconds": 0.5}) + "\n" + '{"ts": "2026-01-01T00:0')
     (outs[1] / "history.jsonl").write_text(json.dumps({
-        "run_id": "run-1", "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:02Z",
+        "run_id": "run-1", "started_at": _iso(first - 1), "finished_at": _iso(last + 1),
         "exit_code": 1, "rows_new": 60, "rows_reused": 0, "rows_removed": 0, "succeeded": 58, "failed": 2,
         "pending": 0, "requests": 60, "retries": {}, "cost_usd": 0.1, "stop_reason": None}) + "\n")
     return outs
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _external_urls(text: str) -> list[str]:
@@ -208,7 +215,7 @@ def test_failures_history_and_pauses(pair: list[Path]) -> None:
         assert message[:40].replace("'", "&#x27;").replace('"', "&quot;") in text
     bad = failures.filter(pl.col("error_class") == "bad_content").get_column("content").item()
     assert bad and "raw content" in text
-    assert fig.values["r0.rate_pauses"] == "1"
+    assert fig.values["r0.rate_pauses"] == "1" and "the last run (run-1)" in text
     assert fig.values["r0.history.0.run_id"] == "run-1"
 
 

@@ -47,39 +47,49 @@ def run_figures(run: RunData) -> dict[str, Any]:
 
 @dataclass
 class TimeFigures:
-    requests: int
-    span_s: float
-    throughput: pl.DataFrame            # t_s (bin start, seconds from the first answer), per_s
+    requests: int                       # stored answers timed (all runs of the job)
     latency: dict[str, float | None]    # p50, p90, p99, mean (seconds) over answered requests
     latency_hist: pl.DataFrame          # start, end, count
-    pauses: list[dict[str, float]]      # t_s, seconds (429 pauses from pipeline.log)
+    throughput: pl.DataFrame            # t_s (bin start, seconds from the window's first answer), per_s
+    pauses: list[dict[str, float]]      # t_s, seconds (429 pauses from pipeline.log, in the window)
+    scope: str                          # which answers the throughput covers
 
 
 def time_figures(run: RunData, bins: int = 40) -> TimeFigures:
-    """Throughput over the run and latency, from the store's commit times and measured latencies."""
+    """Latency over every stored answer; throughput over the last run (history.jsonl) or all answers."""
     t = run.timings.filter(~pl.col("cache_hit") & (pl.col("created_at") > 0))
     ok = t.filter((pl.col("state") == "ok") & pl.col("latency_s").is_not_null()).get_column("latency_s")
     latency: dict[str, float | None] = {f"p{round(q * 100)}": _num(ok.quantile(q, "linear")) for q in QUANTILES}
     latency["mean"] = _num(ok.mean())
     # A long tail would squeeze the body of the distribution into one bar: the last bar holds the tail.
     top = latency["p99"] * TAIL_FACTOR if latency["p99"] else None
-    if t.height == 0:
-        return TimeFigures(0, 0.0, pl.DataFrame({"t_s": [], "per_s": []}), latency, histogram(ok, upper=top), [])
-    start = float(t.get_column("created_at").min())  # type: ignore[arg-type]
-    span = float(t.get_column("created_at").max()) - start  # type: ignore[operator]
-    width = max(span / bins, 1e-3)
-    throughput = (
-        t.select(((pl.col("created_at") - start) / width).floor().clip(0, bins - 1).cast(pl.Int64).alias("bin"))
-        .group_by("bin").len().sort("bin")
-    )
-    full = pl.DataFrame({"bin": list(range(bins))}, schema={"bin": pl.Int64}).join(throughput, on="bin", how="left")
+    scope, window = "every stored answer", t
+    last = run.history[-1] if run.history else {}
+    lo, hi = _epoch(last.get("started_at")), _epoch(last.get("finished_at"))
+    if lo is not None and hi is not None:
+        in_run = t.filter(pl.col("created_at").is_between(lo, hi))
+        if in_run.height:  # a resume that sent nothing keeps the whole picture
+            scope, window = f"the last run ({last.get('run_id')})", in_run
+    throughput, pauses = _throughput(window.get_column("created_at"), run.events_named("rate_pause"), bins)
+    return TimeFigures(t.height, latency, histogram(ok, upper=top), throughput, pauses, scope)
+
+
+def _throughput(created: pl.Series, pause_events: list[dict[str, Any]], bins: int
+                ) -> tuple[pl.DataFrame, list[dict[str, float]]]:
+    if created.len() == 0:
+        return pl.DataFrame({"t_s": [], "per_s": []}, schema={"t_s": pl.Float64, "per_s": pl.Float64}), []
+    start, end = float(created.min()), float(created.max())  # type: ignore[arg-type]
+    width = max((end - start) / bins, 1e-3)
+    counts = (((created - start) / width).floor().clip(0, bins - 1).cast(pl.Int64).rename("bin")
+              .to_frame().group_by("bin").len())
+    full = pl.DataFrame({"bin": list(range(bins))}, schema={"bin": pl.Int64}).join(counts, on="bin", how="left")
     throughput = full.select((pl.col("bin") * width).alias("t_s"), (pl.col("len").fill_null(0) / width).alias("per_s"))
     pauses = []
-    for e in run.events_named("rate_pause"):
+    for e in pause_events:
         when, seconds = _epoch(e.get("ts")), e.get("seconds")
-        if when is not None and isinstance(seconds, (int, float)):
-            pauses.append({"t_s": when - start, "seconds": float(seconds)})
-    return TimeFigures(t.height, span, throughput, latency, histogram(ok, upper=top), pauses)
+        if when is not None and isinstance(seconds, (int, float)) and start - 60 <= when <= end:
+            pauses.append({"t_s": max(when - start, 0.0), "seconds": float(seconds)})
+    return throughput, pauses
 
 
 def failure_figures(run: RunData) -> tuple[pl.DataFrame, dict[str, list[dict[str, Any]]]]:

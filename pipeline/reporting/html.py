@@ -137,7 +137,7 @@ def _time(run: RunData, p: str) -> str:
     pauses = "" if t.pauses or any(run.events) else " No pipeline.log in this folder, so 429 pauses are not shown."
     figs = [
         _figure(charts.throughput(t.throughput, t.pauses, "Answers stored per second"),
-                "From each stored answer's commit time; shaded: 429 pauses." + pauses),
+                f"Over {t.scope}, from each answer's commit time; shaded: 429 pauses." + pauses),
         _figure(charts.histogram(t.latency_hist, "Latency of answered requests", "seconds", marks=lat),
                 "Per request (the last attempt's latency), with p50 / p90 / p99; the last bar also holds "
                 f"every request slower than {TAIL_FACTOR:g} x p99."),
