@@ -17,7 +17,7 @@ from .errors import EXIT_INTERRUPTED, EXIT_STOPPED, PipelineError
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description="Batch LLM labelling over OpenAI-compatible APIs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,simulate,status,report,show}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,simulate,status}")
 
     run = sub.add_parser("run", help="run (or resume) a job", description="Run or resume the job a config describes.")
     run.add_argument("config", help="path to the job's YAML config")
@@ -42,6 +42,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     status.add_argument("out_dir", help="the job's output.dir")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _add_report_commands(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # every subcommand, whichever module added it
     return parser
 
 

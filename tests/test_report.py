@@ -143,7 +143,12 @@ def test_demo_report_matches_summary_and_outputs(demo: Path, tmp_path: Path) -> 
     # outcome, retries, throughput, latency, and one chart per output field (7 of them)
     assert fig.svgs == 4 + 7
     assert _external_urls(text) == []
-    assert "No run history" in text and "No failed rows" in text
+    assert "No failed rows" in text
+    history = demo / "history.jsonl"  # written by the runner once run history lands (contract 3)
+    if history.exists():
+        assert fig.values["r0.history.0.run_id"] == json.loads(history.read_text().splitlines()[0])["run_id"]
+    else:
+        assert "No run history" in text
 
 
 def test_comparison_with_gold(pair: list[Path], tmp_path: Path) -> None:

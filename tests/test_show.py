@@ -7,6 +7,7 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pytest
+import yaml
 
 import pipeline
 from pipeline import cli
@@ -21,7 +22,10 @@ SECRET = "sk-or-v1-SHOW-TEST-SECRET"
 def out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("OPENROUTER_API_KEY", SECRET)
     cfg = job(tmp_path, 12, sim={"fault_plan": [{"requests": "2", "fault": "400"}]})
-    summary = pipeline.run(cfg, quiet=True)
+    # From a file, as a user runs it: `show` rebuilds the job from the config the folder records.
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    summary = pipeline.run(str(path), quiet=True)
     assert (summary.succeeded, summary.failed) == (11, 1)
     return Path(summary.out_dir)
 

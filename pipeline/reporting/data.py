@@ -41,8 +41,7 @@ class RunData:
 
     @property
     def id_column(self) -> str:
-        request = self.manifest.get("request") or {}
-        return str((request.get("input") or {}).get("id_column") or "id")
+        return id_column(self.path, self.manifest)
 
     @property
     def model(self) -> str:
@@ -86,6 +85,21 @@ def load_run(out_dir: str | Path) -> RunData:
         timings=read_timings(path / "store.sqlite"), events=events, history=history,
         skipped_lines=bad_log + bad_history,
     )
+
+
+def id_column(path: Path, manifest: dict[str, Any]) -> str:
+    """The job's row id column: from the manifest when it records the input settings, else the outputs'
+    first column (both Parquet files start with it)."""
+    request = manifest.get("request") or {}
+    named = (request.get("input") or {}).get("id_column") if isinstance(request.get("input"), dict) else None
+    if named:
+        return str(named)
+    for name in ("results.parquet", "failures.parquet"):
+        if (path / name).exists():
+            columns = pl.scan_parquet(path / name).collect_schema().names()
+            if columns:
+                return columns[0]
+    return "id"
 
 
 def read_timings(store_path: Path) -> pl.DataFrame:

@@ -25,7 +25,7 @@ import polars as pl
 
 from ..errors import ConfigError, InputError, PipelineError, UsageError
 from ..state.store import Record, Store
-from .data import _read_json, read_log
+from .data import _read_json, id_column, read_log
 
 REDACTED = "Bearer [redacted]"
 _DATA_URL_KEEP = 80
@@ -47,7 +47,7 @@ def row_story(out_dir: str, row_id: str, *, config: str | None = None) -> RowSto
     manifest = _read_json(path / "manifest.json")
     if not manifest:
         raise UsageError(f"{path} has no manifest.json: give a job's output.dir")
-    id_col = str((manifest.get("request") or {}).get("input", {}).get("id_column") or "id")
+    id_col = id_column(path, manifest)
     outcome, row = _find_row(path, id_col, row_id)
     story = RowStory(row_id, str(path), outcome, row)
     key = row.get("request_key")
