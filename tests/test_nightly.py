@@ -146,7 +146,8 @@ def test_a_file_rewritten_in_place_between_scan_and_read_is_caught(tmp_path: Pat
         next(batches)
 
 
-def test_an_input_file_that_grows_during_a_run_stops_it_before_outputs_mix(tmp_path: Path, sim: SimulatorThread) -> None:
+def test_an_input_file_that_grows_during_a_run_stops_it_before_outputs_mix(tmp_path: Path,
+                                                                          sim: SimulatorThread) -> None:
     sim.reset(latency_ms=30)
     data = write_rows(tmp_path / "in.jsonl", 100)
     cfg = sim_job(tmp_path, sim, 100, input={"batch_size": 10}, limits={"max_concurrency": 1})

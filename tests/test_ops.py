@@ -82,7 +82,8 @@ def test_a_failed_run_posts_its_record_to_the_webhook_with_retries_and_never_the
     monkeypatch.setenv("OPS_TEST_KEY", "sk-nightly-secret-0123456789")
     (tmp_path / "a").mkdir()
     with Receiver(fail=1) as hook:
-        ok = pipeline.run(job(tmp_path / "a", 5, endpoint={"api_key_env": "OPS_TEST_KEY"}, notify={"webhook": hook.url}))
+        ok = pipeline.run(job(tmp_path / "a", 5, endpoint={"api_key_env": "OPS_TEST_KEY"},
+                              notify={"webhook": hook.url}))
         assert ok.exit_code == 0 and hook.bodies == []  # notify.on defaults to [failure]
         cfg = job(tmp_path, 6, sim={"fault_plan": [{"requests": "2", "fault": "422"}]},
                   endpoint={"api_key_env": "OPS_TEST_KEY"}, limits={"max_concurrency": 1},

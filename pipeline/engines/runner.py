@@ -33,7 +33,7 @@ from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, 
 from ..ops.invocation import Invocation
 from ..ops.metrics import Figures, ObservedTransport
 from ..read.frames import frame_file
-from ..read.reader import InputBatch, Source
+from ..read.reader import InputBatch, InputScan, Source
 from ..send.limits import Limits
 from ..send.stats import Stats
 from ..send.transport import HttpTransport, Transport
@@ -102,10 +102,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
             stats = Stats()
             spent_before = store.totals()["cost_usd"]
             columns = _output_columns(cfg, plan)
-            names = part_names(scan.digests, part_context(scan.carried_types, columns.id_column, columns))
-            jobdir.record_input(manifest, scan.rows, names)
-            drop_partial_parts(jobdir.parts)
-            reuse, reused = jobdir.reusable(store, names, retry_failed=retry_failed)
+            names, reuse, reused = _parts_plan(jobdir, manifest, store, scan, columns, retry_failed=retry_failed)
             limiter = Limits(cfg.limits)
             progress = Progress(scan.rows, reused.ok + reused.failed, enabled=cfg.run.progress and not quiet,
                                 interval_s=cfg.run.progress_interval_s,
@@ -138,8 +135,19 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
         jobdir.unlock()
 
 
-async def _drive(core: Core, batches: Iterator[InputBatch], names: list[str], parts: Path, columns: OutputColumns, store: Store,
-                 rows: _RowCount) -> None:
+def _parts_plan(jobdir: JobDir, manifest: dict[str, Any], store: Store, scan: InputScan, columns: OutputColumns,
+                *, retry_failed: bool) -> tuple[list[str], set[str], PartCounts]:
+    """Each batch's part name (its content and the part context), recorded for `pipeline status`; the
+    parts that can be used as they are, and the rows they hold."""
+    names = part_names(scan.digests, part_context(scan.carried_types, columns.id_column, columns))
+    jobdir.record_input(manifest, scan.rows, names)
+    drop_partial_parts(jobdir.parts)
+    reuse, reused = jobdir.reusable(store, names, retry_failed=retry_failed)
+    return names, reuse, reused
+
+
+async def _drive(core: Core, batches: Iterator[InputBatch], names: list[str], parts: Path, columns: OutputColumns,
+                 store: Store, rows: _RowCount) -> None:
     """Feed the batches to the core and write each outcome batch as it comes."""
     try:
         async with contextlib.aclosing(core.outcomes(batches)) as outcomes:
