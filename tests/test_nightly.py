@@ -177,3 +177,25 @@ def test_an_input_file_that_grows_during_a_run_stops_it_before_outputs_mix(tmp_p
     assert job_status(str(write_config(tmp_path, cfg)))["last_runs"][-1]["exit_code"] == 0
 
 
+
+
+def test_a_job_folder_from_before_input_was_data_is_the_same_job(tmp_path: Path) -> None:
+    """A manifest of version 1 recorded `input` in the job's request and no identity in the store."""
+    import sqlite3
+
+    cfg = job(tmp_path, 10)
+    pipeline.run(cfg)
+    out = tmp_path / "out"
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(version=1, fingerprint="0123456789abcdef",
+                    request={**manifest["request"], "input": {"path": cfg["input"]["path"], "id_column": "rid"}})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    db = sqlite3.connect(out / "store.sqlite")
+    db.execute("DELETE FROM meta WHERE name = 'job_identity'")
+    db.commit()
+    db.close()
+    s = pipeline.run(cfg)
+    assert (s.exit_code, s.requests_sent, s.rows_reused) == (0, 0, 10)
+    cfg["params"] = {**cfg["params"], "temperature": 0.7}
+    with pytest.raises(JobChangedError, match="params.temperature"):  # and a real change is still one
+        pipeline.run(cfg)

@@ -160,10 +160,11 @@ class JobDir:
         if current is None and stored is not None:  # lost: rebuilt from the store, whatever happens next
             self.write_manifest({"version": MANIFEST_VERSION, **stored, "rebuilt": time.time()})
         known = stored or current
-        if known is not None and has_answers and known.get("fingerprint") != fingerprint:
-            keys = _changed_keys(known["request"], request) if "request" in known else []
-            named = ", ".join(keys[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
-            what = named or "the request-affecting config (endpoint, model, prompt, params, structured)"
+        keys = _job_changes(known, fingerprint, request) if known is not None and has_answers else []
+        if keys:
+            what = ", ".join(keys[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
+            if keys == ["?"]:
+                what = "the request-affecting config (endpoint, model, prompt, params, structured)"
             if not force_new:
                 raise JobChangedError(
                     f"{self.path} holds answers to a different job: {what} changed since it started, so its "
@@ -317,6 +318,18 @@ def count_part(parts: Path, name: str) -> PartCounts:
 
 
 _MISSING = object()
+
+
+def _job_changes(known: dict[str, Any], fingerprint: str, request: dict[str, Any]) -> list[str]:
+    """The keys that make `request` another job than `known`; ["?"] when a difference cannot be named.
+
+    Sections a recorded request has and today's identity does not (manifest v1 kept `input`, which is
+    data now) are not compared: upgrading a job folder never makes it a different job."""
+    if known.get("fingerprint") == fingerprint:
+        return []
+    if not isinstance(known.get("request"), dict):
+        return ["?"]
+    return _changed_keys({k: v for k, v in known["request"].items() if k in request}, request)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "", depth: int = 0) -> list[str]:
