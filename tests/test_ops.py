@@ -260,3 +260,24 @@ def test_the_metrics_file_is_written_during_the_run_not_only_at_its_end(
     assert seen, "no metrics file while the run was going"
     running = {x.name: x.value for fam in text_string_to_metric_families(seen[0]) for x in fam.samples}
     assert running["pipeline_run_running"] == 1 and "pipeline_run_exit_code" not in running
+
+
+def test_an_internal_error_leaves_its_traceback_in_the_log_and_exit_70_in_the_history(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.engines.runner import run_async
+
+    class Broken:  # a transport with a bug in it: not an outcome, a crash
+        async def send(self, payload: bytes, *, stream: bool = False) -> Any:
+            raise ZeroDivisionError("a bug")
+
+        async def close(self) -> None:
+            pass
+
+    cfg = load_config(job(tmp_path, 3))
+    with pytest.raises(ZeroDivisionError):
+        asyncio.run(run_async(cfg, transport=Broken()))
+    run = history.read(tmp_path / "out")[-1]
+    assert (run["exit_code"], run["stop_reason"]) == (70, "error")
+    events = [json.loads(line) for line in (tmp_path / "out" / "pipeline.log").read_text().splitlines()]
+    [crash] = [e for e in events if e["event"] == "internal_error"]
+    assert "ZeroDivisionError: a bug" in crash["traceback"] and events[-1]["event"] == "run_end"
