@@ -281,3 +281,22 @@ def test_an_internal_error_leaves_its_traceback_in_the_log_and_exit_70_in_the_hi
     events = [json.loads(line) for line in (tmp_path / "out" / "pipeline.log").read_text().splitlines()]
     [crash] = [e for e in events if e["event"] == "internal_error"]
     assert "ZeroDivisionError: a bug" in crash["traceback"] and events[-1]["event"] == "run_end"
+
+
+def test_a_run_refused_by_the_lock_is_in_the_history_but_leaves_the_metrics_of_the_run_holding_it(
+        tmp_path: Path) -> None:
+    from pipeline.errors import StoreLockedError
+    from pipeline.state.jobdir import JobDir
+
+    prom = tmp_path / "pipeline.prom"
+    cfg = job(tmp_path, 3, output={"metrics_file": str(prom)})
+    holder = JobDir(cfg["output"]["dir"])
+    holder.lock()  # as a running `pipeline run` holds it
+    try:
+        with pytest.raises(StoreLockedError):
+            pipeline.run(cfg)
+    finally:
+        holder.unlock()
+    run = history.read(tmp_path / "out")[-1]
+    assert (run["exit_code"], run["stop_reason"]) == (2, "refused") and "in use by another run" in run["message"]
+    assert not prom.exists() and not (tmp_path / "out" / "pipeline.log").exists()

@@ -79,18 +79,19 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
     commands = (resume_command(config_path, overrides, retry_failed=retry_failed, out_dir=cfg.output.dir),
                 resume_command(config_path, overrides, retry_failed=True, out_dir=cfg.output.dir))
     jobdir = JobDir(cfg.output.dir)
+    jobdir.adopt_batch_size(cfg)  # read-only, before the scan: unchanged batches keep their boundaries
+    source = Source(cfg.input)
+    scan = source.scan()
+    renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
+                        columns=scan.columns)
+    plan = plan_for(cfg, schema)
+    api_key = cfg.api_key()  # all of the above before the folder is touched: a bad start writes nothing new
     jobdir.lock()
     try:
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(_collector_tuned())
             invocation.attach(jobdir.path)
             manifest = jobdir.check_job(cfg, force_new=force_new, config_path=config_path, command=commands[0])
-            source = Source(cfg.input)  # after check_job: the job keeps the batch size it started with
-            scan = source.scan()
-            renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
-                                columns=scan.columns)
-            plan = plan_for(cfg, schema)
-            api_key = cfg.api_key()
             store = stack.enter_context(contextlib.closing(
                 Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)))
             jobdir.bind_store(store, manifest)

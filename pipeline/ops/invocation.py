@@ -64,6 +64,7 @@ class Invocation:
         self.started = time.time()
         self.run_id = new_run_id(self.started)
         self.logfile: LogFile | None = None
+        self.owner = False  # the run got the folder's lock (a refused second run must not touch its files)
         self.tally = Tally()
         self._figures: Callable[[], Figures] | None = None
 
@@ -87,6 +88,7 @@ class Invocation:
 
     def attach(self, out_dir: Path) -> None:
         """The run owns out_dir now: open its log and say the run started."""
+        self.owner = True
         try:
             self.logfile = LogFile(out_dir)
         except OSError as err:  # e.g. a link planted at pipeline.log: never followed, the run goes on
@@ -127,7 +129,7 @@ class Invocation:
                 history.append(self.out_dir, record)
         except OSError as err:
             log.warning("could not append to %s: %s", self.out_dir / history.HISTORY_FILE, err)
-        if self.cfg.output.metrics_file:
+        if self.cfg.output.metrics_file and self.owner:  # not over the figures of the run holding the lock
             self._write_metrics(record)
         await self._notify(record)
         if self.logfile is not None:

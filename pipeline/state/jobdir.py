@@ -141,9 +141,11 @@ class JobDir:
         return self.stored_identity() or self.read_manifest()
 
     def adopt_batch_size(self, cfg: Config) -> None:
-        """Read-only: a resumed job keeps its batch size (so unchanged batches keep their digests)."""
+        """Read-only, before the input is scanned: a job keeps the batch size it started with, so unchanged
+        batches keep their boundaries, digests and parts."""
         known = self.identity()
-        if known is not None and known.get("fingerprint") == cfg.request_fingerprint() and "batch_size" in known:
+        if known is not None and "batch_size" in known and not _job_changes(
+                known, cfg.request_fingerprint(), cfg.request_config()):
             cfg.input.batch_size = int(known["batch_size"])
 
     def check_job(self, cfg: Config, *, force_new: bool, config_path: str,
@@ -178,7 +180,7 @@ class JobDir:
         manifest = {
             "version": MANIFEST_VERSION,
             "fingerprint": fingerprint,
-            "batch_size": int(known.get("batch_size", cfg.input.batch_size)) if known else cfg.input.batch_size,
+            "batch_size": cfg.input.batch_size,  # as adopt_batch_size left it, before the scan
             "model": cfg.endpoint.model,
             "config": config_path,
             "request": request,
@@ -188,8 +190,6 @@ class JobDir:
         if command:
             manifest["command"] = command  # what `pipeline status` shows as the way to resume
         self.write_manifest(manifest)
-        # A resumed job keeps its batch size: unchanged batches keep their digests, so their parts are reused.
-        cfg.input.batch_size = manifest["batch_size"]
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
