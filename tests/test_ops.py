@@ -243,10 +243,10 @@ def test_an_unreachable_endpoint_is_named_in_the_summary_history_and_log(tmp_pat
 
 def test_the_metrics_file_is_written_during_the_run_not_only_at_its_end(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.ops import invocation, metrics
+    from pipeline.ops import invocation
 
     monkeypatch.setattr(invocation, "HEARTBEAT_S", 0.02)
-    monkeypatch.setattr(metrics, "METRICS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(invocation, "METRICS_INTERVAL_S", 0.0)
     prom = tmp_path / "pipeline.prom"
     cfg = job(tmp_path, 6, sim={"latency_ms": 100}, limits={"max_concurrency": 1}, output={"metrics_file": str(prom)})
     seen: list[str] = []

@@ -22,7 +22,7 @@ from ..send.stats import Stats
 
 @dataclass
 class Live:
-    """What the transport and the limiter say right now (ops/metrics.Tally, send/limits.Limits)."""
+    """What the transport and the limiter say right now (ops/figures.Tally, send/limits.Limits)."""
 
     in_flight: int = 0
     paused_s: float = 0.0

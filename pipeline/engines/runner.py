@@ -31,7 +31,7 @@ from ..build.structured import StructuredPlan, plan_for
 from ..config import Config, load_config
 from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, InputChangedError
 from ..ops.invocation import Invocation
-from ..ops.metrics import Figures, ObservedTransport
+from ..ops.figures import Figures, ObservedTransport
 from ..read.frames import frame_file
 from ..read.reader import InputBatch, InputScan, Source
 from ..send.limits import Limits

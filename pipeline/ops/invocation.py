@@ -23,12 +23,12 @@ from ..config import Config
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_STOPPED, InputChangedError, PipelineError, UsageError
 from . import history, notify
 from .logfile import LogFile, iso_utc
-from . import metrics
-from .metrics import Figures, Tally, write_metrics
+from .figures import Figures, Tally
 
 log = logging.getLogger("pipeline")
 
 HEARTBEAT_S = 1.0   # how often the progress display is refreshed (and the metrics file checked for due)
+METRICS_INTERVAL_S = 30.0
 
 
 def new_run_id(now: float) -> str:
@@ -78,7 +78,7 @@ class Invocation:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             progress.tick()
-            if self.cfg.output.metrics_file and time.monotonic() - written >= metrics.METRICS_INTERVAL_S:
+            if self.cfg.output.metrics_file and time.monotonic() - written >= METRICS_INTERVAL_S:
                 written = time.monotonic()
                 self._write_metrics(None)
 
@@ -149,6 +149,8 @@ class Invocation:
             if record.rows_total:
                 f.rows = {"succeeded": record.succeeded, "failed": record.failed, "pending": record.pending}
             f.run_cost_usd = record.cost_usd
+        from .metrics import write_metrics  # prometheus_client only for jobs that write metrics
+
         try:
             write_metrics(path, f)
         except OSError as err:
