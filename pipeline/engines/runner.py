@@ -38,7 +38,8 @@ from ..write.output import (
     write_part,
 )
 from .progress import Progress
-from ..build.prompts import Renderer, estimate_prompt_tokens, finalize
+from ..build.prompts import Renderer, finalize
+from ..build.tokens import CALIBRATION_META, Calibration, TokenCounter
 from ..read.reader import InputBatch, Source
 from ..state.jobdir import JobDir, resume_command
 from ..state.store import FINAL_STATES, Record, Store
@@ -162,13 +163,16 @@ def render_batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | N
         payload, key = finalize(body, base_url)
         row_keys[i] = key
         if key not in jobs:
-            text_tokens = estimate_prompt_tokens(draft.body)
-            image_tokens = draft.est_prompt_tokens - text_tokens
-            # Shaping adds the schema (tools or system prompt) to what is sent: estimate what is sent.
-            est = estimate_prompt_tokens(body, image_tokens) if plan is not None else draft.est_prompt_tokens
+            # Once per distinct request, on the body as sent: shaping adds the schema (tools or system prompt).
+            est = renderer.tokens.count(body, draft.image_tokens)
             jobs[key] = Job(key, payload, draft.body, est, draft.max_tokens, _count_images(draft.body),
-                            image_tokens=image_tokens, mode=plan.mode if plan else None)
+                            image_tokens=draft.image_tokens, mode=plan.mode if plan else None)
     return outcomes, row_keys, jobs
+
+
+def counter_for(cfg: Config, stored: str | None) -> TokenCounter:
+    """The run's token counter, calibrated by what earlier runs of this job learned (store meta)."""
+    return TokenCounter(cfg.endpoint.model, Calibration.from_json(stored, cfg.endpoint.model))
 
 
 def _count_images(body: dict[str, Any]) -> int:
@@ -214,6 +218,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
         store = Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)
         if plan is not None and (mode := store.get_meta("structured_mode")):
             plan.mode = mode  # an earlier run of this job already learned the model's structured mode
+        renderer.tokens = counter_for(cfg, store.get_meta(CALIBRATION_META))
         if cfg.cache.dir:
             os.makedirs(cfg.cache.dir, exist_ok=True)
             cache = Store(os.path.join(cfg.cache.dir, "cache.sqlite"), fsync_interval_s=cfg.output.fsync_interval_s)
@@ -228,7 +233,8 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             pool_size=cfg.limits.max_concurrency,
         )
         spent_before = store.totals()["cost_usd"]
-        dispatcher = Dispatcher(cfg, transport, store, Limits(cfg.limits), plan, cache=cache, spent_before=spent_before)
+        dispatcher = Dispatcher(cfg, transport, store, Limits(cfg.limits), plan, cache=cache, spent_before=spent_before,
+                                tokens=renderer.tokens)
         layout = Layout(
             id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
             with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
@@ -247,6 +253,8 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             interrupt.detach()
             progress.close()
             await transport.close()
+            # What this run learned about the model's prompt tokens, for the next run and the dry run.
+            store.set_meta(CALIBRATION_META, renderer.tokens.learned.to_json(cfg.endpoint.model))
         store.sync()
         succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression)
         totals = store.totals()

@@ -29,7 +29,8 @@ from ..errors import (
 )
 from .limits import Limits
 from ..write.parse import Usage, max_cost, parse_completion, read_usage
-from ..build.prompts import estimate_prompt_tokens, finalize
+from ..build.prompts import finalize
+from ..build.tokens import TokenCounter
 from .retry import Backoff, classify
 from ..state.store import Record, Store
 from ..build.structured import StructuredPlan
@@ -79,8 +80,10 @@ class Dispatcher:
         cache: Store | None = None,
         spent_before: float = 0.0,
         rng: random.Random | None = None,
+        tokens: TokenCounter | None = None,
     ) -> None:
         self.cfg = cfg
+        self.tokens = tokens or TokenCounter(cfg.endpoint.model)  # the renderer's, so counts agree
         self.transport = transport
         self.store = store
         self.cache = cache
@@ -248,7 +251,7 @@ class Dispatcher:
         if self.plan is not None:
             body = self.plan.shape(body)
             job.mode = self.plan.mode
-            job.est_prompt = estimate_prompt_tokens(body, job.image_tokens)
+            job.est_prompt = self.tokens.count(body, job.image_tokens)
         return finalize(body, self.cfg.endpoint.base_url)
 
     def _reserve(self, amount: float) -> None:
@@ -273,6 +276,8 @@ class Dispatcher:
     def _charge(self, body: dict[str, Any], job: Job, paid: list[Any], usage: Usage | None = None) -> int:
         """Count a paid attempt (a success, or a failure the provider billed anyway); returns its tokens."""
         usage = usage or self._usage(body, job)
+        if isinstance(body.get("usage"), dict) and usage.prompt_tokens > 0:
+            self.tokens.observe(job.est_prompt, usage.prompt_tokens)  # calibrates estimated models' counts
         self.spent += usage.cost_usd
         paid[0] += usage.prompt_tokens
         paid[1] += usage.completion_tokens

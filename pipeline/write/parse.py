@@ -4,8 +4,9 @@ Runs after the raw body is in hand and before it counts as done; the structured 
 and validates the output, raising `BadContentError` for the bad-content class.
 
 Cost of an answer: `usage.cost` when the endpoint reports it (OpenRouter; plus the upstream cost a BYOK
-key is billed separately), else the price table (per model served, per million input / output
-tokens, per image where priced). A body without any usage (a stream cut off after its last token) is
+key is billed separately), else the model's price (models/prices.py: the config's override, else the
+genai-prices library; per model served, per million input / cached input / output tokens, per image
+where priced). A body without any usage (a stream cut off after its last token) is
 costed from the prompt estimate and the answer's length rather than as free, so the budget still sees
 it. `max_cost` is the most one request can cost, which the budget check reserves while it is in flight.
 """
@@ -16,10 +17,11 @@ from typing import Any
 
 import orjson
 
-from ..config import Config, Price
+from ..config import Config
 from ..errors import BadContentError
 from ..build.prompts import context_window, max_output_tokens
 from ..build.structured import StructuredPlan
+from ..models.prices import cost, find_price
 
 
 @dataclass(slots=True)
@@ -123,21 +125,11 @@ def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0
     price = find_price(cfg, model) or find_price(cfg, cfg.endpoint.model)
     if price is None:
         return 0.0
-    return (
-        int(usage.get("prompt_tokens") or 0) * price.input_per_m / 1e6
-        + int(usage.get("completion_tokens") or 0) * price.output_per_m / 1e6
-        + n_images * price.per_image
-    )
+    return cost(price, usage, n_images)
 
 
-def find_price(cfg: Config, model: str) -> Price | None:
-    """The price of a model name as served: exact, then without the 'vendor/' prefix, then with 'openai/'."""
-    bare = model.rsplit("/", 1)[-1]
-    return cfg.price(model) or cfg.price(bare) or cfg.price(f"openai/{bare}")
-
-
-# Our prompt estimate counts ~4 characters a token; real tokenizers differ by some percent on ordinary
-# text and more on code or non-English text. The worst case must not be an underestimate.
+# Prompt counts are exact for OpenAI models (build/tokens.py) but only calibrated for the others, and
+# uncalibrated before a job's first answers. The worst case must not be an underestimate.
 PROMPT_SAFETY = 1.25
 
 

@@ -1,0 +1,1 @@
+"""Model facts: prices, and what each model can do."""
