@@ -18,7 +18,7 @@ from pipeline.build.tokens import Calibration, TokenCounter, encoding_for
 from pipeline.config import load_config
 from pipeline.engines.estimate import dry_run, estimate
 from pipeline.errors import ConfigError
-from pipeline.models.prices import cost, find_price, library_price
+from pipeline.models.prices import cost_of, find_price, library_price
 from tests.conftest import REPO
 
 # -- the reference: OpenAI's own numbers ------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_cached_prompt_tokens_cost_the_cached_price() -> None:
     assert price is not None and price.cached_input_per_m is not None
     usage = {"prompt_tokens": 1000, "completion_tokens": 100, "prompt_tokens_details": {"cached_tokens": 400}}
     expected = (600 * price.input_per_m + 400 * price.cached_input_per_m + 100 * price.output_per_m) / 1e6
-    assert cost(price, usage) == pytest.approx(expected)
+    assert cost_of(price, usage) == pytest.approx(expected)
 
 
 def test_an_unpriced_model_runs_without_a_budget_and_is_refused_with_one(tmp_path: Path) -> None:

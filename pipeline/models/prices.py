@@ -60,7 +60,7 @@ def library_version() -> str:
     return f"genai-prices {version('genai-prices')}"
 
 
-def cost(price: ModelPrice, usage: dict[str, Any], n_images: int = 0) -> float:
+def cost_of(price: ModelPrice, usage: dict[str, Any], n_images: int = 0) -> float:
     """USD for one answer's usage: cached prompt tokens at the cached price where there is one."""
     prompt = _int(usage.get("prompt_tokens"))
     details = usage.get("prompt_tokens_details")

@@ -21,7 +21,7 @@ from ..config import Config
 from ..errors import BadContentError
 from ..build.prompts import context_window, max_output_tokens
 from ..build.structured import StructuredPlan
-from ..models.prices import cost, find_price
+from ..models.prices import cost_of, find_price
 
 
 @dataclass(slots=True)
@@ -125,7 +125,7 @@ def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0
     price = find_price(cfg, model) or find_price(cfg, cfg.endpoint.model)
     if price is None:
         return 0.0
-    return cost(price, usage, n_images)
+    return cost_of(price, usage, n_images)
 
 
 # Prompt counts are exact for OpenAI models (build/tokens.py) but only calibrated for the others, and
