@@ -229,9 +229,11 @@ def test_cached_prompt_tokens_cost_the_cached_price() -> None:
     assert cost_of(price, usage) == pytest.approx(expected)
 
 
-def test_an_unpriced_model_runs_without_a_budget_and_is_refused_with_one(tmp_path: Path) -> None:
+def test_an_unpriced_model_runs_without_a_budget_and_is_refused_with_one(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     cfg = _dry_run_config(tmp_path, "nobody/no-such-model", ["hi", "there"])
     assert pipeline.run(cfg).exit_code == 0  # cost unknown, the job still runs
+    assert "no price known for nobody/no-such-model" in caplog.text
     with pytest.raises(ConfigError, match="needs a price for 'nobody/no-such-model'") as info:
         load_config({**cfg, "budget": {"max_cost_usd": 1}})
     assert info.value.key == "budget.max_cost_usd" and "add prices:" in str(info.value)

@@ -40,6 +40,7 @@ from ..write.output import (
 from .progress import Progress
 from ..build.prompts import Renderer, finalize
 from ..build.tokens import CALIBRATION_META, Calibration, TokenCounter
+from ..models.prices import warn_if_unpriced
 from ..read.reader import InputBatch, Source
 from ..state.jobdir import JobDir, resume_command
 from ..state.store import FINAL_STATES, Record, Store
@@ -205,6 +206,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
                         columns=scan.columns)
     plan = plan_for(cfg, schema)
     api_key = cfg.api_key()
+    warn_if_unpriced(cfg)
     jobdir.lock()
     sim = None
     store = cache = None

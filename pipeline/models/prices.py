@@ -16,6 +16,7 @@ image. Tiered prices (cheaper below N prompt tokens) use the base tier.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,15 @@ def find_price(cfg: "Config", model: str, *, batch: bool = False) -> ModelPrice 
                            source="override (prices: batch_input_per_m / batch_output_per_m)")
         return _halved(price, "override")
     return library_price(model, batch=batch)
+
+
+def warn_if_unpriced(cfg: "Config") -> None:
+    """A run without a price for its model goes on (the budget check refused it already if one is set)."""
+    for model in [cfg.endpoint.model, *(cfg.params.models or [])]:
+        if find_price(cfg, model) is None:
+            logging.getLogger("pipeline").warning(
+                "no price known for %s: its cost is unknown (counted as $0) unless the endpoint reports usage.cost; "
+                "to count it, %s", model, missing_price_hint(model))
 
 
 def library_version() -> str:
