@@ -40,7 +40,8 @@ COOKBOOK_TOOLS = [{"type": "function", "function": {
     "name": "get_current_weather", "description": "Get the current weather in a given location",
     "parameters": {"type": "object", "required": ["location"], "properties": {
         "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
-        "unit": {"type": "string", "description": "The unit of temperature to return", "enum": ["celsius", "fahrenheit"]},
+        "unit": {"type": "string", "description": "The unit of temperature to return",
+                 "enum": ["celsius", "fahrenheit"]},
     }}}}]
 COOKBOOK_WEATHER = [
     {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},

@@ -49,16 +49,21 @@ def to_json(est: Estimate, cfg: Config) -> str:
         "output_tokens": {"min": 0, "max": est.output_max,
                           "likely": None if likely is None else round(likely * est.requests),
                           "likely_basis": est.likely_basis},
-        "cost_usd": None if costs is None else {"min": costs[0], "likely": costs[1], "max": costs[2]},
+        "cost_usd": None if costs is None else {"min": _r(costs[0]), "likely": _r(costs[1]), "max": _r(costs[2])},
         "prices": {m: _price(cfg, m) for m in [cfg.endpoint.model, *(cfg.params.models or [])]},
-        "budget": None if cap is None else {"max_cost_usd": cap, "spent_before": spent, "left": cap - spent},
-        "time_s": {"min": max(lo for lo, _ in bounds.values()), "max": max(hi for _, hi in bounds.values()),
+        "budget": None if cap is None else {"max_cost_usd": cap, "spent_before": _r(spent), "left": _r(cap - spent)},
+        "time_s": {"min": _r(max(lo for lo, _ in bounds.values()), 3),
+                   "max": _r(max(hi for _, hi in bounds.values()), 3),
                    "slowest": max(bounds, key=lambda k: bounds[k][1]),
-                   "bounds": {k: [lo, hi] for k, (lo, hi) in bounds.items()}},
+                   "bounds": {k: [_r(lo, 3), _r(hi, 3)] for k, (lo, hi) in bounds.items()}},
         "failing": {"by_reason": dict(est.failing_by_reason), "examples": est.examples},
         "notes": est.notes,
     }
     return json.dumps(doc, ensure_ascii=False)
+
+
+def _r(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _price(cfg: Config, model: str) -> dict[str, Any] | None:
