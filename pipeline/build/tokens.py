@@ -91,6 +91,11 @@ class Calibration:
         return cls()
 
 
+def counter_for(model: str, stored: str | None) -> "TokenCounter":
+    """A run's (or a dry run's) counter, calibrated by what earlier runs of the job learned (store meta)."""
+    return TokenCounter(model, Calibration.from_json(stored, model))
+
+
 class TokenCounter:
     """Prompt tokens of request bodies for one model (see the module docstring)."""
 

@@ -1,6 +1,6 @@
 """`pipeline run CONFIG --dry-run`: what a run would send, cost and take, without sending anything.
 
-The input is read and every request rendered by the runner's own code (`runner.render_batch`), one
+The input is read and every request built by the runner's own code (`RequestBuilder.build_batch`), one
 batch at a time, so the figures are those of the real run: the same request keys (identical requests
 counted once, rows already answered in `output.dir` or the shared cache left out), the same prompt
 token counts the tokens/minute limiter and the budget use (build/tokens.py: exact for OpenAI models,
@@ -30,14 +30,16 @@ from typing import Any, TextIO
 from ..config import Config
 from ..errors import EXIT_OK, RowError
 from ..write.output import done_parts
-from ..build.tokens import CALIBRATION_META
+from ..build.tokens import CALIBRATION_META, counter_for
 from ..models.prices import find_price
-from ..write.parse import worst_output_tokens
-from ..build.prompts import Renderer, context_window, max_output_tokens
+from ..send.budget import worst_output_tokens
+from ..build.prompts import Renderer
+from ..build.request import RequestBuilder
+from ..models.catalog import context_window, max_output_tokens
 from ..read.reader import InputBatch, Source
-from .runner import counter_for, render_batch
 from ..state.jobdir import JobDir, count_part
-from ..state.store import FINAL_STATES
+from ..state import migrations
+from ..state.store import FINAL_STATES, MIGRATIONS
 from ..build.structured import StructuredPlan, plan_for
 
 # Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
@@ -94,7 +96,7 @@ def estimate(cfg: Config) -> Estimate:
                         columns=scan.columns)
     plan = plan_for(cfg)
     store, done = _job_state(cfg, scan.fingerprint, est)
-    renderer.tokens = counter_for(cfg, _meta(store, CALIBRATION_META) if store is not None else None)
+    renderer.tokens = counter_for(cfg.endpoint.model, _meta(store, CALIBRATION_META) if store is not None else None)
     est.token_method = renderer.tokens.method
     cache = _open_readonly(os.path.join(cfg.cache.dir, "cache.sqlite")) if cfg.cache.dir else None
     try:
@@ -115,7 +117,8 @@ def estimate(cfg: Config) -> Estimate:
 def _batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | None, cfg: Config,
            store: sqlite3.Connection | None, cache: sqlite3.Connection | None, seen: set[int], est: Estimate) -> None:
     # Outcomes are not kept: a failing row's reason is re-derived in _failing.
-    _, row_keys, jobs = render_batch(batch, renderer, plan, cfg.endpoint.base_url)
+    built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
+    row_keys, jobs = built.keys, built.requests
     answered = _states(store, jobs.keys())
     cached = {k for k, s in _states(cache, [k for k in jobs if k not in answered]).items() if s == "ok"}
     for i, key in enumerate(row_keys):
@@ -188,7 +191,7 @@ def _count_done_parts(jobdir: JobDir, done: set[int], est: Estimate) -> None:
     JobDir.resume_plan decides, a batch with rows whose retries ran out on transient errors is asked again."""
     for i in sorted(done):
         counts = count_part(jobdir.parts, i)
-        if counts.transient:
+        if counts.failed_transient:
             done.discard(i)
             continue
         est.rows_done_ok += counts.ok
@@ -201,7 +204,9 @@ def _open_readonly(path: str) -> sqlite3.Connection | None:
     # Without a -wal file no run is writing, and `immutable` reads without creating -wal/-shm files;
     # with one, a run is live (or died): plain read-only mode sees its latest commits.
     mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
-    return sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+    db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+    migrations.refuse_newer(migrations.applied(db), MIGRATIONS, path)  # a newer store: not ours to read
+    return db
 
 
 def _meta(db: sqlite3.Connection, name: str) -> str | None:
