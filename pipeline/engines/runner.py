@@ -26,7 +26,6 @@ from ..build.structured import StructuredPlan, plan_for
 from ..build.tokens import CALIBRATION_META, counter_for
 from ..config import Config, load_config
 from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
-from ..models.prices import warn_if_unpriced
 from ..read.reader import InputBatch, Source
 from ..send.limits import Limits
 from ..send.stats import Stats
@@ -61,7 +60,6 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
                         columns=scan.columns)
     plan = plan_for(cfg, schema)
     api_key = cfg.api_key()
-    warn_if_unpriced(cfg)
     commands = (resume_command(config_path, overrides, retry_failed=retry_failed),
                 resume_command(config_path, overrides, retry_failed=True))
     jobdir.lock()

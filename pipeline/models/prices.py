@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..config import Config
 
 OPENAI_BATCH_FACTOR = 0.5
+_WARNED: set[str] = set()
 # OpenRouter vendor prefix -> the library's provider id, where they differ.
 _VENDORS = {"mistralai": "mistral", "meta-llama": "meta", "moonshotai": "moonshotai", "x-ai": "x-ai", "z-ai": "zai"}
 
@@ -55,13 +56,14 @@ def find_price(cfg: "Config", model: str, *, batch: bool = False) -> ModelPrice 
     return library_price(model, batch=batch)
 
 
-def warn_if_unpriced(cfg: "Config") -> None:
-    """A run without a price for its model goes on (the budget check refused it already if one is set)."""
-    for model in [cfg.endpoint.model, *(cfg.params.models or [])]:
-        if find_price(cfg, model) is None:
-            logging.getLogger("pipeline").warning(
-                "no price known for %s: its cost is unknown (counted as $0) unless the endpoint reports usage.cost; "
-                "to count it, %s", model, missing_price_hint(model))
+def warn_unpriced(model: str) -> None:
+    """An answer with no usage.cost for a model without a price: say so once per process, not per answer."""
+    if model in _WARNED:
+        return
+    _WARNED.add(model)
+    logging.getLogger("pipeline").warning(
+        "no price known for %s and the endpoint reports no usage.cost: its cost is unknown (counted as $0); "
+        "to count it, %s", model, missing_price_hint(model))
 
 
 def library_version() -> str:

@@ -26,7 +26,7 @@ import orjson
 from ..config import Config
 from ..errors import BudgetExceeded, Stopped
 from ..models.catalog import context_window, max_output_tokens
-from ..models.prices import cost_of, find_price
+from ..models.prices import cost_of, find_price, warn_unpriced
 
 # Prompt counts are exact for OpenAI models (build/tokens.py) but only calibrated for the others, and
 # uncalibrated before a job's first answers. The worst case must not be an underestimate.
@@ -99,6 +99,7 @@ def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0
         return cost
     price = find_price(cfg, model) or find_price(cfg, cfg.endpoint.model)
     if price is None:
+        warn_unpriced(model)
         return 0.0
     return cost_of(price, usage, n_images)
 
