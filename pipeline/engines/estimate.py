@@ -359,7 +359,8 @@ def spent_before(est: Estimate, cfg: Config) -> float:
     if store is None:
         return 0.0
     try:
-        return float(store.execute("SELECT coalesce(sum(cost_usd), 0) FROM responses WHERE cache_hit = 0").fetchone()[0])
+        row = store.execute("SELECT coalesce(sum(cost_usd), 0) FROM responses WHERE cache_hit = 0").fetchone()
+        return float(row[0])
     finally:
         store.close()
 
