@@ -13,8 +13,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
+import logging
 import os
 import platform
+import sqlite3
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -92,8 +94,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
                 interrupt.detach()
                 progress.close()
                 await transport.close()
-                # What this run learned about the model's prompt tokens, for the next run and the dry run.
-                store.set_meta(CALIBRATION_META, renderer.tokens.learned.to_json(cfg.endpoint.model))
+                _save_calibration(store, renderer, cfg.endpoint.model)
             store.sync()
             summary = _summary(cfg, jobdir, store, core, plan, scan.rows, resumed, started)
             _finish(summary, core, *commands)
@@ -101,6 +102,15 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             return summary
     finally:
         jobdir.unlock()
+
+
+def _save_calibration(store: Store, renderer: Renderer, model: str) -> None:
+    """What this run learned about the model's prompt tokens, for the next run and the dry run. Only a
+    hint: a store that cannot take it (disk full) must not hide why the run ended."""
+    try:
+        store.set_meta(CALIBRATION_META, renderer.tokens.learned.to_json(model))
+    except (OSError, sqlite3.Error) as exc:
+        logging.getLogger("pipeline").warning("could not keep the prompt-token calibration: %s", exc)
 
 
 @contextlib.contextmanager
