@@ -2,8 +2,8 @@
 
 The store keeps answers, not request bodies (a body is ~1-2 KB; keeping one per row would add a
 gigabyte to a 1M-row store for a view used on a handful of rows). The body is instead re-rendered with
-the runner's own builder (`render_batch`) from the job's config and the input row, and then *proved*:
-the request key is sha256(base_url, body), so when the re-rendered key equals the key stored with the
+the runner's own builder (`RequestBuilder.build_batch`) from the job's config and the input row, and then
+*proved*: the request key is sha256(base_url, body), so when the re-rendered key equals the key stored with the
 answer, the body shown is byte for byte the one that was sent. When it does not (the config file or the
 input changed since), the body is shown marked as unverified, never passed off as the real one.
 
@@ -119,14 +119,15 @@ def _request(path: Path, manifest: dict[str, Any], row_id: str, key: str | None,
 
 def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: str | None) -> dict[str, Any]:
     """Render under each structured mode the run may have used (the learned one first) until the key matches."""
-    from ..engines.runner import render_batch
+    from ..build.request import RequestBuilder
 
     modes = [plan.mode, *[m for m in plan.modes if m != plan.mode]] if plan is not None else [None]
     first: dict[str, Any] | None = None
     for mode in modes:
         if plan is not None:
             plan.mode = mode
-        outcomes, keys, jobs = render_batch(batch, renderer, plan, cfg.endpoint.base_url)
+        built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
+        outcomes, keys, jobs = built.failures, built.keys, built.requests
         if keys[i] is None:
             return {"note": f"the row does not render: {getattr(outcomes[i], 'message', '')}", "verified": False}
         job = jobs[keys[i]]
