@@ -34,9 +34,9 @@ from ..write.output import (
     drop_partial_parts,
     failure_counts,
     merge_parts,
-    write_json_atomic,
     write_part,
 )
+from ..write.publish import check_local_output, publish_outputs
 from .progress import Progress
 from ..build.prompts import Renderer, estimate_prompt_tokens, finalize
 from ..read.reader import InputBatch, Source
@@ -193,6 +193,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     command = resume_command(config_path, overrides, retry_failed=retry_failed)
     if schema is not None:  # into the config, so the job fingerprint covers the schema actually asked for
         cfg = load_config(cfg, {"structured.schema": schema})
+    check_local_output(cfg)
     jobdir = JobDir(cfg.output.dir)
     jobdir.adopt_batch_size(cfg)  # before the scan: it records where each batch starts
     source = Source(cfg.input)
@@ -262,7 +263,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
         )
         _finish(summary, dispatcher, command, resume_command(config_path, overrides, retry_failed=True))
-        write_json_atomic(jobdir.path / "summary.json", summary.to_json())
+        publish_outputs(cfg, jobdir.path, summary)
         return summary
     finally:
         if sim is not None:
