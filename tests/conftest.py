@@ -83,3 +83,14 @@ def s3_bucket(s3_server: str, request: Any) -> str:
     fs = pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True, allow_bucket_deletion=True)
     fs.create_dir(name)
     return f"s3://{name}"
+
+
+# -- Ray: one real local instance per test session (2 CPUs), started after the S3 env is in place --------
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: str) -> Any:
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -193,6 +193,10 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     command = resume_command(config_path, overrides, retry_failed=retry_failed)
     if schema is not None:  # into the config, so the job fingerprint covers the schema actually asked for
         cfg = load_config(cfg, {"structured.schema": schema})
+    if cfg.run.engine == "ray":  # the same job on Ray actors (engines/ray/); Ray is imported only here
+        from .ray import run_ray
+        return await asyncio.to_thread(run_ray, cfg, retry_failed=retry_failed, force_new=force_new,
+                                       schema=schema, quiet=quiet, config_path=config_path, overrides=overrides)
     check_local_output(cfg)
     jobdir = JobDir(cfg.output.dir)
     jobdir.adopt_batch_size(cfg)  # before the scan: it records where each batch starts

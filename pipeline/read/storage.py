@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import os
+import shutil
 import uuid
 from functools import lru_cache
 from typing import Any
@@ -142,6 +143,12 @@ def write_bytes(uri: str, data: bytes, options: dict[str, Any] | None = None) ->
 
 def put_file(local: str, uri: str, options: dict[str, Any] | None = None) -> None:
     """Copy a local file to `uri` so that readers see the old object or the whole new one."""
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
+        tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, uri)
+        return
     fs, path = filesystem(uri, options)
     tmp = f"{path.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
     try:
