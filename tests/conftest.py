@@ -91,6 +91,7 @@ def s3_bucket(s3_server: str, request: Any) -> str:
 def ray_local(s3_server: str) -> Any:
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=2, namespace="pipeline", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, _node_ip_address="127.0.0.1")  # loopback only
     yield ray
     ray.shutdown()

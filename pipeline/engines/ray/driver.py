@@ -10,9 +10,9 @@ Layout, commit protocol and loss bound: docs/ray.md.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ from ...send.dispatch import Stats
 from ...state.jobdir import resume_command
 from ..progress import Progress
 from .limiter import LimiterActor
-from .worker import FAILURES, RESULTS, ShardWorker
+from .worker import FAILURES, RESULTS, Secret, ShardWorker
 
 MANIFEST = "ray-manifest.json"
+NAMESPACE = "pipeline"
 
 
 def import_ray() -> Any:
@@ -43,8 +44,13 @@ def import_ray() -> Any:
 def connect(ray: Any, cfg: Config) -> None:
     """Join the configured cluster, start a local instance, or use the one this process already has."""
     if not ray.is_initialized():
-        ray.init(address=cfg.run.ray_address, log_to_driver=False, include_dashboard=False,
+        ray.init(address=cfg.run.ray_address, namespace=NAMESPACE, log_to_driver=False, include_dashboard=False,
                  configure_logging=False)
+
+
+def limiter_name(cfg: Config) -> str:
+    """One limiter per job (output location), found by name in the `pipeline` namespace."""
+    return "pipeline-limiter-" + hashlib.sha256(cfg.output.dir.encode()).hexdigest()[:12]
 
 
 def check_manifest(cfg: Config, rows: int, *, force_new: bool) -> None:
@@ -104,6 +110,7 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
     ray = import_ray()
     started = time.monotonic()
     command = resume_command(config_path or cfg.source, overrides, retry_failed=retry_failed)
+    cfg.api_key()  # a missing key is a usage error here, before anything starts
     source = Source(cfg.input)
     scan = source.scan()
     check_manifest(cfg, scan.rows, force_new=force_new)
@@ -120,9 +127,9 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
         from ...simulator.thread import SimulatorThread
         sim = SimulatorThread(SimConfig(**cfg.endpoint.simulator))
         base_url = sim.start()
-    name = f"pipeline-limiter-{uuid.uuid4().hex[:12]}"
-    limiter = ray.remote(LimiterActor).options(name=name, num_cpus=0, max_concurrency=10_000,
-                                               max_restarts=-1).remote(
+    name = limiter_name(cfg)
+    limiter = ray.remote(LimiterActor).options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000,
+                                               max_restarts=-1, get_if_exists=True).remote(
         cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s)
     stats, rows = Stats(), {"ok": 0, "failed": 0, "pending": 0, "reused": 0}
     stop, message = "", ""
@@ -169,6 +176,7 @@ def _execute(ray: Any, cfg: Config, source: Source, scan: Any, todo: list[int], 
         fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(by_alias=True, exclude={"source"}),
                                "source": source, "base_url": base_url, "limiter_name": limiter,
                                "workers": cfg.run.workers, "retry_failed": retry_failed, "schema": schema,
+                               "api_key": Secret(cfg.api_key()),
                                "input_dir": input_dir, "columns": scan.columns},
     )
     for batch in ds.iter_batches(batch_size=1, batch_format="pandas"):

@@ -43,6 +43,10 @@ class LimiterActor:
         self.granted = {"requests": 0.0, "tokens": 0.0}
         self.leases = 0
         self.pauses = 0
+        self.workers: dict[int, str] = {}  # pid -> node: which processes hold leases (ops, kill tests)
+
+    def hello(self, pid: int, node: str) -> None:
+        self.workers[pid] = node
 
     async def lease(self, kind: str, amount: float) -> tuple[float, float]:
         """(granted, resume_at): waits for the pause and the bucket; an unlimited kind grants at once."""
@@ -80,7 +84,7 @@ class LimiterActor:
 
     def state(self) -> dict[str, Any]:
         return {"resume_at": self.resume_at, "leases": self.leases, "pauses": self.pauses,
-                "granted": dict(self.granted),
+                "granted": dict(self.granted), "workers": dict(self.workers),
                 "per_minute": {k: (b.per_minute if b else None) for k, b in self.buckets.items()}}
 
 

@@ -47,16 +47,36 @@ def make_layout(cfg: Config, plan: StructuredPlan | None) -> Layout:
                   with_ttft=cfg.params.stream, compression=cfg.output.compression)
 
 
+class Secret:
+    """The API key on its way from the driver's environment to the workers (which on a cluster do not share
+    it); never shown by repr or str, so a Ray error or log line that prints arguments cannot leak it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
 class Sender:
     """What a worker holds for its lifetime: session, dispatcher, leased limits, journal writer."""
 
-    def __init__(self, cfg: Config, base_url: str, limiter: Any, workers: int, schema: dict[str, Any] | None) -> None:
+    def __init__(self, cfg: Config, base_url: str, limiter: Any, workers: int, schema: dict[str, Any] | None,
+                 api_key: Secret) -> None:
         self.cfg = cfg
         self.plan = plan_for(cfg, schema)
         self.limits = RayLimits(cfg.limits, limiter, workers)
         self.limits.start()
+        limiter.hello.remote(os.getpid(), os.uname().nodename)
         self.transport = HttpTransport(
-            base_url, cfg.api_key(), cfg.endpoint.request_headers(), timeout_s=cfg.endpoint.timeout_s,
+            base_url, api_key.reveal(), cfg.endpoint.request_headers(), timeout_s=cfg.endpoint.timeout_s,
             read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
             pool_size=self.limits.cfg.max_concurrency)
         self.journal = Journal(cfg.output.dir, cfg.output.storage_options,
@@ -106,13 +126,14 @@ class ShardWorker:
     """`ds.map_batches(ShardWorker, fn_constructor_kwargs=..., concurrency=run.workers)` over shard indices."""
 
     def __init__(self, cfg_json: str, source: Source, base_url: str, limiter_name: str, workers: int,
-                 retry_failed: bool, schema: dict[str, Any] | None = None, input_dir: str | None = None,
-                 columns: list[str] | None = None) -> None:
+                 retry_failed: bool, api_key: Secret, schema: dict[str, Any] | None = None,
+                 input_dir: str | None = None, columns: list[str] | None = None) -> None:
         from ...config import load_config
         import orjson
         self.cfg = load_config(orjson.loads(cfg_json))
         self.source, self.base_url, self.workers = source, base_url, workers
         self.limiter_name, self.retry_failed, self.schema = limiter_name, retry_failed, schema
+        self.api_key = api_key
         self.renderer = Renderer(self.cfg, input_dir=input_dir, columns=columns)
         self.sender: Sender | None = None
         self._tmp = tempfile.mkdtemp(prefix="pipeline-ray-")
@@ -120,7 +141,8 @@ class ShardWorker:
     def _sender(self) -> Sender:
         if self.sender is None:  # on the actor's loop, on first use
             import ray
-            self.sender = Sender(self.cfg, self.base_url, ray.get_actor(self.limiter_name), self.workers, self.schema)
+            limiter = ray.get_actor(self.limiter_name, namespace="pipeline")
+            self.sender = Sender(self.cfg, self.base_url, limiter, self.workers, self.schema, self.api_key)
         return self.sender
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
