@@ -28,3 +28,29 @@ def test_ray_engine_local_folder(tmp_path: Path, ray_local: Any) -> None:
     assert sorted(ids) == [f"r{i:06d}" for i in range(40)]
     again = pipeline.run(cfg, quiet=True)
     assert again.requests_sent == 0 and again.resumed_rows == 40 and again.succeeded == 40
+
+
+def test_label_adds_typed_columns_and_reuses_the_journal(tmp_path: Path, ray_local: Any) -> None:
+    import pyarrow as pa
+    import pipeline.ray as pray
+    from .conftest import SCHEMA
+    ray = ray_local
+    rows = [{"rid": f"r{i:03d}", "text": f"review {i}: fine"} for i in range(30)]
+    cfg = {"input": {"id_column": "rid", "path": "unused", "batch_size": 16},
+           "endpoint": {"base_url": "simulator", "simulator": {"fault_plan": [{"requests": "3", "fault": "400"}]}},
+           "prompt": {"user": "{{ text }}"}, "structured": {"schema": SCHEMA},
+           "limits": {"requests_per_minute": 6000, "max_concurrency": 8},
+           "output": {"dir": str(tmp_path / "label")}, "run": {"workers": 2, "progress": False}}
+    labelled = pray.label(ray.data.from_items(rows), cfg)
+    out = labelled.to_arrow_refs()
+    table = pa.concat_tables(ray.get(out))
+    assert table.num_rows == 30 and pa.types.is_struct(table.schema.field("output").type)
+    classes = table.column("error_class").to_pylist()
+    assert classes.count("permanent") == 1 and classes.count(None) == 29  # a failed row is a row, not a task
+    ok = next(r for r in table.to_pylist() if r["error_class"] is None)
+    assert ok["output"]["sentiment"] in ("positive", "negative", "mixed") and ok["cost_usd"] > 0
+    journal = list((tmp_path / "label" / "_journal").rglob("*.parquet"))
+    assert journal  # committed before the block was returned
+    again = pa.concat_tables(ray.get(pray.label(ray.data.from_items(rows), cfg).to_arrow_refs()))
+    assert again.column("request_key").to_pylist() == table.column("request_key").to_pylist()
+    assert len(list((tmp_path / "label" / "_journal").rglob("*.parquet"))) == len(journal)  # nothing paid again

@@ -135,7 +135,7 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
     stop, message = "", ""
     progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
     try:
-        for out in _execute(ray, cfg, source, scan, todo, base_url, name, retry_failed, schema):
+        for out in _execute(ray, cfg, source, scan, todo, base_url, limiter, retry_failed, schema):
             for k in rows:
                 rows[k] += out[k]
             _add_stats(stats, out)
@@ -164,7 +164,7 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
     return summary
 
 
-def _execute(ray: Any, cfg: Config, source: Source, scan: Any, todo: list[int], base_url: str, limiter: str,
+def _execute(ray: Any, cfg: Config, source: Source, scan: Any, todo: list[int], base_url: str, limiter: Any,
              retry_failed: bool, schema: dict[str, Any] | None) -> Any:
     """The Ray Data pipeline over the shards still to do; yields one stats row per finished shard."""
     if not todo:
@@ -172,9 +172,9 @@ def _execute(ray: Any, cfg: Config, source: Source, scan: Any, todo: list[int], 
     ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
     input_dir = str(Path(source.files[0]).parent) if source.files and not storage.is_remote(source.files[0]) else None
     ds = ds.map_batches(
-        ShardWorker, batch_size=1, concurrency=cfg.run.workers, num_cpus=0,
+        ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.run.workers), num_cpus=0,
         fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(by_alias=True, exclude={"source"}),
-                               "source": source, "base_url": base_url, "limiter_name": limiter,
+                               "source": source, "base_url": base_url, "limiter": limiter,
                                "workers": cfg.run.workers, "retry_failed": retry_failed, "schema": schema,
                                "api_key": Secret(cfg.api_key()),
                                "input_dir": input_dir, "columns": scan.columns},

@@ -125,14 +125,14 @@ class Sender:
 class ShardWorker:
     """`ds.map_batches(ShardWorker, fn_constructor_kwargs=..., concurrency=run.workers)` over shard indices."""
 
-    def __init__(self, cfg_json: str, source: Source, base_url: str, limiter_name: str, workers: int,
+    def __init__(self, cfg_json: str, source: Source, base_url: str, limiter: Any, workers: int,
                  retry_failed: bool, api_key: Secret, schema: dict[str, Any] | None = None,
                  input_dir: str | None = None, columns: list[str] | None = None) -> None:
         from ...config import load_config
         import orjson
         self.cfg = load_config(orjson.loads(cfg_json))
         self.source, self.base_url, self.workers = source, base_url, workers
-        self.limiter_name, self.retry_failed, self.schema = limiter_name, retry_failed, schema
+        self.limiter, self.retry_failed, self.schema = limiter, retry_failed, schema
         self.api_key = api_key
         self.renderer = Renderer(self.cfg, input_dir=input_dir, columns=columns)
         self.sender: Sender | None = None
@@ -140,9 +140,7 @@ class ShardWorker:
 
     def _sender(self) -> Sender:
         if self.sender is None:  # on the actor's loop, on first use
-            import ray
-            limiter = ray.get_actor(self.limiter_name, namespace="pipeline")
-            self.sender = Sender(self.cfg, self.base_url, limiter, self.workers, self.schema, self.api_key)
+            self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key)
         return self.sender
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
