@@ -32,17 +32,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
-import re
 import sys
-import time
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
+from typing import Protocol
 
 from aiolimiter import AsyncLimiter
 
 from ..config import LimitsConfig
-from ..errors import PermanentError, RateLimited
+from ..errors import PermanentError
+from ..models.headers import rate_windows
+
+log = logging.getLogger("pipeline")
 
 HEADROOM = 0.99  # share of a learned limit we use: estimate errors and arrival jitter stay under the server's
 LOW_REMAINING = 0.5  # pace from remaining/reset only below this share of the limit
@@ -255,10 +259,7 @@ class Slot:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        lim = self.limits
-        lim.gate.release()
-        if isinstance(exc, RateLimited) and exc.retry_after is None and self.permit is not None:
-            lim.decrease(self.permit.sent_at)  # no word on when: AIMD is all we have
+        self.limits.gate.release()
 
 
 class Limits:
@@ -308,6 +309,8 @@ class Limits:
             self._resume_at = now + seconds
             self._drain_on_resume = True
             self.pauses += 1
+            log.info("rate limited: pausing all requests for %.1fs", seconds,
+                     extra={"event": "rate_pause", "seconds": round(seconds, 3)})
 
     def stop(self) -> None:
         """Dispatch is over (run-fatal, budget, Ctrl-C): whoever waits on a limit goes now, to find
@@ -346,23 +349,16 @@ class Limits:
         """Learn the server's budget from OpenAI- or OpenRouter-style rate-limit headers (see module doc)."""
         if not self.cfg.adaptive or self.stopped:
             return
-        h = {k.lower(): v for k, v in headers.items() if k[:12].lower() == "x-ratelimit-"}
-        if not h:
-            return
-        for kind in ("requests", "tokens"):
-            limit = _number(h.get(f"x-ratelimit-limit-{kind}"))
-            if limit:
-                self._learn(kind, limit)
-            remaining = _number(h.get(f"x-ratelimit-remaining-{kind}"))
-            reset = parse_go_duration(h.get(f"x-ratelimit-reset-{kind}", ""))
-            if remaining is not None and reset:
-                self._pace_from(kind, remaining, reset, limit or self.learned.get(kind))
-        limit = _number(h.get("x-ratelimit-limit"))
-        reset_ms = _number(h.get("x-ratelimit-reset"))
-        if limit and reset_ms and 0 < reset_ms / 1000 - time.time() <= _MINUTE:
-            self._learn("requests", limit)  # OpenRouter reports resets in epoch milliseconds
+        for w in rate_windows(headers):
+            if w.limit:
+                self._learn(w.kind, w.limit, w.source)
+            if w.remaining is not None and w.reset_s:
+                self._pace_from(w.kind, w.remaining, w.reset_s, w.limit or self.learned.get(w.kind))
 
-    def _learn(self, kind: str, limit: float) -> None:
+    def _learn(self, kind: str, limit: float, source: str) -> None:
+        if self.learned.get(kind) != limit:
+            log.info("learned %s/min limit %g from %s headers", kind, limit, source,
+                     extra={"event": "limit_learned", "limit": f"{kind}_per_minute", "value": limit, "source": source})
         self.learned[kind] = limit
         target = limit * HEADROOM
         bucket = self.requests if kind == "requests" else self.tokens
@@ -399,27 +395,30 @@ class Limits:
         self._pacing = any(p.active for p in self._pacers.values())
 
 
-def _number(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
+class Limiter(Protocol):
+    """What the dispatcher needs of a limiter; `Limits` is the one-process implementation (a driver
+    on several machines injects one whose buckets are shared)."""
 
+    def slot(self, est_tokens: float) -> AbstractAsyncContextManager[Permit]:
+        """Wait for every limit, then hold a concurrency slot while the block runs."""
+        ...
 
-_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
-_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Learn from a reply's rate-limit headers."""
+        ...
 
+    def pause(self, seconds: float) -> None:
+        """The server said wait: nobody dispatches for `seconds`."""
+        ...
 
-def parse_go_duration(text: str) -> float | None:
-    """OpenAI reset headers: '1s', '6m0s', '12ms', '9.816s' -> seconds; None if not a Go duration."""
-    text = text.strip()
-    total, pos = 0.0, 0
-    for m in _GO_DURATION.finditer(text):
-        if m.start() != pos:
-            return None
-        pos = m.end()
-        total += float(m.group(1)) * _UNIT_S[m.group(2)]
-    return total if pos and pos == len(text) else None
+    def decrease(self, sent_at: float) -> None:
+        """A 429 with no word on when: cut concurrency (once per episode)."""
+        ...
+
+    def on_success(self) -> None:
+        """An answer arrived: room to grow concurrency back."""
+        ...
+
+    def stop(self) -> None:
+        """Dispatch is over: release every waiter."""
+        ...

@@ -28,9 +28,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 SCHEMA_VERSION = 2  # 2: tally + parts tables (a version-1 store is upgraded on open)
 
@@ -63,6 +63,23 @@ class Record:
     cache_hit: bool = False
     created_at: float = 0.0
     raw: bytes | None = None
+
+
+class AnswerStore(Protocol):
+    """Where the engine finds answers already paid for and puts new ones (see engines/core.py)."""
+
+    def lookup(self, keys: Collection[str]) -> dict[str, Record]:
+        """The answers to reuse for those of `keys` that have one (a resume, a shared cache)."""
+        ...
+
+    async def put(self, record: Record) -> None:
+        """Return once `record` is durable; it counts as done only then. Raises RunFatalError when
+        nothing more can be stored (a full disk)."""
+        ...
+
+    def note(self, name: str, value: str) -> None:
+        """Keep a small fact a later run starts from (the structured mode learned)."""
+        ...
 
 
 _COLUMNS = [f.name for f in fields(Record)]
@@ -110,7 +127,7 @@ class PartCounts:
 
     ok: int
     failed: int
-    transient: int
+    failed_transient: int
     request_failed: int
 
 
@@ -259,10 +276,10 @@ class Store:
 
     # -- the part index ------------------------------------------------------------------------------
 
-    def put_part(self, batch: int, *, ok: int, failed: int, transient: int, request_failed: int) -> None:
+    def put_part(self, batch: int, *, ok: int, failed: int, failed_transient: int, request_failed: int) -> None:
         """Record a finished batch (after its part files are in place); a later record replaces it."""
         self._db.execute("INSERT OR REPLACE INTO parts VALUES (?, ?, ?, ?, ?)",
-                         (batch, ok, failed, transient, request_failed))
+                         (batch, ok, failed, failed_transient, request_failed))
         self._dirty = True
 
     def parts(self) -> dict[int, PartCounts]:

@@ -53,7 +53,7 @@ def label_columns(cfg: Config, sender: Sender, outcomes: list[Record | RowFailur
 
     cols["error_class"] = pa.array([error_class(o) for o in outcomes], pa.string())
     cols["error_message"] = pa.array(
-        [None if error_class(o) is None else (o.message if o is not None else str(sender.dispatcher.fatal or "stopped"))
+        [None if error_class(o) is None else (o.message if o is not None else str(sender.core.fatal or "stopped"))
          for o in outcomes], pa.string())
     cols["request_key"] = pa.array([r.key if r else None for r in recs], pa.string())
     cols["prompt_tokens"] = pa.array([r.prompt_tokens if r else 0 for r in recs], pa.int64())
@@ -74,13 +74,12 @@ class LabelWorker:
         self.base_url, self.limiter, self.workers = base_url, limiter, workers
         self.api_key, self.schema = api_key, schema
         self.sender: Sender | None = None
-        self.renderer: Renderer | None = None
 
     async def __call__(self, table: pa.Table) -> pa.Table:
         if self.sender is None:
-            self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key)
-            self.renderer = Renderer(self.cfg, input_dir=None, columns=table.column_names)
-        assert self.renderer is not None
+            renderer = Renderer(self.cfg, input_dir=None, columns=table.column_names)
+            self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key,
+                                 renderer)
         clash = [c for c in table.column_names if c in ("output", "content", "error_class", "error_message",
                                                           "request_key", "prompt_tokens", "completion_tokens",
                                                           "cost_usd")]
@@ -91,8 +90,8 @@ class LabelWorker:
         ids = arrow_ids(table[id_col], ORIGIN, id_col) if id_col else [digest8(r).hex() for r in rows]
         batch = InputBatch(block_id(ids), rows, ids, [(ORIGIN, i) for i in range(len(rows))], [None] * len(rows),
                            pa.table({}))
-        outcomes, _ = await self.sender.answer(batch, self.renderer, retry_failed=False)
-        for name, arr in label_columns(self.cfg, self.sender, outcomes).items():
+        result, _ = await self.sender.answer(batch, retry_failed=False)
+        for name, arr in label_columns(self.cfg, self.sender, result.outcomes).items():
             table = table.append_column(name, arr)
         return table
 

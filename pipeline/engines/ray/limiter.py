@@ -163,7 +163,7 @@ class RayLimits(Limits):
         if seconds > 0:
             self.actor.pause_until.remote(time.time() + seconds)
 
-    def _learn(self, kind: str, limit: float) -> None:
+    def _learn(self, kind: str, limit: float, source: str) -> None:
         self.learned[kind] = limit
         self.actor.learn.remote(kind, limit)
         bucket = self.requests if kind == "requests" else self.tokens

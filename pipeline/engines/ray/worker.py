@@ -13,38 +13,69 @@ created lazily on the first call because the loop only exists inside the actor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import os
 import tempfile
 from collections import Counter
-from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from ...build.prompts import Renderer
 from ...build.structured import StructuredPlan, plan_for
 from ...config import Config
+from ...errors import RunFatalError
 from ...read import storage
 from ...read.reader import InputBatch, Source
-from ...send.dispatch import Dispatcher, Stopped
 from ...send.transport import HttpTransport
 from ...state.segments import Journal
 from ...state.store import Record
-from ...write.output import Layout, RowFailure, write_part
-from ..runner import render_batch
+from ...write.output import OutputColumns
+from ..core import Core, OutcomeBatch
 from .limiter import RayLimits
 
 RESULTS, FAILURES = "results.parquet", "failures.parquet"
+# The shard a Core task works for: set by the worker before it feeds the shard's batch to the core;
+# asyncio tasks copy it at creation, so lookups and commits of concurrent shards never mix.
+CURRENT_SHARD: contextvars.ContextVar[int] = contextvars.ContextVar("pipeline_ray_shard")
 
 
 def part_name(shard: int) -> str:
     return f"part-{shard:08d}.parquet"
 
 
-def make_layout(cfg: Config, plan: StructuredPlan | None) -> Layout:
-    return Layout(id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
-                  with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
-                  with_ttft=cfg.params.stream, compression=cfg.output.compression)
+def make_layout(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
+    return OutputColumns(id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
+                         with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
+                         with_ttft=cfg.params.stream, compression=cfg.output.compression)
+
+
+class JournalAnswers:
+    """The core's AnswerStore (engines/core.py) over the journal: per-shard lookups, durable puts."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.preloaded: dict[int, dict[str, Record]] = {}
+
+    def lookup(self, keys: Collection[str]) -> dict[str, Record]:
+        shard = CURRENT_SHARD.get()
+        known = self.preloaded.pop(shard, {})
+        for key in keys:
+            self.journal.route(key, shard)  # answers to the keys still to send are committed to this shard
+        return {k: known[k] for k in keys if k in known}
+
+    async def put(self, record: Record) -> None:
+        try:
+            await self.journal.put(record)
+        except OSError as exc:
+            raise RunFatalError(f"cannot commit answers to {self.journal.path}: {exc}; fix the storage, then "
+                                "re-run the same command to resume") from exc
+
+    def note(self, name: str, value: str) -> None:
+        self.journal.set_meta(name, value)
 
 
 class Secret:
@@ -66,10 +97,10 @@ class Secret:
 
 
 class Sender:
-    """What a worker holds for its lifetime: session, dispatcher, leased limits, journal writer."""
+    """What a worker holds for its lifetime: one session, one core, leased limits, the journal writer."""
 
     def __init__(self, cfg: Config, base_url: str, limiter: Any, workers: int, schema: dict[str, Any] | None,
-                 api_key: Secret) -> None:
+                 api_key: Secret, renderer: Renderer) -> None:
         self.cfg = cfg
         self.plan = plan_for(cfg, schema)
         self.limits = RayLimits(cfg.limits, limiter, workers)
@@ -81,44 +112,40 @@ class Sender:
             pool_size=self.limits.cfg.max_concurrency)
         self.journal = Journal(cfg.output.dir, cfg.output.storage_options,
                                interval_s=min(cfg.output.fsync_interval_s, 0.5))
-        self.dispatcher = Dispatcher(cfg, self.transport, self.journal, self.limits, self.plan)  # type: ignore[arg-type]
-        self.reported = Counter[str]()
+        self.answers = JournalAnswers(self.journal)
+        self.core = Core(cfg, renderer, self.plan, answers=self.answers, limiter=self.limits,
+                         transport=self.transport)
+        self.reported: Counter[str] = Counter()
+        self.reported_cost = 0.0
 
-    async def answer(self, batch: InputBatch, renderer: Renderer, retry_failed: bool
-                     ) -> tuple[list[Record | RowFailure | None], int]:
-        """Every row's outcome (None: stopped before an answer) and how many answers the journal had."""
-        outcomes, row_keys, jobs = render_batch(batch, renderer, self.plan, self.cfg.endpoint.base_url)
-        for key in jobs:
-            self.journal.route(key, batch.index)
+    async def answer(self, batch: InputBatch, retry_failed: bool) -> tuple[OutcomeBatch, int]:
+        """The core's outcome for one shard, and how many of its answers the journal already had."""
+        shard = batch.index
+        known = await asyncio.to_thread(self.journal.known, shard, retry_failed=retry_failed)
+        self.answers.preloaded[shard] = known
+        CURRENT_SHARD.set(shard)
+        result: OutcomeBatch | None = None
         try:
-            records = await asyncio.to_thread(self.journal.known, batch.index, retry_failed=retry_failed)
-            records = {k: r for k, r in records.items() if k in jobs}
-            reused = len(records)
-            todo = [job for key, job in jobs.items() if key not in records]
-            results = await asyncio.gather(*(self.dispatcher.submit(j) for j in todo), return_exceptions=True)
-            for job, res in zip(todo, results):
-                if isinstance(res, Record):
-                    records[job.key] = res
-                elif not isinstance(res, (Stopped, asyncio.CancelledError)):
-                    raise res  # a bug, not an outcome
+            async with contextlib.aclosing(self.core.outcomes([batch])) as stream:
+                async for out in stream:
+                    result = out
         finally:
-            self.journal.release(list(jobs), batch.index)
-        for i, key in enumerate(row_keys):
-            if key is not None and key in records:
-                outcomes[i] = records[key]
-        return outcomes, reused
+            self.answers.preloaded.pop(shard, None)
+            if result is not None:
+                self.journal.release([k for k in result.keys if k is not None], shard)
+        assert result is not None
+        reused = sum(1 for k in set(result.keys) if k in known)
+        return result, reused
 
     def stats_delta(self) -> dict[str, Any]:
         """What this worker did since its last report: sums stay right however shards interleave."""
-        s = self.dispatcher.stats
+        s = self.core.stats
         now = Counter({"requests": s.requests_sent, "prompt_tokens": s.prompt_tokens,
                        "completion_tokens": s.completion_tokens, "deduplicated": s.deduplicated,
                        **{f"retry_{k}": v for k, v in s.retries.items()}})
-        cost = s.cost_usd - self.reported.get("_cost", 0.0)
-        delta = {k: now[k] - self.reported.get(k, 0) for k in now}
-        self.reported.update({k: v for k, v in delta.items()})
-        self.reported["_cost"] = s.cost_usd  # type: ignore[assignment]
-        delta["cost_usd"] = cost
+        delta: dict[str, Any] = {k: now[k] - self.reported.get(k, 0) for k in now}
+        self.reported = now
+        delta["cost_usd"], self.reported_cost = s.cost_usd - self.reported_cost, s.cost_usd
         return delta
 
 
@@ -140,7 +167,8 @@ class ShardWorker:
 
     def _sender(self) -> Sender:
         if self.sender is None:  # on the actor's loop, on first use
-            self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key)
+            self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key,
+                                 self.renderer)
         return self.sender
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -149,33 +177,34 @@ class ShardWorker:
 
     async def _shard(self, shard: int) -> dict[str, Any]:
         sender = self._sender()
-        stop = sender.dispatcher.stop_reason
-        out: dict[str, Any] = {"shard": shard, "rows": 0, "ok": 0, "failed": 0, "pending": 0, "reused": 0,
-                               "stop": stop or "", "message": str(sender.dispatcher.fatal or "")}
+        core = sender.core
+        out: dict[str, Any] = {"shard": shard, "rows": 0, "ok": 0, "failed": 0, "pending": 0, "reused": 0}
         inp = await asyncio.to_thread(self._read, shard)
         out["rows"] = len(inp.rows)
-        if stop:
+        if core.stop_reason:  # this worker stopped (run-fatal): the shard stays to do
             out["pending"] = len(inp.rows)
         else:
-            outcomes, out["reused"] = await sender.answer(inp, self.renderer, self.retry_failed)
-            out["pending"] = sum(1 for o in outcomes if o is None)
-            if not out["pending"]:
-                out["ok"], out["failed"] = await asyncio.to_thread(self._publish, inp, outcomes, sender.plan)
-        out["stop"] = sender.dispatcher.stop_reason or ""
-        out["message"] = str(sender.dispatcher.fatal or "")
+            result, out["reused"] = await sender.answer(inp, self.retry_failed)
+            out["pending"] = sum(1 for o in result.outcomes if o is None)
+            if result.complete:
+                out["ok"], out["failed"] = await asyncio.to_thread(self._publish, result, sender.plan)
+        out["stop"] = core.stop_reason or ""
+        out["message"] = str(core.fatal or "")
         out.update(sender.stats_delta())
         return out
 
     def _read(self, shard: int) -> InputBatch:
         return next(self.source.batches(skip=lambda b: b != shard))
 
-    def _publish(self, inp: InputBatch, outcomes: list[Record | RowFailure | None],
-                 plan: StructuredPlan | None) -> tuple[int, int]:
+    def _publish(self, result: OutcomeBatch, plan: StructuredPlan | None) -> tuple[int, int]:
         """Both parts of a finished shard, failures first: a results part marks the shard done."""
-        tmp = Path(self._tmp)
-        ok, bad = write_part(tmp, inp.index, make_layout(self.cfg, plan), inp.carried, outcomes)
-        opts, root, name = self.cfg.output.storage_options, self.cfg.output.dir, part_name(inp.index)
-        for local, folder in ((f"{inp.index:08d}.f.parquet", FAILURES), (f"{inp.index:08d}.r.parquet", RESULTS)):
-            storage.put_file(str(tmp / local), storage.join(root, folder, name), opts)
-            os.unlink(tmp / local)
-        return ok, bad
+        columns = make_layout(self.cfg, plan)
+        results, failures = result.tables(columns)
+        opts, root, name = self.cfg.output.storage_options, self.cfg.output.dir, part_name(result.index)
+        compression = None if columns.compression == "none" else columns.compression
+        for table, folder in ((failures, FAILURES), (results, RESULTS)):
+            local = os.path.join(self._tmp, f"{folder}-{name}")
+            pq.write_table(table, local, compression=compression)
+            storage.put_file(local, storage.join(root, folder, name), opts)
+            os.unlink(local)
+        return results.num_rows, failures.num_rows
