@@ -77,12 +77,23 @@ def test_a_transient_error_is_retried_after_the_backoff(tmp_path: Path) -> None:
     assert fake.sent_at[1] - fake.sent_at[0] == pytest.approx(0.1 + expected, abs=1e-3)
 
 
-def test_a_429_with_retry_after_pauses_every_request(tmp_path: Path) -> None:
+def test_a_429_with_retry_after_pauses_every_request(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline")
     fake = scripted((429, {"error": {"message": "slow down", "code": 429}}, {"Retry-After": "5"}))
     d, records = dispatch(config(tmp_path, max_concurrency=1), fake, n=3)
     assert all(isinstance(r, Record) and r.state == "ok" for r in records)
     assert d.stats.retries == {"rate_limited": 1}
     assert all(t >= 5.0 for t in fake.sent_at[1:])  # nobody is sent during the server's pause
+    assert [r.seconds for r in caplog.records if getattr(r, "event", None) == "rate_pause"] == [5.0]
+
+
+def test_a_limit_learned_from_headers_is_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline")
+    headers = {"x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "119",
+               "x-ratelimit-reset-requests": "0.5s"}
+    dispatch(config(tmp_path), scripted(then=(*OK, headers)), n=3)
+    learned = [(r.limit, r.value, r.source) for r in caplog.records if getattr(r, "event", None) == "limit_learned"]
+    assert learned == [("requests_per_minute", 120.0, "openai")]
 
 
 def test_retries_run_out_into_a_transient_failure_record(tmp_path: Path) -> None:

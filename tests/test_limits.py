@@ -9,7 +9,8 @@ import pytest
 from pipeline.config import LimitsConfig
 from pipeline.errors import PermanentError, RateLimited
 from pipeline.models.headers import parse_go_duration
-from pipeline.send.limits import Gate, Limits
+from pipeline.send.buckets import Gate
+from pipeline.send.limits import Limits
 from pipeline.simulator.limits import go_duration
 from tests.vclock import run_virtual
 

@@ -33,7 +33,8 @@ from ..build.request import RequestBuilder
 from ..models.catalog import context_window, max_output_tokens
 from ..read.reader import InputBatch, Source
 from ..state.jobdir import JobDir, count_part
-from ..state.store import FINAL_STATES
+from ..state import migrations
+from ..state.store import FINAL_STATES, MIGRATIONS
 from ..build.structured import StructuredPlan, plan_for
 
 # Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
@@ -189,7 +190,9 @@ def _open_readonly(path: str) -> sqlite3.Connection | None:
     # Without a -wal file no run is writing, and `immutable` reads without creating -wal/-shm files;
     # with one, a run is live (or died): plain read-only mode sees its latest commits.
     mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
-    return sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+    db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+    migrations.refuse_newer(migrations.applied(db), MIGRATIONS, path)  # a newer store: not ours to read
+    return db
 
 
 def _meta(db: sqlite3.Connection, name: str) -> str | None:

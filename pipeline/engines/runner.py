@@ -25,7 +25,7 @@ from ..build.prompts import Renderer
 from ..build.structured import StructuredPlan, plan_for
 from ..config import Config, load_config
 from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
-from ..read.reader import Source
+from ..read.reader import InputBatch, Source
 from ..send.limits import Limits
 from ..send.stats import Stats
 from ..send.transport import HttpTransport, Transport
@@ -77,10 +77,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
                 plan.mode = mode  # an earlier run of this job already learned the model's structured mode
             cache = _open_cache(cfg, stack)
             base_url = await _endpoint_url(cfg, stack)
-            transport = transport or HttpTransport(
-                base_url, api_key, cfg.endpoint.request_headers(), timeout_s=cfg.endpoint.timeout_s,
-                read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
-                pool_size=cfg.limits.max_concurrency)
+            transport = transport or _http_transport(cfg, base_url, api_key)
             stats = Stats()
             spent_before = store.totals()["cost_usd"]
             drop_partial_parts(jobdir.parts)
@@ -92,11 +89,8 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             interrupt = interrupt or Interrupt()
             interrupt.attach(core, progress, cfg.run.grace_period_s, signals=handle_signals)
             try:
-                columns = _output_columns(cfg, plan)
-                batches = source.batches(skip=done.__contains__)
-                async with contextlib.aclosing(core.outcomes(batches)) as outcomes:
-                    async for out in outcomes:
-                        _write(out, jobdir.parts, columns, store)
+                await _drive(core, source.batches(skip=done.__contains__), jobdir.parts, _output_columns(cfg, plan),
+                             store)
             finally:
                 interrupt.detach()
                 progress.close()
@@ -141,6 +135,20 @@ async def _endpoint_url(cfg: Config, stack: contextlib.AsyncExitStack) -> str:
     url = await sim.start()
     stack.push_async_callback(sim.stop)
     return url
+
+
+def _http_transport(cfg: Config, base_url: str, api_key: str) -> HttpTransport:
+    return HttpTransport(
+        base_url, api_key, cfg.endpoint.request_headers(), timeout_s=cfg.endpoint.timeout_s,
+        read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
+        pool_size=cfg.limits.max_concurrency)
+
+
+async def _drive(core: Core, batches: Iterator[InputBatch], parts: Path, columns: OutputColumns, store: Store) -> None:
+    """The core's outcome batches into part files, as each batch is resolved."""
+    async with contextlib.aclosing(core.outcomes(batches)) as outcomes:
+        async for out in outcomes:
+            _write(out, parts, columns, store)
 
 
 def _output_columns(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:

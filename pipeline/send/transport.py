@@ -314,11 +314,14 @@ class _Assembler:
         return body
 
 
+_GARBLED = {"message": "the stream carried an event that is not JSON (cut off or garbled)", "code": "malformed"}
+
+
 def _loads(data: bytes, *, allow_text: bool = False) -> Any:
+    """An event's JSON; a garbled one stands for an error event (the classifier judges it)."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         if allow_text:
             return {"message": data.decode("utf-8", "replace")}
-        raise TransientError("the stream carried an event that is not JSON (cut off or garbled)",
-                             code="malformed") from None
+        return {"error": dict(_GARBLED)}
