@@ -72,7 +72,6 @@ class Journal:
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
         self.meta: dict[str, str] = {}
-        self.segments_written = 0
 
     def route(self, key: str, shard: int) -> None:
         """Answers to `key` belong to `shard` (several shards when rows repeat a prompt)."""
@@ -128,15 +127,9 @@ class Journal:
                 if not fut.done():
                     fut.set_exception(OSError(f"cannot commit {uri}: {exc}"))
             return
-        self.segments_written += 1
         for _, fut in items:
             if not fut.done():
                 fut.set_result(None)
-
-    async def close(self) -> None:
-        self._flush()
-        while self._flushing:
-            await asyncio.gather(*list(self._flushing), return_exceptions=True)
 
     def known(self, shard: int, *, retry_failed: bool = False) -> dict[str, Record]:
         """The final answers committed for this shard, by request key (an ok answer wins)."""

@@ -13,14 +13,14 @@ actor in one call, so the actor is asked a few times a second per worker, not on
   at its next lease or poll (`POLL_S`), and the actor's requests bucket restarts empty after it.
 - Rate-limit headers: a learned limit lowers the actor's bucket (for all workers); `remaining/reset`
   pacing is divided by the number of workers, since the headers describe the whole key's budget.
-- Token estimates settle locally against the real usage; a worker's leftover balance goes back to the
-  actor when it closes.
+- Token estimates settle locally against the real usage. A worker that ends holds at most one lease
+  (about LEASE_S of the job's rate) unspent: the job runs that much under its limit, never over.
 """
 from __future__ import annotations
 
 import asyncio
-import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ...config import LimitsConfig
@@ -33,13 +33,15 @@ POLL_S = 0.25   # how often an idle worker asks whether another worker was told 
 class LimiterActor:
     """Runs inside Ray as an async actor: every method call is a coroutine on the actor's loop."""
 
-    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float) -> None:
+    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock  # wall clock: workers run on other machines and loops (tests: a virtual one)
         self.buckets: dict[str, Bucket | None] = {
             "requests": Bucket(rpm, burst_s) if rpm else None,
             "tokens": Bucket(tpm, burst_s) if tpm else None,
         }
         self.burst_s = burst_s
-        self.resume_at = 0.0  # wall-clock epoch: workers run on other machines and loops
+        self.resume_at = 0.0
         self.granted = {"requests": 0.0, "tokens": 0.0}
         self.leases = 0
         self.pauses = 0
@@ -50,7 +52,7 @@ class LimiterActor:
 
     async def lease(self, kind: str, amount: float) -> tuple[float, float]:
         """(granted, resume_at): waits for the pause and the bucket; an unlimited kind grants at once."""
-        while (delay := self.resume_at - time.time()) > 0:
+        while (delay := self.resume_at - self.clock()) > 0:
             await asyncio.sleep(delay)
         bucket = self.buckets.get(kind)
         if bucket is not None:
@@ -76,11 +78,6 @@ class LimiterActor:
             self.buckets[kind] = Bucket(target, self.burst_s)
         elif target < bucket.per_minute:
             bucket.set_rate(target)
-
-    def refund(self, kind: str, amount: float) -> None:
-        bucket = self.buckets.get(kind)
-        if bucket is not None and amount > 0:
-            bucket.adjust(-amount)
 
     def state(self) -> dict[str, Any]:
         return {"resume_at": self.resume_at, "leases": self.leases, "pauses": self.pauses,
@@ -131,10 +128,10 @@ class LeasedBucket:
 class RayLimits(Limits):
     """The local Limits with leased buckets and a pause shared through the actor."""
 
-    def __init__(self, cfg: LimitsConfig, actor: Any, workers: int) -> None:
+    def __init__(self, cfg: LimitsConfig, actor: Any, workers: int, clock: Callable[[], float] = time.time) -> None:
         share = cfg.model_copy(update={"max_concurrency": max(1, cfg.max_concurrency // workers)})
         super().__init__(share)
-        self.actor, self.workers = actor, workers
+        self.actor, self.workers, self.clock = actor, workers, clock
         rpm, tpm = cfg.requests_per_minute, cfg.tokens_per_minute
         self.requests = LeasedBucket(self, "requests", rpm) if rpm else None  # type: ignore[assignment]
         self.tokens = LeasedBucket(self, "tokens", tpm) if tpm else None  # type: ignore[assignment]
@@ -154,14 +151,14 @@ class RayLimits(Limits):
 
     def saw(self, resume_at: float) -> None:
         """Another worker's pause, as the actor reported it."""
-        wait = resume_at - time.time()
+        wait = resume_at - self.clock()
         if wait > 0:
             super().pause(wait)
 
     def pause(self, seconds: float) -> None:
         super().pause(seconds)
         if seconds > 0:
-            self.actor.pause_until.remote(time.time() + seconds)
+            self.actor.pause_until.remote(self.clock() + seconds)
 
     def _learn(self, kind: str, limit: float, source: str) -> None:
         self.learned[kind] = limit
@@ -180,12 +177,3 @@ class RayLimits(Limits):
         # The headers count the whole key's budget; this worker is one of `workers` spending it.
         share = limit / self.workers if limit else limit
         super()._pace_from(kind, remaining / self.workers, reset_s, share)
-
-    async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-        for bucket in (self.requests, self.tokens):
-            if isinstance(bucket, LeasedBucket) and not bucket._open and bucket.balance > 0:
-                if math.isfinite(bucket.balance):
-                    self.actor.refund.remote(bucket.kind, bucket.balance)
-                bucket.balance = 0.0

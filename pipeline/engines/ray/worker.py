@@ -68,6 +68,8 @@ class JournalAnswers:
         return {k: known[k] for k in keys if k in known}
 
     async def put(self, record: Record) -> None:
+        if record.key not in self.journal.routes:  # a re-shaped request (structured-mode fallback): new key
+            self.journal.route(record.key, CURRENT_SHARD.get())
         try:
             await self.journal.put(record)
         except OSError as exc:
