@@ -54,3 +54,17 @@ def test_label_adds_typed_columns_and_reuses_the_journal(tmp_path: Path, ray_loc
     again = pa.concat_tables(ray.get(pray.label(ray.data.from_items(rows), cfg).to_arrow_refs()))
     assert again.column("request_key").to_pylist() == table.column("request_key").to_pylist()
     assert len(list((tmp_path / "label" / "_journal").rglob("*.parquet"))) == len(journal)  # nothing paid again
+
+
+def test_ray_is_imported_only_by_the_ray_engine(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    from .conftest import REPO
+    code = ("import sys, pipeline, pipeline.cli, pipeline.ray, pipeline.engines.runner\n"
+            "from pipeline.read import storage\n"
+            "assert 'ray' not in sys.modules, 'ray imported'\n"
+            "pipeline.run(" + repr(job(tmp_path, rows=3)) + ", quiet=True)\n"
+            "assert 'ray' not in sys.modules, 'ray imported by the local engine'\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]

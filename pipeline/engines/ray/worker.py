@@ -31,7 +31,7 @@ from ...errors import RunFatalError
 from ...read import storage
 from ...read.reader import InputBatch, Source
 from ...send.transport import HttpTransport
-from ...state.segments import Journal
+from ...state.segments import COMMIT_S, Journal
 from ...state.store import Record
 from ...write.output import OutputColumns
 from ..core import Core, OutcomeBatch
@@ -112,8 +112,10 @@ class Sender:
             base_url, api_key.reveal(), cfg.endpoint.request_headers(), timeout_s=cfg.endpoint.timeout_s,
             read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
             pool_size=self.limits.cfg.max_concurrency)
+        # Flush early when half this worker's slots wait for a commit: waiting longer only idles them.
         self.journal = Journal(cfg.output.dir, cfg.output.storage_options,
-                               interval_s=min(cfg.output.fsync_interval_s, 0.5))
+                               interval_s=min(cfg.output.fsync_interval_s, COMMIT_S),
+                               max_records=max(1, self.limits.cfg.max_concurrency // 2))
         self.answers = JournalAnswers(self.journal)
         self.core = Core(cfg, renderer, self.plan, answers=self.answers, limiter=self.limits,
                          transport=self.transport)
