@@ -68,3 +68,13 @@ def test_ray_is_imported_only_by_the_ray_engine(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_run_fatal_answer_stops_with_exit_3_and_resumes(tmp_path: Path, ray_local: Any) -> None:
+    cfg = job(tmp_path, rows=20, input={"batch_size": 10}, run={"engine": "ray", "workers": 2},
+              sim={"fault_plan": [{"requests": "1-", "fault": "401"}]})
+    stopped = pipeline.run(cfg, quiet=True)
+    assert stopped.exit_code == 3 and stopped.stopped == "fatal" and stopped.pending == 20
+    assert "re-run" in stopped.next_step or "resume" in stopped.next_step
+    cfg["endpoint"]["simulator"] = {}
+    assert pipeline.run(cfg, quiet=True).succeeded == 20  # the same job resumes once the key works

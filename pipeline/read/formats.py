@@ -190,10 +190,10 @@ class ParquetReader:
 
 def resolve(cfg: InputConfig) -> list[File]:
     path, forced = cfg.path, (None if cfg.format == "auto" else cfg.format)
-    sizes: dict[str, int] | None = None  # object storage: what the listing said
+    listed: dict[str, int] | None = None  # object storage: size per URI, as the listing said
     if storage.is_remote(path):
-        listed, explicit = storage.expand(path, cfg.storage_options)
-        matched, sizes = [u for u, _ in listed], dict(listed)
+        found, explicit = storage.expand(path, cfg.storage_options)
+        matched, listed = [u for u, _ in found], dict(found)
         problem = f"no {_SUPPORTED} files {'match this pattern' if explicit else 'in this folder'}"
     elif os.path.isfile(path):
         matched, explicit = [path], True
@@ -212,15 +212,15 @@ def resolve(cfg: InputConfig) -> list[File]:
         ext = os.path.splitext(p)[1].lower()
         # A forced format applies to whatever a path or pattern names; in a folder it picks the extensions.
         kind = (forced if explicit or ext in _FORCED_EXTENSIONS[forced] else None) if forced else _EXTENSIONS.get(ext)
-        if kind and (sizes is not None or os.path.isfile(p)):
-            files.append(File(p, kind, options=cfg.storage_options if sizes is not None else None))
+        if kind and (listed is not None or os.path.isfile(p)):
+            files.append(File(p, kind, options=cfg.storage_options if listed is not None else None))
     if not files:
         seen = ", ".join(os.path.basename(p) for p in matched[:5]) if matched != [path] else ""
         raise InputError(problem + (f"; found only {seen}" if seen else ""), file=path)
-    if all((sizes[f.path] if sizes is not None else os.path.getsize(f.path)) == 0 for f in files):
+    if all((listed[f.path] if listed is not None else os.path.getsize(f.path)) == 0 for f in files):
         raise InputError("the input is empty", file=path)
     names = [os.path.basename(f.path) for f in files]
-    if len(set(names)) < len(names) and sizes is not None:  # object keys: the part below the common prefix
+    if len(set(names)) < len(names) and listed is not None:  # object keys: the part below the common prefix
         root = os.path.commonpath([f.path.split("://", 1)[1] for f in files])
         names = [os.path.relpath(f.path.split("://", 1)[1], root) for f in files]
     elif len(set(names)) < len(names):  # bad-row ids must stay unique across same-named files

@@ -14,18 +14,20 @@ import hashlib
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pyarrow.parquet as pq
 
 from ...config import Config
-from ...errors import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, ConfigError, JobChangedError
+from ...errors import ConfigError, JobChangedError, RunFatalError
 from ...read import storage
 from ...read.reader import Source
 from ...send.dispatch import Stats
 from ...state.jobdir import resume_command
 from ..progress import Progress
+from ..runner import _finish as finish
 from .limiter import LimiterActor
 from .worker import FAILURES, RESULTS, Secret, ShardWorker
 
@@ -159,7 +161,10 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
         resumed_rows=resumed + rows["reused"], config_fingerprint=cfg.request_fingerprint(),
         versions={"ray": ray.__version__},
     )
-    _finish(summary, stop, message, command)
+    # The local driver's verdict (exit code, next step), from what the workers reported.
+    fatal = RunFatalError(message) if stop in ("fatal", "budget") else None
+    finish(summary, SimpleNamespace(stop_reason=stop or None, fatal=fatal), command,
+           resume_command(config_path or cfg.source, overrides, retry_failed=True))
     storage.write_bytes(storage.join(cfg.output.dir, "summary.json"), summary.to_json(), cfg.output.storage_options)
     return summary
 
@@ -200,16 +205,3 @@ def _previous_summary(cfg: Config) -> dict[str, Any]:
         return orjson.loads(storage.read_bytes(storage.join(cfg.output.dir, "summary.json"), cfg.output.storage_options))
     except (FileNotFoundError, OSError, orjson.JSONDecodeError):
         return {}
-
-
-def _finish(summary: Any, stop: str, message: str, command: str) -> None:
-    if stop:
-        summary.stopped, summary.exit_code, summary.stop_message = stop, EXIT_STOPPED, message
-        summary.next_step = f"resume with: {command}"
-    elif summary.pending:
-        summary.stopped, summary.exit_code = "incomplete", EXIT_STOPPED
-        summary.next_step = f"some rows have no answer yet; resume with: {command}"
-    else:
-        summary.exit_code = EXIT_FAILED_ROWS if summary.failed else EXIT_OK
-        if summary.failed:
-            summary.next_step = "see failures.parquet/ (one file per shard)"
