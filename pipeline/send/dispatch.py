@@ -119,19 +119,19 @@ class Dispatcher:
     async def _attempt(self, flight: _Flight) -> Record | Decision:
         """One attempt inside a concurrency slot: a committed record, or what to do next."""
         try:
-            return await self._in_slot(flight)
-        except PermanentError as exc:  # the limiter refused it before sending: larger than a minute's tokens
+            slot = self.limits.slot(flight.request.est_prompt + (flight.request.max_tokens or 0))
+        except PermanentError as exc:  # larger than a minute's tokens: it can never be sent
             return await self._failed(exc, flight, None)
-
-    async def _in_slot(self, flight: _Flight) -> Record | Decision:
-        async with self.limits.slot(flight.request.est_prompt + (flight.request.max_tokens or 0)) as permit:
+        async with slot as permit:
             if self.stop_reason:
                 raise Stopped()
             if self.plan is not None and flight.request.mode != self.plan.mode:
                 # Queued before a structured-mode fallback: send it the way the run asks now.
                 flight.request = self.builder.reshape(flight.request)
             req = flight.request
-            reserved = await self._reserve(max_cost(req.est_prompt, req.max_tokens, self.cfg, req.n_images))
+            reserved = 0.0
+            if self.budget.cap is not None:
+                reserved = await self._reserve(max_cost(req.est_prompt, req.max_tokens, self.cfg, req.n_images))
             try:
                 flight.tries.attempts += 1
                 self.stats.sent()

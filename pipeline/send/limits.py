@@ -86,11 +86,6 @@ class Slot:
 
     async def __aenter__(self) -> Permit:
         lim, est = self.limits, self.est
-        if lim.tokens is not None and est > lim.tokens.per_minute:
-            raise PermanentError(
-                f"this request needs about {int(est)} tokens, more than limits.tokens_per_minute "
-                f"({int(lim.tokens.per_minute)}); lower params.max_tokens or shorten the prompt"
-            )
         await lim.gate.acquire()
         try:
             if lim._resume_at:
@@ -134,7 +129,14 @@ class Limits:
         self.learned: dict[str, float] = {}
 
     def slot(self, est_tokens: float) -> Slot:
-        """Wait for every limit, then hold a concurrency slot for the duration of one attempt."""
+        """Wait for every limit, then hold a concurrency slot for the duration of one attempt.
+
+        Raises PermanentError at once for a request that could never fit a minute's tokens."""
+        if self.tokens is not None and est_tokens > self.tokens.per_minute:
+            raise PermanentError(
+                f"this request needs about {int(est_tokens)} tokens, more than limits.tokens_per_minute "
+                f"({int(self.tokens.per_minute)}); lower params.max_tokens or shorten the prompt"
+            )
         return Slot(self, est_tokens)
 
     # -- server-ordered pauses and AIMD ------------------------------------------------------------
@@ -252,7 +254,8 @@ class Limiter(Protocol):
     on several machines injects one whose buckets are shared)."""
 
     def slot(self, est_tokens: float) -> AbstractAsyncContextManager[Permit]:
-        """Wait for every limit, then hold a concurrency slot while the block runs."""
+        """Wait for every limit, then hold a concurrency slot while the block runs (PermanentError at
+        once when the request can never fit)."""
         ...
 
     def observe(self, headers: Mapping[str, str]) -> None:
