@@ -3,7 +3,7 @@
 Plan: the driver scans the input once (the same reader, ids and checks as the local engine), cuts it
 into shards of `input.batch_size` rows (the local engine's batches), skips the shards whose results
 part is already published, and maps the rest through `run.workers` ShardWorker actors
-(`map_batches(..., concurrency=workers)`, one shard per call). Limits are shared through one limiter
+(`map_batches(..., compute=ActorPoolStrategy(size=workers))`, one shard per call). Limits are shared through one limiter
 actor; answers go to the journal in output.dir (state/segments.py); parts are published per shard.
 The driver owns no answer: killing it loses nothing committed, and the same command resumes.
 Layout, commit protocol and loss bound: docs/ray.md.

@@ -2,9 +2,9 @@
 
 A shard is one input batch of the local engine (`input.batch_size` rows, the same index, ids and
 request keys), read here through the same reader (local paths or s3:// / gs://). Per shard: render,
-look up the shard's committed answers in the journal, send only what is missing through one
-Dispatcher (the same limits, retry and classification code as the local engine), commit every answer
-to the journal before it counts, then publish the shard's results and failures parts, each complete
+look up the shard's committed answers in the journal, send only what is missing through the actor's
+`engines.core.Core` (the same build, limits, retry and classification code as the local engine), commit
+every answer to the journal before it counts, then publish the shard's results and failures parts, each complete
 or absent. Row-level failures are rows in the failures part; only a bug raises out of `__call__`.
 
 The actor keeps one event loop (Ray's, for async actors) and ONE aiohttp session for its lifetime,
@@ -154,13 +154,15 @@ class Sender:
 
 
 class ShardWorker:
-    """`ds.map_batches(ShardWorker, fn_constructor_kwargs=..., concurrency=run.workers)` over shard indices."""
+    """`ds.map_batches(ShardWorker, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=run.workers))`
+    over shard indices."""
 
     def __init__(self, cfg_json: str, source: Source, base_url: str, limiter: Any, workers: int,
                  retry_failed: bool, api_key: Secret, schema: dict[str, Any] | None = None,
                  input_dir: str | None = None, columns: list[str] | None = None) -> None:
-        from ...config import load_config
         import orjson
+
+        from ...config import load_config
         self.cfg = load_config(orjson.loads(cfg_json))
         self.source, self.base_url, self.workers = source, base_url, workers
         self.limiter, self.retry_failed, self.schema = limiter, retry_failed, schema
