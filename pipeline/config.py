@@ -42,6 +42,12 @@ class InputConfig(Section):
         None, ge=1, description="Only the first N rows (`--limit N`): a cheap trial; outputs and resume are those "
                                 "of a job over these rows. Not part of the job's identity.",
     )
+    # -- object storage (pipeline/read/storage.py) --
+    storage_options: dict[str, Union[str, int, float, bool]] = Field(
+        default_factory=dict,
+        description="For s3:// and gs:// paths: pyarrow S3FileSystem/GcsFileSystem arguments (region, "
+                    "endpoint_override, access_key, ...) over the standard environment and config chain.",
+    )
 
 
 class EndpointConfig(Section):
@@ -224,6 +230,12 @@ class OutputConfig(Section):
         None, description="Write the job's figures here in the Prometheus text format (node_exporter's textfile "
                           "collector), atomically, every 30 s during a run and at its end.",
     )
+    # -- object storage (pipeline/read/storage.py) --
+    publish: str | None = Field(
+        None, description="An s3:// or gs:// folder: the local engine copies results.parquet, failures.parquet "
+                          "and summary.json there at the end, each file complete or not at all.")
+    storage_options: dict[str, Union[str, int, float, bool]] = Field(
+        default_factory=dict, description="Filesystem arguments for output.publish and an object-store output.dir.")
 
 
 class NotifyConfig(Section):
@@ -247,9 +259,17 @@ class CacheConfig(Section):
 
 
 class Price(Section):
-    input_per_m: float = Field(ge=0)
-    output_per_m: float = Field(ge=0)
-    per_image: float = Field(0.0, ge=0)
+    """A model's price in USD, overriding the genai-prices library (pipeline/models/prices.py)."""
+
+    input_per_m: float = Field(ge=0, description="Per million prompt tokens.")
+    output_per_m: float = Field(ge=0, description="Per million completion tokens.")
+    per_image: float = Field(0.0, ge=0, description="Per input image, for providers that bill images apart.")
+    cached_input_per_m: float | None = Field(
+        None, ge=0, description="Per million cached prompt tokens (usage.prompt_tokens_details); absent: input_per_m.")
+    batch_input_per_m: float | None = Field(
+        None, ge=0, description="Batch API price per million prompt tokens; absent: half of input_per_m.")
+    batch_output_per_m: float | None = Field(
+        None, ge=0, description="Batch API price per million completion tokens; absent: half of output_per_m.")
 
 
 class RunConfig(Section):
@@ -260,16 +280,11 @@ class RunConfig(Section):
                                          "this often instead of a redrawn bar.",
     )
 
-
-BUILTIN_PRICES: dict[str, Price] = {
-    "openai/gpt-4-turbo": Price(input_per_m=10, output_per_m=30),
-    "gpt-4-turbo": Price(input_per_m=10, output_per_m=30),
-    "gpt-4-turbo-2024-04-09": Price(input_per_m=10, output_per_m=30),
-    "openai/gpt-4o": Price(input_per_m=2.5, output_per_m=10),
-    "gpt-4o": Price(input_per_m=2.5, output_per_m=10),
-    "openai/gpt-4o-mini": Price(input_per_m=0.15, output_per_m=0.6),
-    "gpt-4o-mini": Price(input_per_m=0.15, output_per_m=0.6),
-}
+    # -- the Ray engine (pipeline/engines/ray/) --
+    engine: Literal["local", "ray"] = Field("local", description="local: one process; ray: Ray Data actors.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); default: start a local instance.")
+    workers: int = Field(4, ge=1, le=4096, description="Ray engine: actors sending requests (limits are shared).")
 
 
 class Config(Section):
@@ -282,7 +297,8 @@ class Config(Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     output: OutputConfig
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    prices: dict[str, Price] = Field(default_factory=dict, description="Model -> price; adds to built-ins.")
+    prices: dict[str, Price] = Field(
+        default_factory=dict, description="Model -> price; overrides the genai-prices library's table.")
     run: RunConfig = Field(default_factory=RunConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
@@ -308,9 +324,6 @@ class Config(Section):
                 file=self.source,
             )
         return key
-
-    def price(self, model: str) -> Price | None:
-        return self.prices.get(model) or BUILTIN_PRICES.get(model)
 
     def request_config(self) -> dict[str, Any]:
         """Everything that shapes what is asked: the job's identity, as plain JSON. The input is data (it may
@@ -373,12 +386,12 @@ def _check_budget_price(cfg: Config) -> None:
     """A budget is only enforceable when the worst case of a request in flight can be priced."""
     if cfg.budget.max_cost_usd is None:
         return
+    from .models.prices import find_price, missing_price_hint  # the library loads only when a budget is set
+
     for model in [cfg.endpoint.model, *(cfg.params.models or [])]:
-        if cfg.price(model) is None:
-            raise ConfigError(
-                f"needs a price for {model!r} to count requests in flight at their maximum "
-                f"cost; add prices: {{{model!r}: {{input_per_m: ..., output_per_m: ...}}}} (USD per million tokens)",
-                key="budget.max_cost_usd", file=cfg.source)
+        if find_price(cfg, model) is None:
+            raise ConfigError(f"needs a price for {model!r} to count requests in flight at their maximum cost; "
+                              + missing_price_hint(model), key="budget.max_cost_usd", file=cfg.source)
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
@@ -465,8 +478,10 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         expanded = os.path.expanduser(p)
         return os.path.normpath(expanded if os.path.isabs(expanded) else str(base / expanded))
 
-    cfg.input.path = resolve(cfg.input.path)
-    cfg.output.dir = resolve(cfg.output.dir)
+    if "://" not in cfg.input.path:  # object-store URIs are absolute already
+        cfg.input.path = resolve(cfg.input.path)
+    if "://" not in cfg.output.dir:
+        cfg.output.dir = resolve(cfg.output.dir)
     if cfg.output.metrics_file:
         cfg.output.metrics_file = resolve(cfg.output.metrics_file)
     if cfg.cache.dir:

@@ -20,6 +20,7 @@ import gc
 import logging
 import os
 import platform
+import sqlite3
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -28,6 +29,7 @@ from typing import Any
 
 from ..build.prompts import Renderer
 from ..build.structured import StructuredPlan, plan_for
+from ..build.tokens import CALIBRATION_META, counter_for
 from ..config import Config, load_config
 from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, InputChangedError
 from ..ops.invocation import Invocation
@@ -41,7 +43,8 @@ from ..state.answers import LocalAnswers
 from ..state.jobdir import JobDir, part_context, part_names, part_number, resume_command
 from ..state.store import PartCounts, Record, Store
 from ..write.output import OutputColumns, Summary, drop_partial_parts, failure_counts, merge_parts, \
-    output_ids, write_json_atomic, write_part
+    output_ids, write_part
+from ..write.publish import check_local_output, publish_outputs
 from .core import Core, OutcomeBatch
 from .interrupt import Interrupt
 from .progress import Live, Progress
@@ -60,6 +63,12 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     and failed ones included, is one record in output.dir/history.jsonl (ops/invocation.py)."""
     if schema is not None:  # into the config, so the job fingerprint covers the schema actually asked for
         cfg = load_config(cfg, {"structured.schema": schema})
+    if cfg.run.engine == "ray":  # the same job on Ray actors (engines/ray/); Ray is imported only here
+        from .ray import run_ray
+        return await asyncio.to_thread(run_ray, cfg, retry_failed=retry_failed, force_new=force_new,
+                                       schema=schema, quiet=quiet, config_path=config_path or cfg.source,
+                                       overrides=overrides)
+    check_local_output(cfg)
     invocation = Invocation(cfg)
     try:
         summary = await _run_job(cfg, invocation, schema, retry_failed=retry_failed, force_new=force_new,
@@ -97,6 +106,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
             jobdir.bind_store(store, manifest)
             if plan is not None and (mode := store.get_meta("structured_mode")):
                 plan.mode = mode  # an earlier run of this job already learned the model's structured mode
+            renderer.tokens = counter_for(cfg.endpoint.model, store.get_meta(CALIBRATION_META))
             cache = _open_cache(cfg, stack)
             base_url = await _endpoint_url(cfg, stack)
             transport = ObservedTransport(transport or _http_transport(cfg, base_url, api_key), invocation.tally)
@@ -125,12 +135,13 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
                 interrupt.detach()
                 await transport.close()
                 progress.close()
+                _save_calibration(store, renderer, cfg.endpoint.model)
             store.sync()
             summary = _summary(cfg, jobdir, store, core, plan, scan.rows, reused, started, names, source, rows,
                                progress)
             summary = dataclasses.replace(summary, **invocation.stamp())
             _finish(summary, core, *commands)
-            write_json_atomic(jobdir.path / "summary.json", summary.to_json())
+            publish_outputs(cfg, jobdir.path, summary)
             return summary
     finally:
         jobdir.unlock()
@@ -178,6 +189,15 @@ class _RowCount:
                 self.new += 1
             else:
                 self.reused += 1
+
+
+def _save_calibration(store: Store, renderer: Renderer, model: str) -> None:
+    """What this run learned about the model's prompt tokens, for the next run and the dry run. Only a
+    hint: a store that cannot take it (disk full) must not hide why the run ended."""
+    try:
+        store.set_meta(CALIBRATION_META, renderer.tokens.learned.to_json(model))
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("could not keep the prompt-token calibration: %s", exc)
 
 
 @contextlib.contextmanager

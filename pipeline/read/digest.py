@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 
-from ..errors import InputChangedError
+from ..errors import InputChangedError, InputError
+from . import storage
 from .formats import File, open_binary
 
 
@@ -43,24 +44,28 @@ class BatchHash:
         return self.h.digest()
 
 
-def stamp(path: str) -> tuple[int, int, int]:
-    st = os.stat(path)
+def stamp(f: File) -> tuple[int, int, int]:
+    """(size, mtime_ns, inode); an object in s3:// or gs:// has no inode (0)."""
+    if storage.is_remote(f.path):
+        size, mtime_ns = storage.stat(f.path, f.options)
+        return size, mtime_ns, 0
+    st = os.stat(f.path)
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def check_stamp(f: File) -> None:
     try:
-        now = stamp(f.path)
-    except OSError:
+        now: tuple[int, int, int] | None = stamp(f)
+    except (OSError, InputError):
         now = None
     if now != f.stamp:
         raise InputChangedError(f.path, "its size, modification time or inode changed")
 
 
-def file_hash(path: str) -> bytes:
+def file_hash(f: File) -> bytes:
     """A Parquet file's content hash (its rows are hashed as a whole: files are written whole)."""
     h = hashlib.blake2b(digest_size=16)
-    with open_binary(path) as fh:
+    with open_binary(f.path, f.options) as fh:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
     return h.digest()

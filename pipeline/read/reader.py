@@ -50,6 +50,7 @@ from .formats import (
     open_binary,
     parquet_ids,
     PQ_CHUNK,
+    parquet_file,
     parse,
     resolve,
 )
@@ -134,7 +135,7 @@ class Source:
                     for old in readers.values():
                         old.close()
                     readers.clear()
-                    readers[fi] = JsonlReader(f.path) if f.kind == "jsonl" else ParquetReader(f)
+                    readers[fi] = JsonlReader(f.path, f.options) if f.kind == "jsonl" else ParquetReader(f)
                     check_stamp(f)
                 rd, last = readers[fi], f
                 check.file(f)
@@ -218,7 +219,7 @@ class _Index:
         cfg = self.cfg
         for f in self.files:
             self.starts.append(self.total)
-            f.stamp = stamp(f.path)
+            f.stamp = stamp(f)
             self._jsonl(f) if f.kind == "jsonl" else self._parquet(f)
             check_stamp(f)  # the scan's counts and ids must come from one version of the file
         if self.total == 0:
@@ -271,7 +272,7 @@ class _Index:
         cur = self.hashes[-1] if self.total % bs else None
         if cur is not None:
             cur.file(f)  # a batch that began in the previous file goes on in this one
-        with open_binary(f.path) as fh:
+        with open_binary(f.path, f.options) as fh:
             for raw in fh:
                 line += 1
                 offset += len(raw)
@@ -337,7 +338,7 @@ class _Index:
         self._hash_parquet(f)
         first = len(self.keys)
         if id_col is None:
-            with pq.ParquetFile(f.path) as pf:
+            with parquet_file(f) as pf:
                 for batch in pf.iter_batches(batch_size=PQ_CHUNK):
                     self.keys.extend(int.from_bytes(digest8(r), "big") for r in batch.to_pylist())
         else:
@@ -348,7 +349,7 @@ class _Index:
 
     def _hash_parquet(self, f: File) -> None:
         """Feed the file's batches' digests: its content hash and each batch's row range in it."""
-        f.content_hash = file_hash(f.path)
+        f.content_hash = file_hash(f)
         start, bs = self.total, self.cfg.batch_size
         if start % bs and f.rows:
             self.hashes[-1].file(f)
@@ -371,7 +372,7 @@ class _Index:
                 found = ((f"row {i}", s) for row, ids in parquet_ids(f, id_col) for i, s in enumerate(ids, row))
             else:
                 found = ((f"line {line}", f"{f.name}:{line}" if isinstance(obj, str) else
-                          json_id(obj[id_col], f.path, line, id_col)) for line, obj in jsonl_objects(f.path))
+                          json_id(obj[id_col], f.path, line, id_col)) for line, obj in jsonl_objects(f.path, f.options))
             for place, s in islice(found, f.rows):  # rows past input.limit are not part of the input
                 if hash(s) & _MASK in candidates:
                     where.setdefault(s, []).append(f"{f.path} {place}")
