@@ -103,6 +103,11 @@ class PromptConfig(Section):
     images: list[str] = Field(default_factory=list, description="Columns holding images (URL, path, bytes, list).")
     image_detail: Literal["auto", "low", "high"] = "auto"
     image_max_side: int | None = Field(None, ge=16, description="Downscale local images to this longest side.")
+    image_roots: list[str] = Field(
+        default_factory=list,
+        description="More folders local image paths may resolve into (relative to the config file); the input "
+                    "file's folder is always allowed, anything else in a row is refused.",
+    )
 
     @model_validator(mode="after")
     def _has_prompt(self) -> "PromptConfig":
@@ -288,7 +293,7 @@ class Config(Section):
         keep = {
             "input": self.input.model_dump(exclude={"batch_size"}),
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
-            "prompt": self.prompt.model_dump(),
+            "prompt": self.prompt.model_dump(exclude={"image_roots"}),  # where files may be read, not what is asked
             "params": self.params.model_dump(exclude_none=True),
             "structured": self.structured.model_dump(by_alias=True) if self.structured else None,
         }
@@ -336,6 +341,9 @@ def load_config(
         raise ConfigError(_explain(exc, raw), file=name) from None
     _resolve_paths(cfg, base)
     _check_budget_price(cfg)
+    from .build.templates import check_prompt  # compiled before any input is read or anything is sent
+
+    check_prompt(cfg.prompt, name)
     return cfg
 
 
@@ -439,6 +447,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     cfg.output.dir = resolve(cfg.output.dir)
     if cfg.cache.dir:
         cfg.cache.dir = resolve(cfg.cache.dir)
+    cfg.prompt.image_roots = [resolve(r) for r in cfg.prompt.image_roots]
     if cfg.structured and isinstance(cfg.structured.schema_, str):
         # Load the file now so the job fingerprint covers the schema's content, not its path.
         path = Path(resolve(cfg.structured.schema_))
