@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -40,6 +41,21 @@ class InputConfig(Section):
     )
 
 
+# HTTP header names are RFC 9110 tokens: no whitespace, no separators, no CR/LF.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_CREDENTIAL_HEADER = re.compile(r"authorization|api[-_]?key|token|secret|password|cookie", re.IGNORECASE)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_header(name: str, value: str) -> None:
+    """What HTTP allows: a token for the name; no CR, LF or NUL in the value (header injection)."""
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"{name!r} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only; "
+                         "no spaces or line breaks)")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"the value of header {name!r} holds a line break or NUL, which HTTP does not allow")
+
+
 class EndpointConfig(Section):
     base_url: str = Field("https://openrouter.ai/api/v1", description="API root, or 'simulator'.")
     model: str = Field("openai/gpt-4-turbo", min_length=1)
@@ -61,19 +77,64 @@ class EndpointConfig(Section):
             raise ValueError("must be an http(s) URL such as https://openrouter.ai/api/v1, or 'simulator'")
         return v.rstrip("/")
 
+    secret_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Header name -> environment variable holding its value (e.g. {api-key: AZURE_OPENAI_KEY}); "
+                    "the values never enter a file, the manifest or the job fingerprint, and are scrubbed from "
+                    "everything the server sends back.",
+    )
+
     @field_validator("headers")
     @classmethod
-    def _no_auth_header(cls, v: dict[str, str]) -> dict[str, str]:
-        # The key must only ever come from the environment, never from a file that gets committed.
-        if any(k.lower() == "authorization" for k in v):
-            raise ValueError("do not put Authorization here; set the key in the env var named by endpoint.api_key_env")
+    def _plain_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            # A credential here would be written wherever the config or the resume command goes.
+            if name.strip().lower() == "authorization":
+                raise ValueError("do not put Authorization here; set the key in the env var named by "
+                                 "endpoint.api_key_env")
+            if _CREDENTIAL_HEADER.search(name):
+                raise ValueError(f"{name!r} looks like a credential: do not put it in headers; give it from the "
+                                 f"environment with endpoint.secret_headers: {{{name.strip()}: ENV_VAR_NAME}}")
+            _check_header(name, value)
         return v
+
+    @field_validator("secret_headers")
+    @classmethod
+    def _secret_headers(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        plain = {k.lower() for k in info.data.get("headers") or {}}
+        for name, env in v.items():
+            _check_header(name, "")
+            if name.lower() == "authorization":
+                raise ValueError("the Authorization header is built from endpoint.api_key_env; set that instead")
+            if name.lower() in plain:
+                raise ValueError(f"{name!r} is also in endpoint.headers; set it in one place")
+            if not _ENV_NAME.match(env):
+                raise ValueError(f"{name}: give the NAME of an environment variable (letters, digits, _), "
+                                 f"not the value")
+        return v
+
+    def secret_header_values(self, file: str | None = None) -> dict[str, str]:
+        """The secret headers' values from the environment; ConfigError naming the key when one is missing."""
+        from .send import redact
+
+        out: dict[str, str] = {}
+        for name, env in self.secret_headers.items():
+            value = os.environ.get(env, "")
+            if not value.strip():
+                raise ConfigError(f"the environment variable {env} is not set (export {env}=...)",
+                                  key=f"endpoint.secret_headers.{name}", file=file)
+            if "\r" in value or "\n" in value or "\0" in value:
+                raise ConfigError(f"the value of {env} holds a line break or NUL, which no HTTP header may",
+                                  key=f"endpoint.secret_headers.{name}", file=file)
+            out[name] = redact.register(value.strip())
+        return out
 
     @field_validator("app_url", "app_title")
     @classmethod
     def _app_headers_agree(cls, v: str | None, info: ValidationInfo) -> str | None:
         # A field validator (headers is declared first) so the error names endpoint.app_url / app_title.
         names = ("HTTP-Referer",) if info.field_name == "app_url" else ("X-OpenRouter-Title", "X-Title")
+        _check_header(names[0], v or "")
         given = {k.lower(): val for k, val in (info.data.get("headers") or {}).items()}
         for name in names:
             if v is not None and given.get(name.lower(), v) != v:
@@ -90,10 +151,12 @@ class EndpointConfig(Section):
             out["X-Title"] = self.app_title
         return out
 
-    def request_headers(self) -> dict[str, str]:
-        """Headers sent with every request: app attribution, then `headers` (which win on case)."""
+    def request_headers(self, file: str | None = None) -> dict[str, str]:
+        """Headers sent with every request: app attribution, then `headers` (which win on case), then the
+        secret headers read from the environment now."""
         given = {k.lower() for k in self.headers}
-        return {**{k: v for k, v in self._app_headers().items() if k.lower() not in given}, **self.headers}
+        return {**{k: v for k, v in self._app_headers().items() if k.lower() not in given}, **self.headers,
+                **self.secret_header_values(file)}
 
 
 class PromptConfig(Section):
@@ -273,8 +336,11 @@ class Config(Section):
 
     def api_key(self) -> str:
         """The key from the environment; a clear error (never the value) when it is missing."""
+        from .send import redact
+
         if self.endpoint.base_url == "simulator":
-            return os.environ.get(self.endpoint.api_key_env) or "sk-simulator"
+            self.endpoint.secret_header_values(self.source)
+            return redact.register(os.environ.get(self.endpoint.api_key_env) or "sk-simulator")
         key = os.environ.get(self.endpoint.api_key_env, "").strip()
         if not key:
             raise ConfigError(
@@ -283,7 +349,8 @@ class Config(Section):
                 key="endpoint.api_key_env",
                 file=self.source,
             )
-        return key
+        self.endpoint.secret_header_values(self.source)  # every secret the run needs, checked at start
+        return redact.register(key)
 
     def price(self, model: str) -> Price | None:
         return self.prices.get(model) or BUILTIN_PRICES.get(model)
@@ -407,7 +474,9 @@ def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
             lines.append(f"{dotted}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{dotted}: {msg} (got {_short(err.get('input'))})")
+            # Header values may be credentials: never echo them into a message.
+            got = "" if dotted.startswith("endpoint.headers") else f" (got {_short(err.get('input'))})"
+            lines.append(f"{dotted}: {msg}{got}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

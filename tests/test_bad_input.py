@@ -194,7 +194,7 @@ CASES: dict[str, Case] = {
                                              params={"from_columns": {"max_tokens": "mt"}}),
                                   1, "column 'mt' gives max_tokens='many'; it must be an integer", "failures"),
     "image file missing": Case(image_rows("pics/gone.png"), 1, "image file not found", "failures"),
-    "image unreadable": Case(image_rows("pics/a-folder.png"), 1, "cannot read image file", "failures"),
+    "image unreadable": Case(image_rows("pics/a-folder.png"), 1, "is not a regular file", "failures"),
     "image over 20 MB": Case(image_rows("pics/huge.png"), 1, "over the 20 MB per-image limit", "failures"),
     "image of an unsupported type": Case(image_rows("pics/notes.png"), 1, "not a supported image", "failures"),
     "image data URL malformed": Case(image_rows("data:text/plain,hello"), 1,

@@ -161,7 +161,7 @@ def test_template_payloads_fail_the_row_in_the_sandbox(name: str, dry: bool, tmp
     ("prompt.user", "{{ text | no_such_filter }}", "no filter named 'no_such_filter'"),
     ("prompt.system", "{% if false %}{{ x | nope }}{% endif %}", "no filter named 'nope'"),
     ("prompt.user", "{% if text is nothing_like_this %}x{% endif %}", "no test named"),
-    ("prompt.user", "{{ text ", "template error on line 1"),
+    ("prompt.user", "{{ text ", "template syntax error on line 1"),
 ])
 def test_bad_templates_are_config_errors_before_anything_is_read(key: str, template: str, says: str,
                                                                  tmp_path: Path,

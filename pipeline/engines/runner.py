@@ -223,7 +223,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             sim = Simulator(SimConfig(**cfg.endpoint.simulator))
             base_url = await sim.start()
         transport = transport or HttpTransport(
-            base_url, api_key, cfg.endpoint.request_headers(), timeout_s=cfg.endpoint.timeout_s,
+            base_url, api_key, cfg.endpoint.request_headers(cfg.source), timeout_s=cfg.endpoint.timeout_s,
             read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
             pool_size=cfg.limits.max_concurrency,
         )

@@ -7,7 +7,8 @@ the time to the first content, refusal, reasoning or tool-call token (not to the
 keep-alive comment). A stream that carries an error event or stops without a finish_reason or [DONE]
 raises `TransientError` (a 429 in it `RateLimited`): the answer is incomplete and a retry may succeed.
 Network failures become `TransientError`; a redirect or a TLS failure is run-fatal (it will not get
-better and the key must not follow a redirect to another host).
+better and the key must not follow a redirect to another host). Every body and error message leaves
+this seam scrubbed of secret values (redact.py): a server that echoes the key cannot put it anywhere.
 
 Tests and benchmarks replace this class with anything that has the same `send`/`close` (a fake, or
 the real class pointed at the simulator on loopback).
@@ -24,7 +25,8 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from ..errors import RateLimited, RunFatalError, TransientError
+from ..errors import RateLimited, RequestError, RunFatalError, TransientError
+from . import redact
 
 _SSE_ACCEPT = {"Accept": "text/event-stream"}
 
@@ -57,6 +59,7 @@ class HttpTransport:
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        redact.register(self.api_key)
         self.url = self.base_url.rstrip("/") + "/chat/completions"
         self._headers = {
             **self.headers,
@@ -79,6 +82,15 @@ class HttpTransport:
         return self._session
 
     async def send(self, payload: bytes, *, stream: bool = False) -> Reply:
+        """Network text enters here: the body and every error message leave scrubbed of secrets."""
+        try:
+            reply = await self._send(payload, stream=stream)
+        except RequestError as exc:
+            raise redact.scrub_error(exc) from None
+        reply.body = redact.scrub_bytes(reply.body)
+        return reply
+
+    async def _send(self, payload: bytes, *, stream: bool) -> Reply:
         session = self._open()
         loop = asyncio.get_running_loop()
         start = loop.time()

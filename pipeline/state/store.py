@@ -32,6 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..send import redact
+
 SCHEMA_VERSION = 2  # 2: tally + parts tables (a version-1 store is upgraded on open)
 
 # States a resume does not request again; `--retry-failed` narrows this to "ok" only.
@@ -196,6 +198,9 @@ class Store:
         for r in records:
             if not r.created_at:
                 r.created_at = now
+            if redact.active():  # network text kept on disk: never a secret, whatever path it came by
+                r.message, r.content = redact.scrub_any(r.message), redact.scrub_any(r.content)
+                r.raw = redact.scrub_any(r.raw)
             rows.append(tuple(getattr(r, c) for c in _COLUMNS))
         self._db.execute("BEGIN")
         try:

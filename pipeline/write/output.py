@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..build.schema import arrow_type, to_arrow
+from ..send import redact
 from ..state.store import Record
 
 PART_RE = re.compile(r"^(\d{8})\.r\.parquet$")
@@ -156,9 +157,9 @@ def _failures_table(carried: pa.Table, outcomes: list[Record | RowFailure], layo
     cols = {
         "error_class": pa.array([o.error_class for o in outcomes], pa.string()),
         "status": pa.array([get(o, "status") for o in outcomes], pa.int64()),
-        "message": pa.array([o.message for o in outcomes], pa.string()),
+        "message": pa.array([redact.scrub_any(o.message) for o in outcomes], pa.string()),
         "attempts": pa.array([get(o, "attempts") or 0 for o in outcomes], pa.int64()),
-        "content": pa.array([get(o, "content") for o in outcomes], pa.string()),
+        "content": pa.array([redact.scrub_any(get(o, "content")) for o in outcomes], pa.string()),
         "cost_usd": pa.array([get(o, "cost_usd") or 0.0 for o in outcomes], pa.float64()),
         "request_key": pa.array([get(o, "key") for o in outcomes], pa.string()),
     }
@@ -251,7 +252,7 @@ class Summary:
     versions: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+        return redact.scrub_bytes(orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2))
 
 
 def write_json_atomic(path: Path, data: bytes) -> None:
