@@ -56,6 +56,10 @@ def _check_header(name: str, value: str) -> None:
         raise ValueError(f"the value of header {name!r} holds a line break or NUL, which HTTP does not allow")
 
 
+def _header_safe(value: str) -> bool:
+    return all(" " <= c <= "~" or c == "\t" for c in value)
+
+
 class EndpointConfig(Section):
     base_url: str = Field("https://openrouter.ai/api/v1", description="API root, or 'simulator'.")
     model: str = Field("openai/gpt-4-turbo", min_length=1)
@@ -123,9 +127,9 @@ class EndpointConfig(Section):
             if not value.strip():
                 raise ConfigError(f"the environment variable {env} is not set (export {env}=...)",
                                   key=f"endpoint.secret_headers.{name}", file=file)
-            if "\r" in value or "\n" in value or "\0" in value:
-                raise ConfigError(f"the value of {env} holds a line break or NUL, which no HTTP header may",
-                                  key=f"endpoint.secret_headers.{name}", file=file)
+            if not _header_safe(value.strip()):
+                raise ConfigError(f"the value of {env} holds a line break or a character an HTTP header cannot "
+                                  "carry (printable ASCII only)", key=f"endpoint.secret_headers.{name}", file=file)
             out[name] = redact.register(value.strip())
         return out
 
@@ -349,6 +353,10 @@ class Config(Section):
                 key="endpoint.api_key_env",
                 file=self.source,
             )
+        if not _header_safe(key):
+            raise ConfigError(f"the value of {self.endpoint.api_key_env} holds a line break or a character an "
+                              "HTTP header cannot carry (printable ASCII only)", key="endpoint.api_key_env",
+                              file=self.source)
         self.endpoint.secret_header_values(self.source)  # every secret the run needs, checked at start
         return redact.register(key)
 
