@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shlex
 import socket
 import time
@@ -34,9 +35,11 @@ from ..config import Config
 from ..errors import JobChangedError, StoreLockedError, UsageError
 from ..write.output import done_parts, write_json_atomic
 from ..read.reader import InputScan
+from . import safefs
 from .store import PartCounts, Store
 
 MANIFEST_VERSION = 1
+_TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")  # safefs.temp_name
 
 
 class JobDir:
@@ -51,17 +54,19 @@ class JobDir:
 
     def lock(self) -> None:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.parts.mkdir(exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_bytes(b"")
+            self.path.mkdir(parents=True, exist_ok=True)  # output.dir itself may be a link; nothing inside may
+            safefs.ensure_dir(self.parts)
+            probe = safefs.temp_name(self.path / ".write-test")
+            os.close(safefs.open_new(probe))
             probe.unlink()
+        except safefs.UnsafePathError:
+            raise
         except OSError as exc:
             raise UsageError(
                 f"output.dir {self.path} is not writable ({exc.strerror}); choose another folder with "
                 "--set output.dir=..."
             ) from None
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = safefs.open_regular(self.path / ".lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -74,6 +79,10 @@ class JobDir:
         os.ftruncate(fd, 0)
         os.write(fd, orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
         self._lock_fd = fd
+        for folder in (self.path, self.parts):  # temporary files a killed run left behind (ours: we hold the lock)
+            for name in os.listdir(folder):
+                if _TEMP_RE.match(name):
+                    os.unlink(folder / name)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -189,13 +198,13 @@ class JobDir:
 
     def _move_aside(self) -> None:
         aside = self.path / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir()
+        aside.mkdir()  # fails on anything already there, a planted link included
         for name in ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm", "parts", "manifest.json",
                      "results.parquet", "failures.parquet", "summary.json"):
             src = self.path / name
             if src.exists():
                 os.replace(src, aside / name)
-        self.parts.mkdir(exist_ok=True)
+        safefs.ensure_dir(self.parts)
 
 
 def _read_owner(fd: int) -> str:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..send import redact
+from . import safefs
 
 SCHEMA_VERSION = 2  # 2: tally + parts tables (a version-1 store is upgraded on open)
 
@@ -120,6 +121,10 @@ class Store:
     def __init__(self, path: str, *, fsync_interval_s: float = 1.0, readonly: bool = False) -> None:
         self.path = path
         self._readonly = readonly
+        if not readonly:
+            # SQLite opens by path and follows links: refuse any planted at the store or its side files.
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                safefs.check_not_link(path + suffix)
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         # check_same_thread=False: the fsync thread only touches the WAL file, never this connection.
         self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)

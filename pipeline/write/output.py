@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..build.schema import arrow_type, to_arrow
 from ..send import redact
+from ..state import safefs
 from ..state.store import Record
 
 PART_RE = re.compile(r"^(\d{8})\.r\.parquet$")
@@ -95,9 +96,12 @@ def drop_partial_parts(parts_dir: Path) -> None:
 
 
 def done_parts(parts_dir: Path) -> set[int]:
+    """Finished batches: their results part is a regular file (a link planted in parts/ counts for nothing)."""
     if not parts_dir.is_dir():
         return set()
-    return {int(m.group(1)) for name in os.listdir(parts_dir) if (m := PART_RE.match(name))}
+    with os.scandir(parts_dir) as entries:
+        return {int(m.group(1)) for e in entries
+                if (m := PART_RE.match(e.name)) and e.is_file(follow_symlinks=False)}
 
 
 def _rename_carried(carried: pa.Table, layout: Layout) -> pa.Table:
@@ -173,11 +177,8 @@ def _failures_table(carried: pa.Table, outcomes: list[Record | RowFailure], layo
 
 
 def _atomic_parquet(table: pa.Table, path: Path, compression: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression=None if compression == "none" else compression)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with safefs.atomic_writer(path) as fh:  # never through a link planted in the output folder
+        pq.write_table(table, fh, compression=None if compression == "none" else compression)
 
 
 def merge_parts(parts_dir: Path, out_dir: Path, compression: str) -> tuple[int, int]:
@@ -197,17 +198,14 @@ def _concat(files: list[Path], dest: Path, compression: str) -> int:
         return 0
     schemas = [pq.read_schema(f) for f in files]
     schema = pa.unify_schemas(schemas, promote_options="permissive")
-    tmp = dest.with_name(dest.name + ".tmp")
     rows = 0
-    with pq.ParquetWriter(tmp, schema, compression=None if compression == "none" else compression) as writer:
+    with safefs.atomic_writer(dest) as fh, \
+            pq.ParquetWriter(fh, schema, compression=None if compression == "none" else compression) as writer:
         for f in files:
             table = pq.read_table(f)
             if table.num_rows:
                 writer.write_table(_conform(table, schema))
                 rows += table.num_rows
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, dest)
     return rows
 
 
@@ -256,12 +254,7 @@ class Summary:
 
 
 def write_json_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    safefs.write_atomic(path, data)
 
 
 def failure_counts(out_dir: Path) -> dict[str, int]:
