@@ -18,6 +18,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from . import yaml_loader
 from .errors import ConfigError
 
 StructuredMode = Literal["auto", "json_schema", "json_object", "tool"]
@@ -26,7 +27,8 @@ IMAGE_BATCH_SIZE = 64
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # allow_inf_nan=False: an infinite backoff or rate is never meant, and one silently hung a run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class InputConfig(Section):
@@ -402,7 +404,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError("config file not found (give the path to a .yaml file)", file=name)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            raw = yaml_loader.load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"not valid YAML: {exc}", file=name) from None
         if not isinstance(raw, dict):
@@ -410,6 +412,7 @@ def load_config(
         base = path.resolve().parent
     for key, value in _normalise_overrides(overrides).items():
         _set_dotted(raw, key, value, name)
+    yaml_loader.check_shape(raw, name)  # before validation and the fingerprint walk it recursively
     try:
         cfg = Config.model_validate({**raw, "source": name})
     except ValidationError as exc:
@@ -449,7 +452,7 @@ def _normalise_overrides(overrides: Union[list[str], dict[str, Any], None]) -> d
         if not sep or not key.strip():
             raise ConfigError(f"--set takes KEY=VALUE with a dotted key (e.g. output.dir=/tmp/x), got {item!r}")
         try:
-            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+            out[key.strip()] = yaml_loader.load(text) if text.strip() else ""
         except yaml.YAMLError:
             out[key.strip()] = text
     return out
@@ -532,9 +535,16 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
             loaded = orjson.loads(path.read_bytes())
         except FileNotFoundError:
             raise ConfigError(f"schema file {path} not found", key="structured.schema", file=cfg.source) from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a folder; give the path to a JSON Schema file (.json)",
+                              key="structured.schema", file=cfg.source) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read schema file {path}: {exc.strerror or exc}", key="structured.schema",
+                              file=cfg.source) from None
         except orjson.JSONDecodeError as exc:
             raise ConfigError(f"schema file {path} is not valid JSON: {exc}", key="structured.schema",
                               file=cfg.source) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"schema file {path} must hold a JSON object", key="structured.schema", file=cfg.source)
+        yaml_loader.check_shape(loaded, cfg.source, "structured.schema")
         cfg.structured.schema_ = loaded

@@ -30,6 +30,7 @@ EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
+EXIT_INTERNAL = 70  # a bug: the store is consistent; re-run after the fix (diagnosis.report_internal)
 EXIT_INTERRUPTED = 130
 
 

@@ -180,6 +180,37 @@ class ParquetReader:
         self.pf.close()
 
 
+# What JobDir creates first (state/jobdir.py): a folder holding these is a job's output folder.
+_JOB_MARKERS = ("store.sqlite", "manifest.json", ".lock")
+
+
+def is_job_dir(folder: str) -> bool:
+    """A pipeline output folder: parts/ beside a store, manifest or lock (a --force-new `previous-*` too)."""
+    return os.path.isdir(os.path.join(folder, "parts")) and any(
+        os.path.lexists(os.path.join(folder, m)) for m in _JOB_MARKERS)
+
+
+def _outside_job_dirs(matched: list[str], pattern: str) -> list[str]:
+    """Files a folder or glob matched, minus those inside any job's output folder.
+
+    Our own outputs (results.parquet, parts/) under the input folder or a recursive glob would otherwise be
+    read back as input on the next run. Only folders below the pattern's fixed part are judged, so an
+    input folder that happens to sit inside a job folder is not emptied. A file named explicitly is
+    never filtered: reading another job's results.parquet on purpose is fine."""
+    fixed = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+    root = os.path.abspath(fixed if os.path.isdir(fixed) else os.path.dirname(fixed) or ".")
+    verdict: dict[str, bool] = {}
+
+    def inside_job(folder: str) -> bool:
+        if folder not in verdict:
+            parent = os.path.dirname(folder)
+            below_root = folder != root and parent != folder and folder.startswith(root)
+            verdict[folder] = is_job_dir(folder) or (below_root and inside_job(parent))
+        return verdict[folder]
+
+    return [p for p in matched if not inside_job(os.path.dirname(os.path.abspath(p)))]
+
+
 def resolve(cfg: InputConfig) -> list[File]:
     path, forced = cfg.path, (None if cfg.format == "auto" else cfg.format)
     if os.path.isfile(path):
@@ -194,6 +225,11 @@ def resolve(cfg: InputConfig) -> list[File]:
     else:
         raise InputError("input file or folder not found (input.path is resolved against the config's folder)",
                          file=path)
+    if not os.path.isfile(path):
+        kept = _outside_job_dirs(matched, path)
+        if len(kept) < len(matched):
+            problem += " (files inside pipeline output folders are never read as input)"
+        matched = kept
     files = []
     for p in matched:
         ext = os.path.splitext(p)[1].lower()

@@ -24,6 +24,7 @@ Two small tables keep start-up and `pipeline status` independent of the job's si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
@@ -32,8 +33,19 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..errors import UsageError
 from ..send import redact
 from . import safefs
+
+class StoreDamagedError(UsageError):
+    """store.sqlite cannot be read as a database: it must be set aside by hand (the message says how)."""
+
+
+def damaged_store_message(store: str, detail: str) -> str:
+    return (f"the answer store {store} is damaged ({detail}); set it aside and start the job's store afresh: "
+            f"mv {store} {store}.damaged (and any {store}-wal / -shm beside it), then re-run; rows whose answers "
+            "were in it are asked again")
+
 
 SCHEMA_VERSION = 2  # 2: tally + parts tables (a version-1 store is upgraded on open)
 
@@ -129,12 +141,18 @@ class Store:
         # check_same_thread=False: the fsync thread only touches the WAL file, never this connection.
         self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
         if not readonly:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL: commits append to the WAL without fsync (the OS has the data); we fsync on a timer.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            # A REPLACE must fire the delete trigger for the row it replaces, or the tally double-counts.
-            self._db.execute("PRAGMA recursive_triggers=ON")
-            self._create_schema()
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL: commits append to the WAL without fsync (the OS has the data); we fsync on a timer.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                # A REPLACE must fire the delete trigger for the row it replaces, or the tally double-counts.
+                self._db.execute("PRAGMA recursive_triggers=ON")
+                self._create_schema()
+            except sqlite3.DatabaseError as exc:
+                self._db.close()
+                if "malformed" in str(exc) or "not a database" in str(exc):
+                    raise StoreDamagedError(damaged_store_message(path, str(exc))) from None
+                raise
         self._pending: list[tuple[Record, asyncio.Future[None]]] = []
         self._flush_scheduled = False
         self._dirty = False
@@ -212,7 +230,11 @@ class Store:
             self._db.executemany(_INSERT, rows)
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # On a full disk SQLite has already rolled back; a failing ROLLBACK ("cannot rollback - no
+            # transaction is active") must not hide the error that says what happened.
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
             raise
         self._dirty = True
 
