@@ -80,7 +80,8 @@ def report_internal(exc: BaseException, out_dir: str | None) -> int:
             f"python {platform.python_version()} on {platform.platform()}\n"
             f"argv: {redact.scrub(' '.join(sys.argv))}\n\n{text}")
     path = _write_report(body.encode(), out_dir)
-    log.error("internal error", extra={"event": "internal_error", "traceback": text})
+    # For pipeline.log (the event contract); at DEBUG so the console shows only the one line printed below.
+    log.debug("internal error: traceback in %s", path, extra={"event": "internal_error", "traceback": text})
     detail = redact.scrub(f"{type(exc).__name__}: {exc}")[:300]
     print(f"internal error (a bug, exit 70): {detail}; the traceback is in {path}. Answers received so far "
           "are kept; please report it, and re-run the same command after the fix to resume.", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 - A key given twice in one mapping is refused, naming the key and both lines (safe_load keeps the last
   one, so a job would quietly run with a setting its author did not see).
-- Aliases are limited (MAX_ALIASES): a "billion laughs" document that nests aliases of aliases is
-  refused while it is composed, before anything expands it.
+- Aliases are limited (MAX_ALIASES), and so is the size the document would expand to through them
+  (MAX_NODES): a "billion laughs" document that nests aliases of aliases is refused once composed,
+  before anything expands it.
 - A structure deeper than MAX_DEPTH, or one that contains itself (`&a [*a]`), is refused before
   validation or the job fingerprint walk it recursively.
 """
@@ -12,11 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from yaml.nodes import MappingNode, Node
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 from .errors import ConfigError
 
 MAX_ALIASES = 100
+MAX_NODES = 200_000
 MAX_DEPTH = 64
 
 
@@ -36,6 +38,12 @@ class StrictLoader(yaml.SafeLoader):
                                      "few, and this many is how an alias bomb looks: write the values out")
         return super().compose_node(parent, index)  # type: ignore[no-any-return]
 
+    def get_single_node(self) -> Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
@@ -49,6 +57,43 @@ class StrictLoader(yaml.SafeLoader):
                 continue
             seen[key] = line
         return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+
+def _check_expansion(root: Node) -> None:
+    """Refuse a document whose aliases would expand it past MAX_NODES, before anything expands it.
+
+    An alias is the same node object as its anchor, so the composed graph stays small while its
+    expansion (what validation, copying and hashing walk) can be exponential. Sizes are memoised per
+    node, so this costs one visit per distinct node; a node reached from itself is refused too."""
+    size: dict[int, int] = {}
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        children = _children(node)
+        if done:
+            open_nodes.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            if size[id(node)] > MAX_NODES:
+                raise yaml.YAMLError(f"the document expands to more than {MAX_NODES:,} values through its aliases "
+                                     f"(line {node.start_mark.line + 1}); this is how an alias bomb looks")
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in open_nodes:
+            raise yaml.YAMLError(f"a value contains itself (line {node.start_mark.line + 1}: an alias inside its "
+                                 "own anchor); write it out")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+
+
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    return []
 
 
 def load(text: str) -> Any:

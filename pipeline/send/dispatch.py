@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import random
 import sqlite3
 from collections import Counter
@@ -17,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from .. import diagnosis
 from ..config import Config
 from ..errors import (
     BadContentError,
@@ -237,8 +239,9 @@ class Dispatcher:
             await self.store.put(record)
         except (OSError, sqlite3.Error) as exc:
             # Disk full or an I/O error: nothing more can be recorded. Stop; what is committed stays.
-            self._fatal(RunFatalError(f"cannot write to {self.store.path}: {exc}; free disk space (or fix the "
-                                      "error), then re-run the same command to resume"))
+            known = diagnosis.explain(exc, os.path.dirname(self.store.path))
+            self._fatal(RunFatalError(known[0] if known else f"cannot write to {self.store.path}: {exc}; fix the "
+                                      "error, then re-run the same command to resume"))
             raise Stopped() from None
 
     def _reshape(self, job: Job, max_tokens: int | None) -> tuple[bytes, str]:
