@@ -182,6 +182,7 @@ class ParquetReader:
 
 # What JobDir creates first (state/jobdir.py): a folder holding these is a job's output folder.
 _JOB_MARKERS = ("store.sqlite", "manifest.json", ".lock")
+_JOB_OUTPUTS = frozenset({"results.parquet", "failures.parquet", "summary.json", "manifest.json"})
 
 
 def is_job_dir(folder: str) -> bool:
@@ -191,24 +192,36 @@ def is_job_dir(folder: str) -> bool:
 
 
 def _outside_job_dirs(matched: list[str], pattern: str) -> list[str]:
-    """Files a folder or glob matched, minus those inside any job's output folder.
+    """Files a folder or glob matched, minus those a job's output folder holds.
 
     Our own outputs (results.parquet, parts/) under the input folder or a recursive glob would otherwise be
-    read back as input on the next run. Only folders below the pattern's fixed part are judged, so an
-    input folder that happens to sit inside a job folder is not emptied. A file named explicitly is
-    never filtered: reading another job's results.parquet on purpose is fine."""
+    read back as input on the next run. A job folder below the pattern's fixed part is skipped whole; when
+    the input folder is itself a job's output.dir, only the job's own files are (its outputs, parts/ and
+    previous-*/), so the input beside them is still read. A file named explicitly is never filtered:
+    reading another job's results.parquet on purpose is fine."""
     fixed = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
     root = os.path.abspath(fixed if os.path.isdir(fixed) else os.path.dirname(fixed) or ".")
+    root_is_job = is_job_dir(root)
     verdict: dict[str, bool] = {}
 
-    def inside_job(folder: str) -> bool:
+    def below_job(folder: str) -> bool:  # folder is strictly below root
         if folder not in verdict:
             parent = os.path.dirname(folder)
-            below_root = folder != root and parent != folder and folder.startswith(root)
-            verdict[folder] = is_job_dir(folder) or (below_root and inside_job(parent))
+            if parent == root:
+                own = root_is_job and (os.path.basename(folder) == "parts" or
+                                       os.path.basename(folder).startswith("previous-"))
+                verdict[folder] = own or is_job_dir(folder)
+            else:
+                verdict[folder] = is_job_dir(folder) or (parent != folder and below_job(parent))
         return verdict[folder]
 
-    return [p for p in matched if not inside_job(os.path.dirname(os.path.abspath(p)))]
+    def skip(p: str) -> bool:
+        folder = os.path.dirname(os.path.abspath(p))
+        if folder == root:
+            return root_is_job and os.path.basename(p) in _JOB_OUTPUTS
+        return folder.startswith(root + os.sep) and below_job(folder)
+
+    return [p for p in matched if not skip(p)]
 
 
 def resolve(cfg: InputConfig) -> list[File]:
