@@ -179,7 +179,8 @@ class ImageEncoder:
                                 "(the input file's folder, and prompt.image_roots); move the image there or "
                                 "add its folder to prompt.image_roots")
         limit = MAX_SOURCE_BYTES if self.max_side else MAX_IMAGE_BYTES
-        return self._from_bytes(read_regular_file(full, path, limit), what=_short(path))
+        # Inside the roots, naming the resolved file helps and reveals nothing the row may not read anyway.
+        return self._from_bytes(read_regular_file(full, full, limit), what=full)
 
     def _from_data_url(self, url: str) -> EncodedImage:
         header, sep, payload = url.partition(",")
