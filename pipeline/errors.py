@@ -5,7 +5,9 @@
     │   ├── ConfigError         names the config key and file
     │   ├── InputError          names the input file and row or line
     │   ├── JobChangedError     the output dir holds answers to a different job
-    │   └── StoreLockedError    another runner owns the output dir
+    │   ├── StoreLockedError    another runner owns the output dir
+    │   ├── StoreDamagedError   store.sqlite is not a readable database: set it aside (the message says how)
+    │   └── UnsafePathError     a link (or a non-plain file) where the runner would write in the output dir
     ├── RowError                one input row cannot become a request (a failure row, the run goes on)
     ├── RequestError            what one attempt of one request ended in
     │   ├── TransientError      retry with jittered backoff (408, 5xx, timeouts, resets, 200-with-error)
@@ -17,7 +19,8 @@
         ├── CreditsError        402, 429 insufficient_quota and the spend-limit codes
         └── BudgetExceeded      budget.max_cost_usd would be exceeded
 
-Every error carries typed fields and a message that says what to do next. No message may ever contain
+Anything else that escapes a command is a bug: exit 70 (EXIT_INTERNAL), traceback in a file
+(diagnosis.py). Every error carries typed fields and a message that says what to do next. No message may ever contain
 the API key: errors are built from status codes and response bodies, never from request headers.
 """
 from __future__ import annotations
@@ -81,6 +84,14 @@ class JobChangedError(UsageError):
 
 class StoreLockedError(UsageError):
     """Another live process is writing the same output directory."""
+
+
+class StoreDamagedError(UsageError):
+    """store.sqlite cannot be read as a database: it must be set aside by hand (the message says how)."""
+
+
+class UnsafePathError(UsageError):
+    """Something in the output folder is a link (or otherwise not ours to write); nothing was written."""
 
 
 class RowError(PipelineError):

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import Config
-from ..errors import JobChangedError, StoreLockedError, UsageError
+from ..errors import JobChangedError, StoreLockedError, UnsafePathError, UsageError
 from ..write.output import done_parts, write_json_atomic
 from ..read.reader import InputScan
 from . import safefs
@@ -59,7 +59,7 @@ class JobDir:
             probe = safefs.temp_name(self.path / ".write-test")
             os.close(safefs.open_new(probe))
             probe.unlink()
-        except safefs.UnsafePathError:
+        except UnsafePathError:
             raise
         except OSError as exc:
             raise UsageError(

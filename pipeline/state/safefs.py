@@ -25,14 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import UsageError
+from ..errors import UnsafePathError
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
-
-
-class UnsafePathError(UsageError):
-    """Something in the output folder is a link (or otherwise not ours to write); nothing was written."""
 
 
 def refuse(path: str | os.PathLike[str], what: str) -> UnsafePathError:

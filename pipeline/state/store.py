@@ -33,13 +33,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import StoreDamagedError
 from ..send import redact
 from . import safefs
-
-class StoreDamagedError(UsageError):
-    """store.sqlite cannot be read as a database: it must be set aside by hand (the message says how)."""
-
 
 def damaged_store_message(store: str, detail: str) -> str:
     return (f"the answer store {store} is damaged ({detail}); set it aside and start the job's store afresh: "
