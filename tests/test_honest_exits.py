@@ -233,3 +233,17 @@ def test_outputs_inside_the_input_folder_are_not_read_back(pattern: str, out: st
         summary = runner.run(cfg)
         assert summary.exit_code == 0 and summary.rows_total == 8
     assert summary.requests_sent == 0  # the second run resumed: same input, nothing new
+
+
+def test_a_damaged_part_file_is_named_and_costs_nothing_to_rebuild(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = job(tmp_path, 6)
+    assert runner.run(cfg).exit_code == 0
+    part = tmp_path / "out" / "parts" / "00000000.r.parquet"
+    part.write_bytes(b"PAR1 garbage, not a footer")  # a shared folder: anyone may have written it
+    assert run(tmp_path, cfg) == 2
+    err = err_of(capsys)
+    assert f"the part file {part} is damaged" in err and "delete it" in err
+    part.unlink()
+    again = runner.run(cfg)
+    assert (again.exit_code, again.succeeded, again.requests_sent) == (0, 6, 0)

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from ..config import Config
 from ..errors import JobChangedError, StoreLockedError, UnsafePathError, UsageError
-from ..write.output import done_parts, write_json_atomic
+from ..write.output import done_parts, read_part, write_json_atomic
 from ..read.reader import InputScan
 from . import safefs
 from .store import PartCounts, Store
@@ -238,11 +238,11 @@ def resume_command(config_path: str | None, overrides: list[str] | None, *, retr
 
 def count_part(parts: Path, index: int) -> PartCounts:
     """A finished batch's counts read from its part files (footer, and the failures' error_class)."""
-    ok = pq.ParquetFile(parts / f"{index:08d}.r.parquet").metadata.num_rows
+    ok = read_part(parts / f"{index:08d}.r.parquet", pq.read_metadata).num_rows
     f = parts / f"{index:08d}.f.parquet"
     if not f.exists():
         return PartCounts(ok, 0, 0, 0)
-    classes = pq.read_table(f, columns=["error_class"]).column("error_class")
+    classes = read_part(f, pq.read_table, columns=["error_class"]).column("error_class")
     transient = pc.sum(pc.equal(classes, "transient")).as_py() or 0
     from_input = pc.sum(pc.equal(classes, "input")).as_py() or 0
     return PartCounts(ok, len(classes), transient, len(classes) - from_input)

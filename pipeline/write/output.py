@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import polars as pl
@@ -22,10 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..build.schema import arrow_type, to_arrow
+from ..errors import UsageError
 from ..send import redact
 from ..state import safefs
 from ..state.store import Record
 
+T = TypeVar("T")
 PART_RE = re.compile(r"^(\d{8})\.r\.parquet$")
 PARTIAL_RE = re.compile(r"^(\d{8})\.p[rf]\.parquet$")
 
@@ -196,17 +198,28 @@ def merge_parts(parts_dir: Path, out_dir: Path, compression: str) -> tuple[int, 
 def _concat(files: list[Path], dest: Path, compression: str) -> int:
     if not files:
         return 0
-    schemas = [pq.read_schema(f) for f in files]
+    schemas = [read_part(f, pq.read_schema) for f in files]
     schema = pa.unify_schemas(schemas, promote_options="permissive")
     rows = 0
     with safefs.atomic_writer(dest) as fh, \
             pq.ParquetWriter(fh, schema, compression=None if compression == "none" else compression) as writer:
         for f in files:
-            table = pq.read_table(f)
+            table = read_part(f, pq.read_table)
             if table.num_rows:
                 writer.write_table(_conform(table, schema))
                 rows += table.num_rows
     return rows
+
+
+def read_part(path: Path, read: Callable[..., T], **kw: Any) -> T:
+    """`read(path)`, or a UsageError naming a damaged part file and what to do (the folder may be shared)."""
+    try:
+        return read(path, **kw)
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException) and exc.errno is not None:
+            raise  # a disk or permission problem: diagnosis says which
+        raise UsageError(f"the part file {path} is damaged ({exc}); delete it and re-run the same command: its batch "
+                         "is rebuilt from the answers in store.sqlite, nothing is asked again") from None
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
