@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from . import diagnosis
-from .errors import EXIT_INTERRUPTED, PipelineError
+from .errors import EXIT_INTERRUPTED, InternalError, PipelineError
 from .send import redact
 
 
@@ -30,6 +30,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                      help="the job changed: move the old answers in output.dir aside and start over")
     run.add_argument("--dry-run", action="store_true",
                      help="read and render every request, estimate tokens, cost and time; send nothing")
+    run.add_argument("--json", action="store_true",
+                     help="with --dry-run: print the estimate as one JSON object on stdout (for scripts and CI)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar (for cron); errors still printed")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if args.command == "run" and args.json and not args.dry_run:
+        parser.error("--json goes with --dry-run (a run's own figures are in output.dir/summary.json)")
     try:
         if args.command == "run":
             return _run(args)
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         from .state.status import print_status
 
         return print_status(args.out_dir, as_json=args.json)
+    except InternalError as exc:  # a broken invariant of our own: a bug, traceback in a file like any other
+        return diagnosis.report_internal(exc, getattr(args, "out_dir", None))
     except PipelineError as exc:
         print(redact.scrub(f"error: {exc}"), file=sys.stderr)
         return exc.exit_code
@@ -108,10 +114,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-    )
+    # INFO events (attempt_failed, rate_pause, ...) are for the log file; stderr shows them only with -v.
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[stderr])
     if not args.verbose:
         logging.getLogger("pipeline").setLevel(logging.INFO if not args.quiet else logging.WARNING)
     from .config import load_config
@@ -121,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .engines.estimate import dry_run
 
-        return dry_run(cfg, out=sys.stdout)
+        return dry_run(cfg, out=sys.stdout, as_json=args.json)
     from .engines.runner import run_async
 
     summary = asyncio.run(run_async(cfg, retry_failed=args.retry_failed, force_new=args.force_new,

@@ -41,6 +41,12 @@ class InputConfig(Section):
         description="Rows per streaming batch; default 1000, or 64 when prompt.images is set (image payloads are "
                     "large, and a few open batches are held in memory).",
     )
+    # -- object storage (pipeline/read/storage.py) --
+    storage_options: dict[str, Union[str, int, float, bool]] = Field(
+        default_factory=dict,
+        description="For s3:// and gs:// paths: pyarrow S3FileSystem/GcsFileSystem arguments (region, "
+                    "endpoint_override, access_key, ...) over the standard environment and config chain.",
+    )
 
 
 # HTTP header names are RFC 9110 tokens: no whitespace, no separators, no CR/LF.
@@ -157,12 +163,15 @@ class EndpointConfig(Section):
             out["X-Title"] = self.app_title
         return out
 
-    def request_headers(self, file: str | None = None) -> dict[str, str]:
-        """Headers sent with every request: app attribution, then `headers` (which win on case), then the
-        secret headers read from the environment now."""
+    def public_headers(self) -> dict[str, str]:
+        """The headers that are not secret: app attribution, then `headers` (which win on case)."""
         given = {k.lower() for k in self.headers}
-        return {**{k: v for k, v in self._app_headers().items() if k.lower() not in given}, **self.headers,
-                **self.secret_header_values(file)}
+        return {**{k: v for k, v in self._app_headers().items() if k.lower() not in given}, **self.headers}
+
+    def request_headers(self, file: str | None = None) -> dict[str, str]:
+        """Headers sent with every request: the public ones, then the secret headers read from the
+        environment now."""
+        return {**self.public_headers(), **self.secret_header_values(file)}
 
 
 class PromptConfig(Section):
@@ -290,6 +299,12 @@ class OutputConfig(Section):
     dir: str
     fsync_interval_s: float = Field(1.0, gt=0, le=60)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    # -- object storage (pipeline/read/storage.py) --
+    publish: str | None = Field(
+        None, description="An s3:// or gs:// folder: the local engine copies results.parquet, failures.parquet "
+                          "and summary.json there at the end, each file complete or not at all.")
+    storage_options: dict[str, Union[str, int, float, bool]] = Field(
+        default_factory=dict, description="Filesystem arguments for output.publish and an object-store output.dir.")
 
 
 class CacheConfig(Section):
@@ -297,25 +312,27 @@ class CacheConfig(Section):
 
 
 class Price(Section):
-    input_per_m: float = Field(ge=0)
-    output_per_m: float = Field(ge=0)
-    per_image: float = Field(0.0, ge=0)
+    """A model's price in USD, overriding the genai-prices library (pipeline/models/prices.py)."""
+
+    input_per_m: float = Field(ge=0, description="Per million prompt tokens.")
+    output_per_m: float = Field(ge=0, description="Per million completion tokens.")
+    per_image: float = Field(0.0, ge=0, description="Per input image, for providers that bill images apart.")
+    cached_input_per_m: float | None = Field(
+        None, ge=0, description="Per million cached prompt tokens (usage.prompt_tokens_details); absent: input_per_m.")
+    batch_input_per_m: float | None = Field(
+        None, ge=0, description="Batch API price per million prompt tokens; absent: half of input_per_m.")
+    batch_output_per_m: float | None = Field(
+        None, ge=0, description="Batch API price per million completion tokens; absent: half of output_per_m.")
 
 
 class RunConfig(Section):
     grace_period_s: float = Field(30.0, ge=0, description="How long in-flight requests may finish on Ctrl-C.")
     progress: bool = True
-
-
-BUILTIN_PRICES: dict[str, Price] = {
-    "openai/gpt-4-turbo": Price(input_per_m=10, output_per_m=30),
-    "gpt-4-turbo": Price(input_per_m=10, output_per_m=30),
-    "gpt-4-turbo-2024-04-09": Price(input_per_m=10, output_per_m=30),
-    "openai/gpt-4o": Price(input_per_m=2.5, output_per_m=10),
-    "gpt-4o": Price(input_per_m=2.5, output_per_m=10),
-    "openai/gpt-4o-mini": Price(input_per_m=0.15, output_per_m=0.6),
-    "gpt-4o-mini": Price(input_per_m=0.15, output_per_m=0.6),
-}
+    # -- the Ray engine (pipeline/engines/ray/) --
+    engine: Literal["local", "ray"] = Field("local", description="local: one process; ray: Ray Data actors.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); default: start a local instance.")
+    workers: int = Field(4, ge=1, le=4096, description="Ray engine: actors sending requests (limits are shared).")
 
 
 class Config(Section):
@@ -328,7 +345,8 @@ class Config(Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     output: OutputConfig
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    prices: dict[str, Price] = Field(default_factory=dict, description="Model -> price; adds to built-ins.")
+    prices: dict[str, Price] = Field(
+        default_factory=dict, description="Model -> price; overrides the genai-prices library's table.")
     run: RunConfig = Field(default_factory=RunConfig)
 
     # Where the config came from; not part of the YAML.
@@ -362,13 +380,10 @@ class Config(Section):
         self.endpoint.secret_header_values(self.source)  # every secret the run needs, checked at start
         return redact.register(key)
 
-    def price(self, model: str) -> Price | None:
-        return self.prices.get(model) or BUILTIN_PRICES.get(model)
-
     def request_config(self) -> dict[str, Any]:
         """Everything that changes what is asked, as plain JSON; limits, budget and output may change freely."""
         keep = {
-            "input": self.input.model_dump(exclude={"batch_size"}),
+            "input": self.input.model_dump(exclude={"batch_size", "storage_options"}),
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
             "prompt": self.prompt.model_dump(exclude={"image_roots"}),  # where files may be read, not what is asked
             "params": self.params.model_dump(exclude_none=True),
@@ -429,12 +444,12 @@ def _check_budget_price(cfg: Config) -> None:
     """A budget is only enforceable when the worst case of a request in flight can be priced."""
     if cfg.budget.max_cost_usd is None:
         return
+    from .models.prices import find_price, missing_price_hint  # the library loads only when a budget is set
+
     for model in [cfg.endpoint.model, *(cfg.params.models or [])]:
-        if cfg.price(model) is None:
-            raise ConfigError(
-                f"needs a price for {model!r} to count requests in flight at their maximum "
-                f"cost; add prices: {{{model!r}: {{input_per_m: ..., output_per_m: ...}}}} (USD per million tokens)",
-                key="budget.max_cost_usd", file=cfg.source)
+        if find_price(cfg, model) is None:
+            raise ConfigError(f"needs a price for {model!r} to count requests in flight at their maximum cost; "
+                              + missing_price_hint(model), key="budget.max_cost_usd", file=cfg.source)
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
@@ -523,8 +538,10 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         expanded = os.path.expanduser(p)
         return os.path.normpath(expanded if os.path.isabs(expanded) else str(base / expanded))
 
-    cfg.input.path = resolve(cfg.input.path)
-    cfg.output.dir = resolve(cfg.output.dir)
+    if "://" not in cfg.input.path:  # object-store URIs are absolute already
+        cfg.input.path = resolve(cfg.input.path)
+    if "://" not in cfg.output.dir:
+        cfg.output.dir = resolve(cfg.output.dir)
     if cfg.cache.dir:
         cfg.cache.dir = resolve(cfg.cache.dir)
     cfg.prompt.image_roots = [resolve(r) for r in cfg.prompt.image_roots]

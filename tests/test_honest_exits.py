@@ -23,6 +23,7 @@ import yaml
 
 import pipeline.engines.runner as runner
 from pipeline.cli import main
+from pipeline.errors import InternalError
 from pipeline.state.store import Store
 from tests.conftest import REPO, job, write_rows
 
@@ -102,17 +103,19 @@ def test_dev_zero_as_an_image_is_a_quick_input_failure(tmp_path: Path) -> None:
 
 # -- 5: a bug exits 70, keeps everything, and says where the traceback is ------------------------
 
-def test_an_unexpected_exception_exits_70_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("bug", [RuntimeError, InternalError])  # InternalError: an invariant of ours broke
+def test_an_unexpected_exception_exits_70_and_loses_nothing(bug: type[Exception], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     def boom(*a: Any, **k: Any) -> Any:
-        raise RuntimeError("a bug in merging")
+        raise bug("a bug in merging")
 
     monkeypatch.setattr(runner, "merge_parts", boom)
     cfg = job(tmp_path, 6)
     assert run(tmp_path, cfg) == 70
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "internal error" in lines[0] and "RuntimeError: a bug in merging" in lines[0]
+    assert len(lines) == 1 and "internal error" in lines[0] and f"{bug.__name__}: a bug in merging" in lines[0]
     reports = list((tmp_path / "out").glob("internal-error-*.txt"))
     assert len(reports) == 1 and str(reports[0]) in lines[0]
     assert "a bug in merging" in reports[0].read_text() and "Traceback" in reports[0].read_text()

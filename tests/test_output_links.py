@@ -85,3 +85,26 @@ def test_atomic_writes_leave_nothing_behind_on_failure(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     names = {safefs.temp_name(dest).name for _ in range(20)}
     assert len(names) == 20 and all(n.startswith(".a.json.") and n.endswith(".tmp") for n in names)
+
+
+def test_ray_outputs_in_a_local_folder_never_follow_links(tmp_path: Path) -> None:
+    """The Ray engine's local writes (journal segments, parts, manifest, summary) go through read/storage.py."""
+    from pipeline.errors import UnsafePathError
+    from pipeline.read import storage
+
+    victim, out = setup(tmp_path)
+    (out / "summary.json").symlink_to(victim)
+    storage.write_bytes(str(out / "summary.json"), b"{}", root=str(out))  # the link is replaced
+    assert victim.read_bytes() == VICTIM and not (out / "summary.json").is_symlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "journal").symlink_to(elsewhere)  # a folder link: segments would land beside the victim
+    with pytest.raises(UnsafePathError):
+        storage.write_bytes(str(out / "journal" / "00000000" / "w-000001.parquet"), b"x", root=str(out))
+    local = tmp_path / "part.parquet"
+    local.write_bytes(b"part")
+    (out / "results.parquet").mkdir()
+    (out / "results.parquet" / "part-00000000.parquet").symlink_to(victim)
+    storage.put_file(str(local), str(out / "results.parquet" / "part-00000000.parquet"), root=str(out))
+    assert victim.read_bytes() == VICTIM and not list(elsewhere.iterdir())
+    assert (out / "results.parquet" / "part-00000000.parquet").read_bytes() == b"part"

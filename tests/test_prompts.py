@@ -10,7 +10,9 @@ import pytest
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, RowError
-from pipeline.build.prompts import Draft, Renderer, context_window, estimate_prompt_tokens, finalize
+from pipeline.build.prompts import RenderedRow, Renderer
+from pipeline.build.request import payload_and_key
+from pipeline.models.catalog import context_window
 
 ORIGIN = ("/data/in.jsonl", 7)
 
@@ -27,7 +29,7 @@ def make_cfg(prompt: dict[str, Any] | None = None, params: dict[str, Any] | None
     return load_config(raw)
 
 
-def render(cfg: Config, row: dict[str, Any], **kw: Any) -> Draft:
+def render(cfg: Config, row: dict[str, Any], **kw: Any) -> RenderedRow:
     return Renderer(cfg, **kw).render(row, ORIGIN)
 
 
@@ -54,7 +56,7 @@ def test_openrouter_fields_extra_and_logit_bias() -> None:
     assert body["transforms"] == [] and body["reasoning"] == {"effort": "low"}
     assert body["logit_bias"] == {"50256": -100}
     assert "extra" not in body and "from_columns" not in body and "stream" not in body
-    finalize(body, "https://x")  # serializable as is
+    payload_and_key(body, "https://x")  # serializable as is
 
 
 def test_extra_conflicts_are_config_errors() -> None:
@@ -134,7 +136,7 @@ def test_images_make_content_parts() -> None:
     content = draft.body["messages"][-1]["content"]
     assert content == [{"type": "text", "text": "Describe it"},
                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "high"}}]
-    assert draft.est_prompt_tokens == estimate_prompt_tokens(draft.body) + 765
+    assert draft.image_tokens == 765
     no_image = render(cfg, {"name": "it", "photo": None})
     assert no_image.body["messages"][-1]["content"] == "Describe it"
     with pytest.raises(RowError) as info:
@@ -150,7 +152,7 @@ def test_images_go_to_last_user_message_of_column() -> None:
     assert draft.body["messages"][0]["content"] == "first"
     parts = draft.body["messages"][2]["content"]
     assert [p["type"] for p in parts] == ["text", "image_url", "image_url"]
-    assert draft.est_prompt_tokens == estimate_prompt_tokens(draft.body) + 170
+    assert draft.image_tokens == 170
     assert chat[2]["content"] == "look"  # the row's own value is not mutated
 
 
@@ -164,32 +166,24 @@ def test_context_window() -> None:
     assert (info.value.file, info.value.row) == ORIGIN
 
 
-def test_estimate_prompt_tokens() -> None:
-    body = {"messages": [{"role": "system", "content": "a" * 40}, {"role": "user", "content": "b" * 41}]}
-    assert estimate_prompt_tokens(body) == 10 + 11 + 2 * 4 + 3
-    with_schema = dict(body, response_format={"type": "json_schema", "json_schema": {"schema": {"x": "y" * 100}}})
-    assert estimate_prompt_tokens(with_schema) > estimate_prompt_tokens(body) + 25
-    assert estimate_prompt_tokens(body, image_tokens=85) == estimate_prompt_tokens(body) + 85
-
-
-def test_finalize_deterministic_and_sensitive() -> None:
+def test_payload_and_key_deterministic_and_sensitive() -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0}
     reordered = {"temperature": 0, "messages": [{"content": "x", "role": "user"}], "model": "m"}
-    payload, key = finalize(body, "https://a/v1")
-    assert finalize(reordered, "https://a/v1") == (payload, key)
+    payload, key = payload_and_key(body, "https://a/v1")
+    assert payload_and_key(reordered, "https://a/v1") == (payload, key)
     assert orjson.loads(payload) == body and len(key) == 64
     variants = [
         dict(body, model="n"), dict(body, temperature=0.1), dict(body, seed=1),
         dict(body, messages=[{"role": "user", "content": "y"}]),
         dict(body, messages=[{"role": "system", "content": "x"}]),
     ]
-    keys = {finalize(v, "https://a/v1")[1] for v in variants} | {finalize(body, "https://b/v1")[1], key}
+    keys = {payload_and_key(v, "https://a/v1")[1] for v in variants} | {payload_and_key(body, "https://b/v1")[1], key}
     assert len(keys) == len(variants) + 2
 
 
-def test_finalize_same_key_in_another_process(tmp_path: Path) -> None:
-    code = ("from pipeline.build.prompts import finalize; "
-            "print(finalize({'b': [1, {'y': 2, 'x': 1}], 'a': 'é'}, 'https://h')[1])")
+def test_payload_and_key_same_key_in_another_process(tmp_path: Path) -> None:
+    code = ("from pipeline.build.request import payload_and_key; "
+            "print(payload_and_key({'b': [1, {'y': 2, 'x': 1}], 'a': 'é'}, 'https://h')[1])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip()
-    assert out == finalize({"a": "é", "b": [1, {"x": 1, "y": 2}]}, "https://h")[1]
+    assert out == payload_and_key({"a": "é", "b": [1, {"x": 1, "y": 2}]}, "https://h")[1]

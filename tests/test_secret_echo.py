@@ -167,3 +167,34 @@ def test_the_scrubber_knows_every_spelling() -> None:
     logging.getLogger("pipeline.test").warning("key %s", KEY)  # the record factory scrubs every record
     record = logging.getLogRecordFactory()("x", logging.INFO, "f", 1, "key %s", (KEY,), None)
     assert record.getMessage() == "key [REDACTED]"
+
+
+def test_show_never_prints_a_secret_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SEC_AZURE_KEY", HEADER_SECRET)
+    path = write(tmp_path, job(tmp_path, 2, endpoint={"secret_headers": {"api-key": "SEC_AZURE_KEY"}}))
+    assert main(["run", str(path), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "out"), "r000000", "--json"]) == 0  # the variable is still set: not read
+    shown = capsys.readouterr()
+    assert_clean(shown.out + shown.err, "show")
+    assert json.loads(shown.out)["request"]["headers"]["api-key"] == "[redacted]"
+
+
+def test_the_ray_journal_keeps_no_secret(tmp_path: Path) -> None:
+    """A Ray worker's answers are scrubbed where they are kept too, as the local store's are."""
+    import asyncio
+
+    from pipeline.state.segments import Journal, decode
+    from pipeline.state.store import Record
+
+    redact.register(KEY)
+    journal = Journal(str(tmp_path / "out"), interval_s=0.0)
+    journal.route("k1", 0)
+    record = Record(key="k1", state="permanent", attempts=1, status=400, message=f"invalid key {KEY}",
+                    content=f"echo {KEY}", raw=f'{{"error": "{KEY}"}}'.encode())
+    asyncio.run(journal.put(record))
+    [segment] = (tmp_path / "out").rglob("*.parquet")
+    [kept] = decode(segment.read_bytes())  # the segment is compressed: look at what it holds
+    assert_clean(repr(kept), "the journal segment")
+    assert (kept.message, kept.content) == (f"invalid key {redact.MASK}", f"echo {redact.MASK}")

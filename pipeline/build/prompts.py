@@ -1,4 +1,4 @@
-"""Rows into request bodies: Jinja templates over columns, image parts, and the request key.
+"""Rows into request bodies: Jinja templates over columns and image parts (the request itself: request.py).
 
 Templates are compiled once in Jinja's immutable sandbox (templates.py) with StrictUndefined, so a
 missing column fails the row instead of silently sending an empty prompt, and a value printed by
@@ -13,10 +13,11 @@ absent so the provider's defaults apply), `params.extra` at the top level, and p
 from the config (tools, provider, ...) are shared between bodies: build new ones, never mutate them.
 With `prompt.messages_column` the column's messages are sent; `prompt.system` is prepended when they
 have no system message and `prompt.user`, when also set, is appended as a final user message.
+Prompt tokens are counted by `self.tokens` (build/tokens.py) once per distinct request, after shaping;
+rendering counts a row only when a cheap bound says it might not fit the context window.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,26 +28,11 @@ import orjson
 
 from ..config import Config
 from ..errors import ConfigError, RowError
+from ..models.catalog import context_window, max_output_tokens
 from . import templates
 from .images import ImageEncoder
+from .tokens import TokenCounter
 
-# Longest matching prefix of the model name (provider prefix dropped) wins; others get the default.
-CONTEXT_WINDOWS: dict[str, int] = {
-    "gpt-4-turbo": 128_000, "gpt-4-1106": 128_000, "gpt-4-0125": 128_000, "gpt-4-vision": 128_000,
-    "gpt-4o": 128_000, "gpt-4.1": 1_047_576, "gpt-4-32k": 32_768, "gpt-4": 8_192, "gpt-3.5-turbo": 16_385,
-    "gpt-5": 400_000, "o1": 200_000, "o3": 200_000, "o4-mini": 200_000, "claude": 200_000,
-    "gemini-1.5-pro": 2_097_152, "gemini": 1_048_576, "llama-3.1": 131_072, "llama-3.2": 131_072,
-    "llama-3.3": 131_072, "mistral-large": 128_000, "qwen2.5": 32_768,
-}
-DEFAULT_CONTEXT = 128_000
-# Longest output a model can produce (same prefix rule). Bounds a request's worst-case cost when
-# max_tokens is absent, and a configured max_tokens above it is an error before anything is sent.
-MAX_OUTPUT_TOKENS: dict[str, int] = {
-    "gpt-4-turbo": 4_096, "gpt-4-1106": 4_096, "gpt-4-0125": 4_096, "gpt-4-vision": 4_096,
-    "gpt-4o-2024-05-13": 4_096, "gpt-4o": 16_384, "gpt-4.1": 32_768, "gpt-3.5-turbo": 4_096,
-}
-TOKENS_PER_MESSAGE = 4
-REPLY_PRIMING_TOKENS = 3
 _INT_PARAMS = frozenset({"seed", "max_tokens", "max_completion_tokens", "top_logprobs", "n", "top_k"})
 _NUM_PARAMS = frozenset({"temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
                          "min_p", "top_a"})
@@ -54,10 +40,12 @@ _OWN_FIELDS = ("extra", "from_columns", "stream", "models", "provider", "logit_b
 
 
 @dataclass(slots=True)
-class Draft:
+class RenderedRow:
+    """One row as a request body, before structured shaping, with its images' tokens (the tile rule)."""
+
     body: dict[str, Any]
-    est_prompt_tokens: int
     max_tokens: int | None
+    image_tokens: int = 0  # by the tile rule; text tokens are counted on the body as sent
 
 
 class _NullValue(Exception):
@@ -76,25 +64,8 @@ def _no_null(value: Any) -> Any:
     return value
 
 
-def context_window(model: str) -> int:
-    """Context size in tokens for a model name such as 'openai/gpt-4-turbo' (default 128k)."""
-    best = _longest_prefix(model, CONTEXT_WINDOWS)
-    return CONTEXT_WINDOWS[best] if best else DEFAULT_CONTEXT
-
-
-def max_output_tokens(model: str) -> int | None:
-    """The model's output cap (4096 for gpt-4-turbo), or None when the table does not know it."""
-    best = _longest_prefix(model, MAX_OUTPUT_TOKENS)
-    return MAX_OUTPUT_TOKENS[best] if best else None
-
-
-def _longest_prefix(model: str, table: dict[str, int]) -> str | None:
-    name = model.rsplit("/", 1)[-1].lower()
-    return max((p for p in table if name.startswith(p)), key=len, default=None)
-
-
 class Renderer:
-    """Turns input rows into Drafts. Construct once per run: templates compile here, not per row.
+    """Turns input rows into RenderedRows. Construct once per run: templates compile here, not per row.
 
     `input_dir` is where relative image paths resolve when a row's origin names no file; normally they
     resolve against the folder of the row's own input file. Pass `columns` (or call check_columns) to
@@ -104,7 +75,7 @@ class Renderer:
     def __init__(self, cfg: Config, input_dir: str | None = None, columns: Iterable[str] | None = None) -> None:
         self.cfg = cfg
         p = cfg.prompt
-        self._env = templates.environment(finalize=_no_null)
+        self._env = template_environment()
         self.variables: dict[str, set[str]] = {}
         self._system = self._compile(p.system, "prompt.system")
         self._user = self._compile(p.user, "prompt.user")
@@ -117,6 +88,7 @@ class Renderer:
         self._from_columns = list(cfg.params.from_columns.items())
         self._static = self._static_body()
         self._context = context_window(cfg.endpoint.model)
+        self.tokens = TokenCounter(cfg.endpoint.model)
         self._max_output = max_output_tokens(cfg.endpoint.model)
         if cfg.params.max_tokens is not None and self._max_output and cfg.params.max_tokens > self._max_output:
             raise ConfigError(f"{cfg.params.max_tokens} is more than {cfg.endpoint.model} can produce "
@@ -184,7 +156,7 @@ class Renderer:
                 raise ConfigError(f"uses {', '.join(map(repr, missing))}, not among the input columns: {available}",
                                   key=key, file=self.cfg.source)
 
-    def render(self, row: dict[str, Any], origin: tuple[str, int]) -> Draft:
+    def render(self, row: dict[str, Any], origin: tuple[str, int]) -> RenderedRow:
         """The request body for one row; RowError naming file+row when the row cannot become one."""
         messages: list[dict[str, Any]] = []
         system = self._system_text
@@ -211,13 +183,13 @@ class Renderer:
                 if field == "max_tokens" and self._max_output and body[field] > self._max_output:
                     raise RowError(f"column {column!r} gives max_tokens={body[field]}, more than {body['model']} can "
                                    f"produce ({self._max_output})", file=origin[0], row=origin[1], reason="param")
-        est = estimate_prompt_tokens(body, image_tokens)
-        if est > self._context:
+        if self.tokens.upper_bound(body, image_tokens) > self._context and \
+                (est := self.tokens.count(body, image_tokens)) > self._context:
             raise RowError(f"the prompt is about {est:,} tokens, over the {self._context:,}-token context window of "
                            f"{body['model']}; shorten this row's text or images", file=origin[0], row=origin[1],
                            reason="context")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        return Draft(body, est, max_tokens if type(max_tokens) is int else None)
+        return RenderedRow(body, max_tokens if type(max_tokens) is int else None, image_tokens)
 
     def _text(self, template: jinja2.Template, key: str, row: dict[str, Any], origin: tuple[str, int]) -> str:
         try:
@@ -297,6 +269,12 @@ class Renderer:
         return tokens
 
 
+def template_environment() -> jinja2.Environment:
+    """The one Jinja environment prompts compile in: the immutable sandbox (templates.py); undefined
+    columns and printed nulls fail the row."""
+    return templates.environment(finalize=_no_null)
+
+
 def _render(template: jinja2.Template, row: dict[str, Any], env_globals: dict[str, Any]) -> str:
     # Template.render() rebuilds its context from a ChainMap of globals on every call, which is half the
     # cost of a short template; one dict merge does the same job. Errors surface unwrapped.
@@ -318,30 +296,3 @@ def _param(field: str, value: Any, column: str, origin: tuple[str, int]) -> Any:
     return value
 
 
-def estimate_prompt_tokens(body: dict[str, Any], image_tokens: int = 0) -> int:
-    """Prompt tokens, estimated: text chars/4, ~4 per message, plus schemas/tools and the images given.
-
-    Image parts are skipped (a data URL's length says nothing about its cost); pass their tokens.
-    """
-    chars = 0
-    messages = body.get("messages") or ()
-    for m in messages:
-        content = m.get("content")
-        if type(content) is str:
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "text":
-                    chars += len(part.get("text") or "")
-        if "tool_calls" in m:
-            chars += len(orjson.dumps(m["tool_calls"]))
-    for key in ("tools", "response_format", "functions"):
-        if key in body:
-            chars += len(orjson.dumps(body[key]))
-    return (chars + 3) // 4 + TOKENS_PER_MESSAGE * len(messages) + REPLY_PRIMING_TOKENS + image_tokens
-
-
-def finalize(body: dict[str, Any], base_url: str) -> tuple[bytes, str]:
-    """The canonical payload (sent as is) and the request key: sha256 of base_url, newline, payload."""
-    payload = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-    return payload, hashlib.sha256(base_url.encode() + b"\n" + payload).hexdigest()
