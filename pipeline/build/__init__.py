@@ -1,0 +1,1 @@
+"""Building requests: templates over columns, images, structured-output shaping and JSON Schema."""
