@@ -26,7 +26,7 @@ import yaml
 
 import pipeline
 from tests.conftest import SCHEMA, job, write_rows
-from tests.support import cli, cli_in_process, offline_dns
+from tests.support import assert_each_id_once, cli, cli_in_process, offline_dns
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6"
                        "kgAAAABJRU5ErkJggg==")
@@ -326,8 +326,7 @@ def test_disk_full_in_the_store_stops_and_loses_nothing(tmp_path: Path, monkeypa
     monkeypatch.setattr(Store, "_write", real_write)
     done = pipeline.run(cfg)
     assert (done.exit_code, done.succeeded) == (0, 60)
-    res = pl.read_parquet(tmp_path / "out" / "results.parquet")
-    assert res.height == 60 and res["rid"].n_unique() == 60
+    assert assert_each_id_once(tmp_path / "out", 60).height == 60
 
 
 def test_disk_full_writing_the_outputs_keeps_the_previous_ones_intact(tmp_path: Path,
