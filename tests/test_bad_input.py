@@ -132,6 +132,7 @@ def _release_locks() -> Iterator[None]:
     while _HELD:
         _HELD.pop().unlock()
 
+
 CASES: dict[str, Case] = {
     # -- the command line and the config file (exit 2, nothing sent) --
     "config file missing": Case(lambda t: ["run", str(t / "nope.yaml")], 2, "config file not found", subprocess=True),

@@ -32,10 +32,10 @@ from pipeline.state.status import job_status
 from pipeline.state.store import Record, Store
 from tests.conftest import job, write_rows
 from tests.support import (
+    StderrLines,
     assert_each_id_once,
     child_env,
     cli,
-    StderrLines,
     kill,
     max_unstored_at_kill,
     outputs,
@@ -317,12 +317,15 @@ def test_kill_9_then_a_torn_wal_tail_is_survived_and_status_says_so(tmp_path: Pa
 
 
 NOTEBOOK = textwrap.dedent("""
-    import asyncio, json, sys
+    import asyncio, json, signal, sys
     import pipeline
     cfg = json.load(open(sys.argv[1]))
     async def cell():
         return pipeline.run(cfg)
-    loop = asyncio.new_event_loop()  # like ipykernel: a running loop and Python's own SIGINT handler
+    # Like ipykernel: a running loop and a SIGINT handler that raises KeyboardInterrupt (set here, as the
+    # kernel does: a Python started with SIGINT ignored, e.g. from `nohup ... &`, would not install one).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    loop = asyncio.new_event_loop()
     s = loop.run_until_complete(cell())
     print(json.dumps({"stopped": s.stopped, "exit_code": s.exit_code, "succeeded": s.succeeded}))
 """)
