@@ -1,22 +1,27 @@
 """`pipeline run | simulate | status | report | show`: a thin layer that parses arguments and formats a Summary.
 
 Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
-sent); 3 stopped early (run-fatal or budget), resumable; 130 interrupted, resumable.
+sent); 3 stopped early (run-fatal or budget), resumable; 70 internal error (a bug; the traceback is
+written to a file in output.dir); 130 interrupted, resumable.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
-import sqlite3
 import sys
 from typing import Any
 
-from .errors import EXIT_INTERRUPTED, EXIT_STOPPED, PipelineError
+from . import diagnosis
+from .errors import EXIT_INTERRUPTED, InternalError, PipelineError
+from .send import redact
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description="Batch LLM labelling over OpenAI-compatible APIs.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,simulate,status}")
 
     run = sub.add_parser("run", help="run (or resume) a job", description="Run or resume the job a config describes.")
@@ -28,8 +33,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                      help="the job changed: move the old answers in output.dir aside and start over")
     run.add_argument("--dry-run", action="store_true",
                      help="read and render every request, estimate tokens, cost and time; send nothing")
+    run.add_argument("--json", action="store_true",
+                     help="with --dry-run: print the estimate as one JSON object on stdout (for scripts and CI)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar (for cron); errors still printed")
-    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="mirror pipeline.log (failed attempts, limits learned, pauses, stops) to stderr, with debug")
+    run.add_argument("--limit", type=int, metavar="N",
+                     help="only the first N input rows (a cheap trial; outputs and resume are those of a job over them)")
 
     sim = sub.add_parser("simulate", help="serve the built-in OpenAI-compatible simulator on 127.0.0.1")
     if argv is None or "simulate" in argv:
@@ -38,8 +48,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
         add_arguments(sim)
 
-    status = sub.add_parser("status", help="counts, tokens and cost of a run, finished or not")
-    status.add_argument("out_dir", help="the job's output.dir")
+    status = sub.add_parser("status", help="counts, tokens and cost of a job, finished or not, and its last runs")
+    status.add_argument("out_dir", metavar="OUT_DIR|CONFIG", help="the job's output.dir, or its config file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _add_report_commands(sub)
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # every subcommand, whichever module added it
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if args.command == "run" and args.json and not args.dry_run:
+        parser.error("--json goes with --dry-run (a run's own figures are in output.dir/summary.json)")
     try:
         if args.command == "run":
             return _run(args)
@@ -76,17 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         from .state.status import print_status
 
         return print_status(args.out_dir, as_json=args.json)
+    except InternalError as exc:  # a broken invariant of our own: a bug, traceback in a file like any other
+        return diagnosis.report_internal(exc, getattr(args, "out_dir", None))
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact.scrub(f"error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (OSError, sqlite3.Error) as exc:
-        # Disk full or another I/O error while writing: what was committed before it is intact.
-        print(f"error: I/O error: {exc}; fix it (e.g. free disk space), then re-run the same command to resume",
-              file=sys.stderr)
-        return EXIT_STOPPED
+    except Exception as exc:  # noqa: BLE001 - the environment failed (say what to do) or a bug (exit 70)
+        out_dir = getattr(args, "out_dir", None)
+        known = diagnosis.explain(exc, out_dir, getattr(args, "max_concurrency", None))
+        if known is None:
+            return diagnosis.report_internal(exc, out_dir)
+        print(redact.scrub(f"error: {known[0]}"), file=sys.stderr)
+        return known[1]
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -104,20 +120,24 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # INFO events (attempt_failed, rate_pause, ...) are for the log file; stderr shows them only with -v.
+    from .ops.logfile import HumanFormatter
+
+    # stderr shows warnings and errors; -v shows everything pipeline.log gets (and debug), in a human form.
     stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(HumanFormatter())
     stderr.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[stderr])
-    if not args.verbose:
-        logging.getLogger("pipeline").setLevel(logging.INFO if not args.quiet else logging.WARNING)
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from .config import load_config
 
+    if args.limit is not None:
+        args.overrides.append(f"input.limit={args.limit}")
     cfg = load_config(args.config, args.overrides)
+    args.out_dir, args.max_concurrency = cfg.output.dir, cfg.limits.max_concurrency  # for diagnosis
     if args.dry_run:
         from .engines.estimate import dry_run
 
-        return dry_run(cfg, out=sys.stdout)
+        return dry_run(cfg, out=sys.stdout, as_json=args.json)
     from .engines.runner import run_async
 
     summary = asyncio.run(run_async(cfg, retry_failed=args.retry_failed, force_new=args.force_new,
@@ -131,10 +151,11 @@ def _print_summary(s: Any, *, quiet: bool) -> None:
     line = (
         f"{s.succeeded:,} succeeded, {s.failed:,} failed, {s.pending:,} pending of {s.rows_total:,} rows | "
         f"{s.prompt_tokens + s.completion_tokens:,} tokens, ${s.cost_usd:.4f} "
-        f"(this run ${s.run_cost_usd:.4f}) | {s.requests_sent:,} requests in {s.wall_s:.1f}s"
+        f"(this run ${s.run_cost_usd:.4f}) | {s.requests_sent:,} requests in {s.wall_s:.1f}s | "
+        f"rows {s.rows_new:,} new, {s.rows_reused:,} reused, {s.rows_removed:,} removed"
     )
     if s.stopped and s.stopped != "incomplete":
-        print(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": "), file=sys.stderr)
+        print(redact.scrub(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": ")), file=sys.stderr)
     if not quiet or s.exit_code not in (0,):
         print(line, file=sys.stderr)
         if s.retries:

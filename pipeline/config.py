@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -17,6 +18,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from . import yaml_loader
 from .errors import ConfigError
 
 StructuredMode = Literal["auto", "json_schema", "json_object", "tool"]
@@ -25,7 +27,8 @@ IMAGE_BATCH_SIZE = 64
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # allow_inf_nan=False: an infinite backoff or rate is never meant, and one silently hung a run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class InputConfig(Section):
@@ -38,6 +41,35 @@ class InputConfig(Section):
         description="Rows per streaming batch; default 1000, or 64 when prompt.images is set (image payloads are "
                     "large, and a few open batches are held in memory).",
     )
+    limit: int | None = Field(
+        None, ge=1, description="Only the first N rows (`--limit N`): a cheap trial; outputs and resume are those "
+                                "of a job over these rows. Not part of the job's identity.",
+    )
+    # -- object storage (pipeline/read/storage.py) --
+    storage_options: dict[str, Union[str, int, float, bool]] = Field(
+        default_factory=dict,
+        description="For s3:// and gs:// paths: pyarrow S3FileSystem/GcsFileSystem arguments (region, "
+                    "endpoint_override, access_key, ...) over the standard environment and config chain.",
+    )
+
+
+# HTTP header names are RFC 9110 tokens: no whitespace, no separators, no CR/LF.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_CREDENTIAL_HEADER = re.compile(r"authorization|api[-_]?key|token|secret|password|cookie", re.IGNORECASE)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_header(name: str, value: str) -> None:
+    """What HTTP allows: a token for the name; no CR, LF or NUL in the value (header injection)."""
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"{name!r} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only; "
+                         "no spaces or line breaks)")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"the value of header {name!r} holds a line break or NUL, which HTTP does not allow")
+
+
+def _header_safe(value: str) -> bool:
+    return all(" " <= c <= "~" or c == "\t" for c in value)
 
 
 class EndpointConfig(Section):
@@ -61,19 +93,64 @@ class EndpointConfig(Section):
             raise ValueError("must be an http(s) URL such as https://openrouter.ai/api/v1, or 'simulator'")
         return v.rstrip("/")
 
+    secret_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Header name -> environment variable holding its value (e.g. {api-key: AZURE_OPENAI_KEY}); "
+                    "the values never enter a file, the manifest or the job fingerprint, and are scrubbed from "
+                    "everything the server sends back.",
+    )
+
     @field_validator("headers")
     @classmethod
-    def _no_auth_header(cls, v: dict[str, str]) -> dict[str, str]:
-        # The key must only ever come from the environment, never from a file that gets committed.
-        if any(k.lower() == "authorization" for k in v):
-            raise ValueError("do not put Authorization here; set the key in the env var named by endpoint.api_key_env")
+    def _plain_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            # A credential here would be written wherever the config or the resume command goes.
+            if name.strip().lower() == "authorization":
+                raise ValueError("do not put Authorization here; set the key in the env var named by "
+                                 "endpoint.api_key_env")
+            if _CREDENTIAL_HEADER.search(name):
+                raise ValueError(f"{name!r} looks like a credential: do not put it in headers; give it from the "
+                                 f"environment with endpoint.secret_headers: {{{name.strip()}: ENV_VAR_NAME}}")
+            _check_header(name, value)
         return v
+
+    @field_validator("secret_headers")
+    @classmethod
+    def _secret_headers(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        plain = {k.lower() for k in info.data.get("headers") or {}}
+        for name, env in v.items():
+            _check_header(name, "")
+            if name.lower() == "authorization":
+                raise ValueError("the Authorization header is built from endpoint.api_key_env; set that instead")
+            if name.lower() in plain:
+                raise ValueError(f"{name!r} is also in endpoint.headers; set it in one place")
+            if not _ENV_NAME.match(env):
+                raise ValueError(f"{name}: give the NAME of an environment variable (letters, digits, _), "
+                                 f"not the value")
+        return v
+
+    def secret_header_values(self, file: str | None = None) -> dict[str, str]:
+        """The secret headers' values from the environment; ConfigError naming the key when one is missing."""
+        from .send import redact
+
+        out: dict[str, str] = {}
+        for name, env in self.secret_headers.items():
+            value = os.environ.get(env, "")
+            if not value.strip():
+                raise ConfigError(f"the environment variable {env} is not set (export {env}=...)",
+                                  key=f"endpoint.secret_headers.{name}", file=file)
+            if not _header_safe(value.strip()):
+                raise ConfigError(f"the value of {env} holds a line break or a character an HTTP header cannot "
+                                  "carry (printable ASCII only)", key=f"endpoint.secret_headers.{name}", file=file)
+            out[name] = redact.register(value.strip())
+        return out
 
     @field_validator("app_url", "app_title")
     @classmethod
     def _app_headers_agree(cls, v: str | None, info: ValidationInfo) -> str | None:
         # A field validator (headers is declared first) so the error names endpoint.app_url / app_title.
         names = ("HTTP-Referer",) if info.field_name == "app_url" else ("X-OpenRouter-Title", "X-Title")
+        _check_header(names[0], v or "")
         given = {k.lower(): val for k, val in (info.data.get("headers") or {}).items()}
         for name in names:
             if v is not None and given.get(name.lower(), v) != v:
@@ -90,10 +167,15 @@ class EndpointConfig(Section):
             out["X-Title"] = self.app_title
         return out
 
-    def request_headers(self) -> dict[str, str]:
-        """Headers sent with every request: app attribution, then `headers` (which win on case)."""
+    def public_headers(self) -> dict[str, str]:
+        """The headers that are not secret: app attribution, then `headers` (which win on case)."""
         given = {k.lower() for k in self.headers}
         return {**{k: v for k, v in self._app_headers().items() if k.lower() not in given}, **self.headers}
+
+    def request_headers(self, file: str | None = None) -> dict[str, str]:
+        """Headers sent with every request: the public ones, then the secret headers read from the
+        environment now."""
+        return {**self.public_headers(), **self.secret_header_values(file)}
 
 
 class PromptConfig(Section):
@@ -103,6 +185,11 @@ class PromptConfig(Section):
     images: list[str] = Field(default_factory=list, description="Columns holding images (URL, path, bytes, list).")
     image_detail: Literal["auto", "low", "high"] = "auto"
     image_max_side: int | None = Field(None, ge=16, description="Downscale local images to this longest side.")
+    image_roots: list[str] = Field(
+        default_factory=list,
+        description="More folders local image paths may resolve into (relative to the config file); the input "
+                    "file's folder is always allowed, anything else in a row is refused.",
+    )
 
     @model_validator(mode="after")
     def _has_prompt(self) -> "PromptConfig":
@@ -216,6 +303,32 @@ class OutputConfig(Section):
     dir: str
     fsync_interval_s: float = Field(1.0, gt=0, le=60)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    metrics_file: str | None = Field(
+        None, description="Write the job's figures here in the Prometheus text format (node_exporter's textfile "
+                          "collector), atomically, every 30 s during a run and at its end.",
+    )
+    # -- object storage (pipeline/read/storage.py) --
+    publish: str | None = Field(
+        None, description="An s3:// or gs:// folder: the local engine copies results.parquet, failures.parquet "
+                          "and summary.json there at the end, each file complete or not at all.")
+    storage_options: dict[str, Union[str, int, float, bool]] = Field(
+        default_factory=dict, description="Filesystem arguments for output.publish and an object-store output.dir.")
+
+
+class NotifyConfig(Section):
+    webhook: str | None = Field(None, description="POST the run record (JSON) to this URL when a run ends.")
+    on: list[Literal["failure", "success"]] = Field(
+        default_factory=lambda: ["failure"], description="When to POST: failure (exit code not 0), success (exit 0).",
+    )
+    timeout_s: float = Field(10.0, gt=0, le=300, description="Time one POST may take.")
+    retries: int = Field(3, ge=0, le=10, description="Further POSTs when the receiver cannot be reached or answers 5xx.")
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return v
 
 
 class CacheConfig(Section):
@@ -223,25 +336,32 @@ class CacheConfig(Section):
 
 
 class Price(Section):
-    input_per_m: float = Field(ge=0)
-    output_per_m: float = Field(ge=0)
-    per_image: float = Field(0.0, ge=0)
+    """A model's price in USD, overriding the genai-prices library (pipeline/models/prices.py)."""
+
+    input_per_m: float = Field(ge=0, description="Per million prompt tokens.")
+    output_per_m: float = Field(ge=0, description="Per million completion tokens.")
+    per_image: float = Field(0.0, ge=0, description="Per input image, for providers that bill images apart.")
+    cached_input_per_m: float | None = Field(
+        None, ge=0, description="Per million cached prompt tokens (usage.prompt_tokens_details); absent: input_per_m.")
+    batch_input_per_m: float | None = Field(
+        None, ge=0, description="Batch API price per million prompt tokens; absent: half of input_per_m.")
+    batch_output_per_m: float | None = Field(
+        None, ge=0, description="Batch API price per million completion tokens; absent: half of output_per_m.")
 
 
 class RunConfig(Section):
     grace_period_s: float = Field(30.0, ge=0, description="How long in-flight requests may finish on Ctrl-C.")
     progress: bool = True
+    progress_interval_s: float = Field(
+        30.0, gt=0, le=3600, description="When stderr is not a terminal (cron, a log file): one plain status line "
+                                         "this often instead of a redrawn bar.",
+    )
 
-
-BUILTIN_PRICES: dict[str, Price] = {
-    "openai/gpt-4-turbo": Price(input_per_m=10, output_per_m=30),
-    "gpt-4-turbo": Price(input_per_m=10, output_per_m=30),
-    "gpt-4-turbo-2024-04-09": Price(input_per_m=10, output_per_m=30),
-    "openai/gpt-4o": Price(input_per_m=2.5, output_per_m=10),
-    "gpt-4o": Price(input_per_m=2.5, output_per_m=10),
-    "openai/gpt-4o-mini": Price(input_per_m=0.15, output_per_m=0.6),
-    "gpt-4o-mini": Price(input_per_m=0.15, output_per_m=0.6),
-}
+    # -- the Ray engine (pipeline/engines/ray/) --
+    engine: Literal["local", "ray"] = Field("local", description="local: one process; ray: Ray Data actors.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); default: start a local instance.")
+    workers: int = Field(4, ge=1, le=4096, description="Ray engine: actors sending requests (limits are shared).")
 
 
 class Config(Section):
@@ -254,8 +374,10 @@ class Config(Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     output: OutputConfig
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    prices: dict[str, Price] = Field(default_factory=dict, description="Model -> price; adds to built-ins.")
+    prices: dict[str, Price] = Field(
+        default_factory=dict, description="Model -> price; overrides the genai-prices library's table.")
     run: RunConfig = Field(default_factory=RunConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     # Where the config came from; not part of the YAML.
     source: str = Field("<dict>", exclude=True)
@@ -268,8 +390,11 @@ class Config(Section):
 
     def api_key(self) -> str:
         """The key from the environment; a clear error (never the value) when it is missing."""
+        from .send import redact
+
         if self.endpoint.base_url == "simulator":
-            return os.environ.get(self.endpoint.api_key_env) or "sk-simulator"
+            self.endpoint.secret_header_values(self.source)
+            return redact.register(os.environ.get(self.endpoint.api_key_env) or "sk-simulator")
         key = os.environ.get(self.endpoint.api_key_env, "").strip()
         if not key:
             raise ConfigError(
@@ -278,17 +403,20 @@ class Config(Section):
                 key="endpoint.api_key_env",
                 file=self.source,
             )
-        return key
-
-    def price(self, model: str) -> Price | None:
-        return self.prices.get(model) or BUILTIN_PRICES.get(model)
+        if not _header_safe(key):
+            raise ConfigError(f"the value of {self.endpoint.api_key_env} holds a line break or a character an "
+                              "HTTP header cannot carry (printable ASCII only)", key="endpoint.api_key_env",
+                              file=self.source)
+        self.endpoint.secret_header_values(self.source)  # every secret the run needs, checked at start
+        return redact.register(key)
 
     def request_config(self) -> dict[str, Any]:
-        """Everything that changes what is asked, as plain JSON; limits, budget and output may change freely."""
+        """Everything that shapes what is asked: the job's identity, as plain JSON. The input is data (it may
+        grow or change between runs), and limits, budget, output, carried columns and progress may change
+        freely."""
         keep = {
-            "input": self.input.model_dump(exclude={"batch_size"}),
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
-            "prompt": self.prompt.model_dump(),
+            "prompt": self.prompt.model_dump(exclude={"image_roots"}),  # where files may be read, not what is asked
             "params": self.params.model_dump(exclude_none=True),
             "structured": self.structured.model_dump(by_alias=True) if self.structured else None,
         }
@@ -322,7 +450,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError("config file not found (give the path to a .yaml file)", file=name)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            raw = yaml_loader.load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"not valid YAML: {exc}", file=name) from None
         if not isinstance(raw, dict):
@@ -330,12 +458,16 @@ def load_config(
         base = path.resolve().parent
     for key, value in _normalise_overrides(overrides).items():
         _set_dotted(raw, key, value, name)
+    yaml_loader.check_shape(raw, name)  # before validation and the fingerprint walk it recursively
     try:
         cfg = Config.model_validate({**raw, "source": name})
     except ValidationError as exc:
         raise ConfigError(_explain(exc, raw), file=name) from None
     _resolve_paths(cfg, base)
     _check_budget_price(cfg)
+    from .build.templates import check_prompt  # compiled before any input is read or anything is sent
+
+    check_prompt(cfg.prompt, name)
     return cfg
 
 
@@ -343,12 +475,12 @@ def _check_budget_price(cfg: Config) -> None:
     """A budget is only enforceable when the worst case of a request in flight can be priced."""
     if cfg.budget.max_cost_usd is None:
         return
+    from .models.prices import find_price, missing_price_hint  # the library loads only when a budget is set
+
     for model in [cfg.endpoint.model, *(cfg.params.models or [])]:
-        if cfg.price(model) is None:
-            raise ConfigError(
-                f"needs a price for {model!r} to count requests in flight at their maximum "
-                f"cost; add prices: {{{model!r}: {{input_per_m: ..., output_per_m: ...}}}} (USD per million tokens)",
-                key="budget.max_cost_usd", file=cfg.source)
+        if find_price(cfg, model) is None:
+            raise ConfigError(f"needs a price for {model!r} to count requests in flight at their maximum cost; "
+                              + missing_price_hint(model), key="budget.max_cost_usd", file=cfg.source)
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
@@ -366,7 +498,7 @@ def _normalise_overrides(overrides: Union[list[str], dict[str, Any], None]) -> d
         if not sep or not key.strip():
             raise ConfigError(f"--set takes KEY=VALUE with a dotted key (e.g. output.dir=/tmp/x), got {item!r}")
         try:
-            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+            out[key.strip()] = yaml_loader.load(text) if text.strip() else ""
         except yaml.YAMLError:
             out[key.strip()] = text
     return out
@@ -399,7 +531,9 @@ def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
             lines.append(f"{dotted}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{dotted}: {msg} (got {_short(err.get('input'))})")
+            # Header values may be credentials: never echo them into a message.
+            got = "" if dotted.startswith("endpoint.headers") else f" (got {_short(err.get('input'))})"
+            lines.append(f"{dotted}: {msg}{got}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -435,10 +569,15 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         expanded = os.path.expanduser(p)
         return os.path.normpath(expanded if os.path.isabs(expanded) else str(base / expanded))
 
-    cfg.input.path = resolve(cfg.input.path)
-    cfg.output.dir = resolve(cfg.output.dir)
+    if "://" not in cfg.input.path:  # object-store URIs are absolute already
+        cfg.input.path = resolve(cfg.input.path)
+    if "://" not in cfg.output.dir:
+        cfg.output.dir = resolve(cfg.output.dir)
+    if cfg.output.metrics_file:
+        cfg.output.metrics_file = resolve(cfg.output.metrics_file)
     if cfg.cache.dir:
         cfg.cache.dir = resolve(cfg.cache.dir)
+    cfg.prompt.image_roots = [resolve(r) for r in cfg.prompt.image_roots]
     if cfg.structured and isinstance(cfg.structured.schema_, str):
         # Load the file now so the job fingerprint covers the schema's content, not its path.
         path = Path(resolve(cfg.structured.schema_))
@@ -446,9 +585,16 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
             loaded = orjson.loads(path.read_bytes())
         except FileNotFoundError:
             raise ConfigError(f"schema file {path} not found", key="structured.schema", file=cfg.source) from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a folder; give the path to a JSON Schema file (.json)",
+                              key="structured.schema", file=cfg.source) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read schema file {path}: {exc.strerror or exc}", key="structured.schema",
+                              file=cfg.source) from None
         except orjson.JSONDecodeError as exc:
             raise ConfigError(f"schema file {path} is not valid JSON: {exc}", key="structured.schema",
                               file=cfg.source) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"schema file {path} must hold a JSON object", key="structured.schema", file=cfg.source)
+        yaml_loader.check_shape(loaded, cfg.source, "structured.schema")
         cfg.structured.schema_ = loaded

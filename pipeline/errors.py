@@ -6,7 +6,10 @@
     │   ├── InputError          names the input file and row or line
     │   ├── JobChangedError     the output dir holds answers to a different job
     │   ├── StoreLockedError    another runner owns the output dir
+    │   ├── StoreDamagedError   store.sqlite is not a readable database: set it aside (the message says how)
+    │   ├── UnsafePathError     a link (or a non-plain file) where the runner would write in the output dir
     │   └── StateVersionError   the output dir was written by a newer version of the pipeline
+    ├── InputChangedError       an input file changed while it was read: stopped unmixed (exit 3)
     ├── RowError                one input row cannot become a request (a failure row, the run goes on)
     ├── RequestError            what one attempt of one request ended in (status, code, retry-after)
     │   ├── TransientError      retry with jittered backoff (408, 5xx, timeouts, resets, 200-with-error)
@@ -22,8 +25,10 @@
     ├── InternalError           a broken invariant of our own: a bug, not the user's doing (exit 70)
     └── Stopped                 dispatch has stopped; the request stays pending (never leaves the engine)
 
-Every error carries typed fields and a message that says what to do next. No message may ever contain
-the API key: errors are built from status codes and response bodies, never from request headers.
+An InternalError, or any other exception that escapes a command, is a bug: exit 70 (EXIT_INTERNAL),
+the traceback in a file (diagnosis.py). Every error carries typed fields and a message that says what
+to do next. No message may ever contain the API key: errors are built from status codes and response
+bodies, never from request headers, and the transport scrubs echoed secrets from them (send/redact.py).
 A run stops on a `FatalReply` or a `RunFatalError`; both carry `hint`, the next step to print.
 """
 from __future__ import annotations
@@ -36,7 +41,7 @@ EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
-EXIT_INTERNAL = 70
+EXIT_INTERNAL = 70  # a bug: the store is consistent; re-run after the fix (diagnosis.report_internal)
 EXIT_INTERRUPTED = 130
 
 
@@ -93,8 +98,32 @@ class StoreLockedError(UsageError):
     """Another live process is writing the same output directory."""
 
 
+class StoreDamagedError(UsageError):
+    """store.sqlite cannot be read as a database: it must be set aside by hand (the message says how)."""
+
+
+class UnsafePathError(UsageError):
+    """Something in the output folder is a link (or otherwise not ours to write); nothing was written."""
+
+
 class StateVersionError(UsageError):
     """The store or manifest was written by a newer version: reading it could silently go wrong."""
+
+
+class InputChangedError(PipelineError):
+    """An input file changed while this run read it (another job still writing it, or overwriting it).
+
+    Raised before any row of the new version is used, so the outputs never mix two versions. Exit 3:
+    what was answered is kept; re-run once the file is complete (only new requests are sent)."""
+
+    exit_code = EXIT_STOPPED
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path}: the input file changed while it was being read ({what}); stopped before rows of two "
+            "versions could mix. Re-run once whatever writes it has finished (answers so far are kept)."
+        )
 
 
 class RowError(PipelineError):

@@ -1,10 +1,11 @@
 """Rows into request bodies: Jinja templates over columns and image parts (the request itself: request.py).
 
-Templates are compiled once with StrictUndefined, so a missing column fails the row instead of
-silently sending an empty prompt, and a value printed by `{{ ... }}` that is null fails it too ("null
-in column X"); a null tested in `{% if x %}` is fine. `Renderer.check_columns(scan.columns)` turns a
-template variable (or image / messages / from_columns column) that no input column provides into one
-ConfigError before anything is sent, instead of a failure on every row.
+Templates are compiled once in Jinja's immutable sandbox (templates.py) with StrictUndefined, so a
+missing column fails the row instead of silently sending an empty prompt, and a value printed by
+`{{ ... }}` that is null fails it too ("null in column X"); a null tested in `{% if x %}` is fine.
+`Renderer.check_columns(scan.columns)` turns a template variable (or image / messages / from_columns
+column) that no input column provides into one ConfigError before anything is sent, instead of a
+failure on every row.
 
 The body holds the model, the messages, and exactly the params set in the config (absent ones stay
 absent so the provider's defaults apply), `params.extra` at the top level, and per-row values from
@@ -12,6 +13,8 @@ absent so the provider's defaults apply), `params.extra` at the top level, and p
 from the config (tools, provider, ...) are shared between bodies: build new ones, never mutate them.
 With `prompt.messages_column` the column's messages are sent; `prompt.system` is prepended when they
 have no system message and `prompt.user`, when also set, is appended as a final user message.
+Prompt tokens are counted by `self.tokens` (build/tokens.py) once per distinct request, after shaping;
+rendering counts a row only when a cheap bound says it might not fit the context window.
 """
 from __future__ import annotations
 
@@ -21,16 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import jinja2
-import jinja2.meta
 import orjson
 
 from ..config import Config
 from ..errors import ConfigError, RowError
 from ..models.catalog import context_window, max_output_tokens
+from . import templates
 from .images import ImageEncoder
+from .tokens import TokenCounter
 
-TOKENS_PER_MESSAGE = 4
-REPLY_PRIMING_TOKENS = 3
 _INT_PARAMS = frozenset({"seed", "max_tokens", "max_completion_tokens", "top_logprobs", "n", "top_k"})
 _NUM_PARAMS = frozenset({"temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
                          "min_p", "top_a"})
@@ -39,11 +41,11 @@ _OWN_FIELDS = ("extra", "from_columns", "stream", "models", "provider", "logit_b
 
 @dataclass(slots=True)
 class RenderedRow:
-    """One row as a request body, before structured shaping; its prompt estimate includes the images."""
+    """One row as a request body, before structured shaping, with its images' tokens (the tile rule)."""
 
     body: dict[str, Any]
-    est_prompt_tokens: int
     max_tokens: int | None
+    image_tokens: int = 0  # by the tile rule; text tokens are counted on the body as sent
 
 
 class _NullValue(Exception):
@@ -81,11 +83,12 @@ class Renderer:
         self._system_text = self._constant(self._system, "prompt.system")
         self._messages_col = p.messages_column
         self._image_cols = list(p.images)
-        self._images = ImageEncoder(p.image_detail, p.image_max_side)
+        self._images = ImageEncoder(p.image_detail, p.image_max_side, p.image_roots)
         self._input_dir = input_dir or os.getcwd()
         self._from_columns = list(cfg.params.from_columns.items())
         self._static = self._static_body()
         self._context = context_window(cfg.endpoint.model)
+        self.tokens = TokenCounter(cfg.endpoint.model)
         self._max_output = max_output_tokens(cfg.endpoint.model)
         if cfg.params.max_tokens is not None and self._max_output and cfg.params.max_tokens > self._max_output:
             raise ConfigError(f"{cfg.params.max_tokens} is more than {cfg.endpoint.model} can produce "
@@ -96,13 +99,8 @@ class Renderer:
     def _compile(self, source: str | None, key: str) -> jinja2.Template | None:
         if not source:
             return None
-        try:
-            ast = self._env.parse(source)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ConfigError(f"template syntax error on line {exc.lineno}: {exc.message}", key=key,
-                              file=self.cfg.source) from None
-        self.variables[key] = set(jinja2.meta.find_undeclared_variables(ast)) - set(self._env.globals)
-        return self._env.from_string(ast)
+        template, self.variables[key] = templates.compile_template(self._env, source, key, self.cfg.source)
+        return template
 
     def _constant(self, template: jinja2.Template | None, key: str) -> str | None:
         """The text of a template that uses no column, rendered once (a fixed system prompt, typically)."""
@@ -185,13 +183,13 @@ class Renderer:
                 if field == "max_tokens" and self._max_output and body[field] > self._max_output:
                     raise RowError(f"column {column!r} gives max_tokens={body[field]}, more than {body['model']} can "
                                    f"produce ({self._max_output})", file=origin[0], row=origin[1], reason="param")
-        est = estimate_prompt_tokens(body, image_tokens)
-        if est > self._context:
+        if self.tokens.upper_bound(body, image_tokens) > self._context and \
+                (est := self.tokens.count(body, image_tokens)) > self._context:
             raise RowError(f"the prompt is about {est:,} tokens, over the {self._context:,}-token context window of "
                            f"{body['model']}; shorten this row's text or images", file=origin[0], row=origin[1],
                            reason="context")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        return RenderedRow(body, est, max_tokens if type(max_tokens) is int else None)
+        return RenderedRow(body, max_tokens if type(max_tokens) is int else None, image_tokens)
 
     def _text(self, template: jinja2.Template, key: str, row: dict[str, Any], origin: tuple[str, int]) -> str:
         try:
@@ -272,9 +270,9 @@ class Renderer:
 
 
 def template_environment() -> jinja2.Environment:
-    """The one Jinja environment prompts compile in (undefined columns and printed nulls fail the row)."""
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, finalize=_no_null, autoescape=False,
-                              keep_trailing_newline=True)
+    """The one Jinja environment prompts compile in: the immutable sandbox (templates.py); undefined
+    columns and printed nulls fail the row."""
+    return templates.environment(finalize=_no_null)
 
 
 def _render(template: jinja2.Template, row: dict[str, Any], env_globals: dict[str, Any]) -> str:
@@ -298,24 +296,3 @@ def _param(field: str, value: Any, column: str, origin: tuple[str, int]) -> Any:
     return value
 
 
-def estimate_prompt_tokens(body: dict[str, Any], image_tokens: int = 0) -> int:
-    """Prompt tokens, estimated: text chars/4, ~4 per message, plus schemas/tools and the images given.
-
-    Image parts are skipped (a data URL's length says nothing about its cost); pass their tokens.
-    """
-    chars = 0
-    messages = body.get("messages") or ()
-    for m in messages:
-        content = m.get("content")
-        if type(content) is str:
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "text":
-                    chars += len(part.get("text") or "")
-        if "tool_calls" in m:
-            chars += len(orjson.dumps(m["tool_calls"]))
-    for key in ("tools", "response_format", "functions"):
-        if key in body:
-            chars += len(orjson.dumps(body[key]))
-    return (chars + 3) // 4 + TOKENS_PER_MESSAGE * len(messages) + REPLY_PRIMING_TOKENS + image_tokens

@@ -107,7 +107,7 @@ class Core:
                  rng: random.Random | None = None) -> None:
         self.cfg, self.renderer, self.answers, self.progress = cfg, renderer, answers, progress
         self.stats = stats or Stats()
-        self.builder = RequestBuilder(cfg.endpoint.base_url, plan)
+        self.builder = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens)
         budget = budget or Budget(cfg.budget.max_cost_usd, spent_before)
         self.dispatcher = Dispatcher(cfg, transport, answers, limiter, plan, stats=self.stats, budget=budget,
                                      builder=self.builder, rng=rng)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..config import InputConfig
 from ..errors import InputError
+from . import storage
 
 _EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _FORCED_EXTENSIONS = {"parquet": (".parquet", ".pq"), "jsonl": (".jsonl", ".ndjson", ".json")}
@@ -38,6 +39,9 @@ class File:
     rows: int = 0
     schema: pa.Schema | None = None
     rg_starts: tuple[int, ...] = ()
+    stamp: tuple[int, int, int] | None = None   # (size, mtime_ns, inode) when the scan read it
+    content_hash: bytes = b""                   # Parquet only: the file's bytes, hashed by the scan
+    options: dict[str, Any] | None = None  # input.storage_options, for s3:// and gs:// paths
 
 
 def parse(raw: bytes, line: int) -> dict[str, Any] | str:
@@ -57,8 +61,8 @@ def parse(raw: bytes, line: int) -> dict[str, Any] | str:
     return obj
 
 
-def jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    with open_binary(path) as fh:
+def jsonl_objects(path: str, options: dict[str, Any] | None = None) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    with open_binary(path, options) as fh:
         for line, raw in enumerate(fh, 1):
             if not raw.isspace():
                 yield line, parse(raw, line)
@@ -104,23 +108,29 @@ def arrow_ids(col: pa.Array | pa.ChunkedArray, path: str, column: str, first_row
 
 def parquet_ids(f: File, column: str) -> Iterator[tuple[int, list[str]]]:
     """(first row, ids) per chunk, reading only the id column."""
-    with pq.ParquetFile(f.path) as pf:
+    with parquet_file(f) as pf:
         row = 0
         for batch in pf.iter_batches(batch_size=PQ_CHUNK, columns=[column]):
             yield row, arrow_ids(batch.column(0), f.path, column, first_row=row)
             row += len(batch)
 
 
-def open_binary(path: str) -> Any:
+def open_binary(path: str, options: dict[str, Any] | None = None) -> Any:
+    if storage.is_remote(path):
+        return storage.open_input(path, options)
     try:
         return open(path, "rb", buffering=1 << 20)
     except OSError as exc:
         raise InputError(f"cannot read the file: {exc.strerror or exc}", file=path) from None
 
 
+def parquet_file(f: File) -> pq.ParquetFile:
+    return pq.ParquetFile(storage.open_random(f.path, f.options) if storage.is_remote(f.path) else f.path)
+
+
 class JsonlReader:
-    def __init__(self, path: str) -> None:
-        self.fh = open_binary(path)
+    def __init__(self, path: str, options: dict[str, Any] | None = None) -> None:
+        self.fh = open_binary(path, options)
         self.line = self.row = 0   # physical lines and non-blank lines consumed
 
     def read(self, row: int, n: int, ck_offset: int, ck_line: int) -> list[tuple[int, bytes]]:
@@ -149,7 +159,7 @@ class ParquetReader:
 
     def __init__(self, f: File) -> None:
         self.f = f
-        self.pf = pq.ParquetFile(f.path)
+        self.pf = parquet_file(f)
         self.it: Iterator[pa.RecordBatch] | None = None
         self.buf: pa.RecordBatch | None = None
         self.buf_start = self.next_start = 0
@@ -180,9 +190,58 @@ class ParquetReader:
         self.pf.close()
 
 
+# What JobDir creates first (state/jobdir.py): a folder holding these is a job's output folder.
+_JOB_MARKERS = ("store.sqlite", "manifest.json", ".lock")
+_JOB_OUTPUTS = frozenset({"results.parquet", "failures.parquet", "summary.json", "manifest.json"})
+
+
+def is_job_dir(folder: str) -> bool:
+    """A pipeline output folder: parts/ beside a store, manifest or lock (a --force-new `previous-*` too)."""
+    return os.path.isdir(os.path.join(folder, "parts")) and any(
+        os.path.lexists(os.path.join(folder, m)) for m in _JOB_MARKERS)
+
+
+def _outside_job_dirs(matched: list[str], pattern: str) -> list[str]:
+    """Files a folder or glob matched, minus those a job's output folder holds.
+
+    Our own outputs (results.parquet, parts/) under the input folder or a recursive glob would otherwise be
+    read back as input on the next run. A job folder below the pattern's fixed part is skipped whole; when
+    the input folder is itself a job's output.dir, only the job's own files are (its outputs, parts/ and
+    previous-*/), so the input beside them is still read. A file named explicitly is never filtered:
+    reading another job's results.parquet on purpose is fine."""
+    fixed = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+    root = os.path.abspath(fixed if os.path.isdir(fixed) else os.path.dirname(fixed) or ".")
+    root_is_job = is_job_dir(root)
+    verdict: dict[str, bool] = {}
+
+    def below_job(folder: str) -> bool:  # folder is strictly below root
+        if folder not in verdict:
+            parent = os.path.dirname(folder)
+            if parent == root:
+                own = root_is_job and (os.path.basename(folder) == "parts" or
+                                       os.path.basename(folder).startswith("previous-"))
+                verdict[folder] = own or is_job_dir(folder)
+            else:
+                verdict[folder] = is_job_dir(folder) or (parent != folder and below_job(parent))
+        return verdict[folder]
+
+    def skip(p: str) -> bool:
+        folder = os.path.dirname(os.path.abspath(p))
+        if folder == root:
+            return root_is_job and os.path.basename(p) in _JOB_OUTPUTS
+        return folder.startswith(root + os.sep) and below_job(folder)
+
+    return [p for p in matched if not skip(p)]
+
+
 def resolve(cfg: InputConfig) -> list[File]:
     path, forced = cfg.path, (None if cfg.format == "auto" else cfg.format)
-    if os.path.isfile(path):
+    listed: dict[str, int] | None = None  # object storage: size per URI, as the listing said
+    if storage.is_remote(path):
+        found, explicit = storage.expand(path, cfg.storage_options)
+        matched, listed = [u for u, _ in found], dict(found)
+        problem = f"no {_SUPPORTED} files {'match this pattern' if explicit else 'in this folder'}"
+    elif os.path.isfile(path):
         matched, explicit = [path], True
         problem = f"unsupported file type; supported: {_SUPPORTED} (or set input.format)"
     elif os.path.isdir(path):
@@ -194,29 +253,37 @@ def resolve(cfg: InputConfig) -> list[File]:
     else:
         raise InputError("input file or folder not found (input.path is resolved against the config's folder)",
                          file=path)
+    if not os.path.isfile(path):
+        kept = _outside_job_dirs(matched, path)
+        if len(kept) < len(matched):
+            problem += " (files inside pipeline output folders are never read as input)"
+        matched = kept
     files = []
     for p in matched:
         ext = os.path.splitext(p)[1].lower()
         # A forced format applies to whatever a path or pattern names; in a folder it picks the extensions.
         kind = (forced if explicit or ext in _FORCED_EXTENSIONS[forced] else None) if forced else _EXTENSIONS.get(ext)
-        if kind and os.path.isfile(p):
-            files.append(File(p, kind))
+        if kind and (listed is not None or os.path.isfile(p)):
+            files.append(File(p, kind, options=cfg.storage_options if listed is not None else None))
     if not files:
         seen = ", ".join(os.path.basename(p) for p in matched[:5]) if matched != [path] else ""
         raise InputError(problem + (f"; found only {seen}" if seen else ""), file=path)
-    if all(os.path.getsize(f.path) == 0 for f in files):
+    if all((listed[f.path] if listed is not None else os.path.getsize(f.path)) == 0 for f in files):
         raise InputError("the input is empty", file=path)
     names = [os.path.basename(f.path) for f in files]
-    if len(set(names)) < len(names):  # bad-row ids must stay unique across same-named files
+    if len(set(names)) < len(names) and listed is not None:  # object keys: the part below the common prefix
+        root = os.path.commonpath([f.path.split("://", 1)[1] for f in files])
+        names = [os.path.relpath(f.path.split("://", 1)[1], root) for f in files]
+    elif len(set(names)) < len(names):  # bad-row ids must stay unique across same-named files
         root = os.path.commonpath([os.path.abspath(f.path) for f in files])
         names = [os.path.relpath(os.path.abspath(f.path), root) for f in files]
     for f, name in zip(files, names):
         f.name = name
         if f.kind == "jsonl":
-            open_binary(f.path).close()
+            open_binary(f.path, f.options).close()
             continue
         try:
-            with pq.ParquetFile(f.path) as pf:
+            with parquet_file(f) as pf:
                 meta = pf.metadata
                 f.schema, f.rows = pf.schema_arrow, meta.num_rows
                 sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]

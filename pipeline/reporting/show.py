@@ -2,14 +2,15 @@
 
 The store keeps answers, not request bodies (a body is ~1-2 KB; keeping one per row would add a
 gigabyte to a 1M-row store for a view used on a handful of rows). The body is instead re-rendered with
-the runner's own request builder (`RequestBuilder.build_batch`) from the job's config and the input row, and then *proved*:
-the request key is sha256(base_url, body), so when the re-rendered key equals the key stored with the
+the runner's own builder (`RequestBuilder.build_batch`) from the job's config and the input row, and then
+*proved*: the request key is sha256(base_url, body), so when the re-rendered key equals the key stored with the
 answer, the body shown is byte for byte the one that was sent. When it does not (the config file or the
 input changed since), the body is shown marked as unverified, never passed off as the real one.
 
 Config candidates, first match of the job fingerprint wins: --config, the command recorded in the
 manifest (config path plus its --set items), the manifest's config path, the manifest's request section.
-The API key is never read: the Authorization header is shown redacted.
+The API key and the secret headers are never read: the Authorization header and every
+endpoint.secret_headers entry are shown redacted.
 """
 from __future__ import annotations
 
@@ -126,13 +127,14 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
     for mode in modes:
         if plan is not None:
             plan.mode = mode
-        built = RequestBuilder(cfg.endpoint.base_url, plan).build_batch(batch, renderer)
+        built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
         outcomes, keys, jobs = built.failures, built.keys, built.requests
         if keys[i] is None:
             return {"note": f"the row does not render: {getattr(outcomes[i], 'message', '')}", "verified": False}
         job = jobs[keys[i]]
         shown = {"method": "POST", "url": _url(cfg.endpoint.base_url),
-                 "headers": {"Authorization": REDACTED, **cfg.endpoint.request_headers()},
+                 "headers": {"Authorization": REDACTED, **cfg.endpoint.public_headers(),
+                             **{name: "[redacted]" for name in cfg.endpoint.secret_headers}},
                  "body": _short_data_urls(orjson.loads(job.payload)), "key": keys[i], "mode": mode}
         if key is None or keys[i] == key:
             return {**shown, "verified": key is not None,

@@ -1,8 +1,9 @@
 """What a request costs, and the budget that caps the job's cost.
 
 Cost of an answer (`read_usage`): `usage.cost` when the endpoint reports it (OpenRouter; plus the
-upstream cost a BYOK key is billed separately), else the price of the model served (per million input /
-output tokens, per image where priced). A body without any usage (a stream cut off after its last
+upstream cost a BYOK key is billed separately), else the price of the model served (models/prices.py: the
+config's `prices:` override, else the genai-prices library; per million input / cached input / output
+tokens, per image where priced). A body without any usage (a stream cut off after its last
 token) is costed from the prompt estimate and the answer's length rather than as free, so the budget
 still sees it. Prices are looked up through `find_price` only.
 
@@ -22,12 +23,13 @@ from typing import Any
 
 import orjson
 
-from ..config import Config, Price
+from ..config import Config
 from ..errors import BudgetExceeded, Stopped
 from ..models.catalog import context_window, max_output_tokens
+from ..models.prices import cost_of, find_price, warn_unpriced
 
-# Our prompt estimate counts ~4 characters a token; real tokenizers differ by some percent on ordinary
-# text and more on code or non-English text. The worst case must not be an underestimate.
+# Prompt counts are exact for OpenAI models (build/tokens.py) but only calibrated for the others, and
+# uncalibrated before a job's first answers. The worst case must not be an underestimate.
 PROMPT_SAFETY = 1.25
 
 
@@ -97,18 +99,9 @@ def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0
         return cost
     price = find_price(cfg, model) or find_price(cfg, cfg.endpoint.model)
     if price is None:
+        warn_unpriced(model)
         return 0.0
-    return (
-        int(usage.get("prompt_tokens") or 0) * price.input_per_m / 1e6
-        + int(usage.get("completion_tokens") or 0) * price.output_per_m / 1e6
-        + n_images * price.per_image
-    )
-
-
-def find_price(cfg: Config, model: str) -> Price | None:
-    """The price of a model name as served: exact, then without the 'vendor/' prefix, then with 'openai/'."""
-    bare = model.rsplit("/", 1)[-1]
-    return cfg.price(model) or cfg.price(bare) or cfg.price(f"openai/{bare}")
+    return cost_of(price, usage, n_images)
 
 
 def worst_output_tokens(cfg: Config, est_prompt: int, max_tokens: int | None) -> int:

@@ -1,20 +1,21 @@
 """Results, failures and the summary, written so that every input row lands exactly once.
 
-Each input batch, once all its rows are resolved, becomes two part files (`parts/NNNNNNNN.f.parquet`
-then `parts/NNNNNNNN.r.parquet`, each written to a temp file and renamed; the results part is the
-batch's completion mark). A resume skips batches whose part exists without re-reading or re-rendering
-them. At the end (and on interruption) the parts are concatenated in batch order into
-`results.parquet` and `failures.parquet`, again via temp file + rename, so readers never see a torn
-file and an interrupted merge leaves the previous outputs intact.
+Each input batch, once all its rows are resolved, becomes two part files (`parts/NAME.f.parquet`
+then `parts/NAME.r.parquet`, NAME being the batch's content name (state/jobdir.py part_names), each
+written to a temp file and renamed; the results part is the batch's completion mark). A later run
+reuses the part of an unchanged batch without rendering it. At the end (and on interruption) the parts
+of this run's batches are concatenated in input order into `results.parquet` and `failures.parquet`,
+again via temp file + rename, so readers never see a torn file and an interrupted merge leaves the
+previous outputs intact.
 """
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import polars as pl
@@ -22,10 +23,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..build.schema import arrow_type, to_arrow
+from ..errors import UsageError
+from ..send import redact
+from ..state import safefs
 from ..state.store import Record
 
-PART_RE = re.compile(r"^(\d{8})\.r\.parquet$")
-PARTIAL_RE = re.compile(r"^(\d{8})\.p[rf]\.parquet$")
+T = TypeVar("T")
+PART_RE = re.compile(r"^([0-9a-f]{16})\.r\.parquet$")
+PARTIAL_RE = re.compile(r"^([0-9a-f]{16})\.p[rf]\.parquet$")
+# Any part file of any format (older jobs numbered their parts): what pruning may remove.
+ANY_PART_RE = re.compile(r"^([0-9a-f]{8,16})\.p?[rf]\.parquet(?:\.tmp)?$")
 
 LOGPROB_TYPE = pa.list_(pa.struct([
     ("token", pa.string()), ("logprob", pa.float64()),
@@ -58,7 +65,7 @@ class RowFailure:
 
 def write_part(
     parts_dir: Path,
-    index: int,
+    name: str,
     layout: OutputColumns,
     carried: pa.Table,
     outcomes: Sequence[Record | RowFailure | None],
@@ -70,7 +77,7 @@ def write_part(
     """
     results, failures = part_tables(layout, carried, outcomes)
     partial = any(o is None for o in outcomes)
-    stem = parts_dir / f"{index:08d}"
+    stem = parts_dir / name
     r, f = ("pr", "pf") if partial else ("r", "f")
     _atomic_parquet(failures, Path(f"{stem}.{f}.parquet"), layout.compression)
     _atomic_parquet(results, Path(f"{stem}.{r}.parquet"), layout.compression)
@@ -100,10 +107,12 @@ def drop_partial_parts(parts_dir: Path) -> None:
                 os.unlink(parts_dir / name)
 
 
-def done_parts(parts_dir: Path) -> set[int]:
+def done_parts(parts_dir: Path) -> set[str]:
+    """Finished batches: their results part is a regular file (a link planted in parts/ counts for nothing)."""
     if not parts_dir.is_dir():
         return set()
-    return {int(m.group(1)) for name in os.listdir(parts_dir) if (m := PART_RE.match(name))}
+    with os.scandir(parts_dir) as entries:
+        return {m.group(1) for e in entries if (m := PART_RE.match(e.name)) and e.is_file(follow_symlinks=False)}
 
 
 def _rename_carried(carried: pa.Table, layout: OutputColumns) -> pa.Table:
@@ -163,9 +172,9 @@ def _failures_table(carried: pa.Table, outcomes: list[Record | RowFailure], layo
     cols = {
         "error_class": pa.array([o.error_class for o in outcomes], pa.string()),
         "status": pa.array([get(o, "status") for o in outcomes], pa.int64()),
-        "message": pa.array([o.message for o in outcomes], pa.string()),
+        "message": pa.array([redact.scrub_any(o.message) for o in outcomes], pa.string()),
         "attempts": pa.array([get(o, "attempts") or 0 for o in outcomes], pa.int64()),
-        "content": pa.array([get(o, "content") for o in outcomes], pa.string()),
+        "content": pa.array([redact.scrub_any(get(o, "content")) for o in outcomes], pa.string()),
         "cost_usd": pa.array([get(o, "cost_usd") or 0.0 for o in outcomes], pa.float64()),
         "request_key": pa.array([get(o, "key") for o in outcomes], pa.string()),
     }
@@ -179,42 +188,57 @@ def _failures_table(carried: pa.Table, outcomes: list[Record | RowFailure], layo
 
 
 def _atomic_parquet(table: pa.Table, path: Path, compression: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression=None if compression == "none" else compression)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with safefs.atomic_writer(path) as fh:  # never through a link planted in the output folder
+        pq.write_table(table, fh, compression=None if compression == "none" else compression)
 
 
-def merge_parts(parts_dir: Path, out_dir: Path, compression: str) -> tuple[int, int]:
-    """Concatenate the parts in batch order into results.parquet and failures.parquet (bounded memory)."""
+def merge_parts(parts_dir: Path, out_dir: Path, compression: str, names: list[str]) -> tuple[int, int]:
+    """Concatenate the parts of `names` (this run's batches, in input order) into results.parquet and
+    failures.parquet (bounded memory); a batch without a part yet is pending and left out."""
     complete = done_parts(parts_dir)
-    partial = {int(m.group(1)) for n in os.listdir(parts_dir) if (m := PARTIAL_RE.match(n))} - complete
     counts = []
     for kind, name in (("r", "results.parquet"), ("f", "failures.parquet")):
-        files = [parts_dir / f"{i:08d}.{kind if i in complete else 'p' + kind}.parquet"
-                 for i in sorted(complete | partial)]
+        files = [parts_dir / f"{n}.{kind if n in complete else 'p' + kind}.parquet" for n in names]
         counts.append(_concat([f for f in files if f.exists()], out_dir / name, compression))
     return counts[0], counts[1]
 
 
+def output_ids(out_dir: Path, id_column: str) -> list[pa.ChunkedArray]:
+    """The ids in the current results and failures (read before a merge replaces them)."""
+    out = []
+    for name in ("results.parquet", "failures.parquet"):
+        path = out_dir / name
+        if path.exists() and id_column in pq.read_schema(path).names:
+            out.append(pq.read_table(path, columns=[id_column]).column(0))
+    return out
+
+
 def _concat(files: list[Path], dest: Path, compression: str) -> int:
     if not files:
+        dest.unlink(missing_ok=True)  # no row of this input is done yet: the outputs hold none
         return 0
-    schemas = [pq.read_schema(f) for f in files]
+    schemas = [read_part(f, pq.read_schema) for f in files]
     schema = pa.unify_schemas(schemas, promote_options="permissive")
-    tmp = dest.with_name(dest.name + ".tmp")
     rows = 0
-    with pq.ParquetWriter(tmp, schema, compression=None if compression == "none" else compression) as writer:
+    with safefs.atomic_writer(dest) as fh, \
+            pq.ParquetWriter(fh, schema, compression=None if compression == "none" else compression) as writer:
         for f in files:
-            table = pq.read_table(f)
+            table = read_part(f, pq.read_table)
             if table.num_rows:
                 writer.write_table(_conform(table, schema))
                 rows += table.num_rows
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, dest)
     return rows
+
+
+def read_part(path: Path, read: Callable[..., T], **kw: Any) -> T:
+    """`read(path)`, or a UsageError naming a damaged part file and what to do (the folder may be shared)."""
+    try:
+        return read(path, **kw)
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException) and exc.errno is not None:
+            raise  # a disk or permission problem: diagnosis says which
+        raise UsageError(f"the part file {path} is damaged ({exc}); delete it and re-run the same command: its batch "
+                         "is rebuilt from the answers in store.sqlite, nothing is asked again") from None
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -249,6 +273,9 @@ class Summary:
     cache_hits: int = 0
     deduplicated: int = 0
     resumed_rows: int = 0
+    rows_new: int = 0        # rows whose request had no answer before this run (sent, or still pending)
+    rows_reused: int = 0     # rows whose request was answered by an earlier run (no cost now)
+    rows_removed: int = 0    # rows of the previous outputs no longer in the input (answers kept in the store)
     stopped: str | None = None
     stop_message: str | None = None
     next_step: str | None = None
@@ -256,18 +283,16 @@ class Summary:
     config_fingerprint: str = ""
     structured: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    run_id: str = ""
+    started_at: str = ""     # UTC ISO-8601
+    finished_at: str = ""
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+        return redact.scrub_bytes(orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2))
 
 
 def write_json_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    safefs.write_atomic(path, data)
 
 
 def failure_counts(out_dir: Path) -> dict[str, int]:
