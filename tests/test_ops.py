@@ -31,7 +31,7 @@ from pipeline.ops import history, notify
 from pipeline.ops.logfile import JsonLinesHandler, LogFile
 from pipeline.send.dispatch import Stats
 from tests.conftest import REPO, job
-from tests.test_resume import write_config
+from tests.support import write_config
 
 
 class Receiver:
