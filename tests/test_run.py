@@ -158,7 +158,7 @@ def test_the_progress_bar_counts_rows_on_stderr_unless_quiet(tmp_path: Path) -> 
     path = write_config(tmp_path, job(tmp_path, 20, run={"progress": True}))
     shown = cli_in_process("run", str(path))
     assert shown.returncode == 0, shown.stderr
-    assert "labelling: 100%" in shown.stderr and "20/20" in shown.stderr and "outputs in" in shown.stderr
+    assert "labelling" in shown.stderr and "20/20" in shown.stderr and "outputs in" in shown.stderr
     quiet = cli_in_process("run", str(path), "-q")  # for cron: nothing on stderr when all is well
     assert (quiet.returncode, quiet.stderr) == (0, "")
 
