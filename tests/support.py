@@ -211,10 +211,11 @@ def stored_ok_keys(out: Path) -> set[str]:
 
 
 def max_unstored_at_kill(max_concurrency: int) -> int:
-    """How many answers a kill -9 can find received but not yet stored, by design: at most
-    `max_concurrency` requests hold a slot until their answer is read, and an answer read is committed
-    by the group commit of the next event-loop step, by which time its freed slot may carry a new
-    request. Those answers are re-sent by the resume; nothing else is."""
+    """How many answers a kill -9 can find served but not yet stored. A request holds its concurrency
+    slot until its answer is committed, so at most `max_concurrency` received answers await a commit; but
+    the server counts an answer when it writes it, and an attempt the client has already given up on
+    (a reset or read timeout on a loaded machine) has freed its slot by then and waits in backoff. One
+    more round of slots bounds those. All of them are re-sent by the resume; nothing else is."""
     return 2 * max_concurrency
 
 
