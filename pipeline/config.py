@@ -231,6 +231,25 @@ class Price(Section):
 class RunConfig(Section):
     grace_period_s: float = Field(30.0, ge=0, description="How long in-flight requests may finish on Ctrl-C.")
     progress: bool = True
+    mode: Literal["sync", "batch"] = Field(
+        "sync", description="sync: chat completions as the rows stream by; batch: the provider's Batch API "
+                            "(OpenAI protocol, half price, answers within 24 h). The same request keys in both.")
+
+
+class BatchConfig(Section):
+    """run.mode: batch — how the job is cut into Batch API files and how the run waits for them."""
+
+    max_requests: int = Field(50_000, ge=1, le=50_000, description="Lines per batch file (provider cap 50,000).")
+    max_bytes: int = Field(200_000_000, ge=1024, le=200_000_000,
+                           description="Bytes per batch file (provider cap 200 MB).")
+    max_enqueued_tokens: int | None = Field(
+        None, ge=1, description="Estimated prompt tokens in flight for the model at once (the provider's queue "
+                                "limit); further files wait until earlier batches finish.")
+    poll_interval_s: float = Field(60.0, gt=0, description="First wait between polls of running batches.")
+    poll_max_interval_s: float = Field(600.0, gt=0, description="Polls back off (with jitter) up to this.")
+    retry_via: Literal["batch", "sync"] = Field(
+        "batch", description="Where lines that failed transiently (429, 5xx, expired) go: the next batch file, "
+                             "or synchronous requests at the full price once the batches are collected.")
 
 
 BUILTIN_PRICES: dict[str, Price] = {
@@ -256,6 +275,7 @@ class Config(Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     prices: dict[str, Price] = Field(default_factory=dict, description="Model -> price; adds to built-ins.")
     run: RunConfig = Field(default_factory=RunConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
 
     # Where the config came from; not part of the YAML.
     source: str = Field("<dict>", exclude=True)

@@ -30,6 +30,8 @@ EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
+# run.mode: batch with --no-wait: batches are running at the provider; run the same command again to collect.
+EXIT_BATCH_SUBMITTED = 75
 EXIT_INTERRUPTED = 130
 
 

@@ -62,6 +62,7 @@ class Engine:
         self.progress, self.retry_failed = progress, retry_failed
         self.request_tasks: set[asyncio.Task[Record]] = set()
         self.failed_rows = 0
+        self.keep_states: frozenset[str] | None = None  # batch mode: which stored states count as answered
 
     async def process(self, batches: Iterable[InputBatch]) -> None:
         window = asyncio.Semaphore(max(MAX_OPEN_BATCHES, -(-self.cfg.limits.max_concurrency * 2 // self.cfg.input.batch_size)))
@@ -124,7 +125,7 @@ class Engine:
     def _known(self, jobs: dict[str, Job]) -> dict[str, Record]:
         """Answers already paid for: this job's store first, then the shared cache."""
         found = self.store.get_many(jobs.keys())
-        keep = {"ok"} if self.retry_failed else FINAL_STATES
+        keep = self.keep_states or ({"ok"} if self.retry_failed else FINAL_STATES)
         records = {k: r for k, r in found.items() if r.state in keep}
         if self.cache is not None:
             missing = [k for k in jobs if k not in records]
@@ -183,11 +184,13 @@ def _count_images(body: dict[str, Any]) -> int:
 async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
                     schema: dict[str, Any] | None = None, quiet: bool = False, handle_signals: bool = False,
                     transport: Transport | None = None, config_path: str | None = None,
-                    overrides: list[str] | None = None, interrupt: Interrupt | None = None) -> Summary:
+                    overrides: list[str] | None = None, interrupt: Interrupt | None = None,
+                    no_wait: bool = False, cancel_batches: bool = False) -> Summary:
     """Run one job to completion, stop or interruption; never raises for row-level problems.
 
     `config_path` and `overrides` (the --set items) are only used to print the command that resumes;
-    `interrupt` lets another thread stop the run as Ctrl-C would (see `run`)."""
+    `interrupt` lets another thread stop the run as Ctrl-C would (see `run`). `no_wait` and
+    `cancel_batches` apply to run.mode: batch (submit and return; cancel the job's batches)."""
     started = time.monotonic()
     config_path = config_path or cfg.source
     command = resume_command(config_path, overrides, retry_failed=retry_failed)
@@ -241,8 +244,16 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
                         retry_failed=retry_failed, cache=cache)
         interrupt = interrupt or Interrupt()
         interrupt.attach(dispatcher, engine, cfg.run.grace_period_s, signals=handle_signals)
+        batch_state = None
         try:
-            await engine.process(source.batches(skip=done.__contains__))
+            if cfg.run.mode == "batch":
+                from ..batch.mode import drive_batches
+                batch_state = await drive_batches(
+                    cfg, str(jobdir.path / "batch"), engine, transport, lambda: source.batches(skip=done.__contains__),
+                    lambda b: render_batch(b, renderer, plan, cfg.endpoint.base_url)[2], no_wait=no_wait,
+                    cancel=cancel_batches, progress=progress.enabled)
+            if batch_state in (None, "collected"):
+                await engine.process(source.batches(skip=done.__contains__))
         finally:
             interrupt.detach()
             progress.close()
@@ -262,6 +273,9 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
         )
         _finish(summary, dispatcher, command, resume_command(config_path, overrides, retry_failed=True))
+        if batch_state is not None:
+            from ..batch.mode import finish
+            finish(summary, batch_state, command)
         write_json_atomic(jobdir.path / "summary.json", summary.to_json())
         return summary
     finally:

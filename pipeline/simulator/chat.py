@@ -119,23 +119,11 @@ class ChatService:
                   "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON."
             return self._error(SimError(400, msg, or_message="Invalid JSON body", error_type="invalid_request"),
                                headers, entry)
-        model = str(body.get("model") or (cfg.default_model if cfg.flavor != "openai" else ""))
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
-            return self._error(SimError(400, f"Invalid type for 'max_tokens': expected an integer, but got "
-                                        f"{type(max_tokens).__name__} instead.", param="max_tokens",
-                                        oa_code="invalid_type", error_type="invalid_request"), headers, entry)
-        prompt, _images = prompt_tokens(body, self.sizer, cfg.upscale_images)
-        text = messages_text(body.get("messages") or []) if isinstance(body.get("messages"), list) else ""
-        err = validate(body, cfg, model, prompt, max_tokens, text)
-        if err is not None:
-            return self._error(err, headers, entry)
-
         fault = choice.name if choice is not None else None
-        content_fault = fault if fault in BODY_FAULTS else None
-        target = find_target(body, cfg.flavor, self.finder)
-        digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(body), option=orjson.OPT_SORT_KEYS)).digest()
-        answer = make_answer(target, digest, prompt, max_tokens, content_fault, cfg.cached_tokens_ratio)
+        planned = self.plan(body, fault if fault in BODY_FAULTS else None)
+        if isinstance(planned, SimError):
+            return self._error(planned, headers, entry)
+        model, max_tokens, prompt, text, answer = planned
         served_model = model
         if fault == "model_down":
             served_model = self._fallback_model(body, model) or ""
@@ -195,6 +183,28 @@ class ChatService:
         if fault == "hang":
             self._bill(time.monotonic(), meta, answer, body)
         return await self._respond(request, meta, answer, choice, headers, entry, raw_digest)
+
+    def plan(self, body: dict[str, Any], content_fault: str | None = None
+             ) -> SimError | tuple[str, int | None, int, str, Answer]:
+        """Validate one request body and decide its answer: (model, max_tokens, prompt tokens, prompt text,
+        answer), or the error it gets. Shared by chat completions and batch lines, so one request body
+        gets the same answer in both."""
+        cfg = self.cfg
+        model = str(body.get("model") or (cfg.default_model if cfg.flavor != "openai" else ""))
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+            return SimError(400, f"Invalid type for 'max_tokens': expected an integer, but got "
+                                 f"{type(max_tokens).__name__} instead.", param="max_tokens",
+                            oa_code="invalid_type", error_type="invalid_request")
+        prompt, _images = prompt_tokens(body, self.sizer, cfg.upscale_images)
+        text = messages_text(body.get("messages") or []) if isinstance(body.get("messages"), list) else ""
+        err = validate(body, cfg, model, prompt, max_tokens, text)
+        if err is not None:
+            return err
+        target = find_target(body, cfg.flavor, self.finder)
+        digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(body), option=orjson.OPT_SORT_KEYS)).digest()
+        answer = make_answer(target, digest, prompt, max_tokens, content_fault, cfg.cached_tokens_ratio)
+        return model, max_tokens, prompt, text, answer
 
     def _credit_check(self, ctx: ErrorContext, prompt_usd: float, out_per_token: float,
                       max_tokens: int | None) -> SimError | None:
