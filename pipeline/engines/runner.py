@@ -396,10 +396,10 @@ def _versions() -> dict[str, str]:
 
 def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_failed: bool = False,
         force_new: bool = False, quiet: bool = False, schema: Any = None, set: list[str] | None = None,
-        **overrides: Any) -> Summary:
+        no_wait: bool = False, cancel_batches: bool = False, **overrides: Any) -> Summary:
     """Run a job from a config path, dict or Config; keyword overrides use dotted paths with `__`
     (`output__dir="/tmp/x"`) or section dicts (`limits={"max_concurrency": 8}`). A pydantic model
-    class may be given as `schema`."""
+    class may be given as `schema`. `no_wait` / `cancel_batches`: run.mode: batch (see run_async)."""
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -417,7 +417,8 @@ def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_faile
             cfg = load_config(cfg, {"structured.schema": schema_dict})
     interrupt = Interrupt()
     coro_factory = lambda: run_async(cfg, retry_failed=retry_failed, force_new=force_new,  # noqa: E731
-                                     schema=schema_dict, quiet=quiet, interrupt=interrupt)
+                                     schema=schema_dict, quiet=quiet, interrupt=interrupt, no_wait=no_wait,
+                                     cancel_batches=cancel_batches)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
