@@ -218,9 +218,9 @@ class BatchDriver:
                 except TransientError as exc:
                     log.warning("downloading %s of batch %s failed (%s); will resume", kind, chunk.batch_id, exc)
                     return
+                _at("downloading")
                 os.replace(dest + ".part", dest)
             paths.append(dest)
-            _at("downloading")
         result = self.collector.collect(chunk, paths)
         self.store.sync()  # every answer on disk before the chunk counts as collected
         self.ledger.update(chunk.chunk, state="collected", durable=True)

@@ -109,6 +109,7 @@ class BatchService:
             b = self.batches.get(m.group(1))
             if b is None:
                 return _not_found("batch", m.group(1))
+            self.counts["polls"] += 1
             self._tick(b, chat)
             return _json(self._obj(b))
         if method == "POST" and (m := _CANCEL.match(sub)):
