@@ -69,6 +69,7 @@ class Batch:
     error_file_id: str | None = None
     completed: int = 0
     failed: int = 0
+    done_at_cancel: int = 0  # lines a cancelled batch had done when the cancel came
 
     @property
     def tokens(self) -> int:
@@ -212,30 +213,32 @@ class BatchService:
         if b is None:
             return _not_found("batch", batch_id)
         if b.status in ("validating", "in_progress", "finalizing"):
-            self._move(b, "cancelling")
+            b.done_at_cancel = self._progress(b)
+            self._move(b, "cancelling", ticks=0)
             self.counts["cancels"] += 1
         return _json(self._obj(b))
 
     def _tick(self, b: Batch, chat: ChatService) -> None:
-        """One step of the batch's clock; the status moves once it has lasted its number of ticks."""
-        if b.status in TERMINAL:
-            return
+        """One step of the batch's clock (a poll). A status is answered for as many polls as `BatchSim`
+        gives it; the poll after that answers the next status (which a 0 skips)."""
         b.ticks += 1
         cfg = self.cfg
-        if b.status == "validating" and b.ticks > cfg.validating_polls:
-            self._move(b, "failed" if b.errors else "in_progress")
-        elif b.status == "in_progress" and b.ticks > cfg.in_progress_polls:
-            if b.number in cfg.expire:
+        lasts = {"validating": cfg.validating_polls, "in_progress": cfg.in_progress_polls,
+                 "finalizing": cfg.finalizing_polls, "cancelling": cfg.cancelling_polls}
+        while b.status not in TERMINAL and b.ticks > lasts[b.status]:
+            if b.status == "validating":
+                self._move(b, "failed" if b.errors else "in_progress")
+            elif b.status == "in_progress" and b.number in cfg.expire:
                 self._finish(b, chat, "expired", int(len(b.lines) * cfg.expire_done_ratio), "batch_expired")
-            else:
+            elif b.status == "in_progress":
                 self._move(b, "finalizing")
-        elif b.status == "finalizing" and b.ticks > cfg.finalizing_polls:
-            self._finish(b, chat, "completed", len(b.lines), "")
-        elif b.status == "cancelling" and b.ticks > cfg.cancelling_polls:
-            self._finish(b, chat, "cancelled", self._progress(b), "batch_cancelled")
+            elif b.status == "finalizing":
+                self._finish(b, chat, "completed", len(b.lines), "")
+            else:
+                self._finish(b, chat, "cancelled", b.done_at_cancel, "batch_cancelled")
 
-    def _move(self, b: Batch, status: str) -> None:
-        b.status, b.ticks = status, 0
+    def _move(self, b: Batch, status: str, ticks: int = 1) -> None:
+        b.status, b.ticks = status, ticks
         b.times[f"{status}_at"] = int(time.time())
 
     def _progress(self, b: Batch) -> int:
@@ -244,7 +247,7 @@ class BatchService:
             return len(b.lines)
         if b.status != "in_progress" or not self.cfg.in_progress_polls:
             return 0
-        return min(len(b.lines), len(b.lines) * b.ticks // (self.cfg.in_progress_polls + 1))
+        return min(len(b.lines), len(b.lines) * (b.ticks - 1) // self.cfg.in_progress_polls)
 
     def _finish(self, b: Batch, chat: ChatService, status: str, done: int, rest_code: str) -> None:
         """Answer the first `done` lines (in a shuffled order), the rest get `rest_code`; write the files."""
