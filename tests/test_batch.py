@@ -2,6 +2,7 @@
 line failures through the one classifier, --no-wait and exit 75, status, cancel, retry_via: sync."""
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,10 @@ import polars as pl
 import pytest
 
 import pipeline
+from pipeline.batch import driver
 from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.engines.runner import Interrupt, run_async
 from pipeline.errors import EXIT_BATCH_SUBMITTED
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
@@ -194,3 +198,41 @@ def test_status_lists_each_batch(tmp_path: Path, key_env: None) -> None:
     finally:
         store.close()
     assert [(c.state, c.status, c.counts.get("completed")) for c in chunks] == [("collected", "completed", 10)]
+
+
+@pytest.mark.parametrize("sim", [{"line_rate_schema_invalid": 0.3}], indirect=True)
+def test_bad_content_lines_go_again_within_the_bad_content_budget(tmp_path: Path, sim: SimulatorThread,
+                                                                  key_env: None) -> None:
+    summary = pipeline.run(batch_job(tmp_path, sim, 40, structured={"bad_content_retries": 1}))
+    res = assert_each_id_once(tmp_path / "out", 40)
+    _, fail = outputs(tmp_path / "out")
+    stats = batch_stats(sim)
+    assert summary.retries["bad_content"] == stats["lines_submitted"] - 40 > 0
+    # Two tries each at most (one retry): whatever failed twice is a bad_content failure with its content kept.
+    assert set(fail["error_class"].to_list()) <= {"bad_content"}
+    assert stats["lines_submitted"] <= 40 + summary.retries["bad_content"] and len(res) > 30
+
+
+@pytest.mark.parametrize("sim", [{"max_file_lines": 10}], indirect=True)
+def test_a_file_the_provider_rejects_stops_the_run_naming_it(tmp_path: Path, sim: SimulatorThread,
+                                                             key_env: None) -> None:
+    summary = pipeline.run(batch_job(tmp_path, sim, 20))
+    assert summary.exit_code == 3 and summary.stopped == "fatal"
+    assert "rejected batch file" in (summary.stop_message or "")
+    assert "too_many_requests" in (summary.stop_message or "")
+    assert summary.pending == 20
+
+
+@pytest.mark.parametrize("sim", [{"in_progress_polls": 3}], indirect=True)
+def test_ctrl_c_leaves_the_batches_running_and_the_same_command_collects(
+        tmp_path: Path, sim: SimulatorThread, key_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(batch_job(tmp_path, sim, 20))
+    interrupt = Interrupt()
+    monkeypatch.setattr(driver, "FAULT_HOOK", lambda step: interrupt.trigger() if step == "polling" else None)
+    summary = asyncio.run(run_async(cfg, interrupt=interrupt))
+    assert summary.exit_code == 130 and "keep running at the provider" in (summary.next_step or "")
+    assert batch_stats(sim)["status"] == {"validating": 1}  # not cancelled
+    monkeypatch.setattr(driver, "FAULT_HOOK", None)
+    assert pipeline.run(cfg).exit_code == 0
+    assert batch_stats(sim)["batches_created"] == 1
+    assert_each_id_once(tmp_path / "out", 20)

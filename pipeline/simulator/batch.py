@@ -255,7 +255,9 @@ class BatchService:
         order = list(range(len(b.lines)))
         if self.cfg.shuffle:
             rng.shuffle(order)
-        faults = line_faults(len(b.lines), self.cfg.line_rate_4xx, self.cfg.line_rate_5xx, rng)
+        cfg = self.cfg
+        rates = {"4xx": cfg.line_rate_4xx, "5xx": cfg.line_rate_5xx, "schema_invalid": cfg.line_rate_schema_invalid}
+        faults = line_faults(len(b.lines), rates, rng)
         out, err = [], []
         for rank, i in enumerate(order):
             line = b.lines[i]

@@ -90,10 +90,9 @@ def _line_problem(obj: dict[str, Any], endpoint: str, seen: set[str],
 def answer(service: ChatService, line: Line, fault: str | None, price_factor: float) -> tuple[int, dict[str, Any]]:
     """(status_code, body) for one line, as the chat endpoint answers the same body, at the batch price."""
     cfg = service.cfg
-    if fault is not None:
-        err = generic_error(400 if fault == "4xx" else 500)
-        return _error_body(err, service)
-    planned = service.plan(line.body)
+    if fault in ("4xx", "5xx"):
+        return _error_body(generic_error(400 if fault == "4xx" else 500), service)
+    planned = service.plan(line.body, fault)
     if isinstance(planned, SimError):
         return _error_body(planned, service)
     model, _max_tokens, _prompt, _text, ans = planned
@@ -110,10 +109,16 @@ def _error_body(err: SimError, service: ChatService) -> tuple[int, dict[str, Any
     return status, orjson.loads(raw)
 
 
-def line_faults(n: int, rate_4xx: float, rate_5xx: float, rng: random.Random) -> list[str | None]:
-    """One draw per line, in input order: '4xx', '5xx' or None."""
+def line_faults(n: int, rates: dict[str, float], rng: random.Random) -> list[str | None]:
+    """One draw per line, in input order: a fault name of `rates` ('4xx', '5xx', 'schema_invalid') or None."""
     out: list[str | None] = []
     for _ in range(n):
         u = rng.random()
-        out.append("4xx" if u < rate_4xx else "5xx" if u < rate_4xx + rate_5xx else None)
+        fault = None
+        for name, rate in rates.items():
+            if u < rate:
+                fault = name
+                break
+            u -= rate
+        out.append(fault)
     return out

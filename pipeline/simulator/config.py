@@ -106,6 +106,7 @@ class BatchSim(BaseModel):
     cancelling_polls: int = Field(default=1, ge=0)
     line_rate_4xx: float = Field(default=0.0, ge=0, le=1)  # per line: a 400 invalid_request answer
     line_rate_5xx: float = Field(default=0.0, ge=0, le=1)  # per line: a 500 server_error answer
+    line_rate_schema_invalid: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 whose JSON breaks the schema
     expire: list[int] = Field(default_factory=list)  # creation numbers (1-based) of batches that expire
     expire_done_ratio: float = Field(default=0.5, ge=0, le=1)  # share answered before the window closed
     errors_in_output: bool = False  # failed lines in the output file (some gateways) instead of the error file
