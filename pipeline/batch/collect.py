@@ -14,6 +14,7 @@ counts as collected; re-reading the same files after a kill writes the same reco
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,14 +82,15 @@ class Collector:
         records: list[Record] = []
         outcomes: list[tuple[str, str]] = []
         for path in paths:
+            ignored = 0
             for line in result_lines(path):
                 key = line.get("custom_id") if isinstance(line, dict) else None
-                if not isinstance(key, str) or key not in info or key in seen:
-                    if isinstance(line, str) or key not in seen:
-                        log.warning("batch %s: ignoring a result line for no request of this file", chunk.batch_id)
+                if not isinstance(line, dict) or not isinstance(key, str) or key not in info:
+                    ignored += 1  # not JSON, or for no request of this file: the server is untrusted
                     continue
+                if key in seen:
+                    continue  # answered in both files: the first (the output file's) counts
                 seen.add(key)
-                assert isinstance(line, dict)
                 outcome, record = self._judge(key, line, *info[key])
                 self._count(key, outcome, record, result)
                 outcomes.append((key, outcome))
@@ -96,6 +98,9 @@ class Collector:
                     records.append(record)
                 if len(outcomes) >= 1000:
                     self._commit(chunk, records, outcomes)
+            if ignored:
+                log.warning("batch %s: ignored %d lines of %s that answer no request of this file",
+                            chunk.batch_id, ignored, os.path.basename(path))
         # Lines neither file answered (a failed or cancelled batch, a provider that dropped some): judged
         # before they are marked, so this attempt is not counted twice against the retry budget.
         for key in info.keys() - seen:

@@ -25,11 +25,13 @@ import contextlib
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
+from tqdm.auto import tqdm
 
 from ..build.prompts import Renderer
 from ..build.structured import StructuredPlan
@@ -71,7 +73,7 @@ class BatchDriver:
         self.collector = Collector(cfg, self.ledger, dispatcher, plan)
         self.batches, self.render, self.known = batches, render, known
         self.no_wait, self.rng = no_wait, rng or random.Random()
-        self.writer = ChunkWriter(self.ledger, folder, cfg.batch, before_line=_at if FAULT_HOOK else None)
+        self.writer = ChunkWriter(self.ledger, folder, cfg.batch, before_line=_at)
         self.settled: set[str] = set()  # failures recorded by this run: not sent again by it
         self.to_sync: set[str] = set()  # batch.retry_via: sync — left for the engine's sync pass
         self.bar = _Bar(enabled=progress)
@@ -192,7 +194,10 @@ class BatchDriver:
             self.bar.show(chunk.chunk, status, counts, chunk.lines)
             _at("polling")
             if status in TERMINAL:
-                await self._collect(self.ledger.get(chunk.chunk), batch)
+                try:
+                    await self._collect(self.ledger.get(chunk.chunk), batch)
+                except RunFatalError as exc:
+                    self._stop(exc)
                 moved = True
             if self.dispatcher.stop_reason:
                 break
@@ -218,6 +223,10 @@ class BatchDriver:
                 except TransientError as exc:
                     log.warning("downloading %s of batch %s failed (%s); will resume", kind, chunk.batch_id, exc)
                     return
+                except PermanentError as exc:  # gone (files are deleted after some days): its lines go again
+                    log.warning("the %s of batch %s cannot be downloaded (%s); its lines are sent again",
+                                kind, chunk.batch_id, exc)
+                    continue
                 _at("downloading")
                 os.replace(dest + ".part", dest)
             paths.append(dest)
@@ -333,7 +342,11 @@ class BatchDriver:
         for chunk in self.ledger.chunks(("submitted",)):
             if chunk.status in TERMINAL or chunk.batch_id is None:
                 continue
-            batch = await self.client.cancel(chunk.batch_id)
+            try:
+                batch = await self.client.cancel(chunk.batch_id)
+            except (TransientError, PermanentError) as exc:  # e.g. it finished meanwhile: collected next run
+                log.warning("could not cancel batch %s: %s", chunk.batch_id, exc)
+                continue
             self.ledger.update(chunk.chunk, status=batch.get("status"), durable=True)
             n += 1
         return n
@@ -389,9 +402,6 @@ class _Bar:
         if not self.enabled:
             return
         if self._bar is None:
-            import sys
-
-            from tqdm.auto import tqdm
             self._bar = tqdm(total=total, unit="line", file=sys.stderr, dynamic_ncols=True, desc="batches")
         self._bar.total = total
         self._bar.n = done
