@@ -356,7 +356,15 @@ def load_config(
         raise ConfigError(_explain(exc, raw), file=name) from None
     _resolve_paths(cfg, base)
     _check_budget_price(cfg)
+    _check_batch_mode(cfg)
     return cfg
+
+
+def _check_batch_mode(cfg: Config) -> None:
+    """A Batch API line is answered whole, never streamed."""
+    if cfg.run.mode == "batch" and cfg.params.stream:
+        raise ConfigError("run.mode: batch cannot stream answers; remove params.stream (or use run.mode: sync)",
+                          key="params.stream", file=cfg.source)
 
 
 def _check_budget_price(cfg: Config) -> None:

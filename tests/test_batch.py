@@ -236,3 +236,10 @@ def test_ctrl_c_leaves_the_batches_running_and_the_same_command_collects(
     assert pipeline.run(cfg).exit_code == 0
     assert batch_stats(sim)["batches_created"] == 1
     assert_each_id_once(tmp_path / "out", 20)
+
+
+def test_batch_mode_refuses_streaming(tmp_path: Path) -> None:
+    from pipeline.errors import ConfigError
+    from tests.conftest import job
+    with pytest.raises(ConfigError, match="params.stream"):
+        load_config(job(tmp_path, 1, run={"mode": "batch"}, params={"stream": True}))
