@@ -1,6 +1,6 @@
 """Resume at scale: how fast does a 1,000,000-row job that is 99% done start sending again, in how much memory?
 
-The 99%-done state is built directly with the runner's own pieces (reader -> render_batch -> Store ->
+The 99%-done state is built directly with the runner's own pieces (reader -> RequestBuilder.build_batch -> Store ->
 write_part -> JobDir manifest), so the request keys are exactly the ones `pipeline run` computes:
 the first 99% of the batches have complete parts and stored answers, the next few batches have half
 their answers stored and no parts (a run killed mid-batch), the rest were never started. Then
@@ -33,10 +33,10 @@ import orjson
 from _common import REPO, cleanup, job_config, print_machine, scratch, table, write_rows
 
 from pipeline.config import load_config
-from pipeline.write.output import Layout, write_part
+from pipeline.write.output import OutputColumns, write_part
 from pipeline.build.prompts import Renderer
 from pipeline.read.reader import Source
-from pipeline.engines.runner import render_batch
+from pipeline.build.request import RequestBuilder
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
 from pipeline.state.jobdir import JobDir
@@ -90,7 +90,7 @@ def build(work: Path, n: int, done: float, batch_size: int) -> dict[str, Any]:
     jobdir.check_job(cfg, scan, force_new=False, config_path=str(cfg_path))
     store = Store(jobdir.store_path)
     store.set_meta("structured_mode", plan.mode)  # the mode a resume will shape requests for
-    layout = Layout(id_column="rid", schema=plan.schema, compression=cfg.output.compression)
+    layout = OutputColumns(id_column="rid", schema=plan.schema, compression=cfg.output.compression)
     n_batches = -(-n // batch_size)
     done_batches = int(n_batches * done)
     kept: list[str] = []  # answers stored for the half-answered batches (the reset keeps these)
@@ -98,13 +98,14 @@ def build(work: Path, n: int, done: float, batch_size: int) -> dict[str, Any]:
     for batch in source.batches():
         if batch.index >= done_batches + OPEN_BATCHES:
             break
-        outcomes, row_keys, jobs = render_batch(batch, renderer, plan, cfg.endpoint.base_url)
+        built = RequestBuilder(cfg.endpoint.base_url, plan).build_batch(batch, renderer)
+        outcomes, row_keys, jobs = built.failures, built.keys, built.requests
         if batch.index < done_batches:
             records = {k: record(k) for k in jobs}
             store.put_now(records.values())
             write_part(jobdir.parts, batch.index, layout, batch.carried,
                        [records[k] if k else o for k, o in zip(row_keys, outcomes)])
-            store.put_part(batch.index, ok=len(records), failed=0, transient=0, request_failed=0)
+            store.put_part(batch.index, ok=len(records), failed=0, failed_transient=0, request_failed=0)
         else:
             half = list(jobs)[: len(jobs) // 2]
             store.put_now(record(k) for k in half)
@@ -147,7 +148,7 @@ def reset(work: Path, state: dict[str, Any]) -> None:
     plan.mode = store.get_meta("structured_mode") or plan.mode
     drop: list[str] = []
     for batch in source.batches(skip=lambda i: i < state["done_batches"]):
-        _, _, jobs = render_batch(batch, renderer, plan, cfg.endpoint.base_url)
+        jobs = RequestBuilder(cfg.endpoint.base_url, plan).build_batch(batch, renderer).requests
         drop += [k for k in jobs if k not in keep]
     store._db.execute("BEGIN")
     store._db.executemany("DELETE FROM responses WHERE key = ?", [(k,) for k in drop])

@@ -5,20 +5,26 @@
     │   ├── ConfigError         names the config key and file
     │   ├── InputError          names the input file and row or line
     │   ├── JobChangedError     the output dir holds answers to a different job
-    │   └── StoreLockedError    another runner owns the output dir
+    │   ├── StoreLockedError    another runner owns the output dir
+    │   └── StateVersionError   the output dir was written by a newer version of the pipeline
     ├── RowError                one input row cannot become a request (a failure row, the run goes on)
-    ├── RequestError            what one attempt of one request ended in
+    ├── RequestError            what one attempt of one request ended in (status, code, retry-after)
     │   ├── TransientError      retry with jittered backoff (408, 5xx, timeouts, resets, 200-with-error)
     │   │   └── RateLimited     429 rate limit: the whole client pauses, not just this request
     │   ├── PermanentError      record as a failure, never retry (400, 404, 413, 422, too large for TPM)
-    │   └── BadContentError     not JSON, fails the schema, truncated, refused: a small separate budget
-    └── RunFatalError           no request can succeed: stop dispatching, keep what is done (exit 3)
-        ├── AuthError           401/403: the key is wrong or lacks permission
-        ├── CreditsError        402, 429 insufficient_quota and the spend-limit codes
-        └── BudgetExceeded      budget.max_cost_usd would be exceeded
+    │   ├── BadContentError     not JSON, fails the schema, truncated, refused: a small separate budget
+    │   └── FatalReply          an answer no other request can get past either: the run stops (exit 3)
+    │       ├── AuthError       401/403: the key is wrong or lacks permission
+    │       └── CreditsError    402, 429 insufficient_quota and the spend-limit codes
+    ├── RunFatalError           no request can succeed: stop dispatching, keep what is done (exit 3)
+    │   ├── EndpointGone        every attempt fails to connect, for long enough to stop
+    │   └── BudgetExceeded      budget.max_cost_usd would be exceeded
+    ├── InternalError           a broken invariant of our own: a bug, not the user's doing (exit 70)
+    └── Stopped                 dispatch has stopped; the request stays pending (never leaves the engine)
 
 Every error carries typed fields and a message that says what to do next. No message may ever contain
 the API key: errors are built from status codes and response bodies, never from request headers.
+A run stops on a `FatalReply` or a `RunFatalError`; both carry `hint`, the next step to print.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
+EXIT_INTERNAL = 70
 # run.mode: batch with --no-wait: batches are running at the provider; run the same command again to collect.
 EXIT_BATCH_SUBMITTED = 75
 EXIT_INTERRUPTED = 130
@@ -48,6 +55,8 @@ class UsageError(PipelineError):
 
 
 class ConfigError(UsageError):
+    """A config value is wrong; `key` is its dotted path and `file` the config file, when known."""
+
     def __init__(self, message: str, *, key: str | None = None, file: str | None = None) -> None:
         self.key = key
         self.file = file
@@ -67,6 +76,8 @@ class ConfigError(UsageError):
 
 
 class InputError(UsageError):
+    """The input cannot be read as a whole (not one row of it); names the file and row or line."""
+
     def __init__(self, message: str, *, file: str | None = None, row: int | None = None) -> None:
         self.file = file
         self.row = row
@@ -82,6 +93,10 @@ class JobChangedError(UsageError):
 
 class StoreLockedError(UsageError):
     """Another live process is writing the same output directory."""
+
+
+class StateVersionError(UsageError):
+    """The store or manifest was written by a newer version: reading it could silently go wrong."""
 
 
 class RowError(PipelineError):
@@ -127,6 +142,8 @@ class RequestError(PipelineError):
 
 
 class TransientError(RequestError):
+    """Another attempt may well succeed: a 5xx, a timeout, a reset, a 200 that carries an error."""
+
     error_class = "transient"
 
 
@@ -135,6 +152,8 @@ class RateLimited(TransientError):
 
 
 class PermanentError(RequestError):
+    """This request will never succeed as it is (400, 404, 413, 422): record it as a failure row."""
+
     error_class = "permanent"
 
 
@@ -148,21 +167,64 @@ class BadContentError(RequestError):
         super().__init__(message, content=content, **kw)  # type: ignore[arg-type]
 
 
-class RunFatalError(RequestError):
-    """No further request can succeed; stop the run, keep what is done."""
+class FatalReply(RequestError):
+    """An answer that says no request of this run can succeed (the key, the credits): stop the run."""
 
     error_class = "run_fatal"
     exit_code = EXIT_STOPPED
     hint = "fix the cause, then re-run the same command to resume"
 
 
-class AuthError(RunFatalError):
+class AuthError(FatalReply):
+    """401, or a 403 about the key (not a moderation block on one row's content)."""
+
     hint = "check the API key in the environment variable named by endpoint.api_key_env, then re-run to resume"
 
 
-class CreditsError(RunFatalError):
+class CreditsError(FatalReply):
+    """No credits or quota left: 402, 429 insufficient_quota and the spend-limit codes."""
+
     hint = "add credits or raise the key's limit (or lower params.max_tokens), then re-run to resume"
 
 
+class RunFatalError(PipelineError):
+    """No further request can succeed (not because of one answer's body); stop the run, keep what is done."""
+
+    exit_code = EXIT_STOPPED
+    hint = "fix the cause, then re-run the same command to resume"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+        super().__init__(message)
+
+
+class EndpointGone(RunFatalError):
+    """Every attempt failed to connect (refused, DNS, TLS) for long enough: the endpoint stopped answering."""
+
+    hint = "check endpoint.base_url and the network, then re-run the same command to resume"
+
+
 class BudgetExceeded(RunFatalError):
+    """Sending the next request could take the job's cost over budget.max_cost_usd."""
+
     hint = "raise budget.max_cost_usd (e.g. --set budget.max_cost_usd=50), then re-run to resume"
+
+
+class InternalError(PipelineError):
+    """One of our own invariants does not hold: a bug to report, not something the user can fix."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class Stopped(PipelineError):
+    """Dispatch has stopped (run-fatal, budget or interrupt); the request stays pending, to resume.
+
+    Raised inside the engine to unwind a request that will not be sent; never reaches the user."""
+
+    exit_code = EXIT_STOPPED
+
+
+# Why a run stopped: an answer that said so, or a condition of the run itself.
+Fatal = FatalReply | RunFatalError

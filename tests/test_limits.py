@@ -8,7 +8,9 @@ import pytest
 
 from pipeline.config import LimitsConfig
 from pipeline.errors import PermanentError, RateLimited
-from pipeline.send.limits import Gate, Limits, parse_go_duration
+from pipeline.models.headers import parse_go_duration
+from pipeline.send.buckets import Gate
+from pipeline.send.limits import Limits
 from pipeline.simulator.limits import go_duration
 from tests.vclock import run_virtual
 
@@ -129,8 +131,10 @@ def test_pause_holds_every_request_then_resumes_at_the_steady_rate() -> None:
 async def _burst_of_429s(lim: Limits, n: int, retry_after: float | None = None) -> None:
     async def one() -> None:
         try:
-            async with lim.slot(0):
+            async with lim.slot(0) as permit:
                 await asyncio.sleep(0.5)
+                if retry_after is None:  # no word on when: the dispatcher cuts concurrency (AIMD)
+                    lim.decrease(permit.sent_at)
                 raise RateLimited("slow down", status=429, retry_after=retry_after)
         except RateLimited:
             pass
@@ -312,7 +316,7 @@ def test_pacing_spreads_what_is_left_over_the_time_to_reset() -> None:
 
 
 def test_openrouter_429_headers_teach_a_per_minute_limit_and_the_pause() -> None:
-    from pipeline.send.retry import classify
+    from pipeline.send.classify import classify
     from pipeline.send.transport import Reply
 
     reset_ms = str(int((time.time() + 8) * 1000))

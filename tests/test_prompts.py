@@ -10,7 +10,9 @@ import pytest
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, RowError
-from pipeline.build.prompts import Draft, Renderer, context_window, estimate_prompt_tokens, finalize
+from pipeline.build.prompts import RenderedRow, Renderer, estimate_prompt_tokens
+from pipeline.build.request import payload_and_key
+from pipeline.models.catalog import context_window
 
 ORIGIN = ("/data/in.jsonl", 7)
 
@@ -27,7 +29,7 @@ def make_cfg(prompt: dict[str, Any] | None = None, params: dict[str, Any] | None
     return load_config(raw)
 
 
-def render(cfg: Config, row: dict[str, Any], **kw: Any) -> Draft:
+def render(cfg: Config, row: dict[str, Any], **kw: Any) -> RenderedRow:
     return Renderer(cfg, **kw).render(row, ORIGIN)
 
 
@@ -54,7 +56,7 @@ def test_openrouter_fields_extra_and_logit_bias() -> None:
     assert body["transforms"] == [] and body["reasoning"] == {"effort": "low"}
     assert body["logit_bias"] == {"50256": -100}
     assert "extra" not in body and "from_columns" not in body and "stream" not in body
-    finalize(body, "https://x")  # serializable as is
+    payload_and_key(body, "https://x")  # serializable as is
 
 
 def test_extra_conflicts_are_config_errors() -> None:
@@ -172,24 +174,24 @@ def test_estimate_prompt_tokens() -> None:
     assert estimate_prompt_tokens(body, image_tokens=85) == estimate_prompt_tokens(body) + 85
 
 
-def test_finalize_deterministic_and_sensitive() -> None:
+def test_payload_and_key_deterministic_and_sensitive() -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0}
     reordered = {"temperature": 0, "messages": [{"content": "x", "role": "user"}], "model": "m"}
-    payload, key = finalize(body, "https://a/v1")
-    assert finalize(reordered, "https://a/v1") == (payload, key)
+    payload, key = payload_and_key(body, "https://a/v1")
+    assert payload_and_key(reordered, "https://a/v1") == (payload, key)
     assert orjson.loads(payload) == body and len(key) == 64
     variants = [
         dict(body, model="n"), dict(body, temperature=0.1), dict(body, seed=1),
         dict(body, messages=[{"role": "user", "content": "y"}]),
         dict(body, messages=[{"role": "system", "content": "x"}]),
     ]
-    keys = {finalize(v, "https://a/v1")[1] for v in variants} | {finalize(body, "https://b/v1")[1], key}
+    keys = {payload_and_key(v, "https://a/v1")[1] for v in variants} | {payload_and_key(body, "https://b/v1")[1], key}
     assert len(keys) == len(variants) + 2
 
 
-def test_finalize_same_key_in_another_process(tmp_path: Path) -> None:
-    code = ("from pipeline.build.prompts import finalize; "
-            "print(finalize({'b': [1, {'y': 2, 'x': 1}], 'a': 'é'}, 'https://h')[1])")
+def test_payload_and_key_same_key_in_another_process(tmp_path: Path) -> None:
+    code = ("from pipeline.build.request import payload_and_key; "
+            "print(payload_and_key({'b': [1, {'y': 2, 'x': 1}], 'a': 'é'}, 'https://h')[1])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip()
-    assert out == finalize({"a": "é", "b": [1, {"x": 1, "y": 2}]}, "https://h")[1]
+    assert out == payload_and_key({"a": "é", "b": [1, {"x": 1, "y": 2}]}, "https://h")[1]

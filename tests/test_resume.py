@@ -138,8 +138,8 @@ def test_store_tally_follows_replacements_and_upgrades_an_old_store(tmp_path: Pa
     assert totals["cost_usd"] == pytest.approx(0.009)
     truth = store._db.execute("SELECT count(*), sum(cost_usd) FROM responses WHERE cache_hit = 0").fetchone()
     assert truth == (8, pytest.approx(0.009))
-    store.put_part(3, ok=5, failed=2, transient=1, request_failed=2)
-    assert store.parts()[3].transient == 1
+    store.put_part(3, ok=5, failed=2, failed_transient=1, request_failed=2)
+    assert store.parts()[3].failed_transient == 1
     store.close()
 
 

@@ -15,7 +15,9 @@ from pipeline.errors import (
     RequestError,
     TransientError,
 )
-from pipeline.send.retry import Backoff, classify, retry_after
+from pipeline.models.headers import retry_after
+from pipeline.send.classify import classify
+from pipeline.send.retry import Backoff
 from pipeline.send.transport import Reply
 
 OK = {"id": "gen-1", "model": "openai/gpt-4-turbo", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}

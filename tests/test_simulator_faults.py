@@ -240,7 +240,7 @@ def test_every_fault_name_is_accepted() -> None:
 
 def test_slow_down_and_legacy_vllm_bodies_classify_like_the_real_ones() -> None:
     from pipeline.errors import PermanentError, RateLimited, TransientError
-    from pipeline.send.retry import classify
+    from pipeline.send.classify import classify
     from pipeline.send.transport import Reply
 
     def classified(flavor: str, fault: str, **cfg: Any) -> type[Exception]:

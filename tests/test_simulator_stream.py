@@ -295,7 +295,7 @@ def test_official_openai_client_streams_through_keepalives_and_string_error_code
 
 def test_string_mid_stream_error_code_is_classified_by_the_pipeline() -> None:
     from pipeline.errors import RateLimited, TransientError
-    from pipeline.send.retry import classify
+    from pipeline.send.classify import classify
     from pipeline.send.transport import HttpTransport
 
     async def run() -> list[type[Exception]]:

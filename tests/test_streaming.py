@@ -10,7 +10,8 @@ import pytest
 
 import pipeline
 from pipeline.errors import RateLimited, TransientError
-from pipeline.send.transport import SSEParser, _Assembler
+from pipeline.send.classify import classify
+from pipeline.send.transport import Reply, SSEParser, _Assembler
 from tests.conftest import job
 
 FLAVORS = ["openrouter", "openai"]
@@ -129,10 +130,11 @@ def test_decoder_joins_data_lines_keeps_error_field_and_last_unterminated_event(
 
 
 def assemble(data: bytes) -> dict[str, Any]:
+    """The stream as the transport assembles it, judged by the one classifier."""
     acc = _Assembler()
     for name, payload in decode(data, 9):
         acc.event(name, payload)
-    return acc.result()
+    return classify(Reply(200, {}, orjson.dumps(acc.result()), 0.0, stream=True, cut_off=acc.cut_off))
 
 
 def test_assembler_builds_one_completion_body() -> None:
@@ -142,7 +144,7 @@ def test_assembler_builds_one_completion_body() -> None:
     assert (body["model"], body["provider"], body["usage"]["cost"]) == ("m", "P", 0.1)
 
 
-def test_assembler_turns_bad_endings_into_transient_errors() -> None:
+def test_bad_endings_of_a_stream_are_transient_errors() -> None:
     cut = STREAM[:STREAM.index(b'data: {"id":"gen-1","choices":[{"index":0,"delta":{"content":"lo"}')]
     with pytest.raises(TransientError, match="without a finish_reason") as err:
         assemble(cut)

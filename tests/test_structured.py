@@ -9,8 +9,8 @@ import pytest
 from pipeline.config import StructuredConfig
 from pipeline.errors import BadContentError, ConfigError
 from pipeline.build.schema import strict_normalise
-from pipeline.build.structured import (BUILTIN_CAPABILITIES, DEFAULT_CAPABILITIES, TOOL_DESCRIPTION, StructuredPlan,
-                                 capabilities)
+from pipeline.build.structured import TOOL_DESCRIPTION, StructuredPlan
+from pipeline.models.catalog import BUILTIN_CAPABILITIES, DEFAULT_CAPABILITIES, capabilities
 
 SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -12,13 +12,12 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -32,8 +31,8 @@ from pipeline.build.schema import arrow_type, strict_normalise, tolerant_schema
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
 from pipeline.build.structured import StructuredPlan, routes_via_openrouter
-from pipeline.send.transport import Reply
 from tests.conftest import SCHEMA, job
+from tests.fakes import Scripted, completion
 
 KEY_ENV = "STRUCTURED_E2E_KEY"
 
@@ -70,31 +69,8 @@ def assert_typed_and_valid(out: Path, schema: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# A scripted endpoint, for what the simulator does not do (logprobs, prose, content plus tool calls)
-
-
-class Scripted:
-    """A Transport answering each request body with `answer(body) -> (status, json)`; keeps the bodies."""
-
-    def __init__(self, answer: Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]) -> None:
-        self.answer = answer
-        self.bodies: list[dict[str, Any]] = []
-
-    async def send(self, payload: bytes, *, stream: bool = False) -> Reply:
-        body = orjson.loads(payload)
-        self.bodies.append(body)
-        status, reply = self.answer(body)
-        return Reply(status, {}, orjson.dumps(reply), 0.001)
-
-    async def close(self) -> None:
-        return None
-
-
-def completion(message: dict[str, Any], finish: str = "stop", logprobs: Any = None) -> tuple[int, dict[str, Any]]:
-    return 200, {"id": "gen-1", "object": "chat.completion", "model": "m",
-                 "choices": [{"index": 0, "message": {"role": "assistant", "content": None, **message},
-                              "finish_reason": finish, "logprobs": logprobs}],
-                 "usage": {"prompt_tokens": 12, "completion_tokens": 7}}
+# A scripted endpoint (tests/fakes.py), for what the simulator does not do (logprobs, prose, content plus
+# tool calls)
 
 
 GOOD = {"sentiment": "positive", "score": 4, "tags": ["fast"]}

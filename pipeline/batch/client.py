@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from ..errors import TransientError
-from ..send.retry import classify
+from ..send.classify import classify
 from ..send.transport import HttpTransport, Reply
 from .files import ENDPOINT
 

@@ -16,20 +16,23 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..build.structured import StructuredPlan
 from ..config import Config
-from ..errors import BadContentError, PermanentError, RequestError, RunFatalError, TransientError
-from ..send.dispatch import Dispatcher
-from ..send.retry import NAMED_STATUS, classify
+from ..errors import BadContentError, FatalReply, PermanentError, RequestError, RunFatalError, TransientError
+from ..send.budget import Usage, max_cost, read_usage
+from ..send.classify import NAMED_STATUS, classify
 from ..send.transport import Reply
 from ..state.store import Record
-from ..build.structured import StructuredPlan
-from ..write.parse import Usage, max_cost, parse_completion, read_usage
+from ..write.parse import parse_completion
 from .files import result_lines
 from .ledger import Chunk, Ledger
+
+if TYPE_CHECKING:
+    from .driver import Engine
 
 log = logging.getLogger("pipeline")
 
@@ -69,9 +72,10 @@ class Collected:
 
 
 class Collector:
-    def __init__(self, cfg: Config, ledger: Ledger, dispatcher: Dispatcher, plan: StructuredPlan | None) -> None:
-        self.cfg, self.ledger, self.dispatcher, self.plan = cfg, ledger, dispatcher, plan
-        self.store = dispatcher.store
+    def __init__(self, cfg: Config, ledger: Ledger, engine: Engine, plan: StructuredPlan | None) -> None:
+        self.cfg, self.ledger, self.engine, self.plan = cfg, ledger, engine, plan
+        self.store = engine.store
+        self.stats = engine.core.stats
         self._mode: str | None = None
 
     def collect(self, chunk: Chunk, paths: list[str]) -> Collected:
@@ -122,16 +126,15 @@ class Collector:
         outcomes.clear()
 
     def _count(self, key: str, outcome: str, record: Record | None, result: Collected) -> None:
-        stats = self.dispatcher.stats
         if record is not None:
             result.records += 1
             if record.state == "ok":
-                stats.successes += 1
+                self.stats.answered()
             else:
-                stats.failures[record.state] += 1
+                self.stats.failed(record.state)
                 result.settled.add(key)
         elif outcome in ("transient", "missing", "bad_content"):
-            stats.retries["bad_content" if outcome == "bad_content" else "transient"] += 1
+            self.stats.retried("bad_content" if outcome == "bad_content" else "transient")
             if self.cfg.batch.retry_via == "sync" and outcome != "bad_content":
                 result.to_sync.add(key)
             else:
@@ -141,11 +144,8 @@ class Collector:
         """The line's outcome class and the record to store (None: not settled, ask again)."""
         try:
             body = classify(_as_reply(line))
-        except RunFatalError as exc:
-            if self.dispatcher.fatal is None:
-                self.dispatcher.fatal = exc
-                log.error("stopping: %s", exc)
-            self.dispatcher.stop("fatal")
+        except (FatalReply, RunFatalError) as exc:
+            self.engine.stop(exc)
             return "fatal", None
         except TransientError as exc:
             paid = self._charge(exc.billed, est, images)
@@ -210,11 +210,8 @@ class Collector:
         if body is None:
             return (0, 0, 0.0)
         usage = usage or batch_usage(body, self.cfg, images, est)
-        d = self.dispatcher
-        d.spent += usage.cost_usd
-        d.stats.prompt_tokens += usage.prompt_tokens
-        d.stats.completion_tokens += usage.completion_tokens
-        d.stats.cost_usd += usage.cost_usd
+        self.engine.core.dispatcher.budget.charge(usage.cost_usd)
+        self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
         return (usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
 
 

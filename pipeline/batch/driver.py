@@ -27,20 +27,20 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from tqdm.auto import tqdm
 
-from ..build.prompts import Renderer
-from ..build.structured import StructuredPlan
+from ..build.request import Request
 from ..config import Config
-from ..errors import BudgetExceeded, PermanentError, RateLimited, RunFatalError, TransientError
+from ..engines.core import Core
+from ..errors import BudgetExceeded, Fatal, FatalReply, PermanentError, RateLimited, RunFatalError, TransientError
 from ..read.reader import InputBatch
-from ..send.dispatch import Dispatcher, Job
 from ..send.transport import HttpTransport
-from ..state.store import Record
+from ..state.store import Record, Store
 from .client import TERMINAL, BatchClient
 from .collect import Collector, worst_line_cost
 from .files import ChunkWriter, request_payloads
@@ -52,8 +52,30 @@ log = logging.getLogger("pipeline")
 # "downloading") at the moment a kill at that step would hurt most. None in production.
 FAULT_HOOK: Callable[[str], None] | None = None
 
-Known = Callable[[dict[str, Job]], dict[str, Record]]
-Render = Callable[[InputBatch], dict[str, Job]]
+
+
+@dataclass
+class Engine:
+    """What the driver uses of the run: the core (its builder, stats, budget and stop), the job's store,
+    and the same request building and answer lookup as the sync mode."""
+
+    core: Core
+    store: Store
+    build: Callable[[InputBatch], dict[str, Request]]
+    known: Callable[[Collection[str]], dict[str, Record]]
+
+    def stop(self, exc: Fatal) -> None:
+        """Stop the run for a run-fatal reason, as the dispatcher does."""
+        dispatcher = self.core.dispatcher
+        if dispatcher.fatal is None:
+            dispatcher.fatal = exc
+            reason = "budget" if isinstance(exc, BudgetExceeded) else "fatal"
+            log.error("stopping: %s", exc, extra={"event": "stop", "reason": reason})
+        self.core.stop("budget" if isinstance(exc, BudgetExceeded) else "fatal")
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.core.stop_reason
 
 
 def _at(step: str) -> None:
@@ -62,16 +84,16 @@ def _at(step: str) -> None:
 
 
 class BatchDriver:
-    def __init__(self, cfg: Config, folder: str, dispatcher: Dispatcher, plan: StructuredPlan | None,
-                 transport: HttpTransport, *, batches: Callable[[], Iterable[InputBatch]], render: Render,
-                 known: Known, no_wait: bool = False, progress: bool = False,
+    def __init__(self, cfg: Config, folder: str, engine: Engine, transport: HttpTransport, *,
+                 batches: Callable[[], Iterable[InputBatch]], no_wait: bool = False, progress: bool = False,
                  rng: random.Random | None = None) -> None:
-        self.cfg, self.folder, self.dispatcher, self.plan = cfg, folder, dispatcher, plan
-        self.store = dispatcher.store
+        self.cfg, self.folder, self.engine = cfg, folder, engine
+        self.plan = engine.core.dispatcher.plan
+        self.store = engine.store
         self.ledger = Ledger(self.store)
         self.client = BatchClient(transport)
-        self.collector = Collector(cfg, self.ledger, dispatcher, plan)
-        self.batches, self.render, self.known = batches, render, known
+        self.collector = Collector(cfg, self.ledger, engine, self.plan)
+        self.batches = batches
         self.no_wait, self.rng = no_wait, rng or random.Random()
         self.writer = ChunkWriter(self.ledger, folder, cfg.batch, before_line=_at)
         self.settled: set[str] = set()  # failures recorded by this run: not sent again by it
@@ -92,14 +114,14 @@ class BatchDriver:
                 moved = await self.collect()
                 if self.plan is not None and self.plan.mode != mode:
                     render = True  # a structured-mode fallback: every request is shaped anew
-                if self.dispatcher.stop_reason:
+                if self.engine.stop_reason:
                     return "stopped"
                 if render:
                     await self.write_pending()
                     render = False
-                if not self.dispatcher.stop_reason:
+                if not self.engine.stop_reason:
                     await self.submit()
-                if self.dispatcher.stop_reason:
+                if self.engine.stop_reason:
                     return "stopped"
                 if not self.ledger.chunks(("ready", "uploading", "uploaded", "creating", "submitted")):
                     return "collected"
@@ -117,9 +139,9 @@ class BatchDriver:
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
             await asyncio.sleep(min(left, 0.2))
-            if self.dispatcher.stop_reason:
+            if self.engine.stop_reason:
                 return False
-        return not self.dispatcher.stop_reason
+        return not self.engine.stop_reason
 
     # -- 1. reconcile --------------------------------------------------------------------------------
 
@@ -139,7 +161,7 @@ class BatchDriver:
         except TransientError as exc:
             log.warning("could not list the provider's files or batches (%s); will try again", exc)
             return
-        except RunFatalError as exc:
+        except (RunFatalError, FatalReply) as exc:
             self._stop(exc)
 
     async def _adopt_files(self, uploading: dict[str, Chunk]) -> None:
@@ -184,8 +206,8 @@ class BatchDriver:
             except TransientError as exc:
                 log.warning("polling batch %s failed (%s); will poll again", chunk.batch_id, exc)
                 continue
-            except (RunFatalError, PermanentError) as exc:
-                self._stop(exc if isinstance(exc, RunFatalError) else RunFatalError(str(exc), status=exc.status))
+            except (RunFatalError, FatalReply, PermanentError) as exc:
+                self._stop(exc if not isinstance(exc, PermanentError) else RunFatalError(str(exc), status=exc.status))
                 return moved
             status = str(batch.get("status"))
             counts = batch.get("request_counts") if isinstance(batch.get("request_counts"), dict) else {}
@@ -196,10 +218,10 @@ class BatchDriver:
             if status in TERMINAL:
                 try:
                     await self._collect(self.ledger.get(chunk.chunk), batch)
-                except RunFatalError as exc:
+                except (RunFatalError, FatalReply) as exc:
                     self._stop(exc)
                 moved = True
-            if self.dispatcher.stop_reason:
+            if self.engine.stop_reason:
                 break
         return moved
 
@@ -259,8 +281,8 @@ class BatchDriver:
         written = 0
         try:
             for batch in self.batches():
-                jobs = self.render(batch)
-                known = self.known(jobs)
+                jobs = self.engine.build(batch)
+                known = self.engine.known(jobs.keys())
                 fresh = [k for k in jobs if k not in known and k not in self.settled and k not in self.to_sync]
                 spoken = self.ledger.spoken_for(fresh)
                 for key in fresh:
@@ -272,7 +294,7 @@ class BatchDriver:
                     written += 1
                 writer.flush()
                 await asyncio.sleep(0)  # let Ctrl-C and the store's commits in
-                if self.dispatcher.stop_reason:
+                if self.engine.stop_reason:
                     break
         except BaseException:
             writer.abandon()  # the next run drops the half-written file and renders its lines again
@@ -288,9 +310,10 @@ class BatchDriver:
         for chunk in self.ledger.chunks(("ready", "uploaded")):
             if cap is not None and tokens and tokens + chunk.est_tokens > cap:
                 return  # the provider's queue for this model is full: wait for batches to finish
-            if budget is not None and self.dispatcher.spent + worst + chunk.worst_usd > budget:
+            spent = self.engine.core.dispatcher.budget.spent
+            if budget is not None and spent + worst + chunk.worst_usd > budget:
                 self._stop(BudgetExceeded(
-                    f"budget reached: spent ${self.dispatcher.spent:.4f}, ${worst:.4f} in running batches at "
+                    f"budget reached: spent ${spent:.4f}, ${worst:.4f} in running batches at "
                     f"their worst case, and the next batch file ({chunk.lines:,} lines) may cost up to "
                     f"${chunk.worst_usd:.4f}, over budget.max_cost_usd=${budget:g}"))
                 return
@@ -300,8 +323,8 @@ class BatchDriver:
             except TransientError as exc:
                 log.warning("submitting %s failed (%s); will try again", chunk.name, exc)
                 return
-            except (RunFatalError, PermanentError) as exc:
-                self._stop(exc if isinstance(exc, RunFatalError) else RunFatalError(
+            except (RunFatalError, FatalReply, PermanentError) as exc:
+                self._stop(exc if not isinstance(exc, PermanentError) else RunFatalError(
                     f"the provider refused batch file {chunk.path}: {exc}; check endpoint.base_url speaks the "
                     "OpenAI Batch API, then re-run the same command (or use run.mode: sync)", status=exc.status))
                 return
@@ -329,7 +352,7 @@ class BatchDriver:
         _at("created")
         self.ledger.update(chunk.chunk, state="submitted", batch_id=batch["id"], status=batch.get("status"),
                            durable=True)
-        self.dispatcher.stats.requests_sent += chunk.lines
+        self.engine.core.stats.requests_sent += chunk.lines
         log.info("submitted %s: %d requests as batch %s", chunk.name, chunk.lines, batch["id"])
         return True
 
@@ -354,11 +377,8 @@ class BatchDriver:
     def _filename(self, chunk: Chunk) -> str:
         return f"pipeline-{self.ledger.job_id}-{chunk.name}.jsonl"
 
-    def _stop(self, exc: RunFatalError) -> None:
-        if self.dispatcher.fatal is None:
-            self.dispatcher.fatal = exc
-            log.error("stopping: %s", exc)
-        self.dispatcher.stop("budget" if isinstance(exc, BudgetExceeded) else "fatal")
+    def _stop(self, exc: Fatal) -> None:
+        self.engine.stop(exc)
 
 
 def _max_tokens(payload: bytes) -> int | None:

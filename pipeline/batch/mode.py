@@ -5,45 +5,47 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..build.prompts import Renderer
 from ..config import Config
+from ..engines.core import Core
+from ..engines.interrupt import Interrupt
 from ..errors import EXIT_BATCH_SUBMITTED, EXIT_STOPPED, UsageError
 from ..read.reader import InputBatch
-from ..send.dispatch import Job
 from ..send.transport import HttpTransport
-from ..state.store import FINAL_STATES
+from ..state.answers import LocalAnswers
+from ..state.store import FINAL_STATES, Store
 from ..write.output import Summary
-from .driver import BatchDriver
+from .driver import BatchDriver, Engine
 
 # After the batches, the engine writes the outputs from the store. A request whose retries ran out in a
 # batch is recorded as `transient` and is final for this run, like the other failures.
 ALL_STATES = FINAL_STATES | {"transient"}
 
 
-async def drive_batches(cfg: Config, folder: str, engine: Any, transport: Any,
-                        batches: Callable[[], Iterable[InputBatch]], render: Callable[[InputBatch], dict[str, Job]],
-                        *, no_wait: bool, cancel: bool, progress: bool) -> str:
+async def drive_batches(cfg: Config, core: Core, answers: LocalAnswers, store: Store, transport: Any,
+                        renderer: Renderer, batches: Callable[[], Iterable[InputBatch]], *, folder: str,
+                        interrupt: Interrupt, no_wait: bool, cancel: bool, progress: Any) -> str:
     """Run the batch phases; returns 'collected', 'waiting', 'stopped' or 'cancelled'.
 
-    The driver runs as one of the engine's request tasks, so a second Ctrl-C cancels it at once (the
-    batches stay at the provider; the ledger knows them)."""
+    A first Ctrl-C stops the driver at its next step (the batches stay at the provider; the ledger knows
+    them); a second one cancels it at once, even in the middle of an upload."""
     if not isinstance(transport, HttpTransport):
         raise UsageError("run.mode: batch needs the HTTP transport (the Batch API's files and batches)")
-    driver = BatchDriver(cfg, folder, engine.dispatcher, engine.plan, transport, batches=batches, render=render,
-                         known=engine._known, no_wait=no_wait, progress=progress)
+    engine = Engine(core, store, lambda b: core.builder.build_batch(b, renderer).requests, answers.lookup)
+    driver = BatchDriver(cfg, folder, engine, transport, batches=batches, no_wait=no_wait, progress=progress.enabled)
     task = asyncio.ensure_future(driver.cancel() if cancel else driver.run())
-    engine.request_tasks.add(task)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.2)
+        if interrupt.hits >= 2 and not task.done():
+            task.cancel()
     try:
-        outcome = await task
+        outcome = task.result()
     except asyncio.CancelledError:
-        if not engine.dispatcher.stop_reason:
-            raise
         return "stopped"
-    finally:
-        engine.request_tasks.discard(task)
     if cancel:
-        engine.progress.note(f"asked the provider to cancel {outcome} running batch(es)")
+        progress.note(f"asked the provider to cancel {outcome} running batch(es)")
         return "cancelled"
-    engine.keep_states = FINAL_STATES if cfg.batch.retry_via == "sync" else ALL_STATES
+    answers.keep = FINAL_STATES if cfg.batch.retry_via == "sync" else ALL_STATES
     return str(outcome)
 
 

@@ -1,4 +1,4 @@
-"""Rows into request bodies: Jinja templates over columns, image parts, and the request key.
+"""Rows into request bodies: Jinja templates over columns and image parts (the request itself: request.py).
 
 Templates are compiled once with StrictUndefined, so a missing column fails the row instead of
 silently sending an empty prompt, and a value printed by `{{ ... }}` that is null fails it too ("null
@@ -15,7 +15,6 @@ have no system message and `prompt.user`, when also set, is appended as a final 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,23 +26,9 @@ import orjson
 
 from ..config import Config
 from ..errors import ConfigError, RowError
+from ..models.catalog import context_window, max_output_tokens
 from .images import ImageEncoder
 
-# Longest matching prefix of the model name (provider prefix dropped) wins; others get the default.
-CONTEXT_WINDOWS: dict[str, int] = {
-    "gpt-4-turbo": 128_000, "gpt-4-1106": 128_000, "gpt-4-0125": 128_000, "gpt-4-vision": 128_000,
-    "gpt-4o": 128_000, "gpt-4.1": 1_047_576, "gpt-4-32k": 32_768, "gpt-4": 8_192, "gpt-3.5-turbo": 16_385,
-    "gpt-5": 400_000, "o1": 200_000, "o3": 200_000, "o4-mini": 200_000, "claude": 200_000,
-    "gemini-1.5-pro": 2_097_152, "gemini": 1_048_576, "llama-3.1": 131_072, "llama-3.2": 131_072,
-    "llama-3.3": 131_072, "mistral-large": 128_000, "qwen2.5": 32_768,
-}
-DEFAULT_CONTEXT = 128_000
-# Longest output a model can produce (same prefix rule). Bounds a request's worst-case cost when
-# max_tokens is absent, and a configured max_tokens above it is an error before anything is sent.
-MAX_OUTPUT_TOKENS: dict[str, int] = {
-    "gpt-4-turbo": 4_096, "gpt-4-1106": 4_096, "gpt-4-0125": 4_096, "gpt-4-vision": 4_096,
-    "gpt-4o-2024-05-13": 4_096, "gpt-4o": 16_384, "gpt-4.1": 32_768, "gpt-3.5-turbo": 4_096,
-}
 TOKENS_PER_MESSAGE = 4
 REPLY_PRIMING_TOKENS = 3
 _INT_PARAMS = frozenset({"seed", "max_tokens", "max_completion_tokens", "top_logprobs", "n", "top_k"})
@@ -53,7 +38,9 @@ _OWN_FIELDS = ("extra", "from_columns", "stream", "models", "provider", "logit_b
 
 
 @dataclass(slots=True)
-class Draft:
+class RenderedRow:
+    """One row as a request body, before structured shaping; its prompt estimate includes the images."""
+
     body: dict[str, Any]
     est_prompt_tokens: int
     max_tokens: int | None
@@ -75,25 +62,8 @@ def _no_null(value: Any) -> Any:
     return value
 
 
-def context_window(model: str) -> int:
-    """Context size in tokens for a model name such as 'openai/gpt-4-turbo' (default 128k)."""
-    best = _longest_prefix(model, CONTEXT_WINDOWS)
-    return CONTEXT_WINDOWS[best] if best else DEFAULT_CONTEXT
-
-
-def max_output_tokens(model: str) -> int | None:
-    """The model's output cap (4096 for gpt-4-turbo), or None when the table does not know it."""
-    best = _longest_prefix(model, MAX_OUTPUT_TOKENS)
-    return MAX_OUTPUT_TOKENS[best] if best else None
-
-
-def _longest_prefix(model: str, table: dict[str, int]) -> str | None:
-    name = model.rsplit("/", 1)[-1].lower()
-    return max((p for p in table if name.startswith(p)), key=len, default=None)
-
-
 class Renderer:
-    """Turns input rows into Drafts. Construct once per run: templates compile here, not per row.
+    """Turns input rows into RenderedRows. Construct once per run: templates compile here, not per row.
 
     `input_dir` is where relative image paths resolve when a row's origin names no file; normally they
     resolve against the folder of the row's own input file. Pass `columns` (or call check_columns) to
@@ -103,8 +73,7 @@ class Renderer:
     def __init__(self, cfg: Config, input_dir: str | None = None, columns: Iterable[str] | None = None) -> None:
         self.cfg = cfg
         p = cfg.prompt
-        self._env = jinja2.Environment(undefined=jinja2.StrictUndefined, finalize=_no_null, autoescape=False,
-                                       keep_trailing_newline=True)
+        self._env = template_environment()
         self.variables: dict[str, set[str]] = {}
         self._system = self._compile(p.system, "prompt.system")
         self._user = self._compile(p.user, "prompt.user")
@@ -189,7 +158,7 @@ class Renderer:
                 raise ConfigError(f"uses {', '.join(map(repr, missing))}, not among the input columns: {available}",
                                   key=key, file=self.cfg.source)
 
-    def render(self, row: dict[str, Any], origin: tuple[str, int]) -> Draft:
+    def render(self, row: dict[str, Any], origin: tuple[str, int]) -> RenderedRow:
         """The request body for one row; RowError naming file+row when the row cannot become one."""
         messages: list[dict[str, Any]] = []
         system = self._system_text
@@ -222,7 +191,7 @@ class Renderer:
                            f"{body['model']}; shorten this row's text or images", file=origin[0], row=origin[1],
                            reason="context")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        return Draft(body, est, max_tokens if type(max_tokens) is int else None)
+        return RenderedRow(body, est, max_tokens if type(max_tokens) is int else None)
 
     def _text(self, template: jinja2.Template, key: str, row: dict[str, Any], origin: tuple[str, int]) -> str:
         try:
@@ -302,6 +271,12 @@ class Renderer:
         return tokens
 
 
+def template_environment() -> jinja2.Environment:
+    """The one Jinja environment prompts compile in (undefined columns and printed nulls fail the row)."""
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, finalize=_no_null, autoescape=False,
+                              keep_trailing_newline=True)
+
+
 def _render(template: jinja2.Template, row: dict[str, Any], env_globals: dict[str, Any]) -> str:
     # Template.render() rebuilds its context from a ChainMap of globals on every call, which is half the
     # cost of a short template; one dict merge does the same job. Errors surface unwrapped.
@@ -344,9 +319,3 @@ def estimate_prompt_tokens(body: dict[str, Any], image_tokens: int = 0) -> int:
         if key in body:
             chars += len(orjson.dumps(body[key]))
     return (chars + 3) // 4 + TOKENS_PER_MESSAGE * len(messages) + REPLY_PRIMING_TOKENS + image_tokens
-
-
-def finalize(body: dict[str, Any], base_url: str) -> tuple[bytes, str]:
-    """The canonical payload (sent as is) and the request key: sha256 of base_url, newline, payload."""
-    payload = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-    return payload, hashlib.sha256(base_url.encode() + b"\n" + payload).hexdigest()

@@ -14,7 +14,6 @@ the schema as a hint, and JSON mode never enforces it.
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from jsonschema.exceptions import best_match
 
 from ..config import Config, EndpointConfig, ParamsConfig, StructuredConfig
 from ..errors import BadContentError, ConfigError
+from ..models.catalog import capabilities
 from .schema import SCHEMA_KEY, check_schema, pointer, strict_normalise, tolerant_schema
 
 MODES = ("json_schema", "tool", "json_object")
@@ -38,24 +38,6 @@ MODES = ("json_schema", "tool", "json_object")
 # gets JSON, and as the last resort it must not be blocked by some other parameter a provider lacks.
 GUARDED_MODES = ("json_schema", "tool")
 
-# Model glob (fnmatch, case-insensitive) -> supported modes, best first; the first matching glob wins,
-# so specific snapshots come before family globs.
-# gpt-4-turbo and its previews lack json_schema (OpenAI 400, OpenRouter 404 with require_parameters).
-# Tool first, not json_object: function calling puts the schema where these models were fine-tuned to
-# follow it (required keys, enums, nesting), while JSON mode only guarantees syntax and leaves the schema
-# to a prompt instruction; it is also what LangChain and the OpenAI cookbooks used for extraction
-# before structured outputs existed. json_object stays as the fallback for routes without tools.
-_LEGACY = ["tool", "json_object"]
-_MODERN = ["json_schema", "tool", "json_object"]
-BUILTIN_CAPABILITIES: dict[str, list[str]] = {  # matched with and without OpenRouter's "openai/" prefix
-    "gpt-4-turbo*": _LEGACY, "gpt-4-1106*": _LEGACY, "gpt-4-0125*": _LEGACY,
-    # The first gpt-4o snapshot predates structured outputs (OpenAI: 2024-08-06 and later only).
-    "gpt-4o-2024-05-13": _LEGACY,
-    "gpt-4o*": _MODERN, "gpt-4.1*": _MODERN, "gpt-5*": _MODERN, "o1*": _MODERN, "o3*": _MODERN, "o4*": _MODERN,
-}
-# Unknown models: vLLM and llama.cpp constrain decoding with json_schema, and auto steps down if not.
-DEFAULT_CAPABILITIES: list[str] = ["json_schema", "json_object", "tool"]
-
 INSTRUCTION = "Respond with a single JSON object that conforms to this JSON Schema:\n{schema}\n" \
               "Reply with the JSON object only, without code fences or any other text."
 TOOL_DESCRIPTION = "Record the answer. Call this function exactly once; its arguments are the answer."
@@ -66,16 +48,6 @@ _NOT_SUPPORTED = ("not supported", "unsupported", "does not support", "invalid p
                   "not available")
 _FALLBACK_STATUSES = (400, 404, 422, 501)
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\r?\n?(.*?)\r?\n?[ \t]*```", re.DOTALL)
-
-
-def capabilities(model: str, extra: dict[str, list[str]] | None = None) -> list[str]:
-    """Supported modes for a model, best first: config entries win over the built-in table."""
-    names = {model.lower(), model.lower().removeprefix("openai/")}
-    for table in (extra or {}, BUILTIN_CAPABILITIES):
-        for glob, modes in table.items():
-            if any(fnmatch.fnmatchcase(name, glob.lower()) for name in names):
-                return list(modes)
-    return list(DEFAULT_CAPABILITIES)
 
 
 class StructuredPlan:

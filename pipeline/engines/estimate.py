@@ -1,6 +1,6 @@
 """`pipeline run CONFIG --dry-run`: what a run would send, cost and take, without sending anything.
 
-The input is read and every request rendered by the runner's own code (`runner.render_batch`), one
+The input is read and every request built by the runner's own code (`RequestBuilder.build_batch`), one
 batch at a time, so the figures are those of the real run: the same request keys (identical requests
 counted once, rows already answered in `output.dir` or the shared cache left out), the same prompt
 estimate the tokens/minute limiter uses (text at ~4 characters a token, images by the GPT-4 Turbo tile
@@ -27,12 +27,14 @@ from typing import Any, TextIO
 from ..config import BUILTIN_PRICES, Config
 from ..errors import EXIT_OK, RowError
 from ..write.output import done_parts
-from ..write.parse import find_price, worst_output_tokens
-from ..build.prompts import Renderer, context_window, max_output_tokens
+from ..send.budget import find_price, worst_output_tokens
+from ..build.prompts import Renderer
+from ..build.request import RequestBuilder
+from ..models.catalog import context_window, max_output_tokens
 from ..read.reader import InputBatch, Source
-from .runner import render_batch
 from ..state.jobdir import JobDir, count_part
-from ..state.store import FINAL_STATES
+from ..state import migrations
+from ..state.store import FINAL_STATES, MIGRATIONS
 from ..build.structured import StructuredPlan, plan_for
 
 # Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
@@ -103,7 +105,8 @@ def estimate(cfg: Config) -> Estimate:
 def _batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | None, cfg: Config,
            store: sqlite3.Connection | None, cache: sqlite3.Connection | None, seen: set[int], est: Estimate) -> None:
     # Outcomes are not kept: a failing row's reason is re-derived in _failing.
-    _, row_keys, jobs = render_batch(batch, renderer, plan, cfg.endpoint.base_url)
+    built = RequestBuilder(cfg.endpoint.base_url, plan).build_batch(batch, renderer)
+    row_keys, jobs = built.keys, built.requests
     answered = _states(store, jobs.keys())
     cached = {k for k, s in _states(cache, [k for k in jobs if k not in answered]).items() if s == "ok"}
     for i, key in enumerate(row_keys):
@@ -174,7 +177,7 @@ def _count_done_parts(jobdir: JobDir, done: set[int], est: Estimate) -> None:
     JobDir.resume_plan decides, a batch with rows whose retries ran out on transient errors is asked again."""
     for i in sorted(done):
         counts = count_part(jobdir.parts, i)
-        if counts.transient:
+        if counts.failed_transient:
             done.discard(i)
             continue
         est.rows_done_ok += counts.ok
@@ -187,7 +190,9 @@ def _open_readonly(path: str) -> sqlite3.Connection | None:
     # Without a -wal file no run is writing, and `immutable` reads without creating -wal/-shm files;
     # with one, a run is live (or died): plain read-only mode sees its latest commits.
     mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
-    return sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+    db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+    migrations.refuse_newer(migrations.applied(db), MIGRATIONS, path)  # a newer store: not ours to read
+    return db
 
 
 def _meta(db: sqlite3.Connection, name: str) -> str | None:

@@ -6,7 +6,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from ..send.dispatch import Stats
+from ..send.stats import Stats
 
 
 class Progress:

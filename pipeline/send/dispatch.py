@@ -1,115 +1,96 @@
 """One request, from its turn under the limits to a durable record: the retry loop.
 
-limits -> transport -> classify -> store -> parse. Identical requests in flight are sent once. A
-paid answer is written to the store before it counts; unusable content gets its own small retry
-budget; a run-fatal answer stops all dispatch at once (the rows it stops stay pending, to resume).
+    limits.slot -> budget.reserve -> transport -> classify -> answers.put -> (slot released)
+                                                     \\-> retry.decide: retry / fail / stop / reshape
+
+Identical requests in flight are sent once. A paid answer is put in the answer store before it counts
+and before its concurrency slot is released. A run-fatal outcome stops all dispatch at once: requests
+waiting on a limit or the budget leave as `Stopped`, and their rows stay pending, to resume.
+Collaborators are injected: the limiter, the transport, the answer store (see engines/core.py for the
+protocols), the budget, the stats and the request builder; the clock is the running loop's.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
-import sqlite3
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..build.request import Request, RequestBuilder
+from ..build.structured import StructuredPlan
 from ..config import Config
 from ..errors import (
     BadContentError,
     BudgetExceeded,
+    Fatal,
     PermanentError,
     RateLimited,
     RequestError,
     RunFatalError,
+    Stopped,
     TransientError,
 )
-from .limits import Limits
-from ..write.parse import Usage, max_cost, parse_completion, read_usage
-from ..build.prompts import estimate_prompt_tokens, finalize
-from .retry import Backoff, classify
-from ..state.store import Record, Store
-from ..build.structured import StructuredPlan
-from .transport import Transport
+from ..state.store import Record
+from ..write.parse import parse_completion
+from .budget import Budget, Paid, Usage, max_cost, read_usage
+from .classify import classify
+from .health import Reachability
+from .retry import Backoff, Decision, RetryPolicy, Tries, decide
+from .stats import Stats
+from .transport import Reply, Transport
+
+if TYPE_CHECKING:
+    from ..state.store import AnswerStore
+    from .limits import Limiter, Permit
 
 log = logging.getLogger("pipeline")
 
 
-class Stopped(Exception):
-    """Dispatch has stopped (run-fatal, budget or interrupt); the request stays pending."""
-
-
 @dataclass(slots=True)
-class Job:
-    key: str
-    payload: bytes
-    draft_body: dict[str, Any]
-    est_prompt: int
-    max_tokens: int | None
-    n_images: int = 0
-    image_tokens: int = 0
-    mode: str | None = None
+class _Flight:
+    """One request on its way: the Request as it is sent now, its tries and what they were billed."""
 
-
-@dataclass
-class Stats:
-    requests_sent: int = 0
-    successes: int = 0
-    retries: Counter[str] = field(default_factory=Counter)
-    cache_hits: int = 0
-    deduplicated: int = 0
-    cost_usd: float = 0.0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    failures: Counter[str] = field(default_factory=Counter)
+    request: Request
+    tries: Tries
+    paid: Paid
 
 
 class Dispatcher:
-    def __init__(
-        self,
-        cfg: Config,
-        transport: Transport,
-        store: Store,
-        limits: Limits,
-        plan: StructuredPlan | None,
-        *,
-        cache: Store | None = None,
-        spent_before: float = 0.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.transport = transport
-        self.store = store
-        self.cache = cache
-        self.limits = limits
-        self.plan = plan
+    def __init__(self, cfg: Config, transport: Transport, answers: AnswerStore, limits: Limiter,
+                 plan: StructuredPlan | None, *, stats: Stats | None = None, budget: Budget | None = None,
+                 builder: RequestBuilder | None = None, rng: random.Random | None = None) -> None:
+        self.cfg, self.transport, self.answers, self.limits, self.plan = cfg, transport, answers, limits, plan
+        self.stats = stats or Stats()
+        self.budget = budget or Budget(cfg.budget.max_cost_usd)
+        self.builder = builder or RequestBuilder(cfg.endpoint.base_url, plan)
         self.backoff = Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, rng or random.Random())
-        self.stats = Stats()
-        self.spent = spent_before
-        self.reserved = 0.0
-        self.fatal: RunFatalError | None = None
+        self.policy = RetryPolicy.of(cfg)
+        self.reach = Reachability()
+        self.fatal: Fatal | None = None
         self.stop_reason: str | None = None
         self.inflight: dict[str, asyncio.Future[Record]] = {}
         self.stream = cfg.params.stream
 
     def stop(self, reason: str) -> None:
+        """Stop dispatching: nothing more is sent; whoever waits on a limit or the budget leaves."""
         if self.stop_reason is None:
             self.stop_reason = reason
             self.limits.stop()  # requests queued on a limit leave now instead of at the rate limit
+            self.budget.close()
 
-    async def submit(self, job: Job) -> Record:
+    async def submit(self, request: Request) -> Record:
         """The record for this request; joins an identical request already in flight."""
-        fut = self.inflight.get(job.key)
+        fut = self.inflight.get(request.key)
         if fut is not None:
-            self.stats.deduplicated += 1
+            self.stats.reused(deduplicated=1)
             return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
-        self.inflight[job.key] = fut
+        self.inflight[request.key] = fut
         try:
-            record = await self._execute(job)
+            record = await self._execute(_Flight(request, Tries(), Paid()))
             fut.set_result(record)
             return record
         except BaseException as exc:
@@ -117,188 +98,166 @@ class Dispatcher:
             fut.exception()  # mark retrieved: joiners may be gone
             raise
         finally:
-            del self.inflight[job.key]
+            del self.inflight[request.key]
 
-    async def _execute(self, job: Job) -> Record:
-        transient = bad = attempts = 0
-        paid = [0, 0, 0.0]  # prompt tokens, completion tokens, cost across attempts of this request
-        payload, key, max_tokens = job.payload, job.key, job.max_tokens
+    async def _execute(self, flight: _Flight) -> Record:
         while True:
             if self.stop_reason:
                 raise Stopped()
-            reserve = max_cost(job.est_prompt, max_tokens, self.cfg, job.n_images)
-            self._reserve(reserve)
+            outcome = await self._attempt(flight)
+            if isinstance(outcome, Record):
+                return outcome
+            if outcome.action == "stop":
+                assert outcome.error is not None
+                self._fatal(outcome.error)
+                raise Stopped() from outcome.error
+            if outcome.action == "reshape":
+                flight.request = self._reshape(flight.request, outcome.max_tokens)
+            elif outcome.delay_s:
+                await asyncio.sleep(outcome.delay_s)
+
+    async def _attempt(self, flight: _Flight) -> Record | Decision:
+        """One attempt inside a concurrency slot: a committed record, or what to do next."""
+        try:
+            slot = self.limits.slot(flight.request.est_prompt + (flight.request.max_tokens or 0))
+        except PermanentError as exc:  # larger than a minute's tokens: it can never be sent
+            return await self._failed(exc, flight, None)
+        async with slot as permit:
+            if self.stop_reason:
+                raise Stopped()
+            if self.plan is not None and flight.request.mode != self.plan.mode:
+                # Queued before a structured-mode fallback: send it the way the run asks now.
+                flight.request = self.builder.reshape(flight.request)
+            req = flight.request
+            reserved = 0.0
+            if self.budget.cap is not None:
+                reserved = await self._reserve(max_cost(req.est_prompt, req.max_tokens, self.cfg, req.n_images))
             try:
-                est_tokens = job.est_prompt + (max_tokens or 0)
+                flight.tries.attempts += 1
+                self.stats.sent()
                 try:
-                    async with self.limits.slot(est_tokens) as permit:
-                        if self.stop_reason:
-                            raise Stopped()
-                        if self.plan is not None and job.mode != self.plan.mode:
-                            # Queued before a structured-mode fallback: send it the way the run asks now.
-                            payload, key = self._reshape(job, max_tokens)
-                        attempts += 1
-                        self.stats.requests_sent += 1
-                        try:
-                            reply = await self.transport.send(payload, stream=self.stream)
-                            self.limits.observe(reply.headers)
-                            body = classify(reply)
-                        except RequestError as exc:
-                            permit.settle(self._charge(exc.billed, job, paid) if exc.billed else 0)
-                            raise
-                        usage = self._usage(body, job)
-                        permit.settle(usage.prompt_tokens + usage.completion_tokens or None)
-                finally:
-                    self.reserved -= reserve
-            except RunFatalError as exc:
-                self._fatal(exc)
-                raise Stopped() from None
-            except RateLimited as exc:
-                transient += 1
-                self.stats.retries["rate_limited"] += 1
-                wait = exc.retry_after if exc.retry_after is not None else self.backoff.delay(transient)
-                longest = self.cfg.limits.max_retry_after_s
-                if wait > longest:
-                    # Every request would hear the same: stop (resumable) rather than pause the run for ages.
-                    self._fatal(RunFatalError(
-                        f"{exc}; the server asks to wait {wait:.0f}s, more than limits.max_retry_after_s={longest:g}: "
-                        "re-run the same command after that to resume", status=exc.status))
-                    raise Stopped() from None
-                self.limits.pause(wait)
-                if transient > self.cfg.limits.max_retries:
-                    return await self._fail(key, "transient", exc, attempts, paid)
-                continue
-            except TransientError as exc:
-                transient += 1
-                self.stats.retries["transient"] += 1
-                too_long = exc.retry_after is not None and exc.retry_after > self.cfg.limits.max_retry_after_s
-                if transient > self.cfg.limits.max_retries or too_long:
-                    if exc.code == "connect" and self.stats.successes == 0:
-                        self._fatal(RunFatalError(f"{exc.message}; check endpoint.base_url and the network"))
-                        raise Stopped() from None
-                    return await self._fail(key, "transient", exc, attempts, paid)
-                await asyncio.sleep(self.backoff.delay(transient, exc.retry_after))
-                continue
-            except PermanentError as exc:
-                if self.plan is not None and self.plan.fallback(exc.status, exc.message, exc.code, mode=job.mode):
-                    # The structured mode is not supported here: re-shape under the next mode, same row.
-                    self.store.set_meta("structured_mode", self.plan.mode)
-                    payload, key = self._reshape(job, max_tokens)
-                    continue
-                return await self._fail(key, "permanent", exc, attempts, paid)
-
-            self._charge(body, job, paid, usage)
-            try:
-                parsed = parse_completion(body, usage, self.plan)
-            except BadContentError as exc:
-                bad += 1
-                self.stats.retries["bad_content"] += 1
-                raise_to = self.cfg.structured.length_max_tokens if self.cfg.structured else None
-                if exc.reason == "length":
-                    # Same max_tokens would be paid for the same truncation again: only retry if raised.
-                    if raise_to and (max_tokens or 0) < raise_to:
-                        max_tokens = raise_to
-                        payload, _ = self._reshape(job, max_tokens)
-                        continue
-                    return await self._fail(key, "bad_content", exc, attempts, paid, raw=reply.body)
-                budget = self.cfg.structured.bad_content_retries if self.cfg.structured else 1
-                if bad > budget:
-                    return await self._fail(key, "bad_content", exc, attempts, paid, raw=reply.body)
-                continue
-            except Exception as exc:  # a parser bug must not lose a paid answer
-                log.exception("could not parse the answer for %s", key)
-                err = BadContentError(f"could not parse the answer: {type(exc).__name__}: {exc}", reason="parser")
-                return await self._fail(key, "bad_content", err, attempts, paid, raw=reply.body)
-            record = Record(
-                key=key, state="ok", attempts=attempts, status=reply.status, content=parsed.content,
-                output_json=_dumps(parsed.output), finish_reason=parsed.finish_reason, model=parsed.model,
-                provider=parsed.provider, prompt_tokens=paid[0], completion_tokens=paid[1], cost_usd=paid[2],
-                latency_s=reply.latency_s, ttft_s=reply.ttft_s, tool_calls_json=parsed.tool_calls_json,
-                logprobs_json=parsed.logprobs_json, raw=reply.body,
-            )
-            await self._put(record)
-            self.stats.successes += 1
-            self.limits.on_success()
-            if self.cache is not None:
-                await self._share(record)
-            return record
-
-    async def _share(self, record: Record) -> None:
-        """Copy an answer to the cross-run cache, in the cache's per-tick group commit (not one commit each).
-        The answer is already safe in this job's store, so a cache that cannot be written only warns."""
-        assert self.cache is not None
-        try:
-            await self.cache.put(dataclasses.replace(record, cache_hit=False, created_at=0.0))
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("could not add an answer to the cache %s: %s", self.cache.path, exc)
-
-    async def _put(self, record: Record) -> None:
-        try:
-            await self.store.put(record)
-        except (OSError, sqlite3.Error) as exc:
-            # Disk full or an I/O error: nothing more can be recorded. Stop; what is committed stays.
-            self._fatal(RunFatalError(f"cannot write to {self.store.path}: {exc}; free disk space (or fix the "
-                                      "error), then re-run the same command to resume"))
-            raise Stopped() from None
-
-    def _reshape(self, job: Job, max_tokens: int | None) -> tuple[bytes, str]:
-        body = dict(job.draft_body)
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        if self.plan is not None:
-            body = self.plan.shape(body)
-            job.mode = self.plan.mode
-            job.est_prompt = estimate_prompt_tokens(body, job.image_tokens)
-        return finalize(body, self.cfg.endpoint.base_url)
-
-    def _reserve(self, amount: float) -> None:
-        cap = self.cfg.budget.max_cost_usd
-        if cap is not None and self.spent + self.reserved + amount > cap:
-            self._fatal(BudgetExceeded(
-                f"budget reached: spent ${self.spent:.4f}, ${self.reserved:.4f} in flight, and the next request "
-                f"may cost up to ${amount:.4f}, over budget.max_cost_usd=${cap:g}"
-            ))
-            raise Stopped()
-        self.reserved += amount
-
-    def _fatal(self, exc: RunFatalError) -> None:
-        if self.fatal is None:
-            self.fatal = exc
-            log.error("stopping: %s", exc)
-        self.stop("budget" if isinstance(exc, BudgetExceeded) else "fatal")
-
-    def _usage(self, body: dict[str, Any], job: Job) -> Usage:
-        return read_usage(body, self.cfg, job.n_images, est_prompt=job.est_prompt)
-
-    def _charge(self, body: dict[str, Any], job: Job, paid: list[Any], usage: Usage | None = None) -> int:
-        """Count a paid attempt (a success, or a failure the provider billed anyway); returns its tokens."""
-        usage = usage or self._usage(body, job)
-        self.spent += usage.cost_usd
-        paid[0] += usage.prompt_tokens
-        paid[1] += usage.completion_tokens
-        paid[2] += usage.cost_usd
-        self.stats.prompt_tokens += usage.prompt_tokens
-        self.stats.completion_tokens += usage.completion_tokens
-        self.stats.cost_usd += usage.cost_usd
-        return usage.prompt_tokens + usage.completion_tokens
-
-    async def _fail(
-        self, key: str, state: str, exc: RequestError, attempts: int, paid: list[Any], raw: bytes | None = None
-    ) -> Record:
-        record = Record(
-            key=key, state=state, attempts=attempts, status=exc.status, error_class=exc.error_class,
-            message=_message(exc), content=exc.content, prompt_tokens=paid[0], completion_tokens=paid[1],
-            cost_usd=paid[2], raw=raw,
-        )
-        await self._put(record)
-        self.stats.failures[state] += 1
+                    reply = await self.transport.send(req.payload, stream=self.stream)
+                    self.reach.answered()
+                    self.limits.observe(reply.headers)
+                    body = classify(reply)
+                except RequestError as exc:
+                    permit.settle(self._charge(exc.billed, flight).tokens if exc.billed else 0)
+                    return await self._failed(exc, flight, permit)
+                except RunFatalError as exc:  # a redirect, a TLS failure: no request can get through
+                    self._fatal(exc)
+                    raise Stopped() from exc
+                usage = self._charge(body, flight)
+                permit.settle(usage.tokens or None)
+                try:
+                    record = self._answer(flight, reply, body, usage)
+                except BadContentError as exc:
+                    return await self._failed(exc, flight, permit, raw=reply.body)
+                await self._commit(record)
+            finally:
+                self.budget.release(reserved)
+        self.stats.answered()
+        self.limits.on_success()
         return record
 
+    async def _failed(self, exc: RequestError, flight: _Flight, permit: Permit | None,
+                      raw: bytes | None = None) -> Record | Decision:
+        """Decide after a failed attempt; a final failure is committed here, still inside the slot."""
+        tries, req = flight.tries, flight.request
+        gone = exc.code == "connect" and isinstance(exc, TransientError) and self.reach.connect_failed()
+        falls_back = isinstance(exc, PermanentError) and self.plan is not None and self.plan.fallback(
+            exc.status, exc.message, exc.code, mode=req.mode)
+        decision = decide(exc, tries, self.policy, self.backoff, max_tokens=req.max_tokens, falls_back=falls_back,
+                          endpoint_gone=gone, connect_failing=self.reach.failing)
+        if decision.retry_class is not None:
+            self.stats.retried(decision.retry_class)
+            if decision.retry_class == "bad_content":
+                tries.bad_content += 1
+            else:
+                tries.transient += 1
+        log.info("attempt %d of %s failed: %s", tries.attempts, req.key[:12], exc, extra={
+            "event": "attempt_failed", "key": req.key, "attempt": tries.attempts, "status": exc.status,
+            "error_class": exc.error_class, "retry_in_s": decision.retry_in_s})
+        if isinstance(exc, RateLimited) and exc.retry_after is None and permit is not None:
+            self.limits.decrease(permit.sent_at)  # no word on when: AIMD is all we have
+        if decision.pause_s is not None:
+            self.limits.pause(decision.pause_s)
+        if decision.action != "fail":
+            return decision
+        assert decision.state is not None
+        record = _failure(req.key, decision.state, exc, tries.attempts, flight.paid, raw)
+        await self._commit(record)
+        self.stats.failed(decision.state)
+        return record
 
-def _message(exc: RequestError) -> str:
+    def _reshape(self, req: Request, max_tokens: int | None) -> Request:
+        if max_tokens is not None:
+            return self.builder.with_max_tokens(req, max_tokens)
+        assert self.plan is not None
+        self.answers.note("structured_mode", self.plan.mode)  # the next run starts in the mode learned
+        return self.builder.reshape(req)
+
+    def _answer(self, flight: _Flight, reply: Reply, body: dict[str, Any], usage: Usage) -> Record:
+        try:
+            parsed = parse_completion(body, usage, self.plan)
+        except BadContentError:
+            raise
+        except Exception as exc:  # a parser bug must not lose a paid answer
+            log.exception("could not parse the answer for %s", flight.request.key)
+            raise BadContentError(f"could not parse the answer: {type(exc).__name__}: {exc}",
+                                  reason="parser") from exc
+        paid = flight.paid
+        return Record(
+            key=flight.request.key, state="ok", attempts=flight.tries.attempts, status=reply.status,
+            content=parsed.content, output_json=_dumps(parsed.output), finish_reason=parsed.finish_reason,
+            model=parsed.model, provider=parsed.provider, prompt_tokens=paid.prompt_tokens,
+            completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, latency_s=reply.latency_s,
+            ttft_s=reply.ttft_s, tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json,
+            raw=reply.body,
+        )
+
+    async def _reserve(self, amount: float) -> float:
+        try:
+            return await self.budget.reserve(amount)
+        except RunFatalError as exc:
+            self._fatal(exc)
+            raise Stopped() from exc
+
+    async def _commit(self, record: Record) -> None:
+        try:
+            await self.answers.put(record)
+        except RunFatalError as exc:  # nothing more can be stored: stop; what is committed stays
+            self._fatal(exc)
+            raise Stopped() from exc
+
+    def _fatal(self, exc: Fatal) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            # The event's message is the record's msg: LogRecord reserves the name "message".
+            log.error("stopping: %s", exc, extra={"event": "stop", "reason": _reason(exc)})
+        self.stop(_reason(exc))
+
+    def _charge(self, body: dict[str, Any], flight: _Flight) -> Usage:
+        """Count a paid attempt (a success, or a failure the provider billed anyway)."""
+        req = flight.request
+        usage = read_usage(body, self.cfg, req.n_images, est_prompt=req.est_prompt)
+        self.budget.charge(usage.cost_usd)
+        flight.paid.add(usage)
+        self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
+        return usage
+
+
+def _reason(exc: Fatal) -> str:
+    return "budget" if isinstance(exc, BudgetExceeded) else "fatal"
+
+
+def _failure(key: str, state: str, exc: RequestError, attempts: int, paid: Paid, raw: bytes | None) -> Record:
     reason = getattr(exc, "reason", None)
-    text = exc.message if not reason else f"{reason}: {exc.message}"
-    return text[:1000]
+    message = (exc.message if not reason else f"{reason}: {exc.message}")[:1000]
+    return Record(
+        key=key, state=state, attempts=attempts, status=exc.status, error_class=exc.error_class,
+        message=message, content=exc.content, prompt_tokens=paid.prompt_tokens,
+        completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, raw=raw,
+    )
 
 
 def _dumps(value: Any) -> str | None:

@@ -25,140 +25,33 @@ slot back up to the configured ceiling (additive increase). That AIMD loop is wh
 server sends no rate-limit headers at all; with headers, the pause and the learned rate do the job, and
 a stray 429 does not cost half the concurrency.
 
-All time comes from the running loop's clock (`loop.time()`, as aiolimiter uses), so tests drive these
+The bucket, gate and pacer themselves are in buckets.py. All time comes from the running loop's clock
+(`loop.time()`, as aiolimiter uses), so tests drive these
 classes with a virtual-time loop and never sleep.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
+import logging
 import math
-import re
 import sys
-import time
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
+from typing import Protocol
 
-from aiolimiter import AsyncLimiter
 
 from ..config import LimitsConfig
-from ..errors import PermanentError, RateLimited
+from ..errors import PermanentError
+from ..models.headers import rate_windows
+from .buckets import Bucket, Gate, Pacer
+
+log = logging.getLogger("pipeline")
 
 HEADROOM = 0.99  # share of a learned limit we use: estimate errors and arrival jitter stay under the server's
 LOW_REMAINING = 0.5  # pace from remaining/reset only below this share of the limit
 MIN_PACE = 0.1  # never pace slower than this share of the limit's own rate (stale remaining=0)
 _MINUTE = 60.0
-
-
-class Bucket(AsyncLimiter):
-    """A leaky bucket of `burst_s` seconds of quota whose refill keeps every sliding minute in the limit.
-
-    Capacity b and refill r admit at most b + r*W in any W seconds, so r = (limit - b) / 60. A request
-    larger than b (a big token estimate) grows b to its size and lowers r to match, rather than failing
-    or overshooting the minute; b is capped at half the limit so the refill never stalls.
-    """
-
-    def __init__(self, per_minute: float, burst_s: float) -> None:
-        super().__init__(max_rate=1.0, time_period=_MINUTE)
-        self.burst_s = burst_s
-        self.largest = 0.0
-        self._apply(per_minute)
-
-    def _apply(self, per_minute: float) -> None:
-        self.per_minute = per_minute
-        burst = max(1.0, per_minute * self.burst_s / _MINUTE, self.largest)
-        self.max_rate = min(burst, max(1.0, per_minute / 2))
-        self._rate_per_sec = max(per_minute - self.max_rate, per_minute / 2) / _MINUTE
-        self.time_period = self.max_rate / self._rate_per_sec
-
-    @property
-    def rate_per_s(self) -> float:
-        return self._rate_per_sec
-
-    def set_rate(self, per_minute: float) -> None:
-        self._leak()
-        self._apply(per_minute)
-        self._wake_next()
-
-    async def take(self, amount: float) -> None:
-        """Acquire `amount` (at most the per-minute limit; the caller checks)."""
-        if amount > self.max_rate:
-            self.largest = amount
-            self.set_rate(self.per_minute)
-        await self.acquire(min(amount, self.max_rate))
-        if amount > self.max_rate:  # only past half the limit: owed, so the minute is still respected
-            self._level += amount - self.max_rate
-
-    def adjust(self, delta: float) -> None:
-        """Add (debt) or remove (refund) capacity already taken, e.g. real tokens vs the estimate."""
-        self._leak()
-        self._level = max(0.0, self._level + delta)
-        self._wake_next()
-
-    def open(self) -> None:
-        """No limit any more: every waiter goes at once (used when dispatch stops)."""
-        self.max_rate = math.inf
-        self._wake_next()
-
-    def drain(self) -> None:
-        """Spend the burst allowance, so the next dispatches go out at the steady rate."""
-        self._leak()
-        self._level = max(self._level, self.max_rate)
-        self._wake_next()
-
-
-class Gate:
-    """A concurrency cap that can be resized while tasks wait on it (AIMD after 429s).
-
-    A release wakes one waiter per free slot, counting the woken ones until they run, so a release
-    wakes one task rather than every waiter that might fit. A task that asks again right after its own
-    release (a retry) may take the slot first; the waiter it overtook keeps its place at the front.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_flight = 0
-        self._woken = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    async def acquire(self) -> None:
-        front = False
-        while self.in_flight >= self.limit:
-            fut = asyncio.get_running_loop().create_future()
-            if front:
-                self._waiters.appendleft(fut)
-            else:
-                self._waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    self._woken -= 1
-                    self._wake()  # pass the wake-up we will not use to the next waiter
-                else:
-                    try:
-                        self._waiters.remove(fut)
-                    except ValueError:
-                        pass
-                raise
-            self._woken -= 1
-            front = True
-        self.in_flight += 1
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        self._wake()
-
-    def resize(self, limit: int) -> None:
-        self.limit = max(1, limit)
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.in_flight + self._woken < self.limit:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self._woken += 1
-                fut.set_result(None)
 
 
 class Permit:
@@ -177,43 +70,6 @@ class Permit:
             self.tokens = actual_tokens
 
 
-class Pacer(AsyncLimiter):
-    """Spaces dispatches at `rate` units per second while the server's remaining budget is low.
-
-    Active from `pace()` until the server's reset (a timer lifts it then, waking whoever waits), or
-    until an answer shows the budget recovered. Its burst is one request (or the largest token
-    estimate), so what is left is spread over the time to reset instead of spent at once.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(max_rate=1.0, time_period=1.0)
-        self.active = False
-        self._timer: asyncio.TimerHandle | None = None
-
-    def pace(self, rate: float, seconds: float) -> None:
-        self._leak()
-        self._rate_per_sec = rate
-        self.time_period = self.max_rate / rate
-        self.active = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(seconds, self.lift)
-        self._wake_next()
-
-    def lift(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.active = False
-        self._level = 0.0
-        self._rate_per_sec = 1e12  # whoever still waits goes now
-        self._wake_next()
-
-    async def take(self, amount: float) -> None:
-        self.max_rate = max(self.max_rate, amount)
-        await self.acquire(amount)
-
-
 class Slot:
     """`async with limits.slot(tokens) as permit`: every limit waited for, a concurrency slot held.
 
@@ -230,11 +86,6 @@ class Slot:
 
     async def __aenter__(self) -> Permit:
         lim, est = self.limits, self.est
-        if lim.tokens is not None and est > lim.tokens.per_minute:
-            raise PermanentError(
-                f"this request needs about {int(est)} tokens, more than limits.tokens_per_minute "
-                f"({int(lim.tokens.per_minute)}); lower params.max_tokens or shorten the prompt"
-            )
         await lim.gate.acquire()
         try:
             if lim._resume_at:
@@ -255,10 +106,7 @@ class Slot:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        lim = self.limits
-        lim.gate.release()
-        if isinstance(exc, RateLimited) and exc.retry_after is None and self.permit is not None:
-            lim.decrease(self.permit.sent_at)  # no word on when: AIMD is all we have
+        self.limits.gate.release()
 
 
 class Limits:
@@ -281,7 +129,14 @@ class Limits:
         self.learned: dict[str, float] = {}
 
     def slot(self, est_tokens: float) -> Slot:
-        """Wait for every limit, then hold a concurrency slot for the duration of one attempt."""
+        """Wait for every limit, then hold a concurrency slot for the duration of one attempt.
+
+        Raises PermanentError at once for a request that could never fit a minute's tokens."""
+        if self.tokens is not None and est_tokens > self.tokens.per_minute:
+            raise PermanentError(
+                f"this request needs about {int(est_tokens)} tokens, more than limits.tokens_per_minute "
+                f"({int(self.tokens.per_minute)}); lower params.max_tokens or shorten the prompt"
+            )
         return Slot(self, est_tokens)
 
     # -- server-ordered pauses and AIMD ------------------------------------------------------------
@@ -308,6 +163,8 @@ class Limits:
             self._resume_at = now + seconds
             self._drain_on_resume = True
             self.pauses += 1
+            log.info("rate limited: pausing all requests for %.1fs", seconds,
+                     extra={"event": "rate_pause", "seconds": round(seconds, 3)})
 
     def stop(self) -> None:
         """Dispatch is over (run-fatal, budget, Ctrl-C): whoever waits on a limit goes now, to find
@@ -346,23 +203,16 @@ class Limits:
         """Learn the server's budget from OpenAI- or OpenRouter-style rate-limit headers (see module doc)."""
         if not self.cfg.adaptive or self.stopped:
             return
-        h = {k.lower(): v for k, v in headers.items() if k[:12].lower() == "x-ratelimit-"}
-        if not h:
-            return
-        for kind in ("requests", "tokens"):
-            limit = _number(h.get(f"x-ratelimit-limit-{kind}"))
-            if limit:
-                self._learn(kind, limit)
-            remaining = _number(h.get(f"x-ratelimit-remaining-{kind}"))
-            reset = parse_go_duration(h.get(f"x-ratelimit-reset-{kind}", ""))
-            if remaining is not None and reset:
-                self._pace_from(kind, remaining, reset, limit or self.learned.get(kind))
-        limit = _number(h.get("x-ratelimit-limit"))
-        reset_ms = _number(h.get("x-ratelimit-reset"))
-        if limit and reset_ms and 0 < reset_ms / 1000 - time.time() <= _MINUTE:
-            self._learn("requests", limit)  # OpenRouter reports resets in epoch milliseconds
+        for w in rate_windows(headers):
+            if w.limit:
+                self._learn(w.kind, w.limit, w.source)
+            if w.remaining is not None and w.reset_s:
+                self._pace_from(w.kind, w.remaining, w.reset_s, w.limit or self.learned.get(w.kind))
 
-    def _learn(self, kind: str, limit: float) -> None:
+    def _learn(self, kind: str, limit: float, source: str) -> None:
+        if self.learned.get(kind) != limit:
+            log.info("learned %s/min limit %g from %s headers", kind, limit, source,
+                     extra={"event": "limit_learned", "limit": f"{kind}_per_minute", "value": limit, "source": source})
         self.learned[kind] = limit
         target = limit * HEADROOM
         bucket = self.requests if kind == "requests" else self.tokens
@@ -399,27 +249,31 @@ class Limits:
         self._pacing = any(p.active for p in self._pacers.values())
 
 
-def _number(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
+class Limiter(Protocol):
+    """What the dispatcher needs of a limiter; `Limits` is the one-process implementation (a driver
+    on several machines injects one whose buckets are shared)."""
 
+    def slot(self, est_tokens: float) -> AbstractAsyncContextManager[Permit]:
+        """Wait for every limit, then hold a concurrency slot while the block runs (PermanentError at
+        once when the request can never fit)."""
+        ...
 
-_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
-_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Learn from a reply's rate-limit headers."""
+        ...
 
+    def pause(self, seconds: float) -> None:
+        """The server said wait: nobody dispatches for `seconds`."""
+        ...
 
-def parse_go_duration(text: str) -> float | None:
-    """OpenAI reset headers: '1s', '6m0s', '12ms', '9.816s' -> seconds; None if not a Go duration."""
-    text = text.strip()
-    total, pos = 0.0, 0
-    for m in _GO_DURATION.finditer(text):
-        if m.start() != pos:
-            return None
-        pos = m.end()
-        total += float(m.group(1)) * _UNIT_S[m.group(2)]
-    return total if pos and pos == len(text) else None
+    def decrease(self, sent_at: float) -> None:
+        """A 429 with no word on when: cut concurrency (once per episode)."""
+        ...
+
+    def on_success(self) -> None:
+        """An answer arrived: room to grow concurrency back."""
+        ...
+
+    def stop(self) -> None:
+        """Dispatch is over: release every waiter."""
+        ...

@@ -1,227 +1,137 @@
-"""Classify every reply, and decide how long to wait before the next attempt.
+"""What to do after an attempt failed: `decide(...)`, a pure function of the error and the request's
+tries so far (no I/O, no clock; the jitter comes from the injected `Backoff` rng).
 
-`classify(reply)` returns the completion body when it is a usable answer and raises a `RequestError`
-subclass otherwise (see errors.py for the tree). The rules follow wire-facts.md §5: the body decides
-before the status does (a 429 can be a quota error that will never clear; a 200 can carry an error).
+    retry      after `delay_s` (this request only), or after `pause_s` (the whole client: a 429)
+    fail       record the request as failed (`state`: transient, permanent or bad_content)
+    stop       stop the run (`error`: what to tell the user); the request stays pending
+    reshape    send it again shaped otherwise: a structured-mode fallback, or a raised max_tokens
 
 `Backoff` is exponential with full jitter, capped, and yields to the server's own wait
 (`Retry-After`, `retry-after-ms`, OpenAI/OpenRouter reset headers, "try again in 9.8s") when given.
-Randomness is injected so tests are exact.
 """
 from __future__ import annotations
 
-import email.utils
 import random
-import re
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
-import orjson
-
+from ..config import Config
 from ..errors import (
-    AuthError,
-    CreditsError,
+    BadContentError,
+    EndpointGone,
+    Fatal,
+    FatalReply,
     PermanentError,
     RateLimited,
     RequestError,
+    RunFatalError,
     TransientError,
 )
-from .limits import parse_go_duration
-from .transport import Reply
 
-TRANSIENT_STATUS = frozenset({408, 409, 425, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
-QUOTA_CODES = frozenset({
-    "insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
-    "project_spend_limit_exceeded", "organization_usage_limit_exceeded", "billing_hard_limit_reached",
-})
-_TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)", re.IGNORECASE)
-_TOO_LARGE = re.compile(r"request too large|Limit (\d+), Requested (\d+)", re.IGNORECASE)
-_AFFORD = re.compile(r"fewer max_tokens|can only afford", re.IGNORECASE)
-_AFFORD_N = re.compile(r"can only afford (\d+)", re.IGNORECASE)
-_SLOW_DOWN = re.compile(r"\bslow down\b", re.IGNORECASE)
-# String error codes (OpenRouter's streaming docs, OpenAI's `code`) and OpenRouter's metadata.error_type,
-# as the HTTP status they stand for, so a 200 or an SSE event carrying them is classified like one.
-NAMED_STATUS = {
-    "server_error": 500, "internal_error": 500, "server": 500, "unmapped": 500, "rate_limit_exceeded": 429,
-    "insufficient_quota": 429, "timeout": 504, "provider_overloaded": 503, "overloaded": 503,
-    "provider_unavailable": 502, "bad_gateway": 502, "service_unavailable": 503, "payment_required": 402,
-    "authentication": 401, "invalid_api_key": 401, "permission_denied": 403, "not_found": 404,
-    "invalid_request": 400, "invalid_prompt": 400, "context_length_exceeded": 400, "max_tokens_exceeded": 400,
-    "token_limit_exceeded": 400, "string_too_long": 400, "payload_too_large": 413, "unprocessable": 422,
-}
+Action = Literal["retry", "fail", "stop", "reshape"]
 
 
-def classify(reply: Reply) -> dict[str, Any]:
-    """The completion body if the reply is a usable answer; otherwise raise what kind of failure it is."""
-    try:
-        body = orjson.loads(reply.body) if reply.body else None
-    except orjson.JSONDecodeError:
-        body = None
-    if reply.status == 200:
-        if not isinstance(body, dict):
-            raise TransientError("HTTP 200 with a body that is not JSON", status=200, code="malformed")
-        err: Any = body.get("error")
-        if isinstance(err, str):
-            err = {"message": err}
-        choices = body.get("choices")
-        if err and not choices:
-            raise _billed(_from_error(_status_of(err, 502), err, reply.headers, in_body=True), body)
-        if not choices:
-            raise _billed(TransientError("HTTP 200 without choices", status=200, code="no_choices"), body)
-        first = choices[0]
-        if first.get("finish_reason") == "error" or err:
-            cerr = first.get("error") or err or {"message": "the provider ended the answer with an error"}
-            raise _billed(_from_error(_status_of(cerr, 502), cerr, reply.headers, in_body=True), body)
-        return body
-    err = body.get("error") if isinstance(body, dict) else None
-    if err is None and isinstance(body, dict) and body.get("object") == "error":
-        err = body  # legacy flat vLLM body
-    if err is None:
-        text = reply.body[:200].decode("utf-8", "replace").strip()
-        err = {"message": text or f"HTTP {reply.status} with an empty body"}
-    elif isinstance(err, str):
-        err = {"message": err}  # vLLM: {"error": "Unauthorized"}
-    raise _from_error(reply.status, err, reply.headers, in_body=False)
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """The retry budgets of a run, from `limits` and `structured`."""
+
+    max_retries: int = 6
+    max_retry_after_s: float = 900.0
+    bad_content_retries: int = 1
+    length_max_tokens: int | None = None
+
+    @classmethod
+    def of(cls, cfg: Config) -> RetryPolicy:
+        s = cfg.structured
+        return cls(cfg.limits.max_retries, cfg.limits.max_retry_after_s,
+                   s.bad_content_retries if s else 1, s.length_max_tokens if s else None)
 
 
-def _billed(exc: RequestError, body: dict[str, Any]) -> RequestError:
-    """A 200 that carries an error may still have been billed: keep its usage (or partial output)."""
-    choices = body.get("choices")
-    if isinstance(body.get("usage"), dict) or (isinstance(choices, list) and choices):
-        exc.billed = body
-    return exc
+@dataclass(slots=True)
+class Tries:
+    """One request's attempts so far, and how many failed as transient or bad content."""
+
+    attempts: int = 0
+    transient: int = 0
+    bad_content: int = 0
 
 
-def _status_of(err: Any, default: int) -> int:
-    """The HTTP status an error object inside a 200 (or an SSE event) stands for: int or string code,
-    then the availability variant's http_status, then metadata.error_type."""
-    if not isinstance(err, dict):
-        return default
-    code = err.get("code")
-    if isinstance(code, int) and not isinstance(code, bool):
-        return code
-    if isinstance(code, str) and code.isdigit():
-        return int(code)
-    if isinstance(code, str) and code in NAMED_STATUS:
-        return NAMED_STATUS[code]
-    http = err.get("http_status")
-    if isinstance(http, int):
-        return http
-    meta = err.get("metadata")
-    etype = meta.get("error_type") if isinstance(meta, dict) else err.get("error_type")
-    return NAMED_STATUS.get(etype, default) if isinstance(etype, str) else default
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    delay_s: float = 0.0                 # retry: wait this long before the next attempt
+    pause_s: float | None = None         # a 429: the whole client waits this long (also when failing)
+    state: str | None = None             # fail: the record's state
+    error: Fatal | None = None           # stop: why
+    max_tokens: int | None = None        # reshape: the raised max_tokens (None: the structured fallback)
+    retry_class: str | None = None       # which retry budget this failure counts against
+
+    @property
+    def retry_in_s(self) -> float | None:
+        """When the request is tried again, for the log; None when it will not be."""
+        if self.action == "retry":
+            return self.pause_s if self.pause_s is not None else self.delay_s
+        return 0.0 if self.action == "reshape" else None
 
 
-def _from_error(status: int, err: dict[str, Any], headers: Mapping[str, str], *, in_body: bool) -> RequestError:
-    message = str(err.get("message") or "")[:500]
-    raw_meta = err.get("metadata")
-    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
-    raw = meta.get("raw")
-    if isinstance(raw, dict):  # some relays give the upstream body as an object, not a JSON string
-        raw = orjson.dumps(raw).decode()
-    if isinstance(raw, str) and raw:
-        message = f"{message}: {raw[:300]}"
-    code = err.get("code")
-    etype = err.get("type")
-    inner = _upstream_error(raw)
-    if inner:  # OpenRouter's "Provider returned error": the upstream body decides (quota vs rate limit)
-        etype = inner.get("type") or etype
-        code = inner.get("code") if isinstance(inner.get("code"), str) else code
-    code_s = str(code) if code is not None else None
-    wait = retry_after(headers, err, message)
-    if in_body and status < 400:
-        status = 502
-    if status in (401, 403):
-        if status == 403 and (meta.get("reasons") or meta.get("flagged_input") or "blocked" in message.lower()):
-            # Moderation or guardrail on this row's content, not on the key: only this row fails.
-            return PermanentError(message or "blocked by moderation", status=status, code=code_s)
-        return AuthError(message or "not authorised", status=status, code=code_s)
-    avail = err.get("availability")
-    if isinstance(avail, dict) and avail.get("retryable") is False:
-        return PermanentError(message or f"HTTP {status}", status=status, code=str(avail.get("code") or code_s))
-    if status == 402:
-        if wait is not None:  # OpenRouter's in-flight budget: wait-and-retry, unlike every other 402
-            return TransientError(message, status=402, code=code_s, retry_after=wait)
-        return _credits(message, code_s)
-    if status == 429:
-        if etype == "insufficient_quota" or code_s in QUOTA_CODES:
-            return CreditsError(message or "quota exhausted", status=429, code=code_s or etype)
-        m = _TOO_LARGE.search(message)
-        if m and (m.group(1) is None or int(m.group(2)) > int(m.group(1))):
-            return PermanentError(message, status=429, code="request_too_large")
-        return RateLimited(message or "rate limited", status=429, code=code_s, retry_after=wait)
-    if status == 503 and _SLOW_DOWN.search(message):
-        # OpenAI's "Slow Down": our request rate itself is the problem, so the whole client backs off.
-        return RateLimited(message, status=503, code="slow_down", retry_after=wait)
-    if status in TRANSIENT_STATUS or status >= 500:
-        return TransientError(message or f"server error {status}", status=status, code=code_s, retry_after=wait)
-    return PermanentError(message or f"HTTP {status}", status=status, code=code_s)
+def decide(exc: RequestError, tries: Tries, policy: RetryPolicy, backoff: Backoff, *,
+           max_tokens: int | None = None, falls_back: bool = False, endpoint_gone: bool = False,
+           connect_failing: bool = False) -> Decision:
+    """The next step after `exc` ended attempt number `tries.attempts` (counts not yet updated for it).
+
+    `falls_back`: the structured plan stepped down to another mode for this error (PermanentError).
+    `endpoint_gone`: every attempt has failed to connect for long enough. `connect_failing`: no attempt
+    has connected since the current run of connect failures began."""
+    if isinstance(exc, FatalReply):
+        return Decision("stop", error=exc)
+    if isinstance(exc, RateLimited):
+        return _rate_limited(exc, tries.transient + 1, policy, backoff)
+    if isinstance(exc, TransientError):
+        return _transient(exc, tries.transient + 1, policy, backoff, endpoint_gone, connect_failing)
+    if isinstance(exc, BadContentError):
+        return _bad_content(exc, tries.bad_content + 1, policy, max_tokens)
+    if isinstance(exc, PermanentError) and falls_back:
+        return Decision("reshape")
+    return Decision("fail", state="permanent")
 
 
-def _credits(message: str, code: str | None) -> CreditsError:
-    """A 402: no credits. When the body says fewer max_tokens would do, say so in the next step."""
-    err = CreditsError(message or "insufficient credits", status=402, code=code)
-    if _AFFORD.search(message):
-        n = _AFFORD_N.search(message)
-        afford = f" (the key can only afford {n.group(1)} tokens now)" if n else ""
-        err.hint = (f"lower params.max_tokens{afford}, e.g. --set params.max_tokens=N, or add credits, "
-                    "then re-run to resume")
-    return err
+def _rate_limited(exc: RateLimited, n: int, policy: RetryPolicy, backoff: Backoff) -> Decision:
+    wait = exc.retry_after if exc.retry_after is not None else backoff.delay(n)
+    if wait > policy.max_retry_after_s:
+        # Every request would hear the same: stop (resumable) rather than pause the run for ages.
+        return Decision("stop", retry_class="rate_limited", error=RunFatalError(
+            f"{exc}; the server asks to wait {wait:.0f}s, more than limits.max_retry_after_s="
+            f"{policy.max_retry_after_s:g}: re-run the same command after that to resume"))
+    if n > policy.max_retries:
+        return Decision("fail", state="transient", pause_s=wait, retry_class="rate_limited")
+    return Decision("retry", pause_s=wait, retry_class="rate_limited")
 
 
-def _upstream_error(raw: Any) -> dict[str, Any] | None:
-    if not isinstance(raw, str) or not raw.startswith("{"):
-        return None
-    try:
-        inner = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    err = inner.get("error") if isinstance(inner, dict) else None
-    return err if isinstance(err, dict) else None
+def _transient(exc: TransientError, n: int, policy: RetryPolicy, backoff: Backoff, endpoint_gone: bool,
+               connect_failing: bool) -> Decision:
+    exhausted = n > policy.max_retries
+    if exc.code == "connect" and (endpoint_gone or (exhausted and connect_failing)):
+        # Out of retries while nothing connects: the endpoint is gone for every row, not for this one.
+        return Decision("stop", retry_class="transient",
+                        error=EndpointGone(f"the endpoint stopped answering: {exc.message}"))
+    too_long = exc.retry_after is not None and exc.retry_after > policy.max_retry_after_s
+    if exhausted or too_long:
+        return Decision("fail", state="transient", retry_class="transient")
+    return Decision("retry", delay_s=backoff.delay(n, exc.retry_after), retry_class="transient")
 
 
-def retry_after(headers: Mapping[str, str], err: Mapping[str, Any] | None = None, message: str = "") -> float | None:
-    """Seconds the server asked us to wait, from whichever signal it gave; None if it gave none."""
-    h = {k.lower(): v for k, v in headers.items()}
-    raw_meta = err.get("metadata") if err else None
-    meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
-    if isinstance(meta.get("headers"), dict):
-        h = {**{k.lower(): str(v) for k, v in meta["headers"].items()}, **h}
-    if "retry-after-ms" in h:
-        try:
-            return max(0.0, float(h["retry-after-ms"]) / 1000)
-        except ValueError:
-            pass
-    if "retry-after" in h:
-        value = h["retry-after"].strip()
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if value else None
-            if parsed is not None:
-                return max(0.0, parsed.timestamp() - time.time())
-    avail = err.get("availability") if err else None
-    if isinstance(avail, dict) and isinstance(avail.get("retry_after"), (int, float)):
-        return float(avail["retry_after"])
-    if h.get("x-ratelimit-remaining") == "0" and "x-ratelimit-reset" in h:
-        try:  # OpenRouter: epoch milliseconds
-            return max(0.0, float(h["x-ratelimit-reset"]) / 1000 - time.time())
-        except ValueError:
-            pass
-    waits = []
-    for kind in ("requests", "tokens"):
-        if h.get(f"x-ratelimit-remaining-{kind}") == "0" and f"x-ratelimit-reset-{kind}" in h:
-            d = parse_go_duration(h[f"x-ratelimit-reset-{kind}"])
-            if d is not None:
-                waits.append(d)
-    if waits:
-        return max(waits)
-    m = _TRY_AGAIN.search(message)
-    if m:
-        return float(m.group(1)) / (1000 if m.group(2).lower() == "ms" else 1)
-    return None
+def _bad_content(exc: BadContentError, n: int, policy: RetryPolicy, max_tokens: int | None) -> Decision:
+    if exc.reason == "parser":  # our own bug: asking again would get the same answer
+        return Decision("fail", state="bad_content")
+    raise_to = policy.length_max_tokens
+    if exc.reason == "length":
+        # Same max_tokens would be paid for the same truncation again: only retry if raised.
+        if raise_to and (max_tokens or 0) < raise_to:
+            return Decision("reshape", max_tokens=raise_to, retry_class="bad_content")
+        return Decision("fail", state="bad_content", retry_class="bad_content")
+    if n > policy.bad_content_retries:
+        return Decision("fail", state="bad_content", retry_class="bad_content")
+    return Decision("retry", retry_class="bad_content")
 
 
 @dataclass

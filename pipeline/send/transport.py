@@ -4,13 +4,16 @@
 returns a `Reply` (status, headers, body bytes, timings). For `stream: true` the SSE events are read
 and assembled into one chat.completion body, so everything after this seam sees one shape; `ttft_s` is
 the time to the first content, refusal, reasoning or tool-call token (not to the empty role chunk or a
-keep-alive comment). A stream that carries an error event or stops without a finish_reason or [DONE]
-raises `TransientError` (a 429 in it `RateLimited`): the answer is incomplete and a retry may succeed.
-Network failures become `TransientError`; a redirect or a TLS failure is run-fatal (it will not get
-better and the key must not follow a redirect to another host).
+keep-alive comment). This module does not judge answers: an error event in a stream lands in the
+assembled body's `error` (as in a 200 body) and a stream that stops without a finish_reason or [DONE]
+sets `Reply.cut_off`; the classifier (classify.py) decides what either means.
+Network failures become `TransientError` (`code="connect"` when no connection could be made, which
+the dispatcher watches to tell an endpoint that went away); a redirect or a TLS failure is run-fatal
+(it will not get better, and the key must not follow a redirect to another host).
 
 Tests and benchmarks replace this class with anything that has the same `send`/`close` (a fake, or
-the real class pointed at the simulator on loopback).
+the real class pointed at the simulator on loopback); `resolver` injects name resolution (a test
+makes a name fail to resolve without sending a DNS query).
 """
 from __future__ import annotations
 
@@ -24,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
+import aiohttp.abc
 import orjson
 
-from ..errors import RateLimited, RunFatalError, TransientError
+from ..errors import RunFatalError, TransientError
 
 _SSE_ACCEPT = {"Accept": "text/event-stream"}
 
@@ -39,6 +43,7 @@ class Reply:
     latency_s: float
     ttft_s: float | None = None
     stream: bool = False
+    cut_off: bool = False  # a stream that ended without a finish_reason or [DONE]
 
 
 class Transport(Protocol):
@@ -56,6 +61,7 @@ class HttpTransport:
     read_timeout_s: float = 120.0
     connect_timeout_s: float = 15.0
     pool_size: int = 64
+    resolver: aiohttp.abc.AbstractResolver | None = field(default=None, repr=False)
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -69,7 +75,8 @@ class HttpTransport:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=self.pool_size, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=self.pool_size, ttl_dns_cache=300,
+                                             resolver=self.resolver)
             timeout = aiohttp.ClientTimeout(
                 total=self.timeout_s, sock_read=self.read_timeout_s, sock_connect=self.connect_timeout_s
             )
@@ -91,28 +98,26 @@ class HttpTransport:
                     raise RunFatalError(
                         f"the endpoint answered with a redirect (HTTP {resp.status}) to "
                         f"{resp.headers.get('Location', '?')}; set endpoint.base_url to the final URL "
-                        "(the key is never sent across a redirect)",
-                        status=resp.status,
-                    )
+                        "(the key is never sent across a redirect)")
                 is_sse = stream and resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
                 if is_sse:
-                    body, ttft = await _read_sse(resp, loop, start)
-                    return Reply(resp.status, resp.headers, body, loop.time() - start, ttft, True)
+                    body, ttft, cut_off = await _read_sse(resp, loop, start)
+                    return Reply(resp.status, resp.headers, body, loop.time() - start, ttft, True, cut_off)
                 body = await resp.read()
                 return Reply(resp.status, resp.headers, body, loop.time() - start)
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError, ssl.SSLError) as exc:
             inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
             why = getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or type(exc).__name__
             raise RunFatalError(f"TLS failure talking to {self.base_url}: {why}; check endpoint.base_url "
-                                "(http or https?) and the server's certificate") from None
-        except TimeoutError:
-            raise TransientError(f"no answer within the timeout ({loop.time() - start:.1f}s)", code="timeout") from None
+                                "(http or https?) and the server's certificate") from exc
+        except TimeoutError as exc:
+            raise TransientError(f"no answer within the timeout ({loop.time() - start:.1f}s)", code="timeout") from exc
         except aiohttp.ClientConnectorError as exc:
             raise TransientError(
                 f"cannot connect to {self.base_url}: {exc.os_error or type(exc).__name__}", code="connect"
-            ) from None
+            ) from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise TransientError(f"connection lost: {type(exc).__name__}: {exc}", code="connection") from None
+            raise TransientError(f"connection lost: {type(exc).__name__}: {exc}", code="connection") from exc
 
     async def close(self) -> None:
         if self._session is not None:
@@ -199,8 +204,9 @@ def _no_redirect(resp: aiohttp.ClientResponse) -> None:
 
 
 async def _read_sse(resp: aiohttp.ClientResponse, loop: asyncio.AbstractEventLoop,
-                    start: float) -> tuple[bytes, float | None]:
-    """Read an SSE stream into one chat.completion body (bytes) and the time to the first token."""
+                    start: float) -> tuple[bytes, float | None, bool]:
+    """Read an SSE stream into one chat.completion body (bytes), the time to the first token, and
+    whether it was cut off."""
     parser = SSEParser()
     acc = _Assembler()
     ttft: float | None = None
@@ -213,7 +219,7 @@ async def _read_sse(resp: aiohttp.ClientResponse, loop: asyncio.AbstractEventLoo
         acc.event(name, data)
     if ttft is None and acc.got_token:
         ttft = loop.time() - start
-    return orjson.dumps(acc.result()), ttft
+    return orjson.dumps(acc.result()), ttft, acc.cut_off
 
 
 _EOL = re.compile(rb"\r\n|\r|\n")
@@ -280,10 +286,10 @@ class SSEParser:
 class _Assembler:
     """Folds chat.completion.chunk events into the non-streaming body shape (choice 0 only).
 
-    `result()` raises TransientError when the stream did not end well: an error event arrived
-    (OpenRouter's mid-stream error chunk with `finish_reason: "error"`, a vLLM/llama.cpp `{"error":...}`
-    event, the legacy `error:` field), or the stream stopped with neither a finish_reason nor [DONE].
-    Either way the answer is incomplete and a retry may well succeed, so both are transient.
+    An error event (OpenRouter's mid-stream error chunk with `finish_reason: "error"`, a vLLM/llama.cpp
+    `{"error":...}` event, the legacy `error:` field) is kept as the body's `error`, with whatever was
+    generated before it; a stream that stopped with neither a finish_reason nor [DONE] is `cut_off`.
+    Judging either is the classifier's job.
     """
 
     def __init__(self) -> None:
@@ -355,17 +361,12 @@ class _Assembler:
             slot["function"]["name"] += fn.get("name") or ""
             slot["function"]["arguments"] += fn.get("arguments") or ""
 
+    @property
+    def cut_off(self) -> bool:
+        return self.err is None and not self.done and not self.finished
+
     def result(self) -> dict[str, Any]:
         partial = "".join(self.content) or None
-        if self.err is not None or (not self.done and not self.finished):
-            exc = (_stream_error(self.err, partial) if self.err is not None else
-                   TransientError("the stream ended without a finish_reason or [DONE] (cut off)",
-                                  code="stream_truncated", content=partial))
-            calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-            if partial or calls or self.usage:  # tokens were generated: the provider bills them
-                message = {"role": "assistant", "content": partial, "tool_calls": calls or None}
-                exc.billed = {**self.meta, "usage": self.usage, "choices": [{"message": message}]}
-            raise exc
         message: dict[str, Any] = {"role": "assistant", "content": partial}
         if self.refusal:
             message["refusal"] = "".join(self.refusal)
@@ -373,36 +374,34 @@ class _Assembler:
             message["reasoning"] = "".join(self.reasoning)
         if self.tool_calls:
             message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": self.finish_reason}
-        if self.native_finish_reason is not None:
-            choice["native_finish_reason"] = self.native_finish_reason
-        if self.logprobs:
-            choice["logprobs"] = {"content": self.logprobs}
-        body: dict[str, Any] = {**self.meta, "object": "chat.completion", "choices": [choice]}
+        body: dict[str, Any] = {**self.meta, "object": "chat.completion"}
+        if self.err is not None or self.cut_off:
+            # Tokens generated before the end are billed: keep them (and only then a choice).
+            generated = partial or self.tool_calls or self.usage
+            finish = "error" if self.err is not None else None
+            body["choices"] = [{"index": 0, "message": message, "finish_reason": finish}] if generated else []
+            if self.err is not None:
+                body["error"] = self.err
+        else:
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": self.finish_reason}
+            if self.native_finish_reason is not None:
+                choice["native_finish_reason"] = self.native_finish_reason
+            if self.logprobs:
+                choice["logprobs"] = {"content": self.logprobs}
+            body["choices"] = [choice]
         if self.usage is not None:
             body["usage"] = self.usage
         return body
 
 
-def _stream_error(err: dict[str, Any], partial: str | None) -> TransientError:
-    """A mid-stream error: the 200 was already committed, so retry (a 429 pauses the whole client)."""
-    code = err.get("code")
-    raw_meta = err.get("metadata")
-    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
-    message = f"error in the middle of the stream: {str(err.get('message') or 'no message')[:300]}"
-    if meta.get("error_type"):
-        message += f" ({meta['error_type']})"
-    code_s = str(code) if code is not None else "stream_error"
-    if code in (429, "429", "rate_limit_exceeded") or meta.get("error_type") == "rate_limit_exceeded":
-        return RateLimited(message, status=200, code=code_s, content=partial)
-    return TransientError(message, status=200, code=code_s, content=partial)
+_GARBLED = {"message": "the stream carried an event that is not JSON (cut off or garbled)", "code": "malformed"}
 
 
 def _loads(data: bytes, *, allow_text: bool = False) -> Any:
+    """An event's JSON; a garbled one stands for an error event (the classifier judges it)."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         if allow_text:
             return {"message": data.decode("utf-8", "replace")}
-        raise TransientError("the stream carried an event that is not JSON (cut off or garbled)",
-                             code="malformed") from None
+        return {"error": dict(_GARBLED)}

@@ -89,18 +89,18 @@ def _line_problem(obj: dict[str, Any], endpoint: str, seen: set[str],
 
 def answer(service: ChatService, line: Line, fault: str | None, price_factor: float) -> tuple[int, dict[str, Any]]:
     """(status_code, body) for one line, as the chat endpoint answers the same body, at the batch price."""
-    cfg = service.cfg
     if fault in ("4xx", "5xx"):
         return _error_body(generic_error(400 if fault == "4xx" else 500), service)
-    planned = service.plan(line.body, fault)
-    if isinstance(planned, SimError):
-        return _error_body(planned, service)
-    model, _max_tokens, _prompt, _text, ans = planned
-    price = cfg.price_for(model)
-    meta = service._meta(model, price.input_per_m / 1e6 * price_factor, price.output_per_m / 1e6 * price_factor, {})
-    service.acct.bill(time.monotonic(), ans.prompt_tokens, ans.completion_tokens, meta.cost(ans))
     # Keyed like the chat endpoint's (digest of the canonical body), so a body answered in both modes counts 2.
-    service.acct.served(hashlib.sha256(orjson.dumps(line.body, option=orjson.OPT_SORT_KEYS)).digest())
+    digest = hashlib.sha256(orjson.dumps(line.body, option=orjson.OPT_SORT_KEYS)).digest()
+    ask = service.check(line.body, digest)
+    if isinstance(ask, SimError):
+        return _error_body(ask, service)
+    ans = service.answer(ask, fault)
+    price = service.cfg.price_for(ask.model)
+    meta = service._meta(ask.model, price.input_per_m / 1e6 * price_factor, price.output_per_m / 1e6 * price_factor, {})
+    service.acct.bill(time.monotonic(), ans.prompt_tokens, ans.completion_tokens, meta.cost(ans))
+    service.acct.served(digest)
     return 200, completion_body(meta, ans)
 
 

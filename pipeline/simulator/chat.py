@@ -15,6 +15,7 @@ import itertools
 import os
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -46,6 +47,19 @@ from .validation import messages_text, validate
 
 _JSON = "application/json"
 _GENERATIONS_KEPT = 100_000
+
+
+@dataclass(slots=True)
+class _Ask:
+    """A request that passed auth, parsing and validation."""
+
+    body: dict[str, Any]
+    raw_digest: bytes
+    model: str
+    max_tokens: int | None
+    prompt: int
+    text: str
+    served_model: str  # the model that answers ("" when a model_down fault leaves no fallback)
 
 
 class ChatService:
@@ -93,14 +107,28 @@ class ChatService:
 
     async def _handle(self, request: web.BaseRequest, now: float, choice: FaultChoice | None,
                       entry: LogEntry) -> web.StreamResponse:
-        cfg = self.cfg
         headers = self._base_headers(request, now)
+        ask = await self._read(request, headers, entry)
+        if not isinstance(ask, _Ask):
+            return ask
+        fault = choice.name if choice is not None else None
+        answer = self.answer(ask, fault if fault in BODY_FAULTS else None)
+        if fault == "model_down":
+            ask.served_model = self._fallback_model(ask.body, ask.model) or ""
+        refused = self._refuse(request, ask, answer, choice, now, entry)
+        if refused is not None:
+            return refused if isinstance(refused, web.StreamResponse) else self._error(refused, headers, entry)
+        return await self._deliver(request, ask, answer, choice, headers, entry, now)
+
+    async def _read(self, request: web.BaseRequest, headers: dict[str, str],
+                    entry: LogEntry) -> _Ask | web.StreamResponse:
+        """Read, authenticate, parse and validate the request (in that order, as the real services do)."""
+        cfg = self.cfg
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._error(generic_error(413), headers, entry)
-        raw_digest = hashlib.sha256(raw).digest()
-        entry.digest = raw_digest
+        entry.digest = hashlib.sha256(raw).digest()
         entry.size = len(raw)
         if len(raw) <= cfg.log_body_max_bytes:
             entry.raw = raw
@@ -119,76 +147,12 @@ class ChatService:
                   "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON."
             return self._error(SimError(400, msg, or_message="Invalid JSON body", error_type="invalid_request"),
                                headers, entry)
-        fault = choice.name if choice is not None else None
-        planned = self.plan(body, fault if fault in BODY_FAULTS else None)
-        if isinstance(planned, SimError):
-            return self._error(planned, headers, entry)
-        model, max_tokens, prompt, text, answer = planned
-        served_model = model
-        if fault == "model_down":
-            served_model = self._fallback_model(body, model) or ""
-        price = cfg.price_for(served_model or model)
-        p_in, p_out = price.input_per_m / 1e6, price.output_per_m / 1e6
-        ctx = ErrorContext(cfg.flavor, model, cfg.provider_name, text, prompt, max_tokens, cfg.retry_after_s,
-                           cfg.tpm, {})
+        ask = self.check(body, entry.digest)
+        return ask if isinstance(ask, _Ask) else self._error(ask, headers, entry)
 
-        refusal = self._credit_check(ctx, prompt * p_in, p_out, max_tokens)
-        if refusal is not None:
-            return self._error(refusal, headers, entry)
-        charge = prompt + (answer.completion_tokens if cfg.tpm_charge == "usage" or max_tokens is None else max_tokens)
-        limited = self.limits.admit(charge, now)
-        if limited is not None:
-            if cfg.flavor == "openrouter":
-                ctx.rate_headers = self.limits.openrouter_headers(time.time(), limited.retry_after)
-            return self._error(refusal_error(limited, ctx), headers, entry)
-
-        if fault is not None:
-            entry.fault = fault
-            self.acct.fault(fault)
-            if fault == "reset":
-                abort_connection(request, rst=True)
-                entry.status = "reset"
-                return web.Response(status=500)
-            if fault not in BODY_FAULTS and fault not in TRANSPORT_FAULTS:
-                if fault.startswith("429") and cfg.flavor == "openrouter":
-                    wait = choice.rule.retry_after if choice and choice.rule and choice.rule.retry_after else None
-                    ctx.rate_headers = self.limits.openrouter_headers(time.time(), wait or cfg.retry_after_s or 1.0)
-                return self._error(fault_error(fault, choice.rule if choice else None, ctx), headers, entry)
-            if fault == "model_down" and not served_model:
-                return self._error(generic_error(502), headers, entry)
-
-        if cfg.flavor == "openai":  # remaining-* after this request was taken, as OpenAI reports
-            headers.update(self.limits.openai_headers(now))
-        meta = self._meta(served_model or model, p_in, p_out, headers)
-        stream = body.get("stream") is True
-        latency = self.timing.latency(answer.completion_tokens, body)
-        if fault == "hang":
-            latency = max(latency, cfg.hang_s)
-        if cfg.edge_timeout_s is not None and latency > cfg.edge_timeout_s:
-            await self.timing.sleep(cfg.edge_timeout_s)
-            self.acct.fault("edge_timeout")
-            entry.fault = entry.fault or "edge_timeout"
-            return self._error(edge_timeout_error(cfg.flavor), headers, entry)
-        # Bill what was generated; a non-streaming partial-error body reports (and bills) half.
-        # A hung request is billed only if it ever finishes.
-        if fault not in ("error_200", "hang") and not (fault == "stream_error_legacy" and not stream):
-            partial = fault in ("error_200_partial", "stream_error") and not stream
-            self._bill(now, meta, _partial(answer) if partial else answer, body)
-        if stream:
-            return await self._stream(request, body, meta, answer, choice, latency, headers, entry, raw_digest)
-        if latency > 0 and not await self.timing.sleep(latency):
-            abort_connection(request, rst=False)  # the simulator is stopping: drop hung requests
-            entry.status = "hang"
-            return web.Response(status=503)
-        if fault == "hang":
-            self._bill(time.monotonic(), meta, answer, body)
-        return await self._respond(request, meta, answer, choice, headers, entry, raw_digest)
-
-    def plan(self, body: dict[str, Any], content_fault: str | None = None
-             ) -> SimError | tuple[str, int | None, int, str, Answer]:
-        """Validate one request body and decide its answer: (model, max_tokens, prompt tokens, prompt text,
-        answer), or the error it gets. Shared by chat completions and batch lines, so one request body
-        gets the same answer in both."""
+    def check(self, body: dict[str, Any], digest: bytes) -> _Ask | SimError:
+        """What a parsed request body asks, or the validation error it gets. Shared by chat completions
+        and Batch API lines (batch_lines.py), so one body is judged the same in both."""
         cfg = self.cfg
         model = str(body.get("model") or (cfg.default_model if cfg.flavor != "openai" else ""))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -201,10 +165,82 @@ class ChatService:
         err = validate(body, cfg, model, prompt, max_tokens, text)
         if err is not None:
             return err
-        target = find_target(body, cfg.flavor, self.finder)
-        digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(body), option=orjson.OPT_SORT_KEYS)).digest()
-        answer = make_answer(target, digest, prompt, max_tokens, content_fault, cfg.cached_tokens_ratio)
-        return model, max_tokens, prompt, text, answer
+        return _Ask(body, digest, model, max_tokens, prompt, text, model)
+
+    def answer(self, ask: _Ask, content_fault: str | None = None) -> Answer:
+        """The model's answer to a valid request: the same for the same body, whichever way it came."""
+        target = find_target(ask.body, self.cfg.flavor, self.finder)
+        digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(ask.body), option=orjson.OPT_SORT_KEYS)).digest()
+        return make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio)
+
+    def _refuse(self, request: web.BaseRequest, ask: _Ask, answer: Answer, choice: FaultChoice | None,
+                now: float, entry: LogEntry) -> SimError | web.StreamResponse | None:
+        """Credits, then the rate limits, then an injected fault: what turns the request away, if anything."""
+        cfg = self.cfg
+        price = cfg.price_for(ask.served_model or ask.model)
+        ctx = ErrorContext(cfg.flavor, ask.model, cfg.provider_name, ask.text, ask.prompt, ask.max_tokens,
+                           cfg.retry_after_s, cfg.tpm, {})
+        refusal = self._credit_check(ctx, ask.prompt * price.input_per_m / 1e6, price.output_per_m / 1e6,
+                                     ask.max_tokens)
+        if refusal is not None:
+            return refusal
+        charged = answer.completion_tokens if cfg.tpm_charge == "usage" or ask.max_tokens is None else ask.max_tokens
+        limited = self.limits.admit(ask.prompt + charged, now)
+        if limited is not None:
+            if cfg.flavor == "openrouter":
+                ctx.rate_headers = self.limits.openrouter_headers(time.time(), limited.retry_after)
+            return refusal_error(limited, ctx)
+        fault = choice.name if choice is not None else None
+        if fault is None:
+            return None
+        entry.fault = fault
+        self.acct.fault(fault)
+        if fault == "reset":
+            abort_connection(request, rst=True)
+            entry.status = "reset"
+            return web.Response(status=500)
+        if fault not in BODY_FAULTS and fault not in TRANSPORT_FAULTS:
+            if fault.startswith("429") and cfg.flavor == "openrouter":
+                wait = choice.rule.retry_after if choice and choice.rule and choice.rule.retry_after else None
+                ctx.rate_headers = self.limits.openrouter_headers(time.time(), wait or cfg.retry_after_s or 1.0)
+            return fault_error(fault, choice.rule if choice else None, ctx)
+        if fault == "model_down" and not ask.served_model:
+            return generic_error(502)
+        return None
+
+    async def _deliver(self, request: web.BaseRequest, ask: _Ask, answer: Answer, choice: FaultChoice | None,
+                       headers: dict[str, str], entry: LogEntry, now: float) -> web.StreamResponse:
+        """Bill, wait out the latency, then answer (streamed or not)."""
+        cfg = self.cfg
+        fault = choice.name if choice is not None else None
+        price = cfg.price_for(ask.served_model or ask.model)
+        if cfg.flavor == "openai":  # remaining-* after this request was taken, as OpenAI reports
+            headers.update(self.limits.openai_headers(now))
+        meta = self._meta(ask.served_model or ask.model, price.input_per_m / 1e6, price.output_per_m / 1e6, headers)
+        stream = ask.body.get("stream") is True
+        latency = self.timing.latency(answer.completion_tokens, ask.body)
+        if fault == "hang":
+            latency = max(latency, cfg.hang_s)
+        if cfg.edge_timeout_s is not None and latency > cfg.edge_timeout_s:
+            await self.timing.sleep(cfg.edge_timeout_s)
+            self.acct.fault("edge_timeout")
+            entry.fault = entry.fault or "edge_timeout"
+            return self._error(edge_timeout_error(cfg.flavor), headers, entry)
+        # Bill what was generated; a non-streaming partial-error body reports (and bills) half.
+        # A hung request is billed only if it ever finishes.
+        if fault not in ("error_200", "hang") and not (fault == "stream_error_legacy" and not stream):
+            partial = fault in ("error_200_partial", "stream_error") and not stream
+            self._bill(now, meta, _partial(answer) if partial else answer, ask.body)
+        if stream:
+            return await self._stream(request, ask.body, meta, answer, choice, latency, headers, entry,
+                                      ask.raw_digest)
+        if latency > 0 and not await self.timing.sleep(latency):
+            abort_connection(request, rst=False)  # the simulator is stopping: drop hung requests
+            entry.status = "hang"
+            return web.Response(status=503)
+        if fault == "hang":
+            self._bill(time.monotonic(), meta, answer, ask.body)
+        return await self._respond(request, meta, answer, choice, headers, entry, ask.raw_digest)
 
     def _credit_check(self, ctx: ErrorContext, prompt_usd: float, out_per_token: float,
                       max_tokens: int | None) -> SimError | None:

@@ -1,1 +1,2 @@
-"""Keeping state: the answer store, the job folder and what `pipeline status` reads from them."""
+"""Keeping state: the answer store (store, its migrations, the local AnswerStore in answers), the job folder
+(jobdir) and what `pipeline status` reads from them."""

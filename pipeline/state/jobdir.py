@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import Config
-from ..errors import JobChangedError, StoreLockedError, UsageError
+from ..errors import InternalError, JobChangedError, StateVersionError, StoreLockedError, UsageError
 from ..write.output import done_parts, write_json_atomic
 from ..read.reader import InputScan
 from .store import PartCounts, Store
@@ -103,9 +103,17 @@ class JobDir:
         if not self.manifest_path.exists():
             return None
         try:
-            return orjson.loads(self.manifest_path.read_bytes())
+            manifest = orjson.loads(self.manifest_path.read_bytes())
         except orjson.JSONDecodeError:
             return None
+        if not isinstance(manifest, dict):
+            return None
+        version = manifest.get("version", 1)
+        if isinstance(version, int) and version > MANIFEST_VERSION:
+            raise StateVersionError(
+                f"{self.manifest_path} is version {version}, written by a newer pipeline than this one (which "
+                f"reads up to {MANIFEST_VERSION}); run that version, or use another output.dir")
+        return manifest
 
     def adopt_batch_size(self, cfg: Config) -> None:
         """A resumed job keeps the batch size it started with: parts are numbered by batch and the input
@@ -154,8 +162,8 @@ class JobDir:
             }
         elif int(current.get("batch_size", cfg.input.batch_size)) != cfg.input.batch_size:
             # Parts hold fixed row ranges: a scan made with another batch size would address wrong rows.
-            raise UsageError(f"internal: {self.path} was batched by {current['batch_size']} rows but the input was "
-                             f"scanned with {cfg.input.batch_size}; call adopt_batch_size() before scanning")
+            raise InternalError(f"{self.path} was batched by {current['batch_size']} rows but the input was "
+                             f"scanned with {cfg.input.batch_size}; call adopt_batch_size() before scanning")  # noqa: E501
         current["updated"] = time.time()
         if command:
             current["command"] = command  # what `pipeline status` shows as the way to resume
@@ -181,7 +189,7 @@ class JobDir:
         rows = 0
         for i in on_disk:
             c = index[i]
-            if c.transient or (retry_failed and c.request_failed):
+            if c.failed_transient or (retry_failed and c.request_failed):
                 continue
             skip.add(i)
             rows += c.ok + c.failed

@@ -35,33 +35,9 @@ def job_status(out_dir: str) -> dict[str, Any]:
             batches = batch_rows(store)
         finally:
             store.close()
-    succeeded = failed = 0
-    complete = done_parts(jobdir.parts)
-    for i in complete:
-        # The store's part index, or (a part written just before a kill) the part's own files.
-        counts = index.get(i) or count_part(jobdir.parts, i)
-        succeeded += counts.ok
-        failed += counts.failed
-    # Batches a stop left unfinished have partial parts (a handful at most): they are in the outputs too.
-    names = os.listdir(jobdir.parts) if jobdir.parts.is_dir() else []
-    for name in names:
-        m = PARTIAL_RE.match(name)
-        if m and int(m.group(1)) not in complete:
-            rows = pq.ParquetFile(jobdir.parts / name).metadata.num_rows
-            if name.endswith(".pr.parquet"):
-                succeeded += rows
-            else:
-                failed += rows
+    succeeded, failed = _rows_in_outputs(jobdir, index)
     rows_total = int(manifest.get("rows_total", 0)) if manifest else 0
-    summary_path = jobdir.path / "summary.json"
-    summary: dict[str, Any] | None = None
-    summary_at = None
-    if summary_path.exists():
-        summary_at = summary_path.stat().st_mtime
-        try:
-            summary = orjson.loads(summary_path.read_bytes())
-        except orjson.JSONDecodeError:
-            summary = None
+    summary, summary_at = _last_summary(jobdir)
     if owner is not None:
         state = "running"
     elif summary is not None and summary_at is not None and summary_at >= (totals["last_write"] or 0):
@@ -98,6 +74,42 @@ def batch_rows(store: Store) -> list[dict[str, Any]]:
     return [{"chunk": c.chunk, "state": c.state, "batch_id": c.batch_id, "status": c.status, "lines": c.lines,
              "completed": int(c.counts.get("completed") or 0), "failed": int(c.counts.get("failed") or 0)}
             for c in read_chunks(store) if c.state != "dropped"]
+
+
+def _rows_in_outputs(jobdir: JobDir, index: dict[int, PartCounts]) -> tuple[int, int]:
+    """Rows succeeded and failed in the part files, finished and partial."""
+    succeeded = failed = 0
+    complete = done_parts(jobdir.parts)
+    for i in complete:
+        # The store's part index, or (a part written just before a kill) the part's own files.
+        counts = index.get(i) or count_part(jobdir.parts, i)
+        succeeded += counts.ok
+        failed += counts.failed
+    # Batches a stop left unfinished have partial parts (a handful at most): they are in the outputs too.
+    names = os.listdir(jobdir.parts) if jobdir.parts.is_dir() else []
+    for name in names:
+        m = PARTIAL_RE.match(name)
+        if m and int(m.group(1)) not in complete:
+            rows = pq.ParquetFile(jobdir.parts / name).metadata.num_rows
+            if name.endswith(".pr.parquet"):
+                succeeded += rows
+            else:
+                failed += rows
+    return succeeded, failed
+
+
+def _last_summary(jobdir: JobDir) -> tuple[dict[str, Any] | None, float | None]:
+    """The last run's summary.json (None if absent or torn) and when it was written."""
+    summary_path = jobdir.path / "summary.json"
+    summary: dict[str, Any] | None = None
+    summary_at = None
+    if summary_path.exists():
+        summary_at = summary_path.stat().st_mtime
+        try:
+            summary = orjson.loads(summary_path.read_bytes())
+        except orjson.JSONDecodeError:
+            summary = None
+    return summary, summary_at
 
 
 def print_status(out_dir: str, *, as_json: bool = False) -> int:

@@ -13,6 +13,9 @@ loss costs one fsync a second, not one per response.
 Record states: ok | permanent | bad_content | transient (retries exhausted). A later record for the same
 key replaces an earlier one (e.g. a failure that `--retry-failed` turned into a success).
 
+The schema is built by named migrations (MIGRATIONS below, applied once each and recorded in the
+`_migrations` table; see migrations.py), and a store written by a newer version is refused on open.
+
 Two small tables keep start-up and `pipeline status` independent of the job's size (a 1M-row store is
 ~1 GB, and summing it costs a second warm and far more cold):
   tally   counts, tokens and cost per (state, cache_hit), kept by triggers in the same transaction as
@@ -28,11 +31,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
-SCHEMA_VERSION = 2  # 2: tally + parts tables (a version-1 store is upgraded on open)
+from . import migrations
+from .migrations import Migration
+
 
 # States a resume does not request again; `--retry-failed` narrows this to "ok" only.
 FINAL_STATES = frozenset({"ok", "permanent", "bad_content"})
@@ -65,6 +70,23 @@ class Record:
     raw: bytes | None = None
 
 
+class AnswerStore(Protocol):
+    """Where the engine finds answers already paid for and puts new ones (see engines/core.py)."""
+
+    def lookup(self, keys: Collection[str]) -> dict[str, Record]:
+        """The answers to reuse for those of `keys` that have one (a resume, a shared cache)."""
+        ...
+
+    async def put(self, record: Record) -> None:
+        """Return once `record` is durable; it counts as done only then. Raises RunFatalError when
+        nothing more can be stored (a full disk)."""
+        ...
+
+    def note(self, name: str, value: str) -> None:
+        """Keep a small fact a later run starts from (the structured mode learned)."""
+        ...
+
+
 _COLUMNS = [f.name for f in fields(Record)]
 _INSERT = f"INSERT OR REPLACE INTO responses ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SELECT_NO_RAW = ", ".join(c for c in _COLUMNS if c != "raw")
@@ -84,24 +106,46 @@ _TALLY_SUB = """
         cost_usd = cost_usd - coalesce(old.cost_usd, 0)
     WHERE state = old.state AND cache_hit = coalesce(old.cache_hit, 0);
 """
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS responses (
+MIGRATIONS: list[Migration] = []  # in order; append new ones at the end, never change an applied one
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_responses(db: sqlite3.Connection) -> None:
+    db.execute("""CREATE TABLE IF NOT EXISTS responses (
         key TEXT PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER, status INTEGER,
         error_class TEXT, message TEXT, content TEXT, output_json TEXT, finish_reason TEXT,
         model TEXT, provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,
         cost_usd REAL, latency_s REAL, ttft_s REAL, tool_calls_json TEXT, logprobs_json TEXT,
-        cache_hit INTEGER, created_at REAL, raw BLOB)""",
-    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)",
-    """CREATE TABLE IF NOT EXISTS tally (
+        cache_hit INTEGER, created_at REAL, raw BLOB)""")
+    db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+
+
+@migration
+def m002_tally_and_parts(db: sqlite3.Connection) -> None:
+    had_tally = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tally'").fetchone() is not None
+    db.execute("""CREATE TABLE IF NOT EXISTS tally (
         state TEXT NOT NULL, cache_hit INTEGER NOT NULL, n INTEGER NOT NULL DEFAULT 0,
         prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
-        cost_usd REAL NOT NULL DEFAULT 0, last_write REAL, PRIMARY KEY (state, cache_hit))""",
-    f"CREATE TRIGGER IF NOT EXISTS tally_add AFTER INSERT ON responses BEGIN {_TALLY_ADD} END",
-    f"CREATE TRIGGER IF NOT EXISTS tally_sub AFTER DELETE ON responses BEGIN {_TALLY_SUB} END",
-    """CREATE TABLE IF NOT EXISTS parts (
+        cost_usd REAL NOT NULL DEFAULT 0, last_write REAL, PRIMARY KEY (state, cache_hit))""")
+    db.execute(f"CREATE TRIGGER IF NOT EXISTS tally_add AFTER INSERT ON responses BEGIN {_TALLY_ADD} END")
+    db.execute(f"CREATE TRIGGER IF NOT EXISTS tally_sub AFTER DELETE ON responses BEGIN {_TALLY_SUB} END")
+    db.execute("""CREATE TABLE IF NOT EXISTS parts (
         batch INTEGER PRIMARY KEY, ok INTEGER NOT NULL, failed INTEGER NOT NULL,
-        transient INTEGER NOT NULL, request_failed INTEGER NOT NULL)""",
-]
+        transient INTEGER NOT NULL, request_failed INTEGER NOT NULL)""")
+    if not had_tally:  # a store from before the tally (or a new one): count what is already there, once
+        db.execute(
+            "INSERT INTO tally SELECT state, coalesce(cache_hit, 0), count(*), coalesce(sum(prompt_tokens), 0),"
+            " coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0), max(created_at)"
+            " FROM responses GROUP BY state, coalesce(cache_hit, 0)"
+        )
+
+
+SCHEMA_VERSION = len(MIGRATIONS)  # also in meta, for a quick look; the _migrations table decides
 
 
 @dataclass(slots=True, frozen=True)
@@ -110,7 +154,7 @@ class PartCounts:
 
     ok: int
     failed: int
-    transient: int
+    failed_transient: int
     request_failed: int
 
 
@@ -128,6 +172,8 @@ class Store:
             # A REPLACE must fire the delete trigger for the row it replaces, or the tally double-counts.
             self._db.execute("PRAGMA recursive_triggers=ON")
             self._create_schema()
+        else:
+            migrations.refuse_newer(migrations.applied(self._db), MIGRATIONS, path)
         self._pending: list[tuple[Record, asyncio.Future[None]]] = []
         self._flush_scheduled = False
         self._dirty = False
@@ -139,24 +185,8 @@ class Store:
             self._fsync_thread.start()
 
     def _create_schema(self) -> None:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")  # one writer at a time creates or upgrades (a shared cache.dir)
-        try:
-            had_tally = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tally'").fetchone() is not None
-            for statement in _SCHEMA:
-                db.execute(statement)
-            if not had_tally:
-                # A version-1 store (or a new one): count what is already there, once.
-                db.execute(
-                    "INSERT INTO tally SELECT state, coalesce(cache_hit, 0), count(*), coalesce(sum(prompt_tokens), 0),"
-                    " coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0), max(created_at)"
-                    " FROM responses GROUP BY state, coalesce(cache_hit, 0)"
-                )
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        migrations.apply(self._db, MIGRATIONS, self.path)
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -268,10 +298,10 @@ class Store:
 
     # -- the part index ------------------------------------------------------------------------------
 
-    def put_part(self, batch: int, *, ok: int, failed: int, transient: int, request_failed: int) -> None:
+    def put_part(self, batch: int, *, ok: int, failed: int, failed_transient: int, request_failed: int) -> None:
         """Record a finished batch (after its part files are in place); a later record replaces it."""
         self._db.execute("INSERT OR REPLACE INTO parts VALUES (?, ?, ?, ?, ?)",
-                         (batch, ok, failed, transient, request_failed))
+                         (batch, ok, failed, failed_transient, request_failed))
         self._dirty = True
 
     def parts(self) -> dict[int, PartCounts]:

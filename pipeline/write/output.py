@@ -34,7 +34,7 @@ LOGPROB_TYPE = pa.list_(pa.struct([
 
 
 @dataclass
-class Layout:
+class OutputColumns:
     """Which columns the outputs have; fixed for a job so every part has the same shape."""
 
     id_column: str
@@ -59,7 +59,7 @@ class RowFailure:
 def write_part(
     parts_dir: Path,
     index: int,
-    layout: Layout,
+    layout: OutputColumns,
     carried: pa.Table,
     outcomes: Sequence[Record | RowFailure | None],
 ) -> tuple[int, int]:
@@ -68,12 +68,7 @@ def write_part(
     With rows still pending (None: the run stopped before they had an answer) the parts are *partial*:
     the outputs show what is done, and a resume replaces them with the batch's complete parts.
     """
-    ok_idx = [i for i, o in enumerate(outcomes) if isinstance(o, Record) and o.state == "ok"]
-    ok_set = set(ok_idx)
-    bad_idx = [i for i, o in enumerate(outcomes) if o is not None and i not in ok_set]
-    carried = _rename_carried(carried, layout)
-    results = _results_table(carried.take(pa.array(ok_idx, pa.int64())), [outcomes[i] for i in ok_idx], layout)  # type: ignore[misc]
-    failures = _failures_table(carried.take(pa.array(bad_idx, pa.int64())), [outcomes[i] for i in bad_idx], layout)  # type: ignore[misc]
+    results, failures = part_tables(layout, carried, outcomes)
     partial = any(o is None for o in outcomes)
     stem = parts_dir / f"{index:08d}"
     r, f = ("pr", "pf") if partial else ("r", "f")
@@ -82,7 +77,19 @@ def write_part(
     if not partial:
         for stale in (Path(f"{stem}.pr.parquet"), Path(f"{stem}.pf.parquet")):
             stale.unlink(missing_ok=True)
-    return len(ok_idx), len(bad_idx)
+    return results.num_rows, failures.num_rows
+
+
+def part_tables(layout: OutputColumns, carried: pa.Table,
+                outcomes: Sequence[Record | RowFailure | None]) -> tuple[pa.Table, pa.Table]:
+    """One batch's results and failures rows (pending rows, None, in neither), carried columns joined."""
+    ok_idx = [i for i, o in enumerate(outcomes) if isinstance(o, Record) and o.state == "ok"]
+    ok_set = set(ok_idx)
+    bad_idx = [i for i, o in enumerate(outcomes) if o is not None and i not in ok_set]
+    carried = _rename_carried(carried, layout)
+    results = _results_table(carried.take(pa.array(ok_idx, pa.int64())), [outcomes[i] for i in ok_idx], layout)  # type: ignore[misc]
+    failures = _failures_table(carried.take(pa.array(bad_idx, pa.int64())), [outcomes[i] for i in bad_idx], layout)  # type: ignore[misc]
+    return results, failures
 
 
 def drop_partial_parts(parts_dir: Path) -> None:
@@ -99,7 +106,7 @@ def done_parts(parts_dir: Path) -> set[int]:
     return {int(m.group(1)) for name in os.listdir(parts_dir) if (m := PART_RE.match(name))}
 
 
-def _rename_carried(carried: pa.Table, layout: Layout) -> pa.Table:
+def _rename_carried(carried: pa.Table, layout: OutputColumns) -> pa.Table:
     reserved = set(RESULT_COLUMNS) | {"output", "error_class", "status", "message", "ttft_s", "tool_calls", "logprobs"}
     names = []
     for name in carried.column_names:
@@ -118,7 +125,7 @@ RESULT_COLUMNS = [
 ]
 
 
-def _results_table(carried: pa.Table, recs: list[Record], layout: Layout) -> pa.Table:
+def _results_table(carried: pa.Table, recs: list[Record], layout: OutputColumns) -> pa.Table:
     cols: dict[str, pa.Array] = {}
     out_type = layout.output_type()
     if out_type is not None and layout.schema is not None:
@@ -148,7 +155,7 @@ def _results_table(carried: pa.Table, recs: list[Record], layout: Layout) -> pa.
     return table
 
 
-def _failures_table(carried: pa.Table, outcomes: list[Record | RowFailure], layout: Layout) -> pa.Table:
+def _failures_table(carried: pa.Table, outcomes: list[Record | RowFailure], layout: OutputColumns) -> pa.Table:
     def get(o: Record | RowFailure, name: str) -> Any:
         return getattr(o, name, None)
 

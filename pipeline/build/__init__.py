@@ -1,0 +1,1 @@
+"""Building requests: rows -> prompts (templates, images) -> structured shaping -> one immutable Request each."""

@@ -1,0 +1,188 @@
+"""What a request costs, and the budget that caps the job's cost.
+
+Cost of an answer (`read_usage`): `usage.cost` when the endpoint reports it (OpenRouter; plus the
+upstream cost a BYOK key is billed separately), else the price of the model served (per million input /
+output tokens, per image where priced). A body without any usage (a stream cut off after its last
+token) is costed from the prompt estimate and the answer's length rather than as free, so the budget
+still sees it. Prices are looked up through `find_price` only.
+
+The budget (`Budget`, when `budget.max_cost_usd` is set). A request reserves its worst case
+(`max_cost`) only once it holds a concurrency slot and is about to be sent, and gives the reservation
+back when its answer is charged. So spent + reserved never exceeds the cap: the overshoot is bounded by
+the worst cases in flight, and only when an answer costs more than its worst case. When the next worst
+case does not fit, the request waits for the reservations in flight to settle; when nothing is in
+flight and it still does not fit, the job truly exceeds the budget and dispatch stops there, within one
+request's worst case of the cap.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ..config import Config, Price
+from ..errors import BudgetExceeded, Stopped
+from ..models.catalog import context_window, max_output_tokens
+
+# Our prompt estimate counts ~4 characters a token; real tokenizers differ by some percent on ordinary
+# text and more on code or non-English text. The worst case must not be an underestimate.
+PROMPT_SAFETY = 1.25
+
+
+@dataclass(slots=True)
+class Usage:
+    model: str
+    provider: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Paid:
+    """What the attempts of one request were billed, together."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, usage: Usage) -> None:
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.cost_usd += usage.cost_usd
+
+
+def read_usage(body: dict[str, Any], cfg: Config, n_images: int = 0, est_prompt: int | None = None) -> Usage:
+    """What this answer cost; read even when the content turns out unusable (it was paid for)."""
+    usage = body.get("usage")
+    model = body.get("model") or cfg.endpoint.model
+    if not isinstance(usage, dict):
+        usage = {"prompt_tokens": est_prompt or 0, "completion_tokens": _estimate_completion(body)}
+    return Usage(
+        model=model,
+        provider=body.get("provider"),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        cost_usd=usage_cost(usage, model, cfg, n_images),
+    )
+
+
+def _estimate_completion(body: dict[str, Any]) -> int:
+    """Completion tokens from the answer's length (~4 characters a token), when no usage came back."""
+    choices = body.get("choices") or [{}]
+    first: dict[str, Any] = choices[0] if isinstance(choices[0], dict) else {}
+    raw_message = first.get("message")
+    message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
+    content = message.get("content")
+    text = content if isinstance(content, str) else ""
+    extra = message.get("tool_calls")
+    chars = len(text) + (len(orjson.dumps(extra)) if extra else 0)
+    return (chars + 3) // 4
+
+
+def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0) -> float:
+    reported = usage.get("cost")
+    if isinstance(reported, (int, float)) and not isinstance(reported, bool):
+        cost = float(reported)
+        details = usage.get("cost_details")
+        upstream = details.get("upstream_inference_cost") if isinstance(details, dict) else None
+        if usage.get("is_byok") and isinstance(upstream, (int, float)):
+            cost += float(upstream)  # with your own provider key, OpenRouter's fee is only part of the bill
+        return cost
+    price = find_price(cfg, model) or find_price(cfg, cfg.endpoint.model)
+    if price is None:
+        return 0.0
+    return (
+        int(usage.get("prompt_tokens") or 0) * price.input_per_m / 1e6
+        + int(usage.get("completion_tokens") or 0) * price.output_per_m / 1e6
+        + n_images * price.per_image
+    )
+
+
+def find_price(cfg: Config, model: str) -> Price | None:
+    """The price of a model name as served: exact, then without the 'vendor/' prefix, then with 'openai/'."""
+    bare = model.rsplit("/", 1)[-1]
+    return cfg.price(model) or cfg.price(bare) or cfg.price(f"openai/{bare}")
+
+
+def worst_output_tokens(cfg: Config, est_prompt: int, max_tokens: int | None) -> int:
+    """Most completion tokens one request can produce: max_tokens, else the model's cap, else the context left."""
+    if max_tokens is not None:
+        return max_tokens
+    model = cfg.endpoint.model
+    return max_output_tokens(model) or max(0, context_window(model) - est_prompt)
+
+
+def max_cost(est_prompt_tokens: int, max_tokens: int | None, cfg: Config, n_images: int = 0) -> float:
+    """The most one request can cost, for the budget check before sending.
+
+    Priced at the dearest model it may be served by (the `params.models` fallbacks included), with a
+    margin on the prompt estimate. 0.0 when no price is known (config refuses a budget in that case).
+    """
+    prices = [p for m in [cfg.endpoint.model, *(cfg.params.models or [])] if (p := find_price(cfg, m))]
+    if not prices:
+        return 0.0
+    out = worst_output_tokens(cfg, est_prompt_tokens, max_tokens)
+    prompt = est_prompt_tokens * PROMPT_SAFETY
+    return max(prompt * p.input_per_m / 1e6 + out * p.output_per_m / 1e6 + n_images * p.per_image for p in prices)
+
+
+class Budget:
+    """The job's spend against `budget.max_cost_usd` (None: no cap, and nothing is reserved)."""
+
+    def __init__(self, cap: float | None, spent_before: float = 0.0) -> None:
+        self.cap = cap
+        self.spent = spent_before
+        self.reserved = 0.0
+        self._in_flight = 0  # reservations held (a count: float sums do not return to exactly 0)
+        self._settled: asyncio.Event | None = None
+        self._closed = False
+
+    async def reserve(self, amount: float) -> float:
+        """Hold `amount` for a request about to be sent; returns what to `release` after its answer.
+
+        Waits while reservations in flight may still make room; raises BudgetExceeded when nothing is
+        in flight and `amount` still does not fit, and Stopped when dispatch stops meanwhile."""
+        if self.cap is None:
+            return 0.0
+        while self.spent + self.reserved + amount > self.cap:
+            if self._closed:
+                raise Stopped()
+            if not self._in_flight:
+                raise BudgetExceeded(
+                    f"budget reached: spent ${self.spent:.4f} and the next request may cost up to ${amount:.4f}, "
+                    f"over budget.max_cost_usd=${self.cap:g}")
+            if self._settled is None:
+                self._settled = asyncio.Event()
+            await self._settled.wait()
+        if self._closed:
+            raise Stopped()
+        self.reserved += amount
+        self._in_flight += 1
+        return amount
+
+    def release(self, amount: float) -> None:
+        if self.cap is None:
+            return
+        self._in_flight -= 1
+        self.reserved = self.reserved - amount if self._in_flight else 0.0
+        self._wake()
+
+    def charge(self, cost: float) -> None:
+        self.spent += cost
+
+    def close(self) -> None:
+        """Dispatch stopped: whoever waits for room leaves (as Stopped)."""
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
