@@ -88,36 +88,17 @@ class HttpTransport:
         return self._session
 
     async def send(self, payload: bytes, *, stream: bool = False) -> Reply:
-        session = self._open()
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        try:
+        async with self._guard() as start:
             accept = _SSE_ACCEPT if stream else None
-            async with session.post(self.url, data=payload, allow_redirects=False, headers=accept) as resp:
-                if 300 <= resp.status < 400:
-                    raise RunFatalError(
-                        f"the endpoint answered with a redirect (HTTP {resp.status}) to "
-                        f"{resp.headers.get('Location', '?')}; set endpoint.base_url to the final URL "
-                        "(the key is never sent across a redirect)")
+            async with self._open().post(self.url, data=payload, allow_redirects=False, headers=accept) as resp:
+                _no_redirect(resp)
                 is_sse = stream and resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
                 if is_sse:
                     body, ttft, cut_off = await _read_sse(resp, loop, start)
                     return Reply(resp.status, resp.headers, body, loop.time() - start, ttft, True, cut_off)
                 body = await resp.read()
                 return Reply(resp.status, resp.headers, body, loop.time() - start)
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError, ssl.SSLError) as exc:
-            inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
-            why = getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or type(exc).__name__
-            raise RunFatalError(f"TLS failure talking to {self.base_url}: {why}; check endpoint.base_url "
-                                "(http or https?) and the server's certificate") from exc
-        except TimeoutError as exc:
-            raise TransientError(f"no answer within the timeout ({loop.time() - start:.1f}s)", code="timeout") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise TransientError(
-                f"cannot connect to {self.base_url}: {exc.os_error or type(exc).__name__}", code="connect"
-            ) from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise TransientError(f"connection lost: {type(exc).__name__}: {exc}", code="connection") from exc
 
     async def close(self) -> None:
         if self._session is not None:
@@ -181,26 +162,32 @@ class HttpTransport:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[float]:
-        """Network failures of a Batch API call as the same error classes `send` raises."""
+        """Network failures of any call as error classes: a TLS failure is run-fatal (it will not get
+        better), the rest transient. Yields the call's start time on the loop's clock."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
             yield start
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError, ssl.SSLError):
-            raise RunFatalError(f"TLS failure talking to {self.base_url}; check endpoint.base_url") from None
-        except TimeoutError:
-            raise TransientError(f"no answer within the timeout ({loop.time() - start:.1f}s)", code="timeout") from None
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError, ssl.SSLError) as exc:
+            inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
+            why = getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or type(exc).__name__
+            raise RunFatalError(f"TLS failure talking to {self.base_url}: {why}; check endpoint.base_url "
+                                "(http or https?) and the server's certificate") from exc
+        except TimeoutError as exc:
+            raise TransientError(f"no answer within the timeout ({loop.time() - start:.1f}s)", code="timeout") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise TransientError(f"cannot connect to {self.base_url}: {exc.os_error or type(exc).__name__}",
-                                 code="connect") from None
+            raise TransientError(
+                f"cannot connect to {self.base_url}: {exc.os_error or type(exc).__name__}", code="connect"
+            ) from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise TransientError(f"connection lost: {type(exc).__name__}: {exc}", code="connection") from None
+            raise TransientError(f"connection lost: {type(exc).__name__}: {exc}", code="connection") from exc
 
 
 def _no_redirect(resp: aiohttp.ClientResponse) -> None:
     if 300 <= resp.status < 400:
-        raise RunFatalError(f"the endpoint answered with a redirect (HTTP {resp.status}); set endpoint.base_url to "
-                            "the final URL (the key is never sent across a redirect)", status=resp.status)
+        raise RunFatalError(
+            f"the endpoint answered with a redirect (HTTP {resp.status}) to {resp.headers.get('Location', '?')}; "
+            "set endpoint.base_url to the final URL (the key is never sent across a redirect)")
 
 
 async def _read_sse(resp: aiohttp.ClientResponse, loop: asyncio.AbstractEventLoop,
