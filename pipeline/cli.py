@@ -1,4 +1,4 @@
-"""`pipeline run | simulate | status`: a thin layer that parses arguments and formats a Summary.
+"""`pipeline run | simulate | status | report | show`: a thin layer that parses arguments and formats a Summary.
 
 Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
 sent); 3 stopped early (run-fatal or budget), resumable; 75 batches submitted and still running at the
@@ -46,7 +46,23 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="counts, tokens and cost of a run, finished or not")
     status.add_argument("out_dir", help="the job's output.dir")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_report_commands(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # every subcommand, whichever module added it
     return parser
+
+
+def _add_report_commands(sub: Any) -> None:
+    report = sub.add_parser("report", help="a self-contained HTML report of one or more runs (compares several)")
+    report.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="job output.dir(s); several: a comparison")
+    report.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
+    report.add_argument("--gold", metavar="COLUMN[=FIELD]",
+                        help="score each run against this carried input column (the output field of the same "
+                             "name, or the one given after =)")
+    show = sub.add_parser("show", help="one row's request (key redacted), attempts, raw answer, output and cost")
+    show.add_argument("out_dir", help="the job's output.dir")
+    show.add_argument("row_id", help="the row's id (input.id_column)")
+    show.add_argument("--config", help="the job's config, if the one recorded in the folder has moved")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             from .simulator import serve
 
             return serve(args)
+        if args.command in ("report", "show"):
+            return _report(args)
         from .state.status import print_status
 
         return print_status(args.out_dir, as_json=args.json)
@@ -74,6 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: I/O error: {exc}; fix it (e.g. free disk space), then re-run the same command to resume",
               file=sys.stderr)
         return EXIT_STOPPED
+
+
+def _report(args: argparse.Namespace) -> int:
+    if args.command == "show":
+        from .reporting.show import print_story, row_story
+
+        return print_story(row_story(args.out_dir, args.row_id, config=args.config), as_json=args.json)
+    import os
+
+    from .reporting import write_report
+
+    path, seconds = write_report(args.out_dirs, args.output, gold=args.gold)
+    print(f"wrote {path} ({os.path.getsize(path) / 1024:,.0f} KB) in {seconds:.1f}s", file=sys.stderr)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
