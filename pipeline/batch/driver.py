@@ -44,7 +44,7 @@ from ..state.store import Record, Store
 from .client import TERMINAL, BatchClient
 from .collect import Collector, worst_line_cost
 from .files import ChunkWriter, request_payloads
-from .ledger import Chunk, Ledger
+from .ledger import LIVE, Chunk, Ledger
 
 log = logging.getLogger("pipeline")
 
@@ -123,7 +123,7 @@ class BatchDriver:
                     await self.submit()
                 if self.engine.stop_reason:
                     return "stopped"
-                if not self.ledger.chunks(("ready", "uploading", "uploaded", "creating", "submitted")):
+                if not self.ledger.chunks(LIVE):
                     return "collected"
                 if self.no_wait:
                     return "waiting"
