@@ -145,24 +145,26 @@ class Collector:
         try:
             body = classify(_as_reply(line))
         except (FatalReply, RunFatalError) as exc:
+            self._failed(key, exc, None)
             self.engine.stop(exc)
             return "fatal", None
         except TransientError as exc:
             paid = self._charge(exc.billed, est, images)
-            return "transient", self._give_up(key, "transient", (est, images), exc, paid)
+            return "transient", self._failed(key, exc, self._give_up(key, "transient", (est, images), exc, paid))
         except PermanentError as exc:
             paid = self._charge(exc.billed, est, images)
             if self.plan is not None and self.plan.fallback(exc.status, exc.message, exc.code, mode=self._mode):
                 # The structured mode is not supported here: later files are rendered under the next mode.
                 self.store.set_meta("structured_mode", self.plan.mode)
                 return "permanent", None
-            return "permanent", self._record(key, "permanent", exc, paid)
+            return "permanent", self._failed(key, exc, self._record(key, "permanent", exc, paid))
         usage = batch_usage(body, self.cfg, images, est)
         paid = self._charge(body, est, images, usage)
         try:
             parsed = parse_completion(body, usage, self.plan)
         except BadContentError as exc:
-            return "bad_content", self._give_up(key, "bad_content", (est, images), exc, paid, raw=_raw(body))
+            record = self._give_up(key, "bad_content", (est, images), exc, paid, raw=_raw(body))
+            return "bad_content", self._failed(key, exc, record)
         except Exception as exc:  # a parser bug must not lose a paid answer
             log.exception("could not parse the answer for %s", key)
             err = BadContentError(f"could not parse the answer: {type(exc).__name__}: {exc}", reason="parser")
@@ -174,6 +176,14 @@ class Collector:
             prompt_tokens=paid[0], completion_tokens=paid[1], cost_usd=paid[2],
             tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json, raw=_raw(body))
         return "ok", record
+
+    def _failed(self, key: str, exc: RequestError, record: Record | None) -> Record | None:
+        """The attempt_failed event (pipeline.log) for a line; `record` None: it goes again."""
+        final = record is not None or isinstance(exc, (FatalReply, RunFatalError))
+        log.info("batch line %s failed: %s", key[:12], exc, extra={
+            "event": "attempt_failed", "key": key, "attempt": self.ledger.attempts(key)["sent"],
+            "status": exc.status, "error_class": exc.error_class, "retry_in_s": None if final else 0.0})
+        return record
 
     def _give_up(self, key: str, outcome: str, info: tuple[int, int], exc: RequestError | None = None,
                  paid: tuple[int, int, float] = (0, 0, 0.0), raw: bytes | None = None) -> Record | None:
