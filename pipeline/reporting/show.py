@@ -2,7 +2,7 @@
 
 The store keeps answers, not request bodies (a body is ~1-2 KB; keeping one per row would add a
 gigabyte to a 1M-row store for a view used on a handful of rows). The body is instead re-rendered with
-the runner's own builder (`render_batch`) from the job's config and the input row, and then *proved*:
+the runner's own builder (`RequestBuilder.build_batch`) from the job's config and the input row, and then *proved*:
 the request key is sha256(base_url, body), so when the re-rendered key equals the key stored with the
 answer, the body shown is byte for byte the one that was sent. When it does not (the config file or the
 input changed since), the body is shown marked as unverified, never passed off as the real one.
@@ -119,17 +119,18 @@ def _request(path: Path, manifest: dict[str, Any], row_id: str, key: str | None,
 
 def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: str | None) -> dict[str, Any]:
     """Render under each structured mode the run may have used (the learned one first) until the key matches."""
-    from ..engines.runner import render_batch
+    from ..build.request import RequestBuilder
 
     modes = [plan.mode, *[m for m in plan.modes if m != plan.mode]] if plan is not None else [None]
     first: dict[str, Any] | None = None
     for mode in modes:
         if plan is not None:
             plan.mode = mode
-        outcomes, keys, jobs = render_batch(batch, renderer, plan, cfg.endpoint.base_url)
+        built = RequestBuilder(cfg.endpoint.base_url, plan).build_batch(batch, renderer)
+        keys = built.keys
         if keys[i] is None:
-            return {"note": f"the row does not render: {getattr(outcomes[i], 'message', '')}", "verified": False}
-        job = jobs[keys[i]]
+            return {"note": f"the row does not render: {getattr(built.failures[i], 'message', '')}", "verified": False}
+        job = built.requests[keys[i]]
         shown = {"method": "POST", "url": _url(cfg.endpoint.base_url),
                  "headers": {"Authorization": REDACTED, **cfg.endpoint.request_headers()},
                  "body": _short_data_urls(orjson.loads(job.payload)), "key": keys[i], "mode": mode}
