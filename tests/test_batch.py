@@ -243,3 +243,11 @@ def test_batch_mode_refuses_streaming(tmp_path: Path) -> None:
     from tests.conftest import job
     with pytest.raises(ConfigError, match="params.stream"):
         load_config(job(tmp_path, 1, run={"mode": "batch"}, params={"stream": True}))
+
+
+def test_no_wait_refuses_the_in_process_simulator(tmp_path: Path) -> None:
+    from pipeline.errors import UsageError
+    from tests.conftest import job
+    with pytest.raises(UsageError, match="pipeline simulate"):
+        pipeline.run(job(tmp_path, 5, run={"mode": "batch", "progress": False}), no_wait=True)
+    assert not (tmp_path / "out" / "batch").exists()  # nothing was written or sent

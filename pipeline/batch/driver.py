@@ -207,7 +207,9 @@ class BatchDriver:
                 log.warning("polling batch %s failed (%s); will poll again", chunk.batch_id, exc)
                 continue
             except (RunFatalError, FatalReply, PermanentError) as exc:
-                self._stop(exc if not isinstance(exc, PermanentError) else RunFatalError(str(exc), status=exc.status))
+                self._stop(exc if not isinstance(exc, PermanentError) else RunFatalError(
+                    f"polling batch {chunk.batch_id} of {chunk.path} failed: {exc}; was endpoint.base_url or the "
+                    "key changed since it was submitted? Fix that and re-run the same command", status=exc.status))
                 return moved
             status = str(batch.get("status"))
             counts = batch.get("request_counts") if isinstance(batch.get("request_counts"), dict) else {}

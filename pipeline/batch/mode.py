@@ -31,6 +31,10 @@ async def drive_batches(cfg: Config, core: Core, answers: LocalAnswers, store: S
     them); a second one cancels it at once, even in the middle of an upload."""
     if not isinstance(transport, HttpTransport):
         raise UsageError("run.mode: batch needs the HTTP transport (the Batch API's files and batches)")
+    if no_wait and cfg.endpoint.base_url == "simulator":
+        raise UsageError("--no-wait leaves batches at the endpoint, but the in-process simulator stops with this "
+                         "run: serve it with `pipeline simulate --port 8089` and set endpoint.base_url to "
+                         "http://127.0.0.1:8089/api/v1 (or run without --no-wait)")
     engine = Engine(core, store, lambda b: core.builder.build_batch(b, renderer).requests, answers.lookup)
     driver = BatchDriver(cfg, folder, engine, transport, batches=batches, no_wait=no_wait, progress=progress.enabled)
     task = asyncio.ensure_future(driver.cancel() if cancel else driver.run())
