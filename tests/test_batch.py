@@ -251,3 +251,19 @@ def test_no_wait_refuses_the_in_process_simulator(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="pipeline simulate"):
         pipeline.run(job(tmp_path, 5, run={"mode": "batch", "progress": False}), no_wait=True)
     assert not (tmp_path / "out" / "batch").exists()  # nothing was written or sent
+
+
+def test_an_endpoint_without_the_batch_api_stops_the_run_saying_so(tmp_path: Path, sim: SimulatorThread,
+                                                                    key_env: None) -> None:
+    cfg = batch_job(tmp_path, sim, 5)
+    cfg["endpoint"]["base_url"] = f"{sim.base_url}/no-batches-here"
+    summary = pipeline.run(cfg)
+    assert summary.exit_code == 3 and summary.pending == 5
+    assert "refused batch file" in (summary.stop_message or "") and "HTTP 404" in (summary.stop_message or "")
+
+
+@pytest.mark.parametrize("sim", [{"line_rate_4xx": 1.0, "line_4xx_status": 401}], indirect=True)
+def test_a_401_line_stops_the_run(tmp_path: Path, sim: SimulatorThread, key_env: None) -> None:
+    summary = pipeline.run(batch_job(tmp_path, sim, 5))
+    assert summary.exit_code == 3 and summary.stopped == "fatal" and summary.pending == 5
+    assert "401" in (summary.stop_message or "")

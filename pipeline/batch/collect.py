@@ -177,12 +177,13 @@ class Collector:
             tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json, raw=_raw(body))
         return "ok", record
 
-    def _failed(self, key: str, exc: RequestError, record: Record | None) -> Record | None:
+    def _failed(self, key: str, exc: RequestError | RunFatalError, record: Record | None) -> Record | None:
         """The attempt_failed event (pipeline.log) for a line; `record` None: it goes again."""
         final = record is not None or isinstance(exc, (FatalReply, RunFatalError))
         log.info("batch line %s failed: %s", key[:12], exc, extra={
             "event": "attempt_failed", "key": key, "attempt": self.ledger.attempts(key)["sent"],
-            "status": exc.status, "error_class": exc.error_class, "retry_in_s": None if final else 0.0})
+            "status": getattr(exc, "status", None), "error_class": getattr(exc, "error_class", "run_fatal"),
+            "retry_in_s": None if final else 0.0})
         return record
 
     def _give_up(self, key: str, outcome: str, info: tuple[int, int], exc: RequestError | None = None,

@@ -207,9 +207,9 @@ class BatchDriver:
                 log.warning("polling batch %s failed (%s); will poll again", chunk.batch_id, exc)
                 continue
             except (RunFatalError, FatalReply, PermanentError) as exc:
-                self._stop(exc if not isinstance(exc, PermanentError) else RunFatalError(
-                    f"polling batch {chunk.batch_id} of {chunk.path} failed: {exc}; was endpoint.base_url or the "
-                    "key changed since it was submitted? Fix that and re-run the same command", status=exc.status))
+                self._refused(exc, f"polling batch {chunk.batch_id} of {chunk.path} failed: {exc}; was "
+                                   "endpoint.base_url or the key changed since it was submitted? Fix that and re-run "
+                                   "the same command")
                 return moved
             status = str(batch.get("status"))
             counts = batch.get("request_counts") if isinstance(batch.get("request_counts"), dict) else {}
@@ -326,9 +326,8 @@ class BatchDriver:
                 log.warning("submitting %s failed (%s); will try again", chunk.name, exc)
                 return
             except (RunFatalError, FatalReply, PermanentError) as exc:
-                self._stop(exc if not isinstance(exc, PermanentError) else RunFatalError(
-                    f"the provider refused batch file {chunk.path}: {exc}; check endpoint.base_url speaks the "
-                    "OpenAI Batch API, then re-run the same command (or use run.mode: sync)", status=exc.status))
+                self._refused(exc, f"the provider refused batch file {chunk.path}: {exc}; check endpoint.base_url "
+                                   "speaks the OpenAI Batch API, then re-run the same command (or use run.mode: sync)")
                 return
             tokens += chunk.est_tokens
             worst += chunk.worst_usd
@@ -381,6 +380,11 @@ class BatchDriver:
 
     def _stop(self, exc: Fatal) -> None:
         self.engine.stop(exc)
+
+    def _refused(self, exc: Fatal | PermanentError, message: str) -> None:
+        """A call about the batches themselves failed for good: the run stops (a 4xx here is not one
+        row's problem, it is the endpoint's answer to the protocol), saying `message`."""
+        self._stop(RunFatalError(message) if isinstance(exc, PermanentError) else exc)
 
 
 def _max_tokens(payload: bytes) -> int | None:

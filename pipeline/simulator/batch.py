@@ -263,7 +263,7 @@ class BatchService:
             line = b.lines[i]
             rid = f"batch_req_{hashlib.sha256(f'{b.id}:{i}'.encode()).hexdigest()[:24]}"
             if rank < done:
-                status_code, body = answer(chat, line, faults[i], self.cfg.price_factor)
+                status_code, body = answer(chat, line, faults[i], cfg.price_factor, cfg.line_4xx_status)
                 item = {"id": rid, "custom_id": line.custom_id, "error": None,
                         "response": {"status_code": status_code, "request_id": f"req_{rid[10:]}", "body": body}}
                 ok = status_code == 200

@@ -87,10 +87,11 @@ def _line_problem(obj: dict[str, Any], endpoint: str, seen: set[str],
     return None
 
 
-def answer(service: ChatService, line: Line, fault: str | None, price_factor: float) -> tuple[int, dict[str, Any]]:
+def answer(service: ChatService, line: Line, fault: str | None, price_factor: float,
+           status_4xx: int = 400) -> tuple[int, dict[str, Any]]:
     """(status_code, body) for one line, as the chat endpoint answers the same body, at the batch price."""
     if fault in ("4xx", "5xx"):
-        return _error_body(generic_error(400 if fault == "4xx" else 500), service)
+        return _error_body(generic_error(status_4xx if fault == "4xx" else 500), service)
     # Keyed like the chat endpoint's (digest of the canonical body), so a body answered in both modes counts 2.
     digest = hashlib.sha256(orjson.dumps(line.body, option=orjson.OPT_SORT_KEYS)).digest()
     ask = service.check(line.body, digest)

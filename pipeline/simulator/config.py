@@ -104,7 +104,8 @@ class BatchSim(BaseModel):
     in_progress_polls: int = Field(default=2, ge=0)
     finalizing_polls: int = Field(default=1, ge=0)
     cancelling_polls: int = Field(default=1, ge=0)
-    line_rate_4xx: float = Field(default=0.0, ge=0, le=1)  # per line: a 400 invalid_request answer
+    line_rate_4xx: float = Field(default=0.0, ge=0, le=1)  # per line: a 4xx answer (status line_4xx_status)
+    line_4xx_status: int = Field(default=400, ge=400, le=499)  # 400 invalid_request; 401/402 stop a client
     line_rate_5xx: float = Field(default=0.0, ge=0, le=1)  # per line: a 500 server_error answer
     line_rate_schema_invalid: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 whose JSON breaks the schema
     expire: list[int] = Field(default_factory=list)  # creation numbers (1-based) of batches that expire
