@@ -115,3 +115,23 @@ def _content_length(reply: Reply) -> int | None:
         return int(total) if total.isdigit() else None
     length = reply.headers.get("Content-Length")
     return int(length) if reply.status == 200 and length and length.isdigit() else None
+
+
+def queue_full(batch: dict[str, Any]) -> bool:
+    """A batch that failed because the provider's enqueued-token queue was full: its lines go again."""
+    return any(e.get("code") == "token_limit_exceeded" for e in _error_list(batch))
+
+
+def _error_list(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    errors = batch.get("errors")
+    data = errors.get("data") if isinstance(errors, dict) else None
+    return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+
+
+def batch_errors(batch: dict[str, Any]) -> str:
+    """Why a batch failed, from its errors.data (code, line, message), for the stop message."""
+    items = _error_list(batch)[:5]
+    if not items:
+        return "no reason given"
+    return "; ".join(f"{e.get('code')}{' line ' + str(e['line']) if e.get('line') else ''}: "
+                     f"{str(e.get('message'))[:200]}" for e in items)

@@ -25,14 +25,12 @@ import contextlib
 import logging
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from tqdm.auto import tqdm
 
 from ..build.request import Request
 from ..config import Config
@@ -41,10 +39,11 @@ from ..errors import BudgetExceeded, Fatal, FatalReply, PermanentError, RateLimi
 from ..read.reader import InputBatch
 from ..send.transport import HttpTransport
 from ..state.store import Record, Store
-from .client import TERMINAL, BatchClient
+from .client import TERMINAL, BatchClient, batch_errors, queue_full
 from .collect import Collector, worst_line_cost
 from .files import ChunkWriter, request_payloads
 from .ledger import LIVE, Chunk, Ledger
+from .progress import BatchBar
 
 log = logging.getLogger("pipeline")
 
@@ -98,7 +97,7 @@ class BatchDriver:
         self.writer = ChunkWriter(self.ledger, folder, cfg.batch, before_line=_at)
         self.settled: set[str] = set()  # failures recorded by this run: not sent again by it
         self.to_sync: set[str] = set()  # batch.retry_via: sync — left for the engine's sync pass
-        self.bar = _Bar(enabled=progress)
+        self.bar = BatchBar(enabled=progress)
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -228,10 +227,10 @@ class BatchDriver:
         return moved
 
     async def _collect(self, chunk: Chunk, batch: dict[str, Any]) -> None:
-        if batch.get("status") == "failed" and not _queue_full(batch):
+        if batch.get("status") == "failed" and not queue_full(batch):
             self.ledger.update(chunk.chunk, state="rejected", durable=True)
             self._stop(RunFatalError(
-                f"the provider rejected batch file {chunk.path} (batch {chunk.batch_id}): {_errors(batch)}; "
+                f"the provider rejected batch file {chunk.path} (batch {chunk.batch_id}): {batch_errors(batch)}; "
                 "check that endpoint.base_url speaks the OpenAI Batch API and the model takes batches, "
                 "then re-run the same command (or use run.mode: sync)"))
             return
@@ -391,48 +390,3 @@ def _max_tokens(payload: bytes) -> int | None:
     body = orjson.loads(payload)
     value = body.get("max_tokens", body.get("max_completion_tokens")) if isinstance(body, dict) else None
     return value if isinstance(value, int) else None
-
-
-def _queue_full(batch: dict[str, Any]) -> bool:
-    """A batch that failed because the provider's enqueued-token queue was full: its lines go again."""
-    return any(e.get("code") == "token_limit_exceeded" for e in _error_list(batch))
-
-
-def _error_list(batch: dict[str, Any]) -> list[dict[str, Any]]:
-    errors = batch.get("errors")
-    data = errors.get("data") if isinstance(errors, dict) else None
-    return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
-
-
-def _errors(batch: dict[str, Any]) -> str:
-    items = _error_list(batch)[:5]
-    if not items:
-        return "no reason given"
-    return "; ".join(f"{e.get('code')}{' line ' + str(e['line']) if e.get('line') else ''}: "
-                     f"{str(e.get('message'))[:200]}" for e in items)
-
-
-class _Bar:
-    """Progress of the batches at the provider, from their request_counts."""
-
-    def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled
-        self._bar: Any = None
-        self._done: dict[int, tuple[int, int]] = {}
-
-    def show(self, chunk: int, status: str, counts: dict[str, Any], lines: int) -> None:
-        finished = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
-        self._done[chunk] = (finished if status not in TERMINAL else lines, lines)
-        done = sum(d for d, _ in self._done.values())
-        total = sum(t for _, t in self._done.values())
-        if not self.enabled:
-            return
-        if self._bar is None:
-            self._bar = tqdm(total=total, unit="line", file=sys.stderr, dynamic_ncols=True, desc="batches")
-        self._bar.total = total
-        self._bar.n = done
-        self._bar.set_postfix_str(f"chunk {chunk}: {status}", refresh=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
