@@ -14,7 +14,7 @@ alternate with the bare aiohttp loop (same endpoint process), and the table show
     python benchmarks/fix_preview.py -n 40000 --rounds 5
 
 Patches (in order):
-  window    runner.MAX_OPEN_BATCHES 4 -> 2: half as many rows waiting as Tasks at once (4,000 -> 2,000 for
+  window    core.MAX_OPEN_BATCHES 4 -> 2: half as many rows waiting as Tasks at once (4,000 -> 2,000 for
             128 slots), so fewer live objects for the GC to walk
   store     Store commits on a writer thread (sqlite3 releases the GIL while stepping), so the executemany
             could run on the second core; put() still returns only after the commit (measured: no gain)
@@ -33,7 +33,7 @@ from typing import Any
 from _common import cleanup, endpoint, median, print_machine, scratch, table, write_rows
 from overhead import bare_loop, measure, pipeline_once
 
-import pipeline.engines.runner as runner_mod
+import pipeline.engines.core as core_mod
 import pipeline.state.store as store_mod
 
 ORIGINAL: dict[str, Any] = {}
@@ -89,7 +89,7 @@ PATCHES = ["window", "store", "uvloop"]
 
 def apply(name: str) -> None:
     if name == "window":
-        runner_mod.MAX_OPEN_BATCHES = 2
+        core_mod.MAX_OPEN_BATCHES = 2
     elif name == "store":
         # The store's sqlite connection is used from the writer thread (check_same_thread=False already).
         ORIGINAL["store_close"] = store_mod.Store.close

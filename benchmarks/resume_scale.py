@@ -98,7 +98,7 @@ def build(work: Path, n: int, done: float, batch_size: int) -> dict[str, Any]:
     for batch in source.batches():
         if batch.index >= done_batches + OPEN_BATCHES:
             break
-        built = RequestBuilder(cfg.endpoint.base_url, plan).build_batch(batch, renderer)
+        built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
         outcomes, row_keys, jobs = built.failures, built.keys, built.requests
         if batch.index < done_batches:
             records = {k: record(k) for k in jobs}
@@ -148,7 +148,7 @@ def reset(work: Path, state: dict[str, Any]) -> None:
     plan.mode = store.get_meta("structured_mode") or plan.mode
     drop: list[str] = []
     for batch in source.batches(skip=lambda i: i < state["done_batches"]):
-        jobs = RequestBuilder(cfg.endpoint.base_url, plan).build_batch(batch, renderer).requests
+        jobs = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer).requests
         drop += [k for k in jobs if k not in keep]
     store._db.execute("BEGIN")
     store._db.executemany("DELETE FROM responses WHERE key = ?", [(k,) for k in drop])

@@ -29,6 +29,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                      help="the job changed: move the old answers in output.dir aside and start over")
     run.add_argument("--dry-run", action="store_true",
                      help="read and render every request, estimate tokens, cost and time; send nothing")
+    run.add_argument("--json", action="store_true",
+                     help="with --dry-run: print the estimate as one JSON object on stdout (for scripts and CI)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar (for cron); errors still printed")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.add_argument("--no-wait", action="store_true",
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if args.command == "run" and args.json and not args.dry_run:
+        parser.error("--json goes with --dry-run (a run's own figures are in output.dir/summary.json)")
     try:
         if args.command == "run":
             return _run(args)
@@ -121,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .engines.estimate import dry_run
 
-        return dry_run(cfg, out=sys.stdout)
+        return dry_run(cfg, out=sys.stdout, as_json=args.json)
     from .engines.runner import run_async
 
     summary = asyncio.run(run_async(cfg, retry_failed=args.retry_failed, force_new=args.force_new,

@@ -223,9 +223,17 @@ class CacheConfig(Section):
 
 
 class Price(Section):
-    input_per_m: float = Field(ge=0)
-    output_per_m: float = Field(ge=0)
-    per_image: float = Field(0.0, ge=0)
+    """A model's price in USD, overriding the genai-prices library (pipeline/models/prices.py)."""
+
+    input_per_m: float = Field(ge=0, description="Per million prompt tokens.")
+    output_per_m: float = Field(ge=0, description="Per million completion tokens.")
+    per_image: float = Field(0.0, ge=0, description="Per input image, for providers that bill images apart.")
+    cached_input_per_m: float | None = Field(
+        None, ge=0, description="Per million cached prompt tokens (usage.prompt_tokens_details); absent: input_per_m.")
+    batch_input_per_m: float | None = Field(
+        None, ge=0, description="Batch API price per million prompt tokens; absent: half of input_per_m.")
+    batch_output_per_m: float | None = Field(
+        None, ge=0, description="Batch API price per million completion tokens; absent: half of output_per_m.")
 
 
 class RunConfig(Section):
@@ -252,17 +260,6 @@ class BatchConfig(Section):
                              "or synchronous requests at the full price once the batches are collected.")
 
 
-BUILTIN_PRICES: dict[str, Price] = {
-    "openai/gpt-4-turbo": Price(input_per_m=10, output_per_m=30),
-    "gpt-4-turbo": Price(input_per_m=10, output_per_m=30),
-    "gpt-4-turbo-2024-04-09": Price(input_per_m=10, output_per_m=30),
-    "openai/gpt-4o": Price(input_per_m=2.5, output_per_m=10),
-    "gpt-4o": Price(input_per_m=2.5, output_per_m=10),
-    "openai/gpt-4o-mini": Price(input_per_m=0.15, output_per_m=0.6),
-    "gpt-4o-mini": Price(input_per_m=0.15, output_per_m=0.6),
-}
-
-
 class Config(Section):
     input: InputConfig
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
@@ -273,7 +270,8 @@ class Config(Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     output: OutputConfig
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    prices: dict[str, Price] = Field(default_factory=dict, description="Model -> price; adds to built-ins.")
+    prices: dict[str, Price] = Field(
+        default_factory=dict, description="Model -> price; overrides the genai-prices library's table.")
     run: RunConfig = Field(default_factory=RunConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
 
@@ -299,9 +297,6 @@ class Config(Section):
                 file=self.source,
             )
         return key
-
-    def price(self, model: str) -> Price | None:
-        return self.prices.get(model) or BUILTIN_PRICES.get(model)
 
     def request_config(self) -> dict[str, Any]:
         """Everything that changes what is asked, as plain JSON; limits, budget and output may change freely."""
@@ -371,12 +366,12 @@ def _check_budget_price(cfg: Config) -> None:
     """A budget is only enforceable when the worst case of a request in flight can be priced."""
     if cfg.budget.max_cost_usd is None:
         return
+    from .models.prices import find_price, missing_price_hint  # the library loads only when a budget is set
+
     for model in [cfg.endpoint.model, *(cfg.params.models or [])]:
-        if cfg.price(model) is None:
-            raise ConfigError(
-                f"needs a price for {model!r} to count requests in flight at their maximum "
-                f"cost; add prices: {{{model!r}: {{input_per_m: ..., output_per_m: ...}}}} (USD per million tokens)",
-                key="budget.max_cost_usd", file=cfg.source)
+        if find_price(cfg, model) is None:
+            raise ConfigError(f"needs a price for {model!r} to count requests in flight at their maximum cost; "
+                              + missing_price_hint(model), key="budget.max_cost_usd", file=cfg.source)
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:

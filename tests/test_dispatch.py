@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.build.prompts import RenderedRow
 from pipeline.build.request import Request, RequestBuilder
+from pipeline.build.tokens import TokenCounter
 from pipeline.config import Config, load_config
 from pipeline.errors import AuthError, EndpointGone, Stopped, TransientError
 from pipeline.send import health
@@ -36,9 +37,9 @@ def config(tmp_path: Path, **limits: Any) -> Config:
 
 
 def requests(n: int) -> list[Request]:
-    builder = RequestBuilder(URL, None)
+    builder = RequestBuilder(URL, None, TokenCounter("openai/gpt-4-turbo"))
     body = {"model": "openai/gpt-4-turbo", "max_tokens": 50}
-    return [builder.build(RenderedRow({**body, "messages": [{"role": "user", "content": f"row {i}"}]}, 20, 50))
+    return [builder.build(RenderedRow({**body, "messages": [{"role": "user", "content": f"row {i}"}]}, 50))
             for i in range(n)]
 
 

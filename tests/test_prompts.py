@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, RowError
-from pipeline.build.prompts import RenderedRow, Renderer, estimate_prompt_tokens
+from pipeline.build.prompts import RenderedRow, Renderer
 from pipeline.build.request import payload_and_key
 from pipeline.models.catalog import context_window
 
@@ -136,7 +136,7 @@ def test_images_make_content_parts() -> None:
     content = draft.body["messages"][-1]["content"]
     assert content == [{"type": "text", "text": "Describe it"},
                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "high"}}]
-    assert draft.est_prompt_tokens == estimate_prompt_tokens(draft.body) + 765
+    assert draft.image_tokens == 765
     no_image = render(cfg, {"name": "it", "photo": None})
     assert no_image.body["messages"][-1]["content"] == "Describe it"
     with pytest.raises(RowError) as info:
@@ -152,7 +152,7 @@ def test_images_go_to_last_user_message_of_column() -> None:
     assert draft.body["messages"][0]["content"] == "first"
     parts = draft.body["messages"][2]["content"]
     assert [p["type"] for p in parts] == ["text", "image_url", "image_url"]
-    assert draft.est_prompt_tokens == estimate_prompt_tokens(draft.body) + 170
+    assert draft.image_tokens == 170
     assert chat[2]["content"] == "look"  # the row's own value is not mutated
 
 
@@ -164,14 +164,6 @@ def test_context_window() -> None:
     with pytest.raises(RowError, match="context window") as info:
         render(cfg, {"text": "word " * 40_000})
     assert (info.value.file, info.value.row) == ORIGIN
-
-
-def test_estimate_prompt_tokens() -> None:
-    body = {"messages": [{"role": "system", "content": "a" * 40}, {"role": "user", "content": "b" * 41}]}
-    assert estimate_prompt_tokens(body) == 10 + 11 + 2 * 4 + 3
-    with_schema = dict(body, response_format={"type": "json_schema", "json_schema": {"schema": {"x": "y" * 100}}})
-    assert estimate_prompt_tokens(with_schema) > estimate_prompt_tokens(body) + 25
-    assert estimate_prompt_tokens(body, image_tokens=85) == estimate_prompt_tokens(body) + 85
 
 
 def test_payload_and_key_deterministic_and_sensitive() -> None:

@@ -36,29 +36,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline")
 
-# The Batch API's price as a share of the synchronous price (OpenAI, and the providers that copy its
-# protocol: 50% off). One function, so a per-model batch price table can replace the rule in one place.
-BATCH_PRICE_FACTOR = 0.5
-
-
-def batch_price_factor(cfg: Config, model: str) -> float:  # noqa: ARG001 - the model is the table's key
-    return BATCH_PRICE_FACTOR
-
-
 def batch_usage(body: dict[str, Any], cfg: Config, n_images: int, est: int) -> Usage:
     """What a batch answer cost: the provider's own `usage.cost` when it reports one (already the batch
-    price), else the price table at the batch price."""
-    usage = read_usage(body, cfg, n_images, est_prompt=est)
-    raw = body.get("usage")
-    reported = isinstance(raw, dict) and isinstance(raw.get("cost"), (int, float))
-    if not reported:
-        usage.cost_usd *= batch_price_factor(cfg, usage.model)
-    return usage
+    price), else the batch price (models/prices.py: the library's batch variant, else half the sync price)."""
+    return read_usage(body, cfg, n_images, est_prompt=est, batch=True)
 
 
 def worst_line_cost(cfg: Config, est: int, max_tokens: int | None, n_images: int) -> float:
     """The most one batch line can cost (the budget counts submitted lines at their worst case)."""
-    return max_cost(est, max_tokens, cfg, n_images) * batch_price_factor(cfg, cfg.endpoint.model)
+    return max_cost(est, max_tokens, cfg, n_images, batch=True)
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Building requests: rows -> prompts (templates, images) -> structured shaping -> one immutable Request each."""
+"""Building requests: templates over columns, images, structured-output shaping and JSON Schema."""

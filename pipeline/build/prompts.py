@@ -12,6 +12,8 @@ absent so the provider's defaults apply), `params.extra` at the top level, and p
 from the config (tools, provider, ...) are shared between bodies: build new ones, never mutate them.
 With `prompt.messages_column` the column's messages are sent; `prompt.system` is prepended when they
 have no system message and `prompt.user`, when also set, is appended as a final user message.
+Prompt tokens are counted by `self.tokens` (build/tokens.py) once per distinct request, after shaping;
+rendering counts a row only when a cheap bound says it might not fit the context window.
 """
 from __future__ import annotations
 
@@ -28,9 +30,8 @@ from ..config import Config
 from ..errors import ConfigError, RowError
 from ..models.catalog import context_window, max_output_tokens
 from .images import ImageEncoder
+from .tokens import TokenCounter
 
-TOKENS_PER_MESSAGE = 4
-REPLY_PRIMING_TOKENS = 3
 _INT_PARAMS = frozenset({"seed", "max_tokens", "max_completion_tokens", "top_logprobs", "n", "top_k"})
 _NUM_PARAMS = frozenset({"temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
                          "min_p", "top_a"})
@@ -39,11 +40,11 @@ _OWN_FIELDS = ("extra", "from_columns", "stream", "models", "provider", "logit_b
 
 @dataclass(slots=True)
 class RenderedRow:
-    """One row as a request body, before structured shaping; its prompt estimate includes the images."""
+    """One row as a request body, before structured shaping, with its images' tokens (the tile rule)."""
 
     body: dict[str, Any]
-    est_prompt_tokens: int
     max_tokens: int | None
+    image_tokens: int = 0  # by the tile rule; text tokens are counted on the body as sent
 
 
 class _NullValue(Exception):
@@ -86,6 +87,7 @@ class Renderer:
         self._from_columns = list(cfg.params.from_columns.items())
         self._static = self._static_body()
         self._context = context_window(cfg.endpoint.model)
+        self.tokens = TokenCounter(cfg.endpoint.model)
         self._max_output = max_output_tokens(cfg.endpoint.model)
         if cfg.params.max_tokens is not None and self._max_output and cfg.params.max_tokens > self._max_output:
             raise ConfigError(f"{cfg.params.max_tokens} is more than {cfg.endpoint.model} can produce "
@@ -185,13 +187,13 @@ class Renderer:
                 if field == "max_tokens" and self._max_output and body[field] > self._max_output:
                     raise RowError(f"column {column!r} gives max_tokens={body[field]}, more than {body['model']} can "
                                    f"produce ({self._max_output})", file=origin[0], row=origin[1], reason="param")
-        est = estimate_prompt_tokens(body, image_tokens)
-        if est > self._context:
+        if self.tokens.upper_bound(body, image_tokens) > self._context and \
+                (est := self.tokens.count(body, image_tokens)) > self._context:
             raise RowError(f"the prompt is about {est:,} tokens, over the {self._context:,}-token context window of "
                            f"{body['model']}; shorten this row's text or images", file=origin[0], row=origin[1],
                            reason="context")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        return RenderedRow(body, est, max_tokens if type(max_tokens) is int else None)
+        return RenderedRow(body, max_tokens if type(max_tokens) is int else None, image_tokens)
 
     def _text(self, template: jinja2.Template, key: str, row: dict[str, Any], origin: tuple[str, int]) -> str:
         try:
@@ -298,24 +300,3 @@ def _param(field: str, value: Any, column: str, origin: tuple[str, int]) -> Any:
     return value
 
 
-def estimate_prompt_tokens(body: dict[str, Any], image_tokens: int = 0) -> int:
-    """Prompt tokens, estimated: text chars/4, ~4 per message, plus schemas/tools and the images given.
-
-    Image parts are skipped (a data URL's length says nothing about its cost); pass their tokens.
-    """
-    chars = 0
-    messages = body.get("messages") or ()
-    for m in messages:
-        content = m.get("content")
-        if type(content) is str:
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "text":
-                    chars += len(part.get("text") or "")
-        if "tool_calls" in m:
-            chars += len(orjson.dumps(m["tool_calls"]))
-    for key in ("tools", "response_format", "functions"):
-        if key in body:
-            chars += len(orjson.dumps(body[key]))
-    return (chars + 3) // 4 + TOKENS_PER_MESSAGE * len(messages) + REPLY_PRIMING_TOKENS + image_tokens

@@ -1,6 +1,6 @@
 """The one place a request is made: a rendered row -> an immutable `Request` with its payload and key.
 
-    builder = RequestBuilder(base_url, plan)
+    builder = RequestBuilder(base_url, plan, renderer.tokens)
     built = builder.build_batch(batch, renderer)     # every row's key or input failure, one Request per key
     request = builder.reshape(request)               # after a structured-mode fallback: a new Request
     request = builder.with_max_tokens(request, 2048) # after a truncated answer: same key, new payload
@@ -21,8 +21,9 @@ import orjson
 from ..errors import RowError
 from ..read.reader import InputBatch
 from ..write.output import RowFailure
-from .prompts import RenderedRow, Renderer, estimate_prompt_tokens
+from .prompts import RenderedRow, Renderer
 from .structured import StructuredPlan
+from .tokens import TokenCounter
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,7 @@ class Request:
     key: str                  # what the answer is stored under (see the module docstring)
     payload: bytes            # the canonical JSON body, sent as is
     body: dict[str, Any]      # the rendered body before structured shaping: reshaping starts from it
-    est_prompt: int           # prompt tokens estimated for what is sent (shaping and images included)
+    est_prompt: int           # prompt tokens of what is sent (build/tokens.py; shaping and images included)
     max_tokens: int | None
     n_images: int = 0
     image_tokens: int = 0
@@ -57,9 +58,10 @@ def payload_and_key(body: dict[str, Any], base_url: str) -> tuple[bytes, str]:
 class RequestBuilder:
     """Builds every Request of a run: shapes for the structured plan's current mode, encodes, keys."""
 
-    def __init__(self, base_url: str, plan: StructuredPlan | None) -> None:
+    def __init__(self, base_url: str, plan: StructuredPlan | None, tokens: TokenCounter) -> None:
         self.base_url = base_url
         self.plan = plan
+        self.tokens = tokens  # the renderer's: the limiter, the budget and the dry run count alike
 
     def build(self, rendered: RenderedRow) -> Request:
         shaped, payload, key = self._encode(rendered)
@@ -72,10 +74,9 @@ class RequestBuilder:
 
     def _request(self, rendered: RenderedRow, shaped: dict[str, Any], payload: bytes, key: str) -> Request:
         body = rendered.body
-        image_tokens = rendered.est_prompt_tokens - estimate_prompt_tokens(body)
-        # Shaping adds the schema (tools or system prompt) to what is sent: estimate what is sent.
-        est = estimate_prompt_tokens(shaped, image_tokens) if shaped is not body else rendered.est_prompt_tokens
-        return Request(key, payload, body, est, rendered.max_tokens, count_images(body), image_tokens,
+        # Counted on what is sent: shaping adds the schema (tools or system prompt).
+        est = self.tokens.count(shaped, rendered.image_tokens)
+        return Request(key, payload, body, est, rendered.max_tokens, count_images(body), rendered.image_tokens,
                        self.plan.mode if self.plan is not None else None)
 
     def reshape(self, request: Request) -> Request:
@@ -87,7 +88,7 @@ class RequestBuilder:
         shaped = self.plan.shape(body)
         payload, key = payload_and_key(shaped, self.base_url)
         return replace(request, key=key, payload=payload, mode=self.plan.mode,
-                       est_prompt=estimate_prompt_tokens(shaped, request.image_tokens))
+                       est_prompt=self.tokens.count(shaped, request.image_tokens))
 
     def with_max_tokens(self, request: Request, max_tokens: int) -> Request:
         """A retry allowed a longer answer. The key stays: it is what the row looks its answer up by."""
@@ -120,7 +121,7 @@ class RequestBuilder:
             if err is not None:
                 failures[i] = RowFailure("input", str(err))
                 continue
-            # Identical rows are common (a resume, repeated texts): estimate only once per distinct request.
+            # Identical rows are common (a resume, repeated texts): count only once per distinct request.
             shaped, payload, key = self._encode(rendered)
             keys[i] = key
             if key not in requests:

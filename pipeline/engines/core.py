@@ -101,7 +101,7 @@ class Core:
                  stats: Stats | None = None, spent_before: float = 0.0, rng: random.Random | None = None) -> None:
         self.cfg, self.renderer, self.answers, self.progress = cfg, renderer, answers, progress
         self.stats = stats or Stats()
-        self.builder = RequestBuilder(cfg.endpoint.base_url, plan)
+        self.builder = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens)
         self.dispatcher = Dispatcher(cfg, transport, answers, limiter, plan, stats=self.stats,
                                      budget=Budget(cfg.budget.max_cost_usd, spent_before), builder=self.builder,
                                      rng=rng)

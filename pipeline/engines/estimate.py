@@ -3,8 +3,11 @@
 The input is read and every request built by the runner's own code (`RequestBuilder.build_batch`), one
 batch at a time, so the figures are those of the real run: the same request keys (identical requests
 counted once, rows already answered in `output.dir` or the shared cache left out), the same prompt
-estimate the tokens/minute limiter uses (text at ~4 characters a token, images by the GPT-4 Turbo tile
-rule) and the same per-row failures. Nothing goes to the network, no API key is needed, and nothing is
+token counts the tokens/minute limiter and the budget use (build/tokens.py: exact for OpenAI models,
+calibrated by this job's earlier answers for others; images by the tile rule) and the same per-row
+failures. Prices come from models/prices.py, each with its source. `--json` prints the same figures
+as one JSON object (engines/estimate_json.py), and the text report ends with the first request as it
+would be sent. Nothing goes to the network, no API key is needed, and nothing is
 written: the store is opened read-only (SQLite `immutable` when no run is writing it, so not even its
 -wal/-shm files appear).
 
@@ -24,10 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import BUILTIN_PRICES, Config
+from ..config import Config
 from ..errors import EXIT_OK, RowError
 from ..write.output import done_parts
-from ..send.budget import find_price, worst_output_tokens
+from ..build.tokens import CALIBRATION_META, counter_for
+from ..models.prices import find_price
+from ..send.budget import worst_output_tokens
 from ..build.prompts import Renderer
 from ..build.request import RequestBuilder
 from ..models.catalog import context_window, max_output_tokens
@@ -67,11 +72,16 @@ class Estimate:
     output_likely_per_request: float | None = None
     likely_basis: str = ""
     notes: list[str] = field(default_factory=list)
+    token_method: str = ""
+    example: bytes | None = None    # the first request to send, as its canonical payload
 
 
-def dry_run(cfg: Config, out: TextIO) -> int:
-    """Print the estimate; 0 (config and input errors raise UsageError, which the CLI turns into 2)."""
-    out.write(report(estimate(cfg), cfg))
+def dry_run(cfg: Config, out: TextIO, *, as_json: bool = False) -> int:
+    """Print the estimate (text, or one JSON object); 0 (config and input errors raise, the CLI exits 2)."""
+    from .estimate_json import example_request, to_json
+
+    est = estimate(cfg)
+    out.write(to_json(est, cfg) + "\n" if as_json else report(est, cfg) + example_request(est, cfg))
     return EXIT_OK
 
 
@@ -86,6 +96,8 @@ def estimate(cfg: Config) -> Estimate:
                         columns=scan.columns)
     plan = plan_for(cfg)
     store, done = _job_state(cfg, scan.fingerprint, est)
+    renderer.tokens = counter_for(cfg.endpoint.model, _meta(store, CALIBRATION_META) if store is not None else None)
+    est.token_method = renderer.tokens.method
     cache = _open_readonly(os.path.join(cfg.cache.dir, "cache.sqlite")) if cfg.cache.dir else None
     try:
         if plan is not None and store is not None and (mode := _meta(store, "structured_mode")):
@@ -105,7 +117,7 @@ def estimate(cfg: Config) -> Estimate:
 def _batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | None, cfg: Config,
            store: sqlite3.Connection | None, cache: sqlite3.Connection | None, seen: set[int], est: Estimate) -> None:
     # Outcomes are not kept: a failing row's reason is re-derived in _failing.
-    built = RequestBuilder(cfg.endpoint.base_url, plan).build_batch(batch, renderer)
+    built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
     row_keys, jobs = built.keys, built.requests
     answered = _states(store, jobs.keys())
     cached = {k for k, s in _states(cache, [k for k in jobs if k not in answered]).items() if s == "ok"}
@@ -127,6 +139,8 @@ def _batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | None, c
             continue
         if len(seen) < MAX_KEYS_TRACKED:
             seen.add(short)
+        if est.example is None:
+            est.example = job.payload
         est.requests += 1
         est.prompt_tokens += job.est_prompt
         est.images += job.n_images
@@ -298,7 +312,7 @@ def report(est: Estimate, cfg: Config) -> str:
     add("to send", f"{est.requests:,} requests for {est.rows_to_send:,} rows"
         + (f" ({same:,} of them {'repeats' if same == 1 else 'repeat'} an identical request, sent once)"
            if same else ""))
-    add("input tokens", f"~{est.prompt_tokens:,} (text ~4 characters a token + 4 a message; "
+    add("input tokens", f"{est.prompt_tokens:,} ({est.token_method}; "
         f"{est.images:,} images ~{est.image_tokens:,} tokens by the tile rule)")
     likely = est.output_likely_per_request
     per_row = "max_tokens" in cfg.params.from_columns
@@ -319,25 +333,36 @@ def _cost_lines(est: Estimate, cfg: Config, add: Any) -> None:
         add("cost", f"unknown: no price for {model}; add prices: {{{model}: {{input_per_m: .., output_per_m: ..}}}}")
         return
     low, likely, high = costs
-    price = find_price(cfg, model)
-    assert price is not None
-    source = "built-in" if model not in cfg.prices and model in BUILTIN_PRICES else "from prices"
-    per_image = f", ${price.per_image:g} an image" if price.per_image else ""
-    add("cost (USD)", f"${low:.4f} .. ${high:.4f}" + (f", likely ${likely:.4f}" if likely is not None else "")
-        + f"  ({model}: ${price.input_per_m:g}/M in, ${price.output_per_m:g}/M out{per_image}, {source})")
+    add("cost (USD)", f"${low:.4f} .. ${high:.4f}" + (f", likely ${likely:.4f}" if likely is not None else ""))
+    for name in [model, *(cfg.params.models or [])]:
+        price = find_price(cfg, name)
+        if price is None:
+            add("", f"{name}: no price known (the range leaves it out)")
+            continue
+        per_image = f", ${price.per_image:g} an image" if price.per_image else ""
+        add("", f"{name}: ${price.input_per_m:g}/M in, ${price.output_per_m:g}/M out{per_image} ({price.source})")
+    add("", "at run time the usage.cost an endpoint reports (OpenRouter) is charged instead")
     cap = cfg.budget.max_cost_usd
     if cap is None:
         return
-    spent = 0.0
-    store = _open_readonly(JobDir(cfg.output.dir).store_path) if est.rows_done_ok + est.rows_done_failed else None
-    if store is not None:
-        spent = store.execute("SELECT coalesce(sum(cost_usd), 0) FROM responses WHERE cache_hit = 0").fetchone()[0]
-        store.close()
+    spent = spent_before(est, cfg)
     left = cap - spent
     verdict = ("fits even at max output" if high <= left else
                "may stop at the budget (exit 3) if answers run long" if low <= left else
                "will stop at the budget (exit 3) before the end; raise it with --set budget.max_cost_usd=...")
     add("budget", f"${cap:g} (${spent:.4f} spent by earlier runs of this job, ${left:.4f} left): {verdict}")
+
+
+def spent_before(est: Estimate, cfg: Config) -> float:
+    """USD earlier runs of this job spent (what a resume's budget starts from)."""
+    store = _open_readonly(JobDir(cfg.output.dir).store_path) if est.rows_done_ok + est.rows_done_failed else None
+    if store is None:
+        return 0.0
+    try:
+        row = store.execute("SELECT coalesce(sum(cost_usd), 0) FROM responses WHERE cache_hit = 0").fetchone()
+        return float(row[0])
+    finally:
+        store.close()
 
 
 def _time_lines(est: Estimate, cfg: Config, add: Any) -> None:

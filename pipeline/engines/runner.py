@@ -13,8 +13,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
+import logging
 import os
 import platform
+import sqlite3
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -23,6 +25,7 @@ from typing import Any
 
 from ..build.prompts import Renderer
 from ..build.structured import StructuredPlan, plan_for
+from ..build.tokens import CALIBRATION_META, counter_for
 from ..config import Config, load_config
 from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
 from ..read.reader import InputBatch, Source
@@ -72,6 +75,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
                 Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)))
             if plan is not None and (mode := store.get_meta("structured_mode")):
                 plan.mode = mode  # an earlier run of this job already learned the model's structured mode
+            renderer.tokens = counter_for(cfg.endpoint.model, store.get_meta(CALIBRATION_META))
             cache = _open_cache(cfg, stack)
             base_url = await _endpoint_url(cfg, stack)
             transport = transport or _http_transport(cfg, base_url, api_key)
@@ -100,6 +104,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
                 interrupt.detach()
                 progress.close()
                 await transport.close()
+                _save_calibration(store, renderer, cfg.endpoint.model)
             store.sync()
             summary = _summary(cfg, jobdir, store, core, plan, scan.rows, resumed, started)
             _finish(summary, core, *commands)
@@ -110,6 +115,15 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             return summary
     finally:
         jobdir.unlock()
+
+
+def _save_calibration(store: Store, renderer: Renderer, model: str) -> None:
+    """What this run learned about the model's prompt tokens, for the next run and the dry run. Only a
+    hint: a store that cannot take it (disk full) must not hide why the run ended."""
+    try:
+        store.set_meta(CALIBRATION_META, renderer.tokens.learned.to_json(model))
+    except (OSError, sqlite3.Error) as exc:
+        logging.getLogger("pipeline").warning("could not keep the prompt-token calibration: %s", exc)
 
 
 @contextlib.contextmanager

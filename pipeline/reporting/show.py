@@ -2,8 +2,8 @@
 
 The store keeps answers, not request bodies (a body is ~1-2 KB; keeping one per row would add a
 gigabyte to a 1M-row store for a view used on a handful of rows). The body is instead re-rendered with
-the runner's own builder (`RequestBuilder.build_batch`) from the job's config and the input row, and then *proved*:
-the request key is sha256(base_url, body), so when the re-rendered key equals the key stored with the
+the runner's own builder (`RequestBuilder.build_batch`) from the job's config and the input row, and then
+*proved*: the request key is sha256(base_url, body), so when the re-rendered key equals the key stored with the
 answer, the body shown is byte for byte the one that was sent. When it does not (the config file or the
 input changed since), the body is shown marked as unverified, never passed off as the real one.
 
@@ -126,11 +126,11 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
     for mode in modes:
         if plan is not None:
             plan.mode = mode
-        built = RequestBuilder(cfg.endpoint.base_url, plan).build_batch(batch, renderer)
-        keys = built.keys
+        built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
+        outcomes, keys, jobs = built.failures, built.keys, built.requests
         if keys[i] is None:
-            return {"note": f"the row does not render: {getattr(built.failures[i], 'message', '')}", "verified": False}
-        job = built.requests[keys[i]]
+            return {"note": f"the row does not render: {getattr(outcomes[i], 'message', '')}", "verified": False}
+        job = jobs[keys[i]]
         shown = {"method": "POST", "url": _url(cfg.endpoint.base_url),
                  "headers": {"Authorization": REDACTED, **cfg.endpoint.request_headers()},
                  "body": _short_data_urls(orjson.loads(job.payload)), "key": keys[i], "mode": mode}

@@ -1,8 +1,9 @@
 """What a request costs, and the budget that caps the job's cost.
 
 Cost of an answer (`read_usage`): `usage.cost` when the endpoint reports it (OpenRouter; plus the
-upstream cost a BYOK key is billed separately), else the price of the model served (per million input /
-output tokens, per image where priced). A body without any usage (a stream cut off after its last
+upstream cost a BYOK key is billed separately), else the price of the model served (models/prices.py: the
+config's `prices:` override, else the genai-prices library; per million input / cached input / output
+tokens, per image where priced). A body without any usage (a stream cut off after its last
 token) is costed from the prompt estimate and the answer's length rather than as free, so the budget
 still sees it. Prices are looked up through `find_price` only.
 
@@ -22,12 +23,13 @@ from typing import Any
 
 import orjson
 
-from ..config import Config, Price
+from ..config import Config
 from ..errors import BudgetExceeded, Stopped
 from ..models.catalog import context_window, max_output_tokens
+from ..models.prices import cost_of, find_price, warn_unpriced
 
-# Our prompt estimate counts ~4 characters a token; real tokenizers differ by some percent on ordinary
-# text and more on code or non-English text. The worst case must not be an underestimate.
+# Prompt counts are exact for OpenAI models (build/tokens.py) but only calibrated for the others, and
+# uncalibrated before a job's first answers. The worst case must not be an underestimate.
 PROMPT_SAFETY = 1.25
 
 
@@ -58,8 +60,10 @@ class Paid:
         self.cost_usd += usage.cost_usd
 
 
-def read_usage(body: dict[str, Any], cfg: Config, n_images: int = 0, est_prompt: int | None = None) -> Usage:
-    """What this answer cost; read even when the content turns out unusable (it was paid for)."""
+def read_usage(body: dict[str, Any], cfg: Config, n_images: int = 0, est_prompt: int | None = None, *,
+               batch: bool = False) -> Usage:
+    """What this answer cost; read even when the content turns out unusable (it was paid for). `batch`:
+    an answer from the Batch API, priced at the batch price."""
     usage = body.get("usage")
     model = body.get("model") or cfg.endpoint.model
     if not isinstance(usage, dict):
@@ -69,7 +73,7 @@ def read_usage(body: dict[str, Any], cfg: Config, n_images: int = 0, est_prompt:
         provider=body.get("provider"),
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        cost_usd=usage_cost(usage, model, cfg, n_images),
+        cost_usd=usage_cost(usage, model, cfg, n_images, batch=batch),
     )
 
 
@@ -86,7 +90,7 @@ def _estimate_completion(body: dict[str, Any]) -> int:
     return (chars + 3) // 4
 
 
-def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0) -> float:
+def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0, *, batch: bool = False) -> float:
     reported = usage.get("cost")
     if isinstance(reported, (int, float)) and not isinstance(reported, bool):
         cost = float(reported)
@@ -95,20 +99,11 @@ def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0
         if usage.get("is_byok") and isinstance(upstream, (int, float)):
             cost += float(upstream)  # with your own provider key, OpenRouter's fee is only part of the bill
         return cost
-    price = find_price(cfg, model) or find_price(cfg, cfg.endpoint.model)
+    price = find_price(cfg, model, batch=batch) or find_price(cfg, cfg.endpoint.model, batch=batch)
     if price is None:
+        warn_unpriced(model)
         return 0.0
-    return (
-        int(usage.get("prompt_tokens") or 0) * price.input_per_m / 1e6
-        + int(usage.get("completion_tokens") or 0) * price.output_per_m / 1e6
-        + n_images * price.per_image
-    )
-
-
-def find_price(cfg: Config, model: str) -> Price | None:
-    """The price of a model name as served: exact, then without the 'vendor/' prefix, then with 'openai/'."""
-    bare = model.rsplit("/", 1)[-1]
-    return cfg.price(model) or cfg.price(bare) or cfg.price(f"openai/{bare}")
+    return cost_of(price, usage, n_images)
 
 
 def worst_output_tokens(cfg: Config, est_prompt: int, max_tokens: int | None) -> int:
@@ -119,13 +114,14 @@ def worst_output_tokens(cfg: Config, est_prompt: int, max_tokens: int | None) ->
     return max_output_tokens(model) or max(0, context_window(model) - est_prompt)
 
 
-def max_cost(est_prompt_tokens: int, max_tokens: int | None, cfg: Config, n_images: int = 0) -> float:
+def max_cost(est_prompt_tokens: int, max_tokens: int | None, cfg: Config, n_images: int = 0, *,
+             batch: bool = False) -> float:
     """The most one request can cost, for the budget check before sending.
 
     Priced at the dearest model it may be served by (the `params.models` fallbacks included), with a
     margin on the prompt estimate. 0.0 when no price is known (config refuses a budget in that case).
     """
-    prices = [p for m in [cfg.endpoint.model, *(cfg.params.models or [])] if (p := find_price(cfg, m))]
+    prices = [p for m in [cfg.endpoint.model, *(cfg.params.models or [])] if (p := find_price(cfg, m, batch=batch))]
     if not prices:
         return 0.0
     out = worst_output_tokens(cfg, est_prompt_tokens, max_tokens)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..build.request import Request, RequestBuilder
+from ..build.tokens import TokenCounter
 from ..build.structured import StructuredPlan
 from ..config import Config
 from ..errors import (
@@ -65,7 +66,7 @@ class Dispatcher:
         self.cfg, self.transport, self.answers, self.limits, self.plan = cfg, transport, answers, limits, plan
         self.stats = stats or Stats()
         self.budget = budget or Budget(cfg.budget.max_cost_usd)
-        self.builder = builder or RequestBuilder(cfg.endpoint.base_url, plan)
+        self.builder = builder or RequestBuilder(cfg.endpoint.base_url, plan, TokenCounter(cfg.endpoint.model))
         self.backoff = Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, rng or random.Random())
         self.policy = RetryPolicy.of(cfg)
         self.reach = Reachability()
@@ -240,6 +241,8 @@ class Dispatcher:
         """Count a paid attempt (a success, or a failure the provider billed anyway)."""
         req = flight.request
         usage = read_usage(body, self.cfg, req.n_images, est_prompt=req.est_prompt)
+        if isinstance(body.get("usage"), dict) and usage.prompt_tokens > 0:
+            self.builder.tokens.observe(req.est_prompt, usage.prompt_tokens)  # calibrates estimated models
         self.budget.charge(usage.cost_usd)
         flight.paid.add(usage)
         self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
