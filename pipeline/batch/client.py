@@ -1,6 +1,6 @@
 """The OpenAI Batch protocol over the transport seam: files, batches, listing, cancel.
 
-Every reply goes through THE classifier (send/retry.py): a non-2xx raises the same error classes a chat
+Every reply goes through THE classifier (send/classify.py): a non-2xx raises the same error classes a chat
 request would (401 AuthError, 429 RateLimited, 5xx TransientError, ...), and the caller decides. Server
 answers are untrusted: ids are checked for shape before they are used in a path.
 """

@@ -1,7 +1,7 @@
 """A finished batch's output and error files -> records in the store, through THE classifier.
 
 Each line is judged as the sync mode judges a reply: the line's `response` (status_code + body) is
-handed to `send.retry.classify` as the reply it stands for; a line with only a top-level `error`
+handed to `send.classify.classify` as the reply it stands for; a line with only a top-level `error`
 (`batch_expired`, `batch_cancelled`, ...) becomes the error reply its code names (5xx when unnamed, so
 transient). Then the same outcome rules as the sync retry loop: a permanent failure is recorded; a
 transient one (429, 5xx, expired, a line neither file answered) goes to the next batch file, or to the
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .driver import Engine
 
 log = logging.getLogger("pipeline")
+
 
 def batch_usage(body: dict[str, Any], cfg: Config, n_images: int, est: int) -> Usage:
     """What a batch answer cost: the provider's own `usage.cost` when it reports one (already the batch
