@@ -38,6 +38,12 @@ class InputConfig(Section):
         description="Rows per streaming batch; default 1000, or 64 when prompt.images is set (image payloads are "
                     "large, and a few open batches are held in memory).",
     )
+    # -- object storage (pipeline/read/storage.py) --
+    storage_options: dict[str, Union[str, int, float, bool]] = Field(
+        default_factory=dict,
+        description="For s3:// and gs:// paths: pyarrow S3FileSystem/GcsFileSystem arguments (region, "
+                    "endpoint_override, access_key, ...) over the standard environment and config chain.",
+    )
 
 
 class EndpointConfig(Section):
@@ -216,6 +222,12 @@ class OutputConfig(Section):
     dir: str
     fsync_interval_s: float = Field(1.0, gt=0, le=60)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    # -- object storage (pipeline/read/storage.py) --
+    publish: str | None = Field(
+        None, description="An s3:// or gs:// folder: the local engine copies results.parquet, failures.parquet "
+                          "and summary.json there at the end, each file complete or not at all.")
+    storage_options: dict[str, Union[str, int, float, bool]] = Field(
+        default_factory=dict, description="Filesystem arguments for output.publish and an object-store output.dir.")
 
 
 class CacheConfig(Section):
@@ -242,6 +254,12 @@ class RunConfig(Section):
     mode: Literal["sync", "batch"] = Field(
         "sync", description="sync: chat completions as the rows stream by; batch: the provider's Batch API "
                             "(OpenAI protocol, half price, answers within 24 h). The same request keys in both.")
+
+    # -- the Ray engine (pipeline/engines/ray/) --
+    engine: Literal["local", "ray"] = Field("local", description="local: one process; ray: Ray Data actors.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); default: start a local instance.")
+    workers: int = Field(4, ge=1, le=4096, description="Ray engine: actors sending requests (limits are shared).")
 
 
 class BatchConfig(Section):
@@ -301,7 +319,7 @@ class Config(Section):
     def request_config(self) -> dict[str, Any]:
         """Everything that changes what is asked, as plain JSON; limits, budget and output may change freely."""
         keep = {
-            "input": self.input.model_dump(exclude={"batch_size"}),
+            "input": self.input.model_dump(exclude={"batch_size", "storage_options"}),
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
             "prompt": self.prompt.model_dump(),
             "params": self.params.model_dump(exclude_none=True),
@@ -356,7 +374,10 @@ def load_config(
 
 
 def _check_batch_mode(cfg: Config) -> None:
-    """A Batch API line is answered whole, never streamed."""
+    """A Batch API line is answered whole, never streamed; batch mode is a mode of the local engine."""
+    if cfg.run.mode == "batch" and cfg.run.engine != "local":
+        raise ConfigError("run.mode: batch runs on run.engine: local (the provider does the work; the local "
+                          "driver only writes files and polls)", key="run.engine", file=cfg.source)
     if cfg.run.mode == "batch" and cfg.params.stream:
         raise ConfigError("run.mode: batch cannot stream answers; remove params.stream (or use run.mode: sync)",
                           key="params.stream", file=cfg.source)
@@ -458,8 +479,10 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         expanded = os.path.expanduser(p)
         return os.path.normpath(expanded if os.path.isabs(expanded) else str(base / expanded))
 
-    cfg.input.path = resolve(cfg.input.path)
-    cfg.output.dir = resolve(cfg.output.dir)
+    if "://" not in cfg.input.path:  # object-store URIs are absolute already
+        cfg.input.path = resolve(cfg.input.path)
+    if "://" not in cfg.output.dir:
+        cfg.output.dir = resolve(cfg.output.dir)
     if cfg.cache.dir:
         cfg.cache.dir = resolve(cfg.cache.dir)
     if cfg.structured and isinstance(cfg.structured.schema_, str):

@@ -51,3 +51,47 @@ def job(tmp_path: Path, rows: int = 20, *, sim: dict[str, Any] | None = None, **
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+# -- object storage: one S3-compatible server on 127.0.0.1 per session (moto), dummy credentials --------
+
+@pytest.fixture(scope="session")
+def s3_server() -> Any:
+    """The loopback S3 endpoint URL; AWS_* point every client (pyarrow, Ray workers) at it, nowhere else."""
+    import os
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, request: Any) -> str:
+    """A fresh bucket per test: s3://<name>."""
+    import re
+    import pyarrow.fs as pafs
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-b"
+    fs = pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True, allow_bucket_deletion=True)
+    fs.create_dir(name)
+    return f"s3://{name}"
+
+
+# -- Ray: one real local instance per test session (2 CPUs), started after the S3 env is in place --------
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: str) -> Any:
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, namespace="pipeline", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, _node_ip_address="127.0.0.1")  # loopback only
+    yield ray
+    ray.shutdown()

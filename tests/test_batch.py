@@ -238,11 +238,13 @@ def test_ctrl_c_leaves_the_batches_running_and_the_same_command_collects(
     assert_each_id_once(tmp_path / "out", 20)
 
 
-def test_batch_mode_refuses_streaming(tmp_path: Path) -> None:
+def test_batch_mode_refuses_streaming_and_the_ray_engine(tmp_path: Path) -> None:
     from pipeline.errors import ConfigError
     from tests.conftest import job
     with pytest.raises(ConfigError, match="params.stream"):
         load_config(job(tmp_path, 1, run={"mode": "batch"}, params={"stream": True}))
+    with pytest.raises(ConfigError, match="run.engine"):
+        load_config(job(tmp_path, 1, run={"mode": "batch", "engine": "ray"}))
 
 
 def test_no_wait_refuses_the_in_process_simulator(tmp_path: Path) -> None:

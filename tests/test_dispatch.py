@@ -190,3 +190,17 @@ def test_connect_failures_running_out_of_retries_stop_instead_of_failing_rows(tm
     d, results = dispatch(config(tmp_path, max_concurrency=1, max_retries=2), fake, n=5, answers=answers)
     assert isinstance(d.fatal, EndpointGone) and len(answers.records) == 1
     assert all(isinstance(r, Stopped) for r in results[1:])
+
+
+def test_the_budget_holds_a_worst_case_only_while_a_request_is_sent(tmp_path: Path) -> None:
+    cfg = job(tmp_path, 1, limits={"requests_per_minute": None, "max_concurrency": 4},
+              prices={"openai/gpt-4-turbo": {"input_per_m": 100, "output_per_m": 100}}, budget={"max_cost_usd": 0.026})
+    cfg["endpoint"] = {"base_url": URL, "model": "openai/gpt-4-turbo"}
+    del cfg["structured"]
+    # Worst case per request: (20 x 1.25 + 50) tokens at $100/M = $0.0075, so three fit under $0.026 at once;
+    # each answer costs (12 + 7) x $100/M = $0.0019, so the eighth still fits: $0.0133 spent + $0.0075.
+    fake = scripted(latency_s=1.0)
+    d, records = dispatch(load_config(cfg), fake, n=8)
+    assert all(isinstance(r, Record) and r.state == "ok" for r in records) and d.fatal is None
+    assert max(fake.sent_at.count(t) for t in fake.sent_at) == 3  # at most three at a time, though four slots
+    assert d.budget.spent == pytest.approx(8 * 19 * 100 / 1e6) and d.budget.reserved == 0.0

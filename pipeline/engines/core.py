@@ -9,14 +9,19 @@ them, else sent through the limiter, the transport and the one classifier (send/
 
 The core owns no files, no store and no signals. A driver injects:
 
-    answers    state.store.AnswerStore   lookup(keys) -> {key: Record}; async put(record) (durable
-                                         before it returns); note(name, value) (e.g. the structured
-                                         mode learned, for the next run)
+    answers    state.store.AnswerStore   lookup(keys) -> {key: Record} to reuse (answers, and failures
+                                         not to ask again); async put(record), durable when it returns
+                                         (RunFatalError when nothing can be stored: the run stops);
+                                         note(name, value) (e.g. the structured mode learned, for the
+                                         next run)   -> state.answers.LocalAnswers
     limiter    send.limits.Limiter       slot(est_tokens) (an async context giving a Permit with
                                          settle(tokens) and sent_at), observe(headers), pause(s),
                                          decrease(sent_at), on_success(), stop()  -> send.limits.Limits
-    transport  send.transport.Transport  async send(payload, stream=) -> Reply; async close()
+    transport  send.transport.Transport  async send(payload, stream=) -> Reply; async close() (the
+                                         driver closes it)   -> send.transport.HttpTransport
     progress   ProgressSink (optional)   advance(rows, stats, failed): rows resolved so far, as they are
+    budget     send.budget.Budget        (optional) the spend cap; by default budget.max_cost_usd with
+                                         `spent_before` already spent (a resumed job's earlier cost)
 
 and decides where the outcomes go (the local runner: Parquet parts and the SQLite store's part
 index; another driver: its own sink). Stopping: `stop(reason)` stops dispatch (requests in flight
@@ -98,13 +103,14 @@ class OutcomeBatch:
 class Core:
     def __init__(self, cfg: Config, renderer: Renderer, plan: StructuredPlan | None, *, answers: AnswerStore,
                  limiter: Limiter, transport: Transport, progress: ProgressSink | None = None,
-                 stats: Stats | None = None, spent_before: float = 0.0, rng: random.Random | None = None) -> None:
+                 stats: Stats | None = None, spent_before: float = 0.0, budget: Budget | None = None,
+                 rng: random.Random | None = None) -> None:
         self.cfg, self.renderer, self.answers, self.progress = cfg, renderer, answers, progress
         self.stats = stats or Stats()
         self.builder = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens)
-        self.dispatcher = Dispatcher(cfg, transport, answers, limiter, plan, stats=self.stats,
-                                     budget=Budget(cfg.budget.max_cost_usd, spent_before), builder=self.builder,
-                                     rng=rng)
+        budget = budget or Budget(cfg.budget.max_cost_usd, spent_before)
+        self.dispatcher = Dispatcher(cfg, transport, answers, limiter, plan, stats=self.stats, budget=budget,
+                                     builder=self.builder, rng=rng)
         self.window = max(MAX_OPEN_BATCHES, -(-cfg.limits.max_concurrency * 2 // (cfg.input.batch_size or 1)))
         self.failed_rows = 0
         self._requests: set[asyncio.Task[Record]] = set()

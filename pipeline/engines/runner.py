@@ -35,8 +35,8 @@ from ..send.transport import HttpTransport, Transport
 from ..state.answers import LocalAnswers
 from ..state.jobdir import JobDir, resume_command
 from ..state.store import Record, Store
-from ..write.output import OutputColumns, Summary, drop_partial_parts, failure_counts, merge_parts, \
-    write_json_atomic, write_part
+from ..write.output import OutputColumns, Summary, drop_partial_parts, failure_counts, merge_parts, write_part
+from ..write.publish import check_local_output, publish_outputs
 from .core import Core, OutcomeBatch
 from .interrupt import Interrupt
 from .progress import Progress
@@ -56,6 +56,11 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     config_path = config_path or cfg.source
     if schema is not None:  # into the config, so the job fingerprint covers the schema actually asked for
         cfg = load_config(cfg, {"structured.schema": schema})
+    if cfg.run.engine == "ray":  # the same job on Ray actors (engines/ray/); Ray is imported only here
+        from .ray import run_ray
+        return await asyncio.to_thread(run_ray, cfg, retry_failed=retry_failed, force_new=force_new,
+                                       schema=schema, quiet=quiet, config_path=config_path, overrides=overrides)
+    check_local_output(cfg)
     jobdir = JobDir(cfg.output.dir)
     jobdir.adopt_batch_size(cfg)  # before the scan: it records where each batch starts
     source = Source(cfg.input)
@@ -111,7 +116,7 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
             if batch_state is not None:
                 from ..batch.mode import finish
                 finish(summary, batch_state, commands[0])
-            write_json_atomic(jobdir.path / "summary.json", summary.to_json())
+            publish_outputs(cfg, jobdir.path, summary)
             return summary
     finally:
         jobdir.unlock()

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..config import InputConfig
 from ..errors import InputError
+from . import storage
 
 _EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _FORCED_EXTENSIONS = {"parquet": (".parquet", ".pq"), "jsonl": (".jsonl", ".ndjson", ".json")}
@@ -38,6 +39,7 @@ class File:
     rows: int = 0
     schema: pa.Schema | None = None
     rg_starts: tuple[int, ...] = ()
+    options: dict[str, Any] | None = None  # input.storage_options, for s3:// and gs:// paths
 
 
 def parse(raw: bytes, line: int) -> dict[str, Any] | str:
@@ -57,8 +59,8 @@ def parse(raw: bytes, line: int) -> dict[str, Any] | str:
     return obj
 
 
-def jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    with open_binary(path) as fh:
+def jsonl_objects(path: str, options: dict[str, Any] | None = None) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    with open_binary(path, options) as fh:
         for line, raw in enumerate(fh, 1):
             if not raw.isspace():
                 yield line, parse(raw, line)
@@ -104,23 +106,29 @@ def arrow_ids(col: pa.Array | pa.ChunkedArray, path: str, column: str, first_row
 
 def parquet_ids(f: File, column: str) -> Iterator[tuple[int, list[str]]]:
     """(first row, ids) per chunk, reading only the id column."""
-    with pq.ParquetFile(f.path) as pf:
+    with parquet_file(f) as pf:
         row = 0
         for batch in pf.iter_batches(batch_size=PQ_CHUNK, columns=[column]):
             yield row, arrow_ids(batch.column(0), f.path, column, first_row=row)
             row += len(batch)
 
 
-def open_binary(path: str) -> Any:
+def open_binary(path: str, options: dict[str, Any] | None = None) -> Any:
+    if storage.is_remote(path):
+        return storage.open_input(path, options)
     try:
         return open(path, "rb", buffering=1 << 20)
     except OSError as exc:
         raise InputError(f"cannot read the file: {exc.strerror or exc}", file=path) from None
 
 
+def parquet_file(f: File) -> pq.ParquetFile:
+    return pq.ParquetFile(storage.open_random(f.path, f.options) if storage.is_remote(f.path) else f.path)
+
+
 class JsonlReader:
-    def __init__(self, path: str) -> None:
-        self.fh = open_binary(path)
+    def __init__(self, path: str, options: dict[str, Any] | None = None) -> None:
+        self.fh = open_binary(path, options)
         self.line = self.row = 0   # physical lines and non-blank lines consumed
 
     def read(self, row: int, n: int, ck_offset: int, ck_line: int) -> list[tuple[int, bytes]]:
@@ -149,7 +157,7 @@ class ParquetReader:
 
     def __init__(self, f: File) -> None:
         self.f = f
-        self.pf = pq.ParquetFile(f.path)
+        self.pf = parquet_file(f)
         self.it: Iterator[pa.RecordBatch] | None = None
         self.buf: pa.RecordBatch | None = None
         self.buf_start = self.next_start = 0
@@ -182,7 +190,12 @@ class ParquetReader:
 
 def resolve(cfg: InputConfig) -> list[File]:
     path, forced = cfg.path, (None if cfg.format == "auto" else cfg.format)
-    if os.path.isfile(path):
+    listed: dict[str, int] | None = None  # object storage: size per URI, as the listing said
+    if storage.is_remote(path):
+        found, explicit = storage.expand(path, cfg.storage_options)
+        matched, listed = [u for u, _ in found], dict(found)
+        problem = f"no {_SUPPORTED} files {'match this pattern' if explicit else 'in this folder'}"
+    elif os.path.isfile(path):
         matched, explicit = [path], True
         problem = f"unsupported file type; supported: {_SUPPORTED} (or set input.format)"
     elif os.path.isdir(path):
@@ -199,24 +212,27 @@ def resolve(cfg: InputConfig) -> list[File]:
         ext = os.path.splitext(p)[1].lower()
         # A forced format applies to whatever a path or pattern names; in a folder it picks the extensions.
         kind = (forced if explicit or ext in _FORCED_EXTENSIONS[forced] else None) if forced else _EXTENSIONS.get(ext)
-        if kind and os.path.isfile(p):
-            files.append(File(p, kind))
+        if kind and (listed is not None or os.path.isfile(p)):
+            files.append(File(p, kind, options=cfg.storage_options if listed is not None else None))
     if not files:
         seen = ", ".join(os.path.basename(p) for p in matched[:5]) if matched != [path] else ""
         raise InputError(problem + (f"; found only {seen}" if seen else ""), file=path)
-    if all(os.path.getsize(f.path) == 0 for f in files):
+    if all((listed[f.path] if listed is not None else os.path.getsize(f.path)) == 0 for f in files):
         raise InputError("the input is empty", file=path)
     names = [os.path.basename(f.path) for f in files]
-    if len(set(names)) < len(names):  # bad-row ids must stay unique across same-named files
+    if len(set(names)) < len(names) and listed is not None:  # object keys: the part below the common prefix
+        root = os.path.commonpath([f.path.split("://", 1)[1] for f in files])
+        names = [os.path.relpath(f.path.split("://", 1)[1], root) for f in files]
+    elif len(set(names)) < len(names):  # bad-row ids must stay unique across same-named files
         root = os.path.commonpath([os.path.abspath(f.path) for f in files])
         names = [os.path.relpath(os.path.abspath(f.path), root) for f in files]
     for f, name in zip(files, names):
         f.name = name
         if f.kind == "jsonl":
-            open_binary(f.path).close()
+            open_binary(f.path, f.options).close()
             continue
         try:
-            with pq.ParquetFile(f.path) as pf:
+            with parquet_file(f) as pf:
                 meta = pf.metadata
                 f.schema, f.rows = pf.schema_arrow, meta.num_rows
                 sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]

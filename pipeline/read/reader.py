@@ -41,9 +41,11 @@ from .formats import (
     open_binary,
     parquet_ids,
     PQ_CHUNK,
+    parquet_file,
     parse,
     resolve,
 )
+from . import storage
 
 ID_FIELD = "__id"
 _MASK = (1 << 64) - 1
@@ -112,7 +114,7 @@ class Source:
                     for old in readers.values():
                         old.close()
                     readers.clear()
-                    readers[fi] = JsonlReader(f.path) if f.kind == "jsonl" else ParquetReader(f)
+                    readers[fi] = JsonlReader(f.path, f.options) if f.kind == "jsonl" else ParquetReader(f)
                 rd = readers[fi]
                 if isinstance(rd, JsonlReader):
                     # Only a batch's first segment can start mid-file, and that is where its checkpoint is.
@@ -206,8 +208,8 @@ class _Index:
             self.dup_ranks.extend(k for _, k in pairs)
         hasher = hashlib.sha256()
         for f in self.files:
-            stat = os.stat(f.path)
-            hasher.update(f"{f.path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            size, mtime_ns = storage.stat(f.path, f.options) if f.options is not None else _stat(f.path)
+            hasher.update(f"{f.path}\0{size}\0{mtime_ns}\n".encode())
         return InputScan([f.path for f in self.files], self.total, list(self.columns), hasher.hexdigest()[:16])
 
     def _checkpoints(self, n: int, offset: int, line: int) -> None:
@@ -222,7 +224,7 @@ class _Index:
         seen = set(self.columns)
         samples: dict[str, list[Any]] = {c: [] for c in carried}
         offset, line, first = 0, 0, self.total
-        with open_binary(f.path) as fh:
+        with open_binary(f.path, f.options) as fh:
             for raw in fh:
                 line += 1
                 offset += len(raw)
@@ -273,7 +275,7 @@ class _Index:
                              file=f.path)
         self._checkpoints(f.rows, 0, 0)
         if id_col is None:
-            with pq.ParquetFile(f.path) as pf:
+            with parquet_file(f) as pf:
                 for batch in pf.iter_batches(batch_size=PQ_CHUNK):
                     self.keys.extend(int.from_bytes(digest8(r), "big") for r in batch.to_pylist())
         else:
@@ -291,7 +293,7 @@ class _Index:
                 found = ((f"row {i}", s) for row, ids in parquet_ids(f, id_col) for i, s in enumerate(ids, row))
             else:
                 found = ((f"line {line}", f"{f.name}:{line}" if isinstance(obj, str) else
-                          json_id(obj[id_col], f.path, line, id_col)) for line, obj in jsonl_objects(f.path))
+                          json_id(obj[id_col], f.path, line, id_col)) for line, obj in jsonl_objects(f.path, f.options))
             for place, s in found:
                 if hash(s) & _MASK in candidates:
                     where.setdefault(s, []).append(f"{f.path} {place}")
@@ -302,6 +304,11 @@ class _Index:
             raise InputError(f"{len(dups)} duplicate ids in id column {id_col!r}: {named}{more}; ids must be "
                              "unique (or drop input.id_column to derive ids from the row content)",
                              file=self.cfg.path)
+
+
+def _stat(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _duplicate_runs(keys: array[int]) -> list[tuple[int, list[int]]]:

@@ -1,0 +1,207 @@
+"""The Ray engine's driver: `run.engine: ray` runs one job as a Ray Data pipeline over shards.
+
+Plan: the driver scans the input once (the same reader, ids and checks as the local engine), cuts it
+into shards of `input.batch_size` rows (the local engine's batches), skips the shards whose results
+part is already published, and maps the rest through `run.workers` ShardWorker actors
+(`map_batches(..., compute=ActorPoolStrategy(size=workers))`, one shard per call). Limits are shared through one limiter
+actor; answers go to the journal in output.dir (state/segments.py); parts are published per shard.
+The driver owns no answer: killing it loses nothing committed, and the same command resumes.
+Layout, commit protocol and loss bound: docs/ray.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+
+from ...config import Config
+from ...errors import ConfigError, JobChangedError, RunFatalError
+from ...read import storage
+from ...read.reader import Source
+from ...send.dispatch import Stats
+from ...state.jobdir import resume_command
+from ..progress import Progress
+from ..runner import _finish as finish
+from .limiter import LimiterActor
+from .worker import FAILURES, RESULTS, Secret, ShardWorker
+
+MANIFEST = "ray-manifest.json"
+NAMESPACE = "pipeline"
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("run.engine: ray needs Ray: pip install 'llm-batch-pipeline[ray]'", key="run.engine") from None
+    return ray
+
+
+def connect(ray: Any, cfg: Config) -> None:
+    """Join the configured cluster, start a local instance, or use the one this process already has."""
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.ray_address, namespace=NAMESPACE, log_to_driver=False, include_dashboard=False,
+                 configure_logging=False)
+
+
+def limiter_name(cfg: Config) -> str:
+    """One limiter per job (output location), found by name in the `pipeline` namespace."""
+    return "pipeline-limiter-" + hashlib.sha256(cfg.output.dir.encode()).hexdigest()[:12]
+
+
+def check_manifest(cfg: Config, rows: int, *, force_new: bool) -> None:
+    """One job per output location: a different request config would mix answers to other requests."""
+    uri = storage.join(cfg.output.dir, MANIFEST)
+    mine = {"request_fingerprint": cfg.request_fingerprint(), "batch_size": cfg.input.batch_size, "rows": rows}
+    try:
+        theirs = orjson.loads(storage.read_bytes(uri, cfg.output.storage_options))
+    except (FileNotFoundError, OSError):
+        theirs = None
+    if theirs is not None and theirs != mine and not force_new:
+        raise JobChangedError(f"{cfg.output.dir} holds another job (different requests, input size or batch "
+                              "size); use another output.dir, or --force-new to start this one over there")
+    if theirs != mine:
+        for folder in (RESULTS, FAILURES):  # parts of another job must not count as done
+            for part in storage.list_files(storage.join(cfg.output.dir, folder), cfg.output.storage_options):
+                _delete(part, cfg)
+        storage.write_bytes(uri, orjson.dumps(mine), cfg.output.storage_options)
+
+
+def _delete(uri: str, cfg: Config) -> None:
+    if storage.is_remote(uri):
+        fs, path = storage.filesystem(uri, cfg.output.storage_options)
+        fs.delete_file(path)
+    else:
+        Path(uri).unlink(missing_ok=True)
+
+
+def done_shards(cfg: Config) -> dict[int, str]:
+    out = {}
+    for uri in storage.list_files(storage.join(cfg.output.dir, RESULTS), cfg.output.storage_options):
+        name = uri.rsplit("/", 1)[-1]
+        if name.startswith("part-") and name.endswith(".parquet"):
+            out[int(name[5:-8])] = uri
+    return out
+
+
+def count_rows(cfg: Config, folder: str) -> tuple[int, dict[str, int]]:
+    """Rows in a parts folder (footers only) and, for failures, rows per error class."""
+    total, classes = 0, {}
+    for uri in storage.list_files(storage.join(cfg.output.dir, folder), cfg.output.storage_options):
+        if not uri.endswith(".parquet"):
+            continue
+        fs, path = storage.filesystem(uri, cfg.output.storage_options) if storage.is_remote(uri) else (None, uri)
+        table = pq.read_table(path, filesystem=fs, columns=["error_class"] if folder == FAILURES else [])
+        total += table.num_rows
+        if folder == FAILURES:
+            for value in table["error_class"].to_pylist():
+                classes[value] = classes.get(value, 0) + 1
+    return total, classes
+
+
+def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
+            schema: dict[str, Any] | None = None, quiet: bool = False, config_path: str | None = None,
+            overrides: list[str] | None = None) -> Any:
+    from ...write.output import Summary
+    ray = import_ray()
+    started = time.monotonic()
+    command = resume_command(config_path or cfg.source, overrides, retry_failed=retry_failed)
+    cfg.api_key()  # a missing key is a usage error here, before anything starts
+    source = Source(cfg.input)
+    scan = source.scan()
+    check_manifest(cfg, scan.rows, force_new=force_new)
+    previous = _previous_summary(cfg)
+    n_shards = math.ceil(scan.rows / source.cfg.batch_size)
+    done = done_shards(cfg)
+    todo = [i for i in range(n_shards) if i not in done]
+    resumed = sum(min(source.cfg.batch_size, scan.rows - i * source.cfg.batch_size) for i in done if i < n_shards)
+    connect(ray, cfg)
+    sim = None
+    base_url = cfg.endpoint.base_url
+    if base_url == "simulator":  # on 127.0.0.1: reachable from a local Ray instance only
+        from ...simulator import SimConfig
+        from ...simulator.thread import SimulatorThread
+        sim = SimulatorThread(SimConfig(**cfg.endpoint.simulator))
+        base_url = sim.start()
+    name = limiter_name(cfg)
+    limiter = ray.remote(LimiterActor).options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000,
+                                               max_restarts=-1, get_if_exists=True).remote(
+        cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s)
+    stats, rows = Stats(), {"ok": 0, "failed": 0, "pending": 0, "reused": 0}
+    stop, message = "", ""
+    progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
+    try:
+        for out in _execute(ray, cfg, source, scan, todo, base_url, limiter, retry_failed, schema):
+            for k in rows:
+                rows[k] += out[k]
+            _add_stats(stats, out)
+            stop, message = (out["stop"], out["message"]) if out["stop"] and not stop else (stop, message)
+            progress.advance(out["ok"] + out["failed"], stats, rows["failed"])
+    finally:
+        progress.close()
+        ray.kill(limiter)
+        if sim is not None:
+            sim.stop()
+    succeeded, _ = count_rows(cfg, RESULTS)
+    failed, classes = count_rows(cfg, FAILURES)
+    summary = Summary(
+        out_dir=cfg.output.dir, rows_total=scan.rows, succeeded=succeeded, failed=failed,
+        pending=scan.rows - succeeded - failed,
+        prompt_tokens=previous.get("prompt_tokens", 0) + stats.prompt_tokens,
+        completion_tokens=previous.get("completion_tokens", 0) + stats.completion_tokens,
+        cost_usd=round(previous.get("cost_usd", 0.0) + stats.cost_usd, 6), run_cost_usd=round(stats.cost_usd, 6),
+        wall_s=round(time.monotonic() - started, 3), requests_sent=stats.requests_sent,
+        retries=dict(stats.retries), failures_by_class=classes, deduplicated=stats.deduplicated,
+        resumed_rows=resumed + rows["reused"], config_fingerprint=cfg.request_fingerprint(),
+        versions={"ray": ray.__version__},
+    )
+    # The local driver's verdict (exit code, next step), from what the workers reported.
+    fatal = RunFatalError(message) if stop in ("fatal", "budget") else None
+    finish(summary, SimpleNamespace(stop_reason=stop or None, fatal=fatal), command,
+           resume_command(config_path or cfg.source, overrides, retry_failed=True))
+    storage.write_bytes(storage.join(cfg.output.dir, "summary.json"), summary.to_json(), cfg.output.storage_options)
+    return summary
+
+
+def _execute(ray: Any, cfg: Config, source: Source, scan: Any, todo: list[int], base_url: str, limiter: Any,
+             retry_failed: bool, schema: dict[str, Any] | None) -> Any:
+    """The Ray Data pipeline over the shards still to do; yields one stats row per finished shard."""
+    if not todo:
+        return
+    ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+    input_dir = str(Path(source.files[0]).parent) if source.files and not storage.is_remote(source.files[0]) else None
+    ds = ds.map_batches(
+        ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.run.workers), num_cpus=0,
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(by_alias=True, exclude={"source"}),
+                               "source": source, "base_url": base_url, "limiter": limiter,
+                               "workers": cfg.run.workers, "retry_failed": retry_failed, "schema": schema,
+                               "api_key": Secret(cfg.api_key()),
+                               "input_dir": input_dir, "columns": scan.columns},
+    )
+    for batch in ds.iter_batches(batch_size=1, batch_format="pandas"):
+        for rec in batch.to_dict("records"):
+            yield {k: (v if not (isinstance(v, float) and math.isnan(v)) else 0) for k, v in rec.items()}
+
+
+def _add_stats(stats: Stats, out: dict[str, Any]) -> None:
+    stats.requests_sent += int(out.get("requests", 0))
+    stats.prompt_tokens += int(out.get("prompt_tokens", 0))
+    stats.completion_tokens += int(out.get("completion_tokens", 0))
+    stats.deduplicated += int(out.get("deduplicated", 0))
+    stats.cost_usd += float(out.get("cost_usd", 0.0))
+    for k, v in out.items():
+        if k.startswith("retry_") and v:
+            stats.retries[k[6:]] += int(v)
+
+
+def _previous_summary(cfg: Config) -> dict[str, Any]:
+    try:
+        return orjson.loads(storage.read_bytes(storage.join(cfg.output.dir, "summary.json"), cfg.output.storage_options))
+    except (FileNotFoundError, OSError, orjson.JSONDecodeError):
+        return {}

@@ -1,0 +1,216 @@
+"""One Ray actor of the Ray engine: an async callable class that answers whole shards of input rows.
+
+A shard is one input batch of the local engine (`input.batch_size` rows, the same index, ids and
+request keys), read here through the same reader (local paths or s3:// / gs://). Per shard: render,
+look up the shard's committed answers in the journal, send only what is missing through the actor's
+`engines.core.Core` (the same build, limits, retry and classification code as the local engine), commit
+every answer to the journal before it counts, then publish the shard's results and failures parts, each complete
+or absent. Row-level failures are rows in the failures part; only a bug raises out of `__call__`.
+
+The actor keeps one event loop (Ray's, for async actors) and ONE aiohttp session for its lifetime,
+created lazily on the first call because the loop only exists inside the actor.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Collection
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ...build.prompts import Renderer
+from ...build.structured import StructuredPlan, plan_for
+from ...config import Config
+from ...errors import RunFatalError
+from ...read import storage
+from ...read.reader import InputBatch, Source
+from ...send.transport import HttpTransport
+from ...state.segments import COMMIT_S, Journal
+from ...state.store import Record
+from ...write.output import OutputColumns
+from ..core import Core, OutcomeBatch
+from .limiter import RayLimits
+
+RESULTS, FAILURES = "results.parquet", "failures.parquet"
+# The shard a Core task works for: set by the worker before it feeds the shard's batch to the core;
+# asyncio tasks copy it at creation, so lookups and commits of concurrent shards never mix.
+CURRENT_SHARD: contextvars.ContextVar[int] = contextvars.ContextVar("pipeline_ray_shard")
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:08d}.parquet"
+
+
+def make_layout(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
+    return OutputColumns(id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
+                         with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
+                         with_ttft=cfg.params.stream, compression=cfg.output.compression)
+
+
+class JournalAnswers:
+    """The core's AnswerStore (engines/core.py) over the journal: per-shard lookups, durable puts."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.preloaded: dict[int, dict[str, Record]] = {}
+
+    def lookup(self, keys: Collection[str]) -> dict[str, Record]:
+        shard = CURRENT_SHARD.get()
+        known = self.preloaded.pop(shard, {})
+        for key in keys:
+            self.journal.route(key, shard)  # answers to the keys still to send are committed to this shard
+        return {k: known[k] for k in keys if k in known}
+
+    async def put(self, record: Record) -> None:
+        if record.key not in self.journal.routes:  # a re-shaped request (structured-mode fallback): new key
+            self.journal.route(record.key, CURRENT_SHARD.get())
+        try:
+            await self.journal.put(record)
+        except OSError as exc:
+            raise RunFatalError(f"cannot commit answers to {self.journal.path}: {exc}; fix the storage, then "
+                                "re-run the same command to resume") from exc
+
+    def note(self, name: str, value: str) -> None:
+        self.journal.set_meta(name, value)
+
+
+class Secret:
+    """The API key on its way from the driver's environment to the workers (which on a cluster do not share
+    it); never shown by repr or str, so a Ray error or log line that prints arguments cannot leak it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
+class Sender:
+    """What a worker holds for its lifetime: one session, one core, leased limits, the journal writer."""
+
+    def __init__(self, cfg: Config, base_url: str, limiter: Any, workers: int, schema: dict[str, Any] | None,
+                 api_key: Secret, renderer: Renderer) -> None:
+        self.cfg = cfg
+        self.plan = plan_for(cfg, schema)
+        self.limits = RayLimits(cfg.limits, limiter, workers)
+        self.limits.start()
+        limiter.hello.remote(os.getpid(), os.uname().nodename)
+        self.transport = HttpTransport(
+            base_url, api_key.reveal(), cfg.endpoint.request_headers(), timeout_s=cfg.endpoint.timeout_s,
+            read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
+            pool_size=self.limits.cfg.max_concurrency)
+        # Flush early when half this worker's slots wait for a commit: waiting longer only idles them.
+        self.journal = Journal(cfg.output.dir, cfg.output.storage_options,
+                               interval_s=min(cfg.output.fsync_interval_s, COMMIT_S),
+                               max_records=max(1, self.limits.cfg.max_concurrency // 2))
+        self.answers = JournalAnswers(self.journal)
+        self.core = Core(cfg, renderer, self.plan, answers=self.answers, limiter=self.limits,
+                         transport=self.transport)
+        self.reported: Counter[str] = Counter()
+        self.reported_cost = 0.0
+
+    async def answer(self, batch: InputBatch, retry_failed: bool) -> tuple[OutcomeBatch, int]:
+        """The core's outcome for one shard, and how many of its answers the journal already had."""
+        shard = batch.index
+        known = await asyncio.to_thread(self.journal.known, shard, retry_failed=retry_failed)
+        self.answers.preloaded[shard] = known
+        CURRENT_SHARD.set(shard)
+        result: OutcomeBatch | None = None
+        try:
+            async with contextlib.aclosing(self.core.outcomes([batch])) as stream:
+                async for out in stream:
+                    result = out
+        finally:
+            self.answers.preloaded.pop(shard, None)
+            if result is not None:
+                self.journal.release([k for k in result.keys if k is not None], shard)
+        assert result is not None
+        reused = sum(1 for k in set(result.keys) if k in known)
+        return result, reused
+
+    def stats_delta(self) -> dict[str, Any]:
+        """What this worker did since its last report: sums stay right however shards interleave."""
+        s = self.core.stats
+        now = Counter({"requests": s.requests_sent, "prompt_tokens": s.prompt_tokens,
+                       "completion_tokens": s.completion_tokens, "deduplicated": s.deduplicated,
+                       **{f"retry_{k}": v for k, v in s.retries.items()}})
+        delta: dict[str, Any] = {k: now[k] - self.reported.get(k, 0) for k in now}
+        self.reported = now
+        delta["cost_usd"], self.reported_cost = s.cost_usd - self.reported_cost, s.cost_usd
+        return delta
+
+
+class ShardWorker:
+    """`ds.map_batches(ShardWorker, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=run.workers))`
+    over shard indices."""
+
+    def __init__(self, cfg_json: str, source: Source, base_url: str, limiter: Any, workers: int,
+                 retry_failed: bool, api_key: Secret, schema: dict[str, Any] | None = None,
+                 input_dir: str | None = None, columns: list[str] | None = None) -> None:
+        import orjson
+
+        from ...config import load_config
+        self.cfg = load_config(orjson.loads(cfg_json))
+        self.source, self.base_url, self.workers = source, base_url, workers
+        self.limiter, self.retry_failed, self.schema = limiter, retry_failed, schema
+        self.api_key = api_key
+        self.renderer = Renderer(self.cfg, input_dir=input_dir, columns=columns)
+        self.sender: Sender | None = None
+        self._tmp = tempfile.mkdtemp(prefix="pipeline-ray-")
+
+    def _sender(self) -> Sender:
+        if self.sender is None:  # on the actor's loop, on first use
+            self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key,
+                                 self.renderer)
+        return self.sender
+
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        rows = [await self._shard(int(s)) for s in batch["shard"]]
+        return {k: [r[k] for r in rows] for k in rows[0]}
+
+    async def _shard(self, shard: int) -> dict[str, Any]:
+        sender = self._sender()
+        core = sender.core
+        out: dict[str, Any] = {"shard": shard, "rows": 0, "ok": 0, "failed": 0, "pending": 0, "reused": 0}
+        inp = await asyncio.to_thread(self._read, shard)
+        out["rows"] = len(inp.rows)
+        if core.stop_reason:  # this worker stopped (run-fatal): the shard stays to do
+            out["pending"] = len(inp.rows)
+        else:
+            result, out["reused"] = await sender.answer(inp, self.retry_failed)
+            out["pending"] = sum(1 for o in result.outcomes if o is None)
+            if result.complete:
+                out["ok"], out["failed"] = await asyncio.to_thread(self._publish, result, sender.plan)
+        out["stop"] = core.stop_reason or ""
+        out["message"] = str(core.fatal or "")
+        out.update(sender.stats_delta())
+        return out
+
+    def _read(self, shard: int) -> InputBatch:
+        return next(self.source.batches(skip=lambda b: b != shard))
+
+    def _publish(self, result: OutcomeBatch, plan: StructuredPlan | None) -> tuple[int, int]:
+        """Both parts of a finished shard, failures first: a results part marks the shard done."""
+        columns = make_layout(self.cfg, plan)
+        results, failures = result.tables(columns)
+        opts, root, name = self.cfg.output.storage_options, self.cfg.output.dir, part_name(result.index)
+        compression = None if columns.compression == "none" else columns.compression
+        for table, folder in ((failures, FAILURES), (results, RESULTS)):
+            local = os.path.join(self._tmp, f"{folder}-{name}")
+            pq.write_table(table, local, compression=compression)
+            storage.put_file(local, storage.join(root, folder, name), opts)
+            os.unlink(local)
+        return results.num_rows, failures.num_rows
