@@ -1,7 +1,8 @@
 """Resume at scale: how fast does a 1,000,000-row job that is 99% done start sending again, in how much memory?
 
-The 99%-done state is built directly with the runner's own pieces (reader -> RequestBuilder.build_batch -> Store ->
-write_part -> JobDir manifest), so the request keys are exactly the ones `pipeline run` computes:
+The 99%-done state is built directly with the runner's own pieces (JobDir manifest -> reader ->
+RequestBuilder.build_batch -> Store -> write_part under the batch's content name), so the request keys
+and part names are exactly the ones `pipeline run` computes:
 the first 99% of the batches have complete parts and stored answers, the next few batches have half
 their answers stored and no parts (a run killed mid-batch), the rest were never started. Then
 `python -m pipeline run job.yaml -q` is started as a child process against a zero-latency simulator in
@@ -39,7 +40,7 @@ from pipeline.read.reader import Source
 from pipeline.build.request import RequestBuilder
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
-from pipeline.state.jobdir import JobDir
+from pipeline.state.jobdir import JobDir, part_context, part_names, part_number
 from pipeline.state.store import Record, Store
 from pipeline.build.structured import StructuredPlan, plan_for
 
@@ -80,17 +81,20 @@ def build(work: Path, n: int, done: float, batch_size: int) -> dict[str, Any]:
     cfg_path = work / "job.yaml"
     cfg_path.write_bytes(orjson.dumps(cfg_dict, option=orjson.OPT_INDENT_2))
     cfg = load_config(str(cfg_path))
+    jobdir = JobDir(cfg.output.dir)
+    jobdir.lock()
+    manifest = jobdir.check_job(cfg, force_new=False, config_path=str(cfg_path))
     source = Source(cfg.input)
     scan = source.scan()
     renderer = Renderer(cfg, input_dir=str(data.parent), columns=scan.columns)
     assert cfg.structured is not None
     plan = make_plan(cfg)
-    jobdir = JobDir(cfg.output.dir)
-    jobdir.lock()
-    jobdir.check_job(cfg, scan, force_new=False, config_path=str(cfg_path))
     store = Store(jobdir.store_path)
+    jobdir.bind_store(store, manifest)
     store.set_meta("structured_mode", plan.mode)  # the mode a resume will shape requests for
     layout = OutputColumns(id_column="rid", schema=plan.schema, compression=cfg.output.compression)
+    names = part_names(scan.digests, part_context(scan.carried_types, "rid", layout))
+    jobdir.record_input(manifest, scan.rows, names)
     n_batches = -(-n // batch_size)
     done_batches = int(n_batches * done)
     kept: list[str] = []  # answers stored for the half-answered batches (the reset keeps these)
@@ -103,9 +107,10 @@ def build(work: Path, n: int, done: float, batch_size: int) -> dict[str, Any]:
         if batch.index < done_batches:
             records = {k: record(k) for k in jobs}
             store.put_now(records.values())
-            write_part(jobdir.parts, batch.index, layout, batch.carried,
+            write_part(jobdir.parts, names[batch.index], layout, batch.carried,
                        [records[k] if k else o for k, o in zip(row_keys, outcomes)])
-            store.put_part(batch.index, ok=len(records), failed=0, failed_transient=0, request_failed=0)
+            store.put_part(part_number(names[batch.index]), ok=len(records), failed=0, failed_transient=0,
+                           request_failed=0)
         else:
             half = list(jobs)[: len(jobs) // 2]
             store.put_now(record(k) for k in half)
@@ -117,7 +122,7 @@ def build(work: Path, n: int, done: float, batch_size: int) -> dict[str, Any]:
     store.close()
     jobdir.unlock()
     state = {"n": n, "done_batches": done_batches, "n_batches": n_batches, "batch_size": batch_size,
-             "port": port, "kept": kept, "build_s": round(time.monotonic() - t0, 1),
+             "port": port, "kept": kept, "open_parts": names[done_batches:], "build_s": round(time.monotonic() - t0, 1),
              "store_mb": round(os.path.getsize(jobdir.store_path) / 2**20)}
     (work / "state.json").write_bytes(orjson.dumps(state))
     return state
@@ -133,8 +138,9 @@ def make_plan(cfg: Any) -> StructuredPlan:
 def reset(work: Path, state: dict[str, Any]) -> None:
     """Back to 99% done: drop what the last round added (parts, outputs, answers of the open batches)."""
     out = work / "out"
+    open_parts = set(state["open_parts"])
     for name in os.listdir(out / "parts"):
-        if int(name[:8]) >= state["done_batches"]:
+        if name[:16] in open_parts:
             os.unlink(out / "parts" / name)
     for name in ("results.parquet", "failures.parquet", "summary.json"):
         (out / name).unlink(missing_ok=True)
@@ -152,8 +158,8 @@ def reset(work: Path, state: dict[str, Any]) -> None:
         drop += [k for k in jobs if k not in keep]
     store._db.execute("BEGIN")
     store._db.executemany("DELETE FROM responses WHERE key = ?", [(k,) for k in drop])
-    store._db.execute("DELETE FROM parts WHERE batch >= ?", (state["done_batches"],))
     store._db.execute("COMMIT")
+    store.forget_parts(part_number(name) for name in open_parts)
     store.close()
 
 
@@ -203,8 +209,11 @@ def phases(work: Path) -> list[list[Any]]:
     totals = store.totals()
     rows.append(["store open + totals", time.perf_counter() - t])
     t = time.perf_counter()
-    skip, resumed = JobDir(cfg.output.dir).resume_plan(store, retry_failed=False)
-    rows.append([f"done batches ({len(skip)}) and their rows ({resumed:,})", time.perf_counter() - t])
+    jobdir = JobDir(cfg.output.dir)
+    names = (jobdir.read_manifest() or {}).get("batches", [])
+    skip, reused = jobdir.reusable(store, names, retry_failed=False)
+    rows.append([f"reusable parts ({len(skip)}) and their rows ({reused.ok + reused.failed:,})",
+                 time.perf_counter() - t])
     store.close()
     del totals, scan
     return rows

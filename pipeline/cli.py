@@ -18,6 +18,9 @@ from .errors import EXIT_INTERRUPTED, EXIT_STOPPED, PipelineError
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description="Batch LLM labelling over OpenAI-compatible APIs.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,simulate,status}")
 
     run = sub.add_parser("run", help="run (or resume) a job", description="Run or resume the job a config describes.")
@@ -32,7 +35,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true",
                      help="with --dry-run: print the estimate as one JSON object on stdout (for scripts and CI)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar (for cron); errors still printed")
-    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="mirror pipeline.log (failed attempts, limits learned, pauses, stops) to stderr, with debug")
+    run.add_argument("--limit", type=int, metavar="N",
+                     help="only the first N input rows (a cheap trial; outputs and resume are those of a job over them)")
     run.add_argument("--no-wait", action="store_true",
                      help="run.mode: batch: submit the batches and exit 75; run the same command again to collect")
     run.add_argument("--cancel-batches", action="store_true",
@@ -45,8 +51,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
         add_arguments(sim)
 
-    status = sub.add_parser("status", help="counts, tokens and cost of a run, finished or not")
-    status.add_argument("out_dir", help="the job's output.dir")
+    status = sub.add_parser("status", help="counts, tokens and cost of a job, finished or not, and its last runs")
+    status.add_argument("out_dir", metavar="OUT_DIR|CONFIG", help="the job's output.dir, or its config file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _add_report_commands(sub)
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # every subcommand, whichever module added it
@@ -113,15 +119,18 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # INFO events (attempt_failed, rate_pause, ...) are for the log file; stderr shows them only with -v.
+    from .ops.logfile import HumanFormatter
+
+    # stderr shows warnings and errors; -v shows everything pipeline.log gets (and debug), in a human form.
     stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(HumanFormatter())
     stderr.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[stderr])
-    if not args.verbose:
-        logging.getLogger("pipeline").setLevel(logging.INFO if not args.quiet else logging.WARNING)
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from .config import load_config
 
+    if args.limit is not None:
+        args.overrides.append(f"input.limit={args.limit}")
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         from .engines.estimate import dry_run
@@ -141,7 +150,8 @@ def _print_summary(s: Any, *, quiet: bool) -> None:
     line = (
         f"{s.succeeded:,} succeeded, {s.failed:,} failed, {s.pending:,} pending of {s.rows_total:,} rows | "
         f"{s.prompt_tokens + s.completion_tokens:,} tokens, ${s.cost_usd:.4f} "
-        f"(this run ${s.run_cost_usd:.4f}) | {s.requests_sent:,} requests in {s.wall_s:.1f}s"
+        f"(this run ${s.run_cost_usd:.4f}) | {s.requests_sent:,} requests in {s.wall_s:.1f}s | "
+        f"rows {s.rows_new:,} new, {s.rows_reused:,} reused, {s.rows_removed:,} removed"
     )
     if s.stopped and s.stopped != "incomplete":
         print(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": "), file=sys.stderr)

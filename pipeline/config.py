@@ -38,6 +38,10 @@ class InputConfig(Section):
         description="Rows per streaming batch; default 1000, or 64 when prompt.images is set (image payloads are "
                     "large, and a few open batches are held in memory).",
     )
+    limit: int | None = Field(
+        None, ge=1, description="Only the first N rows (`--limit N`): a cheap trial; outputs and resume are those "
+                                "of a job over these rows. Not part of the job's identity.",
+    )
     # -- object storage (pipeline/read/storage.py) --
     storage_options: dict[str, Union[str, int, float, bool]] = Field(
         default_factory=dict,
@@ -222,12 +226,32 @@ class OutputConfig(Section):
     dir: str
     fsync_interval_s: float = Field(1.0, gt=0, le=60)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    metrics_file: str | None = Field(
+        None, description="Write the job's figures here in the Prometheus text format (node_exporter's textfile "
+                          "collector), atomically, every 30 s during a run and at its end.",
+    )
     # -- object storage (pipeline/read/storage.py) --
     publish: str | None = Field(
         None, description="An s3:// or gs:// folder: the local engine copies results.parquet, failures.parquet "
                           "and summary.json there at the end, each file complete or not at all.")
     storage_options: dict[str, Union[str, int, float, bool]] = Field(
         default_factory=dict, description="Filesystem arguments for output.publish and an object-store output.dir.")
+
+
+class NotifyConfig(Section):
+    webhook: str | None = Field(None, description="POST the run record (JSON) to this URL when a run ends.")
+    on: list[Literal["failure", "success"]] = Field(
+        default_factory=lambda: ["failure"], description="When to POST: failure (exit code not 0), success (exit 0).",
+    )
+    timeout_s: float = Field(10.0, gt=0, le=300, description="Time one POST may take.")
+    retries: int = Field(3, ge=0, le=10, description="Further POSTs when the receiver cannot be reached or answers 5xx.")
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return v
 
 
 class CacheConfig(Section):
@@ -254,6 +278,10 @@ class RunConfig(Section):
     mode: Literal["sync", "batch"] = Field(
         "sync", description="sync: chat completions as the rows stream by; batch: the provider's Batch API "
                             "(OpenAI protocol, half price, answers within 24 h). The same request keys in both.")
+    progress_interval_s: float = Field(
+        30.0, gt=0, le=3600, description="When stderr is not a terminal (cron, a log file): one plain status line "
+                                         "this often instead of a redrawn bar.",
+    )
 
     # -- the Ray engine (pipeline/engines/ray/) --
     engine: Literal["local", "ray"] = Field("local", description="local: one process; ray: Ray Data actors.")
@@ -292,6 +320,7 @@ class Config(Section):
         default_factory=dict, description="Model -> price; overrides the genai-prices library's table.")
     run: RunConfig = Field(default_factory=RunConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     # Where the config came from; not part of the YAML.
     source: str = Field("<dict>", exclude=True)
@@ -317,9 +346,10 @@ class Config(Section):
         return key
 
     def request_config(self) -> dict[str, Any]:
-        """Everything that changes what is asked, as plain JSON; limits, budget and output may change freely."""
+        """Everything that shapes what is asked: the job's identity, as plain JSON. The input is data (it may
+        grow or change between runs), and limits, budget, output, carried columns and progress may change
+        freely."""
         keep = {
-            "input": self.input.model_dump(exclude={"batch_size", "storage_options"}),
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
             "prompt": self.prompt.model_dump(),
             "params": self.params.model_dump(exclude_none=True),
@@ -483,6 +513,8 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         cfg.input.path = resolve(cfg.input.path)
     if "://" not in cfg.output.dir:
         cfg.output.dir = resolve(cfg.output.dir)
+    if cfg.output.metrics_file:
+        cfg.output.metrics_file = resolve(cfg.output.metrics_file)
     if cfg.cache.dir:
         cfg.cache.dir = resolve(cfg.cache.dir)
     if cfg.structured and isinstance(cfg.structured.schema_, str):

@@ -7,6 +7,7 @@
     │   ├── JobChangedError     the output dir holds answers to a different job
     │   ├── StoreLockedError    another runner owns the output dir
     │   └── StateVersionError   the output dir was written by a newer version of the pipeline
+    ├── InputChangedError       an input file changed while it was read: stopped unmixed (exit 3)
     ├── RowError                one input row cannot become a request (a failure row, the run goes on)
     ├── RequestError            what one attempt of one request ended in (status, code, retry-after)
     │   ├── TransientError      retry with jittered backoff (408, 5xx, timeouts, resets, 200-with-error)
@@ -97,6 +98,22 @@ class StoreLockedError(UsageError):
 
 class StateVersionError(UsageError):
     """The store or manifest was written by a newer version: reading it could silently go wrong."""
+
+
+class InputChangedError(PipelineError):
+    """An input file changed while this run read it (another job still writing it, or overwriting it).
+
+    Raised before any row of the new version is used, so the outputs never mix two versions. Exit 3:
+    what was answered is kept; re-run once the file is complete (only new requests are sent)."""
+
+    exit_code = EXIT_STOPPED
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path}: the input file changed while it was being read ({what}); stopped before rows of two "
+            "versions could mix. Re-run once whatever writes it has finished (answers so far are kept)."
+        )
 
 
 class RowError(PipelineError):

@@ -17,6 +17,7 @@ from pipeline.build.tokens import TokenCounter
 from pipeline.config import Config, load_config
 from pipeline.errors import AuthError, EndpointGone, Stopped, TransientError
 from pipeline.send import health
+from pipeline.send.budget import max_cost
 from pipeline.send.dispatch import Dispatcher
 from pipeline.send.limits import Limits
 from pipeline.state.store import Record
@@ -194,13 +195,17 @@ def test_connect_failures_running_out_of_retries_stop_instead_of_failing_rows(tm
 
 def test_the_budget_holds_a_worst_case_only_while_a_request_is_sent(tmp_path: Path) -> None:
     cfg = job(tmp_path, 1, limits={"requests_per_minute": None, "max_concurrency": 4},
-              prices={"openai/gpt-4-turbo": {"input_per_m": 100, "output_per_m": 100}}, budget={"max_cost_usd": 0.026})
+              prices={"openai/gpt-4-turbo": {"input_per_m": 100, "output_per_m": 100}})
     cfg["endpoint"] = {"base_url": URL, "model": "openai/gpt-4-turbo"}
     del cfg["structured"]
-    # Worst case per request: (20 x 1.25 + 50) tokens at $100/M = $0.0075, so three fit under $0.026 at once;
-    # each answer costs (12 + 7) x $100/M = $0.0019, so the eighth still fits: $0.0133 spent + $0.0075.
+    req = requests(1)[0]
+    worst = max_cost(req.est_prompt, req.max_tokens, load_config(cfg))  # ~(10 x 1.25 + 50) tokens at $100/M
+    paid = (12 + 7) * 100 / 1e6  # what each answer costs
+    cap = 3.5 * worst  # three worst cases fit at once, not four; the eighth still fits after seven answers
+    assert 7 * paid + worst <= cap
+    cfg["budget"] = {"max_cost_usd": cap}
     fake = scripted(latency_s=1.0)
     d, records = dispatch(load_config(cfg), fake, n=8)
     assert all(isinstance(r, Record) and r.state == "ok" for r in records) and d.fatal is None
     assert max(fake.sent_at.count(t) for t in fake.sent_at) == 3  # at most three at a time, though four slots
-    assert d.budget.spent == pytest.approx(8 * 19 * 100 / 1e6) and d.budget.reserved == 0.0
+    assert d.budget.spent == pytest.approx(8 * paid) and d.budget.reserved == 0.0

@@ -229,10 +229,10 @@ def test_forced_format_and_fingerprint(tmp_path: Path) -> None:
     p = write_jsonl(tmp_path / "data.txt", [{"a": 1}])
     src = source(p, format="jsonl")
     scan = src.scan()
-    assert scan.rows == 1 and len(scan.fingerprint) == 16
-    assert source(p, format="jsonl").scan().fingerprint == scan.fingerprint
+    assert scan.rows == 1 and len(scan.digests) == 1
+    assert source(p, format="jsonl").scan().digests == scan.digests
     write_jsonl(p, [{"a": 1}, {"a": 2}])
-    assert source(p, format="jsonl").scan().fingerprint != scan.fingerprint
+    assert source(p, format="jsonl").scan().digests != scan.digests
 
 
 def test_bad_row_ids_unique_across_same_named_files(tmp_path: Path) -> None:

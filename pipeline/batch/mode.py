@@ -29,6 +29,7 @@ async def drive_batches(cfg: Config, core: Core, answers: LocalAnswers, store: S
 
     A first Ctrl-C stops the driver at its next step (the batches stay at the provider; the ledger knows
     them); a second one cancels it at once, even in the middle of an upload."""
+    transport = getattr(transport, "inner", transport)  # under ops' ObservedTransport, which counts chat sends
     if not isinstance(transport, HttpTransport):
         raise UsageError("run.mode: batch needs the HTTP transport (the Batch API's files and batches)")
     if no_wait and cfg.endpoint.base_url == "simulator":

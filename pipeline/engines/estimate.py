@@ -29,7 +29,6 @@ from typing import Any, TextIO
 
 from ..config import Config
 from ..errors import EXIT_OK, RowError
-from ..write.output import done_parts
 from ..build.tokens import CALIBRATION_META, counter_for
 from ..models.prices import find_price
 from ..send.budget import worst_output_tokens
@@ -37,7 +36,7 @@ from ..build.prompts import Renderer
 from ..build.request import RequestBuilder
 from ..models.catalog import context_window, max_output_tokens
 from ..read.reader import InputBatch, Source
-from ..state.jobdir import JobDir, count_part
+from ..state.jobdir import JobDir
 from ..state import migrations
 from ..state.store import FINAL_STATES, MIGRATIONS
 from ..build.structured import StructuredPlan, plan_for
@@ -95,16 +94,16 @@ def estimate(cfg: Config) -> Estimate:
     renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
                         columns=scan.columns)
     plan = plan_for(cfg)
-    store, done = _job_state(cfg, scan.fingerprint, est)
+    store = _job_store(cfg, est)
     renderer.tokens = counter_for(cfg.endpoint.model, _meta(store, CALIBRATION_META) if store is not None else None)
     est.token_method = renderer.tokens.method
     cache = _open_readonly(os.path.join(cfg.cache.dir, "cache.sqlite")) if cfg.cache.dir else None
     try:
         if plan is not None and store is not None and (mode := _meta(store, "structured_mode")):
             plan.mode = mode  # as the runner does: an earlier run already learned the structured mode
-        _count_done_parts(JobDir(cfg.output.dir), done, est)
         seen: set[int] = set()
-        for batch in source.batches(skip=done.__contains__):
+        # Every batch is rendered: the store says which requests are answered (the input may have changed).
+        for batch in source.batches():
             _batch(batch, renderer, plan, cfg, store, cache, seen, est)
         est.output_likely_per_request, est.likely_basis = _likely_output(store, cache)
     finally:
@@ -168,34 +167,19 @@ def _failing(batch: InputBatch, i: int, renderer: Renderer, est: Estimate) -> No
 # -- what output.dir already holds ---------------------------------------------------------------------
 
 
-def _job_state(cfg: Config, input_fingerprint: str, est: Estimate) -> tuple[sqlite3.Connection | None, set[int]]:
-    """The job's store (read-only) and its finished batches, when output.dir holds this same job."""
+def _job_store(cfg: Config, est: Estimate) -> sqlite3.Connection | None:
+    """The job's store (read-only), when output.dir holds this same job (the input may have changed)."""
     jobdir = JobDir(cfg.output.dir)
     if not jobdir.path.exists():
         est.notes.append(f"output.dir {jobdir.path} does not exist yet: a fresh run")
-        return None, set()
-    manifest = jobdir.read_manifest()
-    has_store = Path(jobdir.store_path).exists()
-    if manifest is None and not has_store:
-        return None, set()
-    if manifest is not None and (manifest.get("fingerprint") != cfg.request_fingerprint()
-                                 or manifest.get("input_fingerprint") != input_fingerprint):
-        est.notes.append(f"output.dir {jobdir.path} holds a different job (prompt, model, params or input "
-                         "changed): the run will refuse it unless --force-new, which starts over (figures below)")
-        return None, set()
-    return (_open_readonly(jobdir.store_path) if has_store else None), done_parts(jobdir.parts)
-
-
-def _count_done_parts(jobdir: JobDir, done: set[int], est: Estimate) -> None:
-    """Count the finished batches a resume skips, and drop from `done` those it reopens: as
-    JobDir.resume_plan decides, a batch with rows whose retries ran out on transient errors is asked again."""
-    for i in sorted(done):
-        counts = count_part(jobdir.parts, i)
-        if counts.failed_transient:
-            done.discard(i)
-            continue
-        est.rows_done_ok += counts.ok
-        est.rows_done_failed += counts.failed
+        return None
+    known = jobdir.identity()
+    if known is not None and known.get("fingerprint") != cfg.request_fingerprint():
+        est.notes.append(f"output.dir {jobdir.path} holds a different job (endpoint, model, prompt, params or "
+                         "structured changed): the run will refuse it unless --force-new, which starts over "
+                         "(figures below)")
+        return None
+    return _open_readonly(jobdir.store_path)
 
 
 def _open_readonly(path: str) -> sqlite3.Connection | None:

@@ -1,9 +1,12 @@
 """The local driver: one job folder from lock to summary, around the transformer core (core.py).
 
-`run_async` locks `output.dir`, checks the job, opens the SQLite answer store (and the shared cache),
-starts the simulator when asked, and feeds the input's batches to `Core`; each outcome batch becomes
-Parquet part files and a row in the store's part index; at the end the parts are merged into
-results.parquet / failures.parquet and summary.json is written. Signals: engines/interrupt.py.
+`run_async` locks `output.dir`, checks the job (state/jobdir.py: the job is what shapes requests, the
+input is data), opens the SQLite answer store (and the shared cache), starts the simulator when asked,
+and feeds the input's batches to `Core`, except those whose part (named after the batch's content) can
+be reused as it is; each outcome batch becomes Parquet part files and a row in the store's part index;
+at the end this input's parts are merged into results.parquet / failures.parquet, parts of batches the
+input no longer has are pruned and summary.json is written. Signals: engines/interrupt.py. Every
+invocation is one record in history.jsonl, with pipeline.log, metrics and alerts (ops/invocation.py).
 `run` is the sync wrapper and also works inside an already running event loop (Jupyter) by running the
 job on a private loop in a worker thread.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -27,19 +31,25 @@ from ..build.prompts import Renderer
 from ..build.structured import StructuredPlan, plan_for
 from ..build.tokens import CALIBRATION_META, counter_for
 from ..config import Config, load_config
-from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
-from ..read.reader import InputBatch, Source
+from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, InputChangedError
+from ..ops.invocation import Invocation
+from ..ops.figures import Figures, ObservedTransport
+from ..read.frames import frame_file
+from ..read.reader import InputBatch, InputScan, Source
 from ..send.limits import Limits
 from ..send.stats import Stats
 from ..send.transport import HttpTransport, Transport
 from ..state.answers import LocalAnswers
-from ..state.jobdir import JobDir, resume_command
-from ..state.store import Record, Store
-from ..write.output import OutputColumns, Summary, drop_partial_parts, failure_counts, merge_parts, write_part
+from ..state.jobdir import JobDir, part_context, part_names, part_number, resume_command
+from ..state.store import PartCounts, Record, Store
+from ..write.output import OutputColumns, Summary, drop_partial_parts, failure_counts, merge_parts, \
+    output_ids, write_part
 from ..write.publish import check_local_output, publish_outputs
 from .core import Core, OutcomeBatch
 from .interrupt import Interrupt
-from .progress import Progress
+from .progress import Live, Progress
+
+log = logging.getLogger("pipeline")
 
 
 async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
@@ -50,68 +60,98 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     """Run one job to completion, stop or interruption; never raises for row-level problems.
 
     `config_path` and `overrides` (the --set items) are only used to print the command that resumes;
-    `interrupt` lets another thread stop the run as Ctrl-C would (see `run`). `no_wait` and
-    `cancel_batches` apply to run.mode: batch (submit and return; cancel the job's batches)."""
-    started = time.monotonic()
-    config_path = config_path or cfg.source
+    `interrupt` lets another thread stop the run as Ctrl-C would (see `run`). Every invocation, refused
+    and failed ones included, is one record in output.dir/history.jsonl (ops/invocation.py). `no_wait`
+    and `cancel_batches` apply to run.mode: batch (submit and return; cancel the job's batches)."""
     if schema is not None:  # into the config, so the job fingerprint covers the schema actually asked for
         cfg = load_config(cfg, {"structured.schema": schema})
     if cfg.run.engine == "ray":  # the same job on Ray actors (engines/ray/); Ray is imported only here
         from .ray import run_ray
         return await asyncio.to_thread(run_ray, cfg, retry_failed=retry_failed, force_new=force_new,
-                                       schema=schema, quiet=quiet, config_path=config_path, overrides=overrides)
+                                       schema=schema, quiet=quiet, config_path=config_path or cfg.source,
+                                       overrides=overrides)
     check_local_output(cfg)
+    invocation = Invocation(cfg)
+    try:
+        summary = await _run_job(cfg, invocation, schema, retry_failed=retry_failed, force_new=force_new,
+                                 quiet=quiet, handle_signals=handle_signals, transport=transport,
+                                 config_path=config_path or cfg.source, overrides=overrides, interrupt=interrupt,
+                                 no_wait=no_wait, cancel_batches=cancel_batches)
+    except BaseException as exc:
+        await invocation.finish(None, exc)
+        raise
+    await invocation.finish(summary, None)
+    return summary
+
+
+async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] | None, *, retry_failed: bool,
+                   force_new: bool, quiet: bool, handle_signals: bool, transport: Transport | None,
+                   config_path: str, overrides: list[str] | None, interrupt: Interrupt | None,
+                   no_wait: bool = False, cancel_batches: bool = False) -> Summary:
+    started = time.monotonic()
+    commands = (resume_command(config_path, overrides, retry_failed=retry_failed, out_dir=cfg.output.dir),
+                resume_command(config_path, overrides, retry_failed=True, out_dir=cfg.output.dir))
     jobdir = JobDir(cfg.output.dir)
-    jobdir.adopt_batch_size(cfg)  # before the scan: it records where each batch starts
+    jobdir.adopt_batch_size(cfg)  # read-only, before the scan: unchanged batches keep their boundaries
     source = Source(cfg.input)
     scan = source.scan()
     renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
                         columns=scan.columns)
     plan = plan_for(cfg, schema)
-    api_key = cfg.api_key()
-    commands = (resume_command(config_path, overrides, retry_failed=retry_failed),
-                resume_command(config_path, overrides, retry_failed=True))
+    api_key = cfg.api_key()  # all of the above before the folder is touched: a bad start writes nothing new
     jobdir.lock()
     try:
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(_collector_tuned())
-            jobdir.check_job(cfg, scan, force_new=force_new, config_path=config_path, command=commands[0])
+            invocation.attach(jobdir.path)
+            manifest = jobdir.check_job(cfg, force_new=force_new, config_path=config_path, command=commands[0])
             store = stack.enter_context(contextlib.closing(
                 Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)))
+            jobdir.bind_store(store, manifest)
             if plan is not None and (mode := store.get_meta("structured_mode")):
                 plan.mode = mode  # an earlier run of this job already learned the model's structured mode
             renderer.tokens = counter_for(cfg.endpoint.model, store.get_meta(CALIBRATION_META))
             cache = _open_cache(cfg, stack)
             base_url = await _endpoint_url(cfg, stack)
-            transport = transport or _http_transport(cfg, base_url, api_key)
+            transport = ObservedTransport(transport or _http_transport(cfg, base_url, api_key), invocation.tally)
             stats = Stats()
             spent_before = store.totals()["cost_usd"]
-            drop_partial_parts(jobdir.parts)
-            done, resumed = jobdir.resume_plan(store, retry_failed=retry_failed)
-            progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
+            columns = _output_columns(cfg, plan)
+            names, reuse, reused = _parts_plan(jobdir, manifest, store, scan, columns, retry_failed=retry_failed)
+            limiter = Limits(cfg.limits)
+            progress = Progress(scan.rows, reused.ok + reused.failed, enabled=cfg.run.progress and not quiet,
+                                interval_s=cfg.run.progress_interval_s,
+                                live=lambda: Live(invocation.tally.in_flight, limiter.paused_for(),
+                                                  invocation.tally.last_error))
             answers = LocalAnswers(store, cache, stats, retry_failed=retry_failed)
-            core = Core(cfg, renderer, plan, answers=answers, limiter=Limits(cfg.limits), transport=transport,
-                        progress=progress, stats=stats, spent_before=spent_before)
+            core = Core(cfg, renderer, plan, answers=answers, limiter=limiter, transport=transport, progress=progress,
+                        stats=stats, spent_before=spent_before)
+            rows = _RowCount(invocation.started, reused)
+            invocation.watch(lambda: _figures(jobdir, scan.rows, progress, reused, core, invocation, spent_before))
             interrupt = interrupt or Interrupt()
             interrupt.attach(core, progress, cfg.run.grace_period_s, signals=handle_signals)
+            heartbeat = asyncio.create_task(invocation.heartbeat(progress))
             batch_state = None
             try:
                 if cfg.run.mode == "batch":  # the Batch API fills the store; the pass below only writes
                     from ..batch.mode import drive_batches
                     batch_state = await drive_batches(
-                        cfg, core, answers, store, transport, renderer, lambda: source.batches(skip=done.__contains__),
-                        folder=str(jobdir.path / "batch"), interrupt=interrupt, no_wait=no_wait,
-                        cancel=cancel_batches, progress=progress)
+                        cfg, core, answers, store, transport, renderer,
+                        lambda: source.batches(skip=lambda i: names[i] in reuse), folder=str(jobdir.path / "batch"),
+                        interrupt=interrupt, no_wait=no_wait, cancel=cancel_batches, progress=progress)
                 if batch_state in (None, "collected"):
-                    await _drive(core, source.batches(skip=done.__contains__), jobdir.parts,
-                                 _output_columns(cfg, plan), store)
+                    await _drive(core, source.batches(skip=lambda i: names[i] in reuse), names, jobdir.parts,
+                                 columns, store, rows)
             finally:
+                heartbeat.cancel()
                 interrupt.detach()
-                progress.close()
                 await transport.close()
+                progress.close()
                 _save_calibration(store, renderer, cfg.endpoint.model)
             store.sync()
-            summary = _summary(cfg, jobdir, store, core, plan, scan.rows, resumed, started)
+            summary = _summary(cfg, jobdir, store, core, plan, scan.rows, reused, started, names, source, rows,
+                               progress)
+            summary = dataclasses.replace(summary, **invocation.stamp())
             _finish(summary, core, *commands)
             if batch_state is not None:
                 from ..batch.mode import finish
@@ -122,13 +162,57 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
         jobdir.unlock()
 
 
+def _parts_plan(jobdir: JobDir, manifest: dict[str, Any], store: Store, scan: InputScan, columns: OutputColumns,
+                *, retry_failed: bool) -> tuple[list[str], set[str], PartCounts]:
+    """Each batch's part name (its content and the part context), recorded for `pipeline status`; the
+    parts that can be used as they are, and the rows they hold."""
+    names = part_names(scan.digests, part_context(scan.carried_types, columns.id_column, columns))
+    jobdir.record_input(manifest, scan.rows, names)
+    drop_partial_parts(jobdir.parts)
+    reuse, reused = jobdir.reusable(store, names, retry_failed=retry_failed)
+    return names, reuse, reused
+
+
+async def _drive(core: Core, batches: Iterator[InputBatch], names: list[str], parts: Path, columns: OutputColumns,
+                 store: Store, rows: _RowCount) -> None:
+    """Feed the batches to the core and write each outcome batch as it comes."""
+    try:
+        async with contextlib.aclosing(core.outcomes(batches)) as outcomes:
+            async for out in outcomes:
+                rows.add(out)
+                _write(out, names[out.index], parts, columns, store)
+    except InputChangedError as exc:
+        # Raised before a row of the new version was used: stop, keep what is answered, write no outputs.
+        log.error("%s", exc, extra={"event": "stop", "reason": "input_changed"})
+        core.stop("input_changed")
+        raise
+
+
+class _RowCount:
+    """Rows new and reused: a row is new when its request had no answer before this run (answered now,
+    or still pending), reused when an earlier run answered it (or the shared cache did, at no cost)."""
+
+    def __init__(self, started: float, reused: PartCounts) -> None:
+        self.started = started
+        self.new, self.reused = 0, reused.ok + reused.request_failed
+
+    def add(self, out: OutcomeBatch) -> None:
+        for key, o in zip(out.keys, out.outcomes):
+            if key is None:
+                continue  # a bad input row has no request: neither
+            if o is None or (isinstance(o, Record) and not o.cache_hit and o.created_at >= self.started):
+                self.new += 1
+            else:
+                self.reused += 1
+
+
 def _save_calibration(store: Store, renderer: Renderer, model: str) -> None:
     """What this run learned about the model's prompt tokens, for the next run and the dry run. Only a
     hint: a store that cannot take it (disk full) must not hide why the run ended."""
     try:
         store.set_meta(CALIBRATION_META, renderer.tokens.learned.to_json(model))
     except (OSError, sqlite3.Error) as exc:
-        logging.getLogger("pipeline").warning("could not keep the prompt-token calibration: %s", exc)
+        log.warning("could not keep the prompt-token calibration: %s", exc)
 
 
 @contextlib.contextmanager
@@ -171,13 +255,6 @@ def _http_transport(cfg: Config, base_url: str, api_key: str) -> HttpTransport:
         pool_size=cfg.limits.max_concurrency)
 
 
-async def _drive(core: Core, batches: Iterator[InputBatch], parts: Path, columns: OutputColumns, store: Store) -> None:
-    """The core's outcome batches into part files, as each batch is resolved."""
-    async with contextlib.aclosing(core.outcomes(batches)) as outcomes:
-        async for out in outcomes:
-            _write(out, parts, columns, store)
-
-
 def _output_columns(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
     return OutputColumns(
         id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
@@ -186,19 +263,23 @@ def _output_columns(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
     )
 
 
-def _write(out: OutcomeBatch, parts: Path, columns: OutputColumns, store: Store) -> None:
+def _write(out: OutcomeBatch, name: str, parts: Path, columns: OutputColumns, store: Store) -> None:
     """One batch's part files; a batch with pending rows (a stop) is partial and stays open."""
-    ok, bad = write_part(parts, out.index, columns, out.batch.carried, out.outcomes)
+    ok, bad = write_part(parts, name, columns, out.batch.carried, out.outcomes)
     if out.complete:
         # Indexed after the files are in place; a kill in between costs one footer read on resume.
         failed = [o for o in out.outcomes if isinstance(o, Record) and o.state != "ok"]
-        store.put_part(out.index, ok=ok, failed=bad, request_failed=len(failed),
+        store.put_part(part_number(name), ok=ok, failed=bad, request_failed=len(failed),
                        failed_transient=sum(1 for o in failed if o.state == "transient"))
 
 
 def _summary(cfg: Config, jobdir: JobDir, store: Store, core: Core, plan: StructuredPlan | None, rows: int,
-             resumed: int, started: float) -> Summary:
-    succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression)
+             reused: PartCounts, started: float, names: list[str], source: Source, counted: _RowCount,
+             progress: Progress) -> Summary:
+    previous_ids = output_ids(jobdir.path, cfg.input.id_column or "id")
+    succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression, names)
+    progress.finish(succeeded + failed, failed, core.stats)  # the bar's last frame shows the summary's figures
+    jobdir.prune(store, names)
     totals = store.totals()
     stats = core.stats
     return Summary(
@@ -208,10 +289,24 @@ def _summary(cfg: Config, jobdir: JobDir, store: Store, core: Core, plan: Struct
         run_cost_usd=round(stats.cost_usd, 6), wall_s=round(time.monotonic() - started, 3),
         requests_sent=stats.requests_sent, retries=dict(stats.retries),
         failures_by_class=failure_counts(jobdir.path), cache_hits=stats.cache_hits,
-        deduplicated=stats.deduplicated, resumed_rows=resumed,
+        deduplicated=stats.deduplicated, resumed_rows=reused.ok + reused.failed,
+        rows_new=counted.new, rows_reused=counted.reused, rows_removed=source.count_missing(previous_ids),
         config_fingerprint=cfg.request_fingerprint(), versions=_versions(),
         structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
     )
+
+
+def _figures(jobdir: JobDir, rows: int, progress: Progress, reused: PartCounts, core: Core, invocation: Invocation,
+             spent_before: float) -> Figures:
+    """The job's figures now, for the metrics file: the rows resolved so far are the progress bar's."""
+    s, t = core.stats, invocation.tally
+    failed = progress.failed + reused.failed
+    return Figures(job=str(jobdir.path), rows={"succeeded": progress.done - failed, "failed": failed,
+                                               "pending": rows - progress.done},
+                   requests=dict(t.by_class), rate_limited=t.rate_limited, prompt_tokens=s.prompt_tokens,
+                   completion_tokens=s.completion_tokens, run_cost_usd=s.cost_usd,
+                   job_cost_usd=spent_before + s.cost_usd, last_success=t.last_success,
+                   started=invocation.started, running=True)
 
 
 def _finish(summary: Summary, core: Core, resume: str, retry: str) -> None:
@@ -247,7 +342,14 @@ def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_faile
         no_wait: bool = False, cancel_batches: bool = False, **overrides: Any) -> Summary:
     """Run a job from a config path, dict or Config; keyword overrides use dotted paths with `__`
     (`output__dir="/tmp/x"`) or section dicts (`limits={"max_concurrency": 8}`). A pydantic model
-    class may be given as `schema`. `no_wait` / `cancel_batches`: run.mode: batch (see run_async)."""
+    class may be given as `schema`, and the input as `input=` a polars/pandas DataFrame or an Arrow
+    table (read/frames.py) instead of `input.path`."""
+    data = overrides.get("input")
+    if data is not None and not isinstance(data, dict):
+        rest = {k: v for k, v in overrides.items() if k != "input"}
+        with frame_file(data) as path:
+            return run(config, retry_failed=retry_failed, force_new=force_new, quiet=quiet, schema=schema, set=set,
+                       input={"path": path, "format": "parquet"}, **rest)
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
         if isinstance(value, dict):

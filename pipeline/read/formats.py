@@ -39,6 +39,8 @@ class File:
     rows: int = 0
     schema: pa.Schema | None = None
     rg_starts: tuple[int, ...] = ()
+    stamp: tuple[int, int, int] | None = None   # (size, mtime_ns, inode) when the scan read it
+    content_hash: bytes = b""                   # Parquet only: the file's bytes, hashed by the scan
     options: dict[str, Any] | None = None  # input.storage_options, for s3:// and gs:// paths
 
 

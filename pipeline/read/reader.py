@@ -12,15 +12,23 @@ chars of sha256(orjson.dumps(row, OPT_SORT_KEYS)); identical rows get "-2", "-3"
 A bad JSONL line (not JSON, not UTF-8, not an object) is a row with an error and the id
 "<file name>:<line>" (the path below the inputs' common folder when base names clash).
 Origins: (path, 1-based line) for JSONL, (path, 0-based row) for Parquet.
+
+Content digests: the scan gives every batch a digest of what it holds (JSONL: each line's number and
+bytes; Parquet: the file's content hash and the row range; plus the file path and the id suffixes), so
+a later run can tell an unchanged batch from a changed one without reading it again. Files that change
+while they are read are caught: each file's (size, mtime, inode) is taken before the scan reads it and
+checked after, when batches() opens it and after every batch read from it, and a JSONL batch's bytes
+are hashed again as they are read and compared with the scan's digest. Any difference raises
+InputChangedError before a row of the new version is used.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from itertools import islice
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -29,7 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import DEFAULT_BATCH_SIZE, InputConfig
-from ..errors import InputError, RowError
+from ..errors import InputChangedError, InputError, RowError
+from .digest import BatchHash, check_stamp, file_hash, stamp
 from .formats import (
     File,
     JsonlReader,
@@ -45,7 +54,6 @@ from .formats import (
     parse,
     resolve,
 )
-from . import storage
 
 ID_FIELD = "__id"
 _MASK = (1 << 64) - 1
@@ -68,7 +76,8 @@ class InputScan:
     files: list[str]
     rows: int
     columns: list[str]
-    fingerprint: str
+    digests: list[bytes]   # per batch, in order
+    carried_types: dict[str, str] = field(default_factory=dict)  # the carried columns' inferred types
 
 
 class Source:
@@ -84,6 +93,17 @@ class Source:
         if self._index is None:
             self._index = _Index(self.cfg, self._files)
         return self._index.scan
+
+    def count_missing(self, ids: list[pa.ChunkedArray]) -> int:
+        """How many of `ids` (e.g. the previous outputs' id column) this input no longer holds."""
+        self.scan()
+        assert self._index is not None
+        derived = self.cfg.id_column is None
+        keys = [_id_key(s, derived) for col in ids for s in col.to_pylist() if s is not None]
+        if not keys:
+            return 0
+        found = pc.is_in(pa.array(keys, pa.uint64()), value_set=self._index.id_keys)
+        return len(keys) - (pc.sum(found).as_py() or 0)
 
     def batches(self, skip: Callable[[int], bool] | None = None) -> Iterator[InputBatch]:
         self.scan()
@@ -105,6 +125,7 @@ class Source:
         out = InputBatch(index, [], [], [], [], pa.table({}))
         tables: list[pa.Table] = []
         fi = bisect_right(st.starts, start) - 1
+        check, last = BatchHash(), self._files[fi]
         local = start - st.starts[fi]
         g = start
         while g < start + n:
@@ -115,14 +136,23 @@ class Source:
                         old.close()
                     readers.clear()
                     readers[fi] = JsonlReader(f.path, f.options) if f.kind == "jsonl" else ParquetReader(f)
-                rd = readers[fi]
+                    check_stamp(f)
+                rd, last = readers[fi], f
+                check.file(f)
                 if isinstance(rd, JsonlReader):
                     # Only a batch's first segment can start mid-file, and that is where its checkpoint is.
-                    tables.append(self._jsonl(st, out, f, rd.read(local, take, st.ck_offset[index], st.ck_line[index])))
+                    lines = rd.read(local, take, st.ck_offset[index], st.ck_line[index])
+                    for line, raw in lines:
+                        check.line(line, raw)
+                    tables.append(self._jsonl(st, out, f, lines))
                 else:
+                    check.rows(f, local, take)
                     tables.append(self._parquet(st, out, f, rd.read(local, take), local))
+                check_stamp(f)  # read, then checked: a file rewritten meanwhile never reaches a request
                 g += take
             fi, local = fi + 1, 0
+        if check.digest() != st.raw_digests[index]:
+            raise InputChangedError(last.path, "its rows differ from what the scan read")
         lo, hi = bisect_left(st.dup_rows, start), bisect_left(st.dup_rows, start + n)
         for i in range(lo, hi):
             out.ids[st.dup_rows[i] - start] += f"-{st.dup_ranks[i]}"
@@ -179,14 +209,19 @@ class _Index:
         self.starts: list[int] = []
         self.missing_id: tuple[str, int] | None = None
         self.dup_rows, self.dup_ranks = array("Q"), array("I")
+        self.hashes: list[BatchHash] = []
+        self.raw_digests: list[bytes] = []
         self.scan = self._run()
         self.schema = pa.schema([(c, self.types.get(c, pa.null())) for c in cfg.columns])
+        self.scan.carried_types = {fd.name: str(fd.type) for fd in self.schema}
 
     def _run(self) -> InputScan:
         cfg = self.cfg
         for f in self.files:
             self.starts.append(self.total)
+            f.stamp = stamp(f)
             self._jsonl(f) if f.kind == "jsonl" else self._parquet(f)
+            check_stamp(f)  # the scan's counts and ids must come from one version of the file
         if self.total == 0:
             raise InputError("the input has no rows (only empty files or blank lines)", file=cfg.path)
         available = f"available columns: {', '.join(self.columns) or '(none)'}"
@@ -199,6 +234,8 @@ class _Index:
         if missing:
             raise InputError(f"input.columns {missing} not found; {available}", file=cfg.path)
         runs = _duplicate_runs(self.keys)
+        # Kept (8 bytes a row) to tell which rows of earlier outputs left the input (Source.count_missing).
+        self.id_keys = pc.unique(pa.Array.from_buffers(pa.uint64(), len(self.keys), [None, pa.py_buffer(self.keys)]))
         self.keys = array("Q")
         if runs and cfg.id_column is not None:
             self._name_duplicates({key for key, _ in runs})
@@ -206,11 +243,18 @@ class _Index:
             pairs = sorted((row, rank) for _, rows in runs for rank, row in enumerate(rows[1:], 2))
             self.dup_rows.extend(r for r, _ in pairs)
             self.dup_ranks.extend(k for _, k in pairs)
-        hasher = hashlib.sha256()
-        for f in self.files:
-            size, mtime_ns = storage.stat(f.path, f.options) if f.options is not None else _stat(f.path)
-            hasher.update(f"{f.path}\0{size}\0{mtime_ns}\n".encode())
-        return InputScan([f.path for f in self.files], self.total, list(self.columns), hasher.hexdigest()[:16])
+        self.raw_digests = [h.digest() for h in self.hashes]
+        self.hashes = []
+        return InputScan([f.path for f in self.files], self.total, list(self.columns), self._digests())
+
+    def _digests(self) -> list[bytes]:
+        """Batch digests including the id suffixes of derived duplicate ids (known only after the pass)."""
+        bs = self.cfg.batch_size
+        extra: dict[int, hashlib._Hash] = {}
+        for row, rank in zip(self.dup_rows, self.dup_ranks):
+            h = extra.setdefault(row // bs, hashlib.blake2b(self.raw_digests[row // bs], digest_size=8))
+            h.update(row.to_bytes(8, "little") + rank.to_bytes(4, "little"))
+        return [extra[b].digest() if b in extra else d for b, d in enumerate(self.raw_digests)]
 
     def _checkpoints(self, n: int, offset: int, line: int) -> None:
         """A seek point for every batch that starts among the next n rows."""
@@ -221,17 +265,32 @@ class _Index:
 
     def _jsonl(self, f: File) -> None:
         id_col, carried, keys, bs = self.cfg.id_column, self.cfg.columns, self.keys, self.cfg.batch_size
+        limit = self.cfg.limit
         seen = set(self.columns)
         samples: dict[str, list[Any]] = {c: [] for c in carried}
         offset, line, first = 0, 0, self.total
+        cur = self.hashes[-1] if self.total % bs else None
+        if cur is not None:
+            cur.file(f)  # a batch that began in the previous file goes on in this one
         with open_binary(f.path, f.options) as fh:
             for raw in fh:
                 line += 1
                 offset += len(raw)
                 if raw.isspace():
                     continue
+                if self.total == limit:
+                    break
                 if self.total % bs == 0:
                     self._checkpoints(1, offset - len(raw), line - 1)
+                    cur = BatchHash()
+                    cur.file(f)
+                    self.hashes.append(cur)
+                assert cur is not None
+                # Inlined BatchHash.line (the hot loop): a line number only where the numbering jumps.
+                if line != cur.next:
+                    cur.gap(line)
+                cur.h.update(raw)
+                cur.next = line + 1
                 self.total += 1
                 obj = parse(raw, line)
                 if isinstance(obj, str):
@@ -273,7 +332,11 @@ class _Index:
         if id_col is not None and id_col not in schema.names:
             raise InputError(f"id column {id_col!r} not found; available columns: {', '.join(schema.names)}",
                              file=f.path)
+        if self.cfg.limit is not None:
+            f.rows = min(f.rows, max(0, self.cfg.limit - self.total))
         self._checkpoints(f.rows, 0, 0)
+        self._hash_parquet(f)
+        first = len(self.keys)
         if id_col is None:
             with parquet_file(f) as pf:
                 for batch in pf.iter_batches(batch_size=PQ_CHUNK):
@@ -281,7 +344,23 @@ class _Index:
         else:
             for _, ids in parquet_ids(f, id_col):
                 self.keys.extend(hash(s) & _MASK for s in ids)
+        del self.keys[first + f.rows:]  # rows past input.limit
         self.total += f.rows
+
+    def _hash_parquet(self, f: File) -> None:
+        """Feed the file's batches' digests: its content hash and each batch's row range in it."""
+        f.content_hash = file_hash(f)
+        start, bs = self.total, self.cfg.batch_size
+        if start % bs and f.rows:
+            self.hashes[-1].file(f)
+        pos = 0
+        while pos < f.rows:
+            take = min(bs - (start + pos) % bs, f.rows - pos)
+            if (start + pos) % bs == 0:
+                self.hashes.append(BatchHash())
+                self.hashes[-1].file(f)
+            self.hashes[-1].rows(f, pos, take)
+            pos += take
 
     def _name_duplicates(self, candidates: set[int]) -> None:
         """The narrow second pass: where are the ids whose hashes repeat? Most inputs never get here."""
@@ -294,7 +373,7 @@ class _Index:
             else:
                 found = ((f"line {line}", f"{f.name}:{line}" if isinstance(obj, str) else
                           json_id(obj[id_col], f.path, line, id_col)) for line, obj in jsonl_objects(f.path, f.options))
-            for place, s in found:
+            for place, s in islice(found, f.rows):  # rows past input.limit are not part of the input
                 if hash(s) & _MASK in candidates:
                     where.setdefault(s, []).append(f"{f.path} {place}")
         dups = [(s, places) for s, places in where.items() if len(places) > 1]
@@ -306,9 +385,16 @@ class _Index:
                              file=self.cfg.path)
 
 
-def _stat(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+def _id_key(rid: str, derived: bool) -> int:
+    """The scan's 8-byte key of an id: the content hash a derived id was made from (its hex, without a
+    "-N" suffix), else the id's own hash. Within one process, as the scan's keys are."""
+    head = rid[:16]
+    if derived and len(head) == 16 and (len(rid) == 16 or rid[16] == "-"):
+        try:
+            return int(head, 16)
+        except ValueError:
+            pass
+    return hash(rid) & _MASK
 
 
 def _duplicate_runs(keys: array[int]) -> list[tuple[int, list[int]]]:

@@ -154,6 +154,10 @@ class Limits:
             if self.requests is not None:
                 self.requests.drain()
 
+    def paused_for(self) -> float:
+        """Seconds left of a server-ordered pause, 0 when none (what the progress bar shows)."""
+        return max(0.0, self._resume_at - asyncio.get_running_loop().time()) if self._resume_at else 0.0
+
     def pause(self, seconds: float) -> None:
         """The server said wait: nobody dispatches until then, and then not as a burst."""
         if seconds <= 0:

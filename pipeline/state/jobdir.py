@@ -2,25 +2,30 @@
 
     out/
       .lock              flock'ed by the running process (released by the kernel even on kill -9)
-      manifest.json      job fingerprint, input scan, layout; versioned, written atomically
-      store.sqlite       every paid response (store.py)
-      parts/             per-batch outputs (output.py)
+      manifest.json      job identity (request fingerprint), this run's batches; versioned, atomic
+      store.sqlite       every paid response (store.py); the job identity again, in `meta`
+      parts/             one pair of part files per batch content (output.py)
       results.parquet, failures.parquet, summary.json
 
 A second runner on the same folder is refused while the first holds the lock; a lock left by a dead
-process is simply free again (flock), so there is no stale-lock guessing. A manifest whose request
-fingerprint differs from the config's means answers to a different job: refuse (exit 2) naming the
-changed keys, unless `--force-new`, which moves the old job aside (never deletes paid answers).
+process is simply free again (flock), so there is no stale-lock guessing.
 
-A resume keeps the job's batch size (`adopt_batch_size`, before the input scan) and skips the batches
-whose parts are complete, except those holding rows that must be asked again (`resume_plan`).
+A job is what shapes its requests; the input is data that may change between runs. A store or
+manifest whose request fingerprint differs from the config's means answers to a different job: refuse
+(exit 2) naming the changed keys, unless `--force-new`, which moves the old job aside (never deletes
+paid answers). Every run reads the whole input; a batch whose content digest (reader.py) and part
+context are unchanged reuses its part without rendering (`reusable`), every other batch is rendered
+and answered from the store where it can, and parts of batches the input no longer has are pruned
+once the outputs are written, so the outputs always match this run's input.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shlex
 import socket
+import sqlite3
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,12 +36,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import Config
-from ..errors import InternalError, JobChangedError, StateVersionError, StoreLockedError, UsageError
-from ..write.output import done_parts, write_json_atomic
-from ..read.reader import InputScan
+from ..errors import JobChangedError, StateVersionError, StoreLockedError, UsageError
+from ..write.output import ANY_PART_RE, OutputColumns, done_parts, write_json_atomic
 from .store import PartCounts, Store
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2   # 2: no input fingerprint (input is data); `batches` names this run's parts
+PART_FORMAT = 2        # 2: parts named by batch content instead of batch number
+IDENTITY_META = "job_identity"
 
 
 class JobDir:
@@ -115,85 +121,128 @@ class JobDir:
                 f"reads up to {MANIFEST_VERSION}); run that version, or use another output.dir")
         return manifest
 
-    def adopt_batch_size(self, cfg: Config) -> None:
-        """A resumed job keeps the batch size it started with: parts are numbered by batch and the input
-        scan records where each batch starts, so this must run before the input is scanned."""
-        current = self.read_manifest()
-        if current is not None and current.get("fingerprint") == cfg.request_fingerprint() and "batch_size" in current:
-            cfg.input.batch_size = int(current["batch_size"])
+    def stored_identity(self) -> dict[str, Any] | None:
+        """The job's identity as its store recorded it (the authority: a manifest can be lost or stale)."""
+        if not Path(self.store_path).exists():
+            return None
+        try:
+            store = Store(self.store_path, readonly=True)
+        except sqlite3.Error:
+            return None
+        try:
+            raw = store.get_meta(IDENTITY_META)
+        except sqlite3.Error:  # an empty or foreign file: nothing recorded
+            raw = None
+        finally:
+            store.close()
+        return orjson.loads(raw) if raw else None
 
-    def check_job(self, cfg: Config, scan: InputScan, *, force_new: bool, config_path: str,
+    def identity(self) -> dict[str, Any] | None:
+        return self.stored_identity() or self.read_manifest()
+
+    def adopt_batch_size(self, cfg: Config) -> None:
+        """Read-only, before the input is scanned: a job keeps the batch size it started with, so unchanged
+        batches keep their boundaries, digests and parts."""
+        known = self.identity()
+        if known is not None and "batch_size" in known and not _job_changes(
+                known, cfg.request_fingerprint(), cfg.request_config()):
+            cfg.input.batch_size = int(known["batch_size"])
+
+    def check_job(self, cfg: Config, *, force_new: bool, config_path: str,
                   command: str | None = None) -> dict[str, Any]:
         """Refuse to mix two jobs in one folder, naming what changed; returns the manifest to use.
-        `command` is how the user ran this job (to show the --force-new variant of it)."""
-        fingerprint = cfg.request_fingerprint()
-        request = cfg.request_config()
-        current = self.read_manifest()
-        has_answers = Path(self.store_path).exists() or any(self.parts.glob("*.parquet"))
-        if current is not None and has_answers:
-            changed = []
-            if current.get("fingerprint") != fingerprint:
-                keys = _changed_keys(current["request"], request) if "request" in current else []
-                named = ", ".join(keys[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
-                changed.append(named or "the request-affecting config (prompt, model, params, structured, input settings)")
-            if current.get("input_fingerprint") != scan.fingerprint:
-                changed.append("the input files (size or modification time)")
-            if changed and not force_new:
+
+        Only what shapes requests identifies a job (config.request_config): the input is data, and limits,
+        budgets, carried columns or the folder's place may change freely. The identity is read from the
+        store first, then from manifest.json, so losing either never lets a changed job in. `command` is
+        how the user ran this job (to show the --force-new variant of it)."""
+        fingerprint, request = cfg.request_fingerprint(), cfg.request_config()
+        has_answers = Path(self.store_path).exists() or bool(done_parts(self.parts))
+        stored, current = self.stored_identity(), self.read_manifest()
+        if current is None and stored is not None:  # lost: rebuilt from the store, whatever happens next
+            self.write_manifest({"version": MANIFEST_VERSION, **stored, "rebuilt": time.time()})
+        known = stored or current
+        keys = _job_changes(known, fingerprint, request) if known is not None and has_answers else []
+        if keys:
+            what = ", ".join(keys[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
+            if keys == ["?"]:
+                what = "the request-affecting config (endpoint, model, prompt, params, structured)"
+            if not force_new:
                 raise JobChangedError(
-                    f"{self.path} holds answers to a different job: {' and '.join(changed)} changed since it "
-                    f"started, so its answers do not fit these requests. Use a new output.dir, or re-run with "
-                    f"--force-new to move the old job aside (nothing is deleted): "
-                    f"{command or 'pipeline run ' + config_path} --force-new"
-                )
-            if changed:
-                self._move_aside()
-                current = None
-        if current is None or not has_answers:
-            current = {
-                "version": MANIFEST_VERSION,
-                "fingerprint": fingerprint,
-                "input_fingerprint": scan.fingerprint,
-                "rows_total": scan.rows,
-                "batch_size": cfg.input.batch_size,
-                "model": cfg.endpoint.model,
-                "config": config_path,
-                "request": request,
-                "created": time.time(),
-            }
-        elif int(current.get("batch_size", cfg.input.batch_size)) != cfg.input.batch_size:
-            # Parts hold fixed row ranges: a scan made with another batch size would address wrong rows.
-            raise InternalError(f"{self.path} was batched by {current['batch_size']} rows but the input was "
-                             f"scanned with {cfg.input.batch_size}; call adopt_batch_size() before scanning")  # noqa: E501
-        current["updated"] = time.time()
+                    f"{self.path} holds answers to a different job: {what} changed since it started, so its "
+                    f"answers do not fit these requests. Use a new output.dir, or re-run with --force-new to "
+                    f"move the old job aside (nothing is deleted): "
+                    f"{command or 'pipeline run ' + config_path} --force-new")
+            self._move_aside()
+            known = None
+        if not has_answers:
+            known = None
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "fingerprint": fingerprint,
+            "batch_size": cfg.input.batch_size,  # as adopt_batch_size left it, before the scan
+            "model": cfg.endpoint.model,
+            "config": config_path,
+            "request": request,
+            "created": known.get("created", time.time()) if known else time.time(),
+            "updated": time.time(),
+        }
         if command:
-            current["command"] = command  # what `pipeline status` shows as the way to resume
-        write_json_atomic(self.manifest_path, orjson.dumps(current, option=orjson.OPT_INDENT_2))
-        return current
+            manifest["command"] = command  # what `pipeline status` shows as the way to resume
+        self.write_manifest(manifest)
+        return manifest
 
-    # -- resuming --------------------------------------------------------------------------------
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_json_atomic(self.manifest_path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
 
-    def resume_plan(self, store: Store, *, retry_failed: bool) -> tuple[set[int], int]:
-        """The finished batches a resume skips, and how many rows they hold.
+    def bind_store(self, store: Store, manifest: dict[str, Any]) -> None:
+        """Record the job's identity in its store, where it survives a lost manifest."""
+        keep = {k: manifest[k] for k in ("fingerprint", "request", "batch_size", "model", "created")}
+        value = orjson.dumps(keep, option=orjson.OPT_SORT_KEYS).decode()
+        if store.get_meta(IDENTITY_META) != value:
+            store.set_meta(IDENTITY_META, value)
 
-        A finished batch is reopened when it has rows a resume must ask again: rows whose retries ran out
-        on transient errors (always: a later run may well get through), and with --retry-failed every row
-        whose request failed. Counts come from the store's part index, so nothing here grows with the
-        job beyond one small row per batch; a part whose index row a kill prevented is counted from its
-        files, once."""
+    def record_input(self, manifest: dict[str, Any], rows: int, names: list[str]) -> None:
+        """This run's input: its row count and the part that holds each batch, in order (for status)."""
+        manifest.update(rows_total=rows, batches=names, updated=time.time())
+        self.write_manifest(manifest)
+
+    # -- parts: one per batch content ------------------------------------------------------------
+
+    def reusable(self, store: Store, names: list[str], *, retry_failed: bool) -> tuple[set[str], PartCounts]:
+        """The parts of this run's batches that can be used as they are, and the rows they hold.
+
+        A part is named after its batch's content (part_names), so a complete part of the same name holds
+        exactly this batch's rows and outcomes: no reading, rendering or store look-ups needed. It is
+        redone when it holds rows a run must ask again: rows whose retries ran out on transient errors
+        (always: a later run may get through), and with --retry-failed every row whose request failed.
+        Counts come from the store's part index; a part whose index row a kill prevented is counted
+        from its files, once."""
         on_disk = done_parts(self.parts)
         index = store.parts()
-        for i in sorted(on_disk - index.keys()):
-            index[i] = count_part(self.parts, i)
-            store.put_part(i, **asdict(index[i]))
-        skip: set[int] = set()
-        rows = 0
-        for i in on_disk:
-            c = index[i]
+        reuse: set[str] = set()
+        ok = failed = request_failed = 0
+        for name in names:
+            if name not in on_disk:
+                continue
+            c = index.get(part_number(name))
+            if c is None:
+                c = count_part(self.parts, name)
+                store.put_part(part_number(name), **asdict(c))
             if c.failed_transient or (retry_failed and c.request_failed):
                 continue
-            skip.add(i)
-            rows += c.ok + c.failed
-        return skip, rows
+            reuse.add(name)
+            ok, failed, request_failed = ok + c.ok, failed + c.failed, request_failed + c.request_failed
+        return reuse, PartCounts(ok, failed, 0, request_failed)
+
+    def prune(self, store: Store, names: list[str]) -> None:
+        """Drop the parts of batches this input no longer has (their answers stay in the store)."""
+        keep = set(names)
+        for entry in os.listdir(self.parts) if self.parts.is_dir() else ():
+            m = ANY_PART_RE.match(entry)
+            if m and m.group(1) not in keep:
+                os.unlink(self.parts / entry)
+        store.forget_parts(set(store.parts()) - {part_number(n) for n in keep})
 
     def _move_aside(self) -> None:
         aside = self.path / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -204,6 +253,24 @@ class JobDir:
             if src.exists():
                 os.replace(src, aside / name)
         self.parts.mkdir(exist_ok=True)
+
+
+def part_context(carried_types: dict[str, str], id_column: str, layout: OutputColumns) -> bytes:
+    """What shapes a part besides its batch's rows: the columns and types it is written with."""
+    shape = {"version": PART_FORMAT, "id": id_column, "carried": carried_types, "schema": layout.schema,
+             "tool_calls": layout.with_tool_calls, "logprobs": layout.with_logprobs, "ttft": layout.with_ttft}
+    return orjson.dumps(shape, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+
+
+def part_names(digests: list[bytes], context: bytes) -> list[str]:
+    """Each batch's part name: its content digest and the part context, as 16 hex characters."""
+    ctx = hashlib.blake2b(context, digest_size=8).digest()
+    return [hashlib.blake2b(d + ctx, digest_size=8).hexdigest() for d in digests]
+
+
+def part_number(name: str) -> int:
+    """A part name as the store's part index keys it (a signed 64-bit integer)."""
+    return int.from_bytes(bytes.fromhex(name), "big", signed=True)
 
 
 def _read_owner(fd: int) -> str:
@@ -222,11 +289,14 @@ def _parse_owner(fd: int) -> dict[str, Any] | None:
         return None
 
 
-def resume_command(config_path: str | None, overrides: list[str] | None, *, retry_failed: bool) -> str:
-    """The command that continues this job: the config path as given plus every --set, shell-quoted."""
+def resume_command(config_path: str | None, overrides: list[str] | None, *, retry_failed: bool,
+                   out_dir: str | None = None) -> str:
+    """The command that continues this job: the config path as given plus every --set, shell-quoted.
+    From a notebook (a dict config) it names the output folder, which a notebook user may not have set."""
     if not config_path or config_path == "<dict>":
         call, flag = ("pipeline.run(..., retry_failed=True)", " --retry-failed") if retry_failed else ("pipeline.run(...)", "")
-        return f"the same {call} call (or `pipeline run CONFIG{flag}` with this job's config file)"
+        where = f" with output.dir {out_dir}" if out_dir else ""
+        return f"the same {call} call{where} (or `pipeline run CONFIG{flag}` with this job's config file)"
     argv = ["pipeline", "run", config_path]
     for item in overrides or ():
         argv += ["--set", item]
@@ -235,10 +305,10 @@ def resume_command(config_path: str | None, overrides: list[str] | None, *, retr
     return shlex.join(argv)
 
 
-def count_part(parts: Path, index: int) -> PartCounts:
+def count_part(parts: Path, name: str) -> PartCounts:
     """A finished batch's counts read from its part files (footer, and the failures' error_class)."""
-    ok = pq.ParquetFile(parts / f"{index:08d}.r.parquet").metadata.num_rows
-    f = parts / f"{index:08d}.f.parquet"
+    ok = pq.ParquetFile(parts / f"{name}.r.parquet").metadata.num_rows
+    f = parts / f"{name}.f.parquet"
     if not f.exists():
         return PartCounts(ok, 0, 0, 0)
     classes = pq.read_table(f, columns=["error_class"]).column("error_class")
@@ -248,6 +318,18 @@ def count_part(parts: Path, index: int) -> PartCounts:
 
 
 _MISSING = object()
+
+
+def _job_changes(known: dict[str, Any], fingerprint: str, request: dict[str, Any]) -> list[str]:
+    """The keys that make `request` another job than `known`; ["?"] when a difference cannot be named.
+
+    Sections a recorded request has and today's identity does not (manifest v1 kept `input`, which is
+    data now) are not compared: upgrading a job folder never makes it a different job."""
+    if known.get("fingerprint") == fingerprint:
+        return []
+    if not isinstance(known.get("request"), dict):
+        return ["?"]
+    return _changed_keys({k: v for k, v in known["request"].items() if k in request}, request)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "", depth: int = 0) -> list[str]:

@@ -1,4 +1,5 @@
-"""`pipeline status OUT_DIR`: progress of a job, read safely while another process runs it."""
+"""`pipeline status OUT_DIR|CONFIG`: progress of a job and its last runs, read safely while another
+process runs it."""
 from __future__ import annotations
 
 import os
@@ -11,17 +12,59 @@ import orjson
 import pyarrow.parquet as pq
 
 from ..errors import EXIT_FAILED_ROWS, EXIT_OK, UsageError
-from ..write.output import PARTIAL_RE, done_parts
-from .jobdir import JobDir, count_part
+from ..ops import history
+from ..write.output import done_parts
+from .jobdir import JobDir, count_part, part_number
 from .store import PartCounts, Store
 
+LAST_RUNS = 5
 
-def job_status(out_dir: str) -> dict[str, Any]:
+
+def resolve_job(target: str) -> str:
+    """An output folder as given, or the output.dir of a config file (YAML/JSON)."""
+    if os.path.isfile(target):
+        from ..config import load_config
+
+        return load_config(target).output.dir
+    return target
+
+
+def _rows(jobdir: JobDir, names: list[str], index: dict[int, PartCounts]) -> tuple[int, int]:
+    """Rows answered and failed in this run's batches: complete parts (counted by the store's index, or
+    from a part's own files when a kill came first) and the partial parts a stop left."""
+    complete = done_parts(jobdir.parts)
+    succeeded = failed = 0
+    for name in names:
+        if name in complete:
+            counts = index.get(part_number(name)) or count_part(jobdir.parts, name)
+            succeeded, failed = succeeded + counts.ok, failed + counts.failed
+            continue
+        for kind in ("pr", "pf"):
+            path = jobdir.parts / f"{name}.{kind}.parquet"
+            if path.exists():
+                rows = pq.ParquetFile(path).metadata.num_rows
+                succeeded, failed = (succeeded + rows, failed) if kind == "pr" else (succeeded, failed + rows)
+    return succeeded, failed
+
+
+def _summary(jobdir: JobDir) -> tuple[dict[str, Any] | None, float | None]:
+    path = jobdir.path / "summary.json"
+    if not path.exists():
+        return None, None
+    try:
+        return orjson.loads(path.read_bytes()), path.stat().st_mtime
+    except orjson.JSONDecodeError:
+        return None, path.stat().st_mtime
+
+
+def job_status(target: str) -> dict[str, Any]:
+    out_dir = resolve_job(target)
     jobdir = JobDir(out_dir)
     manifest = jobdir.read_manifest()
     owner = jobdir.owner()
     if manifest is None and not Path(jobdir.store_path).exists() and owner is None:
-        raise UsageError(f"{out_dir} holds no job (no manifest.json or store.sqlite); give a job's output.dir")
+        raise UsageError(f"{out_dir} holds no job (no manifest.json or store.sqlite); give a job's output.dir "
+                         "or its config file")
     totals: dict[str, Any] = {"by_state": {}, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
                               "last_write": None}
     index: dict[int, PartCounts] = {}
@@ -35,9 +78,9 @@ def job_status(out_dir: str) -> dict[str, Any]:
             batches = batch_rows(store)
         finally:
             store.close()
-    succeeded, failed = _rows_in_outputs(jobdir, index)
+    succeeded, failed = _rows(jobdir, list(manifest.get("batches", [])) if manifest else [], index)
     rows_total = int(manifest.get("rows_total", 0)) if manifest else 0
-    summary, summary_at = _last_summary(jobdir)
+    summary, summary_at = _summary(jobdir)
     if owner is not None:
         state = "running"
     elif summary is not None and summary_at is not None and summary_at >= (totals["last_write"] or 0):
@@ -64,6 +107,7 @@ def job_status(out_dir: str) -> dict[str, Any]:
         "finished": state == "finished",
         "resume_command": manifest.get("command") if manifest else None,
         "batches": batches,
+        "last_runs": history.read(jobdir.path, last=LAST_RUNS),
     }
 
 
@@ -76,44 +120,8 @@ def batch_rows(store: Store) -> list[dict[str, Any]]:
             for c in read_chunks(store) if c.state != "dropped"]
 
 
-def _rows_in_outputs(jobdir: JobDir, index: dict[int, PartCounts]) -> tuple[int, int]:
-    """Rows succeeded and failed in the part files, finished and partial."""
-    succeeded = failed = 0
-    complete = done_parts(jobdir.parts)
-    for i in complete:
-        # The store's part index, or (a part written just before a kill) the part's own files.
-        counts = index.get(i) or count_part(jobdir.parts, i)
-        succeeded += counts.ok
-        failed += counts.failed
-    # Batches a stop left unfinished have partial parts (a handful at most): they are in the outputs too.
-    names = os.listdir(jobdir.parts) if jobdir.parts.is_dir() else []
-    for name in names:
-        m = PARTIAL_RE.match(name)
-        if m and int(m.group(1)) not in complete:
-            rows = pq.ParquetFile(jobdir.parts / name).metadata.num_rows
-            if name.endswith(".pr.parquet"):
-                succeeded += rows
-            else:
-                failed += rows
-    return succeeded, failed
-
-
-def _last_summary(jobdir: JobDir) -> tuple[dict[str, Any] | None, float | None]:
-    """The last run's summary.json (None if absent or torn) and when it was written."""
-    summary_path = jobdir.path / "summary.json"
-    summary: dict[str, Any] | None = None
-    summary_at = None
-    if summary_path.exists():
-        summary_at = summary_path.stat().st_mtime
-        try:
-            summary = orjson.loads(summary_path.read_bytes())
-        except orjson.JSONDecodeError:
-            summary = None
-    return summary, summary_at
-
-
-def print_status(out_dir: str, *, as_json: bool = False) -> int:
-    st = job_status(out_dir)
+def print_status(target: str, *, as_json: bool = False) -> int:
+    st = job_status(target)
     if as_json:
         sys.stdout.write(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
@@ -135,4 +143,11 @@ def print_status(out_dir: str, *, as_json: bool = False) -> int:
                   f"{b['completed']:,}/{b['lines']:,} done, {b['failed']:,} failed ({b['state']})")
     if not st["running"] and st["rows_pending"] and st["resume_command"]:
         print(f"resume     {st['resume_command']}")
+    if st["last_runs"]:
+        print("last runs  (started UTC, exit, rows new/reused/removed, requests, cost, stop)")
+        for r in reversed(st["last_runs"]):
+            print(f"  {r.get('started_at', '?')[:19]}  exit {r.get('exit_code')}  "
+                  f"{r.get('rows_new', 0):,}/{r.get('rows_reused', 0):,}/{r.get('rows_removed', 0):,}  "
+                  f"{r.get('requests', 0):,} req  ${r.get('cost_usd', 0):.4f}  {r.get('stop_reason') or 'ok'}"
+                  + (f": {r['message'][:100]}" if r.get("message") and r.get("stop_reason") else ""))
     return 0

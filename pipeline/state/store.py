@@ -312,6 +312,15 @@ class Store:
             return {}
         return {b: PartCounts(ok, failed, transient, rf) for b, ok, failed, transient, rf in rows}
 
+    def forget_parts(self, batches: Iterable[int]) -> None:
+        """Drop index rows of parts that are gone (batches the input no longer has)."""
+        rows = [(b,) for b in batches]
+        if rows:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM parts WHERE batch = ?", rows)
+            self._db.execute("COMMIT")
+            self._dirty = True
+
     def iter_records(self) -> Iterator[Record]:
         for row in self._db.execute(f"SELECT {_SELECT_NO_RAW} FROM responses"):
             yield Record(**dict(zip([c for c in _COLUMNS if c != "raw"], row)))

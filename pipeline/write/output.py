@@ -1,11 +1,12 @@
 """Results, failures and the summary, written so that every input row lands exactly once.
 
-Each input batch, once all its rows are resolved, becomes two part files (`parts/NNNNNNNN.f.parquet`
-then `parts/NNNNNNNN.r.parquet`, each written to a temp file and renamed; the results part is the
-batch's completion mark). A resume skips batches whose part exists without re-reading or re-rendering
-them. At the end (and on interruption) the parts are concatenated in batch order into
-`results.parquet` and `failures.parquet`, again via temp file + rename, so readers never see a torn
-file and an interrupted merge leaves the previous outputs intact.
+Each input batch, once all its rows are resolved, becomes two part files (`parts/NAME.f.parquet`
+then `parts/NAME.r.parquet`, NAME being the batch's content name (state/jobdir.py part_names), each
+written to a temp file and renamed; the results part is the batch's completion mark). A later run
+reuses the part of an unchanged batch without rendering it. At the end (and on interruption) the parts
+of this run's batches are concatenated in input order into `results.parquet` and `failures.parquet`,
+again via temp file + rename, so readers never see a torn file and an interrupted merge leaves the
+previous outputs intact.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import pyarrow.parquet as pq
 from ..build.schema import arrow_type, to_arrow
 from ..state.store import Record
 
-PART_RE = re.compile(r"^(\d{8})\.r\.parquet$")
-PARTIAL_RE = re.compile(r"^(\d{8})\.p[rf]\.parquet$")
+PART_RE = re.compile(r"^([0-9a-f]{16})\.r\.parquet$")
+PARTIAL_RE = re.compile(r"^([0-9a-f]{16})\.p[rf]\.parquet$")
+# Any part file of any format (older jobs numbered their parts): what pruning may remove.
+ANY_PART_RE = re.compile(r"^([0-9a-f]{8,16})\.p?[rf]\.parquet(?:\.tmp)?$")
 
 LOGPROB_TYPE = pa.list_(pa.struct([
     ("token", pa.string()), ("logprob", pa.float64()),
@@ -58,7 +61,7 @@ class RowFailure:
 
 def write_part(
     parts_dir: Path,
-    index: int,
+    name: str,
     layout: OutputColumns,
     carried: pa.Table,
     outcomes: Sequence[Record | RowFailure | None],
@@ -70,7 +73,7 @@ def write_part(
     """
     results, failures = part_tables(layout, carried, outcomes)
     partial = any(o is None for o in outcomes)
-    stem = parts_dir / f"{index:08d}"
+    stem = parts_dir / name
     r, f = ("pr", "pf") if partial else ("r", "f")
     _atomic_parquet(failures, Path(f"{stem}.{f}.parquet"), layout.compression)
     _atomic_parquet(results, Path(f"{stem}.{r}.parquet"), layout.compression)
@@ -100,10 +103,10 @@ def drop_partial_parts(parts_dir: Path) -> None:
                 os.unlink(parts_dir / name)
 
 
-def done_parts(parts_dir: Path) -> set[int]:
+def done_parts(parts_dir: Path) -> set[str]:
     if not parts_dir.is_dir():
         return set()
-    return {int(m.group(1)) for name in os.listdir(parts_dir) if (m := PART_RE.match(name))}
+    return {m.group(1) for name in os.listdir(parts_dir) if (m := PART_RE.match(name))}
 
 
 def _rename_carried(carried: pa.Table, layout: OutputColumns) -> pa.Table:
@@ -186,20 +189,30 @@ def _atomic_parquet(table: pa.Table, path: Path, compression: str) -> None:
     os.replace(tmp, path)
 
 
-def merge_parts(parts_dir: Path, out_dir: Path, compression: str) -> tuple[int, int]:
-    """Concatenate the parts in batch order into results.parquet and failures.parquet (bounded memory)."""
+def merge_parts(parts_dir: Path, out_dir: Path, compression: str, names: list[str]) -> tuple[int, int]:
+    """Concatenate the parts of `names` (this run's batches, in input order) into results.parquet and
+    failures.parquet (bounded memory); a batch without a part yet is pending and left out."""
     complete = done_parts(parts_dir)
-    partial = {int(m.group(1)) for n in os.listdir(parts_dir) if (m := PARTIAL_RE.match(n))} - complete
     counts = []
     for kind, name in (("r", "results.parquet"), ("f", "failures.parquet")):
-        files = [parts_dir / f"{i:08d}.{kind if i in complete else 'p' + kind}.parquet"
-                 for i in sorted(complete | partial)]
+        files = [parts_dir / f"{n}.{kind if n in complete else 'p' + kind}.parquet" for n in names]
         counts.append(_concat([f for f in files if f.exists()], out_dir / name, compression))
     return counts[0], counts[1]
 
 
+def output_ids(out_dir: Path, id_column: str) -> list[pa.ChunkedArray]:
+    """The ids in the current results and failures (read before a merge replaces them)."""
+    out = []
+    for name in ("results.parquet", "failures.parquet"):
+        path = out_dir / name
+        if path.exists() and id_column in pq.read_schema(path).names:
+            out.append(pq.read_table(path, columns=[id_column]).column(0))
+    return out
+
+
 def _concat(files: list[Path], dest: Path, compression: str) -> int:
     if not files:
+        dest.unlink(missing_ok=True)  # no row of this input is done yet: the outputs hold none
         return 0
     schemas = [pq.read_schema(f) for f in files]
     schema = pa.unify_schemas(schemas, promote_options="permissive")
@@ -249,6 +262,9 @@ class Summary:
     cache_hits: int = 0
     deduplicated: int = 0
     resumed_rows: int = 0
+    rows_new: int = 0        # rows whose request had no answer before this run (sent, or still pending)
+    rows_reused: int = 0     # rows whose request was answered by an earlier run (no cost now)
+    rows_removed: int = 0    # rows of the previous outputs no longer in the input (answers kept in the store)
     stopped: str | None = None
     stop_message: str | None = None
     next_step: str | None = None
@@ -256,6 +272,9 @@ class Summary:
     config_fingerprint: str = ""
     structured: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    run_id: str = ""
+    started_at: str = ""     # UTC ISO-8601
+    finished_at: str = ""
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)

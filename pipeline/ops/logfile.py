@@ -1,0 +1,93 @@
+"""`output.dir/pipeline.log`: what happened during a run, as JSON lines an operator can read (contract 2).
+
+Code anywhere emits through `logging.getLogger("pipeline")`, structured events with
+`extra={"event": NAME, ...fields}`; each line is {"ts": ISO-8601 UTC, "level", "event", "msg", ...fields}.
+Any extra field is written as it is, so events added later appear without changes here. Plain log calls
+get the event "log"; a record with exc_info gets its traceback. The file rotates by size (10 MB, 3 old
+files kept: pipeline.log.1 ...). It is opened without following links (a shared output folder may hold
+a planted one). `-v` mirrors the same records to stderr in a human form (HumanFormatter).
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+LOG_FILE = "pipeline.log"
+MAX_BYTES = 10 * 2**20
+BACKUPS = 3
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "event"}
+
+
+def iso_utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The extra fields a call passed (everything that is not a standard LogRecord attribute)."""
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": iso_utc(record.created), "level": record.levelname,
+                               "event": getattr(record, "event", None) or "log", "msg": record.getMessage()}
+        out.update(fields(record))
+        if record.exc_info and "traceback" not in out:
+            out["traceback"] = "".join(traceback.format_exception(*record.exc_info))
+        return orjson.dumps(out, default=str).decode()
+
+
+class HumanFormatter(logging.Formatter):
+    """`-v` on stderr: time, level, event, message and the fields as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extra = fields(record)
+        trace = extra.pop("traceback", None)
+        event = getattr(record, "event", None)
+        text = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "
+        text += f"{event}: {record.getMessage()}" if event else f"{record.name}: {record.getMessage()}"
+        if extra:
+            text += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        if trace:
+            text += "\n" + str(trace).rstrip()
+        elif record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class JsonLinesHandler(logging.handlers.RotatingFileHandler):
+    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = MAX_BYTES, backups: int = BACKUPS) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self.setFormatter(JsonFormatter())
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        return os.fdopen(fd, "a", encoding="utf-8")
+
+
+class LogFile:
+    """The job's log for the duration of one run: added to the `pipeline` logger, removed at the end.
+
+    The logger is lowered to INFO while attached (so the file gets every event even under -q); what a
+    terminal shows is decided by the stderr handler's own level (the CLI sets it)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.handler = JsonLinesHandler(out_dir / LOG_FILE)  # opened now: an OSError is the caller's to report
+        self.handler.setLevel(logging.INFO)
+        self.logger = logging.getLogger("pipeline")
+        self._level = self.logger.level
+        if self.logger.getEffectiveLevel() > logging.INFO:
+            self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self.handler)
+
+    def close(self) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+        self.logger.setLevel(self._level)

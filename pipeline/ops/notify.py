@@ -1,0 +1,44 @@
+"""`notify.webhook`: POST the run record as JSON when a run ends (on failure, success or both).
+
+A timeout per attempt and a few retries with a growing delay on no answer, a 5xx, 408 or 429; any
+other answer is final. A webhook that cannot be reached is logged and never changes the run's exit
+code. The record holds figures and messages only: never the API key or a secret header (which are
+not in it), and the webhook URL (often a token itself) is not logged, only its host.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+log = logging.getLogger("pipeline")
+
+RETRY_BASE_S = 1.0
+
+
+async def post(url: str, payload: dict[str, Any], *, timeout_s: float, retries: int) -> bool:
+    """True once the receiver answered 2xx; False (logged) when it never did."""
+    body = orjson.dumps(payload)
+    host = urlsplit(url).hostname or "?"
+    why = ""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        for attempt in range(retries + 1):
+            try:
+                async with session.post(url, data=body, headers={"Content-Type": "application/json"},
+                                        allow_redirects=False) as resp:
+                    if resp.status < 300:
+                        return True
+                    why = f"HTTP {resp.status}"
+                    if resp.status < 500 and resp.status not in (408, 429):
+                        break
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                why = type(exc).__name__
+            if attempt < retries:
+                await asyncio.sleep(RETRY_BASE_S * 2**attempt)
+    log.warning("the webhook on %s did not take the run record (%s)", host, why,
+                extra={"event": "notify_failed", "host": host, "error": why})
+    return False
