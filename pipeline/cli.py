@@ -1,19 +1,21 @@
 """`pipeline run | simulate | status | report | show`: a thin layer that parses arguments and formats a Summary.
 
 Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
-sent); 3 stopped early (run-fatal or budget), resumable; 75 batches submitted and still running at the
-provider (run.mode: batch with --no-wait; run the same command again to collect); 130 interrupted, resumable.
+sent); 3 stopped early (run-fatal or budget), resumable; 70 internal error (a bug; the traceback is
+written to a file in output.dir); 75 batches submitted and still running at the provider (run.mode: batch
+with --no-wait; run the same command again to collect); 130 interrupted, resumable.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
-import sqlite3
 import sys
 from typing import Any
 
-from .errors import EXIT_INTERRUPTED, EXIT_STOPPED, PipelineError
+from . import diagnosis
+from .errors import EXIT_INTERRUPTED, InternalError, PipelineError
+from .send import redact
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -91,17 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         from .state.status import print_status
 
         return print_status(args.out_dir, as_json=args.json)
+    except InternalError as exc:  # a broken invariant of our own: a bug, traceback in a file like any other
+        return diagnosis.report_internal(exc, getattr(args, "out_dir", None))
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact.scrub(f"error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (OSError, sqlite3.Error) as exc:
-        # Disk full or another I/O error while writing: what was committed before it is intact.
-        print(f"error: I/O error: {exc}; fix it (e.g. free disk space), then re-run the same command to resume",
-              file=sys.stderr)
-        return EXIT_STOPPED
+    except Exception as exc:  # noqa: BLE001 - the environment failed (say what to do) or a bug (exit 70)
+        out_dir = getattr(args, "out_dir", None)
+        known = diagnosis.explain(exc, out_dir, getattr(args, "max_concurrency", None))
+        if known is None:
+            return diagnosis.report_internal(exc, out_dir)
+        print(redact.scrub(f"error: {known[0]}"), file=sys.stderr)
+        return known[1]
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -132,6 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         args.overrides.append(f"input.limit={args.limit}")
     cfg = load_config(args.config, args.overrides)
+    args.out_dir, args.max_concurrency = cfg.output.dir, cfg.limits.max_concurrency  # for diagnosis
     if args.dry_run:
         from .engines.estimate import dry_run
 
@@ -154,7 +161,7 @@ def _print_summary(s: Any, *, quiet: bool) -> None:
         f"rows {s.rows_new:,} new, {s.rows_reused:,} reused, {s.rows_removed:,} removed"
     )
     if s.stopped and s.stopped != "incomplete":
-        print(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": "), file=sys.stderr)
+        print(redact.scrub(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": ")), file=sys.stderr)
     if not quiet or s.exit_code not in (0,):
         print(line, file=sys.stderr)
         if s.retries:

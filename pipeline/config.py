@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -17,6 +18,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from . import yaml_loader
 from .errors import ConfigError
 
 StructuredMode = Literal["auto", "json_schema", "json_object", "tool"]
@@ -25,7 +27,8 @@ IMAGE_BATCH_SIZE = 64
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # allow_inf_nan=False: an infinite backoff or rate is never meant, and one silently hung a run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class InputConfig(Section):
@@ -50,6 +53,25 @@ class InputConfig(Section):
     )
 
 
+# HTTP header names are RFC 9110 tokens: no whitespace, no separators, no CR/LF.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_CREDENTIAL_HEADER = re.compile(r"authorization|api[-_]?key|token|secret|password|cookie", re.IGNORECASE)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_header(name: str, value: str) -> None:
+    """What HTTP allows: a token for the name; no CR, LF or NUL in the value (header injection)."""
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"{name!r} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only; "
+                         "no spaces or line breaks)")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"the value of header {name!r} holds a line break or NUL, which HTTP does not allow")
+
+
+def _header_safe(value: str) -> bool:
+    return all(" " <= c <= "~" or c == "\t" for c in value)
+
+
 class EndpointConfig(Section):
     base_url: str = Field("https://openrouter.ai/api/v1", description="API root, or 'simulator'.")
     model: str = Field("openai/gpt-4-turbo", min_length=1)
@@ -71,19 +93,64 @@ class EndpointConfig(Section):
             raise ValueError("must be an http(s) URL such as https://openrouter.ai/api/v1, or 'simulator'")
         return v.rstrip("/")
 
+    secret_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Header name -> environment variable holding its value (e.g. {api-key: AZURE_OPENAI_KEY}); "
+                    "the values never enter a file, the manifest or the job fingerprint, and are scrubbed from "
+                    "everything the server sends back.",
+    )
+
     @field_validator("headers")
     @classmethod
-    def _no_auth_header(cls, v: dict[str, str]) -> dict[str, str]:
-        # The key must only ever come from the environment, never from a file that gets committed.
-        if any(k.lower() == "authorization" for k in v):
-            raise ValueError("do not put Authorization here; set the key in the env var named by endpoint.api_key_env")
+    def _plain_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            # A credential here would be written wherever the config or the resume command goes.
+            if name.strip().lower() == "authorization":
+                raise ValueError("do not put Authorization here; set the key in the env var named by "
+                                 "endpoint.api_key_env")
+            if _CREDENTIAL_HEADER.search(name):
+                raise ValueError(f"{name!r} looks like a credential: do not put it in headers; give it from the "
+                                 f"environment with endpoint.secret_headers: {{{name.strip()}: ENV_VAR_NAME}}")
+            _check_header(name, value)
         return v
+
+    @field_validator("secret_headers")
+    @classmethod
+    def _secret_headers(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        plain = {k.lower() for k in info.data.get("headers") or {}}
+        for name, env in v.items():
+            _check_header(name, "")
+            if name.lower() == "authorization":
+                raise ValueError("the Authorization header is built from endpoint.api_key_env; set that instead")
+            if name.lower() in plain:
+                raise ValueError(f"{name!r} is also in endpoint.headers; set it in one place")
+            if not _ENV_NAME.match(env):
+                raise ValueError(f"{name}: give the NAME of an environment variable (letters, digits, _), "
+                                 f"not the value")
+        return v
+
+    def secret_header_values(self, file: str | None = None) -> dict[str, str]:
+        """The secret headers' values from the environment; ConfigError naming the key when one is missing."""
+        from .send import redact
+
+        out: dict[str, str] = {}
+        for name, env in self.secret_headers.items():
+            value = os.environ.get(env, "")
+            if not value.strip():
+                raise ConfigError(f"the environment variable {env} is not set (export {env}=...)",
+                                  key=f"endpoint.secret_headers.{name}", file=file)
+            if not _header_safe(value.strip()):
+                raise ConfigError(f"the value of {env} holds a line break or a character an HTTP header cannot "
+                                  "carry (printable ASCII only)", key=f"endpoint.secret_headers.{name}", file=file)
+            out[name] = redact.register(value.strip())
+        return out
 
     @field_validator("app_url", "app_title")
     @classmethod
     def _app_headers_agree(cls, v: str | None, info: ValidationInfo) -> str | None:
         # A field validator (headers is declared first) so the error names endpoint.app_url / app_title.
         names = ("HTTP-Referer",) if info.field_name == "app_url" else ("X-OpenRouter-Title", "X-Title")
+        _check_header(names[0], v or "")
         given = {k.lower(): val for k, val in (info.data.get("headers") or {}).items()}
         for name in names:
             if v is not None and given.get(name.lower(), v) != v:
@@ -100,10 +167,15 @@ class EndpointConfig(Section):
             out["X-Title"] = self.app_title
         return out
 
-    def request_headers(self) -> dict[str, str]:
-        """Headers sent with every request: app attribution, then `headers` (which win on case)."""
+    def public_headers(self) -> dict[str, str]:
+        """The headers that are not secret: app attribution, then `headers` (which win on case)."""
         given = {k.lower() for k in self.headers}
         return {**{k: v for k, v in self._app_headers().items() if k.lower() not in given}, **self.headers}
+
+    def request_headers(self, file: str | None = None) -> dict[str, str]:
+        """Headers sent with every request: the public ones, then the secret headers read from the
+        environment now."""
+        return {**self.public_headers(), **self.secret_header_values(file)}
 
 
 class PromptConfig(Section):
@@ -113,6 +185,11 @@ class PromptConfig(Section):
     images: list[str] = Field(default_factory=list, description="Columns holding images (URL, path, bytes, list).")
     image_detail: Literal["auto", "low", "high"] = "auto"
     image_max_side: int | None = Field(None, ge=16, description="Downscale local images to this longest side.")
+    image_roots: list[str] = Field(
+        default_factory=list,
+        description="More folders local image paths may resolve into (relative to the config file); the input "
+                    "file's folder is always allowed, anything else in a row is refused.",
+    )
 
     @model_validator(mode="after")
     def _has_prompt(self) -> "PromptConfig":
@@ -333,8 +410,11 @@ class Config(Section):
 
     def api_key(self) -> str:
         """The key from the environment; a clear error (never the value) when it is missing."""
+        from .send import redact
+
         if self.endpoint.base_url == "simulator":
-            return os.environ.get(self.endpoint.api_key_env) or "sk-simulator"
+            self.endpoint.secret_header_values(self.source)
+            return redact.register(os.environ.get(self.endpoint.api_key_env) or "sk-simulator")
         key = os.environ.get(self.endpoint.api_key_env, "").strip()
         if not key:
             raise ConfigError(
@@ -343,7 +423,12 @@ class Config(Section):
                 key="endpoint.api_key_env",
                 file=self.source,
             )
-        return key
+        if not _header_safe(key):
+            raise ConfigError(f"the value of {self.endpoint.api_key_env} holds a line break or a character an "
+                              "HTTP header cannot carry (printable ASCII only)", key="endpoint.api_key_env",
+                              file=self.source)
+        self.endpoint.secret_header_values(self.source)  # every secret the run needs, checked at start
+        return redact.register(key)
 
     def request_config(self) -> dict[str, Any]:
         """Everything that shapes what is asked: the job's identity, as plain JSON. The input is data (it may
@@ -351,7 +436,7 @@ class Config(Section):
         freely."""
         keep = {
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
-            "prompt": self.prompt.model_dump(),
+            "prompt": self.prompt.model_dump(exclude={"image_roots"}),  # where files may be read, not what is asked
             "params": self.params.model_dump(exclude_none=True),
             "structured": self.structured.model_dump(by_alias=True) if self.structured else None,
         }
@@ -385,7 +470,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError("config file not found (give the path to a .yaml file)", file=name)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            raw = yaml_loader.load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"not valid YAML: {exc}", file=name) from None
         if not isinstance(raw, dict):
@@ -393,12 +478,16 @@ def load_config(
         base = path.resolve().parent
     for key, value in _normalise_overrides(overrides).items():
         _set_dotted(raw, key, value, name)
+    yaml_loader.check_shape(raw, name)  # before validation and the fingerprint walk it recursively
     try:
         cfg = Config.model_validate({**raw, "source": name})
     except ValidationError as exc:
         raise ConfigError(_explain(exc, raw), file=name) from None
     _resolve_paths(cfg, base)
     _check_budget_price(cfg)
+    from .build.templates import check_prompt  # compiled before any input is read or anything is sent
+
+    check_prompt(cfg.prompt, name)
     _check_batch_mode(cfg)
     return cfg
 
@@ -440,7 +529,7 @@ def _normalise_overrides(overrides: Union[list[str], dict[str, Any], None]) -> d
         if not sep or not key.strip():
             raise ConfigError(f"--set takes KEY=VALUE with a dotted key (e.g. output.dir=/tmp/x), got {item!r}")
         try:
-            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+            out[key.strip()] = yaml_loader.load(text) if text.strip() else ""
         except yaml.YAMLError:
             out[key.strip()] = text
     return out
@@ -473,7 +562,9 @@ def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
             lines.append(f"{dotted}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{dotted}: {msg} (got {_short(err.get('input'))})")
+            # Header values may be credentials: never echo them into a message.
+            got = "" if dotted.startswith("endpoint.headers") else f" (got {_short(err.get('input'))})"
+            lines.append(f"{dotted}: {msg}{got}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -517,6 +608,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         cfg.output.metrics_file = resolve(cfg.output.metrics_file)
     if cfg.cache.dir:
         cfg.cache.dir = resolve(cfg.cache.dir)
+    cfg.prompt.image_roots = [resolve(r) for r in cfg.prompt.image_roots]
     if cfg.structured and isinstance(cfg.structured.schema_, str):
         # Load the file now so the job fingerprint covers the schema's content, not its path.
         path = Path(resolve(cfg.structured.schema_))
@@ -524,9 +616,16 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
             loaded = orjson.loads(path.read_bytes())
         except FileNotFoundError:
             raise ConfigError(f"schema file {path} not found", key="structured.schema", file=cfg.source) from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a folder; give the path to a JSON Schema file (.json)",
+                              key="structured.schema", file=cfg.source) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read schema file {path}: {exc.strerror or exc}", key="structured.schema",
+                              file=cfg.source) from None
         except orjson.JSONDecodeError as exc:
             raise ConfigError(f"schema file {path} is not valid JSON: {exc}", key="structured.schema",
                               file=cfg.source) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"schema file {path} must hold a JSON object", key="structured.schema", file=cfg.source)
+        yaml_loader.check_shape(loaded, cfg.source, "structured.schema")
         cfg.structured.schema_ = loaded

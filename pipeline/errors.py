@@ -6,6 +6,8 @@
     │   ├── InputError          names the input file and row or line
     │   ├── JobChangedError     the output dir holds answers to a different job
     │   ├── StoreLockedError    another runner owns the output dir
+    │   ├── StoreDamagedError   store.sqlite is not a readable database: set it aside (the message says how)
+    │   ├── UnsafePathError     a link (or a non-plain file) where the runner would write in the output dir
     │   └── StateVersionError   the output dir was written by a newer version of the pipeline
     ├── InputChangedError       an input file changed while it was read: stopped unmixed (exit 3)
     ├── RowError                one input row cannot become a request (a failure row, the run goes on)
@@ -23,8 +25,10 @@
     ├── InternalError           a broken invariant of our own: a bug, not the user's doing (exit 70)
     └── Stopped                 dispatch has stopped; the request stays pending (never leaves the engine)
 
-Every error carries typed fields and a message that says what to do next. No message may ever contain
-the API key: errors are built from status codes and response bodies, never from request headers.
+An InternalError, or any other exception that escapes a command, is a bug: exit 70 (EXIT_INTERNAL),
+the traceback in a file (diagnosis.py). Every error carries typed fields and a message that says what
+to do next. No message may ever contain the API key: errors are built from status codes and response
+bodies, never from request headers, and the transport scrubs echoed secrets from them (send/redact.py).
 A run stops on a `FatalReply` or a `RunFatalError`; both carry `hint`, the next step to print.
 """
 from __future__ import annotations
@@ -37,7 +41,7 @@ EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
-EXIT_INTERNAL = 70
+EXIT_INTERNAL = 70  # a bug: the store is consistent; re-run after the fix (diagnosis.report_internal)
 # run.mode: batch with --no-wait: batches are running at the provider; run the same command again to collect.
 EXIT_BATCH_SUBMITTED = 75
 EXIT_INTERRUPTED = 130
@@ -94,6 +98,14 @@ class JobChangedError(UsageError):
 
 class StoreLockedError(UsageError):
     """Another live process is writing the same output directory."""
+
+
+class StoreDamagedError(UsageError):
+    """store.sqlite cannot be read as a database: it must be set aside by hand (the message says how)."""
+
+
+class UnsafePathError(UsageError):
+    """Something in the output folder is a link (or otherwise not ours to write); nothing was written."""
 
 
 class StateVersionError(UsageError):

@@ -4,6 +4,11 @@ A value may be an http(s) URL (sent as is, never fetched), a `data:image/...;bas
 path (relative to the input file's folder; `file://` accepted), raw bytes, a Hugging Face style
 `{"bytes": ..., "path": ...}` struct, or a list of these. None, "" and [] mean "no image".
 
+Rows are untrusted, and a local image is uploaded: a path is read only when its realpath (symlinks
+followed) lies inside an allowed root (the input file's folder, plus `prompt.image_roots`), only if it
+is a regular file, and never more than the size limit plus one byte. A path outside the roots fails
+the row with a message that does not say whether the file exists. `~` is not expanded.
+
 Local files and bytes become base64 data URLs. The real format is read from the bytes, never from a
 file name: PNG, JPEG, WEBP and non-animated GIF are what GPT-4 Turbo accepts (wire-facts §3), so
 anything else fails the row here instead of costing a 400 later. Pixels are only decoded when an
@@ -20,6 +25,8 @@ import binascii
 import io
 import math
 import os
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +35,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import RowError
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
+# A local file that will be downscaled (prompt.image_max_side) may be larger than what is sent, not unbounded.
+MAX_SOURCE_BYTES = 200 * 1024 * 1024
 UNKNOWN_URL_SIZE = (1024, 1024)
 SUPPORTED_FORMATS = ("png", "jpeg", "webp", "gif")
 _SUPPORTED_TEXT = "PNG, JPEG, WEBP or non-animated GIF"
@@ -105,9 +114,10 @@ class EncodedImage:
 class ImageEncoder:
     """Turns image column values into content parts; one per Renderer, holding only settings."""
 
-    def __init__(self, detail: str = "auto", max_side: int | None = None) -> None:
+    def __init__(self, detail: str = "auto", max_side: int | None = None, roots: Iterable[str] = ()) -> None:
         self.detail = detail
         self.max_side = max_side
+        self._roots = tuple(os.path.realpath(r) for r in roots)
         self._url_tokens = image_tokens(*UNKNOWN_URL_SIZE, detail)
 
     def parts(
@@ -157,25 +167,20 @@ class ImageEncoder:
         if low.startswith("data:"):
             return self._from_data_url(text)
         if low.startswith("file://"):
-            text = text[7:]
+            text = text[7:]  # still judged by where it resolves, like any other path
         return self._from_file(text, base_dir)
 
     def _from_file(self, path: str, base_dir: str) -> EncodedImage:
-        full = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
-        try:
-            size = os.path.getsize(full)
-            # Without downscaling the file is sent as is, so an oversize one need not be read at all.
-            if size > MAX_IMAGE_BYTES and not self.max_side:
-                raise _ImageProblem(_too_large(size, full))
-            with open(full, "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            raise _ImageProblem(
-                f"image file not found: {full} (relative paths are resolved against the input file's folder)"
-            ) from None
-        except OSError as exc:
-            raise _ImageProblem(f"cannot read image file {full}: {exc.strerror or exc}") from None
-        return self._from_bytes(data, what=full)
+        full = os.path.realpath(os.path.join(base_dir, path))  # symlinks followed, then judged by the target
+        roots = self._roots + (os.path.realpath(base_dir),)
+        if not any(_inside(full, root) for root in roots):
+            # Says nothing about whether the file exists: the row's author must not learn that either.
+            raise _ImageProblem(f"image path {_short(path)} is outside the folders images may be read from "
+                                "(the input file's folder, and prompt.image_roots); move the image there or "
+                                "add its folder to prompt.image_roots")
+        limit = MAX_SOURCE_BYTES if self.max_side else MAX_IMAGE_BYTES
+        # Inside the roots, naming the resolved file helps and reveals nothing the row may not read anyway.
+        return self._from_bytes(read_regular_file(full, full, limit), what=full)
 
     def _from_data_url(self, url: str) -> EncodedImage:
         header, sep, payload = url.partition(",")
@@ -223,6 +228,53 @@ class ImageEncoder:
     def _data_url(self, data: bytes, fmt: str, width: int, height: int) -> EncodedImage:
         url = f"data:image/{fmt};base64," + base64.b64encode(data).decode("ascii")
         return EncodedImage(url, width, height, image_tokens(width, height, self.detail))
+
+
+def read_regular_file(full: str, shown: str, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file, else _ImageProblem; `full` is already a realpath.
+
+    O_NOFOLLOW: a link swapped in after the realpath check is not followed. O_NONBLOCK: a FIFO cannot
+    hang the open; fstat on the open descriptor then refuses anything but a regular file (FIFO,
+    device, socket). The size is enforced while reading, never taken from stat (/dev/zero, /proc).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(full, flags)
+    except FileNotFoundError:
+        raise _ImageProblem(f"image file not found: {shown} (relative paths are resolved against the input "
+                            "file's folder)") from None
+    except OSError as exc:
+        raise _ImageProblem(f"cannot read image file {shown}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _ImageProblem(f"image path {shown} is not a regular file")
+        chunks: list[bytes] = []
+        got = 0
+        while got <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as exc:
+        raise _ImageProblem(f"cannot read image file {shown}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if got > limit:
+        if limit > MAX_IMAGE_BYTES:
+            raise _ImageProblem(f"{shown}: image file is over the {limit // 1_048_576} MB limit for an image to "
+                                "downscale; shrink it")
+        raise _ImageProblem(f"{shown}: image file is over the 20 MB per-image limit; shrink it or set "
+                            "prompt.image_max_side")
+    return b"".join(chunks)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 120 else repr(text[:117] + "...")
 
 
 class _ImageProblem(Exception):

@@ -1,10 +1,11 @@
 """Rows into request bodies: Jinja templates over columns and image parts (the request itself: request.py).
 
-Templates are compiled once with StrictUndefined, so a missing column fails the row instead of
-silently sending an empty prompt, and a value printed by `{{ ... }}` that is null fails it too ("null
-in column X"); a null tested in `{% if x %}` is fine. `Renderer.check_columns(scan.columns)` turns a
-template variable (or image / messages / from_columns column) that no input column provides into one
-ConfigError before anything is sent, instead of a failure on every row.
+Templates are compiled once in Jinja's immutable sandbox (templates.py) with StrictUndefined, so a
+missing column fails the row instead of silently sending an empty prompt, and a value printed by
+`{{ ... }}` that is null fails it too ("null in column X"); a null tested in `{% if x %}` is fine.
+`Renderer.check_columns(scan.columns)` turns a template variable (or image / messages / from_columns
+column) that no input column provides into one ConfigError before anything is sent, instead of a
+failure on every row.
 
 The body holds the model, the messages, and exactly the params set in the config (absent ones stay
 absent so the provider's defaults apply), `params.extra` at the top level, and per-row values from
@@ -23,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import jinja2
-import jinja2.meta
 import orjson
 
 from ..config import Config
 from ..errors import ConfigError, RowError
 from ..models.catalog import context_window, max_output_tokens
+from . import templates
 from .images import ImageEncoder
 from .tokens import TokenCounter
 
@@ -82,7 +83,7 @@ class Renderer:
         self._system_text = self._constant(self._system, "prompt.system")
         self._messages_col = p.messages_column
         self._image_cols = list(p.images)
-        self._images = ImageEncoder(p.image_detail, p.image_max_side)
+        self._images = ImageEncoder(p.image_detail, p.image_max_side, p.image_roots)
         self._input_dir = input_dir or os.getcwd()
         self._from_columns = list(cfg.params.from_columns.items())
         self._static = self._static_body()
@@ -98,13 +99,8 @@ class Renderer:
     def _compile(self, source: str | None, key: str) -> jinja2.Template | None:
         if not source:
             return None
-        try:
-            ast = self._env.parse(source)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ConfigError(f"template syntax error on line {exc.lineno}: {exc.message}", key=key,
-                              file=self.cfg.source) from None
-        self.variables[key] = set(jinja2.meta.find_undeclared_variables(ast)) - set(self._env.globals)
-        return self._env.from_string(ast)
+        template, self.variables[key] = templates.compile_template(self._env, source, key, self.cfg.source)
+        return template
 
     def _constant(self, template: jinja2.Template | None, key: str) -> str | None:
         """The text of a template that uses no column, rendered once (a fixed system prompt, typically)."""
@@ -274,9 +270,9 @@ class Renderer:
 
 
 def template_environment() -> jinja2.Environment:
-    """The one Jinja environment prompts compile in (undefined columns and printed nulls fail the row)."""
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, finalize=_no_null, autoescape=False,
-                              keep_trailing_newline=True)
+    """The one Jinja environment prompts compile in: the immutable sandbox (templates.py); undefined
+    columns and printed nulls fail the row."""
+    return templates.environment(finalize=_no_null)
 
 
 def _render(template: jinja2.Template, row: dict[str, Any], env_globals: dict[str, Any]) -> str:

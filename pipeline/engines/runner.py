@@ -250,7 +250,7 @@ async def _endpoint_url(cfg: Config, stack: contextlib.AsyncExitStack) -> str:
 
 def _http_transport(cfg: Config, base_url: str, api_key: str) -> HttpTransport:
     return HttpTransport(
-        base_url, api_key, cfg.endpoint.request_headers(), timeout_s=cfg.endpoint.timeout_s,
+        base_url, api_key, cfg.endpoint.request_headers(cfg.source), timeout_s=cfg.endpoint.timeout_s,
         read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
         pool_size=cfg.limits.max_concurrency)
 

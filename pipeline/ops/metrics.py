@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..state import safefs
 from .figures import Figures
 
 
@@ -64,4 +65,6 @@ def _gauge(name: str, doc: str, job: list[str], value: float) -> GaugeMetricFami
 def write_metrics(path: str, figures: Figures) -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(figures))
-    write_to_textfile(path, registry)  # temp file in the same folder, then rename
+    # Not prometheus_client's write_to_textfile: its temporary name is predictable and opened through
+    # links, and the textfile folder is often shared; safefs uses an unpredictable O_EXCL name, then rename.
+    safefs.write_atomic(path, generate_latest(registry))

@@ -190,6 +190,50 @@ class ParquetReader:
         self.pf.close()
 
 
+# What JobDir creates first (state/jobdir.py): a folder holding these is a job's output folder.
+_JOB_MARKERS = ("store.sqlite", "manifest.json", ".lock")
+_JOB_OUTPUTS = frozenset({"results.parquet", "failures.parquet", "summary.json", "manifest.json"})
+
+
+def is_job_dir(folder: str) -> bool:
+    """A pipeline output folder: parts/ beside a store, manifest or lock (a --force-new `previous-*` too)."""
+    return os.path.isdir(os.path.join(folder, "parts")) and any(
+        os.path.lexists(os.path.join(folder, m)) for m in _JOB_MARKERS)
+
+
+def _outside_job_dirs(matched: list[str], pattern: str) -> list[str]:
+    """Files a folder or glob matched, minus those a job's output folder holds.
+
+    Our own outputs (results.parquet, parts/) under the input folder or a recursive glob would otherwise be
+    read back as input on the next run. A job folder below the pattern's fixed part is skipped whole; when
+    the input folder is itself a job's output.dir, only the job's own files are (its outputs, parts/ and
+    previous-*/), so the input beside them is still read. A file named explicitly is never filtered:
+    reading another job's results.parquet on purpose is fine."""
+    fixed = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+    root = os.path.abspath(fixed if os.path.isdir(fixed) else os.path.dirname(fixed) or ".")
+    root_is_job = is_job_dir(root)
+    verdict: dict[str, bool] = {}
+
+    def below_job(folder: str) -> bool:  # folder is strictly below root
+        if folder not in verdict:
+            parent = os.path.dirname(folder)
+            if parent == root:
+                own = root_is_job and (os.path.basename(folder) == "parts" or
+                                       os.path.basename(folder).startswith("previous-"))
+                verdict[folder] = own or is_job_dir(folder)
+            else:
+                verdict[folder] = is_job_dir(folder) or (parent != folder and below_job(parent))
+        return verdict[folder]
+
+    def skip(p: str) -> bool:
+        folder = os.path.dirname(os.path.abspath(p))
+        if folder == root:
+            return root_is_job and os.path.basename(p) in _JOB_OUTPUTS
+        return folder.startswith(root + os.sep) and below_job(folder)
+
+    return [p for p in matched if not skip(p)]
+
+
 def resolve(cfg: InputConfig) -> list[File]:
     path, forced = cfg.path, (None if cfg.format == "auto" else cfg.format)
     listed: dict[str, int] | None = None  # object storage: size per URI, as the listing said
@@ -209,6 +253,11 @@ def resolve(cfg: InputConfig) -> list[File]:
     else:
         raise InputError("input file or folder not found (input.path is resolved against the config's folder)",
                          file=path)
+    if not os.path.isfile(path):
+        kept = _outside_job_dirs(matched, path)
+        if len(kept) < len(matched):
+            problem += " (files inside pipeline output folders are never read as input)"
+        matched = kept
     files = []
     for p in matched:
         ext = os.path.splitext(p)[1].lower()

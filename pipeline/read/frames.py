@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,10 @@ def frame_file(data: Any) -> Iterator[str]:
         raise UsageError("input= holds no rows")
     folder = Path(tempfile.gettempdir()) / f"pipeline-input-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(folder)
+    # The temp folder is shared: a folder someone else made (or a link) there could read or swap our rows.
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise UsageError(f"{folder} is not a private folder of this user; remove it and run again")
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     os.close(fd)
     try:

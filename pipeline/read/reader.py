@@ -139,15 +139,20 @@ class Source:
                     check_stamp(f)
                 rd, last = readers[fi], f
                 check.file(f)
-                if isinstance(rd, JsonlReader):
-                    # Only a batch's first segment can start mid-file, and that is where its checkpoint is.
-                    lines = rd.read(local, take, st.ck_offset[index], st.ck_line[index])
-                    for line, raw in lines:
-                        check.line(line, raw)
-                    tables.append(self._jsonl(st, out, f, lines))
-                else:
-                    check.rows(f, local, take)
-                    tables.append(self._parquet(st, out, f, rd.read(local, take), local))
+                try:
+                    if isinstance(rd, JsonlReader):
+                        # Only a batch's first segment can start mid-file, and that is where its checkpoint is.
+                        lines = rd.read(local, take, st.ck_offset[index], st.ck_line[index])
+                        for line, raw in lines:
+                            check.line(line, raw)
+                        tables.append(self._jsonl(st, out, f, lines))
+                    else:
+                        check.rows(f, local, take)
+                        tables.append(self._parquet(st, out, f, rd.read(local, take), local))
+                except (pa.ArrowException, OSError) as exc:
+                    # A damaged page or a failing disk: name the file, not just the codec's complaint.
+                    raise InputError(f"cannot read rows {local}-{local + take - 1} of this file ({exc}); it may be "
+                                     "damaged: replace it or leave it out of input.path", file=f.path) from None
                 check_stamp(f)  # read, then checked: a file rewritten meanwhile never reaches a request
                 g += take
             fi, local = fi + 1, 0
@@ -328,7 +333,14 @@ class _Index:
         self.columns.update((name, None) for name in schema.names if name not in self.columns)
         for c in self.cfg.columns:
             if c in schema.names:
-                self.types[c] = _merge(self.types.get(c), schema.field(c).type)
+                before, here = self.types.get(c), schema.field(c).type
+                merged = _merge(before, here)
+                if not all(_castable(t, merged) for t in (before, here) if t is not None):
+                    # Found now, not as a crash halfway through writing the outputs.
+                    raise InputError(f"carried column {c!r} is {here} here but {before} in an earlier input file; "
+                                     "input.columns needs one type across files: convert the files, or drop "
+                                     f"{c!r} from input.columns", file=f.path)
+                self.types[c] = merged
         if id_col is not None and id_col not in schema.names:
             raise InputError(f"id column {id_col!r} not found; available columns: {', '.join(schema.names)}",
                              file=f.path)
@@ -423,6 +435,14 @@ def _merge(a: pa.DataType | None, b: pa.DataType) -> pa.DataType:
         return s.field("x").type
     except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError):
         return pa.string()
+
+
+def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
+    try:
+        pa.array([], type=src).cast(dst)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return False
+    return True
 
 
 def _to_array(values: list[Any], t: pa.DataType, column: str) -> pa.Array:

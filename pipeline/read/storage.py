@@ -9,7 +9,9 @@ for GCS the application default credentials), with two corrections:
 
 Writes are complete-or-absent per file: an object store shows an object only once its upload completed,
 so `put_file` uploads under a temporary key and moves it (a server-side copy) to the final key;
-`write_bytes` is one PUT of the whole body. A local path goes through a temporary file and a rename.
+`write_bytes` is one PUT of the whole body. A local path goes through a temporary file and a rename,
+both through state/safefs.py (the output folder may be shared: no file or folder below `root` is
+written through a link).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from ..errors import ConfigError, InputError
+from ..state import safefs
 
 SCHEMES = ("s3", "gs", "gcs")
 _COPY_CHUNK = 8 << 20
@@ -124,16 +127,12 @@ def open_random(uri: str, options: dict[str, Any] | None = None) -> Any:
         raise InputError(f"cannot read the object: {exc}", file=uri) from None
 
 
-def write_bytes(uri: str, data: bytes, options: dict[str, Any] | None = None) -> None:
-    """The whole object in one upload (local: temp file + rename): complete or absent."""
+def write_bytes(uri: str, data: bytes, options: dict[str, Any] | None = None, *, root: str | None = None) -> None:
+    """The whole object in one upload (local: temp file + rename): complete or absent. `root`: the
+    output folder `uri` lies in; the folders below it are created or accepted only if they are no links."""
     if not is_remote(uri):
-        tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
-        os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, uri)
+        _local_folders(uri, root)
+        safefs.write_atomic(uri, data)
         return
     fs, path = filesystem(uri, options)
     out = fs.open_output_stream(path)
@@ -141,13 +140,13 @@ def write_bytes(uri: str, data: bytes, options: dict[str, Any] | None = None) ->
     out.close()
 
 
-def put_file(local: str, uri: str, options: dict[str, Any] | None = None) -> None:
-    """Copy a local file to `uri` so that readers see the old object or the whole new one."""
+def put_file(local: str, uri: str, options: dict[str, Any] | None = None, *, root: str | None = None) -> None:
+    """Copy a local file to `uri` so that readers see the old object or the whole new one (`root`: as
+    for write_bytes)."""
     if not is_remote(uri):
-        os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
-        tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, uri)
+        _local_folders(uri, root)
+        with open(local, "rb") as src, safefs.atomic_writer(uri) as out:
+            shutil.copyfileobj(src, out, _COPY_CHUNK)
         return
     fs, path = filesystem(uri, options)
     tmp = f"{path.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
@@ -162,6 +161,18 @@ def put_file(local: str, uri: str, options: dict[str, Any] | None = None) -> Non
         except OSError:
             pass
         raise
+
+
+def _local_folders(uri: str, root: str | None) -> None:
+    """Create the folders between `root` (which may itself be a link) and the file, refusing links."""
+    folder = os.path.dirname(uri) or "."
+    if root is None or not os.path.abspath(folder).startswith(os.path.abspath(root) + os.sep):
+        os.makedirs(folder, exist_ok=True)
+        return
+    os.makedirs(root, exist_ok=True)
+    below = os.path.relpath(folder, root).split(os.sep)
+    for i in range(1, len(below) + 1):
+        safefs.ensure_dir(os.path.join(root, *below[:i]))
 
 
 def list_files(uri: str, options: dict[str, Any] | None = None) -> list[str]:

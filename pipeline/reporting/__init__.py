@@ -18,6 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
+from ..state import safefs
 from .compare import Comparison, compare
 from .data import RunData, load_run
 from .html import document, fragment
@@ -47,9 +48,7 @@ class Report:
     def save(self, path: PathLike) -> Path:
         """Write the document atomically (temp file + rename)."""
         dest = Path(path)
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_text(self.html, encoding="utf-8")
-        os.replace(tmp, dest)
+        safefs.write_atomic(dest, self.html.encode("utf-8"))  # often into an output.dir: never through a link
         return dest
 
     def _repr_html_(self) -> str:

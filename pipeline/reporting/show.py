@@ -9,7 +9,8 @@ input changed since), the body is shown marked as unverified, never passed off a
 
 Config candidates, first match of the job fingerprint wins: --config, the command recorded in the
 manifest (config path plus its --set items), the manifest's config path, the manifest's request section.
-The API key is never read: the Authorization header is shown redacted.
+The API key and the secret headers are never read: the Authorization header and every
+endpoint.secret_headers entry are shown redacted.
 """
 from __future__ import annotations
 
@@ -132,7 +133,8 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
             return {"note": f"the row does not render: {getattr(outcomes[i], 'message', '')}", "verified": False}
         job = jobs[keys[i]]
         shown = {"method": "POST", "url": _url(cfg.endpoint.base_url),
-                 "headers": {"Authorization": REDACTED, **cfg.endpoint.request_headers()},
+                 "headers": {"Authorization": REDACTED, **cfg.endpoint.public_headers(),
+                             **{name: "[redacted]" for name in cfg.endpoint.secret_headers}},
                  "body": _short_data_urls(orjson.loads(job.payload)), "key": keys[i], "mode": mode}
         if key is None or keys[i] == key:
             return {**shown, "verified": key is not None,

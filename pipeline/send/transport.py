@@ -9,7 +9,9 @@ assembled body's `error` (as in a 200 body) and a stream that stops without a fi
 sets `Reply.cut_off`; the classifier (classify.py) decides what either means.
 Network failures become `TransientError` (`code="connect"` when no connection could be made, which
 the dispatcher watches to tell an endpoint that went away); a redirect or a TLS failure is run-fatal
-(it will not get better, and the key must not follow a redirect to another host).
+(it will not get better, and the key must not follow a redirect to another host). Every body and error
+message leaves this seam scrubbed of secret values (redact.py): a server that echoes the key cannot put
+it anywhere.
 
 Tests and benchmarks replace this class with anything that has the same `send`/`close` (a fake, or
 the real class pointed at the simulator on loopback); `resolver` injects name resolution (a test
@@ -30,7 +32,8 @@ import aiohttp
 import aiohttp.abc
 import orjson
 
-from ..errors import RunFatalError, TransientError
+from ..errors import RequestError, RunFatalError, TransientError
+from . import redact
 
 _SSE_ACCEPT = {"Accept": "text/event-stream"}
 
@@ -65,6 +68,7 @@ class HttpTransport:
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        redact.register(self.api_key)
         self.url = self.base_url.rstrip("/") + "/chat/completions"
         self._headers = {
             **self.headers,
@@ -88,6 +92,15 @@ class HttpTransport:
         return self._session
 
     async def send(self, payload: bytes, *, stream: bool = False) -> Reply:
+        """Network text enters here: the body and every error message leave scrubbed of secrets."""
+        try:
+            reply = await self._send(payload, stream=stream)
+        except RequestError as exc:
+            raise redact.scrub_error(exc) from None
+        reply.body = redact.scrub_bytes(reply.body)
+        return reply
+
+    async def _send(self, payload: bytes, *, stream: bool) -> Reply:
         session = self._open()
         loop = asyncio.get_running_loop()
         start = loop.time()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sqlite3
 from collections.abc import Collection
 
+from .. import diagnosis
 from ..errors import RunFatalError
 from ..send.stats import Stats
 from .store import FINAL_STATES, Record, Store
@@ -45,7 +47,9 @@ class LocalAnswers:
             await self.store.put(record)
         except (OSError, sqlite3.Error) as exc:
             # Disk full or an I/O error: nothing more can be recorded. Stop; what is committed stays.
-            raise RunFatalError(f"cannot write to {self.store.path}: {exc}; free disk space (or fix the error), "
+            # The message names the cause (no space, too many open files, ...), not a guess.
+            known = diagnosis.explain(exc, os.path.dirname(self.store.path))
+            raise RunFatalError(known[0] if known else f"cannot write to {self.store.path}: {exc}; fix the error, "
                                 "then re-run the same command to resume") from exc
         if self.cache is not None:
             await self._copy_to_cache(record)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shlex
 import socket
 import sqlite3
@@ -36,13 +37,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import Config
-from ..errors import JobChangedError, StateVersionError, StoreLockedError, UsageError
-from ..write.output import ANY_PART_RE, OutputColumns, done_parts, write_json_atomic
+from ..errors import (
+    JobChangedError, StateVersionError, StoreLockedError, UnsafePathError, UsageError,
+)
+from ..write.output import ANY_PART_RE, OutputColumns, done_parts, read_part, write_json_atomic
+from . import safefs
 from .store import PartCounts, Store
 
 MANIFEST_VERSION = 2   # 2: no input fingerprint (input is data); `batches` names this run's parts
 PART_FORMAT = 2        # 2: parts named by batch content instead of batch number
 IDENTITY_META = "job_identity"
+_TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")  # safefs.temp_name
 
 
 class JobDir:
@@ -57,17 +62,19 @@ class JobDir:
 
     def lock(self) -> None:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.parts.mkdir(exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_bytes(b"")
+            self.path.mkdir(parents=True, exist_ok=True)  # output.dir itself may be a link; nothing inside may
+            safefs.ensure_dir(self.parts)
+            probe = safefs.temp_name(self.path / ".write-test")
+            os.close(safefs.open_new(probe))
             probe.unlink()
+        except UnsafePathError:
+            raise
         except OSError as exc:
             raise UsageError(
                 f"output.dir {self.path} is not writable ({exc.strerror}); choose another folder with "
                 "--set output.dir=..."
             ) from None
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = safefs.open_regular(self.path / ".lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,6 +87,10 @@ class JobDir:
         os.ftruncate(fd, 0)
         os.write(fd, orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
         self._lock_fd = fd
+        for folder in (self.path, self.parts):  # temporary files a killed run left behind (ours: we hold the lock)
+            for name in os.listdir(folder):
+                if _TEMP_RE.match(name):
+                    os.unlink(folder / name)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -246,13 +257,13 @@ class JobDir:
 
     def _move_aside(self) -> None:
         aside = self.path / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir()
+        aside.mkdir()  # fails on anything already there, a planted link included
         for name in ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm", "parts", "manifest.json",
                      "results.parquet", "failures.parquet", "summary.json"):
             src = self.path / name
             if src.exists():
                 os.replace(src, aside / name)
-        self.parts.mkdir(exist_ok=True)
+        safefs.ensure_dir(self.parts)
 
 
 def part_context(carried_types: dict[str, str], id_column: str, layout: OutputColumns) -> bytes:
@@ -307,11 +318,11 @@ def resume_command(config_path: str | None, overrides: list[str] | None, *, retr
 
 def count_part(parts: Path, name: str) -> PartCounts:
     """A finished batch's counts read from its part files (footer, and the failures' error_class)."""
-    ok = pq.ParquetFile(parts / f"{name}.r.parquet").metadata.num_rows
+    ok = read_part(parts / f"{name}.r.parquet", pq.read_metadata).num_rows
     f = parts / f"{name}.f.parquet"
     if not f.exists():
         return PartCounts(ok, 0, 0, 0)
-    classes = pq.read_table(f, columns=["error_class"]).column("error_class")
+    classes = read_part(f, pq.read_table, columns=["error_class"]).column("error_class")
     transient = pc.sum(pc.equal(classes, "transient")).as_py() or 0
     from_input = pc.sum(pc.equal(classes, "input")).as_py() or 0
     return PartCounts(ok, len(classes), transient, len(classes) - from_input)

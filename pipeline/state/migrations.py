@@ -12,6 +12,7 @@ could silently misread it, so it is refused (`StateVersionError`, exit 2) on ope
 """
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +37,10 @@ def apply(db: sqlite3.Connection, migrations: Sequence[Migration], path: str) ->
                 new.append(migration.__name__)
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # On a full disk SQLite has already rolled back: a failing ROLLBACK must not hide the real error.
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
         raise
     return new
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..read import storage
-from .store import FINAL_STATES, Record
+from .store import FINAL_STATES, Record, scrubbed
 
 JOURNAL = "_journal"
 # Group-commit interval. Requests hold their concurrency slot until their answer is committed, so this
@@ -135,7 +135,7 @@ class Journal:
                 fut.set_result(None)
 
     def _write(self, uri: str, records: list[Record]) -> None:
-        storage.write_bytes(uri, encode(records), self.options)
+        storage.write_bytes(uri, encode([scrubbed(r) for r in records]), self.options, root=self.root)
 
     def known(self, shard: int, *, retry_failed: bool = False) -> dict[str, Record]:
         """The final answers committed for this shard, by request key (an ok answer wins)."""

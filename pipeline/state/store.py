@@ -27,6 +27,7 @@ Two small tables keep start-up and `pipeline status` independent of the job's si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
@@ -35,9 +36,16 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
-from . import migrations
+from ..errors import StoreDamagedError
+from ..send import redact
+from . import migrations, safefs
 from .migrations import Migration
 
+
+def damaged_store_message(store: str, detail: str) -> str:
+    return (f"the answer store {store} is damaged ({detail}); set it aside and start the job's store afresh: "
+            f"mv {store} {store}.damaged (and any {store}-wal / -shm beside it), then re-run; rows whose answers "
+            "were in it are asked again")
 
 # States a resume does not request again; `--retry-failed` narrows this to "ok" only.
 FINAL_STATES = frozenset({"ok", "permanent", "bad_content"})
@@ -148,6 +156,15 @@ def m002_tally_and_parts(db: sqlite3.Connection) -> None:
 SCHEMA_VERSION = len(MIGRATIONS)  # also in meta, for a quick look; the _migrations table decides
 
 
+def scrubbed(r: Record) -> Record:
+    """The record with its network text (message, content, raw) scrubbed of secrets, in place: whatever
+    path an answer came by, a secret is never kept on disk (send/redact.py)."""
+    if redact.active():
+        r.message, r.content = redact.scrub_any(r.message), redact.scrub_any(r.content)
+        r.raw = redact.scrub_any(r.raw)
+    return r
+
+
 @dataclass(slots=True, frozen=True)
 class PartCounts:
     """One finished batch: rows answered, failed, failed with retries exhausted, failed after a request."""
@@ -162,18 +179,28 @@ class Store:
     def __init__(self, path: str, *, fsync_interval_s: float = 1.0, readonly: bool = False) -> None:
         self.path = path
         self._readonly = readonly
+        if not readonly:
+            # SQLite opens by path and follows links: refuse any planted at the store or its side files.
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                safefs.check_not_link(path + suffix)
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         # check_same_thread=False: the fsync thread only touches the WAL file, never this connection.
         self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
-        if not readonly:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL: commits append to the WAL without fsync (the OS has the data); we fsync on a timer.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            # A REPLACE must fire the delete trigger for the row it replaces, or the tally double-counts.
-            self._db.execute("PRAGMA recursive_triggers=ON")
-            self._create_schema()
-        else:
-            migrations.refuse_newer(migrations.applied(self._db), MIGRATIONS, path)
+        try:
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL: commits append to the WAL without fsync (the OS has the data); we fsync on a timer.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                # A REPLACE must fire the delete trigger for the row it replaces, or the tally double-counts.
+                self._db.execute("PRAGMA recursive_triggers=ON")
+                self._create_schema()
+            else:
+                migrations.refuse_newer(migrations.applied(self._db), MIGRATIONS, path)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if "malformed" in str(exc) or "not a database" in str(exc):
+                raise StoreDamagedError(damaged_store_message(path, str(exc))) from None
+            raise
         self._pending: list[tuple[Record, asyncio.Future[None]]] = []
         self._flush_scheduled = False
         self._dirty = False
@@ -226,13 +253,17 @@ class Store:
         for r in records:
             if not r.created_at:
                 r.created_at = now
-            rows.append(tuple(getattr(r, c) for c in _COLUMNS))
+            rows.append(tuple(getattr(scrubbed(r), c) for c in _COLUMNS))
         self._db.execute("BEGIN")
         try:
             self._db.executemany(_INSERT, rows)
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # On a full disk SQLite has already rolled back; a failing ROLLBACK ("cannot rollback - no
+            # transaction is active") must not hide the error that says what happened.
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
             raise
         self._dirty = True
 

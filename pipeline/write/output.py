@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import polars as pl
@@ -23,8 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..build.schema import arrow_type, to_arrow
+from ..errors import UsageError
+from ..send import redact
+from ..state import safefs
 from ..state.store import Record
 
+T = TypeVar("T")
 PART_RE = re.compile(r"^([0-9a-f]{16})\.r\.parquet$")
 PARTIAL_RE = re.compile(r"^([0-9a-f]{16})\.p[rf]\.parquet$")
 # Any part file of any format (older jobs numbered their parts): what pruning may remove.
@@ -104,9 +108,11 @@ def drop_partial_parts(parts_dir: Path) -> None:
 
 
 def done_parts(parts_dir: Path) -> set[str]:
+    """Finished batches: their results part is a regular file (a link planted in parts/ counts for nothing)."""
     if not parts_dir.is_dir():
         return set()
-    return {m.group(1) for name in os.listdir(parts_dir) if (m := PART_RE.match(name))}
+    with os.scandir(parts_dir) as entries:
+        return {m.group(1) for e in entries if (m := PART_RE.match(e.name)) and e.is_file(follow_symlinks=False)}
 
 
 def _rename_carried(carried: pa.Table, layout: OutputColumns) -> pa.Table:
@@ -166,9 +172,9 @@ def _failures_table(carried: pa.Table, outcomes: list[Record | RowFailure], layo
     cols = {
         "error_class": pa.array([o.error_class for o in outcomes], pa.string()),
         "status": pa.array([get(o, "status") for o in outcomes], pa.int64()),
-        "message": pa.array([o.message for o in outcomes], pa.string()),
+        "message": pa.array([redact.scrub_any(o.message) for o in outcomes], pa.string()),
         "attempts": pa.array([get(o, "attempts") or 0 for o in outcomes], pa.int64()),
-        "content": pa.array([get(o, "content") for o in outcomes], pa.string()),
+        "content": pa.array([redact.scrub_any(get(o, "content")) for o in outcomes], pa.string()),
         "cost_usd": pa.array([get(o, "cost_usd") or 0.0 for o in outcomes], pa.float64()),
         "request_key": pa.array([get(o, "key") for o in outcomes], pa.string()),
     }
@@ -182,11 +188,8 @@ def _failures_table(carried: pa.Table, outcomes: list[Record | RowFailure], layo
 
 
 def _atomic_parquet(table: pa.Table, path: Path, compression: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression=None if compression == "none" else compression)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with safefs.atomic_writer(path) as fh:  # never through a link planted in the output folder
+        pq.write_table(table, fh, compression=None if compression == "none" else compression)
 
 
 def merge_parts(parts_dir: Path, out_dir: Path, compression: str, names: list[str]) -> tuple[int, int]:
@@ -214,20 +217,28 @@ def _concat(files: list[Path], dest: Path, compression: str) -> int:
     if not files:
         dest.unlink(missing_ok=True)  # no row of this input is done yet: the outputs hold none
         return 0
-    schemas = [pq.read_schema(f) for f in files]
+    schemas = [read_part(f, pq.read_schema) for f in files]
     schema = pa.unify_schemas(schemas, promote_options="permissive")
-    tmp = dest.with_name(dest.name + ".tmp")
     rows = 0
-    with pq.ParquetWriter(tmp, schema, compression=None if compression == "none" else compression) as writer:
+    with safefs.atomic_writer(dest) as fh, \
+            pq.ParquetWriter(fh, schema, compression=None if compression == "none" else compression) as writer:
         for f in files:
-            table = pq.read_table(f)
+            table = read_part(f, pq.read_table)
             if table.num_rows:
                 writer.write_table(_conform(table, schema))
                 rows += table.num_rows
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, dest)
     return rows
+
+
+def read_part(path: Path, read: Callable[..., T], **kw: Any) -> T:
+    """`read(path)`, or a UsageError naming a damaged part file and what to do (the folder may be shared)."""
+    try:
+        return read(path, **kw)
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException) and exc.errno is not None:
+            raise  # a disk or permission problem: diagnosis says which
+        raise UsageError(f"the part file {path} is damaged ({exc}); delete it and re-run the same command: its batch "
+                         "is rebuilt from the answers in store.sqlite, nothing is asked again") from None
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -277,16 +288,11 @@ class Summary:
     finished_at: str = ""
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+        return redact.scrub_bytes(orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2))
 
 
 def write_json_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    safefs.write_atomic(path, data)
 
 
 def failure_counts(out_dir: Path) -> dict[str, int]:

@@ -113,6 +113,7 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
     started = time.monotonic()
     command = resume_command(config_path or cfg.source, overrides, retry_failed=retry_failed)
     cfg.api_key()  # a missing key is a usage error here, before anything starts
+    cfg.endpoint.secret_header_values(cfg.source)  # so is a missing secret header
     source = Source(cfg.input)
     scan = source.scan()
     check_manifest(cfg, scan.rows, force_new=force_new)
@@ -182,6 +183,7 @@ def _execute(ray: Any, cfg: Config, source: Source, scan: Any, todo: list[int], 
                                "source": source, "base_url": base_url, "limiter": limiter,
                                "workers": cfg.run.workers, "retry_failed": retry_failed, "schema": schema,
                                "api_key": Secret(cfg.api_key()),
+                               "secret_headers": Secret(cfg.endpoint.secret_header_values(cfg.source)),
                                "input_dir": input_dir, "columns": scan.columns},
     )
     for batch in ds.iter_batches(batch_size=1, batch_format="pandas"):

@@ -66,20 +66,20 @@ class LabelWorker:
     """`ds.map_batches(LabelWorker, batch_format="pyarrow", concurrency=run.workers)`."""
 
     def __init__(self, cfg_json: str, base_url: str, limiter: Any, workers: int, api_key: Secret,
-                 schema: dict[str, Any] | None) -> None:
+                 schema: dict[str, Any] | None, secret_headers: Secret | None = None) -> None:
         import orjson
 
         from ...config import load_config
         self.cfg = load_config(orjson.loads(cfg_json))
         self.base_url, self.limiter, self.workers = base_url, limiter, workers
-        self.api_key, self.schema = api_key, schema
+        self.api_key, self.schema, self.secret_headers = api_key, schema, secret_headers
         self.sender: Sender | None = None
 
     async def __call__(self, table: pa.Table) -> pa.Table:
         if self.sender is None:
             renderer = Renderer(self.cfg, input_dir=None, columns=table.column_names)
             self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key,
-                                 renderer)
+                                 renderer, self.secret_headers)
         clash = [c for c in table.column_names if c in ("output", "content", "error_class", "error_message",
                                                           "request_key", "prompt_tokens", "completion_tokens",
                                                           "cost_usd")]
@@ -126,4 +126,4 @@ def label(ds: Any, config: Any, *, schema: Any = None) -> Any:
         compute=ray.data.ActorPoolStrategy(size=cfg.run.workers), num_cpus=0, fn_constructor_kwargs={
             "cfg_json": cfg.model_dump_json(by_alias=True, exclude={"source"}), "base_url": base_url,
             "limiter": _limiters[name], "workers": cfg.run.workers, "api_key": Secret(cfg.api_key()),
-            "schema": schema_dict})
+            "secret_headers": Secret(cfg.endpoint.secret_header_values(cfg.source)), "schema": schema_dict})

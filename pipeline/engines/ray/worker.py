@@ -30,6 +30,7 @@ from ...config import Config
 from ...errors import RunFatalError
 from ...read import storage
 from ...read.reader import InputBatch, Source
+from ...send import redact
 from ...send.transport import HttpTransport
 from ...state.segments import COMMIT_S, Journal
 from ...state.store import Record
@@ -81,15 +82,16 @@ class JournalAnswers:
 
 
 class Secret:
-    """The API key on its way from the driver's environment to the workers (which on a cluster do not share
-    it); never shown by repr or str, so a Ray error or log line that prints arguments cannot leak it."""
+    """The API key (or the secret headers' values) on its way from the driver's environment to the workers
+    (which on a cluster do not share it); never shown by repr or str, so a Ray error or log line that
+    prints arguments cannot leak it."""
 
     __slots__ = ("_value",)
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: Any) -> None:
         self._value = value
 
-    def reveal(self) -> str:
+    def reveal(self) -> Any:
         return self._value
 
     def __repr__(self) -> str:
@@ -102,14 +104,14 @@ class Sender:
     """What a worker holds for its lifetime: one session, one core, leased limits, the journal writer."""
 
     def __init__(self, cfg: Config, base_url: str, limiter: Any, workers: int, schema: dict[str, Any] | None,
-                 api_key: Secret, renderer: Renderer) -> None:
+                 api_key: Secret, renderer: Renderer, secret_headers: Secret | None = None) -> None:
         self.cfg = cfg
         self.plan = plan_for(cfg, schema)
         self.limits = RayLimits(cfg.limits, limiter, workers)
         self.limits.start()
         limiter.hello.remote(os.getpid(), os.uname().nodename)
         self.transport = HttpTransport(
-            base_url, api_key.reveal(), cfg.endpoint.request_headers(), timeout_s=cfg.endpoint.timeout_s,
+            base_url, api_key.reveal(), _headers(cfg, secret_headers), timeout_s=cfg.endpoint.timeout_s,
             read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
             pool_size=self.limits.cfg.max_concurrency)
         # Flush early when half this worker's slots wait for a commit: waiting longer only idles them.
@@ -153,20 +155,29 @@ class Sender:
         return delta
 
 
+def _headers(cfg: Config, secret_headers: Secret | None) -> dict[str, str]:
+    """The request headers; secret values come from the driver's environment (registered with the
+    scrubber in this process too, so a server echoing them cannot get them into an answer)."""
+    if secret_headers is None:
+        return cfg.endpoint.request_headers()
+    return {**cfg.endpoint.public_headers(), **{k: redact.register(v) for k, v in secret_headers.reveal().items()}}
+
+
 class ShardWorker:
     """`ds.map_batches(ShardWorker, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=run.workers))`
     over shard indices."""
 
     def __init__(self, cfg_json: str, source: Source, base_url: str, limiter: Any, workers: int,
                  retry_failed: bool, api_key: Secret, schema: dict[str, Any] | None = None,
-                 input_dir: str | None = None, columns: list[str] | None = None) -> None:
+                 input_dir: str | None = None, columns: list[str] | None = None,
+                 secret_headers: Secret | None = None) -> None:
         import orjson
 
         from ...config import load_config
         self.cfg = load_config(orjson.loads(cfg_json))
         self.source, self.base_url, self.workers = source, base_url, workers
         self.limiter, self.retry_failed, self.schema = limiter, retry_failed, schema
-        self.api_key = api_key
+        self.api_key, self.secret_headers = api_key, secret_headers
         self.renderer = Renderer(self.cfg, input_dir=input_dir, columns=columns)
         self.sender: Sender | None = None
         self._tmp = tempfile.mkdtemp(prefix="pipeline-ray-")
@@ -174,7 +185,7 @@ class ShardWorker:
     def _sender(self) -> Sender:
         if self.sender is None:  # on the actor's loop, on first use
             self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key,
-                                 self.renderer)
+                                 self.renderer, self.secret_headers)
         return self.sender
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -211,6 +222,6 @@ class ShardWorker:
         for table, folder in ((failures, FAILURES), (results, RESULTS)):
             local = os.path.join(self._tmp, f"{folder}-{name}")
             pq.write_table(table, local, compression=compression)
-            storage.put_file(local, storage.join(root, folder, name), opts)
+            storage.put_file(local, storage.join(root, folder, name), opts, root=root)
             os.unlink(local)
         return results.num_rows, failures.num_rows
