@@ -131,6 +131,8 @@ def _run(args: argparse.Namespace) -> int:
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(HumanFormatter())
     stderr.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # A bug's traceback goes to pipeline.log and a file; the terminal gets diagnosis's one line, unless -v.
+    stderr.addFilter(lambda r: args.verbose or getattr(r, "event", None) != "internal_error")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[stderr])
     logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from .config import load_config

@@ -8,11 +8,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiohttp.abc
 import pytest
 
 import pipeline
 from pipeline.config import load_config
+from pipeline.errors import TransientError
 from pipeline.send.transport import HttpTransport
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
@@ -67,6 +69,19 @@ def test_a_closed_port_stops_the_run_naming_host_and_error(tmp_path: Path, monke
     assert f"the endpoint stopped answering: cannot connect to http://127.0.0.1:{port}/v1" in (s.stop_message or "")
     assert "Connect call failed" in (s.stop_message or "") and "endpoint.base_url" in (s.next_step or "")
     assert s.requests_sent <= 20
+
+
+def test_a_connection_failure_keeps_its_cause(tmp_path: Path) -> None:
+    async def send() -> None:
+        transport = HttpTransport(f"http://127.0.0.1:{closed_port()}/v1", "sk-test")
+        try:
+            await transport.send(b"{}")
+        finally:
+            await transport.close()
+
+    with pytest.raises(TransientError) as info:
+        asyncio.run(send())
+    assert info.value.code == "connect" and isinstance(info.value.__cause__, aiohttp.ClientConnectorError)
 
 
 class NoSuchName(aiohttp.abc.AbstractResolver):

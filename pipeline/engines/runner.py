@@ -105,12 +105,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
             stack.enter_context(_collector_tuned())
             invocation.attach(jobdir.path)
             manifest = jobdir.check_job(cfg, force_new=force_new, config_path=config_path, command=commands[0])
-            store = stack.enter_context(contextlib.closing(
-                Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)))
-            jobdir.bind_store(store, manifest)
-            if plan is not None and (mode := store.get_meta("structured_mode")):
-                plan.mode = mode  # an earlier run of this job already learned the model's structured mode
-            renderer.tokens = counter_for(cfg.endpoint.model, store.get_meta(CALIBRATION_META))
+            store = _open_store(cfg, jobdir, manifest, plan, renderer, stack)
             cache = _open_cache(cfg, stack)
             base_url = await _endpoint_url(cfg, stack)
             transport = ObservedTransport(transport or _http_transport(cfg, base_url, api_key), invocation.tally)
@@ -160,6 +155,18 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
             return summary
     finally:
         jobdir.unlock()
+
+
+def _open_store(cfg: Config, jobdir: JobDir, manifest: dict[str, Any], plan: StructuredPlan | None,
+                renderer: Renderer, stack: contextlib.AsyncExitStack) -> Store:
+    """The job's answer store, bound to the job, and what earlier runs learned into it."""
+    store = stack.enter_context(contextlib.closing(
+        Store(jobdir.store_path, fsync_interval_s=cfg.output.fsync_interval_s)))
+    jobdir.bind_store(store, manifest)
+    if plan is not None and (mode := store.get_meta("structured_mode")):
+        plan.mode = mode  # an earlier run of this job already learned the model's structured mode
+    renderer.tokens = counter_for(cfg.endpoint.model, store.get_meta(CALIBRATION_META))
+    return store
 
 
 def _parts_plan(jobdir: JobDir, manifest: dict[str, Any], store: Store, scan: InputScan, columns: OutputColumns,

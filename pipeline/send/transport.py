@@ -95,8 +95,9 @@ class HttpTransport:
         """Network text enters here: the body and every error message leave scrubbed of secrets."""
         try:
             reply = await self._send(payload, stream=stream)
-        except RequestError as exc:
-            raise redact.scrub_error(exc) from None
+        except (RequestError, RunFatalError) as exc:
+            # Scrubbed in place and raised again: its cause (the aiohttp error) stays attached for a traceback.
+            raise redact.scrub_error(exc)  # noqa: B904 - the same exception, not a new one
         reply.body = redact.scrub_bytes(reply.body)
         return reply
 
