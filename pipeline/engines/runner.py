@@ -362,7 +362,10 @@ def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_faile
                                      schema=schema_dict, quiet=quiet, interrupt=interrupt)
     try:
         asyncio.get_running_loop()
+        in_loop = True
     except RuntimeError:
+        in_loop = False
+    if not in_loop:  # run outside the except block: a run's own error must not be chained to "no running loop"
         return asyncio.run(coro_factory())  # Ctrl-C: KeyboardInterrupt, after the store is closed
     # Inside a running loop (Jupyter): a private loop in a worker thread; block this cell until done.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as pool:
