@@ -2,7 +2,8 @@
 
 Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
 sent); 3 stopped early (run-fatal or budget), resumable; 70 internal error (a bug; the traceback is
-written to a file in output.dir); 130 interrupted, resumable.
+written to a file in output.dir); 75 batches submitted and still running at the provider (run.mode: batch
+with --no-wait; run the same command again to collect); 130 interrupted, resumable.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                      help="mirror pipeline.log (failed attempts, limits learned, pauses, stops) to stderr, with debug")
     run.add_argument("--limit", type=int, metavar="N",
                      help="only the first N input rows (a cheap trial; outputs and resume are those of a job over them)")
+    run.add_argument("--no-wait", action="store_true",
+                     help="run.mode: batch: submit the batches and exit 75; run the same command again to collect")
+    run.add_argument("--cancel-batches", action="store_true",
+                     help="run.mode: batch: cancel this job's running batches at the provider, then exit")
 
     sim = sub.add_parser("simulate", help="serve the built-in OpenAI-compatible simulator on 127.0.0.1")
     if argv is None or "simulate" in argv:
@@ -144,7 +149,8 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = asyncio.run(run_async(cfg, retry_failed=args.retry_failed, force_new=args.force_new,
                                     quiet=args.quiet, handle_signals=True, config_path=args.config,
-                                    overrides=args.overrides))
+                                    overrides=args.overrides, no_wait=args.no_wait,
+                                    cancel_batches=args.cancel_batches))
     _print_summary(summary, quiet=args.quiet)
     return summary.exit_code
 

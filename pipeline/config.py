@@ -352,6 +352,9 @@ class Price(Section):
 class RunConfig(Section):
     grace_period_s: float = Field(30.0, ge=0, description="How long in-flight requests may finish on Ctrl-C.")
     progress: bool = True
+    mode: Literal["sync", "batch"] = Field(
+        "sync", description="sync: chat completions as the rows stream by; batch: the provider's Batch API "
+                            "(OpenAI protocol, half price, answers within 24 h). The same request keys in both.")
     progress_interval_s: float = Field(
         30.0, gt=0, le=3600, description="When stderr is not a terminal (cron, a log file): one plain status line "
                                          "this often instead of a redrawn bar.",
@@ -362,6 +365,22 @@ class RunConfig(Section):
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto', 'ray://host:10001'); default: start a local instance.")
     workers: int = Field(4, ge=1, le=4096, description="Ray engine: actors sending requests (limits are shared).")
+
+
+class BatchConfig(Section):
+    """run.mode: batch — how the job is cut into Batch API files and how the run waits for them."""
+
+    max_requests: int = Field(50_000, ge=1, le=50_000, description="Lines per batch file (provider cap 50,000).")
+    max_bytes: int = Field(200_000_000, ge=1024, le=200_000_000,
+                           description="Bytes per batch file (provider cap 200 MB).")
+    max_enqueued_tokens: int | None = Field(
+        None, ge=1, description="Estimated prompt tokens in flight for the model at once (the provider's queue "
+                                "limit); further files wait until earlier batches finish.")
+    poll_interval_s: float = Field(60.0, gt=0, description="First wait between polls of running batches.")
+    poll_max_interval_s: float = Field(600.0, gt=0, description="Polls back off (with jitter) up to this.")
+    retry_via: Literal["batch", "sync"] = Field(
+        "batch", description="Where lines that failed transiently (429, 5xx, expired) go: the next batch file, "
+                             "or synchronous requests at the full price once the batches are collected.")
 
 
 class Config(Section):
@@ -377,6 +396,7 @@ class Config(Section):
     prices: dict[str, Price] = Field(
         default_factory=dict, description="Model -> price; overrides the genai-prices library's table.")
     run: RunConfig = Field(default_factory=RunConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     # Where the config came from; not part of the YAML.
@@ -468,7 +488,18 @@ def load_config(
     from .build.templates import check_prompt  # compiled before any input is read or anything is sent
 
     check_prompt(cfg.prompt, name)
+    _check_batch_mode(cfg)
     return cfg
+
+
+def _check_batch_mode(cfg: Config) -> None:
+    """A Batch API line is answered whole, never streamed; batch mode is a mode of the local engine."""
+    if cfg.run.mode == "batch" and cfg.run.engine != "local":
+        raise ConfigError("run.mode: batch runs on run.engine: local (the provider does the work; the local "
+                          "driver only writes files and polls)", key="run.engine", file=cfg.source)
+    if cfg.run.mode == "batch" and cfg.params.stream:
+        raise ConfigError("run.mode: batch cannot stream answers; remove params.stream (or use run.mode: sync)",
+                          key="params.stream", file=cfg.source)
 
 
 def _check_budget_price(cfg: Config) -> None:

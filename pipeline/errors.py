@@ -42,6 +42,8 @@ EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
 EXIT_INTERNAL = 70  # a bug: the store is consistent; re-run after the fix (diagnosis.report_internal)
+# run.mode: batch with --no-wait: batches are running at the provider; run the same command again to collect.
+EXIT_BATCH_SUBMITTED = 75
 EXIT_INTERRUPTED = 130
 
 

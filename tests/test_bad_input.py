@@ -1,22 +1,20 @@
 """The bad-input catalogue (docs/failures.md): every bad input gets its documented message and exit code.
 
-Each case builds a job in a temporary folder and runs it the way a user would: through the CLI in a
-subprocess (`python -m pipeline run job.yaml`), or through `pipeline.cli.main` in-process where the
-test must fake something (a full disk) or watch the sockets. Row-level problems (exit 1) are checked
-in failures.parquet, everything else in the message on stderr. The last tests prove that a failed run
-loses or corrupts nothing an earlier run wrote.
+Each case builds a job in a temporary folder and runs it the way a user would, through the CLI's entry
+function (`pipeline.cli.main`, in this process with a fresh process's environment, see
+tests/support.py); three smoke cases run the real `python -m pipeline` in a child process. Row-level
+problems (exit 1) are checked in failures.parquet, everything else in the message on stderr. No case
+reaches beyond 127.0.0.1: host names other than loopback fail to resolve, as an unknown host would.
+The last tests prove that a failed run loses or corrupts nothing an earlier run wrote.
 """
 from __future__ import annotations
 
 import base64
 import errno
 import json
-import os
 import socket
 import sqlite3
-import subprocess
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,8 @@ import pytest
 import yaml
 
 import pipeline
-from pipeline.cli import main
 from tests.conftest import SCHEMA, job, write_rows
+from tests.support import assert_each_id_once, cli, cli_in_process, offline_dns
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6"
                        "kgAAAABJRU5ErkJggg==")
@@ -42,7 +40,7 @@ class Case:
     code: int
     fragment: str
     where: str = "stderr"  # or "failures": a failure row's message (row-level problems, exit 1)
-    subprocess: bool = True
+    subprocess: bool = False  # True: a smoke test of the real entry point, `python -m pipeline`
 
 
 def write_job(tmp: Path, cfg: dict[str, Any] | str, name: str = "job.yaml") -> Path:
@@ -127,9 +125,17 @@ def locked_output(tmp: Path) -> list[str]:
 
 _HELD: list[Any] = []
 
+
+@pytest.fixture(autouse=True)
+def _release_locks() -> Iterator[None]:
+    yield
+    while _HELD:
+        _HELD.pop().unlock()
+
+
 CASES: dict[str, Case] = {
     # -- the command line and the config file (exit 2, nothing sent) --
-    "config file missing": Case(lambda t: ["run", str(t / "nope.yaml")], 2, "config file not found"),
+    "config file missing": Case(lambda t: ["run", str(t / "nope.yaml")], 2, "config file not found", subprocess=True),
     "YAML syntax error": Case(lambda t: ["run", str(write_job(t, "input: {path: [x\n"))], 2, "not valid YAML"),
     "config not a mapping": Case(lambda t: ["run", str(write_job(t, "- input\n- prompt\n"))], 2,
                                  "the config must be a mapping of sections"),
@@ -181,7 +187,8 @@ CASES: dict[str, Case] = {
     # -- rows that cannot become requests (exit 1, a failure row each, the run goes on) --
     "invalid UTF-8 in JSONL": Case(with_input(GOOD + [b'{"rid": "u", "text": "caf\xe9"}\n']), 1,
                                    "line is not valid UTF-8", "failures"),
-    "a line that is not JSON": Case(with_input(GOOD + [b"{not json\n"]), 1, "line is not valid JSON", "failures"),
+    "a line that is not JSON": Case(with_input(GOOD + [b"{not json\n"]), 1, "line is not valid JSON", "failures",
+                                    subprocess=True),
     "a line that is not an object": Case(with_input(GOOD + [b"[1, 2]\n"]), 1,
                                          "line holds a JSON list, not an object", "failures"),
     "null template value": Case(with_input(GOOD + [row("n", None)]), 1, "prompt.user: null in column 'text'",
@@ -203,36 +210,33 @@ CASES: dict[str, Case] = {
                                              "failures"),
     # -- the output folder (exit 2) --
     "output dir not writable": Case(not_writable_output, 2, "is not writable (Not a directory)"),
-    "output dir holds another job": Case(changed_job, 2, "holds answers to a different job", subprocess=False),
-    "output dir in use": Case(locked_output, 2, "is in use by another run", subprocess=False),
+    "output dir holds another job": Case(changed_job, 2, "holds answers to a different job"),
+    "output dir in use": Case(locked_output, 2, "is in use by another run"),
     # -- the network (exit 3: run-fatal, resumable; nothing answered) --
     "unreachable host": Case(network(lambda: f"http://127.0.0.1:{closed_port()}/v1"), 3,
-                             "Connect call failed"),
+                             "Connect call failed", subprocess=True),
     "DNS failure": Case(network(lambda: "https://nonexistent.invalid/api/v1"), 3,
                         "cannot connect to https://nonexistent.invalid/api/v1"),
 }
 
 
-def run_case(case: Case, tmp: Path, capsys: pytest.CaptureFixture[str],
-             monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+ENV = {"BAD_INPUT_KEY": "sk-test-bad-input"}
+
+
+def run_case(case: Case, tmp: Path) -> tuple[int, str]:
     argv = case.build(tmp)
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env["BAD_INPUT_KEY"] = "sk-test-bad-input"
     if case.subprocess:
-        p = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, timeout=120,
-                           env=env, cwd=tmp)
-        return p.returncode, p.stderr
-    monkeypatch.setenv("BAD_INPUT_KEY", "sk-test-bad-input")
-    monkeypatch.chdir(tmp)
-    code = main(argv)
-    return code, capsys.readouterr().err
+        p = cli(*argv, env=ENV, cwd=tmp)
+    else:
+        with offline_dns():
+            p = cli_in_process(*argv, env=ENV, cwd=tmp)
+    return p.returncode, p.stderr
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input(name: str, tmp_path: Path) -> None:
     case = CASES[name]
-    code, stderr = run_case(case, tmp_path, capsys, monkeypatch)
+    code, stderr = run_case(case, tmp_path)
     assert code == case.code, stderr
     if case.where == "stderr":
         assert case.fragment in stderr, stderr
@@ -258,18 +262,16 @@ def test_the_catalogue_is_documented() -> None:
 EXTRA = ["TLS failure", "DNS sends nothing", "disk full in the store", "disk full writing the outputs"]
 
 
-def test_tls_failure_is_run_fatal(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tls_failure_is_run_fatal(tmp_path: Path) -> None:
     from pipeline.simulator import SimulatorThread
 
     with SimulatorThread() as url:  # plain HTTP on loopback, asked for https
         case = Case(network(lambda: url.replace("http://", "https://")), 3, "TLS failure talking to https://127.0.0.1")
-        code, stderr = run_case(case, tmp_path, capsys, monkeypatch)
+        code, stderr = run_case(case, tmp_path)
     assert code == 3 and case.fragment in stderr and "WRONG_VERSION_NUMBER" in stderr
 
 
-def test_dns_failure_sends_nothing_anywhere(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dns_failure_sends_nothing_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     connects: list[Any] = []
     real_connect = socket.socket.connect
 
@@ -278,10 +280,11 @@ def test_dns_failure_sends_nothing_anywhere(tmp_path: Path, capsys: pytest.Captu
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", watch)
-    case = Case(network(lambda: "https://nonexistent.invalid/api/v1"), 3, "Name or service not known",
-                subprocess=False)
-    code, stderr = run_case(case, tmp_path, capsys, monkeypatch)
-    assert code == 3 and "check endpoint.base_url" in stderr
+    asked: list[str] = []
+    with offline_dns(asked):
+        p = cli_in_process(*network(lambda: "https://nonexistent.invalid/api/v1")(tmp_path), env=ENV, cwd=tmp_path)
+    assert p.returncode == 3 and "Name or service not known" in p.stderr and "check endpoint.base_url" in p.stderr
+    assert set(asked) == {"nonexistent.invalid"}  # the endpoint only: no telemetry, no other host
     assert not [a for a in connects if not (isinstance(a, str) or a[0] in ("127.0.0.1", "::1"))]
 
 
@@ -302,8 +305,7 @@ def stopped_run(tmp: Path, rows: int) -> tuple[dict[str, Any], pipeline.Summary]
     return cfg, first
 
 
-def test_disk_full_in_the_store_stops_and_loses_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_in_the_store_stops_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.state.store import Store
 
     cfg, first = stopped_run(tmp_path, 60)
@@ -317,9 +319,7 @@ def test_disk_full_in_the_store_stops_and_loses_nothing(tmp_path: Path, capsys: 
         real_write(self, records)
 
     monkeypatch.setattr(Store, "_write", filling)
-    path = write_job(tmp_path, cfg)
-    code = main(["run", str(path), "-q"])
-    stderr = capsys.readouterr().err
+    code, stderr = run_case(Case(lambda t: ["run", str(write_job(t, cfg)), "-q"], 3, ""), tmp_path)
     assert code == 3, stderr
     assert "no space left on device (writing" in stderr and "store.sqlite" in stderr and "free space" in stderr
     after = snapshot(tmp_path / "out")
@@ -327,12 +327,10 @@ def test_disk_full_in_the_store_stops_and_loses_nothing(tmp_path: Path, capsys: 
     monkeypatch.setattr(Store, "_write", real_write)
     done = pipeline.run(cfg)
     assert (done.exit_code, done.succeeded) == (0, 60)
-    res = pl.read_parquet(tmp_path / "out" / "results.parquet")
-    assert res.height == 60 and res["rid"].n_unique() == 60
+    assert assert_each_id_once(tmp_path / "out", 60).height == 60
 
 
 def test_disk_full_writing_the_outputs_keeps_the_previous_ones_intact(tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     cfg, first = stopped_run(tmp_path, 60)
     before = snapshot(tmp_path / "out")
@@ -342,8 +340,7 @@ def test_disk_full_writing_the_outputs_keeps_the_previous_ones_intact(tmp_path: 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
-    code = main(["run", str(write_job(tmp_path, cfg)), "-q"])
-    stderr = capsys.readouterr().err
+    code, stderr = run_case(Case(lambda t: ["run", str(write_job(t, cfg)), "-q"], 3, ""), tmp_path)
     assert code == 3 and "no space left on device" in stderr and "free space" in stderr, stderr
     after = snapshot(tmp_path / "out")
     assert after["files"] == before["files"]  # results/failures of the first run: byte for byte
@@ -362,9 +359,8 @@ def test_a_failed_second_run_leaves_the_first_runs_outputs_alone(tmp_path: Path)
     summary = (out / "summary.json").read_bytes()
     for build in (run_job(limits={"max_concurency": 1}), run_job(prompt={"user": "{{ text "}),
                   run_job(prompt={"user": "changed: {{ text }}"}), run_job(input={"id_column": "nope"})):
-        argv = build(tmp_path)
-        p = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, timeout=120)
-        assert p.returncode == 2, p.stderr
+        code, stderr = run_case(Case(build, 2, ""), tmp_path)
+        assert code == 2, stderr
         assert snapshot(out) == before and (out / "summary.json").read_bytes() == summary
 
 

@@ -3,41 +3,26 @@
 test_run.py already covers the plain transient / permanent / run-fatal / bad-content outcomes and
 test_streaming.py the stream faults; this file covers the edges: edge timeouts, availability errors
 without error.code, waits longer than we accept, 402 variants, credits running out mid-run, a bad key on
-a big input, rate limits learned from headers, and the soak (measured at the simulator).
+a big input, rate limits learned from headers, and the soak (measured at the simulator). How fast any
+of this goes is for benchmarks/ to say; these tests assert what happened, in what order.
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
 import yaml
 
 import pipeline
 from pipeline.simulator import SimConfig, SimulatorThread
 from tests.conftest import job
+from tests.support import assert_each_id_once, cli_in_process, outputs
 
 KEY_ENV = "CHAOS_TEST_KEY"
-
-
-def outputs(out: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
-    res = pl.read_parquet(out / "results.parquet") if (out / "results.parquet").exists() else pl.DataFrame()
-    fail = pl.read_parquet(out / "failures.parquet") if (out / "failures.parquet").exists() else pl.DataFrame()
-    return res, fail
-
-
-def exactly_once(out: Path, n: int) -> None:
-    res, fail = outputs(out)
-    ids = (res["rid"].to_list() if res.height else []) + (fail["rid"].to_list() if fail.height else [])
-    assert len(ids) == n and len(set(ids)) == n
 
 
 def plan(*rules: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +74,7 @@ def test_529_retry_after_is_honoured_for_that_request(tmp_path: Path, monkeypatc
     first = log[0]
     retry = next(e for e in log[1:] if e["body_sha256"] == first["body_sha256"])
     assert retry["time"] - first["time"] >= 0.3  # the server's wait, not our 0.01-s backoff
-    assert log[1]["time"] - first["time"] < 0.3  # ...for that request only: the other rows went on
+    assert log[1]["body_sha256"] != first["body_sha256"]  # ...for that request only: the next row went first
 
 
 @pytest.mark.parametrize("fault,retry_class", [("429_capacity", "rate_limited"), ("503_unavailable", "transient")])
@@ -127,25 +112,25 @@ def test_stream_with_keepalives_between_chunks_and_string_error_codes(tmp_path: 
 def test_429_asking_for_a_longer_wait_than_allowed_stops_the_run_resumably(tmp_path: Path) -> None:
     cfg = job(tmp_path, 40, sim=plan({"requests": "6-", "fault": "429", "retry_after": 3600}),
               limits={"max_concurrency": 2, "max_retry_after_s": 60})
-    started = time.monotonic()
     s = pipeline.run(cfg)
-    assert time.monotonic() - started < 10  # not an hour, and not 60 s of pausing either
     assert (s.exit_code, s.stopped) == (3, "fatal")
     assert "limits.max_retry_after_s=60" in (s.stop_message or "") and "3600s" in (s.stop_message or "")
     assert s.failed == 0 and 4 <= s.succeeded < 40
+    # Stopped at the first refusal instead of waiting to retry it: 5 answers, the refused request and
+    # the one in flight with it (concurrency 2), nothing re-sent.
+    assert s.requests_sent <= 5 + 2
     cfg["endpoint"]["simulator"]["fault_plan"] = []
     resumed = pipeline.run(cfg)
     assert (resumed.exit_code, resumed.succeeded) == (0, 40)
-    exactly_once(tmp_path / "out", 40)
+    assert_each_id_once(tmp_path / "out", 40)
 
 
 def test_503_asking_for_a_longer_wait_than_allowed_fails_only_that_row(tmp_path: Path) -> None:
     cfg = job(tmp_path, 5, sim=plan({"requests": "2", "fault": "503", "retry_after": 3600}),
               limits={"max_concurrency": 1, "max_retry_after_s": 60})
-    started = time.monotonic()
     s = pipeline.run(cfg)
-    assert time.monotonic() - started < 10
     assert (s.exit_code, s.succeeded, s.failed) == (1, 4, 1)
+    assert s.requests_sent == 5  # that row failed at once, never re-sent after a wait
     fail = outputs(tmp_path / "out")[1].row(0, named=True)
     assert (fail["error_class"], fail["status"], fail["attempts"]) == ("transient", 503, 1)
     cfg["endpoint"]["simulator"]["fault_plan"] = []
@@ -171,7 +156,7 @@ def test_credits_running_out_mid_run_stop_it_and_a_resume_with_credits_completes
     resumed = pipeline.run(cfg)
     assert (resumed.exit_code, resumed.succeeded) == (0, 60)
     assert resumed.requests_sent == 60 - s.succeeded  # nothing paid for is asked again
-    exactly_once(tmp_path / "out", 60)
+    assert_each_id_once(tmp_path / "out", 60)
 
 
 def test_402_that_fewer_max_tokens_would_clear_says_lower_max_tokens(tmp_path: Path) -> None:
@@ -192,16 +177,12 @@ def test_401_from_the_first_request_stops_2000_rows_at_once_via_the_cli(tmp_path
            "limits": {"max_concurrency": 16}, "output": {"dir": str(tmp_path / "out")}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    started = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "-q"], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, KEY_ENV: "sk-a-wrong-one"})
-    elapsed = time.monotonic() - started
+    p = cli_in_process("run", str(path), "-q", env={KEY_ENV: "sk-a-wrong-one"})
     assert p.returncode == 3, p.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["requests_sent"] <= 16 + 4  # the requests already in flight, not 2000 failures
     assert (summary["failed"], summary["pending"]) == (0, 2000)
     assert "401" in p.stderr and "endpoint.api_key_env" in p.stderr
-    assert elapsed < 20
 
 
 def test_403_on_the_key_is_run_fatal_but_a_moderation_403_is_the_rows(tmp_path: Path) -> None:
@@ -216,73 +197,53 @@ def test_403_on_the_key_is_run_fatal_but_a_moderation_403_is_the_rows(tmp_path: 
 def test_openai_rate_headers_teach_the_real_limit_before_any_429(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  adaptive: bool) -> None:
     monkeypatch.setenv(KEY_ENV, "sk-test")
-    # The server allows 6000/min, enforced per second (100/s); the config believes in ten times that.
-    with serving(SimConfig(flavor="openai", rpm=6000, limit_burst_s=1.0)) as (thread, url):
-        s = pipeline.run(job(tmp_path, 300, endpoint={"base_url": url, "api_key_env": KEY_ENV, "model": "gpt-4o"},
-                             limits={"requests_per_minute": 60_000, "max_concurrency": 8, "adaptive": adaptive}))
+    # The server allows 1200/min, enforced per second (20/s); the config believes in ten times that. The
+    # limit is low enough that a client slowed down by a busy machine still runs into it if it does
+    # not learn (60 rows sent within 2 s are enough), which is what makes the adaptive case's few
+    # refusals mean something.
+    with serving(SimConfig(flavor="openai", rpm=1200, limit_burst_s=1.0)) as (thread, url):
+        s = pipeline.run(job(tmp_path, 60, endpoint={"base_url": url, "api_key_env": KEY_ENV, "model": "gpt-4o"},
+                             limits={"requests_per_minute": 12_000, "max_concurrency": 8, "adaptive": adaptive}))
         stats = thread.stats()
-    assert s.succeeded + s.failed == 300
+    assert s.succeeded + s.failed == 60
     refused = stats["by_status"].get("429", 0)
     if adaptive:
-        assert (s.exit_code, s.succeeded) == (0, 300)
-        assert refused <= 10  # arrival jitter against a per-second quantum, at most
-        assert stats["peak_rpm"] <= 6000
+        assert (s.exit_code, s.succeeded) == (0, 60)
+        assert refused <= 5  # arrival jitter against a per-second quantum, at most
     else:
-        assert refused > 30  # the same run that does not learn keeps running into the limit (rows even fail)
+        assert refused >= 10  # the same run that does not learn keeps running into the limit
 
 
 # -- soak ----------------------------------------------------------------------------------------
 
 SOAK_ROWS = 3000
-SOAK_RPM = 24_000  # 400/s: the run is rate-bound, so the faults' cost shows in the throughput
+SOAK_RPM = 24_000  # 400/s: the run is rate-bound, so the limiter is what paces it
 SOAK_CONCURRENCY = 32
 FAULTS = {"rate_429": 0.02, "rate_500": 0.01, "rate_502": 0.01, "rate_503": 0.01, "rate_reset": 0.005,
           "rate_malformed": 0.005, "rate_schema_invalid": 0.005}
 LATENCY = {"latency_ms": 20, "latency_jitter_ms": 10, "latency_tail_prob": 0.01, "latency_tail_multiplier": 20}
-# Faults cost retries (~7% more requests), 429 pauses and backoff sleeps; on a loaded 2-core machine the
-# fault run must still reach this share of the fault-free throughput.
-THROUGHPUT_FACTOR = 0.3
-
-
-def _soak(tmp_path: Path, faults: bool) -> tuple[pipeline.Summary, dict[str, Any], list[float], float]:
-    sim = SimConfig(seed=11, rpm=SOAK_RPM, limit_burst_s=1.0, retry_after_s=0.02, track_bodies=False,
-                    log_body_max_bytes=0, **LATENCY, **(FAULTS if faults else {}))
-    with serving(sim) as (thread, url):
-        cfg = job(tmp_path, SOAK_ROWS, endpoint={"base_url": url, "api_key_env": KEY_ENV},
-                  limits={"requests_per_minute": SOAK_RPM, "max_concurrency": SOAK_CONCURRENCY, "max_retries": 8,
-                          "backoff_base_s": 0.05, "backoff_max_s": 1.0})
-        started = time.monotonic()
-        s = pipeline.run(cfg)
-        elapsed = time.monotonic() - started
-        return s, thread.stats(), arrivals(thread), elapsed
 
 
 def test_soak_mixed_faults_long_tail_and_an_enforced_rate_limit(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, "sk-test")
-    (tmp_path / "clean").mkdir()
-    (tmp_path / "chaos").mkdir()
-    clean, clean_stats, _, clean_s = _soak(tmp_path / "clean", faults=False)
-    chaos, stats, times, chaos_s = _soak(tmp_path / "chaos", faults=True)
+    sim = SimConfig(seed=11, rpm=SOAK_RPM, limit_burst_s=1.0, retry_after_s=0.02, track_bodies=False,
+                    log_body_max_bytes=0, **LATENCY, **FAULTS)
+    with serving(sim) as (thread, url):
+        chaos = pipeline.run(job(tmp_path, SOAK_ROWS, endpoint={"base_url": url, "api_key_env": KEY_ENV},
+                                 limits={"requests_per_minute": SOAK_RPM, "max_concurrency": SOAK_CONCURRENCY,
+                                         "max_retries": 8, "backoff_base_s": 0.05, "backoff_max_s": 1.0}))
+        stats, times = thread.stats(), arrivals(thread)
 
     # Every row ends exactly once, in results or failures.
-    assert (clean.exit_code, clean.succeeded) == (0, SOAK_ROWS)
     assert chaos.succeeded + chaos.failed == SOAK_ROWS and chaos.pending == 0
-    exactly_once(tmp_path / "chaos" / "out", SOAK_ROWS)
+    assert_each_id_once(tmp_path / "out", SOAK_ROWS)
     assert sum(stats["by_fault"].values()) > 0.06 * SOAK_ROWS  # the faults did happen
     # The configured limits held, measured where it counts: at the server.
     per_s = SOAK_RPM / 60
-    for st in (clean_stats, stats):
-        assert st["max_concurrency"] <= SOAK_CONCURRENCY
-        assert st["peak_rpm"] <= SOAK_RPM
+    assert stats["max_concurrency"] <= SOAK_CONCURRENCY
+    assert stats["peak_rpm"] <= SOAK_RPM
     for window in (1.0, 5.0):  # a second of quota at most as a burst, then the steady rate
         assert max_in_window(times, window) <= per_s * (1 + window) * 1.02 + 5
     refused = stats["by_status"].get("429", 0) - stats["by_fault"].get("429", 0)  # the server's own limit
     assert refused <= 0.01 * SOAK_ROWS
-    # Throughput within the stated factor of the fault-free run.
-    clean_rps, chaos_rps = SOAK_ROWS / clean_s, SOAK_ROWS / chaos_s
-    print(f"\nsoak: {clean_rps:.0f} rows/s fault-free, {chaos_rps:.0f} rows/s with faults "
-          f"({chaos.requests_sent} requests, retries {chaos.retries}); peak {stats['peak_rpm']}/min and "
-          f"{max_in_window(times, 1.0)}/s at the simulator against {SOAK_RPM}/min configured; "
-          f"max concurrency {stats['max_concurrency']} of {SOAK_CONCURRENCY}; server refusals {refused}")
-    assert chaos_rps >= THROUGHPUT_FACTOR * clean_rps

@@ -20,6 +20,7 @@ from pipeline.engines.estimate import dry_run, estimate
 from pipeline.errors import ConfigError
 from pipeline.models.prices import cost_of, find_price, library_price
 from tests.conftest import REPO
+from tests.support import cli_in_process
 
 # -- the reference: OpenAI's own numbers ------------------------------------------------------------
 # From the openai-cookbook notebook "How to count tokens with tiktoken", where each count is checked
@@ -268,9 +269,8 @@ def test_dry_run_json_has_every_field_and_the_text_shows_the_request(tmp_path: P
     cfg = _dry_run_config(tmp_path, "anthropic/claude-3.5-sonnet", [*_mixed(6), None],  # type: ignore[list-item]
                           endpoint={"api_key_env": "COST_TEST_KEY"}, budget={"max_cost_usd": 2})
     (tmp_path / "job.yaml").write_text(json.dumps(cfg))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COST_TEST_KEY": "sk-secret-never-printed"}
-    out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml"), "--dry-run", "--json"],
-                         capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+    out = cli_in_process("run", str(tmp_path / "job.yaml"), "--dry-run", "--json", cwd=REPO,
+                         env={"COST_TEST_KEY": "sk-secret-never-printed"})
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert set(doc) >= {"rows", "requests", "prompt_tokens", "output_tokens", "cost_usd", "prices", "budget",

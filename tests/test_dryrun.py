@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ from pipeline.config import load_config
 from pipeline.engines.estimate import cost_range, dry_run, estimate, time_bounds
 from pipeline.simulator import SimConfig, SimulatorThread
 from tests.conftest import job
+from tests.support import cli_in_process
 
 TEXTS = ["a" * 40, "b" * 80, "c" * 120, "a" * 40]  # the last repeats the first: one request for both
 
@@ -139,19 +137,16 @@ def test_sends_nothing_and_needs_no_key(tmp_path: Path) -> None:
         thread.stop()
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "OPENROUTER_API_KEY"}
-    return subprocess.run([sys.executable, "-m", "pipeline", "run", *args], capture_output=True, text=True,
-                          timeout=120, env=env, check=False)
-
-
 def test_cli_dry_run_of_the_openrouter_config(repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
-    p = cli(str(repo / "configs/openrouter-gpt-4-turbo.yaml"), "--dry-run", "--set", f"output.dir={out}")
+    # No OPENROUTER_API_KEY in the run's environment (the CLI helpers drop every *_API_KEY).
+    p = cli_in_process("run", str(repo / "configs/openrouter-gpt-4-turbo.yaml"), "--dry-run",
+                       "--set", f"output.dir={out}", cwd=repo)
     assert p.returncode == 0, p.stderr
     assert "240 rows" in p.stdout and "openai/gpt-4-turbo: $10/M in, $30/M out" in p.stdout
     assert not out.exists()
-    bad = cli(str(repo / "configs/openrouter-gpt-4-turbo.yaml"), "--dry-run", "--set", "input.path=/nope.jsonl")
+    bad = cli_in_process("run", str(repo / "configs/openrouter-gpt-4-turbo.yaml"), "--dry-run",
+                         "--set", "input.path=/nope.jsonl", cwd=repo)
     assert bad.returncode == 2 and "nope.jsonl" in bad.stderr
 
 

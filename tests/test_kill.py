@@ -5,8 +5,9 @@ The runner is the real CLI in a child process; the simulator runs in this proces
 survives the kills. Its log holds every request's raw body, which gives the request key
 (sha256(base_url + "\\n" + body)) of every arrival and of every 200 it served.
 
-Random kill moments and a random simulator seed per run; to replay one, set KILL_TEST_SEED. To collect
-per-kill figures over many runs, set KILL_TEST_REPORT to a file: one JSON line is appended per run.
+Each kill comes after a random number of arrivals at the simulator (an event, so a busy machine moves
+the moment, not the outcome), with a random simulator seed per run; to replay one, set KILL_TEST_SEED.
+To collect per-kill figures over many runs, set KILL_TEST_REPORT to a file: one JSON line per run.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from pathlib import Path
 
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
-from tests.test_resume import (
+from tests.support import (
     assert_each_id_once,
     cli,
+    kill,
+    max_unstored_at_kill,
     outputs,
     served_by_key,
     sim_job,
@@ -60,19 +63,18 @@ def test_kill_9_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path:
         # Per kill: what the client had stored, what had been served, and the last arrival number.
         kills: list[tuple[set[str], dict[str, int], int]] = []
         for _ in range(KILLS):
-            seen = sim.stats()["requests"]
+            # At most 4 x 500 of the 3000 rows' requests before the kills: every run is killed mid-way.
+            moment = sim.stats()["requests"] + rng.randint(20, 500)
             proc = start("run", str(path), "-q")
-            wait_for(lambda seen=seen, proc=proc: sim.stats()["requests"] > seen or proc.poll() is not None,
-                     timeout=30, what=f"the run to send (seed {seed})")
-            time.sleep(rng.uniform(0.05, 0.8))  # a random moment while requests are flowing
+            wait_for(lambda moment=moment, proc=proc: sim.stats()["requests"] >= moment or proc.poll() is not None,
+                     what=f"request {moment} (seed {seed})")
             if proc.poll() is not None:
                 break  # finished before this kill
-            proc.kill()
-            proc.wait()
+            kill(proc)
             # Requests the dead process had already sent are still answered; let them land first.
-            wait_for(lambda: sim.stats()["in_flight"] == 0, timeout=10, what="the simulator to go idle")
+            wait_for(lambda: sim.stats()["in_flight"] == 0, what="the simulator to go idle")
             kills.append((stored_ok_keys(out), dict(served_by_key(sim)), sim.stats()["requests"]))
-        final = cli("run", str(path), "-q", timeout=120)
+        final = cli("run", str(path), "-q", timeout=300)
         assert final.returncode == 0, f"seed {seed}: {final.stderr}"
 
         # (a) every input id exactly once across results and failures.
@@ -90,18 +92,20 @@ def test_kill_9_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path:
             paid_again = [key for key in stored if served[key] != served_then.get(key, 0)]
             assert not paid_again, f"seed {seed}, kill {k + 1}: {len(paid_again)} stored answers paid again"
 
-        # Re-sent: answered before a kill but not yet stored (in flight), then answered again later. A
-        # request holds its concurrency slot until its answer is read, and the answer is committed in the
-        # next event-loop step; the first request woken by that slot can go out just before the commit,
-        # so at a kill at most max_concurrency + 1 answers are not yet stored.
-        resent = [sum(1 for key, n in served_then.items() if key not in stored and served[key] > n)
-                  for stored, served_then, _ in kills]
-        duplicates = sum(n - 1 for n in served.values())
-        assert all(r <= CONCURRENCY + 1 for r in resent), f"seed {seed}: re-sent per kill {resent}"
-        assert duplicates <= len(kills) * CONCURRENCY, f"seed {seed}: {duplicates} answers paid twice"
+        # (c) what a kill can cost: answers served but not yet stored (the requests in flight at the kill,
+        # read from the simulator and the store, not assumed), within the design's bound, and only those
+        # are ever paid for twice.
+        unstored = [{key for key in served_then if key not in stored} for stored, served_then, _ in kills]
+        assert all(len(u) <= max_unstored_at_kill(CONCURRENCY) for u in unstored), \
+            f"seed {seed}: served but not stored per kill {[len(u) for u in unstored]}"
+        paid_twice = {key for key, n in served.items() if n > 1}
+        assert paid_twice <= set().union(*unstored), \
+            f"seed {seed}: {len(paid_twice - set().union(*unstored))} answers paid twice that no kill explains"
         if report := os.environ.get("KILL_TEST_REPORT"):
+            resent = [sum(1 for key in u if served[key] > kills[i][1][key]) for i, u in enumerate(unstored)]
             with open(report, "a") as fh:
-                fh.write(json.dumps({"seed": seed, "kills": len(kills), "resent_per_kill": resent,
-                                     "duplicates": duplicates, "requests": sim.stats()["requests"]}) + "\n")
+                fh.write(json.dumps({"seed": seed, "kills": len(kills), "unstored_per_kill": [len(u) for u in unstored],
+                                     "resent_per_kill": resent, "duplicates": sum(n - 1 for n in served.values()),
+                                     "requests": sim.stats()["requests"]}) + "\n")
     finally:
         sim.stop()

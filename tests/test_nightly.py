@@ -26,7 +26,7 @@ from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
 from pipeline.state.status import job_status
 from tests.conftest import job, write_rows
-from tests.test_resume import KEY_ENV, cli, sim_job, wait_for, write_config
+from tests.support import TEST_KEY_ENV as KEY_ENV, cli, sim_job, wait_for, write_config
 
 
 @pytest.fixture

@@ -10,9 +10,6 @@ import asyncio
 import io
 import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,8 +27,8 @@ from pipeline.engines.progress import Live, Progress
 from pipeline.ops import history, notify
 from pipeline.ops.logfile import JsonLinesHandler, LogFile
 from pipeline.send.dispatch import Stats
-from tests.conftest import REPO, job
-from tests.test_resume import write_config
+from tests.conftest import job
+from tests.support import cli as run_cli, write_config
 
 
 class Receiver:
@@ -175,11 +172,6 @@ def test_a_plain_status_line_when_stderr_is_not_a_terminal_and_final_figures_equ
     p.finish(99, 2, stats)
     last = stream.getvalue().splitlines()[-1]
     assert "99/100 rows" in last and "$0.1234" in last and "failed=2" in last and "tok=15" in last
-
-
-def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, cwd=REPO,
-                          timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_limit_verbose_version_and_status_by_config_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

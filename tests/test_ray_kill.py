@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +29,11 @@ from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
 
 from .conftest import REPO, SCHEMA
+from .support import wait_for
 
 ROWS = int(os.environ.get("PIPELINE_RAY_KILL_ROWS", "5000"))
 FULL = os.environ.get("CI") == "true" or os.environ.get("PIPELINE_RAY_KILL") == "1"
 CONCURRENCY, RPM, WORKERS = 32, 30_000, 4
-
-
-def _wait(predicate: Any, what: str, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _driver(cfg_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -103,7 +96,7 @@ def test_worker_killed_mid_run_every_row_once(tmp_path: Path, s3_bucket: str, ra
     runner = threading.Thread(target=lambda: result.append(pipeline.run(cfg, quiet=True)))
     try:
         runner.start()
-        _wait(lambda: sim.stats()["requests"] >= rows // 3, "a third of the requests")
+        wait_for(lambda: sim.stats()["requests"] >= rows // 3, what="a third of the requests")
         _kill_a_worker(ray_local, cfg["output"]["dir"])
         runner.join(timeout=120)
         stats = sim.stats()
@@ -126,10 +119,10 @@ def test_kill_worker_then_driver_then_rerun(tmp_path: Path, s3_bucket: str, ray_
     served = lambda: sim.stats()["requests"]  # noqa: E731
     try:
         driver = _driver(cfg_path, env)
-        _wait(lambda: served() >= ROWS // 4 or driver.poll() is not None, "a quarter of the requests")
+        wait_for(lambda: served() >= ROWS // 4 or driver.poll() is not None, what="a quarter of the requests")
         assert driver.poll() is None, driver.communicate()[0].decode()[-3000:]
         _kill_a_worker(ray, out)                              # one worker process dies mid-run
-        _wait(lambda: served() >= ROWS // 2, "half of the requests after the worker died")
+        wait_for(lambda: served() >= ROWS // 2, what="half of the requests after the worker died")
         driver.kill()                                         # then the driver
         driver.wait(timeout=30)
         rerun = _driver(cfg_path, env)                        # the same command again

@@ -16,6 +16,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.simulator import SimConfig, SimulatorThread
 from tests.conftest import job
+from tests.support import assert_each_id_once
 
 KEY_ENV = "SURFACE_TEST_KEY"
 TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Look a product up.",
@@ -110,7 +111,7 @@ def test_app_title_and_url_set_all_attribution_headers(tmp_path: Path) -> None:
     assert headers["X-Title"] == headers["X-OpenRouter-Title"] == "Nightly"
 
 
-def test_per_row_params_from_columns(tmp_path: Path) -> None:
+def test_per_row_params_from_columns_reach_the_wire(tmp_path: Path) -> None:
     data = tmp_path / "in.jsonl"
     with open(data, "w") as fh:
         for i in range(5):
@@ -209,8 +210,7 @@ def test_budget_stops_before_the_cap_and_resumes_with_a_higher_one(tmp_path: Pat
         assert (done.exit_code, done.succeeded, done.failed) == (0, 60, 0)
         assert done.requests_sent == 60 - again.succeeded and done.cost_usd <= 1
         assert thread.stats()["cost_usd"] == pytest.approx(done.cost_usd)
-    res = pl.read_parquet(tmp_path / "out" / "results.parquet")
-    assert res["rid"].n_unique() == 60
+    assert assert_each_id_once(tmp_path / "out", 60).height == 60
 
 
 def test_budget_needs_a_price_for_every_model_it_may_be_served_by(tmp_path: Path) -> None:

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
@@ -13,22 +10,13 @@ import pytest
 import pipeline
 from pipeline.errors import ConfigError
 from tests.conftest import job, write_rows
-
-
-def read(out: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
-    return pl.read_parquet(out / "results.parquet"), pl.read_parquet(out / "failures.parquet")
-
-
-def ids_once(out: Path, n: int) -> None:
-    res, fail = read(out)
-    ids = res["rid"].to_list() + fail["rid"].to_list()
-    assert len(ids) == n and len(set(ids)) == n
+from tests.support import assert_each_id_once, cli_in_process, outputs, write_config
 
 
 def test_api_run_writes_typed_outputs_and_summary(tmp_path: Path) -> None:
     s = pipeline.run(job(tmp_path, 30))
     assert (s.exit_code, s.succeeded, s.failed, s.pending) == (0, 30, 0, 0)
-    res, fail = read(tmp_path / "out")
+    res, fail = outputs(tmp_path / "out")
     assert res.height == 30 and fail.height == 0
     assert isinstance(res.schema["output"], pl.Struct)
     assert set(res["output"].struct.field("sentiment").cast(pl.String).unique()) <= {"positive", "negative", "mixed"}
@@ -48,7 +36,7 @@ def test_rerun_resumes_without_sending_anything(tmp_path: Path) -> None:
     second = pipeline.run(cfg)
     assert first.requests_sent >= 25
     assert second.requests_sent == 0 and second.succeeded == 25 and second.resumed_rows == 25
-    ids_once(tmp_path / "out", 25)
+    assert_each_id_once(tmp_path / "out", 25)
 
 
 def test_identical_requests_are_sent_once(tmp_path: Path) -> None:
@@ -84,7 +72,7 @@ def test_permanent_faults_fail_the_row_without_retry(tmp_path: Path, fault: str,
         rule["message"] = "model xyz is not a valid model ID"
     s = pipeline.run(job(tmp_path, 6, sim={"fault_plan": [rule]}, limits={"max_concurrency": 1}))
     assert (s.exit_code, s.succeeded, s.failed, s.requests_sent) == (1, 5, 1, 6)
-    _, fail = read(tmp_path / "out")
+    _, fail = outputs(tmp_path / "out")
     assert fail.row(0, named=True)["error_class"] == "permanent"
     assert fail["status"].to_list() == [status] and fail["attempts"].to_list() == [1]
 
@@ -104,7 +92,7 @@ def test_run_fatal_stops_dispatch_and_resumes_later(tmp_path: Path, fault: str) 
     resumed = pipeline.run(cfg)
     assert (resumed.exit_code, resumed.succeeded) == (0, 200)
     assert resumed.requests_sent == 200 - s.succeeded
-    ids_once(tmp_path / "out", 200)
+    assert_each_id_once(tmp_path / "out", 200)
 
 
 @pytest.mark.parametrize("fault,reason,attempts", [("schema_invalid", "schema", 3), ("refusal", "refusal", 3),
@@ -113,7 +101,7 @@ def test_bad_content_has_its_own_small_budget(tmp_path: Path, fault: str, reason
     s = pipeline.run(job(tmp_path, 3, sim={"fault_plan": [{"requests": "1-100", "fault": fault}]},
                          limits={"max_concurrency": 1}))
     assert s.exit_code == 1 and s.failed == 3
-    _, fail = read(tmp_path / "out")
+    _, fail = outputs(tmp_path / "out")
     assert set(fail["error_class"]) == {"bad_content"}
     assert fail["attempts"].to_list() == [attempts] * 3
     assert all(m.startswith(reason) for m in fail["message"])
@@ -139,7 +127,7 @@ def test_bad_rows_become_failures_with_file_and_line(tmp_path: Path) -> None:
         fh.write(json.dumps({"rid": "r-null", "text": None, "stars": 1}) + "\n")
     s = pipeline.run(job(tmp_path))
     assert (s.exit_code, s.succeeded, s.failed) == (1, 5, 2)
-    _, fail = read(tmp_path / "out")
+    _, fail = outputs(tmp_path / "out")
     assert set(fail["error_class"]) == {"input"}
     messages = " ".join(fail["message"])
     assert "in.jsonl" in messages and "6" in messages and "text" in messages
@@ -152,29 +140,33 @@ def test_ten_thousand_rows_under_faults_end_exactly_once(tmp_path: Path) -> None
     s = pipeline.run(cfg)
     assert (s.exit_code, s.succeeded, s.failed) == (0, 10_000, 0)
     assert s.retries.get("rate_limited", 0) > 300 and s.retries.get("transient", 0) > 300
-    ids_once(tmp_path / "out", 10_000)
-
-
-def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    assert_each_id_once(tmp_path / "out", 10_000)
 
 
 def test_cli_demo_config(repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    p = cli("run", str(repo / "configs/demo.yaml"), "--set", f"output.dir={out}", "-q",
-            "--set", "endpoint.simulator.latency_ms=0")
+    p = cli_in_process("run", str(repo / "configs/demo.yaml"), "--set", f"output.dir={out}", "-q",
+                       "--set", "endpoint.simulator.latency_ms=0", cwd=repo)
     assert p.returncode == 0, p.stderr
     assert pl.read_parquet(out / "results.parquet").height == 240
-    status = cli("status", str(out), "--json")
+    status = cli_in_process("status", str(out), "--json")
     st = json.loads(status.stdout)
     assert (st["rows_done"], st["rows_pending"], st["running"], st["finished"]) == (240, 0, False, True)
+
+
+def test_the_progress_bar_counts_rows_on_stderr_unless_quiet(tmp_path: Path) -> None:
+    path = write_config(tmp_path, job(tmp_path, 20, run={"progress": True}))
+    shown = cli_in_process("run", str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert "labelling" in shown.stderr and "20/20" in shown.stderr and "outputs in" in shown.stderr
+    quiet = cli_in_process("run", str(path), "-q")  # for cron: nothing on stderr when all is well
+    assert (quiet.returncode, quiet.stderr) == (0, "")
 
 
 def test_cli_config_errors_name_the_key_and_exit_2(tmp_path: Path) -> None:
     cfg = tmp_path / "job.yaml"
     cfg.write_text("input: {path: in.jsonl}\nprompt: {user: hi}\noutput: {dir: out}\nlimits: {max_concurency: 3}\n")
-    p = cli("run", str(cfg))
+    p = cli_in_process("run", str(cfg))
     assert p.returncode == 2
     assert "limits.max_concurency" in p.stderr and "did you mean 'max_concurrency'" in p.stderr
     assert str(cfg) in p.stderr
@@ -202,7 +194,7 @@ def test_invalid_schema_names_the_key_the_pointer_and_the_file(tmp_path: Path) -
     cfg = job(tmp_path, 3, structured={"schema": {"type": "object", "properties": {"a": {"type": "strin"}}}})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    p = cli("run", str(path))
+    p = cli_in_process("run", str(path))
     assert p.returncode == 2
     assert str(path) in p.stderr and "structured.schema" in p.stderr and "/properties/a/type" in p.stderr
 

@@ -247,16 +247,12 @@ def test_to_arrow_values_and_round_trip(tmp_path: Path) -> None:
     assert flat["count"].to_list() == [3, None, None, 2]
 
 
-def test_to_arrow_ten_thousand_rows_is_fast() -> None:
-    import time
-
+def test_to_arrow_ten_thousand_rows() -> None:
     values = [{"label": "pos", "score": i, "count": i, "ok": True, "topic": "t", "meta": {"lang": "en"},
                "tags": [{"name": "a", "weight": 1.5}], "extra": {"a": 1}, "either": i} for i in range(10_000)]
-    typ = arrow_type(FULL)
-    start = time.perf_counter()
-    arr = to_arrow(values, FULL, typ)
-    assert time.perf_counter() - start < 1.0
+    arr = to_arrow(values, FULL, arrow_type(FULL))
     assert len(arr) == 10_000 and arr.null_count == 0
+    assert arr[9_999].as_py()["count"] == 9_999 and arr[0].as_py()["tags"] == [{"name": "a", "weight": 1.5}]
 
 
 def test_from_pydantic_literal_and_optional_map_to_typed_columns() -> None:

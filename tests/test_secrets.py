@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +25,7 @@ import yaml
 import pipeline
 from pipeline.cli import main
 from tests.conftest import job
+from tests.support import cli, cli_in_process, start
 
 KEY = "sk-or-v1-SECRET-canary-1234"
 ENV = "OPENROUTER_API_KEY"
@@ -46,13 +44,6 @@ def assert_dir_clean(path: Path) -> int:
     for p in files:
         assert_clean(p.read_bytes(), where=str(p))
     return len(files)
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env[ENV] = KEY
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=120,
-                          env=env, cwd=cwd)
 
 
 def write(tmp: Path, cfg: dict[str, Any]) -> Path:
@@ -80,7 +71,7 @@ def test_the_key_appears_in_nothing_a_run_produces(mode: str, tmp_path: Path) ->
     cfg = job(tmp_path, 12, sim=spec["sim"], **sections)
     cfg["endpoint"]["api_key_env"] = ENV
     path = write(tmp_path, cfg)
-    run = cli("run", str(path), "-v", cwd=tmp_path)
+    run = cli("run", str(path), "-v", cwd=tmp_path, env={ENV: KEY})  # a real process: all it prints
     assert run.returncode in (0, 1, 3), run.stderr
     if mode == "success":
         assert run.returncode == 0
@@ -89,7 +80,7 @@ def test_the_key_appears_in_nothing_a_run_produces(mode: str, tmp_path: Path) ->
     assert_clean(run.stdout, run.stderr, where="stdout/stderr")
     assert assert_dir_clean(tmp_path / "out") >= 4  # store.sqlite, manifest, parts, summary, outputs...
     for args in (("status", str(tmp_path / "out")), ("status", str(tmp_path / "out"), "--json")):
-        st = cli(*args, cwd=tmp_path)
+        st = cli_in_process(*args, cwd=tmp_path, env={ENV: KEY})
         assert st.returncode == 0, st.stderr
         assert_clean(st.stdout, st.stderr, where="status")
 
@@ -97,11 +88,10 @@ def test_the_key_appears_in_nothing_a_run_produces(mode: str, tmp_path: Path) ->
 def test_dry_run_and_simulate_print_no_key(tmp_path: Path) -> None:
     cfg = job(tmp_path, 5, sim={"api_key": KEY}, limits={"requests_per_minute": 600})
     cfg["endpoint"]["api_key_env"] = ENV
-    dry = cli("run", str(write(tmp_path, cfg)), "--dry-run", "-v", cwd=tmp_path)
+    dry = cli_in_process("run", str(write(tmp_path, cfg)), "--dry-run", "-v", cwd=tmp_path, env={ENV: KEY})
     assert dry.returncode == 0, dry.stderr
     assert_clean(dry.stdout, dry.stderr, where="dry run")
-    sim = subprocess.Popen([sys.executable, "-m", "pipeline", "simulate", "--port", "0", "--api-key-env", ENV],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, ENV: KEY})
+    sim = start("simulate", "--port", "0", "--api-key-env", ENV, env={ENV: KEY})
     try:
         url = sim.stdout.readline() if sim.stdout else ""
         assert url.startswith("http://127.0.0.1:")

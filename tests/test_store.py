@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.state.store import Record, Store
+from tests.support import kill
 
 
 def rec(i: int, state: str = "ok") -> Record:
@@ -112,8 +112,7 @@ def test_kill_9_mid_write_loses_nothing_acknowledged(tmp_path: Path) -> None:
             last = int(line)
             if last >= 700 * (round_ + 1):
                 break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill(proc)
         acknowledged = last
         store = Store(path)
         count = store.totals()["by_state"].get("ok", 0)

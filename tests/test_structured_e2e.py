@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -33,6 +31,7 @@ from pipeline.simulator.thread import SimulatorThread
 from pipeline.build.structured import StructuredPlan, routes_via_openrouter
 from tests.conftest import SCHEMA, job
 from tests.fakes import Scripted, completion
+from tests.support import cli_in_process
 
 KEY_ENV = "STRUCTURED_E2E_KEY"
 
@@ -505,14 +504,6 @@ def test_run_with_a_schema_inside_a_running_event_loop(tmp_path: Path) -> None:
     assert (s.succeeded, pipeline.load(s.out_dir).schema["sentiment"]) == (5, pl.Categorical)
 
 
-def test_progress_bar_is_tqdm_auto() -> None:
-    import tqdm.auto
-
-    from pipeline.engines import progress
-
-    assert progress.tqdm is tqdm.auto.tqdm  # a widget in Jupyter, a text bar in a terminal
-
-
 def test_notebook_doc_example_runs(tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     doc = (repo / "docs" / "notebook.md").read_text()
     code = "\n".join(block.split("\n", 1)[1] for block in doc.split("```")[1::2] if block.startswith("python"))
@@ -591,9 +582,8 @@ def test_user_tools_land_as_a_tool_calls_column(tmp_path: Path, monkeypatch: pyt
 @pytest.mark.parametrize("model,mode", [("openai/gpt-4o", "json_schema"), ("openai/gpt-4-turbo", "tool")])
 def test_nested_demo_config_produces_a_typed_struct(tmp_path: Path, repo: Path, model: str, mode: str) -> None:
     out = tmp_path / "nested"
-    p = subprocess.run([sys.executable, "-m", "pipeline", "run", str(repo / "configs/nested-demo.yaml"), "-q",
-                        "--set", f"output.dir={out}", "--set", "endpoint.simulator.latency_ms=0",
-                        "--set", f"endpoint.model={model}"], capture_output=True, text=True, timeout=120, check=False)
+    p = cli_in_process("run", str(repo / "configs/nested-demo.yaml"), "-q", "--set", f"output.dir={out}",
+                       "--set", "endpoint.simulator.latency_ms=0", "--set", f"endpoint.model={model}", cwd=repo)
     assert p.returncode == 0, p.stderr
     schema = json.loads((repo / "configs/schemas/review-nested.json").read_text())
     assert_typed_and_valid(out, schema)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ import pipeline
 from pipeline.config import load_config
 from pipeline.engines.estimate import estimate
 from pipeline.simulator import SimConfig, SimulatorThread
+from tests.support import cli_in_process
 
 KEY_ENV = "VISION_TEST_KEY"
 
@@ -186,9 +184,8 @@ def test_detail_low_is_85_tokens_an_image(tmp_path: Path, images: dict[str, Any]
 
 def test_vision_demo_config_runs_on_the_simulator(repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    p = subprocess.run([sys.executable, "-m", "pipeline", "run", str(repo / "configs/vision-demo.yaml"), "-q",
-                        "--set", f"output.dir={out}", "--set", "endpoint.simulator.latency_ms=0"],
-                       capture_output=True, text=True, timeout=120, env={**os.environ}, check=False)
+    p = cli_in_process("run", str(repo / "configs/vision-demo.yaml"), "-q", "--set", f"output.dir={out}",
+                       "--set", "endpoint.simulator.latency_ms=0", cwd=repo)
     assert p.returncode == 0, p.stderr
     res = pl.read_parquet(out / "results.parquet")
     assert res.height == 11 and res["ttft_s"].null_count() == 0

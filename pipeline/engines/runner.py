@@ -55,12 +55,14 @@ log = logging.getLogger("pipeline")
 async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
                     schema: dict[str, Any] | None = None, quiet: bool = False, handle_signals: bool = False,
                     transport: Transport | None = None, config_path: str | None = None,
-                    overrides: list[str] | None = None, interrupt: Interrupt | None = None) -> Summary:
+                    overrides: list[str] | None = None, interrupt: Interrupt | None = None,
+                    no_wait: bool = False, cancel_batches: bool = False) -> Summary:
     """Run one job to completion, stop or interruption; never raises for row-level problems.
 
     `config_path` and `overrides` (the --set items) are only used to print the command that resumes;
     `interrupt` lets another thread stop the run as Ctrl-C would (see `run`). Every invocation, refused
-    and failed ones included, is one record in output.dir/history.jsonl (ops/invocation.py)."""
+    and failed ones included, is one record in output.dir/history.jsonl (ops/invocation.py). `no_wait`
+    and `cancel_batches` apply to run.mode: batch (submit and return; cancel the job's batches)."""
     if schema is not None:  # into the config, so the job fingerprint covers the schema actually asked for
         cfg = load_config(cfg, {"structured.schema": schema})
     if cfg.run.engine == "ray":  # the same job on Ray actors (engines/ray/); Ray is imported only here
@@ -73,7 +75,8 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     try:
         summary = await _run_job(cfg, invocation, schema, retry_failed=retry_failed, force_new=force_new,
                                  quiet=quiet, handle_signals=handle_signals, transport=transport,
-                                 config_path=config_path or cfg.source, overrides=overrides, interrupt=interrupt)
+                                 config_path=config_path or cfg.source, overrides=overrides, interrupt=interrupt,
+                                 no_wait=no_wait, cancel_batches=cancel_batches)
     except BaseException as exc:
         await invocation.finish(None, exc)
         raise
@@ -83,7 +86,8 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
 
 async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] | None, *, retry_failed: bool,
                    force_new: bool, quiet: bool, handle_signals: bool, transport: Transport | None,
-                   config_path: str, overrides: list[str] | None, interrupt: Interrupt | None) -> Summary:
+                   config_path: str, overrides: list[str] | None, interrupt: Interrupt | None,
+                   no_wait: bool = False, cancel_batches: bool = False) -> Summary:
     started = time.monotonic()
     commands = (resume_command(config_path, overrides, retry_failed=retry_failed, out_dir=cfg.output.dir),
                 resume_command(config_path, overrides, retry_failed=True, out_dir=cfg.output.dir))
@@ -114,17 +118,25 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
                                 interval_s=cfg.run.progress_interval_s,
                                 live=lambda: Live(invocation.tally.in_flight, limiter.paused_for(),
                                                   invocation.tally.last_error))
-            core = Core(cfg, renderer, plan, answers=LocalAnswers(store, cache, stats, retry_failed=retry_failed),
-                        limiter=limiter, transport=transport, progress=progress, stats=stats,
-                        spent_before=spent_before)
+            answers = LocalAnswers(store, cache, stats, retry_failed=retry_failed)
+            core = Core(cfg, renderer, plan, answers=answers, limiter=limiter, transport=transport, progress=progress,
+                        stats=stats, spent_before=spent_before)
             rows = _RowCount(invocation.started, reused)
             invocation.watch(lambda: _figures(jobdir, scan.rows, progress, reused, core, invocation, spent_before))
             interrupt = interrupt or Interrupt()
             interrupt.attach(core, progress, cfg.run.grace_period_s, signals=handle_signals)
             heartbeat = asyncio.create_task(invocation.heartbeat(progress))
+            batch_state = None
             try:
-                await _drive(core, source.batches(skip=lambda i: names[i] in reuse), names, jobdir.parts, columns,
-                             store, rows)
+                if cfg.run.mode == "batch":  # the Batch API fills the store; the pass below only writes
+                    from ..batch.mode import drive_batches
+                    batch_state = await drive_batches(
+                        cfg, core, answers, store, transport, renderer,
+                        lambda: source.batches(skip=lambda i: names[i] in reuse), folder=str(jobdir.path / "batch"),
+                        interrupt=interrupt, no_wait=no_wait, cancel=cancel_batches, progress=progress)
+                if batch_state in (None, "collected"):
+                    await _drive(core, source.batches(skip=lambda i: names[i] in reuse), names, jobdir.parts,
+                                 columns, store, rows)
             finally:
                 heartbeat.cancel()
                 interrupt.detach()
@@ -136,6 +148,9 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
                                progress)
             summary = dataclasses.replace(summary, **invocation.stamp())
             _finish(summary, core, *commands)
+            if batch_state is not None:
+                from ..batch.mode import finish
+                finish(summary, batch_state, commands[0])
             publish_outputs(cfg, jobdir.path, summary)
             return summary
     finally:
@@ -331,7 +346,7 @@ def _versions() -> dict[str, str]:
 
 def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_failed: bool = False,
         force_new: bool = False, quiet: bool = False, schema: Any = None, set: list[str] | None = None,
-        **overrides: Any) -> Summary:
+        no_wait: bool = False, cancel_batches: bool = False, **overrides: Any) -> Summary:
     """Run a job from a config path, dict or Config; keyword overrides use dotted paths with `__`
     (`output__dir="/tmp/x"`) or section dicts (`limits={"max_concurrency": 8}`). A pydantic model
     class may be given as `schema`, and the input as `input=` a polars/pandas DataFrame or an Arrow
@@ -359,7 +374,8 @@ def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_faile
             cfg = load_config(cfg, {"structured.schema": schema_dict})
     interrupt = Interrupt()
     coro_factory = lambda: run_async(cfg, retry_failed=retry_failed, force_new=force_new,  # noqa: E731
-                                     schema=schema_dict, quiet=quiet, interrupt=interrupt)
+                                     schema=schema_dict, quiet=quiet, interrupt=interrupt, no_wait=no_wait,
+                                     cancel_batches=cancel_batches)
     try:
         asyncio.get_running_loop()
         in_loop = True

@@ -60,8 +60,10 @@ class Paid:
         self.cost_usd += usage.cost_usd
 
 
-def read_usage(body: dict[str, Any], cfg: Config, n_images: int = 0, est_prompt: int | None = None) -> Usage:
-    """What this answer cost; read even when the content turns out unusable (it was paid for)."""
+def read_usage(body: dict[str, Any], cfg: Config, n_images: int = 0, est_prompt: int | None = None, *,
+               batch: bool = False) -> Usage:
+    """What this answer cost; read even when the content turns out unusable (it was paid for). `batch`:
+    an answer from the Batch API, priced at the batch price."""
     usage = body.get("usage")
     model = body.get("model") or cfg.endpoint.model
     if not isinstance(usage, dict):
@@ -71,7 +73,7 @@ def read_usage(body: dict[str, Any], cfg: Config, n_images: int = 0, est_prompt:
         provider=body.get("provider"),
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        cost_usd=usage_cost(usage, model, cfg, n_images),
+        cost_usd=usage_cost(usage, model, cfg, n_images, batch=batch),
     )
 
 
@@ -88,7 +90,7 @@ def _estimate_completion(body: dict[str, Any]) -> int:
     return (chars + 3) // 4
 
 
-def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0) -> float:
+def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0, *, batch: bool = False) -> float:
     reported = usage.get("cost")
     if isinstance(reported, (int, float)) and not isinstance(reported, bool):
         cost = float(reported)
@@ -97,7 +99,7 @@ def usage_cost(usage: dict[str, Any], model: str, cfg: Config, n_images: int = 0
         if usage.get("is_byok") and isinstance(upstream, (int, float)):
             cost += float(upstream)  # with your own provider key, OpenRouter's fee is only part of the bill
         return cost
-    price = find_price(cfg, model) or find_price(cfg, cfg.endpoint.model)
+    price = find_price(cfg, model, batch=batch) or find_price(cfg, cfg.endpoint.model, batch=batch)
     if price is None:
         warn_unpriced(model)
         return 0.0
@@ -112,13 +114,14 @@ def worst_output_tokens(cfg: Config, est_prompt: int, max_tokens: int | None) ->
     return max_output_tokens(model) or max(0, context_window(model) - est_prompt)
 
 
-def max_cost(est_prompt_tokens: int, max_tokens: int | None, cfg: Config, n_images: int = 0) -> float:
+def max_cost(est_prompt_tokens: int, max_tokens: int | None, cfg: Config, n_images: int = 0, *,
+             batch: bool = False) -> float:
     """The most one request can cost, for the budget check before sending.
 
     Priced at the dearest model it may be served by (the `params.models` fallbacks included), with a
     margin on the prompt estimate. 0.0 when no price is known (config refuses a budget in that case).
     """
-    prices = [p for m in [cfg.endpoint.model, *(cfg.params.models or [])] if (p := find_price(cfg, m))]
+    prices = [p for m in [cfg.endpoint.model, *(cfg.params.models or [])] if (p := find_price(cfg, m, batch=batch))]
     if not prices:
         return 0.0
     out = worst_output_tokens(cfg, est_prompt_tokens, max_tokens)

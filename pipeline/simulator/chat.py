@@ -112,10 +112,7 @@ class ChatService:
         if not isinstance(ask, _Ask):
             return ask
         fault = choice.name if choice is not None else None
-        content_fault = fault if fault in BODY_FAULTS else None
-        target = find_target(ask.body, self.cfg.flavor, self.finder)
-        digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(ask.body), option=orjson.OPT_SORT_KEYS)).digest()
-        answer = make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio)
+        answer = self.answer(ask, fault if fault in BODY_FAULTS else None)
         if fault == "model_down":
             ask.served_model = self._fallback_model(ask.body, ask.model) or ""
         refused = self._refuse(request, ask, answer, choice, now, entry)
@@ -150,18 +147,31 @@ class ChatService:
                   "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON."
             return self._error(SimError(400, msg, or_message="Invalid JSON body", error_type="invalid_request"),
                                headers, entry)
+        ask = self.check(body, entry.digest)
+        return ask if isinstance(ask, _Ask) else self._error(ask, headers, entry)
+
+    def check(self, body: dict[str, Any], digest: bytes) -> _Ask | SimError:
+        """What a parsed request body asks, or the validation error it gets. Shared by chat completions
+        and Batch API lines (batch_lines.py), so one body is judged the same in both."""
+        cfg = self.cfg
         model = str(body.get("model") or (cfg.default_model if cfg.flavor != "openai" else ""))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
-            return self._error(SimError(400, f"Invalid type for 'max_tokens': expected an integer, but got "
-                                        f"{type(max_tokens).__name__} instead.", param="max_tokens",
-                                        oa_code="invalid_type", error_type="invalid_request"), headers, entry)
+            return SimError(400, f"Invalid type for 'max_tokens': expected an integer, but got "
+                                 f"{type(max_tokens).__name__} instead.", param="max_tokens",
+                            oa_code="invalid_type", error_type="invalid_request")
         prompt, _images = prompt_tokens(body, self.sizer, cfg.upscale_images)
         text = messages_text(body.get("messages") or []) if isinstance(body.get("messages"), list) else ""
         err = validate(body, cfg, model, prompt, max_tokens, text)
         if err is not None:
-            return self._error(err, headers, entry)
-        return _Ask(body, entry.digest, model, max_tokens, prompt, text, model)
+            return err
+        return _Ask(body, digest, model, max_tokens, prompt, text, model)
+
+    def answer(self, ask: _Ask, content_fault: str | None = None) -> Answer:
+        """The model's answer to a valid request: the same for the same body, whichever way it came."""
+        target = find_target(ask.body, self.cfg.flavor, self.finder)
+        digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(ask.body), option=orjson.OPT_SORT_KEYS)).digest()
+        return make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio)
 
     def _refuse(self, request: web.BaseRequest, ask: _Ask, answer: Answer, choice: FaultChoice | None,
                 now: float, entry: LogEntry) -> SimError | web.StreamResponse | None:

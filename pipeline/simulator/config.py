@@ -94,6 +94,31 @@ class Price(BaseModel):
     output_per_m: float = 30.0  # USD per million completion tokens
 
 
+class BatchSim(BaseModel):
+    """The Batch API (files + batches). Status moves one step per poll count below, on the simulator's own
+    clock (each GET of the batch is a tick), so tests never sleep."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    validating_polls: int = Field(default=1, ge=0)  # polls answered "validating" before the next status
+    in_progress_polls: int = Field(default=2, ge=0)
+    finalizing_polls: int = Field(default=1, ge=0)
+    cancelling_polls: int = Field(default=1, ge=0)
+    line_rate_4xx: float = Field(default=0.0, ge=0, le=1)  # per line: a 4xx answer (status line_4xx_status)
+    line_4xx_status: int = Field(default=400, ge=400, le=499)  # 400 invalid_request; 401/402 stop a client
+    line_rate_5xx: float = Field(default=0.0, ge=0, le=1)  # per line: a 500 server_error answer
+    line_rate_schema_invalid: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 whose JSON breaks the schema
+    expire: list[int] = Field(default_factory=list)  # creation numbers (1-based) of batches that expire
+    expire_done_ratio: float = Field(default=0.5, ge=0, le=1)  # share answered before the window closed
+    errors_in_output: bool = False  # failed lines in the output file (some gateways) instead of the error file
+    shuffle: bool = True  # output order is not input order
+    price_factor: float = Field(default=0.5, ge=0)  # batch price as a share of the sync price
+    max_active: int | None = Field(default=None, gt=0)  # 429 on create beyond this many unfinished batches
+    max_enqueued_tokens: int | None = Field(default=None, gt=0)  # 429 on create beyond this queue of prompt tokens
+    max_file_lines: int = Field(default=50_000, gt=0)
+    max_file_bytes: int = Field(default=200_000_000, gt=0)
+
+
 class SimConfig(BaseModel):
     """All knobs of the simulator; closed to unknown keys so a typo in a fault plan is loud."""
 
@@ -176,6 +201,7 @@ class SimConfig(BaseModel):
     log_limit: int = Field(default=100_000, ge=0)
     log_body_max_bytes: int = Field(default=16_384, ge=0)  # larger bodies are logged as a size marker
     track_bodies: bool = True  # served_by_body accounting (one small entry per distinct body)
+    batch: BatchSim = Field(default_factory=BatchSim)  # the Batch API's schedule, faults and limits
 
     @model_validator(mode="after")
     def _check_rates(self) -> SimConfig:

@@ -3,6 +3,7 @@
 Routes:
 - ``POST /api/v1/chat/completions`` and ``POST /v1/chat/completions`` (one handler)
 - ``GET /api/v1/key``, ``GET /api/v1/generation?id=`` (OpenRouter side endpoints, auth required)
+- ``/files`` and ``/batches`` under the API root: the OpenAI Batch API (batch.py)
 - ``GET /_sim/stats``, ``GET /_sim/requests?since=N&limit=M``, ``POST /_sim/reset`` (test hooks;
   the reset body may carry SimConfig overrides, e.g. a new ``fault_plan``)
 """
@@ -16,6 +17,7 @@ from typing import Any, Self
 import orjson
 from aiohttp import web
 
+from .batch import BatchService
 from .chat import ChatService
 from .config import SimConfig
 from .envelopes import render
@@ -32,6 +34,7 @@ class Simulator:
         self.cfg = cfg if cfg is not None else SimConfig()
         self._stopping = asyncio.Event()
         self.service = ChatService(self.cfg, self._stopping)
+        self.batches = BatchService(self.cfg.batch, self.cfg.seed)
         self._runner: web.ServerRunner | None = None
         self.base_url: str | None = None
         self.port: int | None = None
@@ -83,6 +86,7 @@ class Simulator:
         if overrides:
             self.cfg = SimConfig.model_validate({**self.cfg.model_dump(), **overrides})
         self.service = ChatService(self.cfg, self._stopping)
+        self.batches = BatchService(self.cfg.batch, self.cfg.seed)
 
     # -- accounting ----------------------------------------------------------------------------
 
@@ -92,6 +96,7 @@ class Simulator:
         credits = self.service.credits
         out["credits"] = {"limit_usd": credits.limit, "used_usd": round(credits.usage, 10),
                           "remaining_usd": credits.remaining}
+        out["batch"] = self.batches.stats()
         return out
 
     @property
@@ -106,6 +111,10 @@ class Simulator:
             if request.method != "POST":
                 return _json({"error": {"code": 405, "message": "Method Not Allowed"}}, status=405)
             return await self.service.handle(request)
+        root = self.cfg.api_root_path()
+        if path.startswith((root + "/files", root + "/batches")):
+            denied = self._authorized(request)
+            return denied if denied is not None else await self.batches.handle(path[len(root):], request, self.service)
         route = _ROUTES.get((request.method, path))
         if route is None:
             return _json({"error": {"code": 404, "message": f"Not Found: {request.method} {path}"}}, status=404)

@@ -25,11 +25,12 @@ log = logging.getLogger("pipeline")
 class LocalAnswers:
     def __init__(self, store: Store, cache: Store | None, stats: Stats, *, retry_failed: bool) -> None:
         self.store, self.cache, self.stats = store, cache, stats
-        self._keep = {"ok"} if retry_failed else FINAL_STATES
+        # The stored states a lookup counts as answered (batch mode widens it for its write pass).
+        self.keep: frozenset[str] = frozenset({"ok"}) if retry_failed else FINAL_STATES
 
     def lookup(self, keys: Collection[str]) -> dict[str, Record]:
         found = self.store.get_many(keys)
-        records = {k: r for k, r in found.items() if r.state in self._keep}
+        records = {k: r for k, r in found.items() if r.state in self.keep}
         if self.cache is not None:
             missing = [k for k in keys if k not in records]
             hits = [r for r in self.cache.get_many(missing, with_raw=True).values() if r.state == "ok"] if missing else []

@@ -68,12 +68,14 @@ def job_status(target: str) -> dict[str, Any]:
     totals: dict[str, Any] = {"by_state": {}, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
                               "last_write": None}
     index: dict[int, PartCounts] = {}
+    batches: list[dict[str, Any]] = []
     if Path(jobdir.store_path).exists():
         # Read-only, through SQLite's WAL: a running writer is never blocked and never sees us.
         store = Store(jobdir.store_path, readonly=True)
         try:
             totals = store.totals()
             index = store.parts()
+            batches = batch_rows(store)
         finally:
             store.close()
     succeeded, failed = _rows(jobdir, list(manifest.get("batches", [])) if manifest else [], index)
@@ -104,8 +106,18 @@ def job_status(target: str) -> dict[str, Any]:
         "host": owner.get("host") if owner else None,
         "finished": state == "finished",
         "resume_command": manifest.get("command") if manifest else None,
+        "batches": batches,
         "last_runs": history.read(jobdir.path, last=LAST_RUNS),
     }
+
+
+def batch_rows(store: Store) -> list[dict[str, Any]]:
+    """run.mode: batch — each batch file of the job, as the last run saw it at the provider."""
+    from ..batch.ledger import read_chunks
+
+    return [{"chunk": c.chunk, "state": c.state, "batch_id": c.batch_id, "status": c.status, "lines": c.lines,
+             "completed": int(c.counts.get("completed") or 0), "failed": int(c.counts.get("failed") or 0)}
+            for c in read_chunks(store) if c.state != "dropped"]
 
 
 def print_status(target: str, *, as_json: bool = False) -> int:
@@ -123,6 +135,12 @@ def print_status(target: str, *, as_json: bool = False) -> int:
     print(f"tokens     {st['prompt_tokens']:,} prompt + {st['completion_tokens']:,} completion")
     print(f"cost       ${st['cost_usd']:.4f}")
     print(f"updated    {when}")
+    if st["batches"]:
+        live = sum(1 for b in st["batches"] if b["state"] != "collected")
+        print(f"batches    {len(st['batches'])} ({live} not collected yet)")
+        for b in st["batches"]:
+            print(f"  chunk {b['chunk']:>4}  {b['batch_id'] or '-':<28} {b['status'] or b['state']:<12} "
+                  f"{b['completed']:,}/{b['lines']:,} done, {b['failed']:,} failed ({b['state']})")
     if not st["running"] and st["rows_pending"] and st["resume_command"]:
         print(f"resume     {st['resume_command']}")
     if st["last_runs"]:

@@ -282,6 +282,15 @@ class Store:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """For modules that keep tables of their own in this store (CREATE TABLE IF NOT EXISTS); call
+        `touched()` after writing so the next fsync covers the write."""
+        return self._db
+
+    def touched(self) -> None:
+        self._dirty = True
+
     # -- reading -------------------------------------------------------------------------------------
 
     def get_many(self, keys: Iterable[str], *, with_raw: bool = False) -> dict[str, Record]:

@@ -1,0 +1,213 @@
+"""The batch ledger: what was written, uploaded and created at the provider, kept in the job's store.
+
+Two tables of their own on the answer store's connection (contract 5), so an intent and the answers it
+leads to live in one SQLite file and one WAL:
+
+  batch_chunks  one row per batch file: its state, the provider's file and batch ids, the last status
+                and request_counts seen, and the sums the queue and budget checks need;
+  batch_lines   one row per (chunk, request key): which requests a file carries and how each ended
+                (NULL while in flight; ok | permanent | transient | bad_content | fatal | missing).
+
+A chunk's state only moves forward. An intent is written (and fsynced) BEFORE each step that creates
+something at the provider, so after a kill -9 the next run knows what may exist there and reconciles
+before it submits anything:
+
+  writing -> ready -> uploading -> uploaded -> creating -> submitted -> collected
+     |                   (reconcile: adopt the file by name, or upload again)
+     |                                        (reconcile: adopt the batch by metadata, or create again)
+     +-> dropped (killed while writing: nothing left this machine; the lines are rendered again)
+  submitted -> rejected (the provider refused the file: run-fatal; the lines are free again)
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ..state.store import Store
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS batch_chunks (
+        chunk INTEGER PRIMARY KEY, state TEXT NOT NULL, path TEXT NOT NULL, lines INTEGER NOT NULL DEFAULT 0,
+        bytes INTEGER NOT NULL DEFAULT 0, est_tokens INTEGER NOT NULL DEFAULT 0, worst_usd REAL NOT NULL DEFAULT 0,
+        file_id TEXT, batch_id TEXT, status TEXT, counts TEXT, output_file_id TEXT, error_file_id TEXT,
+        intent_at REAL, updated_at REAL)""",
+    """CREATE TABLE IF NOT EXISTS batch_lines (
+        chunk INTEGER NOT NULL, key TEXT NOT NULL, est INTEGER NOT NULL DEFAULT 0, images INTEGER NOT NULL DEFAULT 0,
+        outcome TEXT, PRIMARY KEY (chunk, key))""",
+    "CREATE INDEX IF NOT EXISTS batch_lines_key ON batch_lines (key)",
+]
+
+# Chunks whose lines are spoken for: written, at the provider, or waiting to be collected.
+LIVE = ("ready", "uploading", "uploaded", "creating", "submitted")
+AT_PROVIDER = ("submitted",)
+
+
+@dataclass(slots=True)
+class Chunk:
+    chunk: int
+    state: str
+    path: str
+    lines: int
+    bytes: int
+    est_tokens: int
+    worst_usd: float
+    file_id: str | None
+    batch_id: str | None
+    status: str | None
+    counts: dict[str, int]
+    output_file_id: str | None
+    error_file_id: str | None
+    intent_at: float | None
+
+    @property
+    def name(self) -> str:
+        return f"chunk-{self.chunk:06d}"
+
+
+_COLS = "chunk, state, path, lines, bytes, est_tokens, worst_usd, file_id, batch_id, status, counts, " \
+        "output_file_id, error_file_id, intent_at"
+
+
+class Ledger:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.db: sqlite3.Connection = store.connection
+        for statement in _SCHEMA:
+            self.db.execute(statement)
+        job = store.get_meta("batch_job_id")
+        if job is None:
+            # Names this job's files and batches at the provider (metadata, filenames); random, so two
+            # folders running the same config never adopt each other's batches.
+            job = secrets.token_hex(8)
+            store.set_meta("batch_job_id", job)
+        self.job_id = job
+
+    # -- chunks --------------------------------------------------------------------------------------
+
+    def new_chunk(self, folder: str) -> Chunk:
+        row = self.db.execute("SELECT coalesce(max(chunk), 0) + 1 FROM batch_chunks").fetchone()
+        n = int(row[0])
+        path = os.path.join(folder, f"chunk-{n:06d}.jsonl")
+        self.db.execute("INSERT INTO batch_chunks (chunk, state, path, updated_at) VALUES (?, 'writing', ?, ?)",
+                        (n, path, time.time()))
+        self._durable()
+        return self.get(n)
+
+    def add_lines(self, chunk: int, lines: Iterable[tuple[str, int, int]]) -> None:
+        """(key, estimated prompt tokens, images) of lines just written to the chunk's file."""
+        self._many("INSERT OR IGNORE INTO batch_lines (chunk, key, est, images) VALUES (?, ?, ?, ?)",
+                   [(chunk, k, e, i) for k, e, i in lines])
+
+    def get(self, chunk: int) -> Chunk:
+        row = self.db.execute(f"SELECT {_COLS} FROM batch_chunks WHERE chunk = ?", (chunk,)).fetchone()
+        return _chunk(row)
+
+    def chunks(self, states: Iterable[str] | None = None) -> list[Chunk]:
+        if states is None:
+            rows = self.db.execute(f"SELECT {_COLS} FROM batch_chunks ORDER BY chunk").fetchall()
+        else:
+            wanted = list(states)
+            marks = ",".join("?" * len(wanted))
+            rows = self.db.execute(f"SELECT {_COLS} FROM batch_chunks WHERE state IN ({marks}) ORDER BY chunk",
+                                   wanted).fetchall()
+        return [_chunk(r) for r in rows]
+
+    def update(self, chunk: int, *, durable: bool = False, **fields: Any) -> None:
+        """Change a chunk's row; `durable` fsyncs it before returning (an intent before a provider call)."""
+        if "counts" in fields:
+            fields["counts"] = orjson.dumps(fields["counts"] or {}).decode()
+        fields["updated_at"] = time.time()
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE batch_chunks SET {sets} WHERE chunk = ?", (*fields.values(), chunk))
+        if durable:
+            self._durable()
+        else:
+            self.store.touched()
+
+    def drop(self, chunk: int) -> None:
+        """A chunk that never left this machine: forget its lines so they are rendered again."""
+        self.db.execute("BEGIN")
+        self.db.execute("DELETE FROM batch_lines WHERE chunk = ?", (chunk,))
+        self.db.execute("UPDATE batch_chunks SET state = 'dropped', updated_at = ? WHERE chunk = ?", (time.time(), chunk))
+        self.db.execute("COMMIT")
+        self._durable()
+
+    # -- lines ---------------------------------------------------------------------------------------
+
+    def spoken_for(self, keys: list[str]) -> set[str]:
+        """Those of `keys` that a live chunk (or the one being written) carries with no outcome yet."""
+        out: set[str] = set()
+        live = ("writing", *LIVE)
+        marks_live = ",".join("?" * len(live))
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            marks = ",".join("?" * len(part))
+            out.update(k for (k,) in self.db.execute(
+                f"SELECT l.key FROM batch_lines l JOIN batch_chunks c USING (chunk) WHERE l.key IN ({marks}) "
+                f"AND l.outcome IS NULL AND c.state IN ({marks_live})", (*part, *live)))
+        return out
+
+    def lines(self, chunk: int) -> Iterator[tuple[str, int, int, str | None]]:
+        yield from self.db.execute("SELECT key, est, images, outcome FROM batch_lines WHERE chunk = ?", (chunk,))
+
+    def attempts(self, key: str) -> dict[str, int]:
+        """How often this request was in a batch file, by outcome ('sent' counts every line)."""
+        out = {"sent": 0}
+        for outcome, n in self.db.execute("SELECT outcome, count(*) FROM batch_lines WHERE key = ? GROUP BY outcome",
+                                          (key,)):
+            out["sent"] += n
+            if outcome:
+                out[outcome] = n
+        return out
+
+    def set_outcomes(self, chunk: int, outcomes: list[tuple[str, str]]) -> None:
+        self._many("UPDATE batch_lines SET outcome = ? WHERE chunk = ? AND key = ?", [(o, chunk, k) for k, o in outcomes])
+
+    def mark_unanswered(self, chunk: int) -> int:
+        """Lines of a finished batch that neither file answered; returns how many."""
+        cur = self.db.execute("UPDATE batch_lines SET outcome = 'missing' WHERE chunk = ? AND outcome IS NULL", (chunk,))
+        self.store.touched()
+        return cur.rowcount
+
+    def in_flight(self) -> tuple[int, float]:
+        """Estimated prompt tokens and worst-case cost of the batches at the provider, not yet collected."""
+        row = self.db.execute("SELECT coalesce(sum(est_tokens), 0), coalesce(sum(worst_usd), 0) FROM batch_chunks "
+                              "WHERE state IN ('creating', 'submitted')").fetchone()
+        return int(row[0]), float(row[1])
+
+    def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """One transaction for many rows (autocommit would make each row a commit of its own)."""
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(sql, rows)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.store.touched()
+
+    def _durable(self) -> None:
+        self.store.touched()
+        self.store.sync()
+
+
+def _chunk(row: tuple[Any, ...]) -> Chunk:
+    values = list(row)
+    values[10] = orjson.loads(values[10]) if values[10] else {}
+    return Chunk(*values)
+
+
+def read_chunks(store: Store) -> list[Chunk]:
+    """For `pipeline status` (a read-only store): the ledger's chunks, or none when this is no batch job."""
+    try:
+        rows = store.connection.execute(f"SELECT {_COLS} FROM batch_chunks ORDER BY chunk").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    return [_chunk(r) for r in rows]
