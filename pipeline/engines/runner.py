@@ -39,6 +39,7 @@ from ..read.reader import InputBatch, InputScan, Source
 from ..send.limits import Limits
 from ..send.stats import Stats
 from ..send.transport import HttpTransport, Transport
+from ..state import layout
 from ..state.answers import LocalAnswers
 from ..state.jobdir import JobDir, part_context, part_names, part_number, resume_command
 from ..state.store import PartCounts, Record, Store
@@ -132,7 +133,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
                     from ..batch.mode import drive_batches
                     batch_state = await drive_batches(
                         cfg, core, answers, store, transport, renderer,
-                        lambda: source.batches(skip=lambda i: names[i] in reuse), folder=str(jobdir.path / "batch"),
+                        lambda: source.batches(skip=lambda i: names[i] in reuse), folder=str(jobdir.path / layout.BATCH),
                         interrupt=interrupt, no_wait=no_wait, cancel=cancel_batches, progress=progress)
                 if batch_state in (None, "collected"):
                     await _drive(core, source.batches(skip=lambda i: names[i] in reuse), names, jobdir.parts,

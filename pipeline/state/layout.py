@@ -12,6 +12,7 @@ LOCK = ".lock"
 MANIFEST = "manifest.json"
 STORE = "store.sqlite"
 PARTS = "parts"
+BATCH = "batch"                        # run.mode: batch, the request/answer files of its batches
 RESULTS = "results.parquet"
 FAILURES = "failures.parquet"
 SUMMARY = "summary.json"
@@ -38,4 +39,4 @@ def is_job_file(name: str) -> bool:
 
 def is_job_folder(name: str) -> bool:
     """A folder name (no parent) that a job creates in its output.dir."""
-    return name == PARTS or name.startswith(PREVIOUS_PREFIX)
+    return name in (PARTS, BATCH) or name.startswith(PREVIOUS_PREFIX)
