@@ -21,7 +21,7 @@ from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
 from pipeline.state.store import Store
 from pipeline.batch.ledger import read_chunks
-from tests.test_resume import KEY_ENV, assert_each_id_once, outputs, sim_job, write_config
+from tests.support import TEST_KEY_ENV as KEY_ENV, assert_each_id_once, outputs, sim_job, write_config
 
 FAST = {"poll_interval_s": 0.001, "poll_max_interval_s": 0.01}
 

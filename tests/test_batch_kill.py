@@ -14,7 +14,7 @@ from pipeline.batch import driver
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
 from tests.test_batch import FAST, batch_stats
-from tests.test_resume import KEY_ENV, assert_each_id_once, sim_job, start, wait_for, write_config
+from tests.support import TEST_KEY_ENV as KEY_ENV, assert_each_id_once, sim_job, start, wait_for, write_config
 
 ROWS = 100
 FILES = 3  # 40 lines a file
