@@ -260,7 +260,8 @@ class Store:
         for r in records:
             if not r.created_at:
                 r.created_at = now
-            rows.append(tuple(getattr(scrubbed(r), c) for c in _COLUMNS))
+            r = scrubbed(r)
+            rows.append(tuple(getattr(r, c) for c in _COLUMNS))
         self._db.execute("BEGIN")
         try:
             self._db.executemany(_INSERT, rows)
