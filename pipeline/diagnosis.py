@@ -22,7 +22,7 @@ import traceback
 
 from .errors import EXIT_INTERNAL, EXIT_STOPPED, EXIT_USAGE
 from .send import redact
-from .state import safefs
+from .state import layout, safefs
 from .state.store import damaged_store_message
 
 log = logging.getLogger("pipeline")
@@ -91,7 +91,7 @@ def report_internal(exc: BaseException, out_dir: str | None) -> int:
 def _write_report(body: bytes, out_dir: str | None) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     if out_dir and os.path.isdir(out_dir):
-        path = os.path.join(out_dir, f"internal-error-{stamp}-{os.getpid()}.txt")
+        path = os.path.join(out_dir, f"{layout.INTERNAL_ERROR_PREFIX}{stamp}-{os.getpid()}.txt")
         try:
             safefs.write_new(path, body)
             return path

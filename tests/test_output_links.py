@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import orjson
 import pytest
 import yaml
 
@@ -20,7 +21,7 @@ VICTIM = b"root:x:0:0:do not touch\n"
 
 REPLACED = ["manifest.json", "summary.json", "results.parquet", "failures.parquet", ".write-test",
             "manifest.json.tmp", "summary.json.tmp", "results.parquet.tmp", "failures.parquet.tmp",
-            "parts/00000000.r.parquet", "parts/00000000.f.parquet", "parts/00000000.r.parquet.tmp"]
+            "parts/{part}.r.parquet", "parts/{part}.f.parquet", "parts/{part}.r.parquet.tmp"]
 REFUSED = [".lock", "store.sqlite", "store.sqlite-wal", "store.sqlite-shm", "parts"]
 
 
@@ -35,11 +36,16 @@ def setup(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_links_at_output_names_are_replaced_not_followed(tmp_path: Path) -> None:
     victim, out = setup(tmp_path)
-    for name in REPLACED:  # all at once: each must be replaced (or ignored), none followed
+    # Parts are named after their batch's content: learn this input's part name from a run elsewhere.
+    rehearsal = tmp_path / "rehearsal"
+    assert main(["run", str(tmp_path / "job.yaml"), "-q", "--set", f"output.dir={rehearsal}"]) == 0
+    (part,) = orjson.loads((rehearsal / "manifest.json").read_bytes())["batches"]
+    names = [name.format(part=part) for name in REPLACED]
+    for name in names:  # all at once: each must be replaced (or ignored), none followed
         (out / name).symlink_to(victim)
     assert main(["run", str(tmp_path / "job.yaml"), "-q"]) == 0
     assert victim.read_bytes() == VICTIM
-    for name in ("manifest.json", "summary.json", "results.parquet", "parts/00000000.r.parquet"):
+    for name in ("manifest.json", "summary.json", "results.parquet", f"parts/{part}.r.parquet"):
         assert (out / name).is_file() and not (out / name).is_symlink()  # our file took the name
 
 

@@ -38,7 +38,7 @@ from ..models.catalog import context_window, max_output_tokens
 from ..read.reader import InputBatch, Source
 from ..state.jobdir import JobDir
 from ..state import migrations
-from ..state.store import FINAL_STATES, MIGRATIONS
+from ..state.store import FINAL_STATES, MIGRATIONS, connect
 from ..build.structured import StructuredPlan, plan_for
 
 # Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
@@ -188,7 +188,7 @@ def _open_readonly(path: str) -> sqlite3.Connection | None:
     # Without a -wal file no run is writing, and `immutable` reads without creating -wal/-shm files;
     # with one, a run is live (or died): plain read-only mode sees its latest commits.
     mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
-    db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+    db = connect(path, mode)
     migrations.refuse_newer(migrations.applied(db), MIGRATIONS, path)  # a newer store: not ours to read
     return db
 

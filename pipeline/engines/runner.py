@@ -37,6 +37,7 @@ from ..read.reader import InputBatch, InputScan, Source
 from ..send.limits import Limits
 from ..send.stats import Stats
 from ..send.transport import HttpTransport, Transport
+from ..state import layout
 from ..state.answers import LocalAnswers
 from ..state.jobdir import JobDir, part_context, part_names, part_number, resume_command
 from ..state.store import PartCounts, Record, Store
@@ -168,7 +169,7 @@ async def _engine_pass(cfg: Config, core: Core, answers: LocalAnswers, store: St
     if cfg.run.mode == "batch":
         from ..batch.mode import drive_batches
         batch_state = await drive_batches(
-            cfg, core, answers, store, transport, renderer, batches, folder=str(jobdir.path / "batch"),
+            cfg, core, answers, store, transport, renderer, batches, folder=str(jobdir.path / layout.BATCH),
             interrupt=interrupt, no_wait=no_wait, cancel=cancel_batches, progress=progress)
     if batch_state in (None, "collected"):
         await _drive(core, batches(), names, jobdir.parts, columns, store, rows)
@@ -353,7 +354,10 @@ def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_faile
                                      cancel_batches=cancel_batches)
     try:
         asyncio.get_running_loop()
+        in_loop = True
     except RuntimeError:
+        in_loop = False
+    if not in_loop:  # run outside the except block: a run's own error must not be chained to "no running loop"
         return asyncio.run(coro_factory())  # Ctrl-C: KeyboardInterrupt, after the store is closed
     # Inside a running loop (Jupyter): a private loop in a worker thread; block this cell until done.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as pool:

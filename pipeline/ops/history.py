@@ -15,7 +15,9 @@ from typing import Any
 
 import orjson
 
-HISTORY_FILE = "history.jsonl"
+from ..state import layout
+
+HISTORY_FILE = layout.HISTORY
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

@@ -19,7 +19,9 @@ from typing import Any
 
 import orjson
 
-LOG_FILE = "pipeline.log"
+from ..state import layout
+
+LOG_FILE = layout.LOG
 MAX_BYTES = 10 * 2**20
 BACKUPS = 3
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "event"}

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..config import InputConfig
 from ..errors import InputError
+from ..state import layout
 from . import storage
 
 _EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -190,15 +191,10 @@ class ParquetReader:
         self.pf.close()
 
 
-# What JobDir creates first (state/jobdir.py): a folder holding these is a job's output folder.
-_JOB_MARKERS = ("store.sqlite", "manifest.json", ".lock")
-_JOB_OUTPUTS = frozenset({"results.parquet", "failures.parquet", "summary.json", "manifest.json"})
-
-
 def is_job_dir(folder: str) -> bool:
     """A pipeline output folder: parts/ beside a store, manifest or lock (a --force-new `previous-*` too)."""
-    return os.path.isdir(os.path.join(folder, "parts")) and any(
-        os.path.lexists(os.path.join(folder, m)) for m in _JOB_MARKERS)
+    return os.path.isdir(os.path.join(folder, layout.PARTS)) and any(
+        os.path.lexists(os.path.join(folder, m)) for m in layout.MARKERS)
 
 
 def _outside_job_dirs(matched: list[str], pattern: str) -> list[str]:
@@ -206,8 +202,9 @@ def _outside_job_dirs(matched: list[str], pattern: str) -> list[str]:
 
     Our own outputs (results.parquet, parts/) under the input folder or a recursive glob would otherwise be
     read back as input on the next run. A job folder below the pattern's fixed part is skipped whole; when
-    the input folder is itself a job's output.dir, only the job's own files are (its outputs, parts/ and
-    previous-*/), so the input beside them is still read. A file named explicitly is never filtered:
+    the input folder is itself a job's output.dir, only the job's own files are (every name state/layout.py
+    lists: outputs, store, history, log, error reports, parts/, previous-*/), so the input beside them is
+    still read. A file named explicitly is never filtered:
     reading another job's results.parquet on purpose is fine."""
     fixed = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
     root = os.path.abspath(fixed if os.path.isdir(fixed) else os.path.dirname(fixed) or ".")
@@ -218,9 +215,7 @@ def _outside_job_dirs(matched: list[str], pattern: str) -> list[str]:
         if folder not in verdict:
             parent = os.path.dirname(folder)
             if parent == root:
-                own = root_is_job and (os.path.basename(folder) == "parts" or
-                                       os.path.basename(folder).startswith("previous-"))
-                verdict[folder] = own or is_job_dir(folder)
+                verdict[folder] = (root_is_job and layout.is_job_folder(os.path.basename(folder))) or is_job_dir(folder)
             else:
                 verdict[folder] = is_job_dir(folder) or (parent != folder and below_job(parent))
         return verdict[folder]
@@ -228,7 +223,7 @@ def _outside_job_dirs(matched: list[str], pattern: str) -> list[str]:
     def skip(p: str) -> bool:
         folder = os.path.dirname(os.path.abspath(p))
         if folder == root:
-            return root_is_job and os.path.basename(p) in _JOB_OUTPUTS
+            return root_is_job and layout.is_job_file(os.path.basename(p))
         return folder.startswith(root + os.sep) and below_job(folder)
 
     return [p for p in matched if not skip(p)]

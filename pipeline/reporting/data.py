@@ -16,6 +16,7 @@ import orjson
 import polars as pl
 
 from ..errors import UsageError
+from ..state.store import connect
 
 # The raw answer text is most of results.parquet and the report never shows a successful row's raw text.
 _BULKY = ("content", "logprobs", "tool_calls")
@@ -110,7 +111,7 @@ def read_timings(store_path: Path) -> pl.DataFrame:
     if not store_path.exists():
         return pl.DataFrame(schema=schema)
     # Read-only through the WAL: a run writing this store right now is neither blocked nor disturbed.
-    db = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=30)
+    db = connect(str(store_path), "ro", timeout=30)
     try:
         rows = db.execute(f"SELECT {', '.join(_TIMING_COLUMNS)} FROM responses").fetchall()
     except sqlite3.DatabaseError as exc:

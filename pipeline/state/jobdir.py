@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import shlex
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -41,21 +43,22 @@ from ..errors import (
     JobChangedError, StateVersionError, StoreLockedError, UnsafePathError, UsageError,
 )
 from ..write.output import ANY_PART_RE, OutputColumns, done_parts, read_part, write_json_atomic
-from . import safefs
+from . import layout, safefs
 from .store import PartCounts, Store
 
 MANIFEST_VERSION = 2   # 2: no input fingerprint (input is data); `batches` names this run's parts
 PART_FORMAT = 2        # 2: parts named by batch content instead of batch number
 IDENTITY_META = "job_identity"
+log = logging.getLogger("pipeline")
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")  # safefs.temp_name
 
 
 class JobDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.parts = self.path / "parts"
-        self.store_path = str(self.path / "store.sqlite")
-        self.manifest_path = self.path / "manifest.json"
+        self.parts = self.path / layout.PARTS
+        self.store_path = str(self.path / layout.STORE)
+        self.manifest_path = self.path / layout.MANIFEST
         self._lock_fd: int | None = None
 
     # -- ownership -------------------------------------------------------------------------------
@@ -228,8 +231,11 @@ class JobDir:
         redone when it holds rows a run must ask again: rows whose retries ran out on transient errors
         (always: a later run may get through), and with --retry-failed every row whose request failed.
         Counts come from the store's part index; a part whose index row a kill prevented is counted
-        from its files, once."""
-        on_disk = done_parts(self.parts)
+        from its files, once. parts/ may be shared: a part whose footer cannot be read is named in a
+        warning and not reused, so its batch is rebuilt from the store (nothing asked again) and the new
+        part replaces it."""
+        wanted = set(names)
+        on_disk = {name for name in done_parts(self.parts) if name in wanted and self._intact(name)}
         index = store.parts()
         reuse: set[str] = set()
         ok = failed = request_failed = 0
@@ -246,6 +252,25 @@ class JobDir:
             ok, failed, request_failed = ok + c.ok, failed + c.failed, request_failed + c.request_failed
         return reuse, PartCounts(ok, failed, 0, request_failed)
 
+    def _intact(self, name: str) -> bool:
+        """The part's files open as Parquet (one footer read each; a damaged page deeper in is still named
+        by read_part when the outputs are merged)."""
+        for kind in ("r", "f"):
+            path = self.parts / f"{name}.{kind}.parquet"
+            fh = safefs.open_read(path)
+            if fh is None:
+                if kind == "r":
+                    return False
+                continue
+            with fh:
+                try:
+                    pq.read_metadata(fh)
+                except (pa.ArrowException, OSError) as exc:
+                    log.warning("the part file %s is damaged (%s); its batch is rebuilt from the answers in "
+                                "store.sqlite, nothing is asked again", path, exc)
+                    return False
+        return True
+
     def prune(self, store: Store, names: list[str]) -> None:
         """Drop the parts of batches this input no longer has (their answers stay in the store)."""
         keep = set(names)
@@ -256,7 +281,7 @@ class JobDir:
         store.forget_parts(set(store.parts()) - {part_number(n) for n in keep})
 
     def _move_aside(self) -> None:
-        aside = self.path / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = self.path / f"{layout.PREVIOUS_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
         aside.mkdir()  # fails on anything already there, a planted link included
         for name in ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm", "parts", "manifest.json",
                      "results.parquet", "failures.parquet", "summary.json"):

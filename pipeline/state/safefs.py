@@ -81,6 +81,23 @@ def open_regular(path: str | os.PathLike[str], flags: int, mode: int = 0o644) ->
     return fd
 
 
+def open_read(path: str | os.PathLike[str]) -> BinaryIO | None:
+    """A file of ours to read back (outputs, parts), or None when the name holds nothing of ours: missing,
+    a link (never followed: reading through it could leak or choke on another file) or not a regular file.
+    What was planted there is replaced, not read, when the run writes that name again."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or os.path.islink(path):
+            return None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def temp_name(dest: str | os.PathLike[str]) -> Path:
     """An unpredictable sibling name for a temporary file, ending in .tmp."""
     dest = Path(dest)

@@ -175,17 +175,24 @@ class PartCounts:
     request_failed: int
 
 
+def connect(path: str, mode: str | None = None, **kw: Any) -> sqlite3.Connection:
+    """The one way this package opens an SQLite file by path (`mode`: None, "ro", "ro&immutable=1").
+
+    SQLite opens by path and follows links, also read-only (and a read-only WAL reader may create -shm):
+    a link planted at the store or its side files is refused here, before any connection, for every
+    opener (the run, the identity check, dry run, status, show, report)."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        safefs.check_not_link(path + suffix)
+    return sqlite3.connect(f"file:{path}" + (f"?mode={mode}" if mode else ""), uri=True, **kw)
+
+
 class Store:
     def __init__(self, path: str, *, fsync_interval_s: float = 1.0, readonly: bool = False) -> None:
         self.path = path
         self._readonly = readonly
-        if not readonly:
-            # SQLite opens by path and follows links: refuse any planted at the store or its side files.
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                safefs.check_not_link(path + suffix)
-        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         # check_same_thread=False: the fsync thread only touches the WAL file, never this connection.
-        self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db = connect(path, "ro" if readonly else None, isolation_level=None, check_same_thread=False,
+                           timeout=30)
         try:
             if not readonly:
                 self._db.execute("PRAGMA journal_mode=WAL")

@@ -26,6 +26,7 @@ from ..build.schema import arrow_type, to_arrow
 from ..errors import UsageError
 from ..send import redact
 from ..state import safefs
+from ..state.layout import FAILURES, RESULTS
 from ..state.store import Record
 
 T = TypeVar("T")
@@ -197,7 +198,7 @@ def merge_parts(parts_dir: Path, out_dir: Path, compression: str, names: list[st
     failures.parquet (bounded memory); a batch without a part yet is pending and left out."""
     complete = done_parts(parts_dir)
     counts = []
-    for kind, name in (("r", "results.parquet"), ("f", "failures.parquet")):
+    for kind, name in (("r", RESULTS), ("f", FAILURES)):
         files = [parts_dir / f"{n}.{kind if n in complete else 'p' + kind}.parquet" for n in names]
         counts.append(_concat([f for f in files if f.exists()], out_dir / name, compression))
     return counts[0], counts[1]
@@ -206,10 +207,17 @@ def merge_parts(parts_dir: Path, out_dir: Path, compression: str, names: list[st
 def output_ids(out_dir: Path, id_column: str) -> list[pa.ChunkedArray]:
     """The ids in the current results and failures (read before a merge replaces them)."""
     out = []
-    for name in ("results.parquet", "failures.parquet"):
-        path = out_dir / name
-        if path.exists() and id_column in pq.read_schema(path).names:
-            out.append(pq.read_table(path, columns=[id_column]).column(0))
+    for name in (RESULTS, FAILURES):
+        fh = safefs.open_read(out_dir / name)  # a link planted there is replaced by the merge, never read
+        if fh is None:
+            continue
+        with fh:
+            try:
+                pf = pq.ParquetFile(fh)
+                if id_column in pf.schema_arrow.names:
+                    out.append(pf.read(columns=[id_column]).column(0))
+            except pa.ArrowException:
+                continue  # not a Parquet file of ours: the merge replaces it; no ids to count as removed
     return out
 
 
@@ -296,10 +304,11 @@ def write_json_atomic(path: Path, data: bytes) -> None:
 
 
 def failure_counts(out_dir: Path) -> dict[str, int]:
-    path = out_dir / "failures.parquet"
-    if not path.exists():
+    fh = safefs.open_read(out_dir / FAILURES)
+    if fh is None:
         return {}
-    df = pl.read_parquet(path, columns=["error_class"])
+    with fh:
+        df = pl.read_parquet(fh, columns=["error_class"])
     return {str(k): int(v) for k, v in df.group_by("error_class").len().iter_rows()}
 
 
