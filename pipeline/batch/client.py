@@ -15,6 +15,7 @@ import orjson
 
 from ..errors import TransientError
 from ..send.classify import classify
+from ..send.files_api import FilesApi
 from ..send.transport import HttpTransport, Reply
 from .files import ENDPOINT
 
@@ -24,23 +25,23 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 class BatchClient:
     def __init__(self, transport: HttpTransport) -> None:
-        self.transport = transport
+        self.api = FilesApi(transport)
 
     async def upload(self, path: str, filename: str) -> str:
-        reply = await self.transport.upload("/files", path, filename=filename, fields={"purpose": "batch"})
+        reply = await self.api.upload("/files", path, filename=filename, fields={"purpose": "batch"})
         return _id(_json(reply), "file")
 
     async def create(self, file_id: str, metadata: dict[str, str]) -> dict[str, Any]:
         body = {"input_file_id": file_id, "endpoint": ENDPOINT, "completion_window": "24h", "metadata": metadata}
-        batch = _json(await self.transport.call("POST", "/batches", json=body))
+        batch = _json(await self.api.call("POST", "/batches", json=body))
         _id(batch, "batch")
         return batch
 
     async def get(self, batch_id: str) -> dict[str, Any]:
-        return _json(await self.transport.call("GET", f"/batches/{_safe(batch_id)}"))
+        return _json(await self.api.call("GET", f"/batches/{_safe(batch_id)}"))
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
-        return _json(await self.transport.call("POST", f"/batches/{_safe(batch_id)}/cancel"))
+        return _json(await self.api.call("POST", f"/batches/{_safe(batch_id)}/cancel"))
 
     async def batches(self) -> AsyncIterator[dict[str, Any]]:
         """Every batch of the account, newest first, page by page (100 a page)."""
@@ -53,7 +54,7 @@ class BatchClient:
 
     async def download(self, file_id: str, dest: str) -> None:
         """The file's content into `dest`, resuming a partial `dest` left by an earlier run."""
-        reply = await self.transport.download(f"/files/{_safe(file_id)}/content", dest)
+        reply = await self.api.download(f"/files/{_safe(file_id)}/content", dest)
         if reply.status not in (200, 206):
             classify(reply)  # not 2xx: raises the class of the failure
             raise TransientError(f"download of {file_id} answered HTTP {reply.status}", status=reply.status)
@@ -68,7 +69,7 @@ class BatchClient:
         after: str | None = None
         while True:
             query = {**params, "limit": "100", **({"after": after} if after else {})}
-            page = _json(await self.transport.call("GET", path, params=query))
+            page = _json(await self.api.call("GET", path, params=query))
             data = page.get("data")
             items = [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
             for item in items:

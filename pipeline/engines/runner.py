@@ -19,21 +19,19 @@ import dataclasses
 import gc
 import logging
 import os
-import platform
 import sqlite3
 import time
-from collections.abc import Iterator
-from importlib import metadata
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..build.prompts import Renderer
 from ..build.structured import StructuredPlan, plan_for
 from ..build.tokens import CALIBRATION_META, counter_for
 from ..config import Config, load_config
-from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, InputChangedError
+from ..errors import InputChangedError
 from ..ops.invocation import Invocation
-from ..ops.figures import Figures, ObservedTransport
+from ..ops.figures import ObservedTransport
 from ..read.frames import frame_file
 from ..read.reader import InputBatch, InputScan, Source
 from ..send.limits import Limits
@@ -47,6 +45,7 @@ from ..write.output import OutputColumns, Summary, drop_partial_parts, failure_c
     output_ids, write_part
 from ..write.publish import check_local_output, publish_outputs
 from .core import Core, OutcomeBatch
+from .finish import RowCount, figures, finish, versions
 from .interrupt import Interrupt
 from .progress import Live, Progress
 
@@ -85,6 +84,29 @@ async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool 
     return summary
 
 
+class _Prepared(NamedTuple):
+    """What a run checks and builds before it touches the job folder."""
+
+    jobdir: JobDir
+    source: Source
+    scan: InputScan
+    renderer: Renderer
+    plan: StructuredPlan | None
+    api_key: str
+
+
+def _prepare(cfg: Config, schema: dict[str, Any] | None) -> _Prepared:
+    """Scan the input, compile the prompt and the structured plan, read the key: all of it before the
+    folder is touched, so a bad start writes nothing new."""
+    jobdir = JobDir(cfg.output.dir)
+    jobdir.adopt_batch_size(cfg)  # read-only, before the scan: unchanged batches keep their boundaries
+    source = Source(cfg.input)
+    scan = source.scan()
+    renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
+                        columns=scan.columns)
+    return _Prepared(jobdir, source, scan, renderer, plan_for(cfg, schema), cfg.api_key())
+
+
 async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] | None, *, retry_failed: bool,
                    force_new: bool, quiet: bool, handle_signals: bool, transport: Transport | None,
                    config_path: str, overrides: list[str] | None, interrupt: Interrupt | None,
@@ -92,14 +114,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
     started = time.monotonic()
     commands = (resume_command(config_path, overrides, retry_failed=retry_failed, out_dir=cfg.output.dir),
                 resume_command(config_path, overrides, retry_failed=True, out_dir=cfg.output.dir))
-    jobdir = JobDir(cfg.output.dir)
-    jobdir.adopt_batch_size(cfg)  # read-only, before the scan: unchanged batches keep their boundaries
-    source = Source(cfg.input)
-    scan = source.scan()
-    renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
-                        columns=scan.columns)
-    plan = plan_for(cfg, schema)
-    api_key = cfg.api_key()  # all of the above before the folder is touched: a bad start writes nothing new
+    jobdir, source, scan, renderer, plan, api_key = _prepare(cfg, schema)
     jobdir.lock()
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -122,40 +137,59 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
             answers = LocalAnswers(store, cache, stats, retry_failed=retry_failed)
             core = Core(cfg, renderer, plan, answers=answers, limiter=limiter, transport=transport, progress=progress,
                         stats=stats, spent_before=spent_before)
-            rows = _RowCount(invocation.started, reused)
-            invocation.watch(lambda: _figures(jobdir, scan.rows, progress, reused, core, invocation, spent_before))
+            rows = RowCount(invocation.started, reused)
+            invocation.watch(lambda: figures(jobdir, scan.rows, progress, reused, core, invocation, spent_before))
             interrupt = interrupt or Interrupt()
             interrupt.attach(core, progress, cfg.run.grace_period_s, signals=handle_signals)
             heartbeat = asyncio.create_task(invocation.heartbeat(progress))
-            batch_state = None
             try:
-                if cfg.run.mode == "batch":  # the Batch API fills the store; the pass below only writes
-                    from ..batch.mode import drive_batches
-                    batch_state = await drive_batches(
-                        cfg, core, answers, store, transport, renderer,
-                        lambda: source.batches(skip=lambda i: names[i] in reuse), folder=str(jobdir.path / layout.BATCH),
-                        interrupt=interrupt, no_wait=no_wait, cancel=cancel_batches, progress=progress)
-                if batch_state in (None, "collected"):
-                    await _drive(core, source.batches(skip=lambda i: names[i] in reuse), names, jobdir.parts,
-                                 columns, store, rows)
+                batch_state = await _engine_pass(
+                    cfg, core, answers, store, transport, renderer,
+                    lambda: source.batches(skip=lambda i: names[i] in reuse), jobdir, names, columns, rows,
+                    interrupt=interrupt, progress=progress, no_wait=no_wait, cancel_batches=cancel_batches)
             finally:
                 heartbeat.cancel()
                 interrupt.detach()
                 await transport.close()
                 progress.close()
                 _save_calibration(store, renderer, cfg.endpoint.model)
-            store.sync()
-            summary = _summary(cfg, jobdir, store, core, plan, scan.rows, reused, started, names, source, rows,
-                               progress)
-            summary = dataclasses.replace(summary, **invocation.stamp())
-            _finish(summary, core, *commands)
-            if batch_state is not None:
-                from ..batch.mode import finish
-                finish(summary, batch_state, commands[0])
-            publish_outputs(cfg, jobdir.path, summary)
-            return summary
+            return _outputs(cfg, invocation, jobdir, store, core, plan, scan.rows, reused, started, names, source,
+                            rows, progress, commands, batch_state)
     finally:
         jobdir.unlock()
+
+
+async def _engine_pass(cfg: Config, core: Core, answers: LocalAnswers, store: Store, transport: Transport,
+                       renderer: Renderer, batches: Callable[[], Iterator[InputBatch]], jobdir: JobDir,
+                       names: list[str], columns: OutputColumns, rows: RowCount, *, interrupt: Interrupt,
+                       progress: Progress, no_wait: bool, cancel_batches: bool) -> str | None:
+    """Answer the rows (in batch mode the Batch API fills the store first, then this pass only writes)
+    and write each batch's part files; returns the batch mode's state, None in sync mode."""
+    batch_state = None
+    if cfg.run.mode == "batch":
+        from ..batch.mode import drive_batches
+        batch_state = await drive_batches(
+            cfg, core, answers, store, transport, renderer, batches, folder=str(jobdir.path / layout.BATCH),
+            interrupt=interrupt, no_wait=no_wait, cancel=cancel_batches, progress=progress)
+    if batch_state in (None, "collected"):
+        await _drive(core, batches(), names, jobdir.parts, columns, store, rows)
+    return batch_state
+
+
+def _outputs(cfg: Config, invocation: Invocation, jobdir: JobDir, store: Store, core: Core,
+             plan: StructuredPlan | None, total: int, reused: PartCounts, started: float, names: list[str],
+             source: Source, rows: RowCount, progress: Progress, commands: tuple[str, str],
+             batch_state: str | None) -> Summary:
+    """results.parquet, failures.parquet and the summary with its exit code; published when asked."""
+    store.sync()
+    summary = _summary(cfg, jobdir, store, core, plan, total, reused, started, names, source, rows, progress)
+    summary = dataclasses.replace(summary, **invocation.stamp())
+    finish(summary, core, *commands)
+    if batch_state is not None:
+        from ..batch.mode import finish as finish_batches
+        finish_batches(summary, batch_state, commands[0])
+    publish_outputs(cfg, jobdir.path, summary)
+    return summary
 
 
 def _open_store(cfg: Config, jobdir: JobDir, manifest: dict[str, Any], plan: StructuredPlan | None,
@@ -182,7 +216,7 @@ def _parts_plan(jobdir: JobDir, manifest: dict[str, Any], store: Store, scan: In
 
 
 async def _drive(core: Core, batches: Iterator[InputBatch], names: list[str], parts: Path, columns: OutputColumns,
-                 store: Store, rows: _RowCount) -> None:
+                 store: Store, rows: RowCount) -> None:
     """Feed the batches to the core and write each outcome batch as it comes."""
     try:
         async with contextlib.aclosing(core.outcomes(batches)) as outcomes:
@@ -194,24 +228,6 @@ async def _drive(core: Core, batches: Iterator[InputBatch], names: list[str], pa
         log.error("%s", exc, extra={"event": "stop", "reason": "input_changed"})
         core.stop("input_changed")
         raise
-
-
-class _RowCount:
-    """Rows new and reused: a row is new when its request had no answer before this run (answered now,
-    or still pending), reused when an earlier run answered it (or the shared cache did, at no cost)."""
-
-    def __init__(self, started: float, reused: PartCounts) -> None:
-        self.started = started
-        self.new, self.reused = 0, reused.ok + reused.request_failed
-
-    def add(self, out: OutcomeBatch) -> None:
-        for key, o in zip(out.keys, out.outcomes):
-            if key is None:
-                continue  # a bad input row has no request: neither
-            if o is None or (isinstance(o, Record) and not o.cache_hit and o.created_at >= self.started):
-                self.new += 1
-            else:
-                self.reused += 1
 
 
 def _save_calibration(store: Store, renderer: Renderer, model: str) -> None:
@@ -282,7 +298,7 @@ def _write(out: OutcomeBatch, name: str, parts: Path, columns: OutputColumns, st
 
 
 def _summary(cfg: Config, jobdir: JobDir, store: Store, core: Core, plan: StructuredPlan | None, rows: int,
-             reused: PartCounts, started: float, names: list[str], source: Source, counted: _RowCount,
+             reused: PartCounts, started: float, names: list[str], source: Source, counted: RowCount,
              progress: Progress) -> Summary:
     previous_ids = output_ids(jobdir.path, cfg.input.id_column or "id")
     succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression, names)
@@ -299,50 +315,9 @@ def _summary(cfg: Config, jobdir: JobDir, store: Store, core: Core, plan: Struct
         failures_by_class=failure_counts(jobdir.path), cache_hits=stats.cache_hits,
         deduplicated=stats.deduplicated, resumed_rows=reused.ok + reused.failed,
         rows_new=counted.new, rows_reused=counted.reused, rows_removed=source.count_missing(previous_ids),
-        config_fingerprint=cfg.request_fingerprint(), versions=_versions(),
+        config_fingerprint=cfg.request_fingerprint(), versions=versions(),
         structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
     )
-
-
-def _figures(jobdir: JobDir, rows: int, progress: Progress, reused: PartCounts, core: Core, invocation: Invocation,
-             spent_before: float) -> Figures:
-    """The job's figures now, for the metrics file: the rows resolved so far are the progress bar's."""
-    s, t = core.stats, invocation.tally
-    failed = progress.failed + reused.failed
-    return Figures(job=str(jobdir.path), rows={"succeeded": progress.done - failed, "failed": failed,
-                                               "pending": rows - progress.done},
-                   requests=dict(t.by_class), rate_limited=t.rate_limited, prompt_tokens=s.prompt_tokens,
-                   completion_tokens=s.completion_tokens, run_cost_usd=s.cost_usd,
-                   job_cost_usd=spent_before + s.cost_usd, last_success=t.last_success,
-                   started=invocation.started, running=True)
-
-
-def _finish(summary: Summary, core: Core, resume: str, retry: str) -> None:
-    reason = core.stop_reason
-    if reason in ("fatal", "budget") and core.fatal is not None:
-        summary.stopped, summary.exit_code = reason, EXIT_STOPPED
-        summary.stop_message = str(core.fatal)
-        summary.next_step = f"{core.fatal.hint}: {resume}"
-    elif reason == "interrupted":
-        summary.stopped, summary.exit_code = "interrupted", EXIT_INTERRUPTED
-        summary.next_step = f"resume with: {resume}"
-    elif summary.pending:
-        summary.stopped, summary.exit_code = "incomplete", EXIT_STOPPED
-        summary.next_step = f"some rows have no answer yet; resume with: {resume}"
-    else:
-        summary.exit_code = EXIT_FAILED_ROWS if summary.failed else EXIT_OK
-        if summary.failed:
-            summary.next_step = f"see failures.parquet; retry failed rows with: {retry}"
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("llm-batch-pipeline", "aiohttp", "polars", "pyarrow"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_failed: bool = False,

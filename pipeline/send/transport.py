@@ -13,6 +13,9 @@ the dispatcher watches to tell an endpoint that went away); a redirect or a TLS 
 message leaves this seam scrubbed of secret values (redact.py): a server that echoes the key cannot put
 it anywhere.
 
+The Batch API's files and batches calls (run.mode: batch) go through `files_api.FilesApi`, over this
+transport's session.
+
 Tests and benchmarks replace this class with anything that has the same `send`/`close` (a fake, or
 the real class pointed at the simulator on loopback); `resolver` injects name resolution (a test
 makes a name fail to resolve without sending a DNS query).
@@ -20,11 +23,9 @@ makes a name fail to resolve without sending a DNS query).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -77,7 +78,8 @@ class HttpTransport:
             "Accept": "application/json",
         }
 
-    def _open(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
+        """The one pooled session, opened on first use (the Batch API's calls in files_api.py share it)."""
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=self.pool_size, ttl_dns_cache=300,
                                              resolver=self.resolver)
@@ -102,7 +104,7 @@ class HttpTransport:
         return reply
 
     async def _send(self, payload: bytes, *, stream: bool) -> Reply:
-        session = self._open()
+        session = self.session()
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
@@ -137,92 +139,6 @@ class HttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    # -- the Batch API's calls (run.mode: batch): JSON, a multipart upload, a resumable download ---------
-    # Paths are relative to base_url, never absolute URLs, so the key only ever goes to the endpoint.
-
-    def _url(self, path: str) -> str:
-        if not path.startswith("/") or "//" in path or "://" in path:
-            raise ValueError(f"not a path under the endpoint: {path!r}")
-        return self.base_url.rstrip("/") + path
-
-    async def call(self, method: str, path: str, *, json: Any = None,
-                   params: Mapping[str, str] | None = None) -> Reply:
-        """A JSON request to `{base_url}{path}`; the reply is classified by the caller."""
-        data = orjson.dumps(json) if json is not None else None
-        async with self._guard() as start:
-            async with self._open().request(method, self._url(path), data=data, params=params,
-                                            allow_redirects=False) as resp:
-                _no_redirect(resp)
-                return Reply(resp.status, resp.headers, await resp.read(), asyncio.get_running_loop().time() - start)
-
-    async def upload(self, path: str, file_path: str, *, filename: str, fields: Mapping[str, str]) -> Reply:
-        """POST a file as multipart/form-data (field `file`), streamed from disk, not read into memory."""
-        async with self._guard() as start:
-            with open(file_path, "rb") as fh:
-                form = aiohttp.FormData()
-                for name, value in fields.items():
-                    form.add_field(name, value)
-                form.add_field("file", fh, filename=filename, content_type="application/jsonl")
-                payload = form()
-                # The session's Content-Type (JSON) must not replace the multipart boundary.
-                async with self._open().post(self._url(path), data=payload, allow_redirects=False,
-                                             headers={"Content-Type": payload.content_type}) as resp:
-                    _no_redirect(resp)
-                    return Reply(resp.status, resp.headers, await resp.read(),
-                                 asyncio.get_running_loop().time() - start)
-
-    async def download(self, path: str, dest: str) -> Reply:
-        """GET `{base_url}{path}` into the file `dest`, resuming (HTTP Range) from what `dest` already holds.
-        Returns the reply with an empty body on success (200/206), the error body otherwise; `dest` then
-        holds the complete content only if the server's length was reached (the caller checks)."""
-        have = os.path.getsize(dest) if os.path.exists(dest) else 0
-        headers = {"Range": f"bytes={have}-"} if have else None
-        async with self._guard() as start:
-            async with self._open().get(self._url(path), headers=headers, allow_redirects=False) as resp:
-                _no_redirect(resp)
-                if resp.status == 416:  # nothing left to fetch: what we hold is the whole file
-                    return Reply(206, resp.headers, b"", 0.0)
-                if resp.status not in (200, 206):
-                    return Reply(resp.status, resp.headers, await resp.read(), 0.0)
-                flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-                flags |= os.O_APPEND if resp.status == 206 else os.O_TRUNC  # 200: the server ignored Range
-                fd = os.open(dest, flags, 0o600)
-                with os.fdopen(fd, "ab" if resp.status == 206 else "wb") as out:
-                    async for chunk in resp.content.iter_chunked(1 << 20):
-                        out.write(chunk)
-                return Reply(resp.status, resp.headers, b"", asyncio.get_running_loop().time() - start)
-
-    @contextlib.asynccontextmanager
-    async def _guard(self) -> AsyncIterator[float]:
-        """Network failures of a Batch API call as the error classes `send` raises: a TLS failure is
-        run-fatal (it will not get better), the rest transient. Yields the start time on the loop's clock.
-        (`send` keeps its own try: with `send` wrapped in this context manager, tests/test_kill.py found
-        more answers unstored at a kill -9 than its bound in 5 of 6 runs, against 0 of 5 without.)"""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        try:
-            yield start
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError, ssl.SSLError) as exc:
-            inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
-            why = getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or type(exc).__name__
-            raise RunFatalError(f"TLS failure talking to {self.base_url}: {why}; check endpoint.base_url "
-                                "(http or https?) and the server's certificate") from exc
-        except TimeoutError as exc:
-            raise TransientError(f"no answer within the timeout ({loop.time() - start:.1f}s)", code="timeout") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise TransientError(
-                f"cannot connect to {self.base_url}: {exc.os_error or type(exc).__name__}", code="connect"
-            ) from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise TransientError(f"connection lost: {type(exc).__name__}: {exc}", code="connection") from exc
-
-
-def _no_redirect(resp: aiohttp.ClientResponse) -> None:
-    if 300 <= resp.status < 400:
-        raise RunFatalError(
-            f"the endpoint answered with a redirect (HTTP {resp.status}) to {resp.headers.get('Location', '?')}; "
-            "set endpoint.base_url to the final URL (the key is never sent across a redirect)")
 
 
 async def _read_sse(resp: aiohttp.ClientResponse, loop: asyncio.AbstractEventLoop,

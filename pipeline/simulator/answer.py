@@ -116,3 +116,12 @@ def make_answer(target: Target, digest: bytes, prompt_tokens: int, max_tokens: i
         tool_id = "call_" + digest[8:20].hex()
     return Answer(content, refusal, tool_name, tool_id, tool_args, finish, prompt_tokens, completion,
                   int(prompt_tokens * cached_ratio), seed)
+
+
+def partial_answer(answer: Answer) -> Answer:
+    """The first half of the answer, for OpenRouter's 200-with-partial-content error choice."""
+    text = answer.output
+    half = text[: len(text) // 2]
+    return Answer(half if answer.tool_name is None else None, None, answer.tool_name, answer.tool_id,
+                  half if answer.tool_name is not None else None, "error", answer.prompt_tokens,
+                  (len(half) + 3) // 4, answer.cached_tokens, answer.rng_seed)

@@ -14,14 +14,13 @@ import hashlib
 import itertools
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from .answer import Answer, find_target, make_answer
+from .answer import Answer, find_target, make_answer, partial_answer
 from .config import SimConfig
 from .content import SchemaFinder
 from .envelopes import SimError, generic_error, render
@@ -37,6 +36,7 @@ from .faults import (
     payment_required,
     refusal_error,
 )
+from .generations import Generations
 from .limits import Credits, RateLimits
 from .responses import ChunkMaker, Meta, completion_body, error_200_body
 from .stats import Accounting, LogEntry, redact_headers
@@ -46,7 +46,6 @@ from .tokens import ImageSizer, prompt_tokens
 from .validation import messages_text, validate
 
 _JSON = "application/json"
-_GENERATIONS_KEPT = 100_000
 
 
 @dataclass(slots=True)
@@ -72,7 +71,7 @@ class ChatService:
         self.timing = Timing(cfg, stopping)
         self.limits = RateLimits(cfg.rpm, cfg.tpm, time.monotonic(), cfg.limit_burst_s)
         self.credits = Credits(cfg.credits_usd)
-        self.generations: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        self.generations = Generations()
         self.finder = SchemaFinder()
         self.sizer = ImageSizer(cfg.remote_image_size)
         self.seed_bytes = str(cfg.seed).encode() + b"\x00"
@@ -230,7 +229,7 @@ class ChatService:
         # A hung request is billed only if it ever finishes.
         if fault not in ("error_200", "hang") and not (fault == "stream_error_legacy" and not stream):
             partial = fault in ("error_200_partial", "stream_error") and not stream
-            self._bill(now, meta, _partial(answer) if partial else answer, ask.body)
+            self._bill(now, meta, partial_answer(answer) if partial else answer, ask.body)
         if stream:
             return await self._stream(request, ask.body, meta, answer, choice, latency, headers, entry,
                                       ask.raw_digest)
@@ -279,12 +278,9 @@ class ChatService:
         cost = meta.cost(answer)
         self.acct.bill(now, answer.prompt_tokens, answer.completion_tokens, cost)
         self.credits.charge(cost)
-        if self.cfg.flavor == "openrouter":  # a compact tuple; the JSON is built only when asked for
-            self.generations[meta.id] = (meta.model, meta.provider, meta.created, cost, answer.prompt_tokens,
-                                         answer.completion_tokens, answer.cached_tokens, answer.finish_reason,
-                                         body.get("stream") is True, time.monotonic() + self.cfg.generation_delay_s)
-            if len(self.generations) > _GENERATIONS_KEPT:
-                self.generations.popitem(last=False)
+        if self.cfg.flavor == "openrouter":
+            self.generations.add(meta, answer, cost, body.get("stream") is True,
+                                 time.monotonic() + self.cfg.generation_delay_s)
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -321,7 +317,7 @@ class ChatService:
             return web.Response(body=orjson.dumps(error_200_body(meta, err)), headers=headers)
         if fault in ("error_200_partial", "stream_error"):
             err = generic_error(rule.status if rule and rule.status else 502, rule.message if rule else None)
-            partial = _partial(answer)
+            partial = partial_answer(answer)
             return web.Response(body=orjson.dumps(completion_body(meta, partial, err)), headers=headers)
         body = orjson.dumps(completion_body(meta, answer))
         if fault == "malformed":  # a 200 whose body is cut off: not JSON
@@ -384,17 +380,7 @@ class ChatService:
     # -- side endpoint data --------------------------------------------------------------------
 
     def generation(self, gen_id: str) -> dict[str, Any] | None:
-        record = self.generations.get(gen_id)
-        if record is None or time.monotonic() < record[-1]:
-            return None  # unknown, or "not ready yet" as OpenRouter answers right after completion
-        model, provider, created, cost, prompt, completion, cached, finish, streamed, _ready = record
-        return {"id": gen_id, "model": model, "provider_name": provider, "total_cost": cost, "usage": cost,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
-                "tokens_prompt": prompt, "tokens_completion": completion, "native_tokens_prompt": prompt,
-                "native_tokens_completion": completion, "native_tokens_reasoning": 0, "native_tokens_cached": cached,
-                "finish_reason": finish, "native_finish_reason": finish, "streamed": streamed, "cancelled": False,
-                "is_byok": False, "upstream_inference_cost": None, "cache_discount": None, "latency": 0,
-                "generation_time": 0}
+        return self.generations.get(gen_id)
 
 
 def _content_key(body: dict[str, Any]) -> dict[str, Any]:
@@ -402,12 +388,3 @@ def _content_key(body: dict[str, Any]) -> dict[str, Any]:
     if "stream" not in body and "stream_options" not in body:
         return body
     return {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-
-
-def _partial(answer: Answer) -> Answer:
-    """The first half of the answer, for OpenRouter's 200-with-partial-content error choice."""
-    text = answer.output
-    half = text[: len(text) // 2]
-    return Answer(half if answer.tool_name is None else None, None, answer.tool_name, answer.tool_id,
-                  half if answer.tool_name is not None else None, "error", answer.prompt_tokens,
-                  (len(half) + 3) // 4, answer.cached_tokens, answer.rng_seed)

@@ -27,7 +27,7 @@ from ...read.reader import Source
 from ...send.dispatch import Stats
 from ...state.jobdir import resume_command
 from ..progress import Progress
-from ..runner import _finish as finish
+from ..finish import finish
 from .limiter import LimiterActor
 from .worker import FAILURES, RESULTS, Secret, ShardWorker
 
@@ -108,64 +108,88 @@ def count_rows(cfg: Config, folder: str) -> tuple[int, dict[str, int]]:
 def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
             schema: dict[str, Any] | None = None, quiet: bool = False, config_path: str | None = None,
             overrides: list[str] | None = None) -> Any:
-    from ...write.output import Summary
     ray = import_ray()
     started = time.monotonic()
-    command = resume_command(config_path or cfg.source, overrides, retry_failed=retry_failed)
+    commands = (resume_command(config_path or cfg.source, overrides, retry_failed=retry_failed),
+                resume_command(config_path or cfg.source, overrides, retry_failed=True))
     cfg.api_key()  # a missing key is a usage error here, before anything starts
     cfg.endpoint.secret_header_values(cfg.source)  # so is a missing secret header
     source = Source(cfg.input)
     scan = source.scan()
     check_manifest(cfg, scan.rows, force_new=force_new)
     previous = _previous_summary(cfg)
-    n_shards = math.ceil(scan.rows / source.cfg.batch_size)
-    done = done_shards(cfg)
-    todo = [i for i in range(n_shards) if i not in done]
-    resumed = sum(min(source.cfg.batch_size, scan.rows - i * source.cfg.batch_size) for i in done if i < n_shards)
+    todo, resumed = _shards_to_do(cfg, source, scan.rows)
     connect(ray, cfg)
-    sim = None
-    base_url = cfg.endpoint.base_url
-    if base_url == "simulator":  # on 127.0.0.1: reachable from a local Ray instance only
-        from ...simulator import SimConfig
-        from ...simulator.thread import SimulatorThread
-        sim = SimulatorThread(SimConfig(**cfg.endpoint.simulator))
-        base_url = sim.start()
-    name = limiter_name(cfg)
-    limiter = ray.remote(LimiterActor).options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000,
-                                               max_restarts=-1, get_if_exists=True).remote(
-        cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s)
-    stats, rows = Stats(), {"ok": 0, "failed": 0, "pending": 0, "reused": 0}
-    stop, message = "", ""
+    base_url, sim = _endpoint(cfg)
+    limiter = ray.remote(LimiterActor).options(
+        name=limiter_name(cfg), namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000, max_restarts=-1,
+        get_if_exists=True).remote(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s)
     progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
     try:
-        for out in _execute(ray, cfg, source, scan, todo, base_url, limiter, retry_failed, schema):
-            for k in rows:
-                rows[k] += out[k]
-            _add_stats(stats, out)
-            stop, message = (out["stop"], out["message"]) if out["stop"] and not stop else (stop, message)
-            progress.advance(out["ok"] + out["failed"], stats, rows["failed"])
+        shards = _execute(ray, cfg, source, scan, todo, base_url, limiter, retry_failed, schema)
+        stats, rows, stop, message = _gather(shards, progress)
     finally:
         progress.close()
         ray.kill(limiter)
         if sim is not None:
             sim.stop()
+    return _write_summary(cfg, ray, scan.rows, previous, stats, resumed + rows["reused"], started, stop, message,
+                          commands)
+
+
+def _shards_to_do(cfg: Config, source: Source, rows: int) -> tuple[list[int], int]:
+    """The shards whose results part is not published yet, and the rows of those that are."""
+    size = source.cfg.batch_size
+    done = done_shards(cfg)
+    n_shards = math.ceil(rows / size)
+    todo = [i for i in range(n_shards) if i not in done]
+    return todo, sum(min(size, rows - i * size) for i in done if i < n_shards)
+
+
+def _endpoint(cfg: Config) -> tuple[str, Any]:
+    """endpoint.base_url, or the built-in simulator started in a thread (and the handle to stop it)."""
+    if cfg.endpoint.base_url != "simulator":
+        return cfg.endpoint.base_url, None
+    # On 127.0.0.1: reachable from a local Ray instance only.
+    from ...simulator import SimConfig
+    from ...simulator.thread import SimulatorThread
+    sim = SimulatorThread(SimConfig(**cfg.endpoint.simulator))
+    return sim.start(), sim
+
+
+def _gather(shards: Any, progress: Progress) -> tuple[Stats, dict[str, int], str, str]:
+    """Sum the workers' per-shard rows; keep the first stop reported."""
+    stats, rows = Stats(), {"ok": 0, "failed": 0, "pending": 0, "reused": 0}
+    stop, message = "", ""
+    for out in shards:
+        for k in rows:
+            rows[k] += out[k]
+        _add_stats(stats, out)
+        stop, message = (out["stop"], out["message"]) if out["stop"] and not stop else (stop, message)
+        progress.advance(out["ok"] + out["failed"], stats, rows["failed"])
+    return stats, rows, stop, message
+
+
+def _write_summary(cfg: Config, ray: Any, total: int, previous: dict[str, Any], stats: Stats, resumed: int,
+                   started: float, stop: str, message: str, commands: tuple[str, str]) -> Any:
+    """summary.json from the published parts and the workers' figures, with the local driver's verdict."""
+    from ...write.output import Summary
     succeeded, _ = count_rows(cfg, RESULTS)
     failed, classes = count_rows(cfg, FAILURES)
     summary = Summary(
-        out_dir=cfg.output.dir, rows_total=scan.rows, succeeded=succeeded, failed=failed,
-        pending=scan.rows - succeeded - failed,
+        out_dir=cfg.output.dir, rows_total=total, succeeded=succeeded, failed=failed,
+        pending=total - succeeded - failed,
         prompt_tokens=previous.get("prompt_tokens", 0) + stats.prompt_tokens,
         completion_tokens=previous.get("completion_tokens", 0) + stats.completion_tokens,
         cost_usd=round(previous.get("cost_usd", 0.0) + stats.cost_usd, 6), run_cost_usd=round(stats.cost_usd, 6),
         wall_s=round(time.monotonic() - started, 3), requests_sent=stats.requests_sent,
         retries=dict(stats.retries), failures_by_class=classes, deduplicated=stats.deduplicated,
-        resumed_rows=resumed + rows["reused"], config_fingerprint=cfg.request_fingerprint(),
+        resumed_rows=resumed, config_fingerprint=cfg.request_fingerprint(),
         versions={"ray": ray.__version__},
     )
     # The local driver's verdict (exit code, next step), from what the workers reported.
     fatal = RunFatalError(message) if stop in ("fatal", "budget") else None
-    finish(summary, SimpleNamespace(stop_reason=stop or None, fatal=fatal), command,
-           resume_command(config_path or cfg.source, overrides, retry_failed=True))
+    finish(summary, SimpleNamespace(stop_reason=stop or None, fatal=fatal), *commands)
     storage.write_bytes(storage.join(cfg.output.dir, "summary.json"), summary.to_json(), cfg.output.storage_options)
     return summary
 

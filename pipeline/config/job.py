@@ -1,0 +1,83 @@
+"""The whole job description (`Config`): its sections, the API key from the environment, and the job's
+identity (request_config / request_fingerprint)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import orjson
+from pydantic import Field, model_validator
+
+from ..errors import ConfigError
+from .base import Section
+from .endpoint import EndpointConfig, _header_safe
+from .io import DEFAULT_BATCH_SIZE, IMAGE_BATCH_SIZE, CacheConfig, InputConfig, OutputConfig, RunConfig
+from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
+from .request import ParamsConfig, PromptConfig, StructuredConfig
+
+
+class Config(Section):
+    input: InputConfig
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    prompt: PromptConfig
+    params: ParamsConfig = Field(default_factory=ParamsConfig)
+    structured: StructuredConfig | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    output: OutputConfig
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    prices: dict[str, Price] = Field(
+        default_factory=dict, description="Model -> price; overrides the genai-prices library's table.")
+    run: RunConfig = Field(default_factory=RunConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+
+    # Where the config came from; not part of the YAML.
+    source: str = Field("<dict>", exclude=True)
+
+    @model_validator(mode="after")
+    def _default_batch_size(self) -> "Config":
+        if self.input.batch_size is None:
+            self.input.batch_size = IMAGE_BATCH_SIZE if self.prompt.images else DEFAULT_BATCH_SIZE
+        return self
+
+    def api_key(self) -> str:
+        """The key from the environment; a clear error (never the value) when it is missing."""
+        from ..send import redact
+
+        if self.endpoint.base_url == "simulator":
+            self.endpoint.secret_header_values(self.source)
+            return redact.register(os.environ.get(self.endpoint.api_key_env) or "sk-simulator")
+        key = os.environ.get(self.endpoint.api_key_env, "").strip()
+        if not key:
+            raise ConfigError(
+                f"the API key is missing: set the environment variable {self.endpoint.api_key_env} "
+                f"(export {self.endpoint.api_key_env}=...) or name another one with endpoint.api_key_env",
+                key="endpoint.api_key_env",
+                file=self.source,
+            )
+        if not _header_safe(key):
+            raise ConfigError(f"the value of {self.endpoint.api_key_env} holds a line break or a character an "
+                              "HTTP header cannot carry (printable ASCII only)", key="endpoint.api_key_env",
+                              file=self.source)
+        self.endpoint.secret_header_values(self.source)  # every secret the run needs, checked at start
+        return redact.register(key)
+
+    def request_config(self) -> dict[str, Any]:
+        """Everything that shapes what is asked: the job's identity, as plain JSON. The input is data (it may
+        grow or change between runs), and limits, budget, output, carried columns and progress may change
+        freely."""
+        keep = {
+            "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
+            "prompt": self.prompt.model_dump(exclude={"image_roots"}),  # where files may be read, not what is asked
+            "params": self.params.model_dump(exclude_none=True),
+            "structured": self.structured.model_dump(by_alias=True) if self.structured else None,
+        }
+        # NON_STR_KEYS: params.logit_bias is keyed by token id (int).
+        loaded: dict[str, Any] = orjson.loads(orjson.dumps(keep, option=orjson.OPT_NON_STR_KEYS, default=str))
+        return loaded
+
+    def request_fingerprint(self) -> str:
+        """Hash of `request_config()`: a resume with a different one would mix answers to other requests."""
+        return hashlib.sha256(orjson.dumps(self.request_config(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]

@@ -1,0 +1,194 @@
+"""Loading a config: read the YAML, apply --set overrides, validate once, explain errors by dotted key
+(with a did-you-mean hint) and file, resolve relative paths against the config file's folder."""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import orjson
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .. import yaml_loader
+from ..errors import ConfigError
+from .job import Config
+
+
+def load_config(
+    source: Union[str, Path, dict[str, Any], Config],
+    overrides: Union[list[str], dict[str, Any], None] = None,
+) -> Config:
+    """Read, override and validate a config once. Raises ConfigError naming the key and file."""
+    if isinstance(source, Config):
+        if not overrides:
+            return source
+        raw, base, name = source.model_dump(by_alias=True, exclude={"source"}), Path.cwd(), source.source
+    elif isinstance(source, dict):
+        raw, base, name = _deep_copy(source), Path.cwd(), "<dict>"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ConfigError("config file not found (give the path to a .yaml file)", file=name)
+        try:
+            raw = yaml_loader.load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"not valid YAML: {exc}", file=name) from None
+        if not isinstance(raw, dict):
+            raise ConfigError("the config must be a mapping of sections (input, endpoint, prompt, ...)", file=name)
+        base = path.resolve().parent
+    for key, value in _normalise_overrides(overrides).items():
+        _set_dotted(raw, key, value, name)
+    yaml_loader.check_shape(raw, name)  # before validation and the fingerprint walk it recursively
+    try:
+        cfg = Config.model_validate({**raw, "source": name})
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, raw), file=name) from None
+    _resolve_paths(cfg, base)
+    _check_budget_price(cfg)
+    from ..build.templates import check_prompt  # compiled before any input is read or anything is sent
+
+    check_prompt(cfg.prompt, name)
+    _check_batch_mode(cfg)
+    return cfg
+
+
+def _check_batch_mode(cfg: Config) -> None:
+    """A Batch API line is answered whole, never streamed; batch mode is a mode of the local engine."""
+    if cfg.run.mode == "batch" and cfg.run.engine != "local":
+        raise ConfigError("run.mode: batch runs on run.engine: local (the provider does the work; the local "
+                          "driver only writes files and polls)", key="run.engine", file=cfg.source)
+    if cfg.run.mode == "batch" and cfg.params.stream:
+        raise ConfigError("run.mode: batch cannot stream answers; remove params.stream (or use run.mode: sync)",
+                          key="params.stream", file=cfg.source)
+
+
+def _check_budget_price(cfg: Config) -> None:
+    """A budget is only enforceable when the worst case of a request in flight can be priced."""
+    if cfg.budget.max_cost_usd is None:
+        return
+    from ..models.prices import find_price, missing_price_hint  # the library loads only when a budget is set
+
+    for model in [cfg.endpoint.model, *(cfg.params.models or [])]:
+        if find_price(cfg, model) is None:
+            raise ConfigError(f"needs a price for {model!r} to count requests in flight at their maximum cost; "
+                              + missing_price_hint(model), key="budget.max_cost_usd", file=cfg.source)
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _normalise_overrides(overrides: Union[list[str], dict[str, Any], None]) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return overrides
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE with a dotted key (e.g. output.dir=/tmp/x), got {item!r}")
+        try:
+            out[key.strip()] = yaml_loader.load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = text
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, file: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:  # absent, or an optional section dumped as null (structured: None)
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section", key=key, file=file)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        # pydantic puts union member names in the location; they mean nothing to a user.
+        loc = [p for p in loc if p not in {"str", "list[str]", "dict[str,any]"} and not p.startswith("literal[")]
+        dotted = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            hint = _did_you_mean(loc)
+            lines.append(f"{dotted}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{dotted}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            # Header values may be credentials: never echo them into a message.
+            got = "" if dotted.startswith("endpoint.headers") else f" (got {_short(err.get('input'))})"
+            lines.append(f"{dotted}: {msg}{got}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return ""
+        ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return ""
+        model = inner[0]
+    names = []
+    for fname, f in model.model_fields.items():
+        if fname == "source":
+            continue
+        names.append(f.alias or fname)
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; known keys: {', '.join(sorted(names))}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _resolve_paths(cfg: Config, base: Path) -> None:
+    def resolve(p: str) -> str:
+        expanded = os.path.expanduser(p)
+        return os.path.normpath(expanded if os.path.isabs(expanded) else str(base / expanded))
+
+    if "://" not in cfg.input.path:  # object-store URIs are absolute already
+        cfg.input.path = resolve(cfg.input.path)
+    if "://" not in cfg.output.dir:
+        cfg.output.dir = resolve(cfg.output.dir)
+    if cfg.output.metrics_file:
+        cfg.output.metrics_file = resolve(cfg.output.metrics_file)
+    if cfg.cache.dir:
+        cfg.cache.dir = resolve(cfg.cache.dir)
+    cfg.prompt.image_roots = [resolve(r) for r in cfg.prompt.image_roots]
+    if cfg.structured and isinstance(cfg.structured.schema_, str):
+        # Load the file now so the job fingerprint covers the schema's content, not its path.
+        path = Path(resolve(cfg.structured.schema_))
+        try:
+            loaded = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError(f"schema file {path} not found", key="structured.schema", file=cfg.source) from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a folder; give the path to a JSON Schema file (.json)",
+                              key="structured.schema", file=cfg.source) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read schema file {path}: {exc.strerror or exc}", key="structured.schema",
+                              file=cfg.source) from None
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"schema file {path} is not valid JSON: {exc}", key="structured.schema",
+                              file=cfg.source) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"schema file {path} must hold a JSON object", key="structured.schema", file=cfg.source)
+        yaml_loader.check_shape(loaded, cfg.source, "structured.schema")
+        cfg.structured.schema_ = loaded
