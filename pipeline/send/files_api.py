@@ -12,16 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 import aiohttp
 import orjson
 
-from ..errors import RequestError, RunFatalError, TransientError
+from ..errors import RequestError, RunFatalError
 from . import redact
-from .transport import HttpTransport, Reply
+from .transport import NETWORK_ERRORS, HttpTransport, Reply, network_error
 
 
 class FilesApi:
@@ -92,29 +91,15 @@ class FilesApi:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[float]:
-        """Network failures of a Batch API call as the error classes `send` raises: a TLS failure is
-        run-fatal (it will not get better), the rest transient. Yields the start time on the loop's clock.
-        (`HttpTransport.send` keeps its own try: with `send` wrapped in this context manager,
-        tests/test_kill.py found more answers unstored at a kill -9 than its bound in 5 of 6 runs, against
-        0 of 5 without.)"""
+        """Network failures of a Batch API call as the error classes `send` raises (transport.network_error,
+        the one mapping). Yields the start time on the loop's clock."""
         base_url = self.transport.base_url
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
             yield start
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError, ssl.SSLError) as exc:
-            inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
-            why = getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or type(exc).__name__
-            raise RunFatalError(f"TLS failure talking to {base_url}: {why}; check endpoint.base_url "
-                                "(http or https?) and the server's certificate") from exc
-        except TimeoutError as exc:
-            raise TransientError(f"no answer within the timeout ({loop.time() - start:.1f}s)", code="timeout") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise TransientError(
-                f"cannot connect to {base_url}: {exc.os_error or type(exc).__name__}", code="connect"
-            ) from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise TransientError(f"connection lost: {type(exc).__name__}: {exc}", code="connection") from exc
+        except NETWORK_ERRORS as exc:
+            raise network_error(exc, base_url, loop.time() - start) from exc
 
 
 async def _scrubbed(reply: Awaitable[Reply]) -> Reply:

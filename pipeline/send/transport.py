@@ -56,6 +56,25 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+# What a network failure looks like from aiohttp and asyncio; `network_error` says what it means to us.
+NETWORK_ERRORS = (aiohttp.ClientError, ConnectionError, TimeoutError, ssl.SSLError)
+
+
+def network_error(exc: BaseException, base_url: str, elapsed_s: float) -> RequestError | RunFatalError:
+    """One of NETWORK_ERRORS as our error classes, for `send` and the Batch API calls alike: a TLS failure
+    is run-fatal (it will not get better), a timeout, a refused connection or a lost one transient."""
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError, ssl.SSLError)):
+        inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
+        why = getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or type(exc).__name__
+        return RunFatalError(f"TLS failure talking to {base_url}: {why}; check endpoint.base_url "
+                             "(http or https?) and the server's certificate")
+    if isinstance(exc, TimeoutError):
+        return TransientError(f"no answer within the timeout ({elapsed_s:.1f}s)", code="timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return TransientError(f"cannot connect to {base_url}: {exc.os_error or type(exc).__name__}", code="connect")
+    return TransientError(f"connection lost: {type(exc).__name__}: {exc}", code="connection")
+
+
 @dataclass
 class HttpTransport:
     base_url: str
@@ -121,19 +140,8 @@ class HttpTransport:
                     return Reply(resp.status, resp.headers, body, loop.time() - start, ttft, True, cut_off)
                 body = await resp.read()
                 return Reply(resp.status, resp.headers, body, loop.time() - start)
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError, ssl.SSLError) as exc:
-            inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
-            why = getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or type(exc).__name__
-            raise RunFatalError(f"TLS failure talking to {self.base_url}: {why}; check endpoint.base_url "
-                                "(http or https?) and the server's certificate") from exc
-        except TimeoutError as exc:
-            raise TransientError(f"no answer within the timeout ({loop.time() - start:.1f}s)", code="timeout") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise TransientError(
-                f"cannot connect to {self.base_url}: {exc.os_error or type(exc).__name__}", code="connect"
-            ) from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise TransientError(f"connection lost: {type(exc).__name__}: {exc}", code="connection") from exc
+        except NETWORK_ERRORS as exc:
+            raise network_error(exc, self.base_url, loop.time() - start) from exc
 
     async def close(self) -> None:
         if self._session is not None:
