@@ -19,6 +19,7 @@ from pipeline.engines.runner import Interrupt, run_async
 from pipeline.errors import EXIT_BATCH_SUBMITTED
 from pipeline.simulator import SimConfig
 from pipeline.simulator.thread import SimulatorThread
+from pipeline.errors import UnsafePathError
 from pipeline.state.store import Store
 from pipeline.batch.ledger import read_chunks
 from tests.support import TEST_KEY_ENV as KEY_ENV, assert_each_id_once, outputs, sim_job, write_config
@@ -269,3 +270,16 @@ def test_a_401_line_stops_the_run(tmp_path: Path, sim: SimulatorThread, key_env:
     summary = pipeline.run(batch_job(tmp_path, sim, 5))
     assert summary.exit_code == 3 and summary.stopped == "fatal" and summary.pending == 5
     assert "401" in (summary.stop_message or "")
+
+
+def test_batch_files_are_never_written_through_links(tmp_path: Path, sim: SimulatorThread, key_env: None) -> None:
+    # A shared output folder: a link planted where the batch files go is refused, its target left alone.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    cfg = batch_job(tmp_path, sim, 20)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "batch").symlink_to(victim)
+    with pytest.raises(UnsafePathError, match="never writes through links"):  # exit 2 through the CLI
+        pipeline.run(cfg)
+    assert list(victim.iterdir()) == [] and batch_stats(sim).get("files_uploaded", 0) == 0

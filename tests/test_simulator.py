@@ -478,17 +478,21 @@ def test_edge_timeout() -> None:
 
 
 def test_generation_endpoint() -> None:
-    async def check(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
+    async def not_ready(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
         _, data, _ = await post(s, url, body())
         async with s.get(url + "/generation", params={"id": data["id"]}, headers=AUTH) as resp:
-            assert resp.status == 404  # stats are not ready right after completion
-        await asyncio.sleep(0.25)
+            assert resp.status == 404  # stats are not ready until generation_delay_s has passed
+
+    async def ready(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
+        _, data, _ = await post(s, url, body())
         async with s.get(url + "/generation", params={"id": data["id"]}, headers=AUTH) as resp:
             gen = (await resp.json())["data"]
         assert gen["id"] == data["id"] and gen["total_cost"] == pytest.approx(data["usage"]["cost"])
         assert gen["tokens_prompt"] == data["usage"]["prompt_tokens"] and gen["streamed"] is False
         assert gen["provider_name"] == "OpenAI" and gen["finish_reason"] == "stop"
-    serve(SimConfig(generation_delay_s=0.2), check)
+    # Two simulators, not one and a sleep: a delay no run reaches, and none at all.
+    serve(SimConfig(generation_delay_s=3600), not_ready)
+    serve(SimConfig(generation_delay_s=0), ready)
 
 
 def test_model_fallback_serves_next_model() -> None:

@@ -240,7 +240,7 @@ class BatchDriver:
             if not isinstance(file_id, str) or not file_id:
                 continue
             dest = f"{chunk.path[:-len('.jsonl')]}.{kind.split('_')[0]}.jsonl"
-            if not os.path.exists(dest):
+            if not os.path.lexists(dest):  # a link planted there is refused when it is read
                 try:
                     await self.client.download(file_id, dest + ".part")
                 except TransientError as exc:

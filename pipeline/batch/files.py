@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from ..state import safefs
 from ..config import BatchConfig
 from .ledger import Chunk, Ledger
 
@@ -30,7 +31,7 @@ def request_line(key: str, payload: bytes) -> bytes:
 def request_payloads(path: str, keys: set[str]) -> Iterator[tuple[str, bytes]]:
     """(key, payload) of the lines of one of our request files whose key is in `keys`: lines to send again
     are copied from the file that carried them, not rendered from the input again."""
-    with open(path, "rb") as fh:
+    with open_ours(path) as fh:
         for line in fh:
             if not line.startswith(_HEAD):
                 continue
@@ -40,9 +41,20 @@ def request_payloads(path: str, keys: set[str]) -> Iterator[tuple[str, bytes]]:
 
 
 def open_new(path: str, *, append: bool = False) -> Any:
-    """A file of ours in the job folder, never through a symlink planted there."""
-    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_APPEND if append else os.O_TRUNC)
-    return os.fdopen(os.open(path, flags, 0o600), "ab" if append else "wb")
+    """A file of ours in the job folder, never through a link planted there (safefs: no symlink, no hard
+    link; truncated only after that check, so a planted hard link's target is never emptied)."""
+    fd = safefs.open_regular(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0), 0o600)
+    if not append:
+        os.ftruncate(fd, 0)
+    return os.fdopen(fd, "ab" if append else "wb")
+
+
+def open_ours(path: str) -> Any:
+    """One of our chunk, output or error files to read back; a link or anything else planted is refused."""
+    fh = safefs.open_read(path)
+    if fh is None:
+        raise safefs.refuse(path, "missing, a link or not a plain file")
+    return fh
 
 
 @dataclass
@@ -69,7 +81,7 @@ class ChunkWriter:
         if len(line) > self.caps.max_bytes:
             raise ValueError(f"one request is {len(line):,} bytes, over batch.max_bytes={self.caps.max_bytes:,}")
         if self._chunk is None:
-            os.makedirs(self.folder, exist_ok=True)
+            safefs.ensure_dir(self.folder)
             self._chunk = self.ledger.new_chunk(self.folder)
             self._fh = open_new(self._chunk.path)
         if self.before_line is not None:
@@ -119,7 +131,7 @@ class ChunkWriter:
 
 def result_lines(path: str) -> Iterator[dict[str, Any] | str]:
     """Each line of an output or error file: the parsed object, or the raw text of a line that is not one."""
-    with open(path, "rb") as fh:
+    with open_ours(path) as fh:
         for raw in fh:
             raw = raw.strip()
             if not raw:

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from ..errors import RequestError, RunFatalError
+from ..state import safefs
 from . import redact
 from .transport import NETWORK_ERRORS, HttpTransport, Reply, network_error
 
@@ -57,7 +58,7 @@ class FilesApi:
 
     async def _upload(self, path: str, file_path: str, filename: str, fields: Mapping[str, str]) -> Reply:
         async with self._guard() as start:
-            with open(file_path, "rb") as fh:
+            with safefs.open_read(file_path) or _refused(file_path) as fh:
                 form = aiohttp.FormData()
                 for name, value in fields.items():
                     form.add_field(name, value)
@@ -71,7 +72,7 @@ class FilesApi:
                                  asyncio.get_running_loop().time() - start)
 
     async def _download(self, path: str, dest: str) -> Reply:
-        have = os.path.getsize(dest) if os.path.exists(dest) else 0
+        have = os.lstat(dest).st_size if os.path.lexists(dest) else 0  # a planted link is refused below
         headers = {"Range": f"bytes={have}-"} if have else None
         async with self._guard() as start:
             async with self.transport.session().get(self._url(path), headers=headers,
@@ -81,9 +82,11 @@ class FilesApi:
                     return Reply(206, resp.headers, b"", 0.0)
                 if resp.status not in (200, 206):
                     return Reply(resp.status, resp.headers, await resp.read(), 0.0)
-                flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-                flags |= os.O_APPEND if resp.status == 206 else os.O_TRUNC  # 200: the server ignored Range
-                fd = os.open(dest, flags, 0o600)
+                # 206 appends; 200 (the server ignored Range) starts over. safefs: never through a link.
+                fd = safefs.open_regular(dest, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resp.status == 206 else 0),
+                                         0o600)
+                if resp.status != 206:
+                    os.ftruncate(fd, 0)
                 with os.fdopen(fd, "ab" if resp.status == 206 else "wb") as out:
                     async for chunk in resp.content.iter_chunked(1 << 20):
                         out.write(chunk)
@@ -117,3 +120,7 @@ def _no_redirect(resp: aiohttp.ClientResponse) -> None:
         raise RunFatalError(
             f"the endpoint answered with a redirect (HTTP {resp.status}) to {resp.headers.get('Location', '?')}; "
             "set endpoint.base_url to the final URL (the key is never sent across a redirect)")
+
+
+def _refused(path: str) -> Any:
+    raise safefs.refuse(path, "missing, a link or not a plain file")
