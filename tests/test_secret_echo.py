@@ -198,3 +198,25 @@ def test_the_ray_journal_keeps_no_secret(tmp_path: Path) -> None:
     [kept] = decode(segment.read_bytes())  # the segment is compressed: look at what it holds
     assert_clean(repr(kept), "the journal segment")
     assert (kept.message, kept.content) == (f"invalid key {redact.MASK}", f"echo {redact.MASK}")
+
+
+def test_a_bug_whose_cause_quotes_the_key_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Exit 70 writes the traceback (causes included) to a report, pipeline.log and history.jsonl: the
+    # cause chain is where a server's text hides, and none of those files may keep the key.
+    import pipeline.engines.runner as runner
+
+    def boom(*a: Any, **k: Any) -> Any:
+        try:
+            raise RuntimeError(f"the server said: bad key {KEY}")
+        except RuntimeError as cause:
+            raise ZeroDivisionError("a bug in merging") from cause
+
+    monkeypatch.setenv(ENV, KEY)
+    monkeypatch.setattr(runner, "merge_parts", boom)
+    cfg = job(tmp_path, 4, sim={"api_key": KEY})
+    cfg["endpoint"]["api_key_env"] = ENV
+    assert main(["run", str(write(tmp_path, cfg)), "-q"]) == 70
+    assert_clean(capsys.readouterr().err.encode(), "stderr")
+    assert (tmp_path / "out" / "pipeline.log").exists() and (tmp_path / "out" / "history.jsonl").exists()
+    assert_dir_clean(tmp_path / "out")

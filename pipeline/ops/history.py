@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from ..send import redact
+
 from ..state import layout
 
 HISTORY_FILE = layout.HISTORY
@@ -48,7 +50,8 @@ class RunRecord:
 
 def append(out_dir: str | os.PathLike[str], record: RunRecord) -> None:
     """Append one record (one line, one write) without following a link at the history's path."""
-    line = orjson.dumps(record.to_json()) + b"\n"
+    # The message may quote a server (a stop, an error): scrubbed like everything else that is kept.
+    line = redact.scrub_bytes(orjson.dumps(record.to_json())) + b"\n"
     fd = os.open(Path(out_dir) / HISTORY_FILE, _OPEN_FLAGS, 0o644)
     try:
         written = os.write(fd, line)

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from ..send import redact
 from ..state import layout
 
 LOG_FILE = layout.LOG
@@ -43,7 +44,8 @@ class JsonFormatter(logging.Formatter):
         out.update(fields(record))
         if record.exc_info and "traceback" not in out:
             out["traceback"] = "".join(traceback.format_exception(*record.exc_info))
-        return orjson.dumps(out, default=str).decode()
+        # Extra fields and tracebacks (causes included) are not seen by redact's record factory: scrub the line.
+        return redact.scrub(orjson.dumps(out, default=str).decode())
 
 
 class HumanFormatter(logging.Formatter):
@@ -61,7 +63,7 @@ class HumanFormatter(logging.Formatter):
             text += "\n" + str(trace).rstrip()
         elif record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return text
+        return redact.scrub(text)
 
 
 class JsonLinesHandler(logging.handlers.RotatingFileHandler):

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from ..send import redact
+
 log = logging.getLogger("pipeline")
 
 RETRY_BASE_S = 1.0
@@ -22,7 +24,7 @@ RETRY_BASE_S = 1.0
 
 async def post(url: str, payload: dict[str, Any], *, timeout_s: float, retries: int) -> bool:
     """True once the receiver answered 2xx; False (logged) when it never did."""
-    body = orjson.dumps(payload)
+    body = redact.scrub_bytes(orjson.dumps(payload))  # leaves the machine: never a secret in it
     host = urlsplit(url).hostname or "?"
     why = ""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
