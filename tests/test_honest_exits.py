@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import orjson
 import pytest
 import yaml
 
@@ -103,7 +104,8 @@ def test_dev_zero_as_an_image_is_a_quick_input_failure(tmp_path: Path) -> None:
 
 # -- 5: a bug exits 70, keeps everything, and says where the traceback is ------------------------
 
-@pytest.mark.parametrize("bug", [RuntimeError, InternalError])  # InternalError: an invariant of ours broke
+# InternalError: an invariant of ours broke; OSError with no errno the diagnosis knows: still a bug.
+@pytest.mark.parametrize("bug", [RuntimeError, InternalError, OSError])
 def test_an_unexpected_exception_exits_70_and_loses_nothing(bug: type[Exception], tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,6 +121,8 @@ def test_an_unexpected_exception_exits_70_and_loses_nothing(bug: type[Exception]
     reports = list((tmp_path / "out").glob("internal-error-*.txt"))
     assert len(reports) == 1 and str(reports[0]) in lines[0]
     assert "a bug in merging" in reports[0].read_text() and "Traceback" in reports[0].read_text()
+    history = [orjson.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_bytes().splitlines()]
+    assert history[-1]["exit_code"] == 70  # the history says what the process said
     db = sqlite3.connect(tmp_path / "out" / "store.sqlite")  # closed cleanly, every answer kept
     assert db.execute("SELECT count(*) FROM responses WHERE state = 'ok'").fetchone()[0] == 6
     db.close()

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import socket
-import sqlite3
 import time
 import traceback
 import uuid
@@ -19,8 +18,9 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+from .. import diagnosis
 from ..config import Config
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_STOPPED, InputChangedError, PipelineError, UsageError
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, InputChangedError, PipelineError, UsageError
 from . import history, notify
 from .logfile import LogFile, iso_utc
 from .figures import Figures, Tally
@@ -36,15 +36,15 @@ def new_run_id(now: float) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
 
 
-def exit_code_of(exc: BaseException) -> int:
-    """The exit code the CLI gives this exception (cli.main)."""
-    if isinstance(exc, PipelineError):
+def exit_code_of(exc: BaseException, out_dir: str | None = None) -> int:
+    """The exit code the CLI gives this exception (cli.main): the same mapping, diagnosis.explain for the
+    environment's failures, so the history, metrics and webhook never say "3" where the process says 70."""
+    if isinstance(exc, PipelineError):  # InternalError included: 70
         return exc.exit_code
     if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
         return EXIT_INTERRUPTED
-    if isinstance(exc, (OSError, sqlite3.Error)):
-        return EXIT_STOPPED
-    return EXIT_INTERNAL
+    known = diagnosis.explain(exc, out_dir)
+    return known[1] if known is not None else EXIT_INTERNAL
 
 
 def stop_reason_of(exc: BaseException) -> str:
@@ -111,7 +111,7 @@ class Invocation:
                 message=summary.stop_message)
         assert exc is not None
         return history.RunRecord(run_id=self.run_id, started_at=self.started_at, finished_at=iso_utc(time.time()),
-                                 exit_code=exit_code_of(exc), stop_reason=stop_reason_of(exc),
+                                 exit_code=exit_code_of(exc, str(self.out_dir)), stop_reason=stop_reason_of(exc),
                                  message=str(exc) or type(exc).__name__)
 
     async def finish(self, summary: Any, exc: BaseException | None) -> history.RunRecord:
