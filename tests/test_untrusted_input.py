@@ -176,3 +176,16 @@ def test_bad_templates_are_config_errors_before_anything_is_read(key: str, templ
     err = capsys.readouterr().err
     assert key in err and says in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_rows_without_an_input_folder_read_only_the_image_roots(layout: tuple[Path, Path],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rows of a Ray dataset (pipeline.ray.label) come from no file: the working directory is no root.
+    data, secret = layout
+    monkeypatch.chdir(secret)
+    for value in ("key.png", str(secret / "key.png")):
+        with pytest.raises(RowError, match="outside the folders"):
+            ImageEncoder().parts(value, base_dir=None, origin=("<ray dataset>", 0), column="photo")
+    parts, _ = ImageEncoder(roots=[str(data)]).parts(str(data / "ok.png"), base_dir=None,
+                                                     origin=("<ray dataset>", 0), column="photo")
+    assert parts and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")

@@ -121,7 +121,7 @@ class ImageEncoder:
         self._url_tokens = image_tokens(*UNKNOWN_URL_SIZE, detail)
 
     def parts(
-        self, value: Any, *, base_dir: str, origin: tuple[str, int], column: str
+        self, value: Any, *, base_dir: str | None, origin: tuple[str, int], column: str
     ) -> tuple[list[dict[str, Any]], int]:
         """Content parts for one cell and their total token estimate. Raises RowError naming file+row."""
         if value is None:
@@ -141,7 +141,7 @@ class ImageEncoder:
             tokens += enc.tokens
         return parts, tokens
 
-    def _encode(self, item: Any, *, base_dir: str) -> EncodedImage | None:
+    def _encode(self, item: Any, *, base_dir: str | None) -> EncodedImage | None:
         """One image value to a URL plus size; None for an empty value. Raises _ImageProblem."""
         if item is None:
             return None
@@ -170,10 +170,12 @@ class ImageEncoder:
             text = text[7:]  # still judged by where it resolves, like any other path
         return self._from_file(text, base_dir)
 
-    def _from_file(self, path: str, base_dir: str) -> EncodedImage:
-        full = os.path.realpath(os.path.join(base_dir, path))  # symlinks followed, then judged by the target
-        roots = self._roots + (os.path.realpath(base_dir),)
-        if not any(_inside(full, root) for root in roots):
+    def _from_file(self, path: str, base_dir: str | None) -> EncodedImage:
+        # No input folder (rows from a Ray dataset): only absolute paths inside prompt.image_roots, never the
+        # working directory by default.
+        full = os.path.realpath(os.path.join(base_dir, path)) if base_dir else os.path.realpath(path)
+        roots = self._roots + ((os.path.realpath(base_dir),) if base_dir else ())
+        if (base_dir is None and not os.path.isabs(path)) or not any(_inside(full, root) for root in roots):
             # Says nothing about whether the file exists: the row's author must not learn that either.
             raise _ImageProblem(f"image path {_short(path)} is outside the folders images may be read from "
                                 "(the input file's folder, and prompt.image_roots); move the image there or "

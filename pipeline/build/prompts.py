@@ -84,7 +84,7 @@ class Renderer:
         self._messages_col = p.messages_column
         self._image_cols = list(p.images)
         self._images = ImageEncoder(p.image_detail, p.image_max_side, p.image_roots)
-        self._input_dir = input_dir or os.getcwd()
+        self._input_dir = input_dir  # None (a Ray dataset, no input file): only prompt.image_roots may be read
         self._from_columns = list(cfg.params.from_columns.items())
         self._static = self._static_body()
         self._context = context_window(cfg.endpoint.model)
@@ -247,7 +247,7 @@ class Renderer:
         return out
 
     def _add_images(self, messages: list[dict[str, Any]], row: dict[str, Any], origin: tuple[str, int]) -> int:
-        base = os.path.dirname(origin[0]) if origin[0] else self._input_dir
+        base = os.path.dirname(origin[0]) or self._input_dir  # "<ray dataset>" names no folder
         parts: list[dict[str, Any]] = []
         tokens = 0
         for col in self._image_cols:
