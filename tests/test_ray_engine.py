@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
+from pipeline.errors import JobChangedError
 from pipeline.read import storage
 
 from .conftest import job, write_rows
@@ -28,6 +29,11 @@ def test_ray_engine_local_folder(tmp_path: Path, ray_local: Any) -> None:
     assert sorted(ids) == [f"r{i:06d}" for i in range(40)]
     again = pipeline.run(cfg, quiet=True)
     assert again.requests_sent == 0 and again.resumed_rows == 40 and again.succeeded == 40
+    # Shards are named by position: an edited input of the same size is another job, never "done".
+    data = tmp_path / "in.jsonl"
+    data.write_text(data.read_text().replace("review number 3:", "review number 3 (edited):"))
+    with pytest.raises(JobChangedError, match="not incremental"):
+        pipeline.run(cfg, quiet=True)
 
 
 def test_label_adds_typed_columns_and_reuses_the_journal(tmp_path: Path, ray_local: Any) -> None:
@@ -80,3 +86,13 @@ def test_run_fatal_answer_stops_with_exit_3_and_resumes(tmp_path: Path, ray_loca
     assert "re-run" in stopped.next_step or "resume" in stopped.next_step
     cfg["endpoint"]["simulator"] = {}
     assert pipeline.run(cfg, quiet=True).succeeded == 20  # the same job resumes once the key works
+
+
+def test_the_budget_and_the_slots_are_shared_by_the_workers(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.engines.ray.driver import budget_share
+    from pipeline.errors import ConfigError
+    cfg = load_config(job(tmp_path, rows=4, run={"engine": "ray", "workers": 4}, budget={"max_cost_usd": 10}))
+    assert budget_share(cfg, 2.0) == 2.0 and budget_share(cfg, 12.0) == 0.0  # what is left, split four ways
+    with pytest.raises(ConfigError, match="run.workers=8 is more than limits.max_concurrency=4"):
+        load_config(job(tmp_path, rows=4, run={"engine": "ray", "workers": 8}, limits={"max_concurrency": 4}))

@@ -52,7 +52,16 @@ def load_config(
 
     check_prompt(cfg.prompt, name)
     _check_batch_mode(cfg)
+    _check_ray_workers(cfg)
     return cfg
+
+
+def _check_ray_workers(cfg: Config) -> None:
+    """Each Ray worker holds at least one concurrency slot: more workers than slots would exceed the limit."""
+    if cfg.run.engine == "ray" and cfg.run.workers > cfg.limits.max_concurrency:
+        raise ConfigError(f"run.workers={cfg.run.workers} is more than limits.max_concurrency="
+                          f"{cfg.limits.max_concurrency}, which the workers share; lower run.workers or raise "
+                          "limits.max_concurrency", key="run.workers", file=cfg.source)
 
 
 def _check_batch_mode(cfg: Config) -> None:

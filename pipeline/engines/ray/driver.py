@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from ...config import Config
 from ...errors import ConfigError, JobChangedError, RunFatalError
 from ...read import storage
-from ...read.reader import Source
+from ...read.reader import InputScan, Source
 from ...send.dispatch import Stats
 from ...state.jobdir import resume_command
 from ..progress import Progress
@@ -55,17 +55,22 @@ def limiter_name(cfg: Config) -> str:
     return "pipeline-limiter-" + hashlib.sha256(cfg.output.dir.encode()).hexdigest()[:12]
 
 
-def check_manifest(cfg: Config, rows: int, *, force_new: bool) -> None:
-    """One job per output location: a different request config would mix answers to other requests."""
+def check_manifest(cfg: Config, scan: InputScan, *, force_new: bool) -> None:
+    """One job per output location: a different request config would mix answers to other requests, and
+    shards are named by position, so a different input (even of the same size) is another job here too: a
+    shard's part of the old input must never count as done for the new one."""
     uri = storage.join(cfg.output.dir, MANIFEST)
-    mine = {"request_fingerprint": cfg.request_fingerprint(), "batch_size": cfg.input.batch_size, "rows": rows}
+    content = hashlib.blake2b(b"".join(scan.digests), digest_size=16).hexdigest()
+    mine = {"request_fingerprint": cfg.request_fingerprint(), "batch_size": cfg.input.batch_size,
+            "rows": scan.rows, "input": content}
     try:
         theirs = orjson.loads(storage.read_bytes(uri, cfg.output.storage_options))
     except (FileNotFoundError, OSError):
         theirs = None
     if theirs is not None and theirs != mine and not force_new:
-        raise JobChangedError(f"{cfg.output.dir} holds another job (different requests, input size or batch "
-                              "size); use another output.dir, or --force-new to start this one over there")
+        raise JobChangedError(f"{cfg.output.dir} holds another job (different requests, input or batch size; "
+                              "the Ray engine is not incremental); use another output.dir, or --force-new to "
+                              "start this one over there")
     if theirs != mine:
         for folder in (RESULTS, FAILURES):  # parts of another job must not count as done
             for part in storage.list_files(storage.join(cfg.output.dir, folder), cfg.output.storage_options):
@@ -116,7 +121,7 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
     cfg.endpoint.secret_header_values(cfg.source)  # so is a missing secret header
     source = Source(cfg.input)
     scan = source.scan()
-    check_manifest(cfg, scan.rows, force_new=force_new)
+    check_manifest(cfg, scan, force_new=force_new)
     previous = _previous_summary(cfg)
     todo, resumed = _shards_to_do(cfg, source, scan.rows)
     connect(ray, cfg)
@@ -126,7 +131,8 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
         get_if_exists=True).remote(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s)
     progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
     try:
-        shards = _execute(ray, cfg, source, scan, todo, base_url, limiter, retry_failed, schema)
+        shards = _execute(ray, cfg, source, scan, todo, base_url, limiter, retry_failed, schema,
+                          budget_share(cfg, previous.get("cost_usd", 0.0)))
         stats, rows, stop, message = _gather(shards, progress)
     finally:
         progress.close()
@@ -194,8 +200,16 @@ def _write_summary(cfg: Config, ray: Any, total: int, previous: dict[str, Any], 
     return summary
 
 
+def budget_share(cfg: Config, spent_before: float) -> float | None:
+    """Each worker's part of what is left of budget.max_cost_usd after earlier runs: the workers' caps add
+    up to the job's, so the job stays within it (a worker Ray restarts starts a fresh share: a job whose
+    workers die can overshoot by one share per restart)."""
+    cap = cfg.budget.max_cost_usd
+    return None if cap is None else max(0.0, cap - spent_before) / cfg.run.workers
+
+
 def _execute(ray: Any, cfg: Config, source: Source, scan: Any, todo: list[int], base_url: str, limiter: Any,
-             retry_failed: bool, schema: dict[str, Any] | None) -> Any:
+             retry_failed: bool, schema: dict[str, Any] | None, budget: float | None) -> Any:
     """The Ray Data pipeline over the shards still to do; yields one stats row per finished shard."""
     if not todo:
         return
@@ -208,7 +222,7 @@ def _execute(ray: Any, cfg: Config, source: Source, scan: Any, todo: list[int], 
                                "workers": cfg.run.workers, "retry_failed": retry_failed, "schema": schema,
                                "api_key": Secret(cfg.api_key()),
                                "secret_headers": Secret(cfg.endpoint.secret_header_values(cfg.source)),
-                               "input_dir": input_dir, "columns": scan.columns},
+                               "input_dir": input_dir, "columns": scan.columns, "budget": budget},
     )
     for batch in ds.iter_batches(batch_size=1, batch_format="pandas"):
         for rec in batch.to_dict("records"):

@@ -30,6 +30,7 @@ from ...config import Config
 from ...errors import RunFatalError
 from ...read import storage
 from ...read.reader import InputBatch, Source
+from ...send.budget import Budget
 from ...send import redact
 from ...send.transport import HttpTransport
 from ...state.segments import COMMIT_S, Journal
@@ -104,7 +105,8 @@ class Sender:
     """What a worker holds for its lifetime: one session, one core, leased limits, the journal writer."""
 
     def __init__(self, cfg: Config, base_url: str, limiter: Any, workers: int, schema: dict[str, Any] | None,
-                 api_key: Secret, renderer: Renderer, secret_headers: Secret | None = None) -> None:
+                 api_key: Secret, renderer: Renderer, secret_headers: Secret | None = None,
+                 budget: float | None = None) -> None:
         self.cfg = cfg
         self.plan = plan_for(cfg, schema)
         self.limits = RayLimits(cfg.limits, limiter, workers)
@@ -119,8 +121,9 @@ class Sender:
                                interval_s=min(cfg.output.fsync_interval_s, COMMIT_S),
                                max_records=max(1, self.limits.cfg.max_concurrency // 2))
         self.answers = JournalAnswers(self.journal)
+        # This worker's share of the job's budget (driver.budget_share), not the whole cap per worker.
         self.core = Core(cfg, renderer, self.plan, answers=self.answers, limiter=self.limits,
-                         transport=self.transport)
+                         transport=self.transport, budget=Budget(budget))
         self.reported: Counter[str] = Counter()
         self.reported_cost = 0.0
 
@@ -170,14 +173,14 @@ class ShardWorker:
     def __init__(self, cfg_json: str, source: Source, base_url: str, limiter: Any, workers: int,
                  retry_failed: bool, api_key: Secret, schema: dict[str, Any] | None = None,
                  input_dir: str | None = None, columns: list[str] | None = None,
-                 secret_headers: Secret | None = None) -> None:
+                 secret_headers: Secret | None = None, budget: float | None = None) -> None:
         import orjson
 
         from ...config import load_config
         self.cfg = load_config(orjson.loads(cfg_json))
         self.source, self.base_url, self.workers = source, base_url, workers
         self.limiter, self.retry_failed, self.schema = limiter, retry_failed, schema
-        self.api_key, self.secret_headers = api_key, secret_headers
+        self.api_key, self.secret_headers, self.budget = api_key, secret_headers, budget
         self.renderer = Renderer(self.cfg, input_dir=input_dir, columns=columns)
         self.sender: Sender | None = None
         self._tmp = tempfile.mkdtemp(prefix="pipeline-ray-")
@@ -185,7 +188,7 @@ class ShardWorker:
     def _sender(self) -> Sender:
         if self.sender is None:  # on the actor's loop, on first use
             self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key,
-                                 self.renderer, self.secret_headers)
+                                 self.renderer, self.secret_headers, self.budget)
         return self.sender
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
