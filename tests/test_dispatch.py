@@ -209,3 +209,21 @@ def test_the_budget_holds_a_worst_case_only_while_a_request_is_sent(tmp_path: Pa
     assert all(isinstance(r, Record) and r.state == "ok" for r in records) and d.fatal is None
     assert max(fake.sent_at.count(t) for t in fake.sent_at) == 3  # at most three at a time, though four slots
     assert d.budget.spent == pytest.approx(8 * paid) and d.budget.reserved == 0.0
+
+
+def test_a_paid_answer_that_is_retried_is_kept_before_the_retry(tmp_path: Path) -> None:
+    # An empty answer is bad content: paid for, then asked again. Its cost reaches the store before the
+    # retry is sent, so a stop or a kill in between cannot make the next run's budget forget it.
+    seen: list[tuple[str, float]] = []
+
+    class Recording(MemoryAnswers):
+        async def put(self, record: Record) -> None:
+            seen.append((record.state, record.cost_usd))
+            await super().put(record)
+
+    fake = scripted(completion({"content": ""}))
+    _, [record] = dispatch(config(tmp_path), fake, answers=Recording())
+    assert isinstance(record, Record) and (record.state, record.attempts) == ("ok", 2)
+    assert [state for state, _ in seen] == ["transient", "ok"]
+    first, final = seen[0][1], seen[1][1]
+    assert first > 0 and final == pytest.approx(2 * first)  # the final record carries both attempts' cost

@@ -182,6 +182,11 @@ class Dispatcher:
             self.limits.decrease(permit.sent_at)  # no word on when: AIMD is all we have
         if decision.pause_s is not None:
             self.limits.pause(decision.pause_s)
+        if decision.action == "retry" and (raw is not None or exc.billed):
+            # Paid for, then retried under the same key: the cost is kept now, so a stop or a kill before the
+            # retry's answer cannot make the store (and the next run's budget) forget it. The final record
+            # replaces this one (the tally subtracts it); "transient" is asked again on resume.
+            await self._commit(_failure(req.key, "transient", exc, tries.attempts, flight.paid, None))
         if decision.action != "fail":
             return decision
         assert decision.state is not None
