@@ -114,3 +114,23 @@ def test_ray_outputs_in_a_local_folder_never_follow_links(tmp_path: Path) -> Non
     storage.put_file(str(local), str(out / "results.parquet" / "part-00000000.parquet"), root=str(out))
     assert victim.read_bytes() == VICTIM and not list(elsewhere.iterdir())
     assert (out / "results.parquet" / "part-00000000.parquet").read_bytes() == b"part"
+
+
+def test_a_link_at_a_reused_part_is_never_read_into_the_outputs(tmp_path: Path) -> None:
+    # An unchanged batch reuses its part files; a link planted at one of them must not bring the target's
+    # rows into the outputs: the batch is rebuilt from the store (nothing asked again), the link replaced.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import pipeline
+    cfg = job(tmp_path, 6)
+    assert pipeline.run(cfg).exit_code == 0
+    victim = tmp_path / "someone-elses.parquet"
+    pq.write_table(pa.table({"rid": ["NOT-IN-THE-INPUT"], "error_class": ["input"]}), victim)
+    (part,) = (tmp_path / "out" / "parts").glob("*.f.parquet")
+    part.unlink()
+    part.symlink_to(victim)
+    again = pipeline.run(cfg)
+    assert (again.exit_code, again.requests_sent, again.succeeded, again.failed) == (0, 0, 6, 0)
+    assert not part.is_symlink() and pq.read_table(victim).num_rows == 1
+    assert pq.read_table(tmp_path / "out" / "failures.parquet").num_rows == 0

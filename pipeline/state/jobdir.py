@@ -258,8 +258,8 @@ class JobDir:
         for kind in ("r", "f"):
             path = self.parts / f"{name}.{kind}.parquet"
             fh = safefs.open_read(path)
-            if fh is None:
-                if kind == "r":
+            if fh is None:  # no failures part is fine; a link or anything else there means: rebuild it
+                if kind == "r" or os.path.lexists(path):
                     return False
                 continue
             with fh:

@@ -200,7 +200,7 @@ def merge_parts(parts_dir: Path, out_dir: Path, compression: str, names: list[st
     counts = []
     for kind, name in (("r", RESULTS), ("f", FAILURES)):
         files = [parts_dir / f"{n}.{kind if n in complete else 'p' + kind}.parquet" for n in names]
-        counts.append(_concat([f for f in files if f.exists()], out_dir / name, compression))
+        counts.append(_concat([f for f in files if os.path.lexists(f)], out_dir / name, compression))
     return counts[0], counts[1]
 
 
@@ -239,9 +239,15 @@ def _concat(files: list[Path], dest: Path, compression: str) -> int:
 
 
 def read_part(path: Path, read: Callable[..., T], **kw: Any) -> T:
-    """`read(path)`, or a UsageError naming a damaged part file and what to do (the folder may be shared)."""
+    """`read(file)`, or a UsageError naming a damaged part file and what to do (the folder may be shared).
+    Opened without following links: a link planted in parts/ is refused, never read (its target's rows
+    would land in the outputs)."""
+    fh = safefs.open_read(path)
+    if fh is None:
+        raise safefs.refuse(path, "missing, a link or not a plain file")
     try:
-        return read(path, **kw)
+        with fh:
+            return read(fh, **kw)
     except (pa.ArrowException, OSError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException) and exc.errno is not None:
             raise  # a disk or permission problem: diagnosis says which
