@@ -142,7 +142,10 @@ class Dispatcher:
                     self.limits.observe(reply.headers)
                     body = classify(reply)
                 except RequestError as exc:
-                    permit.settle(self._charge(exc.billed, flight).tokens if exc.billed else 0)
+                    # Billed: what it cost. Refused by the server: nothing counted. A timeout or a lost
+                    # connection may have been counted upstream: the estimate stands.
+                    lost = exc.status is None and exc.code in ("timeout", "connection")
+                    permit.settle(self._charge(exc.billed, flight).tokens if exc.billed else None if lost else 0)
                     return await self._failed(exc, flight, permit)
                 except RunFatalError as exc:  # a redirect, a TLS failure: no request can get through
                     self._fatal(exc)

@@ -32,7 +32,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -359,12 +359,6 @@ class Store:
             self._db.executemany("DELETE FROM parts WHERE batch = ?", rows)
             self._db.execute("COMMIT")
             self._dirty = True
-
-    def iter_records(self) -> Iterator[Record]:
-        for row in self._db.execute(f"SELECT {_SELECT_NO_RAW} FROM responses"):
-            yield Record(**dict(zip([c for c in _COLUMNS if c != "raw"], row)))
-
-    # -- durability ----------------------------------------------------------------------------------
 
     def _fsync_loop(self) -> None:
         wal = self.path + "-wal"
