@@ -33,7 +33,7 @@ from typing import Any
 from _common import cleanup, endpoint, median, print_machine, scratch, table, write_rows
 from overhead import bare_loop, measure, pipeline_once
 
-import pipeline.engines.core as core_mod
+import pipeline.core.transformer as core_mod
 import pipeline.state.store as store_mod
 
 ORIGINAL: dict[str, Any] = {}

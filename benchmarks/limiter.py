@@ -66,7 +66,7 @@ def child(spec_path: str) -> None:
 
 def sim_stats(base_url: str) -> dict[str, Any]:
     root = base_url.split("/api/v1")[0].split("/v1")[0]
-    with urllib.request.urlopen(root + "/_sim/stats", timeout=10) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(root + "/_sim/stats", timeout=10) as resp:
         return json.loads(resp.read())
 
 

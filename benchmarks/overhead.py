@@ -30,12 +30,11 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-
 from _common import (
     FakeTransport,
     cleanup,
-    http_transport,
     endpoint,
+    http_transport,
     job_config,
     median,
     print_machine,

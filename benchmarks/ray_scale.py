@@ -26,14 +26,22 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from _common import cleanup, job_config, print_machine, scratch, simulator, table, write_rows
+from _common import (
+    cleanup,
+    job_config,
+    print_machine,
+    scratch,
+    simulator,
+    table,
+    write_rows,
+)
 
 import pipeline
 
 
 def sim_stats(base_url: str) -> dict[str, Any]:
     root = base_url.split("/api/v1")[0].split("/v1")[0]
-    with urllib.request.urlopen(root + "/_sim/stats", timeout=10) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(root + "/_sim/stats", timeout=10) as resp:
         return json.loads(resp.read())
 
 
@@ -50,7 +58,7 @@ class Sampler:
             self.points.append((time.monotonic(), sim_stats(self.base_url)["requests"]))
             self._stop.wait(0.25)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 

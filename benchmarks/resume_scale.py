@@ -34,15 +34,16 @@ import orjson
 from _common import REPO, cleanup, job_config, print_machine, scratch, table, write_rows
 
 from pipeline.config import load_config
-from pipeline.write.output import OutputColumns, write_part
-from pipeline.build.prompts import Renderer
+from pipeline.prepare.prompts import Renderer
+from pipeline.prepare.request import RequestBuilder
+from pipeline.prepare.structured import StructuredPlan, plan_for
 from pipeline.read.reader import Source
-from pipeline.build.request import RequestBuilder
-from pipeline.simulator import SimConfig
-from pipeline.simulator.thread import SimulatorThread
 from pipeline.state.jobdir import JobDir, part_context, part_names, part_number
-from pipeline.state.store import Record, Store
-from pipeline.build.structured import StructuredPlan, plan_for
+from pipeline.state.store import Store
+from pipeline.vocab import Record
+from pipeline.write.output import OutputColumns, write_part
+from pipeline_simulator import SimConfig
+from pipeline_simulator.thread import SimulatorThread
 
 OPEN_BATCHES = 4  # batches a killed run leaves half-answered (the runner keeps about this many open)
 ANSWER = '{"sentiment":"positive","score":4,"tags":["delivery","quality"]}'

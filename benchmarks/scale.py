@@ -26,19 +26,29 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _common import FakeTransport, cleanup, endpoint, job_config, print_machine, scratch, table, vm, write_rows
+from _common import (
+    FakeTransport,
+    cleanup,
+    endpoint,
+    job_config,
+    print_machine,
+    scratch,
+    table,
+    vm,
+    write_rows,
+)
 
 
 def child(args: list[str]) -> None:
     data, out, transport, base_url, conc = args
     import asyncio
 
+    import polars  # noqa: F401
+    import pyarrow  # noqa: F401
+
     from pipeline.config import load_config
     from pipeline.engines.runner import run_async
     from pipeline.send.transport import HttpTransport  # noqa: F401 - imported like a real run would
-
-    import pyarrow  # noqa: F401
-    import polars  # noqa: F401
 
     rss_imports = vm("VmRSS")
     cfg = load_config(job_config(Path(data), Path(out), base_url, concurrency=int(conc)))

@@ -1,6 +1,6 @@
 """Soak: what mixed faults cost in throughput, against the same run without faults.
 
-The scenario of tests/test_chaos.py's soak test (which asserts only what happened: every row exactly
+The scenario of tests/e2e/test_chaos.py's soak test (which asserts only what happened: every row exactly
 once, limits held at the server): 3,000 rows at 24,000 requests/min (rate-bound, so the limiter paces
 both runs), concurrency 32, 20 +- 10 ms latency with a 1% tail at 20x, and with faults ~7% of requests
 answered with 429 / 5xx / resets / malformed or schema-invalid bodies. The simulator runs in its own

@@ -21,7 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-from _common import API_KEY_ENV, cleanup, endpoint, job_config, median, print_machine, scratch, table, write_rows
+from _common import (
+    API_KEY_ENV,
+    cleanup,
+    endpoint,
+    job_config,
+    median,
+    print_machine,
+    scratch,
+    table,
+    write_rows,
+)
 
 
 def pipeline_cmd() -> list[str]:

@@ -13,9 +13,8 @@ import logging
 import sys
 from typing import Any
 
-from . import diagnosis
+from .common import diagnosis, redact
 from .errors import EXIT_INTERRUPTED, InternalError, PipelineError
-from .send import redact
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -49,7 +48,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="serve the built-in OpenAI-compatible simulator on 127.0.0.1")
     if argv is None or "simulate" in argv:
         # Only then: the simulator pulls in aiohttp and pydantic, which `pipeline --help` does not need.
-        from .simulator import add_arguments
+        from pipeline_simulator import add_arguments
 
         add_arguments(sim)
 
@@ -85,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "simulate":
-            from .simulator import serve
+            from pipeline_simulator import serve
 
             return serve(args)
         if args.command in ("report", "show"):
             return _report(args)
-        from .state.status import print_status
+        from .reporting.status import print_status
 
         return print_status(args.out_dir, as_json=args.json)
     except InternalError as exc:  # a broken invariant of our own: a bug, traceback in a file like any other

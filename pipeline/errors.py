@@ -75,7 +75,7 @@ class ConfigError(UsageError):
             where = f"{key}: "
         super().__init__(where + message)
 
-    def located(self, file: str) -> "ConfigError":
+    def located(self, file: str) -> ConfigError:
         """The same error, naming the config file (for checks that only see one section)."""
         return self if self.file else ConfigError(self.detail, key=self.key, file=file)
 

@@ -78,6 +78,7 @@ def s3_server() -> Any:
 def s3_bucket(s3_server: str, request: Any) -> str:
     """A fresh bucket per test: s3://<name>."""
     import re
+
     import pyarrow.fs as pafs
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-b"
     fs = pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True, allow_bucket_deletion=True)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Collection
-from typing import Any, Union
+from typing import Any
 
 import orjson
 
 from pipeline.send.transport import Reply
-from pipeline.state.store import Record
+from pipeline.vocab import Record
 
-Answer = Union[Reply, tuple[int, dict[str, Any]], tuple[int, dict[str, Any], dict[str, str]]]
+Answer = Reply | tuple[int, dict[str, Any]] | tuple[int, dict[str, Any], dict[str, str]]
 
 
 class Scripted:

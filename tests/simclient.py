@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from pipeline.simulator import SimConfig, Simulator
+from pipeline_simulator import SimConfig, Simulator
 
 Test = Callable[[Simulator, str, aiohttp.ClientSession], Awaitable[Any]]
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.simulator.thread import SimulatorThread
+from pipeline_simulator.thread import SimulatorThread
 from tests.conftest import REPO, job
 
 # Every CLI run a test starts gets this variable holding a fake key; `sim_job` configs name it.

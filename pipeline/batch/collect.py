@@ -20,14 +20,21 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..build.structured import StructuredPlan
 from ..config import Config
-from ..errors import BadContentError, FatalReply, PermanentError, RequestError, RunFatalError, TransientError
+from ..errors import (
+    BadContentError,
+    FatalReply,
+    PermanentError,
+    RequestError,
+    RunFatalError,
+    TransientError,
+)
+from ..prepare.structured import StructuredPlan
 from ..send.budget import Usage, max_cost, read_usage
 from ..send.classify import NAMED_STATUS, classify
+from ..send.parse import parse_completion
 from ..send.transport import Reply
-from ..state.store import Record
-from ..write.parse import parse_completion
+from ..vocab import Record
 from .files import result_lines
 from .ledger import Chunk, Ledger
 

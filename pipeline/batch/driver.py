@@ -32,13 +32,20 @@ from typing import Any
 
 import orjson
 
-from ..build.request import Request
 from ..config import Config
-from ..engines.core import Core
-from ..errors import BudgetExceeded, Fatal, FatalReply, PermanentError, RateLimited, RunFatalError, TransientError
-from ..read.reader import InputBatch
+from ..core.transformer import Core
+from ..errors import (
+    BudgetExceeded,
+    Fatal,
+    FatalReply,
+    PermanentError,
+    RateLimited,
+    RunFatalError,
+    TransientError,
+)
 from ..send.transport import HttpTransport
-from ..state.store import Record, Store
+from ..state.store import Store
+from ..vocab import InputBatch, Record, Request
 from .client import TERMINAL, BatchClient, batch_errors, queue_full
 from .collect import Collector, worst_line_cost
 from .files import ChunkWriter, request_payloads

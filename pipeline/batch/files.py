@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from ..state import safefs
+from ..common import safefs
 from ..config import BatchConfig
 from .ledger import Chunk, Ledger
 

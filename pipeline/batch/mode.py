@@ -5,15 +5,15 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..build.prompts import Renderer
 from ..config import Config
-from ..engines.core import Core
-from ..engines.interrupt import Interrupt
+from ..core.interrupt import Interrupt
+from ..core.transformer import Core
 from ..errors import EXIT_BATCH_SUBMITTED, EXIT_STOPPED, UsageError
-from ..read.reader import InputBatch
+from ..prepare.prompts import Renderer
 from ..send.transport import HttpTransport
 from ..state.answers import LocalAnswers
-from ..state.store import FINAL_STATES, Store
+from ..state.store import Store
+from ..vocab import FINAL_STATES, InputBatch
 from ..write.output import Summary
 from .driver import BatchDriver, Engine
 

@@ -14,11 +14,24 @@ from __future__ import annotations
 
 from .base import Section
 from .endpoint import EndpointConfig
-from .io import DEFAULT_BATCH_SIZE, IMAGE_BATCH_SIZE, CacheConfig, InputConfig, OutputConfig, RunConfig
+from .io import (
+    DEFAULT_BATCH_SIZE,
+    IMAGE_BATCH_SIZE,
+    CacheConfig,
+    InputConfig,
+    OutputConfig,
+    RunConfig,
+)
 from .job import Config
 from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
 from .loading import load_config
-from .request import ParamsConfig, PromptConfig, ProviderConfig, StructuredConfig, StructuredMode
+from .request import (
+    ParamsConfig,
+    PromptConfig,
+    ProviderConfig,
+    StructuredConfig,
+    StructuredMode,
+)
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "IMAGE_BATCH_SIZE", "BatchConfig", "BudgetConfig", "CacheConfig", "Config",

@@ -31,6 +31,12 @@ def _header_safe(value: str) -> bool:
     return all(" " <= c <= "~" or c == "\t" for c in value)
 
 
+# The flavor the built-in simulator plays when endpoint.simulator does not name one. The product passes it
+# explicitly when it starts the simulator (so the two never disagree, and nothing below the drivers needs
+# the simulator package to know it); tests/simulator checks it matches the simulator's own default.
+SIMULATOR_FLAVOR = "openrouter"
+
+
 class EndpointConfig(Section):
     base_url: str = Field("https://openrouter.ai/api/v1", description="API root, or 'simulator'.")
     model: str = Field("openai/gpt-4-turbo", min_length=1)
@@ -51,6 +57,10 @@ class EndpointConfig(Section):
         if v != "simulator" and not v.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL such as https://openrouter.ai/api/v1, or 'simulator'")
         return v.rstrip("/")
+
+    def simulator_options(self) -> dict[str, Any]:
+        """The simulator's options as the product starts it: the flavor always explicit."""
+        return {"flavor": SIMULATOR_FLAVOR, **self.simulator}
 
     secret_headers: dict[str, str] = Field(
         default_factory=dict,
@@ -90,7 +100,7 @@ class EndpointConfig(Section):
 
     def secret_header_values(self, file: str | None = None) -> dict[str, str]:
         """The secret headers' values from the environment; ConfigError naming the key when one is missing."""
-        from ..send import redact
+        from ..common import redact
 
         out: dict[str, str] = {}
         for name, env in self.secret_headers.items():

@@ -1,7 +1,7 @@
 """Where a job reads, writes and how it runs: the input, output, cache and run sections."""
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import Field
 
@@ -26,7 +26,7 @@ class InputConfig(Section):
                                 "of a job over these rows. Not part of the job's identity.",
     )
     # -- object storage (pipeline/read/storage.py) --
-    storage_options: dict[str, Union[str, int, float, bool]] = Field(
+    storage_options: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
         description="For s3:// and gs:// paths: pyarrow S3FileSystem/GcsFileSystem arguments (region, "
                     "endpoint_override, access_key, ...) over the standard environment and config chain.",
@@ -46,7 +46,7 @@ class OutputConfig(Section):
     publish: str | None = Field(
         None, description="An s3:// or gs:// folder: the local engine copies results.parquet, failures.parquet "
                           "and summary.json there at the end, each file complete or not at all.")
-    storage_options: dict[str, Union[str, int, float, bool]] = Field(
+    storage_options: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Filesystem arguments for output.publish and an object-store output.dir.")
 
 

@@ -12,7 +12,14 @@ from pydantic import Field, model_validator
 from ..errors import ConfigError
 from .base import Section
 from .endpoint import EndpointConfig, _header_safe
-from .io import DEFAULT_BATCH_SIZE, IMAGE_BATCH_SIZE, CacheConfig, InputConfig, OutputConfig, RunConfig
+from .io import (
+    DEFAULT_BATCH_SIZE,
+    IMAGE_BATCH_SIZE,
+    CacheConfig,
+    InputConfig,
+    OutputConfig,
+    RunConfig,
+)
 from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
 from .request import ParamsConfig, PromptConfig, StructuredConfig
 
@@ -37,14 +44,14 @@ class Config(Section):
     source: str = Field("<dict>", exclude=True)
 
     @model_validator(mode="after")
-    def _default_batch_size(self) -> "Config":
+    def _default_batch_size(self) -> Config:
         if self.input.batch_size is None:
             self.input.batch_size = IMAGE_BATCH_SIZE if self.prompt.images else DEFAULT_BATCH_SIZE
         return self
 
     def api_key(self) -> str:
         """The key from the environment; a clear error (never the value) when it is missing."""
-        from ..send import redact
+        from ..common import redact
 
         if self.endpoint.base_url == "simulator":
             self.endpoint.secret_header_values(self.source)

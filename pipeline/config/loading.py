@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import orjson
 import yaml
@@ -17,8 +17,8 @@ from .job import Config
 
 
 def load_config(
-    source: Union[str, Path, dict[str, Any], Config],
-    overrides: Union[list[str], dict[str, Any], None] = None,
+    source: str | Path | dict[str, Any] | Config,
+    overrides: list[str] | dict[str, Any] | None = None,
 ) -> Config:
     """Read, override and validate a config once. Raises ConfigError naming the key and file."""
     if isinstance(source, Config):
@@ -48,7 +48,9 @@ def load_config(
         raise ConfigError(_explain(exc, raw), file=name) from None
     _resolve_paths(cfg, base)
     _check_budget_price(cfg)
-    from ..build.templates import check_prompt  # compiled before any input is read or anything is sent
+    from ..prepare.templates import (
+        check_prompt,  # compiled before any input is read or anything is sent
+    )
 
     check_prompt(cfg.prompt, name)
     _check_batch_mode(cfg)
@@ -78,7 +80,10 @@ def _check_budget_price(cfg: Config) -> None:
     """A budget is only enforceable when the worst case of a request in flight can be priced."""
     if cfg.budget.max_cost_usd is None:
         return
-    from ..models.prices import find_price, missing_price_hint  # the library loads only when a budget is set
+    from ..models.prices import (  # the library loads only when a budget is set
+        find_price,
+        missing_price_hint,
+    )
 
     for model in [cfg.endpoint.model, *(cfg.params.models or [])]:
         if find_price(cfg, model) is None:
@@ -90,7 +95,7 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
-def _normalise_overrides(overrides: Union[list[str], dict[str, Any], None]) -> dict[str, Any]:
+def _normalise_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     if not overrides:
         return {}
     if isinstance(overrides, dict):

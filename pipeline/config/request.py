@@ -1,7 +1,7 @@
 """What is asked: the prompt, request params (with provider routing) and structured-output sections."""
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -24,7 +24,7 @@ class PromptConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _has_prompt(self) -> "PromptConfig":
+    def _has_prompt(self) -> PromptConfig:
         if not self.user and not self.messages_column:
             raise ValueError("set prompt.user (a template) or prompt.messages_column")
         return self
@@ -42,9 +42,9 @@ class ProviderConfig(Section):
     only: list[str] | None = None
     ignore: list[str] | None = None
     quantizations: list[str] | None = None
-    sort: Union[Literal["price", "throughput", "latency"], dict[str, Any], None] = None
-    preferred_min_throughput: Union[float, dict[str, float], None] = None
-    preferred_max_latency: Union[float, dict[str, float], None] = None
+    sort: Literal["price", "throughput", "latency"] | dict[str, Any] | None = None
+    preferred_min_throughput: float | dict[str, float] | None = None
+    preferred_max_latency: float | dict[str, float] | None = None
     max_price: dict[str, float] | None = None
 
 
@@ -55,14 +55,14 @@ class ParamsConfig(Section):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: bool | None = None
     stream: bool = False
@@ -75,7 +75,7 @@ class ParamsConfig(Section):
 
     @field_validator("stop")
     @classmethod
-    def _stop(cls, v: Union[str, list[str], None]) -> Union[str, list[str], None]:
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and not 1 <= len(v) <= 4:
             raise ValueError("give a string or a list of 1 to 4 strings")
         return v
@@ -98,7 +98,7 @@ class ParamsConfig(Section):
 
 
 class StructuredConfig(Section):
-    schema_: Union[dict[str, Any], str, None] = Field(
+    schema_: dict[str, Any] | str | None = Field(
         None, alias="schema", description="JSON Schema inline, or a path to a .json file."
     )
     mode: StructuredMode = "auto"

@@ -29,17 +29,18 @@ from typing import Any, TextIO
 
 from ..config import Config
 from ..errors import EXIT_OK, RowError
-from ..build.tokens import CALIBRATION_META, counter_for
-from ..models.prices import find_price
-from ..send.budget import worst_output_tokens
-from ..build.prompts import Renderer
-from ..build.request import RequestBuilder
 from ..models.catalog import context_window, max_output_tokens
-from ..read.reader import InputBatch, Source
-from ..state.jobdir import JobDir
+from ..models.prices import find_price
+from ..prepare.prompts import Renderer
+from ..prepare.request import RequestBuilder
+from ..prepare.structured import StructuredPlan, plan_for
+from ..prepare.tokens import CALIBRATION_META, counter_for
+from ..read.reader import Source
+from ..send.budget import worst_output_tokens
 from ..state import migrations
-from ..state.store import FINAL_STATES, MIGRATIONS, connect
-from ..build.structured import StructuredPlan, plan_for
+from ..state.jobdir import JobDir
+from ..state.store import MIGRATIONS, connect
+from ..vocab import FINAL_STATES, InputBatch
 
 # Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
 # what gpt-4-turbo typically sustains on OpenRouter and OpenAI. Printed with the figure it produces.

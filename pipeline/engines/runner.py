@@ -25,29 +25,37 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..build.prompts import Renderer
-from ..build.structured import StructuredPlan, plan_for
-from ..build.tokens import CALIBRATION_META, counter_for
+from ..common import layout
 from ..config import Config, load_config
+from ..core.finish import RowCount, figures, finish, versions
+from ..core.interrupt import Interrupt
+from ..core.progress import Live, Progress
+from ..core.transformer import Core, OutcomeBatch
 from ..errors import InputChangedError
-from ..ops.invocation import Invocation
 from ..ops.figures import ObservedTransport
+from ..ops.invocation import Invocation
+from ..prepare.prompts import Renderer
+from ..prepare.structured import StructuredPlan, plan_for
+from ..prepare.tokens import CALIBRATION_META, counter_for
 from ..read.frames import frame_file
-from ..read.reader import InputBatch, InputScan, Source
+from ..read.reader import InputScan, Source
 from ..send.limits import Limits
 from ..send.stats import Stats
 from ..send.transport import HttpTransport, Transport
-from ..state import layout
 from ..state.answers import LocalAnswers
 from ..state.jobdir import JobDir, part_context, part_names, part_number, resume_command
-from ..state.store import PartCounts, Record, Store
-from ..write.output import OutputColumns, Summary, drop_partial_parts, failure_counts, merge_parts, \
-    output_ids, write_part
+from ..state.store import PartCounts, Store
+from ..vocab import InputBatch, Record
+from ..write.output import (
+    OutputColumns,
+    Summary,
+    drop_partial_parts,
+    failure_counts,
+    merge_parts,
+    output_ids,
+    write_part,
+)
 from ..write.publish import check_local_output, publish_outputs
-from .core import Core, OutcomeBatch
-from .finish import RowCount, figures, finish, versions
-from .interrupt import Interrupt
-from .progress import Live, Progress
 
 log = logging.getLogger("pipeline")
 
@@ -265,8 +273,8 @@ async def _endpoint_url(cfg: Config, stack: contextlib.AsyncExitStack) -> str:
     """endpoint.base_url, or the address of the built-in simulator started for this run."""
     if cfg.endpoint.base_url != "simulator":
         return cfg.endpoint.base_url
-    from ..simulator import SimConfig, Simulator
-    sim = Simulator(SimConfig(**cfg.endpoint.simulator))
+    from pipeline_simulator import SimConfig, Simulator
+    sim = Simulator(SimConfig(**cfg.endpoint.simulator_options()))
     url = await sim.start()
     stack.push_async_callback(sim.stop)
     return url
@@ -344,14 +352,14 @@ def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_faile
         cfg = load_config(cfg, flat)
     schema_dict = None
     if schema is not None:
-        from ..build.schema import from_pydantic
+        from ..prepare.schema import from_pydantic
         schema_dict = schema if isinstance(schema, dict) else from_pydantic(schema)
         if cfg.structured is None:
             cfg = load_config(cfg, {"structured.schema": schema_dict})
     interrupt = Interrupt()
-    coro_factory = lambda: run_async(cfg, retry_failed=retry_failed, force_new=force_new,  # noqa: E731
-                                     schema=schema_dict, quiet=quiet, interrupt=interrupt, no_wait=no_wait,
-                                     cancel_batches=cancel_batches)
+    def coro_factory() -> Any:
+        return run_async(cfg, retry_failed=retry_failed, force_new=force_new, schema=schema_dict, quiet=quiet,
+                         interrupt=interrupt, no_wait=no_wait, cancel_batches=cancel_batches)
     try:
         asyncio.get_running_loop()
         in_loop = True

@@ -41,7 +41,7 @@ class ModelPrice:
     source: str = ""
 
 
-def find_price(cfg: "Config", model: str, *, batch: bool = False) -> ModelPrice | None:
+def find_price(cfg: Config, model: str, *, batch: bool = False) -> ModelPrice | None:
     """The price of a model name as configured or served; None when neither the config nor the library knows it."""
     override = _override(cfg, model)
     if override is not None:
@@ -135,7 +135,7 @@ def _halved(price: ModelPrice, what: str) -> ModelPrice:
                       f"{price.source}; batch = 50% of {what} (OpenAI Batch API pricing)")
 
 
-def _override(cfg: "Config", model: str) -> Any:
+def _override(cfg: Config, model: str) -> Any:
     """The config's price: exact name, then without the 'vendor/' prefix, then with 'openai/'."""
     bare = model.rsplit("/", 1)[-1]
     prices = cfg.prices

@@ -15,9 +15,7 @@ from typing import Any
 
 import orjson
 
-from ..send import redact
-
-from ..state import layout
+from ..common import layout, redact
 
 HISTORY_FILE = layout.HISTORY
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -14,16 +14,22 @@ import socket
 import time
 import traceback
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from .. import diagnosis
+from ..common import diagnosis
 from ..config import Config
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, InputChangedError, PipelineError, UsageError
+from ..errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    InputChangedError,
+    PipelineError,
+    UsageError,
+)
 from . import history, notify
-from .logfile import LogFile, iso_utc
 from .figures import Figures, Tally
+from .logfile import LogFile, iso_utc
 
 log = logging.getLogger("pipeline")
 
@@ -149,7 +155,9 @@ class Invocation:
             if record.rows_total:
                 f.rows = {"succeeded": record.succeeded, "failed": record.failed, "pending": record.pending}
             f.run_cost_usd = record.cost_usd
-        from .metrics import write_metrics  # prometheus_client only for jobs that write metrics
+        from .metrics import (
+            write_metrics,  # prometheus_client only for jobs that write metrics
+        )
 
         try:
             write_metrics(path, f)

@@ -13,14 +13,13 @@ import logging
 import logging.handlers
 import os
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from ..send import redact
-from ..state import layout
+from ..common import layout, redact
 
 LOG_FILE = layout.LOG
 MAX_BYTES = 10 * 2**20
@@ -29,7 +28,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 
 
 def iso_utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def fields(record: logging.LogRecord) -> dict[str, Any]:

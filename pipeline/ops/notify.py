@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from ..send import redact
+from ..common import redact
 
 log = logging.getLogger("pipeline")
 
@@ -37,7 +37,7 @@ async def post(url: str, payload: dict[str, Any], *, timeout_s: float, retries: 
                     why = f"HTTP {resp.status}"
                     if resp.status < 500 and resp.status not in (408, 429):
                         break
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 why = type(exc).__name__
             if attempt < retries:
                 await asyncio.sleep(RETRY_BASE_S * 2**attempt)

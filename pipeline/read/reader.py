@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -34,8 +33,8 @@ import pyarrow.compute as pc
 
 from ..config import DEFAULT_BATCH_SIZE, InputConfig
 from ..errors import InputChangedError, InputError, RowError
+from ..vocab import InputBatch
 from .digest import BatchHash, check_stamp
-from .scan import Index, InputScan, id_key
 from .formats import (
     File,
     JsonlReader,
@@ -46,18 +45,9 @@ from .formats import (
     parse,
     resolve,
 )
+from .scan import Index, InputScan, id_key
 
 ID_FIELD = "__id"
-
-
-@dataclass
-class InputBatch:
-    index: int
-    rows: list[dict[str, Any]]
-    ids: list[str]
-    origins: list[tuple[str, int]]
-    errors: list[RowError | None]
-    carried: pa.Table
 
 
 class Source:

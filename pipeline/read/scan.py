@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import pyarrow as pa
@@ -16,14 +16,14 @@ from ..config import InputConfig
 from ..errors import InputError
 from .digest import BatchHash, check_stamp, file_hash, stamp
 from .formats import (
+    PQ_CHUNK,
     File,
     digest8,
     json_id,
     jsonl_objects,
     open_binary,
-    parquet_ids,
-    PQ_CHUNK,
     parquet_file,
+    parquet_ids,
     parse,
 )
 

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from ..common import safefs
 from ..errors import ConfigError, InputError
-from ..state import safefs
 
 SCHEMES = ("s3", "gs", "gcs")
 _COPY_CHUNK = 8 << 20

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ..state import safefs
+from ..common import safefs
 from .compare import Comparison, compare
 from .data import RunData, load_run
 from .html import document, fragment

@@ -15,7 +15,13 @@ import polars as pl
 from . import charts
 from .compare import Comparison
 from .data import RunData
-from .figures import TAIL_FACTOR, failure_figures, field_summaries, run_figures, time_figures
+from .figures import (
+    TAIL_FACTOR,
+    failure_figures,
+    field_summaries,
+    run_figures,
+    time_figures,
+)
 
 HISTORY_ROWS = 30
 

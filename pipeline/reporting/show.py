@@ -17,7 +17,7 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,7 +25,8 @@ import orjson
 import polars as pl
 
 from ..errors import ConfigError, InputError, PipelineError, UsageError
-from ..state.store import Record, Store
+from ..state.store import Store
+from ..vocab import Record
 from .data import _read_json, id_column, read_log
 
 REDACTED = "Bearer [redacted]"
@@ -99,8 +100,8 @@ def _request(path: Path, manifest: dict[str, Any], row_id: str, key: str | None,
     cfg = _job_config(path, manifest, config)
     if cfg is None:
         return {"note": "the job's config could not be rebuilt (pass --config CONFIG)", "verified": False}
-    from ..build.prompts import Renderer
-    from ..build.structured import plan_for
+    from ..prepare.prompts import Renderer
+    from ..prepare.structured import plan_for
     from ..read.reader import Source
 
     try:
@@ -120,7 +121,7 @@ def _request(path: Path, manifest: dict[str, Any], row_id: str, key: str | None,
 
 def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: str | None) -> dict[str, Any]:
     """Render under each structured mode the run may have used (the learned one first) until the key matches."""
-    from ..build.request import RequestBuilder
+    from ..prepare.request import RequestBuilder
 
     modes = [plan.mode, *[m for m in plan.modes if m != plan.mode]] if plan is not None else [None]
     first: dict[str, Any] | None = None
@@ -222,7 +223,7 @@ def print_story(story: RowStory, out: TextIO | None = None, *, as_json: bool = F
     rec = story.record or {}
     if rec:
         latency = f"{rec['latency_s']:.3f}s" if rec.get("latency_s") is not None else "–"
-        stored = (datetime.fromtimestamp(rec["created_at"], timezone.utc).isoformat(timespec="milliseconds")
+        stored = (datetime.fromtimestamp(rec["created_at"], UTC).isoformat(timespec="milliseconds")
                   if rec.get("created_at") else "–")
         w(f"  final: {rec.get('state')}, status {rec.get('status')}, {rec.get('attempts')} attempt(s), "
           f"latency {latency}, stored at {stored}\n")

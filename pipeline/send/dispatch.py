@@ -19,9 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..build.request import Request, RequestBuilder
-from ..build.tokens import TokenCounter
-from ..build.structured import StructuredPlan
 from ..config import Config
 from ..errors import (
     BadContentError,
@@ -34,17 +31,20 @@ from ..errors import (
     Stopped,
     TransientError,
 )
-from ..state.store import Record
-from ..write.parse import parse_completion
+from ..prepare.request import RequestBuilder
+from ..prepare.structured import StructuredPlan
+from ..prepare.tokens import TokenCounter
+from ..vocab import Record, Request
 from .budget import Budget, Paid, Usage, max_cost, read_usage
 from .classify import classify
 from .health import Reachability
+from .parse import parse_completion
 from .retry import Backoff, Decision, RetryPolicy, Tries, decide
 from .stats import Stats
 from .transport import Reply, Transport
 
 if TYPE_CHECKING:
-    from ..state.store import AnswerStore
+    from ..vocab import AnswerStore
     from .limits import Limiter, Permit
 
 log = logging.getLogger("pipeline")

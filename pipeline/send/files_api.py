@@ -18,9 +18,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from ..common import redact, safefs
 from ..errors import RequestError, RunFatalError
-from ..state import safefs
-from . import redact
 from .transport import NETWORK_ERRORS, HttpTransport, Reply, network_error
 
 
@@ -110,7 +109,7 @@ async def _scrubbed(reply: Awaitable[Reply]) -> Reply:
     try:
         out = await reply
     except (RequestError, RunFatalError) as exc:
-        raise redact.scrub_error(exc)  # noqa: B904 - the same exception, scrubbed in place, cause kept
+        raise redact.scrub_error(exc)  # noqa: B904 - the same exception scrubbed in place: its own cause stays
     out.body = redact.scrub_bytes(out.body)
     return out
 

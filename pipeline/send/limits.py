@@ -40,7 +40,6 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Protocol
 
-
 from ..config import LimitsConfig
 from ..errors import PermanentError
 from ..models.headers import rate_windows

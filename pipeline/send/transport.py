@@ -33,8 +33,8 @@ import aiohttp
 import aiohttp.abc
 import orjson
 
+from ..common import redact
 from ..errors import RequestError, RunFatalError, TransientError
-from . import redact
 
 _SSE_ACCEPT = {"Accept": "text/event-stream"}
 
@@ -118,7 +118,7 @@ class HttpTransport:
             reply = await self._send(payload, stream=stream)
         except (RequestError, RunFatalError) as exc:
             # Scrubbed in place and raised again: its cause (the aiohttp error) stays attached for a traceback.
-            raise redact.scrub_error(exc)  # noqa: B904 - the same exception, not a new one
+            raise redact.scrub_error(exc)  # noqa: B904 - the same exception scrubbed in place: its own cause stays
         reply.body = redact.scrub_bytes(reply.body)
         return reply
 

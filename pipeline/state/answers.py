@@ -14,10 +14,11 @@ import os
 import sqlite3
 from collections.abc import Collection
 
-from .. import diagnosis
+from ..common import diagnosis
 from ..errors import RunFatalError
 from ..send.stats import Stats
-from .store import FINAL_STATES, Record, Store
+from ..vocab import FINAL_STATES, Record
+from .store import Store
 
 log = logging.getLogger("pipeline")
 

@@ -38,12 +38,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..common import layout, safefs
 from ..config import Config
 from ..errors import (
-    JobChangedError, StateVersionError, StoreLockedError, UnsafePathError, UsageError,
+    JobChangedError,
+    StateVersionError,
+    StoreLockedError,
+    UnsafePathError,
+    UsageError,
 )
-from ..write.output import ANY_PART_RE, OutputColumns, done_parts, read_part, write_json_atomic
-from . import layout, safefs
+from ..write.output import (
+    ANY_PART_RE,
+    OutputColumns,
+    done_parts,
+    read_part,
+    write_json_atomic,
+)
 from .store import PartCounts, Store
 
 MANIFEST_VERSION = 2   # 2: no input fingerprint (input is data); `batches` names this run's parts

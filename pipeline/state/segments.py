@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..read import storage
-from .store import FINAL_STATES, Record, scrubbed
+from ..vocab import FINAL_STATES, Record
+from .store import scrubbed
 
 JOURNAL = "_journal"
 # Group-commit interval. Requests hold their concurrency slot until their answer is committed, so this

@@ -32,68 +32,16 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any
 
+from ..common import redact, safefs
+from ..common.diagnosis import damaged_store_message
 from ..errors import StoreDamagedError
-from ..send import redact
-from . import migrations, safefs
+from ..vocab import Record
+from . import migrations
 from .migrations import Migration
-
-
-def damaged_store_message(store: str, detail: str) -> str:
-    return (f"the answer store {store} is damaged ({detail}); set it aside and start the job's store afresh: "
-            f"mv {store} {store}.damaged (and any {store}-wal / -shm beside it), then re-run; rows whose answers "
-            "were in it are asked again")
-
-# States a resume does not request again; `--retry-failed` narrows this to "ok" only.
-FINAL_STATES = frozenset({"ok", "permanent", "bad_content"})
-
-
-@dataclass(slots=True)
-class Record:
-    """Everything the outputs need about one request, plus the raw body to re-parse if ever needed."""
-
-    key: str
-    state: str
-    attempts: int = 1
-    status: int | None = None
-    error_class: str | None = None
-    message: str | None = None
-    content: str | None = None
-    output_json: str | None = None
-    finish_reason: str | None = None
-    model: str | None = None
-    provider: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    latency_s: float | None = None
-    ttft_s: float | None = None
-    tool_calls_json: str | None = None
-    logprobs_json: str | None = None
-    cache_hit: bool = False
-    created_at: float = 0.0
-    raw: bytes | None = None
-
-
-class AnswerStore(Protocol):
-    """Where the engine finds answers already paid for and puts new ones (see engines/core.py)."""
-
-    def lookup(self, keys: Collection[str]) -> dict[str, Record]:
-        """The answers to reuse for those of `keys` that have one (a resume, a shared cache)."""
-        ...
-
-    async def put(self, record: Record) -> None:
-        """Return once `record` is durable; it counts as done only then. Raises RunFatalError when
-        nothing more can be stored (a full disk)."""
-        ...
-
-    def note(self, name: str, value: str) -> None:
-        """Keep a small fact a later run starts from (the structured mode learned)."""
-        ...
-
 
 _COLUMNS = [f.name for f in fields(Record)]
 _INSERT = f"INSERT OR REPLACE INTO responses ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -151,6 +99,16 @@ def m002_tally_and_parts(db: sqlite3.Connection) -> None:
             " coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0), max(created_at)"
             " FROM responses GROUP BY state, coalesce(cache_hit, 0)"
         )
+
+
+@migration
+def m003_cache_confidence_usage(db: sqlite3.Connection) -> None:
+    have = {row[1] for row in db.execute("PRAGMA table_info(responses)")}
+    for name, sql_type in (("cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
+                           ("cache_write_tokens", "INTEGER NOT NULL DEFAULT 0"),
+                           ("confidence", "REAL"), ("confidence_json", "TEXT"), ("usage_note", "TEXT")):
+        if name not in have:  # idempotent, like every migration (see migrations.py)
+            db.execute(f"ALTER TABLE responses ADD COLUMN {name} {sql_type}")
 
 
 SCHEMA_VERSION = len(MIGRATIONS)  # also in meta, for a quick look; the _migrations table decides

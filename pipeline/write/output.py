@@ -22,12 +22,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..build.schema import arrow_type, to_arrow
+from ..common import redact, safefs
+from ..common.layout import FAILURES, RESULTS
 from ..errors import UsageError
-from ..send import redact
-from ..state import safefs
-from ..state.layout import FAILURES, RESULTS
-from ..state.store import Record
+from ..vocab import Record, RowFailure
+from .schema_arrow import arrow_type, to_arrow
 
 T = TypeVar("T")
 PART_RE = re.compile(r"^([0-9a-f]{16})\.r\.parquet$")
@@ -54,14 +53,6 @@ class OutputColumns:
 
     def output_type(self) -> pa.DataType | None:
         return arrow_type(self.schema) if self.schema is not None else None
-
-
-@dataclass(slots=True)
-class RowFailure:
-    """A row that never became a request (bad input), with where it came from."""
-
-    error_class: str
-    message: str
 
 
 def write_part(

@@ -21,13 +21,13 @@ import orjson
 import pyarrow.parquet as pq
 
 from ...config import Config
+from ...core.finish import finish
+from ...core.progress import Progress
 from ...errors import ConfigError, JobChangedError, RunFatalError
 from ...read import storage
 from ...read.reader import InputScan, Source
 from ...send.dispatch import Stats
 from ...state.jobdir import resume_command
-from ..progress import Progress
-from ..finish import finish
 from .limiter import LimiterActor
 from .worker import FAILURES, RESULTS, Secret, ShardWorker
 
@@ -157,9 +157,9 @@ def _endpoint(cfg: Config) -> tuple[str, Any]:
     if cfg.endpoint.base_url != "simulator":
         return cfg.endpoint.base_url, None
     # On 127.0.0.1: reachable from a local Ray instance only.
-    from ...simulator import SimConfig
-    from ...simulator.thread import SimulatorThread
-    sim = SimulatorThread(SimConfig(**cfg.endpoint.simulator))
+    from pipeline_simulator import SimConfig
+    from pipeline_simulator.thread import SimulatorThread
+    sim = SimulatorThread(SimConfig(**cfg.endpoint.simulator_options()))
     return sim.start(), sim
 
 

@@ -13,13 +13,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from ...build.prompts import Renderer
-from ...build.schema import to_arrow
 from ...config import Config
+from ...prepare.prompts import Renderer
 from ...read.formats import arrow_ids, digest8
-from ...read.reader import InputBatch
-from ...state.store import Record
-from ...write.output import RowFailure
+from ...vocab import InputBatch, Record, RowFailure
+from ...write.schema_arrow import to_arrow
 from .worker import Secret, Sender, make_layout
 
 ORIGIN = "<ray dataset>"
@@ -106,15 +104,15 @@ def label(ds: Any, config: Any, *, schema: Any = None) -> Any:
     cfg = load_config(raw)
     schema_dict = None
     if schema is not None:
-        from ...build.schema import from_pydantic
+        from ...prepare.schema import from_pydantic
         schema_dict = schema if isinstance(schema, dict) else from_pydantic(schema)
         cfg = load_config(cfg, {"structured.schema": schema_dict})
     connect(ray, cfg)
     base_url = cfg.endpoint.base_url
     if base_url == "simulator":
-        from ...simulator import SimConfig
-        from ...simulator.thread import SimulatorThread
-        sim = SimulatorThread(SimConfig(**cfg.endpoint.simulator))
+        from pipeline_simulator import SimConfig
+        from pipeline_simulator.thread import SimulatorThread
+        sim = SimulatorThread(SimConfig(**cfg.endpoint.simulator_options()))
         base_url = sim.start()
         _simulators.append(sim)
     name = limiter_name(cfg)

@@ -24,19 +24,19 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from ...build.prompts import Renderer
-from ...build.structured import StructuredPlan, plan_for
+from ...common import redact
 from ...config import Config
+from ...core.transformer import Core, OutcomeBatch
 from ...errors import RunFatalError
+from ...prepare.prompts import Renderer
+from ...prepare.structured import StructuredPlan, plan_for
 from ...read import storage
-from ...read.reader import InputBatch, Source
+from ...read.reader import Source
 from ...send.budget import Budget
-from ...send import redact
 from ...send.transport import HttpTransport
 from ...state.segments import COMMIT_S, Journal
-from ...state.store import Record
+from ...vocab import InputBatch, Record
 from ...write.output import OutputColumns
-from ..core import Core, OutcomeBatch
 from .limiter import RayLimits
 
 RESULTS, FAILURES = "results.parquet", "failures.parquet"

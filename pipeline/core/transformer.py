@@ -1,0 +1,210 @@
+"""The engine as a transformer: input batches in, outcome batches out.
+
+`Core.outcomes(batches)` takes `read.reader.InputBatch`es (an iterable or an async iterable) and yields
+one `OutcomeBatch` per input batch, as each one is resolved (not necessarily in input order): per row
+a `Record` (an answer or a failed request, with its request key, tokens and cost), a `RowFailure` (the
+row never became a request), or None (not answered because dispatch stopped: the row is pending).
+Rows are built into requests (build/request.py), answered from the answer store when it already has
+them, else sent through the limiter, the transport and the one classifier (send/dispatch.py).
+
+The core owns no files, no store and no signals. A driver injects:
+
+    answers    state.store.AnswerStore   lookup(keys) -> {key: Record} to reuse (answers, and failures
+                                         not to ask again); async put(record), durable when it returns
+                                         (RunFatalError when nothing can be stored: the run stops);
+                                         note(name, value) (e.g. the structured mode learned, for the
+                                         next run)   -> state.answers.LocalAnswers
+    limiter    send.limits.Limiter       slot(est_tokens) (an async context giving a Permit with
+                                         settle(tokens) and sent_at), observe(headers), pause(s),
+                                         decrease(sent_at), on_success(), stop()  -> send.limits.Limits
+    transport  send.transport.Transport  async send(payload, stream=) -> Reply; async close() (the
+                                         driver closes it)   -> send.transport.HttpTransport
+    progress   ProgressSink (optional)   advance(rows, stats, failed): rows resolved so far, as they are
+    budget     send.budget.Budget        (optional) the spend cap; by default budget.max_cost_usd with
+                                         `spent_before` already spent (a resumed job's earlier cost)
+
+and decides where the outcomes go (the local runner: Parquet parts and the SQLite store's part
+index; another driver: its own sink). Stopping: `stop(reason)` stops dispatch (requests in flight
+finish; nothing new is sent, rows not reached stay pending); `abort()` also cancels the requests in
+flight (their rows stay pending; answers already received are committed). After the last batch,
+`stop_reason` / `fatal` say whether and why dispatch stopped, and `stats` holds the run's counters.
+
+Driving it (a complete local driver is engines/runner.py):
+
+    core = Core(cfg, renderer, plan, answers=my_answers, limiter=Limits(cfg.limits),
+                transport=HttpTransport(base_url, api_key))
+    async with contextlib.aclosing(core.outcomes(source.batches())) as stream:
+        async for out in stream:
+            results, failures = out.tables(columns)   # Arrow tables, as the local part files hold
+            ...                                        # write them; out.complete: no row pending
+    if core.fatal is not None:
+        print("stopped:", core.fatal, core.fatal.hint)
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyarrow as pa
+
+from ..config import Config
+from ..errors import Fatal, Stopped
+from ..prepare.prompts import Renderer
+from ..prepare.request import RequestBuilder
+from ..prepare.structured import StructuredPlan
+from ..send.budget import Budget
+from ..send.dispatch import Dispatcher
+from ..send.limits import Limiter
+from ..send.stats import Stats
+from ..send.transport import Transport
+from ..vocab import AnswerStore, InputBatch, Record, Request, RowFailure
+from ..write.output import OutputColumns, part_tables
+
+# Unfinished batches held at once: enough to keep every concurrency slot busy while a straggler retries.
+MAX_OPEN_BATCHES = 4
+
+Outcome = Record | RowFailure | None
+
+
+class ProgressSink(Protocol):
+    def advance(self, rows: int, stats: Stats, failed: int) -> None:
+        """`rows` more rows are resolved; `failed` is the total failed so far."""
+        ...
+
+
+@dataclass(slots=True)
+class OutcomeBatch:
+    """What became of one input batch's rows, in the batch's row order."""
+
+    batch: InputBatch
+    outcomes: list[Outcome]
+    keys: list[str | None]  # each row's request key (None: the row never became a request)
+
+    @property
+    def index(self) -> int:
+        return self.batch.index
+
+    @property
+    def complete(self) -> bool:
+        """Every row is resolved (answered or failed); False when dispatch stopped before some."""
+        return all(o is not None for o in self.outcomes)
+
+    def tables(self, columns: OutputColumns) -> tuple[pa.Table, pa.Table]:
+        """The results and failures rows (the carried input columns joined), as Arrow tables."""
+        return part_tables(columns, self.batch.carried, self.outcomes)
+
+
+class Core:
+    def __init__(self, cfg: Config, renderer: Renderer, plan: StructuredPlan | None, *, answers: AnswerStore,
+                 limiter: Limiter, transport: Transport, progress: ProgressSink | None = None,
+                 stats: Stats | None = None, spent_before: float = 0.0, budget: Budget | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.cfg, self.renderer, self.answers, self.progress = cfg, renderer, answers, progress
+        self.stats = stats or Stats()
+        self.builder = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens)
+        budget = budget or Budget(cfg.budget.max_cost_usd, spent_before)
+        self.dispatcher = Dispatcher(cfg, transport, answers, limiter, plan, stats=self.stats, budget=budget,
+                                     builder=self.builder, rng=rng)
+        self.window = max(MAX_OPEN_BATCHES, -(-cfg.limits.max_concurrency * 2 // (cfg.input.batch_size or 1)))
+        self.failed_rows = 0
+        self._requests: set[asyncio.Task[Record]] = set()
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.dispatcher.stop_reason
+
+    @property
+    def fatal(self) -> Fatal | None:
+        return self.dispatcher.fatal
+
+    def stop(self, reason: str = "interrupted") -> None:
+        self.dispatcher.stop(reason)
+
+    def abort(self) -> None:
+        """Cancel the requests in flight now (after stop): their rows stay pending."""
+        for task in list(self._requests):
+            task.cancel()
+
+    async def outcomes(self, batches: Iterable[InputBatch] | AsyncIterable[InputBatch]) -> AsyncIterator[OutcomeBatch]:
+        """One OutcomeBatch per input batch read, as each is resolved; reading stops when dispatch does."""
+        source = _aiter(batches)
+        pending: set[asyncio.Task[OutcomeBatch]] = set()
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < self.window and not self.stop_reason:
+                    batch = await anext(source, None)
+                    if batch is None:
+                        exhausted = True
+                        break
+                    pending.add(asyncio.create_task(self._resolve(batch)))
+                    await asyncio.sleep(0)  # let the batch build and dispatch before reading the next one
+                if not pending:
+                    return
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    yield task.result()
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _resolve(self, batch: InputBatch) -> OutcomeBatch:
+        built = self.builder.build_batch(batch, self.renderer)
+        outcomes: list[Outcome] = list(built.failures)
+        records = self.answers.lookup(built.requests.keys())
+        rows_per_key = Counter(k for k in built.keys if k is not None)
+        self.stats.reused(deduplicated=sum(rows_per_key.values()) - len(rows_per_key))
+        input_failed = sum(1 for o in outcomes if o is not None)
+        self._rows_done(input_failed + sum(rows_per_key[k] for k in records),
+                        input_failed + sum(rows_per_key[k] for k, r in records.items() if r.state != "ok"))
+        todo = [req for key, req in built.requests.items() if key not in records]
+        if todo:
+            records.update(await self._send(todo, rows_per_key))
+        for i, key in enumerate(built.keys):
+            if key is not None and key in records:
+                outcomes[i] = records[key]
+        return OutcomeBatch(batch, outcomes, built.keys)
+
+    async def _send(self, todo: list[Request], rows_per_key: Counter[str]) -> dict[str, Record]:
+        tasks = [asyncio.create_task(self.dispatcher.submit(req)) for req in todo]
+        for req, task in zip(todo, tasks):
+            task.add_done_callback(functools.partial(self._answered, rows_per_key[req.key]))
+        self._requests.update(tasks)
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._requests.difference_update(tasks)
+        records: dict[str, Record] = {}
+        for req, res in zip(todo, results):
+            if isinstance(res, Record):
+                records[req.key] = res
+            elif not isinstance(res, (Stopped, asyncio.CancelledError)):
+                raise res  # a bug, not an outcome: surface it
+        return records
+
+    def _answered(self, rows: int, task: asyncio.Task[Record]) -> None:
+        """The bar moves as answers arrive, not when a whole batch is resolved."""
+        if not task.cancelled() and task.exception() is None:
+            self._rows_done(rows, rows if task.result().state != "ok" else 0)
+
+    def _rows_done(self, rows: int, failed: int) -> None:
+        if rows:
+            self.failed_rows += failed
+            if self.progress is not None:
+                self.progress.advance(rows, self.stats, self.failed_rows)
+
+
+async def _aiter(batches: Iterable[InputBatch] | AsyncIterable[InputBatch]) -> AsyncIterator[InputBatch]:
+    if isinstance(batches, AsyncIterable):
+        async for batch in batches:
+            yield batch
+    else:
+        for batch in batches:
+            yield batch

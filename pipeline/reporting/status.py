@@ -1,0 +1,153 @@
+"""`pipeline status OUT_DIR|CONFIG`: progress of a job and its last runs, read safely while another
+process runs it."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+
+from ..errors import EXIT_FAILED_ROWS, EXIT_OK, UsageError
+from ..ops import history
+from ..state.jobdir import JobDir, count_part, part_number
+from ..state.store import PartCounts, Store
+from ..write.output import done_parts
+
+LAST_RUNS = 5
+
+
+def resolve_job(target: str) -> str:
+    """An output folder as given, or the output.dir of a config file (YAML/JSON)."""
+    if os.path.isfile(target):
+        from ..config import load_config
+
+        return load_config(target).output.dir
+    return target
+
+
+def _rows(jobdir: JobDir, names: list[str], index: dict[int, PartCounts]) -> tuple[int, int]:
+    """Rows answered and failed in this run's batches: complete parts (counted by the store's index, or
+    from a part's own files when a kill came first) and the partial parts a stop left."""
+    complete = done_parts(jobdir.parts)
+    succeeded = failed = 0
+    for name in names:
+        if name in complete:
+            counts = index.get(part_number(name)) or count_part(jobdir.parts, name)
+            succeeded, failed = succeeded + counts.ok, failed + counts.failed
+            continue
+        for kind in ("pr", "pf"):
+            path = jobdir.parts / f"{name}.{kind}.parquet"
+            if path.exists():
+                rows = pq.ParquetFile(path).metadata.num_rows
+                succeeded, failed = (succeeded + rows, failed) if kind == "pr" else (succeeded, failed + rows)
+    return succeeded, failed
+
+
+def _summary(jobdir: JobDir) -> tuple[dict[str, Any] | None, float | None]:
+    path = jobdir.path / "summary.json"
+    if not path.exists():
+        return None, None
+    try:
+        return orjson.loads(path.read_bytes()), path.stat().st_mtime
+    except orjson.JSONDecodeError:
+        return None, path.stat().st_mtime
+
+
+def job_status(target: str) -> dict[str, Any]:
+    out_dir = resolve_job(target)
+    jobdir = JobDir(out_dir)
+    manifest = jobdir.read_manifest()
+    owner = jobdir.owner()
+    if manifest is None and not Path(jobdir.store_path).exists() and owner is None:
+        raise UsageError(f"{out_dir} holds no job (no manifest.json or store.sqlite); give a job's output.dir "
+                         "or its config file")
+    totals: dict[str, Any] = {"by_state": {}, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
+                              "last_write": None}
+    index: dict[int, PartCounts] = {}
+    batches: list[dict[str, Any]] = []
+    if Path(jobdir.store_path).exists():
+        # Read-only, through SQLite's WAL: a running writer is never blocked and never sees us.
+        store = Store(jobdir.store_path, readonly=True)
+        try:
+            totals = store.totals()
+            index = store.parts()
+            batches = batch_rows(store)
+        finally:
+            store.close()
+    succeeded, failed = _rows(jobdir, list(manifest.get("batches", [])) if manifest else [], index)
+    rows_total = int(manifest.get("rows_total", 0)) if manifest else 0
+    summary, summary_at = _summary(jobdir)
+    if owner is not None:
+        state = "running"
+    elif summary is not None and summary_at is not None and summary_at >= (totals["last_write"] or 0):
+        # The summary is newer than every stored answer: it describes how the last run ended.
+        state = "finished" if summary.get("exit_code") in (EXIT_OK, EXIT_FAILED_ROWS) else str(summary.get("stopped"))
+    else:
+        state = "not running"  # answers newer than any summary: the last run was killed or crashed
+    updated = [totals["last_write"], manifest.get("updated") if manifest else None, summary_at]
+    return {
+        "out_dir": str(jobdir.path),
+        "state": state,
+        "rows_total": rows_total,
+        "rows_done": succeeded,
+        "rows_failed": failed,
+        "rows_pending": max(0, rows_total - succeeded - failed),
+        "responses_stored": totals["by_state"],
+        "prompt_tokens": totals["prompt_tokens"],
+        "completion_tokens": totals["completion_tokens"],
+        "cost_usd": round(totals["cost_usd"], 6),
+        "last_update": max(filter(None, updated), default=None),
+        "running": owner is not None,
+        "pid": owner.get("pid") if owner else None,
+        "host": owner.get("host") if owner else None,
+        "finished": state == "finished",
+        "resume_command": manifest.get("command") if manifest else None,
+        "batches": batches,
+        "last_runs": history.read(jobdir.path, last=LAST_RUNS),
+    }
+
+
+def batch_rows(store: Store) -> list[dict[str, Any]]:
+    """run.mode: batch — each batch file of the job, as the last run saw it at the provider."""
+    from ..batch.ledger import read_chunks
+
+    return [{"chunk": c.chunk, "state": c.state, "batch_id": c.batch_id, "status": c.status, "lines": c.lines,
+             "completed": int(c.counts.get("completed") or 0), "failed": int(c.counts.get("failed") or 0)}
+            for c in read_chunks(store) if c.state != "dropped"]
+
+
+def print_status(target: str, *, as_json: bool = False) -> int:
+    st = job_status(target)
+    if as_json:
+        sys.stdout.write(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["last_update"])) if st["last_update"] else "never"
+    state = f"running (pid {st['pid']} on {st['host']})" if st["running"] else st["state"]
+    stored = ", ".join(f"{k} {v:,}" for k, v in sorted(st["responses_stored"].items())) or "none"
+    print(f"job        {st['out_dir']}: {state}")
+    print(f"rows       {st['rows_done']:,} done, {st['rows_failed']:,} failed, {st['rows_pending']:,} pending "
+          f"of {st['rows_total']:,}")
+    print(f"responses  {stored}")
+    print(f"tokens     {st['prompt_tokens']:,} prompt + {st['completion_tokens']:,} completion")
+    print(f"cost       ${st['cost_usd']:.4f}")
+    print(f"updated    {when}")
+    if st["batches"]:
+        live = sum(1 for b in st["batches"] if b["state"] != "collected")
+        print(f"batches    {len(st['batches'])} ({live} not collected yet)")
+        for b in st["batches"]:
+            print(f"  chunk {b['chunk']:>4}  {b['batch_id'] or '-':<28} {b['status'] or b['state']:<12} "
+                  f"{b['completed']:,}/{b['lines']:,} done, {b['failed']:,} failed ({b['state']})")
+    if not st["running"] and st["rows_pending"] and st["resume_command"]:
+        print(f"resume     {st['resume_command']}")
+    if st["last_runs"]:
+        print("last runs  (started UTC, exit, rows new/reused/removed, requests, cost, stop)")
+        for r in reversed(st["last_runs"]):
+            print(f"  {r.get('started_at', '?')[:19]}  exit {r.get('exit_code')}  "
+                  f"{r.get('rows_new', 0):,}/{r.get('rows_reused', 0):,}/{r.get('rows_removed', 0):,}  "
+                  f"{r.get('requests', 0):,} req  ${r.get('cost_usd', 0):.4f}  {r.get('stop_reason') or 'ok'}"
+                  + (f": {r['message'][:100]}" if r.get("message") and r.get("stop_reason") else ""))
+    return 0

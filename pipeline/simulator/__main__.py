@@ -1,7 +1,0 @@
-"""``python -m pipeline.simulator [--port N] ...``: serve the simulator without the main CLI."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main())

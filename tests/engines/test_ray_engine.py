@@ -1,0 +1,99 @@
+"""run.engine: ray on a real local Ray instance (one per session): same config, CLI, outputs and
+guarantees as the local engine; input and outputs on a loopback S3 server."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline
+from pipeline.errors import JobChangedError
+from pipeline.read import storage
+from tests.conftest import job
+
+
+def _read(uri: str) -> Any:
+    fs, path = storage.filesystem(uri) if storage.is_remote(uri) else (None, uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def test_ray_engine_local_folder(tmp_path: Path, ray_local: Any) -> None:
+    cfg = job(tmp_path, rows=40, input={"batch_size": 10}, run={"engine": "ray", "workers": 2},
+              sim={"rate_500": 0.1, "seed": 3})
+    summary = pipeline.run(cfg, quiet=True)
+    assert summary.exit_code == 0 and summary.succeeded == 40, summary
+    ids = _read(str(tmp_path / "out" / "results.parquet"))["rid"].to_pylist()
+    assert sorted(ids) == [f"r{i:06d}" for i in range(40)]
+    again = pipeline.run(cfg, quiet=True)
+    assert again.requests_sent == 0 and again.resumed_rows == 40 and again.succeeded == 40
+    # Shards are named by position: an edited input of the same size is another job, never "done".
+    data = tmp_path / "in.jsonl"
+    data.write_text(data.read_text().replace("review number 3:", "review number 3 (edited):"))
+    with pytest.raises(JobChangedError, match="not incremental"):
+        pipeline.run(cfg, quiet=True)
+
+
+def test_label_adds_typed_columns_and_reuses_the_journal(tmp_path: Path, ray_local: Any) -> None:
+    import pyarrow as pa
+
+    import pipeline.ray as pray
+    from tests.conftest import SCHEMA
+    ray = ray_local
+    rows = [{"rid": f"r{i:03d}", "text": f"review {i}: fine"} for i in range(30)]
+    cfg = {"input": {"id_column": "rid", "path": "unused", "batch_size": 16},
+           "endpoint": {"base_url": "simulator", "simulator": {"fault_plan": [{"requests": "3", "fault": "400"}]}},
+           "prompt": {"user": "{{ text }}"}, "structured": {"schema": SCHEMA},
+           "limits": {"requests_per_minute": 6000, "max_concurrency": 8},
+           "output": {"dir": str(tmp_path / "label")}, "run": {"workers": 2, "progress": False}}
+    labelled = pray.label(ray.data.from_items(rows), cfg)
+    out = labelled.to_arrow_refs()
+    table = pa.concat_tables(ray.get(out))
+    assert table.num_rows == 30 and pa.types.is_struct(table.schema.field("output").type)
+    classes = table.column("error_class").to_pylist()
+    assert classes.count("permanent") == 1 and classes.count(None) == 29  # a failed row is a row, not a task
+    ok = next(r for r in table.to_pylist() if r["error_class"] is None)
+    assert ok["output"]["sentiment"] in ("positive", "negative", "mixed") and ok["cost_usd"] > 0
+    journal = list((tmp_path / "label" / "_journal").rglob("*.parquet"))
+    assert journal  # committed before the block was returned
+    again = pa.concat_tables(ray.get(pray.label(ray.data.from_items(rows), cfg).to_arrow_refs()))
+    def keys(t: pa.Table) -> dict[str, str]:  # Ray Data does not keep the rows' order between runs
+        return dict(zip(t.column("rid").to_pylist(), t.column("request_key").to_pylist()))
+    assert keys(again) == keys(table)
+    assert len(list((tmp_path / "label" / "_journal").rglob("*.parquet"))) == len(journal)  # nothing paid again
+
+
+def test_ray_is_imported_only_by_the_ray_engine(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    code = ("import sys, pipeline, pipeline.cli, pipeline.ray, pipeline.engines.runner\n"
+            "from pipeline.read import storage\n"
+            "assert 'ray' not in sys.modules, 'ray imported'\n"
+            "pipeline.run(" + repr(job(tmp_path, rows=3)) + ", quiet=True)\n"
+            "assert 'ray' not in sys.modules, 'ray imported by the local engine'\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_run_fatal_answer_stops_with_exit_3_and_resumes(tmp_path: Path, ray_local: Any) -> None:
+    cfg = job(tmp_path, rows=20, input={"batch_size": 10}, run={"engine": "ray", "workers": 2},
+              sim={"fault_plan": [{"requests": "1-", "fault": "401"}]})
+    stopped = pipeline.run(cfg, quiet=True)
+    assert stopped.exit_code == 3 and stopped.stopped == "fatal" and stopped.pending == 20
+    assert "re-run" in stopped.next_step or "resume" in stopped.next_step
+    cfg["endpoint"]["simulator"] = {}
+    assert pipeline.run(cfg, quiet=True).succeeded == 20  # the same job resumes once the key works
+
+
+def test_the_budget_and_the_slots_are_shared_by_the_workers(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.engines.ray.driver import budget_share
+    from pipeline.errors import ConfigError
+    cfg = load_config(job(tmp_path, rows=4, run={"engine": "ray", "workers": 4}, budget={"max_cost_usd": 10}))
+    assert budget_share(cfg, 2.0) == 2.0 and budget_share(cfg, 12.0) == 0.0  # what is left, split four ways
+    with pytest.raises(ConfigError, match="run.workers=8 is more than limits.max_concurrency=4"):
+        load_config(job(tmp_path, rows=4, run={"engine": "ray", "workers": 8}, limits={"max_concurrency": 4}))
