@@ -111,7 +111,9 @@ class Invocation:
             return history.RunRecord(
                 run_id=self.run_id, started_at=self.started_at, finished_at=summary.finished_at or iso_utc(time.time()),
                 exit_code=summary.exit_code, rows_total=summary.rows_total, rows_new=summary.rows_new,
-                rows_reused=summary.rows_reused, rows_removed=summary.rows_removed, succeeded=summary.succeeded,
+                rows_edited=summary.rows_edited, rows_retried=summary.rows_retried, rows_reused=summary.rows_reused,
+                rows_input_failed=summary.rows_input_failed, rows_removed=summary.rows_removed,
+                succeeded=summary.succeeded,
                 failed=summary.failed, pending=summary.pending, requests=summary.requests_sent,
                 retries=dict(summary.retries), cost_usd=summary.run_cost_usd, stop_reason=summary.stopped,
                 message=summary.stop_message)

@@ -278,8 +278,12 @@ class Summary:
     cache_hits: int = 0
     deduplicated: int = 0
     resumed_rows: int = 0
+    # Where this input's rows stand; new + edited + retried + reused + input_failed = rows_total.
     rows_new: int = 0        # rows whose request had no answer before this run (sent, or still pending)
+    rows_edited: int = 0     # rows the previous outputs held whose request is new (the row changed)
+    rows_retried: int = 0    # rows whose request had a failed answer, asked again (--retry-failed, transient)
     rows_reused: int = 0     # rows whose request was answered by an earlier run (no cost now)
+    rows_input_failed: int = 0  # rows that never became a request (failures with error_class input)
     rows_removed: int = 0    # rows of the previous outputs no longer in the input (answers kept in the store)
     stopped: str | None = None
     stop_message: str | None = None
