@@ -180,7 +180,7 @@ def test_limit_verbose_version_and_status_by_config_path(tmp_path: Path, capsys:
     done = run_cli("run", str(path), "--limit", "5", "-v")
     assert done.returncode == 0, done.stderr
     assert "run_start: run" in done.stderr and "run_end: run" in done.stderr  # pipeline.log mirrored, human form
-    assert "rows 5 new, 0 reused, 0 removed" in done.stderr
+    assert "rows 5 new, 0 edited, 0 retried, 0 reused, 0 input-failed, 0 removed" in done.stderr
     assert pl.read_parquet(tmp_path / "out" / "results.parquet").height == 5
     assert cli.main(["status", str(path), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
