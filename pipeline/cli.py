@@ -158,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
 
     # stderr shows warnings and errors; -v shows everything pipeline.log gets (and debug), in a human form.
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(HumanFormatter())
+    stderr.setFormatter(HumanFormatter(full_time=not sys.stderr.isatty()))
     stderr.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # A bug's traceback goes to pipeline.log and a file; the terminal gets diagnosis's one line, unless -v.
     stderr.addFilter(lambda r: args.verbose or getattr(r, "event", None) != "internal_error")

@@ -68,7 +68,7 @@ def figures(jobdir: JobDir, rows: int, progress: Progress, reused: PartCounts, c
     """The job's figures now, for the metrics file: the rows resolved so far are the progress bar's."""
     s, t = core.stats, invocation.tally
     failed = progress.failed + reused.failed
-    return Figures(job=str(jobdir.path), rows={"succeeded": progress.done - failed, "failed": failed,
+    return Figures(job=invocation.job_name, rows={"succeeded": progress.done - failed, "failed": failed,
                                                "pending": rows - progress.done},
                    requests=dict(t.by_class), rate_limited=t.rate_limited, prompt_tokens=s.prompt_tokens,
                    completion_tokens=s.completion_tokens, run_cost_usd=s.cost_usd,

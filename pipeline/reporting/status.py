@@ -102,6 +102,7 @@ def job_status(target: str) -> dict[str, Any]:
     updated = [totals["last_write"], manifest.get("updated") if manifest else None, summary_at]
     return {
         "out_dir": str(jobdir.path),
+        "name": manifest.get("name") if manifest else None,
         "state": state,
         "rows_total": rows_total,
         "rows_done": succeeded,
@@ -174,7 +175,8 @@ def print_status(target: str, *, as_json: bool = False) -> int:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["last_update"])) if st["last_update"] else "never"
     state = f"running (pid {st['pid']} on {st['host']})" if st["running"] else st["state"]
     stored = ", ".join(f"{k} {v:,}" for k, v in sorted(st["responses_stored"].items())) or "none"
-    print(f"job        {st['out_dir']}: {state}")
+    named = f"{st['name']} ({st['out_dir']})" if st.get("name") else st["out_dir"]
+    print(f"job        {named}: {state}")
     print(f"rows       {st['rows_done']:,} done, {st['rows_failed']:,} failed, {st['rows_pending']:,} pending "
           f"of {st['rows_total']:,}")
     print(f"responses  {stored}")

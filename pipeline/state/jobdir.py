@@ -207,6 +207,7 @@ class JobDir:
             "fingerprint": fingerprint,
             "batch_size": cfg.input.batch_size,  # as adopt_batch_size left it, before the scan
             "model": cfg.endpoint.model,
+            "name": cfg.job.name,  # job.name: how status, the webhook and the metrics call it (not its identity)
             "config": config_path,
             "request": request,
             "created": known.get("created", time.time()) if known else time.time(),

@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -167,7 +168,7 @@ def test_a_plain_status_line_when_stderr_is_not_a_terminal_and_final_figures_equ
     p.advance(5, Stats(), 0)
     p.tick()
     first = stream.getvalue()
-    assert "\r" not in first and first.startswith("labelling: 15/100 rows (15%)")
+    assert "\r" not in first and re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ labelling: 15/100 rows \(15%\)", first)
     assert "inflight=3" in first and "429-pause 12s" in first and "last=429" in first
     stats = Stats(cost_usd=0.1234, prompt_tokens=10, completion_tokens=5)
     p.finish(99, 2, stats)
