@@ -32,6 +32,7 @@ from ..core.interrupt import Interrupt
 from ..core.progress import Live, Progress
 from ..core.transformer import Core, OutcomeBatch
 from ..errors import InputChangedError
+from ..models.prices import find_price
 from ..ops.figures import ObservedTransport
 from ..ops.invocation import Invocation
 from ..prepare.prompts import Renderer
@@ -294,6 +295,7 @@ def _output_columns(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
         id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
         with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
         with_ttft=cfg.params.stream, compression=cfg.output.compression,
+        cost_unknown=find_price(cfg, cfg.endpoint.model) is None,
     )
 
 

@@ -50,6 +50,12 @@ class OutputColumns:
     with_logprobs: bool = False
     with_ttft: bool = False
     compression: str = "zstd"
+    # The configured model has no known price: an answer whose server reported no usage.cost cost an
+    # unknown amount, written as null (0.0 would claim it was free). Cache hits cost nothing now.
+    cost_unknown: bool = False
+
+    def cost(self, r: Record) -> float | None:
+        return None if self.cost_unknown and not r.cost_usd and not r.cache_hit else r.cost_usd
 
     def output_type(self) -> pa.DataType | None:
         return arrow_type(self.schema) if self.schema is not None else None
@@ -138,7 +144,7 @@ def _results_table(carried: pa.Table, recs: list[Record], layout: OutputColumns)
     cols["provider"] = pa.array([r.provider for r in recs], pa.string())
     cols["prompt_tokens"] = pa.array([r.prompt_tokens for r in recs], pa.int64())
     cols["completion_tokens"] = pa.array([r.completion_tokens for r in recs], pa.int64())
-    cols["cost_usd"] = pa.array([r.cost_usd for r in recs], pa.float64())
+    cols["cost_usd"] = pa.array([layout.cost(r) for r in recs], pa.float64())
     cols["latency_s"] = pa.array([r.latency_s for r in recs], pa.float64())
     cols["attempts"] = pa.array([r.attempts for r in recs], pa.int64())
     cols["cache_hit"] = pa.array([bool(r.cache_hit) for r in recs], pa.bool_())
