@@ -55,7 +55,11 @@ class Report:
     def save(self, path: PathLike) -> Path:
         """Write the document atomically (temp file + rename)."""
         dest = Path(path)
-        safefs.write_atomic(dest, self.html.encode("utf-8"))  # often into an output.dir: never through a link
+        _check_destination(dest)
+        try:
+            safefs.write_atomic(dest, self.html.encode("utf-8"))  # often into an output.dir: never through a link
+        except (NotADirectoryError, FileNotFoundError, IsADirectoryError) as exc:
+            raise UsageError(_cannot_write(dest, exc.strerror or str(exc))) from None
         return dest
 
     def _repr_html_(self) -> str:
@@ -90,5 +94,20 @@ def write_report(out_dirs: Sequence[PathLike], output: PathLike, *, gold: str | 
                  target_precision: float | None = None) -> tuple[Path, float]:
     """Build and save; returns the path and the seconds it took (the CLI prints both)."""
     started = time.perf_counter()
+    _check_destination(Path(output))  # before the minutes a big report may take, not after
     path = report(out_dirs, gold=gold, by=by, target_precision=target_precision).save(output)
     return path, time.perf_counter() - started
+
+
+def _check_destination(dest: Path) -> None:
+    """-o must name a file in an existing folder (a path under a file, or a folder, is said, not a crash)."""
+    folder = dest.parent
+    if dest.is_dir():
+        raise UsageError(_cannot_write(dest, "it is a folder"))
+    if not folder.is_dir():
+        why = "not a folder" if folder.exists() else "no such folder"
+        raise UsageError(_cannot_write(dest, f"{folder} is {why}" if folder.exists() else f"{folder}: {why}"))
+
+
+def _cannot_write(dest: Path, why: str) -> str:
+    return f"cannot write the report to {dest} ({why}); give -o a file name in an existing folder"
