@@ -67,7 +67,7 @@ def report(out_dirs: PathLike | Sequence[PathLike], *, gold: str | None = None) 
         from ..errors import UsageError
 
         raise UsageError("give at least one output folder")
-    runs = [load_run(d) for d in dirs]
+    runs = [load_run(Path(d)) for d in dirs]
     comparison = compare(runs, gold) if len(runs) > 1 or gold else None
     return Report(runs, comparison, gold)
 
