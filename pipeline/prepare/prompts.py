@@ -263,7 +263,7 @@ class Renderer:
         if isinstance(text, list):
             target["content"] = [*text, *parts]
         else:
-            # Text first, then the images (wire-facts §1.4); an empty text part is left out.
+            # Text first, then the images (docs/wire.md §1.3); an empty text part is left out.
             target["content"] = ([{"type": "text", "text": text}] if text else []) + parts
         return tokens
 

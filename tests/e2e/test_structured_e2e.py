@@ -1,7 +1,7 @@
 """Structured extraction end to end: each mode over real HTTP to the simulator, fallback, strict
 normalisation, bad content, typed columns through Parquet into polars, and the notebook API.
 
-The simulator enforces wire-facts §6 "Structured outputs" (json_schema refused for gpt-4-turbo, the json
+The simulator enforces docs/wire.md §1.5 (structured outputs) (json_schema refused for gpt-4-turbo, the json
 word rule for json_object, OpenAI's strict-schema rules), so a run that succeeds here sent what a real
 endpoint accepts. Its request log shows what went over the wire. It never returns logprobs, and it
 always answers a request carrying tools with a tool call; those paths use a scripted transport instead.
