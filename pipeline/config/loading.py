@@ -12,7 +12,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .. import yaml_loader
+from ..common import redact
 from ..errors import ConfigError
+from . import secrets
 from .job import Config
 
 
@@ -42,6 +44,7 @@ def load_config(
     for key, value in _normalise_overrides(overrides).items():
         _set_dotted(raw, key, value, name)
     yaml_loader.check_shape(raw, name)  # before validation and the fingerprint walk it recursively
+    secrets.resolve(raw, name)  # !env / !secret values, and the secret-by-default keys, before any message
     try:
         cfg = Config.model_validate({**raw, "source": name})
     except ValidationError as exc:
@@ -107,7 +110,9 @@ def _normalise_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[s
             raise ConfigError(f"--set takes KEY=VALUE with a dotted key (e.g. output.dir=/tmp/x), got {item!r}")
         try:
             out[key.strip()] = yaml_loader.load(text) if text.strip() else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as exc:
+            if text.lstrip().startswith(("!env", "!secret")):  # meant as a tag: never sent as a literal
+                raise ConfigError(f"--set {key.strip()}: {exc}", key=key.strip()) from None
             out[key.strip()] = text
     return out
 
@@ -140,7 +145,8 @@ def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             # Header values may be credentials: never echo them into a message.
-            got = "" if dotted.startswith("endpoint.headers") else f" (got {_short(err.get('input'))})"
+            # A secret value (config/secrets.py) is masked before it is shortened, so no part of it shows.
+            got = "" if dotted.startswith("endpoint.headers") else f" (got {_short(redact.scrub_any(err.get('input')))})"
             lines.append(f"{dotted}: {msg}{got}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

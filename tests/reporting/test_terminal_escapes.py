@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from pipeline.common.terminal import printable
 from tests.conftest import job
 from tests.hostile import HostileServer, completion
