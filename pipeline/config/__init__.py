@@ -25,7 +25,7 @@ from .io import (
 )
 from .job import Config
 from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
-from .loading import load_config
+from .loading import day_note, load_config
 from .request import (
     ParamsConfig,
     PromptConfig,
@@ -37,6 +37,7 @@ from .secrets import FromEnv, Secret
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "IMAGE_BATCH_SIZE", "BatchConfig", "BudgetConfig", "CacheConfig", "Config",
-    "EndpointConfig", "FromEnv", "InputConfig", "LimitsConfig", "NotifyConfig", "OutputConfig", "ParamsConfig", "Price",
-    "PromptConfig", "ProviderConfig", "RunConfig", "Secret", "Section", "StructuredConfig", "StructuredMode", "load_config",
+    "EndpointConfig", "FromEnv", "InputConfig", "LimitsConfig", "NotifyConfig", "OutputConfig", "ParamsConfig",
+    "Price", "PromptConfig", "ProviderConfig", "RunConfig", "Secret", "Section", "StructuredConfig", "StructuredMode",
+    "day_note", "load_config",
 ]
