@@ -65,6 +65,8 @@ def test_values_from_the_environment_and_marked_secret(tmp_path: Path) -> None:
         config = tmp_path / "job.yaml"
         config.write_text(text)
         env = {"HOOK_URL": f"{hook.url}?token={HOOK_TOKEN}", "SECRET_TEST_KEY": "sk-secret-test-key"}
+        dry = cli_in_process("run", str(config), "--dry-run", env=env)  # its example request is masked too
+        assert dry.returncode == 0 and "[REDACTED]" in dry.stdout and EXTRA_SECRET not in dry.stdout + dry.stderr
         done = cli_in_process("run", str(config), "-v", env=env)
         assert done.returncode == 0, done.stderr
         assert len(hook.bodies) == 1 and all(b["user"] == EXTRA_SECRET for b in seen)
@@ -81,7 +83,7 @@ def test_secret_values_stay_out_of_config_errors(tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg))
     bad = cli_in_process("run", str(config), "--set", f"notify.webhook=ftp://hooks.example/{HOOK_TOKEN}")
-    assert bad.returncode == 2 and "notify.webhook: must be an http(s) URL (got '[REDACTED]')" in bad.stderr
+    assert bad.returncode == 2 and "notify.webhook: must be an http(s) URL" in bad.stderr and "(got '[REDACTED]')" in bad.stderr
     assert "canary" not in bad.stderr
     named = cli_in_process("run", str(config), "--set", "notify.webhook=!env https://x.example/hook")
     assert named.returncode == 2 and "!env takes the NAME of an environment variable" in named.stderr
