@@ -46,11 +46,12 @@ def load_config(
     for key, value in _normalise_overrides(overrides).items():
         _set_dotted(raw, key, value, name)
     yaml_loader.check_shape(raw, name)  # before validation and the fingerprint walk it recursively
-    secrets.resolve(raw, name)  # !env / !secret values, and the secret-by-default keys, before any message
+    secrets.resolve(raw, name)  # !env / !secret values, registered with the scrubber before any message
     try:
         cfg = Config.model_validate({**raw, "source": name})
     except ValidationError as exc:
         raise ConfigError(_explain(exc, raw), file=name) from None
+    secrets.register_defaults(raw)  # a webhook URL, storage credentials: secret however they were given
     _resolve_paths(cfg, base)
     _check_budget_price(cfg)
     from ..prepare.templates import (
@@ -174,7 +175,8 @@ def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
             msg = err["msg"].removeprefix("Value error, ")
             # Header values may be credentials: never echo them into a message.
             # A secret value (config/secrets.py) is masked before it is shortened, so no part of it shows.
-            got = "" if dotted.startswith("endpoint.headers") else f" (got {_short(redact.scrub_any(err.get('input')))})"
+            quoted = not dotted.startswith("endpoint.headers") and secrets.shown_in_errors(dotted)
+            got = f" (got {_short(redact.scrub_any(err.get('input')))})" if quoted else ""
             lines.append(f"{dotted}: {msg}{got}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

@@ -31,9 +31,15 @@ _STORAGE = ("input.storage_options", "output.storage_options")
 
 
 def resolve(raw: dict[str, Any], file: str) -> None:
-    """Replace the `!env` / `!secret` markers in `raw` by their values (in place) and register every
-    secret value, marked or secret by default, with the scrubber."""
+    """Replace the `!env` / `!secret` markers in `raw` by their values (in place), each registered with the
+    scrubber: marked secret, it stays secret even when it turns out invalid."""
     _walk(raw, "", file)
+
+
+def register_defaults(raw: dict[str, Any]) -> None:
+    """Register the values secret by default, once they validated: a value the config refuses is not
+    registered, so a stray `https://` can never mask every URL the process prints afterwards (its error
+    message does not show it either: `shown_in_errors`)."""
     for dotted in SECRET_BY_DEFAULT:
         value = _get(raw, dotted)
         if isinstance(value, str):
@@ -44,6 +50,11 @@ def resolve(raw: dict[str, Any], file: str) -> None:
             for key, value in options.items():
                 if isinstance(value, str) and _CREDENTIAL_KEY.search(str(key)):
                     redact.register(value)
+
+
+def shown_in_errors(dotted: str) -> bool:
+    """Whether a config error may quote the value at this key (never one secret by default)."""
+    return not (dotted in SECRET_BY_DEFAULT or any(dotted.startswith(s + ".") for s in _STORAGE))
 
 
 def _walk(node: Any, where: str, file: str) -> Any:
@@ -79,4 +90,4 @@ def _get(raw: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-__all__ = ["SECRET_BY_DEFAULT", "FromEnv", "Secret", "resolve"]
+__all__ = ["SECRET_BY_DEFAULT", "FromEnv", "Secret", "register_defaults", "resolve", "shown_in_errors"]

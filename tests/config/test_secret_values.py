@@ -83,8 +83,10 @@ def test_secret_values_stay_out_of_config_errors(tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg))
     bad = cli_in_process("run", str(config), "--set", f"notify.webhook=ftp://hooks.example/{HOOK_TOKEN}")
-    assert bad.returncode == 2 and "notify.webhook: must be an http(s) URL" in bad.stderr and "(got '[REDACTED]')" in bad.stderr
-    assert "canary" not in bad.stderr
+    assert bad.returncode == 2 and "notify.webhook: must be an http(s) URL" in bad.stderr and "canary" not in bad.stderr
+    marked = cli_in_process("run", str(config), "--set", f"limits.max_retries=!secret {HOOK_TOKEN}")
+    assert marked.returncode == 2 and "limits.max_retries:" in marked.stderr and "(got '[REDACTED]')" in marked.stderr
+    assert "canary" not in marked.stderr
     named = cli_in_process("run", str(config), "--set", "notify.webhook=!env https://x.example/hook")
     assert named.returncode == 2 and "!env takes the NAME of an environment variable" in named.stderr
     shaped = cli_in_process("run", str(config), "--set", "notify.webhook=!env [A, B]")
