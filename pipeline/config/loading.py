@@ -16,6 +16,7 @@ from ..common import redact
 from ..errors import ConfigError
 from . import secrets
 from .job import Config
+from .templates import check_prompt
 
 MINUTES_A_DAY = 24 * 60
 
@@ -54,11 +55,7 @@ def load_config(
     secrets.register_defaults(raw)  # a webhook URL, storage credentials: secret however they were given
     _resolve_paths(cfg, base)
     _check_budget_price(cfg)
-    from ..prepare.templates import (
-        check_prompt,  # compiled before any input is read or anything is sent
-    )
-
-    check_prompt(cfg.prompt, name)
+    check_prompt(cfg.prompt, name)  # compiled before any input is read or anything is sent
     _check_batch_mode(cfg)
     _check_ray_workers(cfg)
     _check_rates(cfg)
