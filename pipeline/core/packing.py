@@ -23,7 +23,7 @@ transient retries ran out records every row as `transient`, as one-by-one does.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -32,6 +32,7 @@ from ..config import Config
 from ..errors import RunFatalError, Stopped
 from ..models.prices import find_price
 from ..prepare.packs import Pack, Packer, Share, apportion, split_answer
+from ..prepare.packs import shares as divide
 from ..prepare.structured import StructuredPlan
 from ..send.dispatch import Dispatcher
 from ..vocab import AnswerStore, Record, Request
@@ -45,11 +46,14 @@ class _Spent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
     bad: int = 0  # answers alone that were unusable
 
     @classmethod
     def of(cls, rec: Record, bad: int) -> _Spent:
-        return cls(rec.attempts or 0, rec.prompt_tokens, rec.completion_tokens, rec.cost_usd, bad)
+        return cls(rec.attempts or 0, rec.prompt_tokens, rec.completion_tokens, rec.cost_usd, rec.cached_tokens,
+                   rec.cache_write_tokens, bad)
 
 
 @dataclass(slots=True)
@@ -66,8 +70,8 @@ class PackAnswers:
         self.inner, self.row_plan, self.price = inner, row_plan, price
         self.flights: dict[str, _Flight] = {}
 
-    def lookup(self, keys: object) -> dict[str, Record]:
-        return self.inner.lookup(keys)  # type: ignore[arg-type]
+    def lookup(self, keys: Collection[str]) -> dict[str, Record]:
+        return self.inner.lookup(keys)
 
     def note(self, name: str, value: str) -> None:
         self.inner.note(name, value)
@@ -89,14 +93,19 @@ class PackAnswers:
             if record.state == "ok" else None
         billed = Share(record.prompt_tokens, record.completion_tokens, record.cost_usd)
         shares = apportion(pack, billed, split.answer_chars if split else {}, len(record.content or ""), self.price)
+        # Cached and cache-written tokens are the shared prefix's: evenly.
+        even = [1.0] * len(pack.rows)
+        cached, written = divide(record.cached_tokens, even), divide(record.cache_write_tokens, even)
         out = []
-        for row, share in zip(pack.rows, shares):
+        for row, share, hit, wrote in zip(pack.rows, shares, cached, written):
             spent = flight.spent[row.key]
             rec = Record(key=row.key, state="transient", attempts=spent.attempts + record.attempts,
                          status=record.status, prompt_tokens=spent.prompt_tokens + share.prompt_tokens,
                          completion_tokens=spent.completion_tokens + share.completion_tokens,
                          cost_usd=spent.cost_usd + share.cost_usd, model=record.model, provider=record.provider,
-                         latency_s=record.latency_s, ttft_s=record.ttft_s, finish_reason=record.finish_reason)
+                         latency_s=record.latency_s, ttft_s=record.ttft_s, finish_reason=record.finish_reason,
+                         cached_tokens=spent.cached_tokens + hit, cache_write_tokens=spent.cache_write_tokens + wrote,
+                         usage_note=record.usage_note)
             if split is not None and row.key in split.answers:
                 text = orjson.dumps(split.answers[row.key]).decode()
                 rec = replace(rec, state="ok", content=text, output_json=text, raw=text.encode())
@@ -121,11 +130,39 @@ class PackSender:
                                    (price.input_per_m, price.output_per_m) if price is not None else None)
         self.bad_retries = cfg.structured.bad_content_retries if cfg.structured is not None else 1
         self.spent: dict[str, _Spent] = {}
+        self.flying_rows: dict[str, asyncio.Future[Record]] = {}  # rows in a pack now, by key
 
     async def send(self, dispatcher: Dispatcher, todo: list[Request],
                    on_record: Callable[[str, Record], None]) -> None:
         """Every row of `todo` to its final record, each handed to `on_record` as it is resolved; rows
-        left when dispatch stops are never handed (they stay pending)."""
+        left when dispatch stops are never handed (they stay pending). A row already in a pack of another
+        batch's is not packed again: it takes that pack's record (a row is never in two packs at once)."""
+        loop = asyncio.get_running_loop()
+        joined = [(r.key, self.flying_rows[r.key]) for r in todo if r.key in self.flying_rows]
+        mine = [r for r in todo if r.key not in self.flying_rows]
+        for req in mine:
+            self.flying_rows[req.key] = loop.create_future()
+
+        def resolved(key: str, rec: Record) -> None:
+            fut = self.flying_rows.get(key)
+            if fut is not None and not fut.done():
+                fut.set_result(rec)
+            on_record(key, rec)
+
+        try:
+            await self._packs(dispatcher, mine, resolved)
+        finally:
+            for req in mine:
+                fut = self.flying_rows.pop(req.key)
+                if not fut.done():
+                    fut.cancel()  # stopped or aborted: whoever joined it leaves the row pending too
+        waits = await asyncio.gather(*(asyncio.shield(fut) for _, fut in joined), return_exceptions=True)
+        for (key, _), rec in zip(joined, waits):
+            if isinstance(rec, Record):
+                on_record(key, rec)
+
+    async def _packs(self, dispatcher: Dispatcher, todo: list[Request],
+                     on_record: Callable[[str, Record], None]) -> None:
         flying: set[asyncio.Task[tuple[dict[str, Record], list[Request]]]] = set()
 
         def launch(rows: list[Request], size: int | None) -> None:
@@ -152,7 +189,7 @@ class PackSender:
 
     async def _fly(self, dispatcher: Dispatcher, pack: Pack) -> tuple[dict[str, Record], list[Request]]:
         """One pack to its end: the rows it resolved, and the rows to ask again alone."""
-        flight = _Flight(pack, {r.key: self.spent.pop(r.key, None) or _Spent() for r in pack.rows})
+        flight = _Flight(pack, {r.key: self.spent.pop(r.key, _Spent()) for r in pack.rows})
         key = pack.request.key
         self.answers.flights[key] = flight
         try:

@@ -170,3 +170,15 @@ def test_combinations_packs_cannot_serve_are_config_errors(tmp_path: Path, chang
     assert "rows_per_request" in str(info.value)
     assert not (tmp_path / "out" / "store.sqlite").exists()
     _ = pl  # polars is the outputs' type
+
+
+def test_a_row_repeated_across_batches_open_at_once_is_asked_once_and_lands_in_both(tmp_path: Path) -> None:
+    # 40 rows in batches of 5, every text 8 times: batches open together share rows that are in flight.
+    write_rows(tmp_path / "in.jsonl", 40, dup_every=8)
+    cfg = job(tmp_path, prompt={"rows_per_request": 3}, input={"batch_size": 5},
+              limits={"max_concurrency": 4}, sim={"latency_ms": 30})
+    summary = pipeline.run(cfg, quiet=True)
+    assert summary.exit_code == 0 and summary.succeeded == 40, summary
+    results = assert_each_id_once(tmp_path / "out", 40)
+    assert results["request_key"].n_unique() == 5
+    assert summary.requests_sent == 5  # each distinct text once: no batch packed a row another had in flight
