@@ -1,12 +1,14 @@
 """Packed requests (several rows in one request), answered row by row.
 
 A client that packs rows (the pipeline's `prompt.rows_per_request`) sends them as the last user message,
-JSON: {"rows": [{"id": "1", "input": <the row's own message>}, ...]}, and asks for an object whose
+JSON: {"rows": [{"id": "1", "input": <the row's own text>}, ...]}, and asks for an object whose
 `answers` array holds {"id", "answer"} items (the per-row schema is the `answer` property, its $defs at
-the root). The simulator answers each row as it would answer that row alone: a row's label is drawn from
+the root). When the rows' messages all start with the same text (a template's fixed instructions), that
+text travels once, as the user message right before the rows; a row's whole message is that text plus
+its input. The simulator answers each row as it would answer that row alone: a row's label is drawn from
 `label_digest` (the simulator seed, the request's parameters without the transport and shaping fields,
-and the row's own message), which is also what a one-row request's label is drawn from. So a job gives
-the same labels packed and one by one, as the savings benchmark measures.
+and the row's whole message text), which is also what a one-row request's label is drawn from. So a job
+gives the same labels packed and one by one, as the savings benchmark measures.
 """
 from __future__ import annotations
 
@@ -33,13 +35,29 @@ def label_digest(seed: bytes, body: dict[str, Any], row_input: Any) -> bytes:
 
 
 def last_user_content(body: dict[str, Any]) -> Any:
+    """The text of the last user message (text parts joined), or its content as is when it has others."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         return None
     for msg in reversed(messages):
         if isinstance(msg, dict) and msg.get("role") == "user":
-            return msg.get("content")
+            return _text(msg.get("content"))
     return None
+
+
+def _text(content: Any) -> Any:
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text") or "") for p in content)
+    return content
+
+
+def _lead(body: dict[str, Any]) -> str:
+    """The shared start of the packed rows' messages: a user message right before the rows, if any."""
+    messages = body.get("messages") or []
+    if len(messages) >= 2 and isinstance(messages[-2], dict) and messages[-2].get("role") == "user":
+        text = _text(messages[-2].get("content"))
+        return text if isinstance(text, str) else ""
+    return ""
 
 
 def row_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -74,8 +92,10 @@ def pack_rows(body: dict[str, Any], schema: dict[str, Any] | None) -> list[dict[
 def pack_value(seed: bytes, body: dict[str, Any], schema: dict[str, Any], rows: list[dict[str, Any]]) -> Any:
     """The packed answer: each row's answer drawn as for that row alone."""
     inner = row_schema(schema)
+    lead = _lead(body)
     answers = []
     for row in rows:
-        rng = random.Random(int.from_bytes(label_digest(seed, body, row["input"])[:8], "big"))
+        whole = lead + row["input"] if isinstance(row["input"], str) else row["input"]
+        rng = random.Random(int.from_bytes(label_digest(seed, body, whole)[:8], "big"))
         answers.append({"id": row["id"], "answer": SchemaFaker(schema, rng).value(inner)})
     return {"answers": answers}

@@ -142,8 +142,10 @@ def packed_key(key: str) -> str:
 class Packer:
     """Rows into packs for one run: re-keys built rows, groups them by shared prefix, builds pack requests."""
 
-    def __init__(self, k: int, base_url: str, row_plan: StructuredPlan, tokens: TokenCounter) -> None:
+    def __init__(self, k: int, base_url: str, row_plan: StructuredPlan, tokens: TokenCounter, *,
+                 user_prefix: str = "") -> None:
         self.k = k
+        self.user_prefix = user_prefix  # the user template's fixed start (prompts.Renderer.user_prefix)
         self.plan = PackPlan(row_plan)
         self.builder = PackBuilder(base_url, self.plan, tokens)
 
@@ -159,7 +161,7 @@ class Packer:
         size = size or self.k
         groups: dict[bytes, list[Request]] = {}
         for req in rows:
-            groups.setdefault(_prefix_of(req.body), []).append(req)
+            groups.setdefault(_prefix_of(req.body, self.user_prefix), []).append(req)
         return [self.pack(members[i : i + size]) for members in groups.values()
                 for i in range(0, len(members), size)]
 
@@ -167,11 +169,16 @@ class Packer:
         first = rows[0].body
         messages = list(first.get("messages") or [])
         last = messages[-1] if messages else {"role": "user", "content": ""}
-        items = [{"id": str(i + 1), "input": _content(r.body)} for i, r in enumerate(rows)]
+        prefix, mark = self._shared_start(last.get("content"))
+        items = [{"id": str(i + 1), "input": self._own(r.body, prefix)} for i, r in enumerate(rows)]
         text = orjson.dumps({"rows": items}).decode()
         body = {k: v for k, v in first.items() if k != "messages"}
-        body["messages"] = [{"role": "system", "content": PACK_INSTRUCTION}, *messages[:-1],
-                            {**last, "content": text}]
+        # The row template's fixed start (instructions, examples) is shared too: a message of its own
+        # before the rows, marked for the cache where the rows' own messages were.
+        lead = [] if not prefix else [{**last, "content": prefix if mark is None else
+                                       [{"type": "text", "text": prefix, "cache_control": mark}]}]
+        body["messages"] = [{"role": "system", "content": PACK_INSTRUCTION}, *messages[:-1], *lead,
+                            {"role": last.get("role", "user"), "content": text}]
         max_tokens = _pack_max_tokens(rows)
         if max_tokens is not None:
             body["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] = max_tokens
@@ -180,19 +187,49 @@ class Packer:
         shared = max(0, len(request.payload) - len(text))
         return Pack(request, pack_rows, shared)
 
+    def _shared_start(self, content: Any) -> tuple[str, Any]:
+        """The user template's fixed start when this row's message begins with it, and the cache mark its
+        text carries (prompt.cache on a model with explicit breakpoints), if any."""
+        text = _text(content)
+        if not self.user_prefix or text is None or not text.startswith(self.user_prefix):
+            return "", None
+        marks = [p["cache_control"] for p in content if isinstance(p, dict) and "cache_control" in p] \
+            if isinstance(content, list) else []
+        return self.user_prefix, marks[0] if marks else None
 
-def _prefix_of(body: dict[str, Any]) -> bytes:
-    """What must be equal for rows to share a pack: the body without the last message's content."""
+    def _own(self, body: dict[str, Any], prefix: str) -> Any:
+        """The row's own part of its message: what follows the shared start."""
+        content = _content(body)
+        if not prefix:
+            return content
+        text = _text(content)
+        return text[len(prefix):] if text is not None and text.startswith(prefix) else content
+
+
+def _prefix_of(body: dict[str, Any], user_prefix: str) -> bytes:
+    """What must be equal for rows to share a pack: the body without the last message's own content."""
     messages = body.get("messages") or []
     rest = {k: v for k, v in body.items() if k != "messages"}
     rest["messages"] = messages[:-1]
-    rest["last_role"] = messages[-1].get("role") if messages and isinstance(messages[-1], dict) else None
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    rest["last_role"] = last.get("role")
+    text = _text(last.get("content"))
+    rest["shared_start"] = bool(user_prefix) and text is not None and text.startswith(user_prefix)
     return orjson.dumps(rest, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
 
 
 def _content(body: dict[str, Any]) -> Any:
     messages = body.get("messages") or []
     return messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
+
+
+def _text(content: Any) -> str | None:
+    """A message's text: the string, or its text parts joined (None when it has other parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text") or "") for p in content)
+    return None
 
 
 def _pack_max_tokens(rows: list[Request]) -> int | None:
