@@ -116,3 +116,22 @@ def test_a_packs_bill_is_apportioned_to_its_rows_and_adds_up(tmp_path: Path) -> 
     assert sum(p.cost_usd for p in parts) == pytest.approx(0.0123)
     assert parts[1].prompt_tokens > parts[2].prompt_tokens > parts[0].prompt_tokens  # its own text counts
     assert parts[2].completion_tokens < parts[0].completion_tokens  # it got no answer: only the wrapper
+
+
+def test_the_templates_fixed_start_travels_once_before_the_rows_with_its_cache_mark(tmp_path: Path) -> None:
+    packer, rows = _requests(tmp_path, ["one", "two", "three"])
+    packer = Packer(4, "simulator", packer.plan.row, packer.builder.tokens, user_prefix="Review: ")
+    body = _body(packer.packs(rows)[0].request)
+    lead, last = body["messages"][-2], body["messages"][-1]
+    assert lead == {"role": "user", "content": "Review: "}
+    assert [r["input"] for r in orjson.loads(last["content"])["rows"]] == ["one", "two", "three"]
+    # With a breakpoint-style cache mark on the rows' shared text, the shared message carries it.
+    mark = {"type": "ephemeral"}
+    marked = [Request(r.key, r.payload, {**r.body, "messages": [*r.body["messages"][:-1], {"role": "user", "content": [
+        {"type": "text", "text": "Review: ", "cache_control": mark},
+        {"type": "text", "text": r.body["messages"][-1]["content"][len("Review: "):]}]}]}, r.est_prompt, r.max_tokens)
+        for r in rows]
+    body = _body(packer.packs(marked)[0].request)
+    assert body["messages"][-2]["content"] == [{"type": "text", "text": "Review: ", "cache_control": mark}]
+    assert [r["input"] for r in orjson.loads(body["messages"][-1]["content"])["rows"]] == ["one", "two", "three"]
+    assert "cache_control" not in body["messages"][-1]  # never in row content
