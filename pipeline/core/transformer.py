@@ -111,8 +111,8 @@ class Core:
         self.builder = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens)
         budget = budget or Budget(cfg.budget.max_cost_usd, spent_before)
         # prompt.rows_per_request > 1: the dispatcher sends packs, and writes their rows through the sender.
-        self.packs = PackSender(cfg, Packer(cfg.prompt.rows_per_request, cfg.endpoint.base_url, plan, renderer.tokens),
-                                answers, plan) if cfg.prompt.rows_per_request > 1 and plan is not None else None
+        packer = Packer.of(cfg, plan, renderer.tokens)
+        self.packs = PackSender(cfg, packer, answers, plan) if packer is not None and plan is not None else None
         if self.packs is None:
             self.dispatcher = Dispatcher(cfg, transport, answers, limiter, plan, stats=self.stats, budget=budget,
                                          builder=self.builder, rng=rng)

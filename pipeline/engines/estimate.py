@@ -131,9 +131,7 @@ class _Asker:
 
     @classmethod
     def of(cls, cfg: Config, plan: StructuredPlan | None, renderer: Renderer) -> _Asker:
-        packer = Packer(cfg.prompt.rows_per_request, cfg.endpoint.base_url, plan, renderer.tokens) \
-            if cfg.prompt.rows_per_request > 1 and plan is not None else None
-        return cls(RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens), packer)
+        return cls(RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens), Packer.of(cfg, plan, renderer.tokens))
 
     def build(self, batch: InputBatch, renderer: Renderer) -> BuiltBatch:
         built = self.builder.build_batch(batch, renderer)

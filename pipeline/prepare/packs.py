@@ -30,8 +30,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
+from jinja2 import nodes
 
+from ..config import Config
 from ..vocab import BuiltBatch, Request
+from . import templates
 from .prompts import RenderedRow
 from .request import RequestBuilder
 from .structured import StructuredPlan
@@ -149,6 +152,14 @@ class Packer:
         self.plan = PackPlan(row_plan)
         self.builder = PackBuilder(base_url, self.plan, tokens)
 
+    @classmethod
+    def of(cls, cfg: Config, plan: StructuredPlan | None, tokens: TokenCounter) -> Packer | None:
+        """The job's packer; None when rows go one by one (or there is no schema to split answers by)."""
+        if cfg.prompt.rows_per_request <= 1 or plan is None:
+            return None
+        return cls(cfg.prompt.rows_per_request, cfg.endpoint.base_url, plan, tokens,
+                   user_prefix=fixed_start(cfg.prompt.user) if not cfg.prompt.messages_column else "")
+
     @staticmethod
     def rekey(built: BuiltBatch) -> BuiltBatch:
         """The batch with every row under its packed key (see the module docstring)."""
@@ -204,6 +215,21 @@ class Packer:
             return content
         text = _text(content)
         return text[len(prefix):] if text is not None and text.startswith(prefix) else content
+
+
+def fixed_start(template: str | None) -> str:
+    """The text a template prints before its first value or tag: the same for every row."""
+    if not template:
+        return ""
+    out = []
+    for node in templates.environment().parse(template).body:
+        if not isinstance(node, nodes.Output):
+            break
+        for item in node.nodes:
+            if not isinstance(item, nodes.TemplateData):
+                return "".join(out)
+            out.append(item.data)
+    return "".join(out)
 
 
 def _prefix_of(body: dict[str, Any], user_prefix: str) -> bytes:

@@ -133,8 +133,7 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
         if plan is not None:
             plan.mode = mode
         built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
-        packer = Packer(cfg.prompt.rows_per_request, cfg.endpoint.base_url, plan, renderer.tokens) \
-            if cfg.prompt.rows_per_request > 1 and plan is not None else None
+        packer = Packer.of(cfg, plan, renderer.tokens)
         if packer is not None:
             built = Packer.rekey(built)
         outcomes, keys, jobs = built.failures, built.keys, built.requests

@@ -93,7 +93,7 @@ def test_a_bad_packed_answer_asks_again_exactly_the_rows_it_failed_and_misassign
                   prompt={"rows_per_request": 5})
         summary = pipeline.run(cfg, quiet=True)
     assert summary.exit_code == 0 and summary.succeeded == 5, summary
-    texts = [f"Review: review number {i}: works fine, arrived late" for i in range(5)]
+    texts = [f"review number {i}: works fine, arrived late" for i in range(5)]  # "Review: " travels once
     assert server.asked[0] == texts  # one pack of all five rows, in input order
     # Exactly the dropped (ids 2, 3) and the twice-answered (id 4) rows again, each alone; nothing else.
     assert sorted(server.asked[1:]) == [[texts[1]], [texts[2]], [texts[3]]]

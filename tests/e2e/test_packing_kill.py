@@ -59,7 +59,7 @@ def test_kill_9_during_a_packed_run_then_resume_lands_every_id_once(tmp_path: Pa
         final = cli("run", str(path), "-q", timeout=300)
         assert final.returncode == 0, f"seed {seed}: {final.stderr}"
         results = assert_each_id_once(out, ROWS)
-        text_of = {key: f"Review: review number {int(rid[1:])}: works fine, arrived late"
+        text_of = {key: f"review number {int(rid[1:])}: works fine, arrived late"
                    for rid, key in zip(results["rid"], results["request_key"])}
         assert kills, f"seed {seed}: no run was killed"
         for stored, last in kills:

@@ -33,7 +33,9 @@ def _requests(tmp_path: Path, texts: list[str], *, schema: dict[str, Any] = SCHE
     batch = InputBatch(index=0, rows=rows, ids=[r["rid"] for r in rows], errors=[None] * len(rows),
                        origins=[None] * len(rows), carried=None)  # type: ignore[arg-type]
     built = Packer.rekey(builder.build_batch(batch, renderer))
-    return Packer(4, cfg.endpoint.base_url, plan, renderer.tokens), list(built.requests.values())
+    packer = Packer.of(cfg, plan, renderer.tokens)
+    assert packer is not None and packer.user_prefix == "Review: "
+    return packer, list(built.requests.values())
 
 
 def _body(request: Request) -> dict[str, Any]:
@@ -50,7 +52,8 @@ def test_every_pack_shares_its_prefix_byte_for_byte_and_carries_no_id_or_count_b
     assert {k for k in a if a[k] != b[k]} <= {"messages", "max_tokens"}
     rows_a = orjson.loads(a["messages"][-1]["content"])["rows"]
     assert [r["id"] for r in rows_a] == ["1", "2", "3", "4"]
-    assert [r["input"] for r in rows_a] == [f"Review: text {i}" + f"text {i}" * i for i in range(4)]
+    assert [r["input"] for r in rows_a] == [f"text {i}" * (i + 1) for i in range(4)]  # "Review: " goes once, before
+    assert a["messages"][-2] == {"role": "user", "content": "Review: "}
     assert a["max_tokens"] == 4 * (200 + 16) + 16  # each row's max_tokens and room for its wrapper
 
 

@@ -97,5 +97,6 @@ def test_show_a_packed_row_proves_its_key_and_shows_it_as_a_pack_of_itself(
     req = json.loads(text)["request"]
     assert code == 0 and req["verified"] is True and "pack" in req["note"]
     rows = orjson.loads(req["body"]["messages"][-1]["content"])["rows"]
-    assert [r["input"] for r in rows] == [f"Review: review number {int(row['rid'][1:])}: works fine, arrived late"]
+    assert [r["input"] for r in rows] == [f"review number {int(row['rid'][1:])}: works fine, arrived late"]
+    assert req["body"]["messages"][-2] == {"role": "user", "content": "Review: "}
     assert json.loads(text)["record"]["raw"] == json.loads(row["content"])  # the row's own part of the answer
