@@ -34,10 +34,10 @@ from jinja2 import nodes
 
 from ..config import Config
 from ..vocab import BuiltBatch, Request
-from . import templates
 from .prompts import RenderedRow
 from .request import RequestBuilder
 from .structured import StructuredPlan
+from .templates import environment as template_environment
 from .tokens import TokenCounter
 
 PACK_FORMAT = b"pack/v1\n"
@@ -221,8 +221,8 @@ def fixed_start(template: str | None) -> str:
     """The text a template prints before its first value or tag: the same for every row."""
     if not template:
         return ""
-    out = []
-    for node in templates.environment().parse(template).body:
+    out: list[str] = []
+    for node in template_environment().parse(template).body:
         if not isinstance(node, nodes.Output):
             break
         for item in node.nodes:
