@@ -33,11 +33,11 @@ import orjson
 from jinja2 import nodes
 
 from ..config import Config
+from ..config.templates import environment as template_environment
 from ..vocab import BuiltBatch, Request
 from .prompts import RenderedRow
 from .request import RequestBuilder
 from .structured import StructuredPlan
-from .templates import environment as template_environment
 from .tokens import TokenCounter
 
 PACK_FORMAT = b"pack/v1\n"
