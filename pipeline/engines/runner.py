@@ -33,6 +33,7 @@ from ..core.interrupt import Interrupt
 from ..core.progress import Live, Progress
 from ..core.transformer import Core, OutcomeBatch
 from ..errors import InputChangedError
+from ..models.prices import find_price
 from ..ops.figures import ObservedTransport
 from ..ops.invocation import Invocation
 from ..prepare.prompts import Renderer
@@ -160,7 +161,7 @@ def _context(cfg: Config, options: RunOptions, invocation: Invocation, prepared:
     return RunContext(cfg=cfg, options=options, invocation=invocation, jobdir=jobdir, source=prepared.source,
                       scan=scan, renderer=renderer, plan=plan, store=store, answers=answers, core=core,
                       progress=progress, interrupt=interrupt, columns=columns, names=names, reuse=reuse,
-                      reused=reused, rows=RowCount(invocation.started, reused), commands=prepared.commands,
+                      reused=reused, rows=RowCount(invocation.started, reused, answers.asked_again), commands=prepared.commands,
                       started=prepared.started, spent_before=spent_before)
 
 
@@ -299,6 +300,7 @@ def _output_columns(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
         id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
         with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
         with_ttft=cfg.params.stream, compression=cfg.output.compression,
+        cost_unknown=find_price(cfg, cfg.endpoint.model) is None,
     )
 
 
@@ -315,6 +317,7 @@ def _write(out: OutcomeBatch, name: str, parts: Path, columns: OutputColumns, st
 def _summary(ctx: RunContext) -> Summary:
     cfg, jobdir, store, plan, progress = ctx.cfg, ctx.jobdir, ctx.store, ctx.plan, ctx.progress
     previous_ids = output_ids(jobdir.path, cfg.input.id_column or "id")
+    ctx.rows.settle(ctx.total, previous_ids, derived_ids=cfg.input.id_column is None)
     succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression, ctx.names)
     progress.finish(succeeded + failed, failed, ctx.core.stats)  # the bar's last frame shows the summary's figures
     jobdir.prune(store, ctx.names)
@@ -328,7 +331,9 @@ def _summary(ctx: RunContext) -> Summary:
         requests_sent=stats.requests_sent, retries=dict(stats.retries),
         failures_by_class=failure_counts(jobdir.path), cache_hits=stats.cache_hits,
         deduplicated=stats.deduplicated, resumed_rows=ctx.reused.ok + ctx.reused.failed,
-        rows_new=ctx.rows.new, rows_reused=ctx.rows.reused, rows_removed=ctx.source.count_missing(previous_ids),
+        rows_new=ctx.rows.new, rows_edited=ctx.rows.edited, rows_retried=ctx.rows.retried,
+        rows_reused=ctx.rows.reused, rows_input_failed=ctx.rows.input_failed,
+        rows_removed=ctx.source.count_missing(previous_ids),
         config_fingerprint=cfg.request_fingerprint(), versions=versions(),
         structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
     )
