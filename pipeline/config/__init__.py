@@ -23,7 +23,7 @@ from .io import (
     OutputConfig,
     RunConfig,
 )
-from .job import Config
+from .job import Config, JobConfig
 from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
 from .loading import day_note, load_config
 from .request import (
@@ -37,7 +37,7 @@ from .secrets import FromEnv, Secret
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "IMAGE_BATCH_SIZE", "BatchConfig", "BudgetConfig", "CacheConfig", "Config",
-    "EndpointConfig", "FromEnv", "InputConfig", "LimitsConfig", "NotifyConfig", "OutputConfig", "ParamsConfig",
-    "Price", "PromptConfig", "ProviderConfig", "RunConfig", "Secret", "Section", "StructuredConfig", "StructuredMode",
-    "day_note", "load_config",
+    "EndpointConfig", "FromEnv", "InputConfig", "JobConfig", "LimitsConfig", "NotifyConfig", "OutputConfig",
+    "ParamsConfig", "Price", "PromptConfig", "ProviderConfig", "RunConfig", "Secret", "Section", "StructuredConfig",
+    "StructuredMode", "day_note", "load_config",
 ]
