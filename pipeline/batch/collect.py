@@ -152,6 +152,10 @@ class Collector:
                 self.store.set_meta("structured_mode", self.plan.mode)
                 return "permanent", None
             return "permanent", self._failed(key, exc, self._record(key, "permanent", exc, paid))
+        except BadContentError as exc:  # a 200 without choices: billed, answered nothing (send/classify.py)
+            paid = self._charge(exc.billed, est, images)
+            record = self._give_up(key, "bad_content", (est, images), exc, paid, raw=_raw(exc.billed or line))
+            return "bad_content", self._failed(key, exc, record)
         usage = batch_usage(body, self.cfg, images, est)
         paid = self._charge(body, est, images, usage)
         try:
@@ -215,7 +219,7 @@ class Collector:
         if body is None:
             return (0, 0, 0.0)
         usage = usage or batch_usage(body, self.cfg, images, est)
-        self.engine.core.dispatcher.budget.charge(usage.cost_usd)
+        self.engine.core.charge(usage.cost_usd)
         self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
         return (usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
 
