@@ -23,6 +23,8 @@ from .io import (
 from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
 from .request import ParamsConfig, PromptConfig, StructuredConfig
 
+FLEX_TIMEOUT_S = 900.0
+
 
 class Config(Section):
     input: InputConfig
@@ -47,6 +49,15 @@ class Config(Section):
     def _default_batch_size(self) -> Config:
         if self.input.batch_size is None:
             self.input.batch_size = IMAGE_BATCH_SIZE if self.prompt.images else DEFAULT_BATCH_SIZE
+        return self
+
+    @model_validator(mode="after")
+    def _flex_timeouts(self) -> Config:
+        # Flex requests queue for capacity: OpenAI advises 15-minute timeouts. Only where none was set.
+        if self.params.service_tier == "flex":
+            for name in ("timeout_s", "read_timeout_s"):
+                if name not in self.endpoint.model_fields_set and getattr(self.endpoint, name) < FLEX_TIMEOUT_S:
+                    setattr(self.endpoint, name, FLEX_TIMEOUT_S)
         return self
 
     def api_key(self) -> str:
@@ -77,7 +88,8 @@ class Config(Section):
         freely."""
         keep = {
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
-            "prompt": self.prompt.model_dump(exclude={"image_roots"}),  # where files may be read, not what is asked
+            # Where files may be read and caching hints (not in the request key either) are not what is asked.
+            "prompt": self.prompt.model_dump(exclude={"image_roots", "cache"}),
             "params": self.params.model_dump(exclude_none=True),
             "structured": self.structured.model_dump(by_alias=True) if self.structured else None,
         }

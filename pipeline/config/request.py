@@ -17,6 +17,8 @@ class PromptConfig(Section):
     images: list[str] = Field(default_factory=list, description="Columns holding images (URL, path, bytes, list).")
     image_detail: Literal["auto", "low", "high"] = "auto"
     image_max_side: int | None = Field(None, ge=16, description="Downscale local images to this longest side.")
+    cache: Literal["auto", "off"] = Field(
+        "auto", description="Provider prompt caching: shared text first, cache_control / prompt_cache_key hints.")
     image_roots: list[str] = Field(
         default_factory=list,
         description="More folders local image paths may resolve into (relative to the config file); the input "
@@ -65,6 +67,9 @@ class ParamsConfig(Section):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: bool | None = None
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = Field(
+        None, description="OpenAI processing tier; flex: Batch API prices on ordinary requests, slower, "
+                          "longer default timeouts.")
     stream: bool = False
     models: list[str] | None = Field(None, description="OpenRouter model fallback list.")
     provider: ProviderConfig | None = None

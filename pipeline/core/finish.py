@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
+from typing import Any
 
+from ..config import Config
 from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
+from ..models.prices import PromptCache, cache_saving, find_price
 from ..ops.figures import Figures
 from ..ops.invocation import Invocation
+from ..send.stats import Stats
 from ..state.jobdir import JobDir
 from ..state.store import PartCounts
 from ..vocab import Record
@@ -75,3 +79,15 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def prompt_cache_figures(cfg: Config, job_cache: tuple[int, int], job_prompt_tokens: int,
+                         stats: Stats) -> dict[str, Any]:
+    """summary.json's prompt_cache: the job's cached and cache-write prompt tokens, their share of the
+    prompt tokens, and what they saved at the model's table prices (this run's saving as counted)."""
+    cached, written = job_cache
+    price = find_price(cfg, cfg.endpoint.model, batch=cfg.run.mode == "batch")
+    saved = cache_saving(price, PromptCache(cached, written)) if price is not None else 0.0
+    return {"cached_tokens": cached, "cache_write_tokens": written,
+            "hit_share": round(cached / job_prompt_tokens, 4) if job_prompt_tokens else 0.0,
+            "saved_usd": round(saved, 6), "run_saved_usd": round(stats.cache_saved_usd, 6)}

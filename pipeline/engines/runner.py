@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 from ..common import layout
 from ..config import Config, load_config
-from ..core.finish import RowCount, figures, finish, versions
+from ..core.finish import RowCount, figures, finish, prompt_cache_figures, versions
 from ..core.interrupt import Interrupt
 from ..core.progress import Live, Progress
 from ..core.transformer import Core, OutcomeBatch
@@ -39,6 +39,7 @@ from ..prepare.structured import StructuredPlan, plan_for
 from ..prepare.tokens import CALIBRATION_META, counter_for
 from ..read.frames import frame_file
 from ..read.reader import InputScan, Source
+from ..send.budget import MARKUP_META
 from ..send.limits import Limits
 from ..send.stats import Stats
 from ..send.transport import HttpTransport, Transport
@@ -145,6 +146,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
             answers = LocalAnswers(store, cache, stats, retry_failed=retry_failed)
             core = Core(cfg, renderer, plan, answers=answers, limiter=limiter, transport=transport, progress=progress,
                         stats=stats, spent_before=spent_before)
+            core.dispatcher.budget.seed(store.get_meta(MARKUP_META))  # what earlier runs learned the endpoint bills
             rows = RowCount(invocation.started, reused)
             invocation.watch(lambda: figures(jobdir, scan.rows, progress, reused, core, invocation, spent_before))
             interrupt = interrupt or Interrupt()
@@ -325,6 +327,7 @@ def _summary(cfg: Config, jobdir: JobDir, store: Store, core: Core, plan: Struct
         rows_new=counted.new, rows_reused=counted.reused, rows_removed=source.count_missing(previous_ids),
         config_fingerprint=cfg.request_fingerprint(), versions=versions(),
         structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
+        prompt_cache=prompt_cache_figures(cfg, store.cache_totals(), totals["prompt_tokens"], stats),
     )
 
 

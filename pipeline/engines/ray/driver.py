@@ -128,7 +128,8 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
     base_url, sim = _endpoint(cfg)
     limiter = ray.remote(LimiterActor).options(
         name=limiter_name(cfg), namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000, max_restarts=-1,
-        get_if_exists=True).remote(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s)
+        get_if_exists=True).remote(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s,
+                                      cfg.limits.input_tokens_per_minute, cfg.limits.output_tokens_per_minute)
     progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
     try:
         shards = _execute(ray, cfg, source, scan, todo, base_url, limiter, retry_failed, schema,
