@@ -33,7 +33,7 @@ from ..models.catalog import context_window, max_output_tokens
 from ..models.prices import find_price
 from ..prepare.prompts import Renderer
 from ..prepare.request import RequestBuilder
-from ..prepare.structured import StructuredPlan, plan_for
+from ..prepare.structured import plan_for
 from ..prepare.tokens import CALIBRATION_META, counter_for
 from ..read.reader import Source
 from ..send.budget import worst_output_tokens
@@ -74,14 +74,21 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     token_method: str = ""
     example: bytes | None = None    # the first request to send, as its canonical payload
+    shared_prefix: int | None = None  # prompt tokens every request shares (engines/savings.py)
+    cache_notes: list[str] = field(default_factory=list)  # what keeps shared text from being cached
 
 
-def dry_run(cfg: Config, out: TextIO, *, as_json: bool = False) -> int:
-    """Print the estimate (text, or one JSON object); 0 (config and input errors raise, the CLI exits 2)."""
+def dry_run(cfg: Config, out: TextIO, *, as_json: bool = False, compare: bool = False) -> int:
+    """Print the estimate (text, or one JSON object); 0 (config and input errors raise, the CLI exits 2).
+    `compare`: the run modes side by side as well (engines/savings.py)."""
     from .estimate_json import example_request, to_json
+    from .savings import compare_lines
 
     est = estimate(cfg)
-    out.write(to_json(est, cfg) + "\n" if as_json else report(est, cfg) + example_request(est, cfg))
+    if as_json:
+        out.write(to_json(est, cfg, compare=compare) + "\n")
+    else:
+        out.write(report(est, cfg) + (compare_lines(est, cfg) if compare else "") + example_request(est, cfg))
     return EXIT_OK
 
 
@@ -103,9 +110,11 @@ def estimate(cfg: Config) -> Estimate:
         if plan is not None and store is not None and (mode := _meta(store, "structured_mode")):
             plan.mode = mode  # as the runner does: an earlier run already learned the structured mode
         seen: set[int] = set()
+        builder = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens)
         # Every batch is rendered: the store says which requests are answered (the input may have changed).
         for batch in source.batches():
-            _batch(batch, renderer, plan, cfg, store, cache, seen, est)
+            _batch(batch, renderer, builder, cfg, store, cache, seen, est)
+        est.shared_prefix, est.cache_notes = builder.shared_prefix, renderer.cache_notes()
         est.output_likely_per_request, est.likely_basis = _likely_output(store, cache)
     finally:
         for db in (store, cache):
@@ -114,10 +123,10 @@ def estimate(cfg: Config) -> Estimate:
     return est
 
 
-def _batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | None, cfg: Config,
+def _batch(batch: InputBatch, renderer: Renderer, builder: RequestBuilder, cfg: Config,
            store: sqlite3.Connection | None, cache: sqlite3.Connection | None, seen: set[int], est: Estimate) -> None:
     # Outcomes are not kept: a failing row's reason is re-derived in _failing.
-    built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
+    built = builder.build_batch(batch, renderer)
     row_keys, jobs = built.keys, built.requests
     answered = _states(store, jobs.keys())
     cached = {k for k, s in _states(cache, [k for k in jobs if k not in answered]).items() if s == "ok"}
@@ -226,15 +235,17 @@ def _likely_output(store: sqlite3.Connection | None, cache: sqlite3.Connection |
 
 
 def cost_range(est: Estimate, cfg: Config) -> tuple[float, float | None, float] | None:
-    """(no output, likely, max output) in USD for the requests to send; None without a price."""
-    price = find_price(cfg, cfg.endpoint.model)
+    """(no output, likely, max output) in USD for the requests to send, at the run mode's prices (batch,
+    flex); None without a price."""
+    batch = cfg.run.mode == "batch"
+    price = find_price(cfg, cfg.endpoint.model, batch=batch)
     if price is None:
         return None
     base = est.prompt_tokens * price.input_per_m / 1e6 + est.images * price.per_image
     likely = (None if est.output_likely_per_request is None else
               base + est.requests * est.output_likely_per_request * price.output_per_m / 1e6)
     # The dearest fallback model bounds the top of the range: OpenRouter bills the model that served.
-    dearest = max((p for m in cfg.params.models or [] if (p := find_price(cfg, m))),
+    dearest = max((p for m in cfg.params.models or [] if (p := find_price(cfg, m, batch=batch))),
                   key=lambda p: (p.input_per_m, p.output_per_m), default=price)
     top = max(price, dearest, key=lambda p: (p.input_per_m, p.output_per_m))
     high = (est.prompt_tokens * top.input_per_m / 1e6 + est.images * top.per_image
@@ -306,7 +317,10 @@ def report(est: Estimate, cfg: Config) -> str:
     add("output tokens", f"0 .. {est.output_max:,} ({limit})")
     add("", f"likely ~{round(likely * est.requests):,} ({likely:.1f} a request: {est.likely_basis})"
         if likely is not None else f"likely: {est.likely_basis}")
+    from .savings import cache_lines
+
     _cost_lines(est, cfg, add)
+    cache_lines(est, cfg, add)
     _time_lines(est, cfg, add)
     return "\n".join(lines) + "\n"
 
@@ -320,7 +334,7 @@ def _cost_lines(est: Estimate, cfg: Config, add: Any) -> None:
     low, likely, high = costs
     add("cost (USD)", f"${low:.4f} .. ${high:.4f}" + (f", likely ${likely:.4f}" if likely is not None else ""))
     for name in [model, *(cfg.params.models or [])]:
-        price = find_price(cfg, name)
+        price = find_price(cfg, name, batch=cfg.run.mode == "batch")
         if price is None:
             add("", f"{name}: no price known (the range leaves it out)")
             continue
@@ -351,22 +365,26 @@ def spent_before(est: Estimate, cfg: Config) -> float:
 
 
 def _time_lines(est: Estimate, cfg: Config, add: Any) -> None:
+    if cfg.run.mode == "batch":
+        add("time", f"{duration(cfg.batch.poll_interval_s)} .. 24h00m: the Batch API answers within its 24 h window "
+            "(often minutes to hours); its rate limits are the batch queue's, not limits.*")
+        return
     bounds = time_bounds(est, cfg)
     low = max(lo for lo, _ in bounds.values())
     high = max(hi for _, hi in bounds.values())
     slowest = max(bounds, key=lambda k: bounds[k][1])
-    add("time", f"{_duration(low)} .. {_duration(high)} without retries (slowest limit: {slowest})")
+    add("time", f"{duration(low)} .. {duration(high)} without retries (slowest limit: {slowest})")
     lim = cfg.limits
     # Formatted for every limit, printed only for those that are set (a None limit has no bound line).
     detail = {"requests/min": f"{est.requests:,} requests at {lim.requests_per_minute or 0:g}/min",
               "tokens/min": f"input + output tokens at {lim.tokens_per_minute or 0:g}/min",
               "concurrency": f"{lim.max_concurrency} at a time x latency of {assumed_latency(cfg)[2]}"}
     for name, (lo, hi) in bounds.items():
-        span = _duration(lo) if lo == hi else f"{_duration(lo)} .. {_duration(hi)}"
+        span = duration(lo) if lo == hi else f"{duration(lo)} .. {duration(hi)}"
         add("", f"{name:<13} {span}: {detail[name]}")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f}s"
     minutes, secs = divmod(round(seconds), 60)
