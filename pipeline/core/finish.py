@@ -48,7 +48,8 @@ def figures(jobdir: JobDir, rows: int, progress: Progress, reused: PartCounts, c
                    requests=dict(t.by_class), rate_limited=t.rate_limited, prompt_tokens=s.prompt_tokens,
                    completion_tokens=s.completion_tokens, run_cost_usd=s.cost_usd,
                    job_cost_usd=spent_before + s.cost_usd, last_success=t.last_success,
-                   started=invocation.started, running=True)
+                   started=invocation.started, running=True, cached_tokens=s.cached_tokens,
+                   cache_saved_usd=s.cache_saved_usd)
 
 
 def finish(summary: Summary, core: Core, resume: str, retry: str) -> None:
@@ -90,4 +91,5 @@ def prompt_cache_figures(cfg: Config, job_cache: tuple[int, int], job_prompt_tok
     saved = cache_saving(price, PromptCache(cached, written)) if price is not None else 0.0
     return {"cached_tokens": cached, "cache_write_tokens": written,
             "hit_share": round(cached / job_prompt_tokens, 4) if job_prompt_tokens else 0.0,
-            "saved_usd": round(saved, 6), "run_saved_usd": round(stats.cache_saved_usd, 6)}
+            "saved_usd": round(saved, 6), "run_cached_tokens": stats.cached_tokens,
+            "run_saved_usd": round(stats.cache_saved_usd, 6)}

@@ -11,6 +11,7 @@ import pytest
 
 import pipeline
 from tests.conftest import job
+from tests.support import cli_in_process
 
 # ~1,400 tokens of instructions and examples shared by every row (the simulator counts ~4 characters a token).
 SHARED = "You label product reviews by sentiment. " + " ".join(
@@ -21,7 +22,7 @@ def run(tmp_path: Path, model: str, cache: str = "auto", rows: int = 24, **sim: 
     tmp_path.mkdir(exist_ok=True)
     cfg = job(tmp_path, rows, sim={"cached_tokens_ratio": 0.0, **sim},
               endpoint={"model": model}, prompt={"system": None, "user": SHARED + "{{ text }}", "cache": cache},
-              limits={"max_concurrency": 1})
+              limits={"max_concurrency": 1}, output={"metrics_file": str(tmp_path / "job.prom")})
     summary = pipeline.run(cfg, quiet=True)
     assert summary.exit_code == 0
     return summary, pl.read_parquet(Path(summary.out_dir) / "results.parquet")
@@ -43,6 +44,17 @@ def test_openai_models_read_the_shared_prefix_from_the_cache(tmp_path: Path) -> 
         sum(cached) / results["prompt_tokens"].sum(), abs=1e-4)
     assert pc["hit_share"] > 0.7 and pc["saved_usd"] == pytest.approx(sum(cached) * 0.075 / 1e6, rel=1e-3)
     assert pc["run_saved_usd"] == pytest.approx(pc["saved_usd"], rel=1e-3)
+    # The same figures in the history line, the metrics file and the report.
+    last = json.loads((Path(summary.out_dir) / "history.jsonl").read_text().splitlines()[-1])
+    assert last["cached_tokens"] == sum(cached) and last["cache_saved_usd"] == pytest.approx(pc["saved_usd"], rel=1e-3)
+    prom = (tmp_path / "job.prom").read_text()
+    assert f'pipeline_tokens_total{{job="{summary.out_dir}",kind="cached"}} {float(sum(cached))}' in prom
+    assert "pipeline_prompt_cache_saved_usd_total" in prom
+    done = cli_in_process("report", summary.out_dir, "-o", str(tmp_path / "report.html"))
+    if done.returncode == 0:  # the report extra (Altair) is installed
+        page = (tmp_path / "report.html").read_text()
+        assert "prompt tokens read from the provider&#x27;s cache" in page or "provider's cache" in page
+        assert f"{pc['hit_share']:.0%}" in page
 
 
 def test_anthropic_models_cache_only_what_is_marked(tmp_path: Path) -> None:
