@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-
 from _common import API_KEY_ENV, cleanup, print_machine, scratch, simulator, table
 
 MODEL = "openai/gpt-4o-mini"
