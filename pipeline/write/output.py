@@ -280,7 +280,7 @@ class Summary:
     deduplicated: int = 0
     # The provider's prompt cache over the job: cached_tokens and cache_write_tokens (parts of
     # prompt_tokens), hit_share (cached / prompt tokens), saved_usd (against the full input price),
-    # run_saved_usd (this invocation).
+    # run_cached_tokens and run_saved_usd (this invocation).
     prompt_cache: dict[str, Any] = field(default_factory=dict)
     resumed_rows: int = 0
     rows_new: int = 0        # rows whose request had no answer before this run (sent, or still pending)
