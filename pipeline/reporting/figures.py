@@ -49,7 +49,8 @@ def run_figures(run: RunData) -> dict[str, Any]:
 def _prompt_cache(s: dict[str, Any], run: RunData) -> dict[str, Any]:
     """The provider's prompt cache: share of prompt tokens read from it and what that saved (summary.json's
     prompt_cache; the results' cached_tokens when the summary predates it)."""
-    pc = s.get("prompt_cache") if isinstance(s.get("prompt_cache"), dict) else {}
+    raw = s.get("prompt_cache")
+    pc: dict[str, Any] = raw if isinstance(raw, dict) else {}
     cached = int(pc.get("cached_tokens", _sum(run.results, "cached_tokens")))
     prompt = int(s.get("prompt_tokens", _sum(run.results, "prompt_tokens")))
     return {"cached_tokens": cached, "cache_hit_share": float(pc.get("hit_share", cached / prompt if prompt else 0.0)),

@@ -231,7 +231,8 @@ def _execute(ray: Any, cfg: Config, source: Source, scan: Any, todo: list[int], 
 
 def _prompt_cache(previous: dict[str, Any], stats: Stats) -> dict[str, Any]:
     """summary.json's prompt_cache: earlier runs' (their summary) plus this run's, as the workers counted."""
-    before = previous.get("prompt_cache") if isinstance(previous.get("prompt_cache"), dict) else {}
+    raw = previous.get("prompt_cache")
+    before: dict[str, Any] = raw if isinstance(raw, dict) else {}
     cached = int(before.get("cached_tokens", 0)) + stats.cached_tokens
     prompt = int(previous.get("prompt_tokens", 0)) + stats.prompt_tokens
     return {"cached_tokens": cached,
