@@ -219,7 +219,7 @@ class Collector:
         if body is None:
             return paid
         usage = usage or batch_usage(body, self.cfg, images, est)
-        self.engine.core.dispatcher.budget.charge(usage.cost_usd)
+        self.engine.core.charge(usage.cost_usd)
         self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
         self.stats.cached(usage.cached_tokens, usage.cache_write_tokens, usage.saved_usd)
         paid.add(usage)
