@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..common import redact
 from ..config import Config, day_note
 from ..errors import EXIT_OK, RowError
 from ..models.catalog import context_window, max_output_tokens
@@ -89,10 +90,12 @@ def dry_run(cfg: Config, out: TextIO, *, as_json: bool = False, compare: bool = 
     from .savings import compare_lines
 
     est = estimate(cfg)
+    # The example request carries the config's secret values (`!secret`, `!env`) as sent: masked here.
     if as_json:
-        out.write(to_json(est, cfg, compare=compare) + "\n")
+        out.write(redact.scrub(to_json(est, cfg, compare=compare) + "\n"))
     else:
-        out.write(report(est, cfg) + (compare_lines(est, cfg) if compare else "") + example_request(est, cfg))
+        out.write(redact.scrub(report(est, cfg) + (compare_lines(est, cfg) if compare else "")
+                               + example_request(est, cfg)))
     return EXIT_OK
 
 

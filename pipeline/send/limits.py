@@ -73,14 +73,18 @@ class Permit:
         output was reserved at max_tokens and the unused part comes back here."""
         lim = self.limits
         if actual_tokens is not None and lim.tokens is not None:
+            # Usage is checked where it is read; a negative count must still never refill the bucket.
+            actual_tokens = max(0, actual_tokens)
             lim.tokens.adjust(actual_tokens - self.tokens)
             self.tokens = actual_tokens
         if actual_tokens == 0:
             input_tokens = output_tokens = 0
         if input_tokens is not None and lim.input_tokens is not None:
+            input_tokens = max(0, input_tokens)
             lim.input_tokens.adjust(input_tokens - self.input)
             self.input = input_tokens
         if output_tokens is not None and lim.output_tokens is not None:
+            output_tokens = max(0, output_tokens)
             lim.output_tokens.adjust(output_tokens - self.output)
             self.output = output_tokens
 
