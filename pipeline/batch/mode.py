@@ -9,6 +9,7 @@ from ..config import Config
 from ..core.interrupt import Interrupt
 from ..core.transformer import Core
 from ..errors import EXIT_BATCH_SUBMITTED, EXIT_STOPPED, UsageError
+from ..ops.figures import Tally
 from ..prepare.prompts import Renderer
 from ..send.transport import HttpTransport
 from ..state.answers import LocalAnswers
@@ -24,11 +25,13 @@ ALL_STATES = FINAL_STATES | {"transient"}
 
 async def drive_batches(cfg: Config, core: Core, answers: LocalAnswers, store: Store, transport: Any,
                         renderer: Renderer, batches: Callable[[], Iterable[InputBatch]], *, folder: str,
-                        interrupt: Interrupt, no_wait: bool, cancel: bool, progress: Any) -> str:
+                        interrupt: Interrupt, no_wait: bool, cancel: bool, progress: Any,
+                        force_new: bool = False) -> str:
     """Run the batch phases; returns 'collected', 'waiting', 'stopped' or 'cancelled'.
 
     A first Ctrl-C stops the driver at its next step (the batches stay at the provider; the ledger knows
     them); a second one cancels it at once, even in the middle of an upload."""
+    tally: Tally | None = getattr(transport, "tally", None)  # the run's attempt tally (metrics), as sync fills it
     transport = getattr(transport, "inner", transport)  # under ops' ObservedTransport, which counts chat sends
     if not isinstance(transport, HttpTransport):
         raise UsageError("run.mode: batch needs the HTTP transport (the Batch API's files and batches)")
@@ -36,8 +39,10 @@ async def drive_batches(cfg: Config, core: Core, answers: LocalAnswers, store: S
         raise UsageError("--no-wait leaves batches at the endpoint, but the in-process simulator stops with this "
                          "run: serve it with `pipeline simulate --port 8089` and set endpoint.base_url to "
                          "http://127.0.0.1:8089/api/v1 (or run without --no-wait)")
-    engine = Engine(core, store, lambda b: core.builder.build_batch(b, renderer).requests, answers.lookup)
-    driver = BatchDriver(cfg, folder, engine, transport, batches=batches, no_wait=no_wait, progress=progress.enabled)
+    engine = Engine(core, store, lambda b: core.builder.build_batch(b, renderer).requests, answers.lookup,
+                    observe=tally.observe if tally is not None else None)
+    driver = BatchDriver(cfg, folder, engine, transport, batches=batches, no_wait=no_wait, progress=progress.enabled,
+                         force_new=force_new)
     task = asyncio.ensure_future(driver.cancel() if cancel else driver.run())
     while not task.done():
         await asyncio.wait({task}, timeout=0.2)

@@ -154,7 +154,8 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
                 batch_state = await _engine_pass(
                     cfg, core, answers, store, transport, renderer,
                     lambda: source.batches(skip=lambda i: names[i] in reuse), jobdir, names, columns, rows,
-                    interrupt=interrupt, progress=progress, no_wait=no_wait, cancel_batches=cancel_batches)
+                    interrupt=interrupt, progress=progress, no_wait=no_wait, cancel_batches=cancel_batches,
+                    force_new=force_new)
             finally:
                 heartbeat.cancel()
                 interrupt.detach()
@@ -170,7 +171,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
 async def _engine_pass(cfg: Config, core: Core, answers: LocalAnswers, store: Store, transport: Transport,
                        renderer: Renderer, batches: Callable[[], Iterator[InputBatch]], jobdir: JobDir,
                        names: list[str], columns: OutputColumns, rows: RowCount, *, interrupt: Interrupt,
-                       progress: Progress, no_wait: bool, cancel_batches: bool) -> str | None:
+                       progress: Progress, no_wait: bool, cancel_batches: bool, force_new: bool) -> str | None:
     """Answer the rows (in batch mode the Batch API fills the store first, then this pass only writes)
     and write each batch's part files; returns the batch mode's state, None in sync mode."""
     batch_state = None
@@ -178,7 +179,7 @@ async def _engine_pass(cfg: Config, core: Core, answers: LocalAnswers, store: St
         from ..batch.mode import drive_batches
         batch_state = await drive_batches(
             cfg, core, answers, store, transport, renderer, batches, folder=str(jobdir.path / layout.BATCH),
-            interrupt=interrupt, no_wait=no_wait, cancel=cancel_batches, progress=progress)
+            interrupt=interrupt, no_wait=no_wait, cancel=cancel_batches, force_new=force_new, progress=progress)
     if batch_state in (None, "collected"):
         await _drive(core, batches(), names, jobdir.parts, columns, store, rows)
     return batch_state
