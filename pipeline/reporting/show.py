@@ -100,7 +100,7 @@ def _stored(path: Path, key: str) -> dict[str, Any] | None:
 def _request(path: Path, manifest: dict[str, Any], row_id: str, key: str | None, config: str | None
              ) -> dict[str, Any] | None:
     """The request re-rendered with the runner's builder, and whether its key proves it is the one sent."""
-    cfg = _job_config(path, manifest, config)
+    cfg = job_config(path, manifest, config)
     if cfg is None:
         return {"note": "the job's config could not be rebuilt (pass --config CONFIG)", "verified": False}
     from ..prepare.prompts import Renderer
@@ -133,9 +133,10 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
             plan.mode = mode
         built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
         outcomes, keys, jobs = built.failures, built.keys, built.requests
-        if keys[i] is None:
+        rendered_key = keys[i]
+        if rendered_key is None:
             return {"note": f"the row does not render: {getattr(outcomes[i], 'message', '')}", "verified": False}
-        job = jobs[keys[i]]
+        job = jobs[rendered_key]
         shown = {"method": "POST", "url": _url(cfg.endpoint.base_url),
                  "headers": {"Authorization": REDACTED, **cfg.endpoint.public_headers(),
                              **{name: "[redacted]" for name in cfg.endpoint.secret_headers}},
@@ -151,7 +152,7 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
                     "this row was sent, so this is NOT necessarily the body that was sent"}
 
 
-def _job_config(path: Path, manifest: dict[str, Any], config: str | None) -> Any:
+def job_config(path: Path, manifest: dict[str, Any], config: str | None) -> Any:
     from ..config import load_config
 
     candidates: list[tuple[Any, list[str]]] = []
