@@ -211,7 +211,7 @@ class Collector:
 
     def _charge(self, usage: Usage, paid: Paid) -> None:
         """Count a billed line (an answer, or a failure that carried usage) as spend."""
-        self.engine.core.dispatcher.budget.charge(usage.cost_usd)
+        self.engine.core.charge(usage.cost_usd)
         self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
         paid.add(usage)
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..config import Config
 from ..core.transformer import Core
-from ..errors import BudgetExceeded, Fatal, PermanentError, RequestError, RunFatalError, TransientError
+from ..errors import Fatal, PermanentError, RequestError, RunFatalError, TransientError
 from ..send.retry import Backoff
 from ..send.transport import HttpTransport
 from ..state.store import Store
@@ -71,12 +71,7 @@ class Engine:
 
     def stop(self, exc: Fatal) -> None:
         """Stop the run for a run-fatal reason, as the dispatcher does."""
-        dispatcher = self.core.dispatcher
-        if dispatcher.fatal is None:
-            dispatcher.fatal = exc
-            reason = "budget" if isinstance(exc, BudgetExceeded) else "fatal"
-            log.error("stopping: %s", exc, extra={"event": "stop", "reason": reason})
-        self.core.stop("budget" if isinstance(exc, BudgetExceeded) else "fatal")
+        self.core.fail_run(exc)
 
     @property
     def stop_reason(self) -> str | None:
@@ -88,7 +83,7 @@ class BatchDriver:
                  batches: Callable[[], Iterable[InputBatch]], no_wait: bool = False, progress: bool = False,
                  force_new: bool = False, rng: random.Random | None = None) -> None:
         self.cfg, self.folder, self.engine = cfg, folder, engine
-        self.plan = engine.core.dispatcher.plan
+        self.plan = engine.core.plan
         self.store = engine.store
         self.ledger = Ledger(self.store)
         self.client = BatchClient(transport)

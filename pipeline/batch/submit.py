@@ -69,7 +69,7 @@ class Submitter:
     def fit_budget(self, chunk: Chunk) -> Chunk | None:
         """The chunk, or the part of it whose lines fit the budget now; None: wait, or stopped."""
         d = self.d
-        budget = d.engine.core.dispatcher.budget
+        budget = d.engine.core.budget
         if budget.cap is None:
             return chunk
         _, reserved = d.ledger.in_flight()
