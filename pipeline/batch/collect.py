@@ -140,7 +140,9 @@ class Collector:
         except RequestError as exc:
             if body is None and exc.billed is not None:  # a failure the provider billed anyway
                 self._charge(batch_usage(exc.billed, self.cfg, images, est), paid)
-            return self._decide(key, exc, paid, None if body is None else _raw(body), result)
+            # A 200 without choices is billed and answers nothing (send/classify.py): its body is kept too.
+            raw = _raw(body) if body is not None else _raw(exc.billed) if exc.billed is not None else None
+            return self._decide(key, exc, paid, raw, result)
         record = answer_record(key, parsed, paid, attempts=self.ledger.attempts(key)["sent"], status=reply.status,
                                raw=_raw(body))
         self.stats.answered()

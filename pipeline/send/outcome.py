@@ -24,7 +24,7 @@ def answer_record(key: str, parsed: Parsed, paid: Paid, *, attempts: int, status
         output_json=_dumps(parsed.output), finish_reason=parsed.finish_reason, model=parsed.model,
         provider=parsed.provider, prompt_tokens=paid.prompt_tokens, completion_tokens=paid.completion_tokens,
         cost_usd=paid.cost_usd, latency_s=latency_s, ttft_s=ttft_s, tool_calls_json=parsed.tool_calls_json,
-        logprobs_json=parsed.logprobs_json, raw=raw,
+        logprobs_json=parsed.logprobs_json, raw=raw, usage_note=paid.note,
     )
 
 
@@ -36,7 +36,7 @@ def failure_record(key: str, state: str, exc: RequestError, paid: Paid, *, attem
     return Record(
         key=key, state=state, attempts=attempts, status=exc.status, error_class=exc.error_class,
         message=message, content=exc.content, prompt_tokens=paid.prompt_tokens,
-        completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, raw=raw,
+        completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, raw=raw, usage_note=paid.note,
     )
 
 
