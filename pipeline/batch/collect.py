@@ -215,6 +215,7 @@ class Collector:
         """Count a billed line (an answer, or a failure that carried usage) as spend."""
         self.engine.core.charge(usage.cost_usd)
         self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
+        self.stats.cached(usage.cached_tokens, usage.cache_write_tokens, usage.saved_usd)
         paid.add(usage)
 
 

@@ -23,7 +23,8 @@ def answer_record(key: str, parsed: Parsed, paid: Paid, *, attempts: int, status
         key=key, state="ok", attempts=attempts, status=status, content=parsed.content,
         output_json=_dumps(parsed.output), finish_reason=parsed.finish_reason, model=parsed.model,
         provider=parsed.provider, prompt_tokens=paid.prompt_tokens, completion_tokens=paid.completion_tokens,
-        cost_usd=paid.cost_usd, latency_s=latency_s, ttft_s=ttft_s, tool_calls_json=parsed.tool_calls_json,
+        cost_usd=paid.cost_usd, cached_tokens=paid.cached_tokens, cache_write_tokens=paid.cache_write_tokens,
+        latency_s=latency_s, ttft_s=ttft_s, tool_calls_json=parsed.tool_calls_json,
         logprobs_json=parsed.logprobs_json, raw=raw, usage_note=paid.note,
     )
 
@@ -36,7 +37,8 @@ def failure_record(key: str, state: str, exc: RequestError, paid: Paid, *, attem
     return Record(
         key=key, state=state, attempts=attempts, status=exc.status, error_class=exc.error_class,
         message=message, content=exc.content, prompt_tokens=paid.prompt_tokens,
-        completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, raw=raw, usage_note=paid.note,
+        completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, cached_tokens=paid.cached_tokens,
+        cache_write_tokens=paid.cache_write_tokens, raw=raw, usage_note=paid.note,
     )
 
 
