@@ -14,11 +14,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..common import redact, safefs
@@ -26,6 +26,9 @@ from ..common.layout import FAILURES, RESULTS
 from ..common.parts import done_parts, read_part
 from ..vocab import Record, RowFailure
 from .schema_arrow import arrow_type, to_arrow
+
+if TYPE_CHECKING:
+    import polars as pl
 
 LOGPROB_TYPE = pa.list_(pa.struct([
     ("token", pa.string()), ("logprob", pa.float64()),
@@ -104,7 +107,7 @@ def _rename_carried(carried: pa.Table, layout: OutputColumns) -> pa.Table:
 
 
 RESULT_COLUMNS = [
-    "content", "finish_reason", "model", "provider", "prompt_tokens", "completion_tokens", "cost_usd",
+    "content", "finish_reason", "model", "provider", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
     "latency_s", "attempts", "cache_hit", "request_key",
 ]
 
@@ -121,6 +124,7 @@ def _results_table(carried: pa.Table, recs: list[Record], layout: OutputColumns)
     cols["provider"] = pa.array([r.provider for r in recs], pa.string())
     cols["prompt_tokens"] = pa.array([r.prompt_tokens for r in recs], pa.int64())
     cols["completion_tokens"] = pa.array([r.completion_tokens for r in recs], pa.int64())
+    cols["cached_tokens"] = pa.array([r.cached_tokens for r in recs], pa.int64())  # of prompt_tokens, from the cache
     cols["cost_usd"] = pa.array([layout.cost(r) for r in recs], pa.float64())
     cols["latency_s"] = pa.array([r.latency_s for r in recs], pa.float64())
     cols["attempts"] = pa.array([r.attempts for r in recs], pa.int64())
@@ -243,6 +247,10 @@ class Summary:
     failures_by_class: dict[str, int] = field(default_factory=dict)
     cache_hits: int = 0
     deduplicated: int = 0
+    # The provider's prompt cache over the job: cached_tokens and cache_write_tokens (parts of
+    # prompt_tokens), hit_share (cached / prompt tokens), saved_usd (against the full input price),
+    # run_cached_tokens and run_saved_usd (this invocation).
+    prompt_cache: dict[str, Any] = field(default_factory=dict)
     resumed_rows: int = 0
     # Where this input's rows stand; new + edited + retried + reused + input_failed = rows_total.
     rows_new: int = 0        # rows whose request had no answer before this run (sent, or still pending)
@@ -275,8 +283,9 @@ def failure_counts(out_dir: Path) -> dict[str, int]:
     if fh is None:
         return {}
     with fh:
-        df = pl.read_parquet(fh, columns=["error_class"])
-    return {str(k): int(v) for k, v in df.group_by("error_class").len().iter_rows()}
+        classes = pq.read_table(fh, columns=["error_class"]).column("error_class")
+    counts = pc.value_counts(classes)
+    return {str(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
 
 
 def load(out_dir: str | os.PathLike[str], *, include_failures: bool = False, unnest: bool = True) -> pl.DataFrame:
@@ -286,6 +295,8 @@ def load(out_dir: str | os.PathLike[str], *, include_failures: bool = False, unn
     already taken. With include_failures=True, failure rows are appended (their output columns null)
     with their error_class, status and message.
     """
+    import polars as pl  # here: a run never needs polars (26 MB resident), only reading results back does
+
     out = Path(out_dir)
     path = out / "results.parquet"
     if not path.exists():
