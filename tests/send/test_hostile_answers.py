@@ -12,6 +12,7 @@ import pytest
 import pipeline
 from pipeline.config import load_config
 from pipeline.send.budget import Budget, read_usage
+from pipeline.vocab import Record
 from tests.conftest import job
 from tests.hostile import HostileServer, completion
 from tests.support import outputs
@@ -116,3 +117,18 @@ def test_batch_lines_without_choices_get_the_bad_content_budget_not_seven_resubm
     assert submitted == 8  # each line twice (one retry), not the transient budget's seven times
     _, failed = outputs(tmp_path / "out")
     assert set(failed["error_class"]) == {"bad_content"} and s.cost_usd > 0  # billed lines are counted
+
+
+def test_negative_prompt_tokens_never_let_more_through_the_tokens_per_minute_limit(tmp_path: Path) -> None:
+    from tests.fakes import completion as fake_completion
+    from tests.send.test_dispatch import config, dispatch, scripted
+
+    # ~50 completion tokens an answer, as the estimate expects; the server claims -100000 prompt tokens.
+    hostile = fake_completion({"content": "x" * 200})
+    hostile[1]["usage"] = {"prompt_tokens": -100000, "completion_tokens": 50}
+    fake = scripted(then=hostile)
+    d, results = dispatch(config(tmp_path, tokens_per_minute=1000), fake, n=40)  # virtual clock: no sleeping
+    assert all(isinstance(r, Record) and r.state == "ok" and r.prompt_tokens > 0 for r in results)
+    # ~62 tokens a request: about 16 fit a minute. Refilled by the negative count, all 40 went at once.
+    first_minute = sum(1 for t in fake.sent_at if t < 60)
+    assert 10 <= first_minute <= 18, first_minute
