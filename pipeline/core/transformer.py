@@ -54,7 +54,7 @@ import pyarrow as pa
 
 from ..config import Config
 from ..errors import Fatal, Stopped
-from ..prepare.packs import Packer
+from ..prepare.packs import Packer, RowBuilder
 from ..prepare.prompts import Renderer
 from ..prepare.request import RequestBuilder
 from ..prepare.structured import StructuredPlan
@@ -108,11 +108,12 @@ class Core:
                  rng: random.Random | None = None) -> None:
         self.cfg, self.renderer, self.answers, self.progress = cfg, renderer, answers, progress
         self.stats = stats or Stats()
-        self.builder = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens)
         budget = budget or Budget(cfg.budget.max_cost_usd, spent_before)
         # prompt.rows_per_request > 1: the dispatcher sends packs, and writes their rows through the sender.
         packer = Packer.of(cfg, plan, renderer.tokens)
         self.packs = PackSender(cfg, packer, answers, plan) if packer is not None and plan is not None else None
+        self.builder = (RequestBuilder if self.packs is None else RowBuilder)(cfg.endpoint.base_url, plan,
+                                                                               renderer.tokens)
         if self.packs is None:
             self.dispatcher = Dispatcher(cfg, transport, answers, limiter, plan, stats=self.stats, budget=budget,
                                          builder=self.builder, rng=rng)
