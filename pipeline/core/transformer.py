@@ -44,16 +44,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import random
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import pyarrow as pa
 
 from ..config import Config
-from ..errors import Fatal, Stopped
+from ..errors import BudgetExceeded, Fatal, Stopped
 from ..prepare.packs import Packer, RowBuilder
 from ..prepare.prompts import Renderer
 from ..prepare.request import RequestBuilder
@@ -66,6 +67,8 @@ from ..send.transport import Transport
 from ..vocab import AnswerStore, InputBatch, Record, Request, RowFailure
 from ..write.output import OutputColumns, part_tables
 from .packing import PackSender
+
+log = logging.getLogger("pipeline")
 
 # Unfinished batches held at once: enough to keep every concurrency slot busy while a straggler retries.
 MAX_OPEN_BATCHES = 4
@@ -101,14 +104,22 @@ class OutcomeBatch:
         return part_tables(columns, self.batch.carried, self.outcomes)
 
 
+class CoreExtras(TypedDict, total=False):
+    """The optional collaborators of a Core (see the module docstring)."""
+
+    progress: ProgressSink | None
+    stats: Stats | None
+    budget: Budget | None  # default: budget.max_cost_usd with nothing spent before
+    rng: random.Random | None
+
+
 class Core:
     def __init__(self, cfg: Config, renderer: Renderer, plan: StructuredPlan | None, *, answers: AnswerStore,
-                 limiter: Limiter, transport: Transport, progress: ProgressSink | None = None,
-                 stats: Stats | None = None, spent_before: float = 0.0, budget: Budget | None = None,
-                 rng: random.Random | None = None) -> None:
-        self.cfg, self.renderer, self.answers, self.progress = cfg, renderer, answers, progress
-        self.stats = stats or Stats()
-        budget = budget or Budget(cfg.budget.max_cost_usd, spent_before)
+                 limiter: Limiter, transport: Transport, **extras: Unpack[CoreExtras]) -> None:
+        self.cfg, self.renderer, self.answers, self.progress = cfg, renderer, answers, extras.get("progress")
+        self.stats = extras.get("stats") or Stats()
+        budget = extras.get("budget") or Budget(cfg.budget.max_cost_usd)
+        rng = extras.get("rng")
         # prompt.rows_per_request > 1: the dispatcher sends packs, and writes their rows through the sender.
         packer = Packer.of(cfg, plan, renderer.tokens)
         self.packs = PackSender(cfg, packer, answers, plan) if packer is not None and plan is not None else None
@@ -132,8 +143,29 @@ class Core:
     def fatal(self) -> Fatal | None:
         return self.dispatcher.fatal
 
+    @property
+    def plan(self) -> StructuredPlan | None:
+        """The structured plan requests are shaped for (its mode may step down during the run)."""
+        return self.dispatcher.plan
+
+    @property
+    def budget(self) -> Budget:
+        return self.dispatcher.budget
+
+    def charge(self, cost_usd: float) -> None:
+        """Count money spent outside the dispatcher (a Batch API line) against the run's budget."""
+        self.dispatcher.budget.charge(cost_usd)
+
     def stop(self, reason: str = "interrupted") -> None:
         self.dispatcher.stop(reason)
+
+    def fail_run(self, exc: Fatal) -> None:
+        """Stop the run for a run-fatal reason found outside the dispatcher (batch mode), as it would."""
+        reason = "budget" if isinstance(exc, BudgetExceeded) else "fatal"
+        if self.dispatcher.fatal is None:
+            self.dispatcher.fatal = exc
+            log.error("stopping: %s", exc, extra={"event": "stop", "reason": reason})
+        self.stop(reason)
 
     def abort(self) -> None:
         """Cancel the requests in flight now (after stop): their rows stay pending."""
