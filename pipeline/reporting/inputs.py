@@ -58,18 +58,31 @@ def _rendered(run: RunData, ids: set[str]) -> dict[str, str]:
     try:
         source = Source(cfg.input)
         scan = source.scan()
-        renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
-                            columns=scan.columns)
-        plan = plan_for(cfg)
+        folder = str(Path(source.files[0]).parent) if source.files else None
+        # A cascade's later stages ask another model the same thing: their rows are proved under that model.
+        stages = [cfg] + [_for_model(cfg, m) for m in _stage_models(cfg)]
+        builders = [(Renderer(c, input_dir=folder, columns=scan.columns), plan_for(c), c) for c in stages]
         for batch in source.batches():
-            wanted = [i for i, row_id in enumerate(batch.ids) if row_id in expected and row_id not in out]
-            if wanted:
-                out.update(_proved(_subset(batch, wanted), renderer, plan, cfg, expected))
+            for renderer, plan, stage_cfg in builders:
+                wanted = [i for i, row_id in enumerate(batch.ids) if row_id in expected and row_id not in out]
+                if wanted:
+                    out.update(_proved(_subset(batch, wanted), renderer, plan, stage_cfg, expected))
             if len(out) == len(expected):
                 break
     except (InputError, ConfigError, OSError):
         return out  # the input moved or changed shape since: what was proved stands, the rest falls back
     return out
+
+
+def _stage_models(cfg: Any) -> list[str]:
+    """The models of a cascade's stages other than the job's own (none without a cascade)."""
+    stages = getattr(cfg, "cascade", None) or []
+    models = [getattr(s, "model", None) for s in stages]
+    return list(dict.fromkeys(m for m in models if isinstance(m, str) and m != cfg.endpoint.model))
+
+
+def _for_model(cfg: Any, model: str) -> Any:
+    return cfg.model_copy(update={"endpoint": cfg.endpoint.model_copy(update={"model": model})})
 
 
 def _subset(batch: InputBatch, rows: list[int]) -> InputBatch:
