@@ -3,9 +3,11 @@ for the metrics file while it runs, and the versions stamped into summary.json (
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from importlib import metadata
+from typing import Protocol
 
-from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
+from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, Fatal
 from ..ops.figures import Figures
 from ..ops.invocation import Invocation
 from ..state.jobdir import JobDir
@@ -47,7 +49,25 @@ def figures(jobdir: JobDir, rows: int, progress: Progress, reused: PartCounts, c
                    started=invocation.started, running=True)
 
 
-def finish(summary: Summary, core: Core, resume: str, retry: str) -> None:
+class HowItStopped(Protocol):
+    """What finish() reads of a run's dispatch: Core has it; a driver that ran elsewhere builds a Verdict."""
+
+    @property
+    def stop_reason(self) -> str | None: ...
+
+    @property
+    def fatal(self) -> Fatal | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """How dispatch stopped when it ran in other processes (Ray workers): the reason and the fatal error."""
+
+    stop_reason: str | None = None
+    fatal: Fatal | None = None
+
+
+def finish(summary: Summary, core: HowItStopped, resume: str, retry: str) -> None:
     """The exit code and the next step of a run, from how the core stopped and what is left."""
     reason = core.stop_reason
     if reason in ("fatal", "budget") and core.fatal is not None:

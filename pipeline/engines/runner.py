@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..common import layout
+from ..common.parts import drop_partial_parts
 from ..config import Config, day_note, load_config
 from ..core.finish import RowCount, figures, finish, versions
 from ..core.interrupt import Interrupt
@@ -49,7 +50,6 @@ from ..vocab import InputBatch, Record
 from ..write.output import (
     OutputColumns,
     Summary,
-    drop_partial_parts,
     failure_counts,
     merge_parts,
     output_ids,

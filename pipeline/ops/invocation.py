@@ -102,7 +102,7 @@ class Invocation:
         log.info("run %s started (pid %d)", self.run_id, os.getpid(),
                  extra={"event": "run_start", "run_id": self.run_id, "pid": os.getpid(), "config": self.cfg.source})
 
-    def stamp(self) -> dict[str, str]:
+    def stamp(self) -> dict[str, Any]:
         """The summary's run_id, started_at and finished_at (now)."""
         return {"run_id": self.run_id, "started_at": self.started_at, "finished_at": iso_utc(time.time())}
 

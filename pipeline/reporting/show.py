@@ -133,9 +133,10 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
             plan.mode = mode
         built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
         outcomes, keys, jobs = built.failures, built.keys, built.requests
-        if keys[i] is None:
+        rendered_key = keys[i]
+        if rendered_key is None:
             return {"note": f"the row does not render: {getattr(outcomes[i], 'message', '')}", "verified": False}
-        job = jobs[keys[i]]
+        job = jobs[rendered_key]
         shown = {"method": "POST", "url": _url(cfg.endpoint.base_url),
                  "headers": {"Authorization": REDACTED, **cfg.endpoint.public_headers(),
                              **{name: "[redacted]" for name in cfg.endpoint.secret_headers}},

@@ -11,11 +11,10 @@ previous outputs intact.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import polars as pl
@@ -24,15 +23,9 @@ import pyarrow.parquet as pq
 
 from ..common import redact, safefs
 from ..common.layout import FAILURES, RESULTS
-from ..errors import UsageError
+from ..common.parts import done_parts, read_part
 from ..vocab import Record, RowFailure
 from .schema_arrow import arrow_type, to_arrow
-
-T = TypeVar("T")
-PART_RE = re.compile(r"^([0-9a-f]{16})\.r\.parquet$")
-PARTIAL_RE = re.compile(r"^([0-9a-f]{16})\.p[rf]\.parquet$")
-# Any part file of any format (older jobs numbered their parts): what pruning may remove.
-ANY_PART_RE = re.compile(r"^([0-9a-f]{8,16})\.p?[rf]\.parquet(?:\.tmp)?$")
 
 LOGPROB_TYPE = pa.list_(pa.struct([
     ("token", pa.string()), ("logprob", pa.float64()),
@@ -89,22 +82,6 @@ def part_tables(layout: OutputColumns, carried: pa.Table,
     results = _results_table(carried.take(pa.array(ok_idx, pa.int64())), [outcomes[i] for i in ok_idx], layout)  # type: ignore[misc]
     failures = _failures_table(carried.take(pa.array(bad_idx, pa.int64())), [outcomes[i] for i in bad_idx], layout)  # type: ignore[misc]
     return results, failures
-
-
-def drop_partial_parts(parts_dir: Path) -> None:
-    """A resume recomputes unfinished batches; their partial parts from the last stop must go."""
-    if parts_dir.is_dir():
-        for name in os.listdir(parts_dir):
-            if PARTIAL_RE.match(name):
-                os.unlink(parts_dir / name)
-
-
-def done_parts(parts_dir: Path) -> set[str]:
-    """Finished batches: their results part is a regular file (a link planted in parts/ counts for nothing)."""
-    if not parts_dir.is_dir():
-        return set()
-    with os.scandir(parts_dir) as entries:
-        return {m.group(1) for e in entries if (m := PART_RE.match(e.name)) and e.is_file(follow_symlinks=False)}
 
 
 def _rename_carried(carried: pa.Table, layout: OutputColumns) -> pa.Table:
@@ -229,23 +206,6 @@ def _concat(files: list[Path], dest: Path, compression: str) -> int:
     return rows
 
 
-def read_part(path: Path, read: Callable[..., T], **kw: Any) -> T:
-    """`read(file)`, or a UsageError naming a damaged part file and what to do (the folder may be shared).
-    Opened without following links: a link planted in parts/ is refused, never read (its target's rows
-    would land in the outputs)."""
-    fh = safefs.open_read(path)
-    if fh is None:
-        raise safefs.refuse(path, "missing, a link or not a plain file")
-    try:
-        with fh:
-            return read(fh, **kw)
-    except (pa.ArrowException, OSError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException) and exc.errno is not None:
-            raise  # a disk or permission problem: diagnosis says which
-        raise UsageError(f"the part file {path} is damaged ({exc}); delete it and re-run the same command: its batch "
-                         "is rebuilt from the answers in store.sqlite, nothing is asked again") from None
-
-
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     if table.schema.equals(schema):
         return table
@@ -323,7 +283,7 @@ def load(out_dir: str | os.PathLike[str], *, include_failures: bool = False, unn
     df = pl.read_parquet(path)
     if unnest and "output" in df.columns and isinstance(df.schema["output"], pl.Struct):
         taken = set(df.columns) - {"output"}
-        fields = [f.name for f in df.schema["output"].fields]  # type: ignore[union-attr]
+        fields = [f.name for f in df.schema["output"].fields]
         renamed = {f: (f"output_{f}" if f in taken else f) for f in fields}
         df = df.with_columns(pl.col("output").struct.rename_fields([renamed[f] for f in fields])).unnest("output")
     if include_failures and (out / "failures.parquet").exists():
