@@ -210,8 +210,12 @@ class JobDir:
             "fingerprint": fingerprint,
             "batch_size": cfg.input.batch_size,  # as adopt_batch_size left it, before the scan
             "model": cfg.endpoint.model,
+            "name": cfg.job.name,  # job.name: how status, the webhook and the metrics call it (not its identity)
             "config": config_path,
             "request": request,
+            # Where the rows come from (not the job's identity: the input is data), so `pipeline show` can
+            # render a row's request again when the config file changed or is gone. Credentials stay out.
+            "input": cfg.input.model_dump(exclude={"storage_options", "limit"}),
             "created": known.get("created", time.time()) if known else time.time(),
             "updated": time.time(),
         }
@@ -225,7 +229,8 @@ class JobDir:
 
     def bind_store(self, store: Store, manifest: dict[str, Any]) -> None:
         """Record the job's identity in its store, where it survives a lost manifest."""
-        keep = {k: manifest[k] for k in ("fingerprint", "request", "batch_size", "model", "created")}
+        keep = {k: manifest[k] for k in ("fingerprint", "request", "batch_size", "model", "created", "input")
+                if k in manifest}
         value = orjson.dumps(keep, option=orjson.OPT_SORT_KEYS).decode()
         if store.get_meta(IDENTITY_META) != value:
             store.set_meta(IDENTITY_META, value)

@@ -43,6 +43,12 @@ class OutputColumns:
     with_logprobs: bool = False
     with_ttft: bool = False
     compression: str = "zstd"
+    # The configured model has no known price: an answer whose server reported no usage.cost cost an
+    # unknown amount, written as null (0.0 would claim it was free). Cache hits cost nothing now.
+    cost_unknown: bool = False
+
+    def cost(self, r: Record) -> float | None:
+        return None if self.cost_unknown and not r.cost_usd and not r.cache_hit else r.cost_usd
 
     def output_type(self) -> pa.DataType | None:
         return arrow_type(self.schema) if self.schema is not None else None
@@ -115,7 +121,7 @@ def _results_table(carried: pa.Table, recs: list[Record], layout: OutputColumns)
     cols["provider"] = pa.array([r.provider for r in recs], pa.string())
     cols["prompt_tokens"] = pa.array([r.prompt_tokens for r in recs], pa.int64())
     cols["completion_tokens"] = pa.array([r.completion_tokens for r in recs], pa.int64())
-    cols["cost_usd"] = pa.array([r.cost_usd for r in recs], pa.float64())
+    cols["cost_usd"] = pa.array([layout.cost(r) for r in recs], pa.float64())
     cols["latency_s"] = pa.array([r.latency_s for r in recs], pa.float64())
     cols["attempts"] = pa.array([r.attempts for r in recs], pa.int64())
     cols["cache_hit"] = pa.array([bool(r.cache_hit) for r in recs], pa.bool_())
@@ -238,8 +244,12 @@ class Summary:
     cache_hits: int = 0
     deduplicated: int = 0
     resumed_rows: int = 0
+    # Where this input's rows stand; new + edited + retried + reused + input_failed = rows_total.
     rows_new: int = 0        # rows whose request had no answer before this run (sent, or still pending)
+    rows_edited: int = 0     # rows the previous outputs held whose request is new (the row changed)
+    rows_retried: int = 0    # rows whose request had a failed answer, asked again (--retry-failed, transient)
     rows_reused: int = 0     # rows whose request was answered by an earlier run (no cost now)
+    rows_input_failed: int = 0  # rows that never became a request (failures with error_class input)
     rows_removed: int = 0    # rows of the previous outputs no longer in the input (answers kept in the store)
     stopped: str | None = None
     stop_message: str | None = None
