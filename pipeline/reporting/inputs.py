@@ -45,15 +45,24 @@ def _expected_keys(run: RunData, ids: set[str]) -> dict[str, str]:
 
 
 def _rendered(run: RunData, ids: set[str]) -> dict[str, str]:
+    """Texts proved by a rebuilt request key, trying each config that rebuilds the job in turn."""
+    from .show import job_configs
+
+    expected = _expected_keys(run, ids)
+    out: dict[str, str] = {}
+    for cfg in job_configs(run.path, run.manifest, None) if expected else ():
+        out.update(_rendered_from(cfg, {k: v for k, v in expected.items() if k not in out}))
+        if len(out) == len(expected):
+            break
+    return out
+
+
+def _rendered_from(cfg: Any, expected: dict[str, str]) -> dict[str, str]:
+    """The rows of one candidate config's input whose rebuilt request key is the stored one."""
     from ..prepare.prompts import Renderer
     from ..prepare.structured import plan_for
     from ..read.reader import Source
-    from .show import job_config
 
-    expected = _expected_keys(run, ids)
-    cfg = job_config(run.path, run.manifest, None) if expected else None
-    if cfg is None:
-        return {}
     out: dict[str, str] = {}
     try:
         source = Source(cfg.input)

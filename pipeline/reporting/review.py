@@ -29,6 +29,9 @@ from .gold import GOLD_SCHEMA, write_gold
 from .inputs import input_texts
 from .labelstudio import ReviewField
 
+# A row whose request cannot be rebuilt and proved (the input changed since, or the config is gone).
+NO_TEXT = "(input not available: the row changed since it was answered, or the job's config cannot be rebuilt)"
+
 
 @dataclass
 class Exported:
@@ -72,6 +75,8 @@ def export_tasks(out_dir: str, dest: str, *, below: float | None, sample: int, s
     if below is None and sample <= 0:
         raise UsageError("choose the rows to review: --below CONFIDENCE (the uncertain ones), --sample N "
                          "(a random audit sample), or both")
+    if sample < 0:
+        raise UsageError(f"--sample {sample}: give a number of rows (0 or more)")
     if below is not None and not 0.0 < below <= 1.0:
         raise UsageError(f"--below {below}: give a confidence between 0 and 1 (e.g. 0.8)")
     paths = _paths(Path(dest))
@@ -83,7 +88,7 @@ def export_tasks(out_dir: str, dest: str, *, below: float | None, sample: int, s
     rows = _candidates(run, fields)
     chosen = _choose(rows, run.path, below, sample, seed)
     texts = input_texts(run, set(chosen.get_column("row_id").to_list()))
-    records = [{**r, labelstudio.TEXT: texts.get(r["row_id"], "")} for r in chosen.iter_rows(named=True)]
+    records = [{**r, labelstudio.TEXT: texts.get(r["row_id"], NO_TEXT)} for r in chosen.iter_rows(named=True)]
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     tasks = [labelstudio.task(r, fields, str(r.get("model") or run.model)) for r in records]
     safefs.write_atomic(paths[0], orjson.dumps(tasks, option=orjson.OPT_INDENT_2))

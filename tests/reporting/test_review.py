@@ -188,3 +188,16 @@ def test_export_usage_errors(labelled: Path, tmp_path: Path, capsys: pytest.Capt
     assert cli.main(["review", "export", str(no_conf), "--below", "0.8", "-o", str(tmp_path / "t.json")]) == 2
     assert "quality.confidence" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_input_text_only_when_proved(tmp_path: Path) -> None:
+    """A row edited in the input since it was answered gets no text (its rebuilt request is not the one
+    answered); the other rows get the user message they were sent."""
+    rows = [json.loads(line) for line in (REPO / "data" / "reviews.jsonl").read_text().splitlines()[:8]]
+    out = demo_job(tmp_path, "job", rows, model="openai/gpt-4-turbo", columns=["product"])
+    edited = {**rows[3], "text": "Something else entirely."}
+    (tmp_path / "job.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3] + [edited] + rows[4:]))
+    tasks = _export(out, tmp_path / "t.json", "--sample", "8")
+    text = {t["data"]["row_id"]: t["data"]["text"] for t in tasks}
+    assert text[rows[3]["review_id"]].startswith("(input not available")
+    assert all(r["text"] in text[r["review_id"]] for r in rows if r is not rows[3])
