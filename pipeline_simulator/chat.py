@@ -38,6 +38,7 @@ from .faults import (
 )
 from .generations import Generations
 from .limits import Credits, RateLimits
+from .quality import apply_quality
 from .responses import ChunkMaker, Meta, completion_body, error_200_body
 from .stats import Accounting, LogEntry, redact_headers
 from .streaming import StreamSpec, abort_connection, write_stream
@@ -170,7 +171,8 @@ class ChatService:
         """The model's answer to a valid request: the same for the same body, whichever way it came."""
         target = find_target(ask.body, self.cfg.flavor, self.finder)
         digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(ask.body), option=orjson.OPT_SORT_KEYS)).digest()
-        return make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio)
+        answer = make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio)
+        return apply_quality(answer, target, ask.body, ask.model, self.cfg, content_fault)
 
     def _refuse(self, request: web.BaseRequest, ask: _Ask, answer: Answer, choice: FaultChoice | None,
                 now: float, entry: LogEntry) -> SimError | web.StreamResponse | None:

@@ -155,7 +155,7 @@ class Collector:
         usage = batch_usage(body, self.cfg, images, est)
         paid = self._charge(body, est, images, usage)
         try:
-            parsed = parse_completion(body, usage, self.plan)
+            parsed = parse_completion(body, usage, self.plan, self.cfg.quality.confidence)
         except BadContentError as exc:
             record = self._give_up(key, "bad_content", (est, images), exc, paid, raw=_raw(body))
             return "bad_content", self._failed(key, exc, record)
@@ -168,7 +168,8 @@ class Collector:
             output_json=None if parsed.output is None else orjson.dumps(parsed.output).decode(),
             finish_reason=parsed.finish_reason, model=parsed.model, provider=parsed.provider,
             prompt_tokens=paid[0], completion_tokens=paid[1], cost_usd=paid[2],
-            tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json, raw=_raw(body))
+            tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json, raw=_raw(body),
+            confidence=parsed.confidence, confidence_json=parsed.confidence_json)
         return "ok", record
 
     def _failed(self, key: str, exc: RequestError | RunFatalError, record: Record | None) -> Record | None:

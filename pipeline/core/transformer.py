@@ -48,7 +48,7 @@ import random
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 
@@ -64,6 +64,9 @@ from ..send.stats import Stats
 from ..send.transport import Transport
 from ..vocab import AnswerStore, InputBatch, Record, Request, RowFailure
 from ..write.output import OutputColumns, part_tables
+
+if TYPE_CHECKING:
+    from .cascade import Trust
 
 # Unfinished batches held at once: enough to keep every concurrency slot busy while a straggler retries.
 MAX_OPEN_BATCHES = 4
@@ -113,6 +116,10 @@ class Core:
         self.window = max(MAX_OPEN_BATCHES, -(-cfg.limits.max_concurrency * 2 // (cfg.input.batch_size or 1)))
         self.failed_rows = 0
         self._requests: set[asyncio.Task[Record]] = set()
+        self.trust: Trust | None = None
+        if cfg.cascade or cfg.quality.audit:  # stages answered in turn, and the audit (core/cascade.py)
+            from .cascade import Trust
+            self.trust = Trust(self, plan)
 
     @property
     def stop_reason(self) -> str | None:
@@ -120,7 +127,16 @@ class Core:
 
     @property
     def fatal(self) -> Fatal | None:
+        if self.dispatcher.fatal is None and self.trust is not None:
+            return self.trust.fatal()
         return self.dispatcher.fatal
+
+    def track(self, tasks: list[asyncio.Task[Record]]) -> None:
+        """Requests in flight that abort() cancels."""
+        self._requests.update(tasks)
+
+    def untrack(self, tasks: list[asyncio.Task[Record]]) -> None:
+        self._requests.difference_update(tasks)
 
     def stop(self, reason: str = "interrupted") -> None:
         self.dispatcher.stop(reason)
@@ -156,6 +172,11 @@ class Core:
                 await asyncio.gather(*pending, return_exceptions=True)
 
     async def _resolve(self, batch: InputBatch) -> OutcomeBatch:
+        if self.trust is not None:
+            decided, keys = await self.trust.resolve(batch)
+            done = [o for o in decided if o is not None]
+            self._rows_done(len(done), sum(1 for o in done if not (isinstance(o, Record) and o.state == "ok")))
+            return OutcomeBatch(batch, decided, keys)
         built = self.builder.build_batch(batch, self.renderer)
         outcomes: list[Outcome] = list(built.failures)
         records = self.answers.lookup(built.requests.keys())

@@ -53,9 +53,11 @@ from ..write.output import (
     failure_counts,
     merge_parts,
     output_ids,
+    quality_layout,
     write_part,
 )
 from ..write.publish import check_local_output, publish_outputs
+from ..write.quality import apply_gate, quality_figures
 
 log = logging.getLogger("pipeline")
 
@@ -193,6 +195,8 @@ def _outputs(cfg: Config, invocation: Invocation, jobdir: JobDir, store: Store, 
     summary = _summary(cfg, jobdir, store, core, plan, total, reused, started, names, source, rows, progress)
     summary = dataclasses.replace(summary, **invocation.stamp())
     finish(summary, core, *commands)
+    summary.quality = quality_figures(jobdir.path, cfg)
+    apply_gate(summary, cfg)
     if batch_state is not None:
         from ..batch.mode import finish as finish_batches
         finish_batches(summary, batch_state, commands[0])
@@ -292,6 +296,7 @@ def _output_columns(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
         id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
         with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
         with_ttft=cfg.params.stream, compression=cfg.output.compression,
+        **quality_layout(cfg, plan.schema if plan else None),
     )
 
 

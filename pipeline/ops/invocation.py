@@ -28,7 +28,7 @@ from ..errors import (
     UsageError,
 )
 from . import history, notify
-from .figures import Figures, Tally
+from .figures import Figures, Tally, agreement_of
 from .logfile import LogFile, iso_utc
 
 log = logging.getLogger("pipeline")
@@ -114,7 +114,7 @@ class Invocation:
                 rows_reused=summary.rows_reused, rows_removed=summary.rows_removed, succeeded=summary.succeeded,
                 failed=summary.failed, pending=summary.pending, requests=summary.requests_sent,
                 retries=dict(summary.retries), cost_usd=summary.run_cost_usd, stop_reason=summary.stopped,
-                message=summary.stop_message)
+                message=summary.stop_message, quality=getattr(summary, "quality", None) or None)
         assert exc is not None
         return history.RunRecord(run_id=self.run_id, started_at=self.started_at, finished_at=iso_utc(time.time()),
                                  exit_code=exit_code_of(exc, str(self.out_dir)), stop_reason=stop_reason_of(exc),
@@ -155,6 +155,7 @@ class Invocation:
             if record.rows_total:
                 f.rows = {"succeeded": record.succeeded, "failed": record.failed, "pending": record.pending}
             f.run_cost_usd = record.cost_usd
+            f.agreement = agreement_of(record.quality)
         from .metrics import (
             write_metrics,  # prometheus_client only for jobs that write metrics
         )

@@ -74,6 +74,7 @@ class Dispatcher:
         self.stop_reason: str | None = None
         self.inflight: dict[str, asyncio.Future[Record]] = {}
         self.stream = cfg.params.stream
+        self.linked: list[Dispatcher] = []  # dispatchers of the same run (cascade stages): they stop together
 
     def stop(self, reason: str) -> None:
         """Stop dispatching: nothing more is sent; whoever waits on a limit or the budget leaves."""
@@ -81,6 +82,8 @@ class Dispatcher:
             self.stop_reason = reason
             self.limits.stop()  # requests queued on a limit leave now instead of at the rate limit
             self.budget.close()
+            for other in self.linked:
+                other.stop(reason)
 
     async def submit(self, request: Request) -> Record:
         """The record for this request; joins an identical request already in flight."""
@@ -207,7 +210,7 @@ class Dispatcher:
 
     def _answer(self, flight: _Flight, reply: Reply, body: dict[str, Any], usage: Usage) -> Record:
         try:
-            parsed = parse_completion(body, usage, self.plan)
+            parsed = parse_completion(body, usage, self.plan, self.cfg.quality.confidence)
         except BadContentError:
             raise
         except Exception as exc:  # a parser bug must not lose a paid answer
@@ -221,7 +224,7 @@ class Dispatcher:
             model=parsed.model, provider=parsed.provider, prompt_tokens=paid.prompt_tokens,
             completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, latency_s=reply.latency_s,
             ttft_s=reply.ttft_s, tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json,
-            raw=reply.body,
+            raw=reply.body, confidence=parsed.confidence, confidence_json=parsed.confidence_json,
         )
 
     async def _reserve(self, amount: float) -> float:
