@@ -162,20 +162,27 @@ def _field_confidence(toks: list[tuple[bytes, float, list[tuple[bytes, float]]]]
         for alt, lp in dict(top).items():
             if alt == actual:
                 continue
-            fits = {k for k in alive if _consistent(targets[k], consumed + alt)}
+            fits = {k for k in alive if _consistent(targets[k], _lstrip_value(consumed + alt, lead))}
             if not fits or (chosen_key in fits and len(fits) > 1):
                 continue  # not an allowed value, or not decided yet
-            saw_alternative = True
+            saw_alternative = saw_alternative or _p(lp) > 0
             for k in fits:
                 mass[k] += path * _p(lp) / len(fits)
         path *= _p(actual_lp)
-        alive = {k for k in alive if _consistent(targets[k], consumed + actual)}
+        alive = {k for k in alive if _consistent(targets[k], _lstrip_value(consumed + actual, lead))}
         i += 1
     mass[chosen_key] += path
     if not saw_alternative:
         return round(path, 6)
     total = sum(mass.values())
     return round(mass[chosen_key] / total, 6) if total > 0 else None
+
+
+def _lstrip_value(written: bytes, lead: bytes) -> bytes:
+    """Whitespace before a value is insignificant in JSON: `": true` writes the same value as `":true`."""
+    if written.startswith(lead):
+        return lead + written[len(lead):].lstrip(_WS)
+    return written
 
 
 def _consistent(target: bytes, written: bytes) -> bool:
