@@ -1,9 +1,10 @@
 """`pipeline run | simulate | status | report | show`: a thin layer that parses arguments and formats a Summary.
 
 Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
-sent); 3 stopped early (run-fatal or budget), resumable; 70 internal error (a bug; the traceback is
-written to a file in output.dir); 75 batches submitted and still running at the provider (run.mode: batch
-with --no-wait; run the same command again to collect); 130 interrupted, resumable.
+sent); 3 stopped early (run-fatal or budget), resumable; 4 finished but the quality gate failed
+(quality.audit.min_agreement: outputs written, output.publish skipped); 70 internal error (a bug; the
+traceback is written to a file in output.dir); 75 batches submitted and still running at the provider
+(run.mode: batch with --no-wait; run the same command again to collect); 130 interrupted, resumable.
 """
 from __future__ import annotations
 

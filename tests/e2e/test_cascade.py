@@ -171,3 +171,26 @@ def test_a_failing_gate_exits_4_writes_the_outputs_and_publishes_nothing(tmp_pat
     cfg["quality"]["audit"]["min_agreement"] = 0.3
     assert pipeline.run(cfg, quiet=True).exit_code == 0
     assert len(storage.list_files(f"{s3_bucket}/published")) == 3
+
+
+def test_the_dry_run_prices_every_stage_at_worst_and_the_first_stages_escalations_as_likely(tmp_path: Path) -> None:
+    cfg = trust_job(tmp_path, 60, quality={"confidence": "logprobs", "audit": {"share": 0.5, "model": "auditor"}},
+                    prices={**PRICES, "auditor": {"input_per_m": 1.0, "output_per_m": 1.0}})
+    path = write_config(tmp_path, cfg)
+    (tmp_path / "alone").mkdir()
+    alone = write_config(tmp_path / "alone", {**cfg, "cascade": None, "quality": {"confidence": "logprobs"},
+                                              "endpoint": {**cfg["endpoint"], "model": "weak"}})
+    before = json.loads(cli_in_process("run", str(path), "--dry-run", "--json").stdout)
+    weak_only = json.loads(cli_in_process("run", str(alone), "--dry-run", "--json").stdout)
+    strong_out = before["output_tokens"]["max"] * 10.0 / 1e6
+    assert before["cost_usd"]["max"] > weak_only["cost_usd"]["max"] + strong_out
+    assert before["cost_usd"]["likely"] is None
+    text = cli_in_process("run", str(path), "--dry-run").stdout
+    assert "cascade weak (>= 0.9) -> strong" in text and "audit: 50.0% of the rows also answered by auditor" in text
+    # Once the first stage has answered (a run stopped by its budget after some rows), the likely case is known.
+    pipeline.run(cfg, quiet=True)
+    after = json.loads(cli_in_process("run", str(path), "--dry-run", "--json", "--set", "output.dir=" +
+                                      str(tmp_path / "out")).stdout)
+    assert after["requests"] == 0
+    text = cli_in_process("run", str(path), "--dry-run").stdout
+    assert "go on (of 60 first-stage answers in this job)" in text
