@@ -82,7 +82,7 @@ def load_run(out_dir: str | Path) -> RunData:
     history, bad_history = _read_jsonl(path / "history.jsonl")
     return RunData(
         path=path, summary=summary, manifest=manifest,
-        results=_read_parquet(path / "results.parquet", skip=_BULKY), failures=_read_parquet(path / "failures.parquet"),
+        results=read_output(path / "results.parquet", skip=_BULKY), failures=read_output(path / "failures.parquet"),
         timings=read_timings(path / "store.sqlite"), events=events, history=history,
         skipped_lines=bad_log + bad_history,
     )
@@ -97,7 +97,10 @@ def id_column(path: Path, manifest: dict[str, Any]) -> str:
         return str(named)
     for name in ("results.parquet", "failures.parquet"):
         if (path / name).exists():
-            columns = pl.scan_parquet(path / name).collect_schema().names()
+            try:
+                columns = pl.scan_parquet(path / name).collect_schema().names()
+            except (pl.exceptions.PolarsError, OSError) as exc:
+                raise UsageError(damaged_output(path / name, exc)) from None
             if columns:
                 return columns[0]
     return "id"
@@ -136,10 +139,21 @@ def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
     return events, bad
 
 
-def _read_parquet(path: Path, skip: tuple[str, ...] = ()) -> pl.DataFrame:
+def read_output(path: Path, skip: tuple[str, ...] = ()) -> pl.DataFrame:
+    """An output Parquet file of the job (empty frame when absent); a damaged one is a UsageError naming it
+    and saying how to get it back (the outputs are rewritten from the store), never a crash."""
     if not path.exists():
         return pl.DataFrame()
-    return pl.scan_parquet(path).select(pl.exclude(*skip)).collect() if skip else pl.read_parquet(path)
+    try:
+        return pl.scan_parquet(path).select(pl.exclude(*skip)).collect() if skip else pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise UsageError(damaged_output(path, exc)) from None
+
+
+def damaged_output(path: Path, exc: BaseException) -> str:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return (f"{path} cannot be read as Parquet ({reason}); it is damaged: re-run the job's command to write its "
+            "outputs again from the answers in store.sqlite (nothing is asked again)")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
