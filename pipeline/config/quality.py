@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
 from .base import Section
 
@@ -29,6 +29,11 @@ class QualityConfig(Section):
     vote_temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature of the votes.")
     audit: AuditConfig | None = None
     _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("confidence", mode="before")
+    @classmethod
+    def _off(cls, v: object) -> object:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
     def fall_back_to_votes(self, why: str) -> None:
         """logprobs cannot measure this job's answers: sample votes instead, and say so in the summary."""
