@@ -100,7 +100,7 @@ def _stored(path: Path, key: str) -> dict[str, Any] | None:
 def _request(path: Path, manifest: dict[str, Any], row_id: str, key: str | None, config: str | None
              ) -> dict[str, Any] | None:
     """The request re-rendered with the runner's builder, and whether its key proves it is the one sent."""
-    cfg = _job_config(path, manifest, config)
+    cfg = job_config(path, manifest, config)
     if cfg is None:
         return {"note": "the job's config could not be rebuilt (pass --config CONFIG)", "verified": False}
     from ..prepare.prompts import Renderer
@@ -151,7 +151,7 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
                     "this row was sent, so this is NOT necessarily the body that was sent"}
 
 
-def _job_config(path: Path, manifest: dict[str, Any], config: str | None) -> Any:
+def job_config(path: Path, manifest: dict[str, Any], config: str | None) -> Any:
     from ..config import load_config
 
     candidates: list[tuple[Any, list[str]]] = []
