@@ -13,6 +13,8 @@ import pytest
 
 import pipeline
 from pipeline.read import storage
+from pipeline.reporting.data import load_run
+from pipeline.reporting.html_quality import quality_section
 from pipeline_simulator import SimConfig
 from pipeline_simulator.thread import SimulatorThread
 from tests.conftest import job
@@ -167,6 +169,9 @@ def test_a_failing_gate_exits_4_writes_the_outputs_and_publishes_nothing(tmp_pat
     payload = orjson.loads(hook.bodies[-1])
     assert payload["exit_code"] == 4 and payload["stop_reason"] == "quality_gate"
     assert "quality gate failed" in payload["message"]
+    html = quality_section(load_run(out), "r0")  # the report's block: the gate, the stages, the audit table
+    assert "quality gate failed" in html and 'data-k="r0.audit.sentiment.agree"' in html
+    assert 'data-k="r0.cascade.2.rows_decided"' in html
     # A gate that holds publishes: the same answers, a lower bar.
     cfg["quality"]["audit"]["min_agreement"] = 0.3
     assert pipeline.run(cfg, quiet=True).exit_code == 0
