@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO  # noqa: F401  (puts the repo on sys.path)
-
 import polars as pl
+from _common import REPO  # noqa: F401  (puts the repo on sys.path)
 
 import pipeline
 from pipeline_simulator.judge import truth_of
@@ -111,7 +110,7 @@ def main() -> int:
         frames = {name: answers(root / name) for name in jobs}
         strong_cost = figures["strong"][0].cost_usd
         print(f"{args.rows} rows, threshold {args.threshold}, audit share {args.audit_share}")
-        print(f"| run | accuracy | cost (USD) | cost vs strong | requests | wall (s) |")
+        print("| run | accuracy | cost (USD) | cost vs strong | requests | wall (s) |")
         print("| --- | --- | --- | --- | --- | --- |")
         for name, (s, wall) in figures.items():
             print(f"| {name} | {accuracy(frames[name]):.4f} | {s.cost_usd:.4f} | {s.cost_usd / strong_cost:.1%} | "
