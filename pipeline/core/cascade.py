@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..config import Config
-from ..errors import Fatal, Stopped
+from ..errors import ConfigError, Fatal, Stopped
 from ..prepare.prompts import Renderer
 from ..prepare.request import RequestBuilder
 from ..prepare.structured import StructuredPlan, plan_for
-from ..send.confidence import compared_fields
+from ..send.confidence import choice_fields, compared_fields
 from ..send.dispatch import Dispatcher
 from ..vocab import BuiltBatch, Decided, InputBatch, Record
 
@@ -62,6 +62,10 @@ class Trust:
         self.core = core
         cfg = core.cfg
         cascade = cfg.cascade or []
+        if cascade and not choice_fields(plan.schema if plan else None):
+            raise ConfigError("a cascade routes rows by the confidence of the answer's enum and boolean fields; "
+                              "structured.schema has none (add one, e.g. a label enum)", key="cascade",
+                              file=cfg.source)
         first = Stage(cfg.endpoint.model, cascade[0].min_confidence if cascade else None, core.renderer,
                       core.builder, core.dispatcher)
         self.stages = [first] + [self._stage(plan, s.model, s.min_confidence) for s in cascade[1:]]

@@ -20,6 +20,7 @@ from pipeline_simulator.thread import SimulatorThread
 from tests.conftest import job
 from tests.ops.test_ops import Receiver
 from tests.support import (
+    TEST_KEY_ENV,
     assert_each_id_once,
     cli,
     cli_in_process,
@@ -199,3 +200,26 @@ def test_the_dry_run_prices_every_stage_at_worst_and_the_first_stages_escalation
     assert after["requests"] == 0
     text = cli_in_process("run", str(path), "--dry-run").stdout
     assert "go on (of 60 first-stage answers in this job)" in text
+
+
+def test_confidence_alone_is_the_same_in_batch_mode_as_in_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TEST_KEY_ENV, "sk-test")
+    sim = SimulatorThread(SimConfig(flavor="openai", accuracy=ACCURACY, log_limit=0,
+                                    batch={"validating_polls": 0, "in_progress_polls": 0, "finalizing_polls": 0}))
+    sim.start()
+    try:
+        frames = []
+        for mode in ("sync", "batch"):
+            (tmp_path / mode).mkdir()
+            cfg = sim_job(tmp_path / mode, sim, 30, structured={"schema": SCHEMA, "mode": "json_schema"},
+                          quality={"confidence": "logprobs"}, run={"mode": mode, "progress": False},
+                          batch={"poll_interval_s": 0.01, "poll_max_interval_s": 0.02})
+            cfg["endpoint"]["model"] = "weak"
+            assert pipeline.run(cfg, quiet=True).exit_code == 0
+            frames.append(assert_each_id_once(tmp_path / mode / "out", 30).sort("rid"))
+    finally:
+        sim.stop()
+    sync, batch = frames
+    assert sync.schema["confidence_by_field"] == batch.schema["confidence_by_field"]
+    assert sync["confidence"].to_list() == batch["confidence"].to_list()
+    assert sync["confidence"].null_count() == 0 and sync["confidence"].min() < 0.9
