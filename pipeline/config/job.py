@@ -64,6 +64,11 @@ class Config(Section):
             self.endpoint.model = self.cascade[0].model
         return self
 
+    def sample_config(self, index: int) -> Config:
+        """Vote `index` of quality.votes sent as its own request: the same job with seed + index."""
+        params = self.params.model_copy(update={"seed": (self.params.seed or 0) + index})
+        return self.model_copy(update={"params": params})
+
     def stage_config(self, model: str) -> Config:
         """This job asked of another model (a cascade stage, the audit's reference model)."""
         if model == self.endpoint.model:
@@ -106,7 +111,7 @@ class Config(Section):
             if self.structured else None,
         }
         if self.quality.confidence != "off":  # only when on: older jobs keep their fingerprint
-            keep["quality"] = self.quality.body_fields(keep["params"])
+            keep["quality"] = self.quality.body_fields(keep["params"], self.endpoint.base_url)
         if self.cascade:
             keep["cascade"] = [stage.model for stage in self.cascade]
         # NON_STR_KEYS: params.logit_bias is keyed by token id (int).

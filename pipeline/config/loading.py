@@ -80,8 +80,9 @@ def _check_quality(cfg: Config) -> None:
         if q.confidence == "off":
             raise ConfigError("a cascade routes rows by their confidence: set quality.confidence to logprobs or "
                               "votes", key="quality.confidence", file=src)
-    if (stages or q.audit) and (cfg.run.mode != "sync" or cfg.run.engine != "local"):
-        what = "cascade" if stages else "quality.audit"
+    by_requests = q.samples_by_requests(cfg.endpoint.base_url) > 1
+    if (stages or q.audit or by_requests) and (cfg.run.mode != "sync" or cfg.run.engine != "local"):
+        what = "cascade" if stages else "quality.audit" if q.audit else "quality.vote_by: requests"
         raise ConfigError(f"{what} runs with run.mode: sync on run.engine: local (a later stage's rows depend on "
                           "the answers before it); remove it or use the local engine in sync mode",
                           key="run.mode" if cfg.run.mode != "sync" else "run.engine", file=src)

@@ -27,6 +27,9 @@ class QualityConfig(Section):
         "off", description="logprobs: from the answer's token probabilities; votes: K samples' agreement.")
     votes: int = Field(5, ge=2, le=20, description="Samples per row with confidence: votes (sent as n).")
     vote_temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature of the votes.")
+    vote_by: Literal["auto", "n", "requests"] = Field(
+        "auto", description="n: one request asks for K samples; requests: K requests (seeds seed..seed+K-1), for "
+                            "endpoints without n; auto: requests on OpenRouter (it documents no n), else n.")
     audit: AuditConfig | None = None
     _notes: list[str] = PrivateAttr(default_factory=list)
 
@@ -43,10 +46,19 @@ class QualityConfig(Section):
     def notes(self) -> list[str]:
         return list(self._notes)
 
-    def body_fields(self, params: dict[str, Any]) -> dict[str, Any]:
+    def samples_by_requests(self, base_url: str) -> int:
+        """K when votes are K separate requests (else 1: one request, or n samples in one)."""
+        if self.confidence != "votes":
+            return 1
+        by_requests = self.vote_by == "requests" or (self.vote_by == "auto" and "openrouter.ai" in base_url)
+        return self.votes if by_requests else 1
+
+    def body_fields(self, params: dict[str, Any], base_url: str) -> dict[str, Any]:
         """What the request body gains to measure confidence (fields the user set are kept as set)."""
         if self.confidence == "logprobs":
             return {"logprobs": True, "top_logprobs": params.get("top_logprobs") or DEFAULT_TOP_LOGPROBS}
+        if self.confidence == "votes" and self.samples_by_requests(base_url) > 1:
+            return {"temperature": self.vote_temperature}  # each of the K requests carries its own seed
         if self.confidence == "votes":
             return {"n": self.votes, "temperature": self.vote_temperature}
         return {}

@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -30,7 +30,7 @@ from ..errors import ConfigError, Fatal, Stopped
 from ..prepare.prompts import Renderer
 from ..prepare.request import RequestBuilder
 from ..prepare.structured import StructuredPlan, plan_for
-from ..send.confidence import choice_fields, compared_fields
+from ..send.confidence import choice_fields, compared_fields, row_confidence, vote_confidence
 from ..send.dispatch import Dispatcher
 from ..vocab import BuiltBatch, Decided, InputBatch, Record
 
@@ -47,6 +47,8 @@ class Stage:
     renderer: Renderer
     builder: RequestBuilder
     dispatcher: Dispatcher
+    # Votes sent as separate requests (quality.vote_by): samples 1..K-1, each the job with its own seed.
+    samples: list[tuple[Renderer, RequestBuilder]] = field(default_factory=list)
 
 
 def audited(row_id: str, share: float, seed: int) -> bool:
@@ -69,6 +71,10 @@ class Trust:
         first = Stage(cfg.endpoint.model, cascade[0].min_confidence if cascade else None, core.renderer,
                       core.builder, core.dispatcher)
         self.stages = [first] + [self._stage(plan, s.model, s.min_confidence) for s in cascade[1:]]
+        self.votes = cfg.quality.samples_by_requests(cfg.endpoint.base_url)
+        self.closed = choice_fields(plan.schema if plan else None)
+        for stage in self.stages if self.votes > 1 else []:
+            stage.samples = [self._sample(plan, stage, i) for i in range(1, self.votes)]
         audit = cfg.quality.audit
         self.audit = self._stage(plan, audit.model, None) if audit is not None else None
         self.fields = compared_fields(plan.schema if plan else None)
@@ -93,6 +99,11 @@ class Trust:
                                 budget=d.budget, builder=builder, rng=d.backoff.rng)
         return Stage(model, min_confidence, renderer, builder, dispatcher)
 
+    def _sample(self, plan: StructuredPlan | None, stage: Stage, index: int) -> tuple[Renderer, RequestBuilder]:
+        cfg = self.core.cfg.stage_config(stage.model).sample_config(index)
+        renderer = stage.renderer.for_config(cfg)
+        return renderer, RequestBuilder(cfg.endpoint.base_url, stage.builder.plan, renderer.tokens)
+
     def fatal(self) -> Fatal | None:
         stages = self.stages + ([self.audit] if self.audit else [])
         return next((s.dispatcher.fatal for s in stages if s.dispatcher.fatal is not None), None)
@@ -109,6 +120,7 @@ class Trust:
             if not todo:
                 break
             built, records = await self._answers(stage, batch, todo)
+            votes = await self._votes(stage, batch, todo)
             escalate = []
             for j, i in enumerate(todo):
                 key, failure = built.keys[j], built.failures[j]
@@ -120,6 +132,8 @@ class Trust:
                     continue
                 keys[i] = key
                 rec = records.get(key)
+                if votes:
+                    rec = _voted(rec, [v[j] for v in votes], self.closed)
                 if rec is None:
                     continue  # not answered: dispatch stopped; the row stays pending
                 visits[i].append(rec)
@@ -136,10 +150,22 @@ class Trust:
     def cascaded(self) -> bool:
         return len(self.stages) > 1
 
-    async def _answers(self, stage: Stage, batch: InputBatch, rows: list[int]) -> tuple[BuiltBatch, dict[str, Record]]:
+    async def _votes(self, stage: Stage, batch: InputBatch, rows: list[int]) -> list[list[Record | None]]:
+        """Per extra sample, each row's answer (None: not in yet); [] when votes are not separate requests."""
+        if not stage.samples:
+            return []
+        answered = [self._answers(stage, batch, rows, sample=s) for s in stage.samples]
+        out = []
+        for built, records in await asyncio.gather(*answered):
+            out.append([records.get(k) if k is not None else None for k in built.keys])
+        return out
+
+    async def _answers(self, stage: Stage, batch: InputBatch, rows: list[int],
+                       sample: tuple[Renderer, RequestBuilder] | None = None) -> tuple[BuiltBatch, dict[str, Record]]:
         """The stage's requests for `rows` of the batch and their records (from the store, else sent)."""
         sub = batch if len(rows) == len(batch.rows) else _subset(batch, rows)
-        built = stage.builder.build_batch(sub, stage.renderer)
+        renderer, builder = sample or (stage.renderer, stage.builder)
+        built = builder.build_batch(sub, renderer)
         records = self.core.answers.lookup(built.requests.keys())
         per_key = Counter(k for k in built.keys if k is not None)
         self.core.stats.reused(deduplicated=sum(per_key.values()) - len(per_key))
@@ -177,6 +203,25 @@ class Trust:
                 outcomes[i] = None  # the reference answer is not in yet: decided on resume, with it
             elif ref is not None and ref.state == "ok":
                 row.audit_json = orjson.dumps(_agreement(row, ref, self.fields)).decode()
+
+
+def _voted(first: Record | None, others: list[Record | None], closed: dict[str, list[Any]]) -> Record | None:
+    """K answers to the same row as one: the sample agreeing with most per-field majorities, each field's
+    confidence its share of the K votes, tokens and cost summed over all K (None until all K are in)."""
+    if first is None or any(o is None for o in others):
+        return None
+    every = [first, *[o for o in others if o is not None]]
+    outputs = [orjson.loads(r.output_json) if r.state == "ok" and r.output_json else None for r in every]
+    if all(o is None for o in outputs):
+        chosen, shares = first, {}
+    else:
+        index, shares = vote_confidence(outputs, closed)
+        chosen = every[index]
+    known = {k: v for k, v in shares.items() if v is not None}
+    return replace(chosen, cost_usd=sum(r.cost_usd for r in every), prompt_tokens=sum(r.prompt_tokens for r in every),
+                   completion_tokens=sum(r.completion_tokens for r in every),
+                   confidence=row_confidence(known) if known else None,
+                   confidence_json=orjson.dumps(known).decode() if known else None)
 
 
 def _sure(rec: Record, min_confidence: float | None) -> bool:

@@ -117,7 +117,8 @@ class Core:
         self.failed_rows = 0
         self._requests: set[asyncio.Task[Record]] = set()
         self.trust: Trust | None = None
-        if cfg.cascade or cfg.quality.audit:  # stages answered in turn, and the audit (core/cascade.py)
+        if cfg.cascade or cfg.quality.audit or cfg.quality.samples_by_requests(cfg.endpoint.base_url) > 1:
+            # Stages answered in turn, the audit, votes as separate requests (core/cascade.py).
             from .cascade import Trust
             self.trust = Trust(self, plan)
 

@@ -248,7 +248,7 @@ def cost_range(est: Estimate, cfg: Config) -> tuple[float, float | None, float] 
     top = max(price, dearest, key=lambda p: (p.input_per_m, p.output_per_m))
     high = (est.prompt_tokens * top.input_per_m / 1e6 + est.images * top.per_image
             + est.output_max * top.output_per_m / 1e6)
-    if cfg.cascade or cfg.quality.audit:  # later stages and the audit, at their own prices
+    if cfg.cascade or cfg.quality.audit or cfg.quality.confidence == "votes":  # later stages, the audit, votes
         extra = extra_cost(est, cfg)
         if extra is None:
             return None

@@ -53,15 +53,21 @@ def extra_cost(est: Estimate, cfg: Config) -> tuple[float | None, float] | None:
     stages = {s.model for s in cfg.cascade or []} | {cfg.endpoint.model}
     audited = [(audit.model, audit.share)] if audit is not None and audit.model not in stages else []
     share = est.escalation.share
+    votes = cfg.quality.samples_by_requests(cfg.endpoint.base_url)  # K requests a row and stage (quality.vote_by)
     likely: float | None = 0.0
     worst = 0.0
+    first = find_price(cfg, cfg.endpoint.model)
+    if votes > 1 and first is not None:  # the first stage's other K-1 samples
+        worst += (votes - 1) * (est.prompt_tokens * first.input_per_m / 1e6 + est.output_max * first.output_per_m / 1e6)
+        likely = (votes - 1) * _likely(est, first.input_per_m, first.output_per_m) \
+            if est.output_likely_per_request is not None else None
     for k, model in enumerate(later, start=1):
         price = find_price(cfg, model)
         if price is None:
             return None
-        worst += est.prompt_tokens * price.input_per_m / 1e6 + est.output_max * price.output_per_m / 1e6
+        worst += votes * (est.prompt_tokens * price.input_per_m / 1e6 + est.output_max * price.output_per_m / 1e6)
         if likely is not None and share is not None and est.output_likely_per_request is not None:
-            likely += share ** k * _likely(est, price.input_per_m, price.output_per_m)
+            likely += votes * share ** k * _likely(est, price.input_per_m, price.output_per_m)
         else:
             likely = None
     for model, fraction in audited:
@@ -84,6 +90,9 @@ def _likely(est: Estimate, input_per_m: float, output_per_m: float) -> float:
 def describe(est: Estimate, cfg: Config) -> list[str]:
     """The dry run's lines about the cascade and the audit."""
     lines = []
+    votes = cfg.quality.samples_by_requests(cfg.endpoint.base_url)
+    if votes > 1:
+        lines.append(f"votes: {votes} requests a row and stage (quality.vote_by), the figures above are one of them")
     if cfg.cascade:
         names = " -> ".join(f"{s.model}" + (f" (>= {s.min_confidence:g})" if s.min_confidence is not None else "")
                             for s in cfg.cascade)

@@ -144,7 +144,7 @@ class Renderer:
                 raise ConfigError("messages cannot come from params.from_columns; use prompt.messages_column",
                                   key="params.from_columns.messages", file=src)
         # What quality.confidence needs measured (logprobs, or n samples at the vote temperature).
-        body.update(self.cfg.quality.body_fields(body))
+        body.update(self.cfg.quality.body_fields(body, self.cfg.endpoint.base_url))
         body["model"] = self.cfg.endpoint.model
         return body
 

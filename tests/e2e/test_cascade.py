@@ -223,3 +223,20 @@ def test_confidence_alone_is_the_same_in_batch_mode_as_in_sync(tmp_path: Path, m
     assert sync.schema["confidence_by_field"] == batch.schema["confidence_by_field"]
     assert sync["confidence"].to_list() == batch["confidence"].to_list()
     assert sync["confidence"].null_count() == 0 and sync["confidence"].min() < 0.9
+
+
+def test_votes_as_separate_requests_for_endpoints_without_n(tmp_path: Path) -> None:
+    quality = {"confidence": "votes", "votes": 3, "vote_by": "requests"}
+    cfg = trust_job(tmp_path, 40, quality=quality, cascade=None)
+    cfg["endpoint"]["model"] = "weak"
+    text = cli_in_process("run", str(write_config(tmp_path, cfg)), "--dry-run").stdout
+    assert "votes: 3 requests a row and stage" in text
+    s = pipeline.run(cfg, quiet=True)
+    assert s.exit_code == 0 and s.requests_sent == 3 * 40
+    res = assert_each_id_once(tmp_path / "out", 40)
+    assert set(res["confidence"].round(4)) <= {0.3333, 0.6667, 1.0} and res["confidence"].min() < 1.0
+    stored = store_rows(tmp_path / "out")
+    assert res["cost_usd"].sum() == pytest.approx(sum(r["cost_usd"] for r in stored.values()), abs=1e-9)
+    assert pipeline.run(cfg, quiet=True).requests_sent == 0  # every sample is an answer like any other
+    batch = cli_in_process("run", str(write_config(tmp_path, {**cfg, "run": {"mode": "batch"}})))
+    assert batch.returncode == 2 and "quality.vote_by: requests" in batch.stderr
