@@ -212,8 +212,9 @@ def _voted(first: Record | None, others: list[Record | None], closed: dict[str, 
         return None
     every = [first, *[o for o in others if o is not None]]
     outputs = [orjson.loads(r.output_json) if r.state == "ok" and r.output_json else None for r in every]
+    shares: dict[str, float | None] = {}
     if all(o is None for o in outputs):
-        chosen, shares = first, {}
+        chosen = first
     else:
         index, shares = vote_confidence(outputs, closed)
         chosen = every[index]
