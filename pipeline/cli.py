@@ -194,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
 
     # stderr shows warnings and errors; -v shows everything pipeline.log gets (and debug), in a human form.
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(HumanFormatter())
+    stderr.setFormatter(HumanFormatter(full_time=not sys.stderr.isatty()))
     stderr.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # A bug's traceback goes to pipeline.log and a file; the terminal gets diagnosis's one line, unless -v.
     stderr.addFilter(lambda r: args.verbose or getattr(r, "event", None) != "internal_error")
@@ -225,7 +225,8 @@ def _print_summary(s: Any, *, quiet: bool) -> None:
         f"{s.succeeded:,} succeeded, {s.failed:,} failed, {s.pending:,} pending of {s.rows_total:,} rows | "
         f"{s.prompt_tokens + s.completion_tokens:,} tokens, ${s.cost_usd:.4f} "
         f"(this run ${s.run_cost_usd:.4f}) | {s.requests_sent:,} requests in {s.wall_s:.1f}s | "
-        f"rows {s.rows_new:,} new, {s.rows_reused:,} reused, {s.rows_removed:,} removed"
+        f"rows {s.rows_new:,} new, {s.rows_edited:,} edited, {s.rows_retried:,} retried, {s.rows_reused:,} reused, "
+        f"{s.rows_input_failed:,} input-failed, {s.rows_removed:,} removed"
     )
     if s.stopped and s.stopped != "incomplete":
         print(redact.scrub(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": ")), file=sys.stderr)

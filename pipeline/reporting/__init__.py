@@ -80,7 +80,7 @@ def report(out_dirs: PathLike | Sequence[PathLike], *, gold: str | None = None, 
         raise UsageError("give at least one output folder")
     if target_precision is not None and not 0.0 < target_precision <= 1.0:
         raise UsageError(f"--target-precision {target_precision}: give a precision between 0 and 1 (e.g. 0.98)")
-    runs = [load_run(d) for d in dirs]
+    runs = [load_run(Path(d)) for d in dirs]
     comparison = None
     if len(runs) > 1 or gold or by or target_precision is not None or stored_gold(runs) is not None:
         comparison = compare(runs, gold, by=by, target_precision=target_precision)

@@ -14,14 +14,13 @@ import hashlib
 import math
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pyarrow.parquet as pq
 
 from ...config import Config
-from ...core.finish import finish
+from ...core.finish import Verdict, finish
 from ...core.progress import Progress
 from ...errors import ConfigError, JobChangedError, RunFatalError
 from ...read import storage
@@ -97,7 +96,7 @@ def done_shards(cfg: Config) -> dict[int, str]:
 
 def count_rows(cfg: Config, folder: str) -> tuple[int, dict[str, int]]:
     """Rows in a parts folder (footers only) and, for failures, rows per error class."""
-    total, classes = 0, {}
+    total, classes = 0, dict[str, int]()
     for uri in storage.list_files(storage.join(cfg.output.dir, folder), cfg.output.storage_options):
         if not uri.endswith(".parquet"):
             continue
@@ -145,7 +144,7 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
 
 def _shards_to_do(cfg: Config, source: Source, rows: int) -> tuple[list[int], int]:
     """The shards whose results part is not published yet, and the rows of those that are."""
-    size = source.cfg.batch_size
+    size = source.cfg.rows_per_batch
     done = done_shards(cfg)
     n_shards = math.ceil(rows / size)
     todo = [i for i in range(n_shards) if i not in done]
@@ -195,7 +194,7 @@ def _write_summary(cfg: Config, ray: Any, total: int, previous: dict[str, Any], 
     )
     # The local driver's verdict (exit code, next step), from what the workers reported.
     fatal = RunFatalError(message) if stop in ("fatal", "budget") else None
-    finish(summary, SimpleNamespace(stop_reason=stop or None, fatal=fatal), *commands)
+    finish(summary, Verdict(stop or None, fatal), *commands)
     storage.write_bytes(storage.join(cfg.output.dir, "summary.json"), summary.to_json(), cfg.output.storage_options)
     return summary
 

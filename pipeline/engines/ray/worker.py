@@ -28,6 +28,7 @@ from ...common import redact
 from ...config import Config
 from ...core.transformer import Core, OutcomeBatch
 from ...errors import RunFatalError
+from ...models.prices import find_price
 from ...prepare.prompts import Renderer
 from ...prepare.structured import StructuredPlan, plan_for
 from ...read import storage
@@ -53,6 +54,7 @@ def make_layout(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
     return OutputColumns(id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
                          with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
                          with_ttft=cfg.params.stream, compression=cfg.output.compression,
+                         cost_unknown=find_price(cfg, cfg.endpoint.model) is None,
                          **quality_layout(cfg, plan.schema if plan else None))
 
 
