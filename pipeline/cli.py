@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from .common import diagnosis, redact
+from .common.terminal import printable
 from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, InternalError, PipelineError
 
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except InternalError as exc:  # a broken invariant of our own: a bug, traceback in a file like any other
         return diagnosis.report_internal(exc, getattr(args, "out_dir", None))
     except PipelineError as exc:
-        print(redact.scrub(f"error: {exc}"), file=sys.stderr)
+        print(redact.scrub(printable(f"error: {exc}", lines=True)), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         known = diagnosis.explain(exc, out_dir, getattr(args, "max_concurrency", None))
         if known is None:
             return diagnosis.report_internal(exc, out_dir)
-        print(redact.scrub(f"error: {known[0]}"), file=sys.stderr)
+        print(redact.scrub(printable(f"error: {known[0]}", lines=True)), file=sys.stderr)
         return known[1]
 
 
@@ -229,17 +230,18 @@ def _print_summary(s: Any, *, quiet: bool) -> None:
         f"{s.rows_input_failed:,} input-failed, {s.rows_removed:,} removed"
     )
     if s.stopped and s.stopped != "incomplete":
-        print(redact.scrub(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": ")), file=sys.stderr)
+        # The stop message may quote the server (a 401's body): shown on the terminal, never obeyed.
+        print(redact.scrub(printable(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": "))), file=sys.stderr)
     if not quiet or s.exit_code not in (0,):
         print(line, file=sys.stderr)
         if s.retries:
             print("retries: " + ", ".join(f"{k}={v}" for k, v in sorted(s.retries.items())), file=sys.stderr)
         if s.structured.get("fallbacks"):
             for note in s.structured["notes"]:
-                print(f"structured: {note}", file=sys.stderr)
+                print(printable(f"structured: {note}"), file=sys.stderr)
         print(f"outputs in {s.out_dir}", file=sys.stderr)
     if s.next_step:
-        print(s.next_step, file=sys.stderr)
+        print(redact.scrub(printable(s.next_step)), file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

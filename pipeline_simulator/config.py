@@ -115,6 +115,7 @@ class BatchSim(BaseModel):
     line_4xx_status: int = Field(default=400, ge=400, le=499)  # 400 invalid_request; 401/402 stop a client
     line_rate_5xx: float = Field(default=0.0, ge=0, le=1)  # per line: a 500 server_error answer
     line_rate_schema_invalid: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 whose JSON breaks the schema
+    line_rate_no_choices: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 billed with `choices: []`
     expire: list[int] = Field(default_factory=list)  # creation numbers (1-based) of batches that expire
     expire_done_ratio: float = Field(default=0.5, ge=0, le=1)  # share answered before the window closed
     errors_in_output: bool = False  # failed lines in the output file (some gateways) instead of the error file

@@ -152,6 +152,10 @@ class Collector:
                 self.store.set_meta("structured_mode", self.plan.mode)
                 return "permanent", None
             return "permanent", self._failed(key, exc, self._record(key, "permanent", exc, paid))
+        except BadContentError as exc:  # a 200 without choices: billed, answered nothing (send/classify.py)
+            paid = self._charge(exc.billed, est, images)
+            record = self._give_up(key, "bad_content", (est, images), exc, paid, raw=_raw(exc.billed or line))
+            return "bad_content", self._failed(key, exc, record)
         usage = batch_usage(body, self.cfg, images, est)
         paid = self._charge(body, est, images, usage)
         try:

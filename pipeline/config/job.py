@@ -125,7 +125,12 @@ class Config(Section):
             keep["cascade"] = [stage.model for stage in self.cascade]
         # NON_STR_KEYS: params.logit_bias is keyed by token id (int).
         loaded: dict[str, Any] = orjson.loads(orjson.dumps(keep, option=orjson.OPT_NON_STR_KEYS, default=str))
-        return loaded
+        # A secret value (`!secret`, `!env`) is the mask here: the identity is written to manifest.json and the
+        # store, and a rotated secret does not make another job (the request key still covers the value).
+        from ..common import redact
+
+        scrubbed: dict[str, Any] = redact.scrub_any(loaded)
+        return scrubbed
 
     def _prompt_identity(self) -> dict[str, Any]:
         # image_roots: where files may be read, not what is asked. rows_per_request: one by one and packed

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..common import redact
 from ..config import Config, day_note
 from ..errors import EXIT_OK, RowError
 from ..models.catalog import context_window, max_output_tokens
@@ -87,7 +88,8 @@ def dry_run(cfg: Config, out: TextIO, *, as_json: bool = False) -> int:
     from .estimate_json import example_request, to_json
 
     est = estimate(cfg)
-    out.write(to_json(est, cfg) + "\n" if as_json else report(est, cfg) + example_request(est, cfg))
+    # The example request carries the config's secret values (`!secret`, `!env`) as sent: masked here.
+    out.write(redact.scrub(to_json(est, cfg) + "\n" if as_json else report(est, cfg) + example_request(est, cfg)))
     return EXIT_OK
 
 

@@ -27,6 +27,7 @@ from ..config import Config
 from ..errors import BudgetExceeded, Stopped
 from ..models.catalog import context_window, max_output_tokens
 from ..models.prices import cost_of, find_price, warn_unpriced
+from .usage import checked_usage
 
 # Prompt counts are exact for OpenAI models (build/tokens.py) but only calibrated for the others, and
 # uncalibrated before a job's first answers. The worst case must not be an underestimate.
@@ -40,10 +41,16 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
+    note: str | None = None          # what in the server's usage was not trusted, and what was used instead
 
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def calibrates(self) -> bool:
+        """The prompt count is the server's own (not our fallback): it may teach the token counter."""
+        return self.note is None or "usage.prompt_tokens " not in self.note
 
 
 @dataclass(slots=True)
@@ -53,34 +60,47 @@ class Paid:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    note: str | None = None
 
     def add(self, usage: Usage) -> None:
         self.prompt_tokens += usage.prompt_tokens
         self.completion_tokens += usage.completion_tokens
         self.cost_usd += usage.cost_usd
+        if usage.note:
+            self.note = usage.note
 
 
 def read_usage(body: dict[str, Any], cfg: Config, n_images: int = 0, est_prompt: int | None = None, *,
                batch: bool = False) -> Usage:
     """What this answer cost; read even when the content turns out unusable (it was paid for). `batch`:
-    an answer from the Batch API, priced at the batch price."""
-    usage = body.get("usage")
-    model = body.get("model") or cfg.endpoint.model
-    if not isinstance(usage, dict):
+    an answer from the Batch API, priced at the batch price. The server's usage is untrusted input
+    (send/usage.py): what cannot be trusted is replaced by our own figures and said in `Usage.note`."""
+    raw = body.get("usage")
+    notes: list[str] = []
+    if isinstance(raw, dict):
+        usage, notes = checked_usage(raw, est_prompt, lambda: _estimate_completion(body))
+    else:
         usage = {"prompt_tokens": est_prompt or 0, "completion_tokens": _estimate_completion(body)}
+    model, provider = body.get("model"), body.get("provider")
+    if model is not None and not isinstance(model, str):
+        notes.append(f"the answer's model {str(model)[:40]!r} is not a name: the configured model is used")
+    if provider is not None and not isinstance(provider, str):
+        notes.append(f"the answer's provider {str(provider)[:40]!r} is not a name: not recorded")
+    name = model[:200] if isinstance(model, str) and model else cfg.endpoint.model
     return Usage(
-        model=model,
-        provider=body.get("provider"),
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        cost_usd=usage_cost(usage, model, cfg, n_images, batch=batch),
+        model=name,
+        provider=provider[:200] if isinstance(provider, str) else None,
+        prompt_tokens=usage.get("prompt_tokens") or 0,
+        completion_tokens=usage.get("completion_tokens") or 0,
+        cost_usd=usage_cost(usage, name, cfg, n_images, batch=batch),
+        note="; ".join(notes)[:1000] or None,
     )
 
 
 def _estimate_completion(body: dict[str, Any]) -> int:
     """Completion tokens from the answer's length (~4 characters a token), when no usage came back."""
-    choices = body.get("choices") or [{}]
-    first: dict[str, Any] = choices[0] if isinstance(choices[0], dict) else {}
+    choices = body.get("choices")
+    first: dict[str, Any] = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     raw_message = first.get("message")
     message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
     content = message.get("content")
@@ -171,7 +191,8 @@ class Budget:
         self._wake()
 
     def charge(self, cost: float) -> None:
-        self.spent += cost
+        # Costs are checked where they are read (send/usage.py); a negative one must still never lower the spend.
+        self.spent += max(0.0, cost)
 
     def close(self) -> None:
         """Dispatch stopped: whoever waits for room leaves (as Stopped)."""

@@ -84,6 +84,7 @@ class Dispatcher:
         self.inflight: dict[str, asyncio.Future[Record]] = {}
         self.stream = cfg.params.stream
         self.linked: list[Dispatcher] = []  # dispatchers of the same run (cascade stages): they stop together
+        self._usage_warned = False
 
     def stop(self, reason: str) -> None:
         """Stop dispatching: nothing more is sent; whoever waits on a limit or the budget leaves."""
@@ -150,30 +151,47 @@ class Dispatcher:
                 self.stats.sent()
                 try:
                     reply = await self.transport.send(req.payload, stream=self.stream)
-                    self.reach.answered()
-                    self.limits.observe(reply.headers)
-                    body = classify(reply)
                 except RequestError as exc:
-                    # Billed: what it cost. Refused by the server: nothing counted. A timeout or a lost
-                    # connection may have been counted upstream: the estimate stands.
+                    # Refused by the server: nothing counted. A timeout or a lost connection may have been
+                    # counted upstream: the estimate stands.
                     lost = exc.status is None and exc.code in ("timeout", "connection")
-                    permit.settle(self._charge(exc.billed, flight).tokens if exc.billed else None if lost else 0)
+                    permit.settle(None if lost else 0)
                     return await self._failed(exc, flight, permit)
                 except RunFatalError as exc:  # a redirect, a TLS failure: no request can get through
                     self._fatal(exc)
                     raise Stopped() from exc
-                usage = self._charge(body, flight)
-                permit.settle(usage.tokens or None)
-                try:
-                    record = self._answer(flight, reply, body, usage)
-                except BadContentError as exc:
-                    return await self._failed(exc, flight, permit, raw=reply.body)
-                await self._commit(record)
+                self.reach.answered()
+                outcome = self._read(flight, reply, permit)
+                if isinstance(outcome, RequestError):
+                    kept = outcome.billed is not None or isinstance(outcome, BadContentError)
+                    return await self._failed(outcome, flight, permit, raw=reply.body if kept else None)
+                await self._commit(outcome)
+                record = outcome
             finally:
                 self.budget.release(reserved)
         self.stats.answered()
         self.limits.on_success()
         return record
+
+    def _read(self, flight: _Flight, reply: Reply, permit: Permit) -> Record | RequestError:
+        """A reply in hand, perhaps paid for: classified, charged and parsed into the record to commit, or
+        the failure it is. Nothing in a reply may crash the run before it is kept: what we cannot read
+        (our bug) becomes a bad-content failure that keeps the raw body."""
+        try:
+            self.limits.observe(reply.headers)
+            try:
+                body = classify(reply)
+            except RequestError as exc:  # billed (a 200 carrying an error, no choices): what it cost
+                permit.settle(self._charge(exc.billed, flight).tokens if exc.billed else 0)
+                return exc
+            usage = self._charge(body, flight)
+            permit.settle(usage.tokens or None)
+            return self._answer(flight, reply, body, usage)
+        except BadContentError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - a bug of ours must not lose a paid answer
+            log.exception("could not read the answer for %s", flight.request.key)
+            return BadContentError(f"could not read the answer: {type(exc).__name__}: {exc}", reason="parser")
 
     async def _failed(self, exc: RequestError, flight: _Flight, permit: Permit | None,
                       raw: bytes | None = None) -> Record | Decision:
@@ -234,7 +252,8 @@ class Dispatcher:
             model=parsed.model, provider=parsed.provider, prompt_tokens=paid.prompt_tokens,
             completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, latency_s=reply.latency_s,
             ttft_s=reply.ttft_s, tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json,
-            raw=reply.body, confidence=parsed.confidence, confidence_json=parsed.confidence_json,
+            raw=reply.body, usage_note=paid.note, confidence=parsed.confidence,
+            confidence_json=parsed.confidence_json,
         )
 
     async def _reserve(self, amount: float) -> float:
@@ -262,12 +281,22 @@ class Dispatcher:
         """Count a paid attempt (a success, or a failure the provider billed anyway)."""
         req = flight.request
         usage = read_usage(body, self.cfg, req.n_images, est_prompt=req.est_prompt)
-        if isinstance(body.get("usage"), dict) and usage.prompt_tokens > 0:
+        if usage.note:
+            self._untrusted(req.key, usage.note)
+        if isinstance(body.get("usage"), dict) and usage.prompt_tokens > 0 and usage.calibrates:
             self.builder.tokens.observe(req.est_prompt, usage.prompt_tokens)  # calibrates estimated models
         self.budget.charge(usage.cost_usd)
         flight.paid.add(usage)
         self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
         return usage
+
+    def _untrusted(self, key: str, note: str) -> None:
+        """Say in the log what in an answer's usage was not trusted: the first time as a warning (the
+        terminal sees it), then in pipeline.log only, so a server that does it always does not flood stderr."""
+        level = logging.INFO if self._usage_warned else logging.WARNING
+        self._usage_warned = True
+        log.log(level, "usage of the answer to %s not trusted: %s", key[:12], note,
+                extra={"event": "usage_untrusted", "key": key, "note": note})
 
 
 def _reason(exc: Fatal) -> str:
@@ -280,7 +309,7 @@ def _failure(key: str, state: str, exc: RequestError, attempts: int, paid: Paid,
     return Record(
         key=key, state=state, attempts=attempts, status=exc.status, error_class=exc.error_class,
         message=message, content=exc.content, prompt_tokens=paid.prompt_tokens,
-        completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, raw=raw,
+        completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, raw=raw, usage_note=paid.note,
     )
 
 

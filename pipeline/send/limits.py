@@ -65,6 +65,8 @@ class Permit:
 
     def settle(self, actual_tokens: int | None) -> None:
         if actual_tokens is not None and self.limits.tokens is not None:
+            # Usage is checked where it is read; a negative count must still never refill the bucket.
+            actual_tokens = max(0, actual_tokens)
             self.limits.tokens.adjust(actual_tokens - self.tokens)
             self.tokens = actual_tokens
 
