@@ -39,6 +39,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                      help="read and render every request, estimate tokens, cost and time; send nothing")
     run.add_argument("--json", action="store_true",
                      help="with --dry-run: print the estimate as one JSON object on stdout (for scripts and CI)")
+    run.add_argument("--compare", action="store_true",
+                     help="with --dry-run: the same requests priced and timed under each run mode (sync, flex, batch)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar (for cron); errors still printed")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="mirror pipeline.log (failed attempts, limits learned, pauses, stops) to stderr, with debug")
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run" and args.json and not args.dry_run:
         parser.error("--json goes with --dry-run (a run's own figures are in output.dir/summary.json)")
+    if args.command == "run" and args.compare and not args.dry_run:
+        parser.error("--compare goes with --dry-run: it prices the job under each run mode without sending anything")
     try:
         code = _dispatch(args)
         sys.stdout.flush()  # here, not at exit: a reader that went away (`| head`) is a broken pipe handled below
@@ -210,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .engines.estimate import dry_run
 
-        return dry_run(cfg, out=sys.stdout, as_json=args.json)
+        return dry_run(cfg, out=sys.stdout, as_json=args.json, compare=args.compare)
     from .engines.runner import run_async
 
     summary = asyncio.run(run_async(cfg, retry_failed=args.retry_failed, force_new=args.force_new,

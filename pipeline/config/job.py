@@ -24,6 +24,8 @@ from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
 from .quality import CascadeStage, QualityConfig
 from .request import ParamsConfig, PromptConfig, StructuredConfig
 
+FLEX_TIMEOUT_S = 900.0
+
 # Keys once recorded in a job's identity that no longer shape requests: a job folder that recorded them
 # is compared without them (state/jobdir.py), so upgrading never makes it "a different job".
 NOT_IDENTITY: tuple[tuple[str, str], ...] = (("structured", "bad_content_retries"),)
@@ -64,6 +66,15 @@ class Config(Section):
     def _default_batch_size(self) -> Config:
         if self.input.batch_size is None:
             self.input.batch_size = IMAGE_BATCH_SIZE if self.prompt.images else DEFAULT_BATCH_SIZE
+        return self
+
+    @model_validator(mode="after")
+    def _flex_timeouts(self) -> Config:
+        # Flex requests queue for capacity: OpenAI advises 15-minute timeouts. Only where none was set.
+        if self.params.service_tier == "flex":
+            for name in ("timeout_s", "read_timeout_s"):
+                if name not in self.endpoint.model_fields_set and getattr(self.endpoint, name) < FLEX_TIMEOUT_S:
+                    setattr(self.endpoint, name, FLEX_TIMEOUT_S)
         return self
 
     @model_validator(mode="after")
@@ -135,8 +146,9 @@ class Config(Section):
     def _prompt_identity(self) -> dict[str, Any]:
         # image_roots: where files may be read, not what is asked. rows_per_request: one by one and packed
         # are different requests, but a packed row's request does not depend on how many share its pack,
-        # and a job from before packing existed must keep its identity.
-        prompt = self.prompt.model_dump(exclude={"image_roots", "rows_per_request"})
+        # and a job from before packing existed must keep its identity. cache: caching hints are not what
+        # is asked (the request key leaves them out too, prepare/caching.py).
+        prompt = self.prompt.model_dump(exclude={"image_roots", "rows_per_request", "cache"})
         if self.prompt.rows_per_request > 1:
             prompt["rows_per_request"] = "several"
         return prompt

@@ -72,6 +72,8 @@ class Figures:
     started: float
     running: bool
     exit_code: int | None = None
+    cached_tokens: int = 0           # of prompt_tokens, read from the provider's prompt cache this run
+    cache_saved_usd: float = 0.0
     agreement: dict[str, tuple[float, float, float]] | None = None  # audit: field -> (share, low, high)
 
 

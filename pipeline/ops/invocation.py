@@ -120,7 +120,9 @@ class Invocation:
                 rows_input_failed=summary.rows_input_failed, rows_removed=summary.rows_removed,
                 succeeded=summary.succeeded,
                 failed=summary.failed, pending=summary.pending, requests=summary.requests_sent,
-                retries=dict(summary.retries), cost_usd=summary.run_cost_usd, stop_reason=summary.stopped,
+                retries=dict(summary.retries), cost_usd=summary.run_cost_usd,
+                cached_tokens=int(summary.prompt_cache.get("run_cached_tokens", 0)),
+                cache_saved_usd=float(summary.prompt_cache.get("run_saved_usd", 0.0)), stop_reason=summary.stopped,
                 message=summary.stop_message, quality=getattr(summary, "quality", None) or None)
         assert exc is not None
         record = history.RunRecord(run_id=self.run_id, started_at=self.started_at, finished_at=iso_utc(time.time()),
@@ -181,6 +183,7 @@ class Invocation:
             if record.rows_total:
                 f.rows = {"succeeded": record.succeeded, "failed": record.failed, "pending": record.pending}
             f.run_cost_usd = record.cost_usd
+            f.cached_tokens, f.cache_saved_usd = record.cached_tokens, record.cache_saved_usd
             f.agreement = agreement_of(record.quality)
         from .metrics import (
             write_metrics,  # prometheus_client only for jobs that write metrics

@@ -38,6 +38,9 @@ _TOO_LARGE = re.compile(r"request too large|Limit (\d+), Requested (\d+)", re.IG
 _AFFORD = re.compile(r"fewer max_tokens|can only afford", re.IGNORECASE)
 _AFFORD_N = re.compile(r"can only afford (\d+)", re.IGNORECASE)
 _SLOW_DOWN = re.compile(r"\bslow down\b", re.IGNORECASE)
+# OpenAI Flex processing without capacity: "429 Resource Unavailable" (not billed). It says nothing about
+# our rate, so it is retried with backoff like a 503, never a quota stop or a client-wide slow-down.
+_UNAVAILABLE = re.compile(r"resource[ _]unavailable|resource not available", re.IGNORECASE)
 # String error codes (OpenRouter's streaming docs, OpenAI's `code`) and OpenRouter's metadata.error_type,
 # as the HTTP status they stand for, so a 200 or an SSE event carrying them is classified like one.
 NAMED_STATUS = {
@@ -166,6 +169,9 @@ def _from_error(status: int, err: dict[str, Any], headers: Mapping[str, str], *,
     if status == 429:
         if etype == "insufficient_quota" or code_s in QUOTA_CODES:
             return CreditsError(message or "quota exhausted", status=429, code=code_s or etype)
+        if code_s == "resource_unavailable" or etype == "resource_unavailable" or _UNAVAILABLE.search(message):
+            return TransientError(message or "resource unavailable (flex)", status=429, code="resource_unavailable",
+                                  retry_after=wait)
         m = _TOO_LARGE.search(message)
         if m and (m.group(1) is None or int(m.group(2)) > int(m.group(1))):
             return PermanentError(message, status=429, code="request_too_large")

@@ -127,7 +127,8 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
     base_url, sim = _endpoint(cfg)
     limiter = ray.remote(LimiterActor).options(
         name=limiter_name(cfg), namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000, max_restarts=-1,
-        get_if_exists=True).remote(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s)
+        get_if_exists=True).remote(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s,
+                                      cfg.limits.input_tokens_per_minute, cfg.limits.output_tokens_per_minute)
     progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet)
     try:
         shards = _execute(ray, cfg, source, scan, todo, base_url, limiter, retry_failed, schema,
@@ -190,7 +191,7 @@ def _write_summary(cfg: Config, ray: Any, total: int, previous: dict[str, Any], 
         wall_s=round(time.monotonic() - started, 3), requests_sent=stats.requests_sent,
         retries=dict(stats.retries), failures_by_class=classes, deduplicated=stats.deduplicated,
         resumed_rows=resumed, config_fingerprint=cfg.request_fingerprint(),
-        versions={"ray": ray.__version__},
+        versions={"ray": ray.__version__}, prompt_cache=_prompt_cache(previous, stats),
     )
     # The local driver's verdict (exit code, next step), from what the workers reported.
     fatal = RunFatalError(message) if stop in ("fatal", "budget") else None
@@ -228,12 +229,27 @@ def _execute(ray: Any, cfg: Config, source: Source, scan: Any, todo: list[int], 
             yield {k: (v if not (isinstance(v, float) and math.isnan(v)) else 0) for k, v in rec.items()}
 
 
+def _prompt_cache(previous: dict[str, Any], stats: Stats) -> dict[str, Any]:
+    """summary.json's prompt_cache: earlier runs' (their summary) plus this run's, as the workers counted."""
+    raw = previous.get("prompt_cache")
+    before: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    cached = int(before.get("cached_tokens", 0)) + stats.cached_tokens
+    prompt = int(previous.get("prompt_tokens", 0)) + stats.prompt_tokens
+    return {"cached_tokens": cached,
+            "cache_write_tokens": int(before.get("cache_write_tokens", 0)) + stats.cache_write_tokens,
+            "hit_share": round(cached / prompt, 4) if prompt else 0.0,
+            "saved_usd": round(float(before.get("saved_usd", 0.0)) + stats.cache_saved_usd, 6),
+            "run_cached_tokens": stats.cached_tokens, "run_saved_usd": round(stats.cache_saved_usd, 6)}
+
+
 def _add_stats(stats: Stats, out: dict[str, Any]) -> None:
     stats.requests_sent += int(out.get("requests", 0))
     stats.prompt_tokens += int(out.get("prompt_tokens", 0))
     stats.completion_tokens += int(out.get("completion_tokens", 0))
     stats.deduplicated += int(out.get("deduplicated", 0))
     stats.cost_usd += float(out.get("cost_usd", 0.0))
+    stats.cached(int(out.get("cached_tokens", 0)), int(out.get("cache_write_tokens", 0)),
+                 float(out.get("cache_saved_usd", 0.0)))
     for k, v in out.items():
         if k.startswith("retry_") and v:
             stats.retries[k[6:]] += int(v)
