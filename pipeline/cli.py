@@ -18,7 +18,7 @@ from typing import Any
 
 from .common import diagnosis, redact
 from .common.terminal import printable
-from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, InternalError, PipelineError
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, InternalError, PipelineError, UsageError
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -90,6 +90,13 @@ def _add_report_commands(sub: Any) -> None:
     show.add_argument("row_id", help="the row's id (input.id_column)")
     show.add_argument("--config", help="the job's config, if the one recorded in the folder has moved")
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    rows = sub.add_parser("rows", help="browse a job's rows: id, carried input, output fields or error, cost")
+    rows.add_argument("out_dir", help="the job's output.dir")
+    rows.add_argument("--failed", action="store_true", help="only the rows in failures.parquet")
+    rows.add_argument("--where", metavar="EXPR",
+                      help="a SQL condition over the columns, e.g. \"sentiment = 'negative' AND score < 3\"")
+    rows.add_argument("-n", type=int, default=20, metavar="N", help="at most N rows (default 20; 0: all)")
+    rows.add_argument("--json", action="store_true", help="one JSON object per row and line, values whole")
 
 
 def _add_review_commands(sub: Any) -> None:
@@ -147,7 +154,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from pipeline_simulator import serve
 
         return serve(args)
-    if args.command in ("report", "show"):
+    if args.command in ("report", "show", "rows"):
         return _report(args)
     if args.command == "review":
         return _review(args)
@@ -177,6 +184,13 @@ def _report(args: argparse.Namespace) -> int:
         from .reporting.show import print_story, row_story
 
         return print_story(row_story(args.out_dir, args.row_id, config=args.config), as_json=args.json)
+    if args.command == "rows":
+        from .reporting.rows import print_rows, select_rows
+
+        if args.n < 0:
+            raise UsageError("-n takes a number of rows, 0 for all")
+        return print_rows(select_rows(args.out_dir, failed=args.failed, where=args.where, n=args.n),
+                          as_json=args.json)
     from .reporting import write_report
 
     path, seconds = write_report(args.out_dirs, args.output, gold=args.gold, by=args.by,
