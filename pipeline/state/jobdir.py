@@ -59,6 +59,10 @@ class OutputShape(Protocol):
     with_tool_calls: bool
     with_logprobs: bool
     with_ttft: bool
+    confidence_fields: list[str] | None
+    cascade: bool
+    audit_fields: list[str] | None
+    decisions: dict[str, Any] | None
 
 
 PART_FORMAT = 2        # 2: parts named by batch content instead of batch number
