@@ -1,10 +1,11 @@
 """`pipeline run | check | simulate | status | report | review | show`: a thin layer that parses arguments and formats a Summary.
 
 Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
-sent); 3 stopped early (run-fatal or budget), resumable; 70 internal error (a bug; the traceback is
-written to a file in output.dir); 75 batches submitted and still running at the provider (run.mode: batch
-with --no-wait; run the same command again to collect); 130 interrupted, resumable; 141 the reader of
-stdout went away (`| head`): ended quietly, as Unix tools do.
+sent); 3 stopped early (run-fatal or budget), resumable; 4 finished but the quality gate failed
+(quality.audit.min_agreement: outputs written, output.publish skipped); 70 internal error (a bug; the
+traceback is written to a file in output.dir); 75 batches submitted and still running at the provider
+(run.mode: batch with --no-wait; run the same command again to collect); 130 interrupted, resumable; 141
+the reader of stdout went away (`| head`): ended quietly, as Unix tools do.
 """
 from __future__ import annotations
 
