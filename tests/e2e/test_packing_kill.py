@@ -62,8 +62,10 @@ def test_kill_9_during_a_packed_run_then_resume_lands_every_id_once(tmp_path: Pa
         text_of = {key: f"review number {int(rid[1:])}: works fine, arrived late"
                    for rid, key in zip(results["rid"], results["request_key"])}
         assert kills, f"seed {seed}: no run was killed"
+        # A kill may land before a run's first pack is answered (its store then holds only earlier runs'
+        # answers, possibly none); at least one kill must have left answers behind for the check to bite.
+        assert any(stored for stored, _ in kills), f"seed {seed}: nothing was stored before any kill"
         for stored, last in kills:
-            assert stored, f"seed {seed}: nothing was stored before a kill"
             again = set(asked_rows(sim, after=last)) & {text_of[k] for k in stored}
             assert not again, f"seed {seed}: {len(again)} rows stored before a kill were asked again"
         packs = [len(r) for r in _packs(sim)]
