@@ -88,7 +88,7 @@ class LabelWorker:
         ids = arrow_ids(table[id_col], ORIGIN, id_col) if id_col else [digest8(r).hex() for r in rows]
         batch = InputBatch(block_id(ids), rows, ids, [(ORIGIN, i) for i in range(len(rows))], [None] * len(rows),
                            pa.table({}))
-        result, _ = await self.sender.answer(batch, retry_failed=False)
+        result, _ = await self.sender.answer(batch, False, f"{batch.index:012x}")
         for name, arr in label_columns(self.cfg, self.sender, result.outcomes).items():
             table = table.append_column(name, arr)
         return table
@@ -100,8 +100,8 @@ def label(ds: Any, config: Any, *, schema: Any = None) -> Any:
     from .driver import NAMESPACE, connect, import_ray, limiter_name
     from .limiter import LimiterActor
     ray = import_ray()
-    raw = config if isinstance(config, (Config, str)) else {"input": {"path": ORIGIN}, **config}
-    cfg = load_config(raw)
+    # The dataset is the input: a job file (or dict) needs no `input` section, and its input.path is unused.
+    cfg = config if isinstance(config, Config) else load_config(config, {"input.path": ORIGIN})
     schema_dict = None
     if schema is not None:
         from ...prepare.schema import from_pydantic
