@@ -103,6 +103,17 @@ def test_workers_events_reach_the_one_log(tmp_path: Path, ray_local: Any) -> Non
     assert [json.loads(line)["exit_code"] for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()] == [0]
     df = pipeline.load(str(tmp_path / "out"))
     assert df.height == 20 and "sentiment" in df.columns
+    from pipeline.reporting.data import load_run
+    from pipeline.reporting.html import fragment
+    from pipeline.reporting.show import row_story
+    run = load_run(tmp_path / "out")
+    assert run.results.height == 20 and run.timings.height == 20 and run.model == "openai/gpt-4-turbo"
+    assert "attempt" in fragment([run], None) or run.events  # the report renders from a Ray folder
+    import yaml
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    story = row_story(str(tmp_path / "out"), "r000003", config=str(tmp_path / "job.yaml"))
+    assert story.outcome == "succeeded" and story.request and story.request["verified"], story.request
+    assert story.record and story.record["key"] == story.row["request_key"]
 
 
 def test_a_second_driver_is_refused_while_the_first_holds_the_lease(s3_bucket: str) -> None:

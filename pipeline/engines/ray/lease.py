@@ -100,6 +100,14 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease or raise StoreLockedError (exit 2) naming the driver that holds it."""
+        try:
+            self._acquire()
+        except OSError as exc:  # the store refused or is unreachable: nothing was sent, nothing written
+            raise RunFatalError(f"cannot take the driver lease on {self.root}: {exc}",
+                                hint="check the credentials and that the object store honours If-None-Match, "
+                                     "then re-run the same command") from exc
+
+    def _acquire(self) -> None:
         newest = self.newest()
         gen = 0
         if newest is not None:

@@ -143,7 +143,8 @@ class RayJob:
         if known is not None:
             if known.get("version") != MANIFEST_VERSION:  # shards by position: its parts never fit
                 keys = [] if known.get("request_fingerprint") == fingerprint else ["?"]
-                self._clear_parts()
+                if not keys:
+                    self._clear_parts()
             else:
                 keys = _job_changes(known, fingerprint, request)
         if keys:
@@ -177,8 +178,8 @@ class RayJob:
         aside = f"{PREVIOUS_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
         for uri in storage.list_files(self.root, self.options):
             rel = uri[len(self.root.rstrip("/")) + 1:]
-            if rel.startswith(PREVIOUS_PREFIX) or rel.startswith("_lease"):
-                continue
+            if rel.startswith((PREVIOUS_PREFIX, "_lease", "history.jsonl", "pipeline.log", "ray-status.json")):
+                continue  # the location's own: who holds it, what ran there, the log being written
             target = storage.join(self.root, aside, rel)
             if storage.is_remote(uri):
                 fs, src = storage.filesystem(uri, self.options)
