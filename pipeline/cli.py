@@ -1,20 +1,22 @@
-"""`pipeline run | simulate | status | report | show`: a thin layer that parses arguments and formats a Summary.
+"""`pipeline run | check | simulate | status | report | show`: a thin layer that parses arguments and formats a Summary.
 
 Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
 sent); 3 stopped early (run-fatal or budget), resumable; 70 internal error (a bug; the traceback is
 written to a file in output.dir); 75 batches submitted and still running at the provider (run.mode: batch
-with --no-wait; run the same command again to collect); 130 interrupted, resumable.
+with --no-wait; run the same command again to collect); 130 interrupted, resumable; 141 the reader of
+stdout went away (`| head`): ended quietly, as Unix tools do.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
 from .common import diagnosis, redact
-from .errors import EXIT_INTERRUPTED, InternalError, PipelineError
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, InternalError, PipelineError
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -55,6 +57,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="counts, tokens and cost of a job, finished or not, and its last runs")
     status.add_argument("out_dir", metavar="OUT_DIR|CONFIG", help="the job's output.dir, or its config file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    check = sub.add_parser("check", help="before paying: the key, the endpoint (and its Batch API), and every "
+                                         "place the run writes, each checked with a free call or a probe file")
+    check.add_argument("config", help="path to the job's YAML config")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value by dotted key, as for run (repeatable)")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
     _add_report_commands(sub)
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # every subcommand, whichever module added it
     return parser
@@ -81,17 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and args.json and not args.dry_run:
         parser.error("--json goes with --dry-run (a run's own figures are in output.dir/summary.json)")
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "simulate":
-            from pipeline_simulator import serve
-
-            return serve(args)
-        if args.command in ("report", "show"):
-            return _report(args)
-        from .reporting.status import print_status
-
-        return print_status(args.out_dir, as_json=args.json)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away (`| head`) is a broken pipe handled below
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except InternalError as exc:  # a broken invariant of our own: a bug, traceback in a file like any other
         return diagnosis.report_internal(exc, getattr(args, "out_dir", None))
     except PipelineError as exc:
@@ -109,13 +111,41 @@ def main(argv: list[str] | None = None) -> int:
         return known[1]
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command == "simulate":
+        from pipeline_simulator import serve
+
+        return serve(args)
+    if args.command in ("report", "show"):
+        return _report(args)
+    if args.command == "check":
+        from .ops.check import print_checks, run_checks
+
+        return print_checks(run_checks(args.config, args.overrides), as_json=args.json)
+    from .reporting.status import print_status
+
+    return print_status(args.out_dir, as_json=args.json)
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away (`pipeline show OUT ID | head -1`): stop quietly, as Unix tools do; stdout
+    now points at /dev/null so the interpreter's last flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stream without a file descriptor (a test's StringIO): nothing to flush
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def _report(args: argparse.Namespace) -> int:
     if args.command == "show":
         from .reporting.show import print_story, row_story
 
         return print_story(row_story(args.out_dir, args.row_id, config=args.config), as_json=args.json)
-    import os
-
     from .reporting import write_report
 
     path, seconds = write_report(args.out_dirs, args.output, gold=args.gold)

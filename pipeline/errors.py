@@ -45,6 +45,9 @@ EXIT_INTERNAL = 70  # a bug: the store is consistent; re-run after the fix (diag
 # run.mode: batch with --no-wait: batches are running at the provider; run the same command again to collect.
 EXIT_BATCH_SUBMITTED = 75
 EXIT_INTERRUPTED = 130
+# The reader of stdout went away (`pipeline show OUT ID | head -1`): ended quietly, with the status a shell
+# reports for a Unix tool that SIGPIPE ended (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 class PipelineError(Exception):

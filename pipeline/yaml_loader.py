@@ -5,6 +5,8 @@
 - Aliases are limited (MAX_ALIASES), and so is the size the document would expand to through them
   (MAX_NODES): a "billion laughs" document that nests aliases of aliases is refused once composed,
   before anything expands it.
+- A plain `on`, `off`, `yes` or `no` used as a KEY stays the word: YAML 1.1 (PyYAML) reads them as
+  booleans, so `notify: {on: [failure]}` had a key `True` (values keep YAML's booleans: `adaptive: off`).
 - A structure deeper than MAX_DEPTH, or one that contains itself (`&a [*a]`), is refused before
   validation or the job fingerprint walk it recursively.
 """
@@ -13,13 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .errors import ConfigError
 
 MAX_ALIASES = 100
 MAX_NODES = 200_000
 MAX_DEPTH = 64
+_BOOL_TAG, _STR_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:str"
+_YAML11_WORDS = frozenset({"on", "off", "yes", "no"})  # booleans only to YAML 1.1, never meant as a key
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -45,6 +49,10 @@ class StrictLoader(yaml.SafeLoader):
         return node
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+        for key_node, _ in node.value:
+            if (isinstance(key_node, ScalarNode) and key_node.tag == _BOOL_TAG and key_node.style is None
+                    and key_node.value.lower() in _YAML11_WORDS):
+                key_node.tag = _STR_TAG
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]

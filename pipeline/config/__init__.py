@@ -24,7 +24,7 @@ from .io import (
 )
 from .job import Config
 from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
-from .loading import load_config
+from .loading import day_note, load_config
 from .request import (
     ParamsConfig,
     PromptConfig,
@@ -36,5 +36,6 @@ from .request import (
 __all__ = [
     "DEFAULT_BATCH_SIZE", "IMAGE_BATCH_SIZE", "BatchConfig", "BudgetConfig", "CacheConfig", "Config",
     "EndpointConfig", "InputConfig", "LimitsConfig", "NotifyConfig", "OutputConfig", "ParamsConfig", "Price",
-    "PromptConfig", "ProviderConfig", "RunConfig", "Section", "StructuredConfig", "StructuredMode", "load_config",
+    "PromptConfig", "ProviderConfig", "RunConfig", "Section", "StructuredConfig", "StructuredMode", "day_note",
+    "load_config",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -25,6 +26,21 @@ def _check_header(name: str, value: str) -> None:
                          "no spaces or line breaks)")
     if any(c in value for c in "\r\n\0"):
         raise ValueError(f"the value of header {name!r} holds a line break or NUL, which HTTP does not allow")
+
+
+def check_http_url(v: str, example: str) -> None:
+    """An http(s) URL with a host and a valid port; found here, not as every row failing to connect."""
+    if not v.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http(s) URL such as {example}")
+    parts = urlsplit(v)
+    try:
+        port = parts.port  # raises for a port out of range or not a number
+    except ValueError:
+        raise ValueError("its port is not a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise ValueError(f"has no host name; give the whole URL, such as {example}")
+    if port == 0:
+        raise ValueError("its port is not a number from 1 to 65535")
 
 
 def _header_safe(value: str) -> bool:
@@ -54,8 +70,8 @@ class EndpointConfig(Section):
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if v != "simulator" and not v.startswith(("http://", "https://")):
-            raise ValueError("must be an http(s) URL such as https://openrouter.ai/api/v1, or 'simulator'")
+        if v != "simulator":
+            check_http_url(v, "https://openrouter.ai/api/v1, or 'simulator'")
         return v.rstrip("/")
 
     def simulator_options(self) -> dict[str, Any]:

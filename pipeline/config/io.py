@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import Section
 
@@ -35,7 +35,14 @@ class InputConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str
+    dir: str = Field(description="The job's folder (answers, outputs, log); relative to the config's folder.")
+
+    @field_validator("dir")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():  # resolved, '' is the config's own folder: the job would be written among the configs
+            raise ValueError("is empty; name the job's folder (e.g. out/nightly), or '.' for the config's folder")
+        return v
     fsync_interval_s: float = Field(1.0, gt=0, le=60)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     metrics_file: str | None = Field(

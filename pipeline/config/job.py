@@ -23,6 +23,10 @@ from .io import (
 from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
 from .request import ParamsConfig, PromptConfig, StructuredConfig
 
+# Keys once recorded in a job's identity that no longer shape requests: a job folder that recorded them
+# is compared without them (state/jobdir.py), so upgrading never makes it "a different job".
+NOT_IDENTITY: tuple[tuple[str, str], ...] = (("structured", "bad_content_retries"),)
+
 
 class Config(Section):
     input: InputConfig
@@ -79,7 +83,9 @@ class Config(Section):
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
             "prompt": self.prompt.model_dump(exclude={"image_roots"}),  # where files may be read, not what is asked
             "params": self.params.model_dump(exclude_none=True),
-            "structured": self.structured.model_dump(by_alias=True) if self.structured else None,
+            # A retry budget changes how often we ask, not what: not the job (NOT_IDENTITY).
+            "structured": self.structured.model_dump(by_alias=True, exclude={"bad_content_retries"})
+            if self.structured else None,
         }
         # NON_STR_KEYS: params.logit_bias is keyed by token id (int).
         loaded: dict[str, Any] = orjson.loads(orjson.dumps(keep, option=orjson.OPT_NON_STR_KEYS, default=str))

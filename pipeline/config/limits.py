@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from .base import Section
+from .endpoint import check_http_url
 
 
 class LimitsConfig(Section):
@@ -69,6 +70,6 @@ class NotifyConfig(Section):
     @field_validator("webhook")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must be an http(s) URL")
+        if v is not None:
+            check_http_url(v, "https://hooks.example/pipeline")
         return v

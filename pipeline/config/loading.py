@@ -15,6 +15,8 @@ from .. import yaml_loader
 from ..errors import ConfigError
 from .job import Config
 
+MINUTES_A_DAY = 24 * 60
+
 
 def load_config(
     source: str | Path | dict[str, Any] | Config,
@@ -55,7 +57,33 @@ def load_config(
     check_prompt(cfg.prompt, name)
     _check_batch_mode(cfg)
     _check_ray_workers(cfg)
+    _check_rates(cfg)
     return cfg
+
+
+def day_note(cfg: Config, rows: int) -> str | None:
+    """What to say before sending when the input's rows cannot all be sent within a day under
+    limits.requests_per_minute (said, not refused: a resumed job may need only a few of them)."""
+    rpm = cfg.limits.requests_per_minute
+    if rpm is None or rows / rpm <= MINUTES_A_DAY:
+        return None
+    return (f"limits.requests_per_minute={rpm:g}: the input's {rows:,} rows need up to {rows / rpm / MINUTES_A_DAY:,.1f} "
+            "days to send, so the job cannot finish within a day; raise the limit, or let it run over several days "
+            "(every run resumes)")
+
+
+def _check_rates(cfg: Config) -> None:
+    """Limits under which nothing could ever be sent are said now, not as a hang or a failure per row."""
+    lim = cfg.limits
+    if lim.requests_per_minute is not None and lim.requests_per_minute * MINUTES_A_DAY < 1:
+        raise ConfigError(f"{lim.requests_per_minute:g} requests a minute is less than one a day: the job could "
+                          "not finish; give requests a minute (e.g. 60), or null for no limit",
+                          key="limits.requests_per_minute", file=cfg.source)
+    least = cfg.params.max_tokens  # every request reserves its max_tokens plus its prompt's tokens
+    if lim.tokens_per_minute is not None and least is not None and lim.tokens_per_minute <= least:
+        raise ConfigError(f"{lim.tokens_per_minute:g} tokens a minute is less than any request needs (params."
+                          f"max_tokens {least} plus the prompt): no request could be sent; raise it, or lower "
+                          "params.max_tokens", key="limits.tokens_per_minute", file=cfg.source)
 
 
 def _check_ray_workers(cfg: Config) -> None:

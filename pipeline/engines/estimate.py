@@ -19,6 +19,7 @@ the slowest bound is the estimate, and the assumption is printed next to it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections import Counter
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import Config
+from ..config import Config, day_note
 from ..errors import EXIT_OK, RowError
 from ..models.catalog import context_window, max_output_tokens
 from ..models.prices import find_price
@@ -50,6 +51,8 @@ MAX_EXAMPLES = 5
 # Request keys remembered to count identical requests once (8 bytes of key each, ~70 bytes in a set):
 # past this many the count may include a few repeats, but memory stays bounded.
 MAX_KEYS_TRACKED = 2_000_000
+
+log = logging.getLogger("pipeline")
 
 
 @dataclass
@@ -92,6 +95,8 @@ def estimate(cfg: Config) -> Estimate:
     source = Source(cfg.input)
     scan = source.scan()
     est.rows_total = scan.rows
+    if (note := day_note(cfg, scan.rows)) is not None:
+        log.warning(note, extra={"event": "slow_limit"})
     renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
                         columns=scan.columns)
     plan = plan_for(cfg)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..common import layout
-from ..config import Config, load_config
+from ..config import Config, day_note, load_config
 from ..core.finish import RowCount, figures, finish, versions
 from ..core.interrupt import Interrupt
 from ..core.progress import Live, Progress
@@ -110,6 +110,8 @@ def _prepare(cfg: Config, schema: dict[str, Any] | None) -> _Prepared:
     jobdir.adopt_batch_size(cfg)  # read-only, before the scan: unchanged batches keep their boundaries
     source = Source(cfg.input)
     scan = source.scan()
+    if (note := day_note(cfg, scan.rows)) is not None:
+        log.warning(note, extra={"event": "slow_limit"})
     renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
                         columns=scan.columns)
     return _Prepared(jobdir, source, scan, renderer, plan_for(cfg, schema), cfg.api_key())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 from base64 import b64encode
 from bisect import bisect_right
@@ -29,6 +30,7 @@ from . import storage
 _EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _FORCED_EXTENSIONS = {"parquet": (".parquet", ".pq"), "jsonl": (".jsonl", ".ndjson", ".json")}
 _SUPPORTED = ".parquet, .jsonl, .ndjson"
+log = logging.getLogger("pipeline")
 PQ_CHUNK = 65_536    # rows per Arrow batch when scanning Parquet
 
 
@@ -229,6 +231,12 @@ def _outside_job_dirs(matched: list[str], pattern: str) -> list[str]:
     return [p for p in matched if not skip(p)]
 
 
+def _hidden(folder: str) -> list[str]:
+    """The hidden files of an input folder (a folder's `*` never lists them; they are never read)."""
+    with os.scandir(folder) as entries:
+        return sorted(e.path for e in entries if e.name.startswith(".") and e.is_file(follow_symlinks=False))
+
+
 def resolve(cfg: InputConfig) -> list[File]:
     path, forced = cfg.path, (None if cfg.format == "auto" else cfg.format)
     listed: dict[str, int] | None = None  # object storage: size per URI, as the listing said
@@ -253,13 +261,20 @@ def resolve(cfg: InputConfig) -> list[File]:
         if len(kept) < len(matched):
             problem += " (files inside pipeline output folders are never read as input)"
         matched = kept
-    files = []
+    files, skipped = [], _outside_job_dirs(_hidden(path), path) if listed is None and os.path.isdir(path) else []
     for p in matched:
         ext = os.path.splitext(p)[1].lower()
         # A forced format applies to whatever a path or pattern names; in a folder it picks the extensions.
         kind = (forced if explicit or ext in _FORCED_EXTENSIONS[forced] else None) if forced else _EXTENSIONS.get(ext)
         if kind and (listed is not None or os.path.isfile(p)):
             files.append(File(p, kind, options=cfg.storage_options if listed is not None else None))
+        elif listed is not None or os.path.isfile(p):
+            skipped.append(p)
+    if files and skipped:
+        # Said once, when the input is listed: a .csv dropped in the folder must not vanish without a word.
+        names = ", ".join(os.path.basename(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        log.warning("%s: skipped %d file(s) that are hidden or not input files (%s): %s", path, len(skipped),
+                    _SUPPORTED, names, extra={"event": "input_files_skipped", "skipped": len(skipped)})
     if not files:
         seen = ", ".join(os.path.basename(p) for p in matched[:5]) if matched != [path] else ""
         raise InputError(problem + (f"; found only {seen}" if seen else ""), file=path)

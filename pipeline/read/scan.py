@@ -71,7 +71,15 @@ class Index:
         for f in self.files:
             self.starts.append(self.total)
             f.stamp = stamp(f)
-            self._jsonl(f) if f.kind == "jsonl" else self._parquet(f)
+            if f.kind == "jsonl":
+                self._jsonl(f)
+            else:
+                try:
+                    self._parquet(f)
+                except (pa.ArrowException, OSError) as exc:
+                    # A damaged data page (the footer read fine): name the file, not just the codec's complaint.
+                    raise InputError(f"cannot read this Parquet file ({exc}); it may be damaged: replace it or leave "
+                                     "it out of input.path", file=f.path) from None
             check_stamp(f)  # the scan's counts and ids must come from one version of the file
         if self.total == 0:
             raise InputError("the input has no rows (only empty files or blank lines)", file=cfg.path)

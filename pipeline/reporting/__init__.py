@@ -19,6 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from ..common import safefs
+from ..errors import UsageError
 from .compare import Comparison, compare
 from .data import RunData, load_run
 from .html import document, fragment
@@ -48,7 +49,11 @@ class Report:
     def save(self, path: PathLike) -> Path:
         """Write the document atomically (temp file + rename)."""
         dest = Path(path)
-        safefs.write_atomic(dest, self.html.encode("utf-8"))  # often into an output.dir: never through a link
+        _check_destination(dest)
+        try:
+            safefs.write_atomic(dest, self.html.encode("utf-8"))  # often into an output.dir: never through a link
+        except (NotADirectoryError, FileNotFoundError, IsADirectoryError) as exc:
+            raise UsageError(_cannot_write(dest, exc.strerror or str(exc))) from None
         return dest
 
     def _repr_html_(self) -> str:
@@ -64,8 +69,6 @@ def report(out_dirs: PathLike | Sequence[PathLike], *, gold: str | None = None) 
     """Read one or more output folders; two or more (or a gold column) add the comparison."""
     dirs = [out_dirs] if isinstance(out_dirs, (str, os.PathLike)) else list(out_dirs)
     if not dirs:
-        from ..errors import UsageError
-
         raise UsageError("give at least one output folder")
     runs = [load_run(d) for d in dirs]
     comparison = compare(runs, gold) if len(runs) > 1 or gold else None
@@ -75,5 +78,20 @@ def report(out_dirs: PathLike | Sequence[PathLike], *, gold: str | None = None) 
 def write_report(out_dirs: Sequence[PathLike], output: PathLike, *, gold: str | None = None) -> tuple[Path, float]:
     """Build and save; returns the path and the seconds it took (the CLI prints both)."""
     started = time.perf_counter()
+    _check_destination(Path(output))  # before the minutes a big report may take, not after
     path = report(out_dirs, gold=gold).save(output)
     return path, time.perf_counter() - started
+
+
+def _check_destination(dest: Path) -> None:
+    """-o must name a file in an existing folder (a path under a file, or a folder, is said, not a crash)."""
+    folder = dest.parent
+    if dest.is_dir():
+        raise UsageError(_cannot_write(dest, "it is a folder"))
+    if not folder.is_dir():
+        why = "not a folder" if folder.exists() else "no such folder"
+        raise UsageError(_cannot_write(dest, f"{folder} is {why}" if folder.exists() else f"{folder}: {why}"))
+
+
+def _cannot_write(dest: Path, why: str) -> str:
+    return f"cannot write the report to {dest} ({why}); give -o a file name in an existing folder"

@@ -82,7 +82,7 @@ def load_run(out_dir: str | Path) -> RunData:
     history, bad_history = _read_jsonl(path / "history.jsonl")
     return RunData(
         path=path, summary=summary, manifest=manifest,
-        results=_read_parquet(path / "results.parquet", skip=_BULKY), failures=_read_parquet(path / "failures.parquet"),
+        results=read_output(path / "results.parquet", skip=_BULKY), failures=read_output(path / "failures.parquet"),
         timings=read_timings(path / "store.sqlite") if (path / "store.sqlite").exists() else journal_timings(path),
         events=events, history=history,
         skipped_lines=bad_log + bad_history,
@@ -97,14 +97,17 @@ def id_column(path: Path, manifest: dict[str, Any]) -> str:
     if named:
         return str(named)
     for name in ("results.parquet", "failures.parquet"):
-        if (path / name).is_dir():
-            columns = _read_parquet(path / name).columns
-            if columns:
-                return columns[0]
+        if (path / name).is_dir():  # the Ray engine's folder of parts
+            columns = read_output(path / name).columns
         elif (path / name).exists():
-            columns = pl.scan_parquet(path / name).collect_schema().names()
-            if columns:
-                return columns[0]
+            try:
+                columns = pl.scan_parquet(path / name).collect_schema().names()
+            except (pl.exceptions.PolarsError, OSError) as exc:
+                raise UsageError(damaged_output(path / name, exc)) from None
+        else:
+            continue
+        if columns:
+            return columns[0]
     return "id"
 
 
@@ -160,14 +163,28 @@ def journal_timings(path: Path) -> pl.DataFrame:
         schema, strict=False)  # type: ignore[arg-type]
 
 
-def _read_parquet(path: Path, skip: tuple[str, ...] = ()) -> pl.DataFrame:
+def read_output(path: Path, skip: tuple[str, ...] = ()) -> pl.DataFrame:
+    """An output Parquet file of the job (empty frame when absent); a damaged one is a UsageError naming it
+    and saying how to get it back (the outputs are rewritten from the store), never a crash."""
     if path.is_dir():  # the Ray engine's folder of per-shard parts
         from ..write.output import read_outputs
-        df = read_outputs(str(path.parent), path.name)
+        try:
+            df = read_outputs(str(path.parent), path.name)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise UsageError(damaged_output(path, exc)) from None
         return df.drop(list(skip), strict=False) if skip else df
     if not path.exists():
         return pl.DataFrame()
-    return pl.scan_parquet(path).select(pl.exclude(*skip)).collect() if skip else pl.read_parquet(path)
+    try:
+        return pl.scan_parquet(path).select(pl.exclude(*skip)).collect() if skip else pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise UsageError(damaged_output(path, exc)) from None
+
+
+def damaged_output(path: Path, exc: BaseException) -> str:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return (f"{path} cannot be read as Parquet ({reason}); it is damaged: re-run the job's command to write its "
+            "outputs again from the answers in store.sqlite (nothing is asked again)")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import polars as pl
 from ..errors import ConfigError, InputError, PipelineError, UsageError
 from ..state.store import Store
 from ..vocab import Record
-from .data import _read_parquet, id_column, read_log, read_manifest
+from .data import damaged_output, id_column, read_log, read_manifest, read_output
 
 REDACTED = "Bearer [redacted]"
 _DATA_URL_KEEP = 80
@@ -67,10 +67,13 @@ def _find_row(path: Path, id_col: str, row_id: str) -> tuple[str, dict[str, Any]
         f = path / name
         if not f.exists():
             continue
-        lf = _read_parquet(f).lazy() if f.is_dir() else pl.scan_parquet(f)  # a Ray job: a folder of parts
-        if id_col not in lf.collect_schema().names():
-            continue
-        hit = lf.filter(pl.col(id_col).cast(pl.String) == row_id).head(1).collect()
+        try:
+            lf = read_output(f).lazy() if f.is_dir() else pl.scan_parquet(f)  # a Ray job: a folder of parts
+            if id_col not in lf.collect_schema().names():
+                continue
+            hit = lf.filter(pl.col(id_col).cast(pl.String) == row_id).head(1).collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise UsageError(damaged_output(f, exc)) from None
         if hit.height:
             return outcome, hit.row(0, named=True)
     raise UsageError(f"no row with {id_col} = {row_id!r} in {path}/results.parquet or failures.parquet "

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from ..common import layout, safefs
 from ..config import Config
+from ..config.job import NOT_IDENTITY
 from ..errors import (
     JobChangedError,
     StateVersionError,
@@ -375,7 +376,11 @@ def _job_changes(known: dict[str, Any], fingerprint: str, request: dict[str, Any
         return []
     if not isinstance(known.get("request"), dict):
         return ["?"]
-    return _changed_keys({k: v for k, v in known["request"].items() if k in request}, request)
+    old = {k: v for k, v in known["request"].items() if k in request}
+    for section, key in NOT_IDENTITY:
+        if isinstance(old.get(section), dict):
+            old[section] = {k: v for k, v in old[section].items() if k != key}
+    return _changed_keys(old, request)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "", depth: int = 0) -> list[str]:

@@ -209,8 +209,8 @@ def output_ids(out_dir: Path, id_column: str) -> list[pa.ChunkedArray]:
                 pf = pq.ParquetFile(fh)
                 if id_column in pf.schema_arrow.names:
                     out.append(pf.read(columns=[id_column]).column(0))
-            except pa.ArrowException:
-                continue  # not a Parquet file of ours: the merge replaces it; no ids to count as removed
+            except (pa.ArrowException, OSError):
+                continue  # damaged, or not a Parquet file of ours: the merge replaces it; no ids to count as removed
     return out
 
 
