@@ -125,8 +125,9 @@ class Journal:
             task.add_done_callback(self._flushing.discard)
 
     async def _commit(self, shard: str, seq: int, items: list[tuple[Record, asyncio.Future[None]]]) -> None:
-        uri = storage.join(shard_folder(self.root, shard), f"{self.writer}-{seq:06d}.parquet")
-        try:
+        uri = f"{shard}/{self.writer}-{seq:06d}.parquet"
+        try:  # every failure below must reach the waiters, or their requests would wait forever
+            uri = storage.join(shard_folder(self.root, shard), f"{self.writer}-{seq:06d}.parquet")
             await asyncio.to_thread(self._write, uri, [r for r, _ in items])
         except Exception as exc:  # every waiter learns it; nothing of this segment counts
             for _, fut in items:

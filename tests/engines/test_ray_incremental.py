@@ -93,9 +93,17 @@ def test_three_nights_over_a_growing_input_send_only_what_has_no_answer(s3_bucke
 
 def test_workers_events_reach_the_one_log(tmp_path: Path, ray_local: Any) -> None:
     from tests.conftest import job
-    cfg = job(tmp_path, rows=20, input={"batch_size": 10}, run={"engine": "ray", "workers": 2},
-              sim={"fault_plan": [{"requests": "1-3", "fault": "500"}]})
-    summary = pipeline.run(cfg, quiet=True)
+    from tests.ops.test_ops import Receiver
+    with Receiver() as hook:
+        cfg = job(tmp_path, rows=20, input={"batch_size": 10}, run={"engine": "ray", "workers": 2},
+                  sim={"fault_plan": [{"requests": "1-3", "fault": "500"}]},
+                  output={"metrics_file": str(tmp_path / "pipeline.prom")},
+                  notify={"webhook": hook.url, "on": ["success", "failure"]})
+        summary = pipeline.run(cfg, quiet=True)
+    posted = [json.loads(b) for b in hook.bodies]
+    assert [(p["engine"], p["exit_code"], p["job"], p["requests"]) for p in posted] == [
+        ("ray", 0, str(tmp_path / "out"), 23)]
+    assert "pipeline_run_exit_code 0" in (tmp_path / "pipeline.prom").read_text()
     assert summary.exit_code == 0 and summary.retries.get("transient") == 3, summary
     events = [json.loads(line) for line in (tmp_path / "out" / "pipeline.log").read_text().splitlines()]
     failed = [e for e in events if e["event"] == "attempt_failed"]
@@ -103,6 +111,15 @@ def test_workers_events_reach_the_one_log(tmp_path: Path, ray_local: Any) -> Non
     assert [json.loads(line)["exit_code"] for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()] == [0]
     df = pipeline.load(str(tmp_path / "out"))
     assert df.height == 20 and "sentiment" in df.columns
+    # One outcome policy and one record construction (issue 23, item 5): the workers run the local
+    # engine's dispatcher, so the same job gives the same columns, types and answers on both engines.
+    local = pipeline.run({**cfg, "run": {"engine": "local", "progress": False}, "notify": {},
+                          "output": {"dir": str(tmp_path / "local")}}, quiet=True)
+    assert local.retries == summary.retries
+    here = pipeline.load(str(tmp_path / "local"))
+    assert here.schema == df.schema
+    keys = ["rid", "request_key", "sentiment", "score", "finish_reason", "prompt_tokens"]
+    assert here.sort("rid").select(keys).equals(df.sort("rid").select(keys))
     from pipeline.reporting.data import load_run
     from pipeline.reporting.html import fragment
     from pipeline.reporting.show import row_story

@@ -97,8 +97,8 @@ class LabelWorker:
 def label(ds: Any, config: Any, *, schema: Any = None) -> Any:
     """Add the labelling columns to a Ray Dataset (lazy, like every Ray Data stage)."""
     from ...config import load_config
-    from .driver import NAMESPACE, connect, import_ray, limiter_name
-    from .limiter import LimiterActor
+    from .budget import read_spent
+    from .driver import connect, import_ray, limiter_name, start_limiter
     ray = import_ray()
     # The dataset is the input: a job file (or dict) needs no `input` section, and its input.path is unused.
     cfg = config if isinstance(config, Config) else load_config(config, {"input.path": ORIGIN})
@@ -116,9 +116,8 @@ def label(ds: Any, config: Any, *, schema: Any = None) -> Any:
         base_url = sim.start()
         _simulators.append(sim)
     name = limiter_name(cfg)
-    _limiters[name] = ray.remote(LimiterActor).options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000,
-                                     max_restarts=-1, get_if_exists=True).remote(
-        cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s)
+    # The job's one budget too (budget.max_cost_usd), continuing from what the journal's budget file says.
+    _limiters[name] = start_limiter(ray, cfg, read_spent(cfg.output.dir, cfg.output.storage_options) or 0.0)
     return ds.map_batches(
         LabelWorker, batch_format="pyarrow", batch_size=cfg.input.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.run.workers), num_cpus=0, fn_constructor_kwargs={
