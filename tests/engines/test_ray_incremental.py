@@ -5,6 +5,7 @@ and has one budget and one driver per job."""
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ def test_workers_events_reach_the_one_log(tmp_path: Path, ray_local: Any) -> Non
     posted = [json.loads(b) for b in hook.bodies]
     assert [(p["engine"], p["exit_code"], p["job"], p["requests"]) for p in posted] == [
         ("ray", 0, str(tmp_path / "out"), 23)]
-    assert "pipeline_run_exit_code 0" in (tmp_path / "pipeline.prom").read_text()
+    assert re.search(r"^pipeline_run_exit_code\{[^}]*\} 0(\.0)?$", (tmp_path / "pipeline.prom").read_text(), re.M)
     assert summary.exit_code == 0 and summary.retries.get("transient") == 3, summary
     events = [json.loads(line) for line in (tmp_path / "out" / "pipeline.log").read_text().splitlines()]
     failed = [e for e in events if e["event"] == "attempt_failed"]
