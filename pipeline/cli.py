@@ -1,4 +1,4 @@
-"""`pipeline run | check | simulate | status | report | show`: a thin layer that parses arguments and formats a Summary.
+"""`pipeline run | check | simulate | status | report | review | show`: a thin layer that parses arguments and formats a Summary.
 
 Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
 sent); 3 stopped early (run-fatal or budget), resumable; 70 internal error (a bug; the traceback is
@@ -74,12 +74,35 @@ def _add_report_commands(sub: Any) -> None:
     report.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
     report.add_argument("--gold", metavar="COLUMN[=FIELD]",
                         help="score each run against this carried input column (the output field of the same "
-                             "name, or the one given after =)")
+                             "name, or the one given after =); without it, the labels `pipeline review import` "
+                             "stored beside a job")
+    report.add_argument("--by", metavar="COLUMN", help="slice the comparison by this carried input column")
+    report.add_argument("--target-precision", type=float, metavar="P",
+                        help="with gold and confidences: name the lowest confidence threshold whose auto-accepted "
+                             "rows reach this precision (e.g. 0.98)")
+    _add_review_commands(sub)
     show = sub.add_parser("show", help="one row's request (key redacted), attempts, raw answer, output and cost")
     show.add_argument("out_dir", help="the job's output.dir")
     show.add_argument("row_id", help="the row's id (input.id_column)")
     show.add_argument("--config", help="the job's config, if the one recorded in the folder has moved")
     show.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_review_commands(sub: Any) -> None:
+    review = sub.add_parser("review", help="human review of uncertain rows: Label Studio tasks out, gold labels in")
+    steps = review.add_subparsers(dest="review_command", required=True, metavar="{export,import}")
+    export = steps.add_parser("export", help="the uncertain rows and a random sample as Label Studio tasks and CSV")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="the job's output.dir")
+    export.add_argument("--below", type=float, metavar="CONFIDENCE",
+                        help="every answered row whose confidence is under this (e.g. 0.8)")
+    export.add_argument("--sample", type=int, default=0, metavar="N",
+                        help="plus N rows drawn at random from the others (an audit of what would pass unreviewed)")
+    export.add_argument("--seed", type=int, default=0, help="the random sample's seed (default 0)")
+    export.add_argument("-o", "--output", default="tasks.json",
+                        help="the tasks file (default tasks.json); the CSV and the labeling config go beside it")
+    imp = steps.add_parser("import", help="store reviewers' labels beside the job as gold (used by `report`)")
+    imp.add_argument("out_dir", metavar="OUT_DIR", help="the job's output.dir")
+    imp.add_argument("annotations", help="Label Studio's export (JSON, JSON-MIN or CSV) or the filled-in CSV")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +143,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return serve(args)
     if args.command in ("report", "show"):
         return _report(args)
+    if args.command == "review":
+        return _review(args)
     if args.command == "check":
         from .ops.check import print_checks, run_checks
 
@@ -148,9 +173,19 @@ def _report(args: argparse.Namespace) -> int:
         return print_story(row_story(args.out_dir, args.row_id, config=args.config), as_json=args.json)
     from .reporting import write_report
 
-    path, seconds = write_report(args.out_dirs, args.output, gold=args.gold)
+    path, seconds = write_report(args.out_dirs, args.output, gold=args.gold, by=args.by,
+                                 target_precision=args.target_precision)
     print(f"wrote {path} ({os.path.getsize(path) / 1024:,.0f} KB) in {seconds:.1f}s", file=sys.stderr)
     return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    from .reporting import review
+
+    if args.review_command == "export":
+        return review.print_exported(review.export_tasks(args.out_dir, args.output, below=args.below,
+                                                         sample=args.sample, seed=args.seed))
+    return review.print_imported(review.import_labels(args.out_dir, args.annotations))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -158,7 +193,7 @@ def _run(args: argparse.Namespace) -> int:
 
     # stderr shows warnings and errors; -v shows everything pipeline.log gets (and debug), in a human form.
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(HumanFormatter())
+    stderr.setFormatter(HumanFormatter(full_time=not sys.stderr.isatty()))
     stderr.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # A bug's traceback goes to pipeline.log and a file; the terminal gets diagnosis's one line, unless -v.
     stderr.addFilter(lambda r: args.verbose or getattr(r, "event", None) != "internal_error")
@@ -189,7 +224,8 @@ def _print_summary(s: Any, *, quiet: bool) -> None:
         f"{s.succeeded:,} succeeded, {s.failed:,} failed, {s.pending:,} pending of {s.rows_total:,} rows | "
         f"{s.prompt_tokens + s.completion_tokens:,} tokens, ${s.cost_usd:.4f} "
         f"(this run ${s.run_cost_usd:.4f}) | {s.requests_sent:,} requests in {s.wall_s:.1f}s | "
-        f"rows {s.rows_new:,} new, {s.rows_reused:,} reused, {s.rows_removed:,} removed"
+        f"rows {s.rows_new:,} new, {s.rows_edited:,} edited, {s.rows_retried:,} retried, {s.rows_reused:,} reused, "
+        f"{s.rows_input_failed:,} input-failed, {s.rows_removed:,} removed"
     )
     if s.stopped and s.stopped != "incomplete":
         print(redact.scrub(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": ")), file=sys.stderr)

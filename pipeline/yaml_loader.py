@@ -40,7 +40,7 @@ class StrictLoader(yaml.SafeLoader):
                 mark = self.peek_event().start_mark
                 raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (line {mark.line + 1}); a config needs "
                                      "few, and this many is how an alias bomb looks: write the values out")
-        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        return super().compose_node(parent, index)
 
     def get_single_node(self) -> Node | None:
         node = super().get_single_node()
@@ -55,7 +55,7 @@ class StrictLoader(yaml.SafeLoader):
                 key_node.tag = _STR_TAG
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             try:
                 if key in seen:
@@ -64,7 +64,7 @@ class StrictLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: the base class reports it
                 continue
             seen[key] = line
-        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+        return super().construct_mapping(node, deep=deep)
 
 
 def _check_expansion(root: Node) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from .batch_lines import Line, answer, check_lines, line_faults
 from .chat import ChatService
@@ -125,11 +125,13 @@ class BatchService:
         purpose, filename, data = None, None, b""
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
-            if getattr(part, "name", None) == "purpose":
+            if not isinstance(part, BodyPartReader):  # a nested multipart: no field of ours
+                continue
+            if part.name == "purpose":
                 purpose = (await part.read()).decode()
-            elif getattr(part, "name", None) == "file":
-                filename = part.filename  # type: ignore[union-attr]
-                data = bytes(await part.read())  # type: ignore[union-attr]
+            elif part.name == "file":
+                filename = part.filename
+                data = bytes(await part.read())
         if purpose != "batch":
             return _error(400, f"Invalid purpose {purpose!r}: this simulator takes purpose=batch.", "invalid_purpose")
         if not filename or not filename.endswith(".jsonl"):
@@ -258,7 +260,8 @@ class BatchService:
         cfg = self.cfg
         rates = {"4xx": cfg.line_rate_4xx, "5xx": cfg.line_rate_5xx, "schema_invalid": cfg.line_rate_schema_invalid}
         faults = line_faults(len(b.lines), rates, rng)
-        out, err = [], []
+        out: list[dict[str, Any]] = []
+        err: list[dict[str, Any]] = []
         for rank, i in enumerate(order):
             line = b.lines[i]
             rid = f"batch_req_{hashlib.sha256(f'{b.id}:{i}'.encode()).hexdigest()[:24]}"

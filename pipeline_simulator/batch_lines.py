@@ -40,7 +40,7 @@ def check_lines(data: bytes, endpoint: str, service: ChatService) -> tuple[list[
     for n, raw in enumerate(data.splitlines(), start=1):
         if not raw.strip():
             continue
-        problem = None
+        problem: tuple[str, str, str | None] | None = None
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:

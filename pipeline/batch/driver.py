@@ -185,7 +185,7 @@ class BatchDriver:
     async def _adopt_batches(self, creating: dict[str, Chunk]) -> None:
         oldest = min((c.intent_at or 0) for c in creating.values()) - 3600
         async for b in self.client.batches():
-            meta = b.get("metadata") if isinstance(b.get("metadata"), dict) else {}
+            meta: dict[str, Any] = b["metadata"] if isinstance(b.get("metadata"), dict) else {}
             chunk = creating.get(str(meta.get("pipeline_chunk"))) if meta.get("pipeline_job") == self.ledger.job_id else None
             if chunk is not None and isinstance(b.get("id"), str):
                 log.info("adopting batch %s for %s, created before the last run stopped", b["id"], chunk.name)
@@ -218,7 +218,7 @@ class BatchDriver:
                                    "the same command")
                 return moved
             status = str(batch.get("status"))
-            counts = batch.get("request_counts") if isinstance(batch.get("request_counts"), dict) else {}
+            counts: dict[str, Any] = batch["request_counts"] if isinstance(batch.get("request_counts"), dict) else {}
             moved |= status != chunk.status or counts != chunk.counts
             self.ledger.update(chunk.chunk, status=status, counts=counts)
             self.bar.show(chunk.chunk, status, counts, chunk.lines)

@@ -18,13 +18,14 @@ FAILURES = "failures.parquet"
 SUMMARY = "summary.json"
 HISTORY = "history.jsonl"
 LOG = "pipeline.log"
+GOLD = "gold.parquet"                  # human labels (`pipeline review import`), kept by --force-new
 PREVIOUS_PREFIX = "previous-"          # --force-new moves an old job aside into previous-<time>/
 INTERNAL_ERROR_PREFIX = "internal-error-"
 
 # What JobDir creates first: a folder holding one of these beside parts/ is a job's output folder.
 MARKERS = (STORE, MANIFEST, LOCK)
 
-_FILES = frozenset({LOCK, MANIFEST, STORE, RESULTS, FAILURES, SUMMARY, HISTORY, LOG})
+_FILES = frozenset({LOCK, MANIFEST, STORE, RESULTS, FAILURES, SUMMARY, HISTORY, LOG, GOLD})
 _FILE_RE = re.compile(
     rf"^(?:{re.escape(STORE)}-(?:wal|shm|journal)"          # SQLite's companions
     rf"|{re.escape(LOG)}\.\d+"                               # rotated logs

@@ -22,7 +22,7 @@ from .io import (
     OutputConfig,
     RunConfig,
 )
-from .job import Config
+from .job import Config, JobConfig
 from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
 from .loading import day_note, load_config
 from .request import (
@@ -35,7 +35,7 @@ from .request import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "IMAGE_BATCH_SIZE", "BatchConfig", "BudgetConfig", "CacheConfig", "Config",
-    "EndpointConfig", "InputConfig", "LimitsConfig", "NotifyConfig", "OutputConfig", "ParamsConfig", "Price",
+    "EndpointConfig", "InputConfig", "JobConfig", "LimitsConfig", "NotifyConfig", "OutputConfig", "ParamsConfig", "Price",
     "PromptConfig", "ProviderConfig", "RunConfig", "Section", "StructuredConfig", "StructuredMode", "day_note",
     "load_config",
 ]

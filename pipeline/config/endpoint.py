@@ -147,7 +147,7 @@ class EndpointConfig(Section):
         if self.app_url:
             out["HTTP-Referer"] = self.app_url
         if self.app_title:
-            # OpenRouter's current title header, plus the legacy one it still honours (wire-facts §1.1).
+            # OpenRouter's current title header, plus the legacy one it still honours (docs/wire.md §1.1).
             out["X-OpenRouter-Title"] = self.app_title
             out["X-Title"] = self.app_title
         return out

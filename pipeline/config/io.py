@@ -21,6 +21,11 @@ class InputConfig(Section):
         description="Rows per streaming batch; default 1000, or 64 when prompt.images is set (image payloads are "
                     "large, and a few open batches are held in memory).",
     )
+    @property
+    def rows_per_batch(self) -> int:
+        """batch_size as a run uses it: a loaded Config always sets it; an InputConfig alone gets the default."""
+        return self.batch_size if self.batch_size is not None else DEFAULT_BATCH_SIZE
+
     limit: int | None = Field(
         None, ge=1, description="Only the first N rows (`--limit N`): a cheap trial; outputs and resume are those "
                                 "of a job over these rows. Not part of the job's identity.",

@@ -28,7 +28,16 @@ from .request import ParamsConfig, PromptConfig, StructuredConfig
 NOT_IDENTITY: tuple[tuple[str, str], ...] = (("structured", "bad_content_retries"),)
 
 
+class JobConfig(Section):
+    """Naming the job for people and dashboards; not part of what the job asks (not its identity)."""
+
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+                             description="The job's name in the webhook, the metrics' job label and "
+                                         "`pipeline status` (default: the output folder).")
+
+
 class Config(Section):
+    job: JobConfig = Field(default_factory=JobConfig)
     input: InputConfig
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     prompt: PromptConfig

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from .. import yaml_loader
 from ..errors import ConfigError
 from .job import Config
+from .templates import check_prompt
 
 MINUTES_A_DAY = 24 * 60
 
@@ -50,11 +51,7 @@ def load_config(
         raise ConfigError(_explain(exc, raw), file=name) from None
     _resolve_paths(cfg, base)
     _check_budget_price(cfg)
-    from ..prepare.templates import (
-        check_prompt,  # compiled before any input is read or anything is sent
-    )
-
-    check_prompt(cfg.prompt, name)
+    check_prompt(cfg.prompt, name)  # compiled before any input is read or anything is sent
     _check_batch_mode(cfg)
     _check_ray_workers(cfg)
     _check_rates(cfg)

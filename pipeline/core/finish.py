@@ -1,13 +1,21 @@
-"""How a local run ends: rows counted as new or reused, the exit code and next step, the job's figures
-for the metrics file while it runs, and the versions stamped into summary.json (engines/runner.py)."""
+"""How a local run ends: rows counted as new, edited, retried, reused or input-failed, the exit code and
+next step, the job's figures for the metrics file while it runs, and the versions stamped into summary.json (engines/runner.py)."""
 from __future__ import annotations
 
 import platform
+from array import array
+from collections.abc import Collection
+from dataclasses import dataclass
 from importlib import metadata
+from typing import Protocol
 
-from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, Fatal
 from ..ops.figures import Figures
 from ..ops.invocation import Invocation
+from ..read.scan import id_key
 from ..state.jobdir import JobDir
 from ..state.store import PartCounts
 from ..vocab import Record
@@ -17,21 +25,44 @@ from .transformer import Core, OutcomeBatch
 
 
 class RowCount:
-    """Rows new and reused: a row is new when its request had no answer before this run (answered now,
-    or still pending), reused when an earlier run answered it (or the shared cache did, at no cost)."""
+    """Where each row of this run's input stands, counted once, so the counts add up to the input's rows:
+    new (its request never had an answer), edited (a row the previous outputs held, now asking something
+    new), retried (its request had a failed answer that is asked again), reused (an earlier run or the
+    shared cache answered it, at no cost) and input-failed (it never became a request). Rows a stopped run
+    did not reach count as new."""
 
-    def __init__(self, started: float, reused: PartCounts) -> None:
+    def __init__(self, started: float, reused: PartCounts, asked_again: Collection[str] = ()) -> None:
         self.started = started
         self.new, self.reused = 0, reused.ok + reused.request_failed
+        self.input_failed = reused.failed - reused.request_failed  # reused parts hold their input failures too
+        self.edited = self.retried = 0
+        self._asked_again = asked_again  # keys the store had a failed answer for (LocalAnswers.asked_again)
+        self._new_ids = array("Q")  # 8-byte keys of the new rows' ids: edited ones are told apart at the end
 
     def add(self, out: OutcomeBatch) -> None:
-        for key, o in zip(out.keys, out.outcomes):
+        for key, o, rid in zip(out.keys, out.outcomes, out.batch.ids):
             if key is None:
-                continue  # a bad input row has no request: neither
-            if o is None or (isinstance(o, Record) and not o.cache_hit and o.created_at >= self.started):
-                self.new += 1
+                self.input_failed += 1
+            elif o is None or (isinstance(o, Record) and not o.cache_hit and o.created_at >= self.started):
+                if key in self._asked_again:
+                    self.retried += 1
+                else:
+                    self.new += 1
+                    self._new_ids.append(id_key(rid, False))
             else:
                 self.reused += 1
+
+    def settle(self, rows: int, previous_ids: list[pa.ChunkedArray], derived_ids: bool) -> None:
+        """At the end: new rows whose id the previous outputs held were edited (a derived id changes with
+        the row, so it cannot tell); rows never reached are new."""
+        if self._new_ids and not derived_ids:
+            before = [id_key(s, False) for col in previous_ids for s in col.to_pylist() if s is not None]
+            if before:
+                found = pc.is_in(pa.array(self._new_ids, pa.uint64()), value_set=pa.array(before, pa.uint64()))
+                self.edited = int(pc.sum(found).as_py() or 0)
+                self.new -= self.edited
+        counted = self.new + self.edited + self.retried + self.reused + self.input_failed
+        self.new += max(0, rows - counted)
 
 
 def figures(jobdir: JobDir, rows: int, progress: Progress, reused: PartCounts, core: Core, invocation: Invocation,
@@ -39,7 +70,7 @@ def figures(jobdir: JobDir, rows: int, progress: Progress, reused: PartCounts, c
     """The job's figures now, for the metrics file: the rows resolved so far are the progress bar's."""
     s, t = core.stats, invocation.tally
     failed = progress.failed + reused.failed
-    return Figures(job=str(jobdir.path), rows={"succeeded": progress.done - failed, "failed": failed,
+    return Figures(job=invocation.job_name, rows={"succeeded": progress.done - failed, "failed": failed,
                                                "pending": rows - progress.done},
                    requests=dict(t.by_class), rate_limited=t.rate_limited, prompt_tokens=s.prompt_tokens,
                    completion_tokens=s.completion_tokens, run_cost_usd=s.cost_usd,
@@ -47,7 +78,25 @@ def figures(jobdir: JobDir, rows: int, progress: Progress, reused: PartCounts, c
                    started=invocation.started, running=True)
 
 
-def finish(summary: Summary, core: Core, resume: str, retry: str) -> None:
+class HowItStopped(Protocol):
+    """What finish() reads of a run's dispatch: Core has it; a driver that ran elsewhere builds a Verdict."""
+
+    @property
+    def stop_reason(self) -> str | None: ...
+
+    @property
+    def fatal(self) -> Fatal | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """How dispatch stopped when it ran in other processes (Ray workers): the reason and the fatal error."""
+
+    stop_reason: str | None = None
+    fatal: Fatal | None = None
+
+
+def finish(summary: Summary, core: HowItStopped, resume: str, retry: str) -> None:
     """The exit code and the next step of a run, from how the core stopped and what is left."""
     reason = core.stop_reason
     if reason in ("fatal", "budget") and core.fatal is not None:

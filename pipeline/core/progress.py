@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TextIO
 
 from tqdm.auto import tqdm
@@ -32,6 +33,11 @@ class Live:
 def _in_notebook(stream: TextIO) -> bool:
     """A Jupyter kernel's stderr is no terminal, but tqdm.auto draws a widget there: a bar, not lines."""
     return stream is sys.stderr and "ipykernel" in sys.modules
+
+
+def stamp() -> str:
+    """Off a terminal (cron appends night after night to one file) every line says when, in UTC."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ ")
 
 
 class Progress:
@@ -89,14 +95,14 @@ class Progress:
         self._last_line = now = time.monotonic()
         rate = (self.done - self._initial) / max(now - self._start, 1e-9)
         share = f" ({self.done / self.total:.0%})" if self.total else ""
-        print(f"labelling: {self.done:,}/{self.total:,} rows{share}, {rate:.1f} rows/s, {self._postfix()}",
+        print(f"{stamp()}labelling: {self.done:,}/{self.total:,} rows{share}, {rate:.1f} rows/s, {self._postfix()}",
               file=self.stream, flush=True)
 
     def note(self, text: str) -> None:
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
         elif self.enabled:
-            print(text, file=self.stream, flush=True)
+            print(stamp() + text, file=self.stream, flush=True)
 
     def finish(self, done: int, failed: int, stats: Stats) -> None:
         """The final figures (the summary's): rows in the outputs, this run's tokens and cost."""

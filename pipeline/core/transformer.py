@@ -46,7 +46,7 @@ import asyncio
 import functools
 import random
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -130,7 +130,8 @@ class Core:
         for task in list(self._requests):
             task.cancel()
 
-    async def outcomes(self, batches: Iterable[InputBatch] | AsyncIterable[InputBatch]) -> AsyncIterator[OutcomeBatch]:
+    async def outcomes(self, batches: Iterable[InputBatch] | AsyncIterable[InputBatch]
+                       ) -> AsyncGenerator[OutcomeBatch, None]:
         """One OutcomeBatch per input batch read, as each is resolved; reading stops when dispatch does."""
         source = _aiter(batches)
         pending: set[asyncio.Task[OutcomeBatch]] = set()

@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..common import layout
+from ..common.parts import drop_partial_parts
 from ..config import Config, day_note, load_config
 from ..core.finish import RowCount, figures, finish, versions
 from ..core.interrupt import Interrupt
 from ..core.progress import Live, Progress
 from ..core.transformer import Core, OutcomeBatch
 from ..errors import InputChangedError
+from ..models.prices import find_price
 from ..ops.figures import ObservedTransport
 from ..ops.invocation import Invocation
 from ..prepare.prompts import Renderer
@@ -49,7 +51,6 @@ from ..vocab import InputBatch, Record
 from ..write.output import (
     OutputColumns,
     Summary,
-    drop_partial_parts,
     failure_counts,
     merge_parts,
     output_ids,
@@ -147,7 +148,7 @@ async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] |
             answers = LocalAnswers(store, cache, stats, retry_failed=retry_failed)
             core = Core(cfg, renderer, plan, answers=answers, limiter=limiter, transport=transport, progress=progress,
                         stats=stats, spent_before=spent_before)
-            rows = RowCount(invocation.started, reused)
+            rows = RowCount(invocation.started, reused, answers.asked_again)
             invocation.watch(lambda: figures(jobdir, scan.rows, progress, reused, core, invocation, spent_before))
             interrupt = interrupt or Interrupt()
             interrupt.attach(core, progress, cfg.run.grace_period_s, signals=handle_signals)
@@ -294,6 +295,7 @@ def _output_columns(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
         id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
         with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
         with_ttft=cfg.params.stream, compression=cfg.output.compression,
+        cost_unknown=find_price(cfg, cfg.endpoint.model) is None,
     )
 
 
@@ -311,6 +313,7 @@ def _summary(cfg: Config, jobdir: JobDir, store: Store, core: Core, plan: Struct
              reused: PartCounts, started: float, names: list[str], source: Source, counted: RowCount,
              progress: Progress) -> Summary:
     previous_ids = output_ids(jobdir.path, cfg.input.id_column or "id")
+    counted.settle(rows, previous_ids, derived_ids=cfg.input.id_column is None)
     succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression, names)
     progress.finish(succeeded + failed, failed, core.stats)  # the bar's last frame shows the summary's figures
     jobdir.prune(store, names)
@@ -324,7 +327,8 @@ def _summary(cfg: Config, jobdir: JobDir, store: Store, core: Core, plan: Struct
         requests_sent=stats.requests_sent, retries=dict(stats.retries),
         failures_by_class=failure_counts(jobdir.path), cache_hits=stats.cache_hits,
         deduplicated=stats.deduplicated, resumed_rows=reused.ok + reused.failed,
-        rows_new=counted.new, rows_reused=counted.reused, rows_removed=source.count_missing(previous_ids),
+        rows_new=counted.new, rows_edited=counted.edited, rows_retried=counted.retried, rows_reused=counted.reused,
+        rows_input_failed=counted.input_failed, rows_removed=source.count_missing(previous_ids),
         config_fingerprint=cfg.request_fingerprint(), versions=versions(),
         structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
     )

@@ -1,4 +1,4 @@
-"""What a provider's rate-limit headers say, read in one place (wire-facts §3).
+"""What a provider's rate-limit headers say, read in one place (docs/wire.md §3.1).
 
 - OpenAI: `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, resets as Go durations ('6m0s').
 - OpenRouter: `X-RateLimit-Limit` / `-Remaining` / `-Reset`, the reset in epoch milliseconds.

@@ -31,7 +31,10 @@ class RunRecord:
     exit_code: int
     rows_total: int = 0
     rows_new: int = 0
+    rows_edited: int = 0
+    rows_retried: int = 0
     rows_reused: int = 0
+    rows_input_failed: int = 0
     rows_removed: int = 0
     succeeded: int = 0
     failed: int = 0

@@ -74,6 +74,11 @@ class Invocation:
         self.tally = Tally()
         self._figures: Callable[[], Figures] | None = None
 
+    @property
+    def job_name(self) -> str:
+        """How people and dashboards name the job: job.name, else its folder."""
+        return self.cfg.job.name or str(self.out_dir)
+
     def watch(self, figures: Callable[[], Figures]) -> None:
         """How to read the job's figures while it runs (the runner knows; we only write them)."""
         self._figures = figures
@@ -102,7 +107,7 @@ class Invocation:
         log.info("run %s started (pid %d)", self.run_id, os.getpid(),
                  extra={"event": "run_start", "run_id": self.run_id, "pid": os.getpid(), "config": self.cfg.source})
 
-    def stamp(self) -> dict[str, str]:
+    def stamp(self) -> dict[str, Any]:
         """The summary's run_id, started_at and finished_at (now)."""
         return {"run_id": self.run_id, "started_at": self.started_at, "finished_at": iso_utc(time.time())}
 
@@ -111,7 +116,9 @@ class Invocation:
             return history.RunRecord(
                 run_id=self.run_id, started_at=self.started_at, finished_at=summary.finished_at or iso_utc(time.time()),
                 exit_code=summary.exit_code, rows_total=summary.rows_total, rows_new=summary.rows_new,
-                rows_reused=summary.rows_reused, rows_removed=summary.rows_removed, succeeded=summary.succeeded,
+                rows_edited=summary.rows_edited, rows_retried=summary.rows_retried, rows_reused=summary.rows_reused,
+                rows_input_failed=summary.rows_input_failed, rows_removed=summary.rows_removed,
+                succeeded=summary.succeeded,
                 failed=summary.failed, pending=summary.pending, requests=summary.requests_sent,
                 retries=dict(summary.retries), cost_usd=summary.run_cost_usd, stop_reason=summary.stopped,
                 message=summary.stop_message)
@@ -148,7 +155,7 @@ class Invocation:
         path = self.cfg.output.metrics_file
         assert path is not None
         f = self._figures() if self._figures is not None else Figures(
-            job=str(self.out_dir), rows={}, requests={}, rate_limited=0, prompt_tokens=0, completion_tokens=0,
+            job=self.job_name, rows={}, requests={}, rate_limited=0, prompt_tokens=0, completion_tokens=0,
             run_cost_usd=0.0, job_cost_usd=0.0, last_success=None, started=self.started, running=True)
         if record is not None:
             f.running, f.exit_code = False, record.exit_code
@@ -168,5 +175,6 @@ class Invocation:
         n = self.cfg.notify
         outcome = "success" if record.exit_code == 0 else "failure"
         if n.webhook and outcome in n.on:
-            payload = {"job": str(self.out_dir), "outcome": outcome, "host": socket.gethostname(), **record.to_json()}
-            await notify.post(n.webhook, payload, timeout_s=n.timeout_s, retries=n.retries)
+            payload = {"job": self.job_name, "out_dir": str(self.out_dir), "outcome": outcome,
+                       "host": socket.gethostname(), **record.to_json()}
+            await notify.post(n.webhook, notify.shape(payload, n.format), timeout_s=n.timeout_s, retries=n.retries)

@@ -48,13 +48,19 @@ class JsonFormatter(logging.Formatter):
 
 
 class HumanFormatter(logging.Formatter):
-    """`-v` on stderr: time, level, event, message and the fields as key=value."""
+    """stderr: time, level, event, message and the fields as key=value. `full_time` (stderr is not a
+    terminal: cron appends night after night to one file): the date and time in UTC, not only the time."""
+
+    def __init__(self, *, full_time: bool = False) -> None:
+        super().__init__()
+        self.full_time = full_time
 
     def format(self, record: logging.LogRecord) -> str:
         extra = fields(record)
         trace = extra.pop("traceback", None)
         event = getattr(record, "event", None)
-        text = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "
+        when = iso_utc(record.created)[:19] + "Z" if self.full_time else self.formatTime(record, "%H:%M:%S")
+        text = f"{when} {record.levelname:<7} "
         text += f"{event}: {record.getMessage()}" if event else f"{record.name}: {record.getMessage()}"
         if extra:
             text += " " + " ".join(f"{k}={v}" for k, v in extra.items())

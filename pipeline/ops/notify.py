@@ -22,6 +22,24 @@ log = logging.getLogger("pipeline")
 RETRY_BASE_S = 1.0
 
 
+def shape(record: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The body for the receiver (`notify.format`): the record as it is (json), or one line of it as
+    Slack's `{text}` or a Teams MessageCard (their incoming webhooks show nothing else)."""
+    if fmt == "json":
+        return record
+    title = f"pipeline job {record.get('job')}: {record.get('outcome')} (exit {record.get('exit_code')})"
+    text = (f"{record.get('succeeded', 0):,} succeeded, {record.get('failed', 0):,} failed, "
+            f"{record.get('pending', 0):,} pending of {record.get('rows_total', 0):,} rows; "
+            f"{record.get('requests', 0):,} requests, ${float(record.get('cost_usd') or 0):.4f} this run; "
+            f"on {record.get('host')}, run {record.get('run_id')}")
+    if record.get("stop_reason"):
+        text += f"; stopped ({record['stop_reason']}): {str(record.get('message') or '')[:300]}"
+    if fmt == "slack":
+        return {"text": f"*{title}*\n{text}"}
+    return {"@type": "MessageCard", "@context": "https://schema.org/extensions", "summary": title, "title": title,
+            "themeColor": "2EB886" if record.get("outcome") == "success" else "D70000", "text": text}
+
+
 async def post(url: str, payload: dict[str, Any], *, timeout_s: float, retries: int) -> bool:
     """True once the receiver answered 2xx; False (logged) when it never did."""
     body = redact.scrub_bytes(orjson.dumps(payload))  # leaves the machine: never a secret in it

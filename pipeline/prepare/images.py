@@ -10,11 +10,11 @@ is a regular file, and never more than the size limit plus one byte. A path outs
 the row with a message that does not say whether the file exists. `~` is not expanded.
 
 Local files and bytes become base64 data URLs. The real format is read from the bytes, never from a
-file name: PNG, JPEG, WEBP and non-animated GIF are what GPT-4 Turbo accepts (wire-facts §3), so
+file name: PNG, JPEG, WEBP and non-animated GIF are what GPT-4 Turbo accepts (docs/wire.md §1.3), so
 anything else fails the row here instead of costing a 400 later. Pixels are only decoded when an
 image must be downscaled (`prompt.image_max_side`); otherwise Pillow reads the header for the size.
 
-Token cost follows the GPT-4 Turbo rule (wire-facts §3). The size of a remote URL is unknown without
+Token cost follows the GPT-4 Turbo rule (docs/wire.md §1.4). The size of a remote URL is unknown without
 fetching it, so it is estimated as 1024x1024 (765 tokens at high/auto detail): a typical photo, and the
 estimate is only used for tokens/minute pacing and budget forecasts, which real usage then corrects.
 """

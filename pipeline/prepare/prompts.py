@@ -1,6 +1,6 @@
 """Rows into request bodies: Jinja templates over columns and image parts (the request itself: request.py).
 
-Templates are compiled once in Jinja's immutable sandbox (templates.py) with StrictUndefined, so a
+Templates are compiled once in Jinja's immutable sandbox (config/templates.py) with StrictUndefined, so a
 missing column fails the row instead of silently sending an empty prompt, and a value printed by
 `{{ ... }}` that is null fails it too ("null in column X"); a null tested in `{% if x %}` is fine.
 `Renderer.check_columns(scan.columns)` turns a template variable (or image / messages / from_columns
@@ -26,10 +26,9 @@ from typing import Any
 import jinja2
 import orjson
 
-from ..config import Config
+from ..config import Config, templates
 from ..errors import ConfigError, RowError
 from ..models.catalog import context_window, max_output_tokens
-from . import templates
 from .images import ImageEncoder
 from .tokens import TokenCounter
 
@@ -264,13 +263,13 @@ class Renderer:
         if isinstance(text, list):
             target["content"] = [*text, *parts]
         else:
-            # Text first, then the images (wire-facts §1.4); an empty text part is left out.
+            # Text first, then the images (docs/wire.md §1.3); an empty text part is left out.
             target["content"] = ([{"type": "text", "text": text}] if text else []) + parts
         return tokens
 
 
 def template_environment() -> jinja2.Environment:
-    """The one Jinja environment prompts compile in: the immutable sandbox (templates.py); undefined
+    """The one Jinja environment prompts compile in: the immutable sandbox (config/templates.py); undefined
     columns and printed nulls fail the row."""
     return templates.environment(finalize=_no_null)
 

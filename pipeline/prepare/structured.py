@@ -6,8 +6,8 @@ Four modes ask for the same thing in different ways:
     tool          one forced function call whose parameters are the schema (gpt-4-turbo, most chat models)
     json_object   JSON mode plus the schema in the system prompt (syntax guaranteed, schema by instruction)
     auto          the best mode the capability table knows for the model, stepping down to the next one
-                  when the endpoint answers with its documented "not supported" error (wire-facts §1.5,
-                  §2.3, §4.2), once per mode and recorded, so the user never has to know which is which.
+                  when the endpoint answers with its documented "not supported" error (docs/wire.md §1.5),
+                  once per mode and recorded, so the user never has to know which is which.
 
 Whatever the mode, answers are validated on our side against the user's schema: a provider may treat
 the schema as a hint, and JSON mode never enforces it.
@@ -321,7 +321,7 @@ def _user_require_parameters(params: ParamsConfig | None) -> bool | None:
 def _unsupported(mode: str, text: str, status: int | None, *, generic: bool = True) -> bool:
     """Whether an error text is the documented "this mode is not supported" answer for `mode`."""
     if generic and _NO_ENDPOINTS in text:
-        # OpenRouter with require_parameters: no endpoint takes what this mode sent (wire-facts §1.5).
+        # OpenRouter with require_parameters: no endpoint takes what this mode sent (docs/wire.md §1.5).
         return True
     if status == 404:
         return False

@@ -216,8 +216,10 @@ class TokenCounter:
             total += _FUNC_INIT[self.encoding_name]
             desc = str(fn.get("description") or "").removesuffix(".")
             total += self.text(f"{fn.get('name', '')}:{desc}")
-            params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
-            props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
+            raw_params = fn.get("parameters")
+            params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
+            raw_props = params.get("properties")
+            props: dict[str, Any] = raw_props if isinstance(raw_props, dict) else {}
             if props:
                 total += _PROP_INIT
             for name, prop in props.items():

@@ -272,9 +272,9 @@ def resolve(cfg: InputConfig) -> list[File]:
             skipped.append(p)
     if files and skipped:
         # Said once, when the input is listed: a .csv dropped in the folder must not vanish without a word.
-        names = ", ".join(os.path.basename(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        shown = ", ".join(os.path.basename(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         log.warning("%s: skipped %d file(s) that are hidden or not input files (%s): %s", path, len(skipped),
-                    _SUPPORTED, names, extra={"event": "input_files_skipped", "skipped": len(skipped)})
+                    _SUPPORTED, shown, extra={"event": "input_files_skipped", "skipped": len(skipped)})
     if not files:
         seen = ", ".join(os.path.basename(p) for p in matched[:5]) if matched != [path] else ""
         raise InputError(problem + (f"; found only {seen}" if seen else ""), file=path)

@@ -79,7 +79,7 @@ class Source:
         self.scan()
         st = self._index
         assert st is not None
-        bs, total = self.cfg.batch_size, st.scan.rows
+        bs, total = self.cfg.rows_per_batch, st.scan.rows
         readers: dict[int, JsonlReader | ParquetReader] = {}
         try:
             for b in range((total + bs - 1) // bs):

@@ -108,8 +108,8 @@ class Index:
 
     def _digests(self) -> list[bytes]:
         """Batch digests including the id suffixes of derived duplicate ids (known only after the pass)."""
-        bs = self.cfg.batch_size
-        extra: dict[int, hashlib._Hash] = {}
+        bs = self.cfg.rows_per_batch
+        extra: dict[int, Any] = {}  # blake2b objects (hashlib names no public type for them)
         for row, rank in zip(self.dup_rows, self.dup_ranks):
             h = extra.setdefault(row // bs, hashlib.blake2b(self.raw_digests[row // bs], digest_size=8))
             h.update(row.to_bytes(8, "little") + rank.to_bytes(4, "little"))
@@ -117,13 +117,13 @@ class Index:
 
     def _checkpoints(self, n: int, offset: int, line: int) -> None:
         """A seek point for every batch that starts among the next n rows."""
-        bs = self.cfg.batch_size
+        bs = self.cfg.rows_per_batch
         for _ in range(self.total + (-self.total) % bs, self.total + n, bs):
             self.ck_offset.append(offset)
             self.ck_line.append(line)
 
     def _jsonl(self, f: File) -> None:
-        id_col, carried, keys, bs = self.cfg.id_column, self.cfg.columns, self.keys, self.cfg.batch_size
+        id_col, carried, keys, bs = self.cfg.id_column, self.cfg.columns, self.keys, self.cfg.rows_per_batch
         limit = self.cfg.limit
         seen = set(self.columns)
         samples: dict[str, list[Any]] = {c: [] for c in carried}
@@ -216,7 +216,7 @@ class Index:
     def _hash_parquet(self, f: File) -> None:
         """Feed the file's batches' digests: its content hash and each batch's row range in it."""
         f.content_hash = file_hash(f)
-        start, bs = self.total, self.cfg.batch_size
+        start, bs = self.total, self.cfg.rows_per_batch
         if start % bs and f.rows:
             self.hashes[-1].file(f)
         pos = 0

@@ -113,7 +113,7 @@ def open_input(uri: str, options: dict[str, Any] | None = None) -> Any:
     """A buffered, seekable binary file (readline, iteration) over the object."""
     fs, path = filesystem(uri, options)
     try:
-        return io.BufferedReader(fs.open_input_file(path), 1 << 20)  # type: ignore[arg-type]
+        return io.BufferedReader(fs.open_input_file(path), 1 << 20)
     except OSError as exc:
         raise InputError(f"cannot read the object: {exc}", file=uri) from None
 

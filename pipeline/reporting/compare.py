@@ -1,7 +1,7 @@
-"""Several output folders over the same input: per-field agreement, confusion matrices, cost against
-agreement, and scores against a gold column carried from the input.
+"""Several output folders over the same input, or one against gold: per-field agreement, confusion
+matrices, scores and calibration against gold, the runs side by side, and the rows worth reading.
 
-Rows are matched by the job's id column; a comparison covers the rows every compared run answered (the
+Rows are matched by the job's id column; a pairwise comparison covers the rows both runs answered (the
 `rows` column says how many). Agreement is the share of equal values; Cohen's kappa corrects it for
 chance on enum and boolean fields (kappa = (p_o - p_e) / (1 - p_e), null where p_e = 1); numbers get the
 mean absolute difference; lists compare as sets. Gold scores count only rows that have a gold value and
@@ -15,25 +15,45 @@ from itertools import combinations
 import polars as pl
 
 from ..errors import UsageError
+from . import examples
+from .calibration import Calibration, calibrate
 from .data import RunData
+from .gold import Gold, column_gold, stored_gold
+from .inputs import input_texts
 
 COMPARABLE = ("enum", "boolean", "number", "text", "list")
 
 
 @dataclass
 class Comparison:
+    labels: list[str]                             # how each run is named, in folder order
     agreement: pl.DataFrame                       # field, kind, run_a, run_b, rows, agree, kappa, mean_abs_diff
     confusion: dict[str, pl.DataFrame] = field(default_factory=dict)   # "field: a vs b" -> a, b, count
     cost: pl.DataFrame = field(default_factory=pl.DataFrame)           # one row per run
     gold: pl.DataFrame | None = None              # run, field, rows, accuracy, macro_f1
-    gold_classes: pl.DataFrame | None = None      # run, class, precision, recall, f1, support
-    gold_field: str | None = None
+    gold_classes: pl.DataFrame | None = None      # run, field, class, precision, recall, f1, support
+    gold_field: str | None = None                 # the field the first gold column scores
+    gold_source: str | None = None
+    gold_confusion: dict[str, pl.DataFrame] = field(default_factory=dict)   # "field: run" -> gold, answer, count
+    calibration: list[Calibration] = field(default_factory=list)
+    label_fields: list[str] = field(default_factory=list)   # enum / boolean fields: the labels read side by side
+    disagreements: pl.DataFrame = field(default_factory=pl.DataFrame)
+    samples: pl.DataFrame = field(default_factory=pl.DataFrame)
+    slices: pl.DataFrame = field(default_factory=pl.DataFrame)
+    by: str | None = None
+    texts: dict[str, str] = field(default_factory=dict)       # row id -> input text, for the rows shown
 
     def tables(self) -> dict[str, pl.DataFrame]:
         out = {"agreement": self.agreement, "cost": self.cost}
         if self.gold is not None and self.gold_classes is not None:
             out.update(gold=self.gold, gold_classes=self.gold_classes)
+        for cal in self.calibration:
+            out[f"calibration {cal.field}: {cal.run}"] = cal.thresholds
+            out[f"reliability {cal.field}: {cal.run}"] = cal.bins
+        if self.slices.height:
+            out["slices"] = self.slices
         out.update({f"confusion {name}": df for name, df in self.confusion.items()})
+        out.update({f"gold confusion {name}": df for name, df in self.gold_confusion.items()})
         return out
 
 
@@ -51,7 +71,10 @@ def kind_of(dtype: pl.DataType) -> str:
     return "other"
 
 
-def compare(runs: list[RunData], gold: str | None = None) -> Comparison:
+def compare(runs: list[RunData], gold: str | None = None, *, by: str | None = None,
+            target_precision: float | None = None) -> Comparison:
+    """Everything the comparison shows. `gold`: COLUMN[=FIELD] of a carried input column; without it the
+    human labels stored by `pipeline review import` are used when a folder has them."""
     labels = _labels(runs)
     frames = [_keyed(run) for run in runs]
     fields = _common_fields(frames)
@@ -67,10 +90,14 @@ def compare(runs: list[RunData], gold: str | None = None) -> Comparison:
     agreement = pl.DataFrame(agreement_rows, schema={
         "field": pl.String, "kind": pl.String, "run_a": pl.String, "run_b": pl.String, "rows": pl.Int64,
         "agree": pl.Float64, "kappa": pl.Float64, "mean_abs_diff": pl.Float64})
-    result = Comparison(agreement, confusion)
-    if gold:
-        result.gold, result.gold_classes, result.gold_field = gold_scores(runs, labels, gold)
-    result.cost = _cost_table(runs, labels, agreement, result.gold)
+    result = Comparison(labels, agreement, confusion, by=by)
+    result.label_fields = [n for n, k in fields if k in ("enum", "boolean")]
+    gold_set = column_gold(runs, gold) if gold else stored_gold(runs)
+    if gold_set is not None:
+        _score(result, runs, gold_set, target_precision)
+    scores = result.gold.filter(pl.col("field") == result.gold_field) if result.gold is not None else None
+    result.cost = _cost_table(runs, labels, agreement, scores)
+    _rows_to_read(result, runs, gold_set)
     return result
 
 
@@ -113,74 +140,101 @@ def confusion_matrix(x: pl.Series, y: pl.Series, x_name: str, y_name: str) -> pl
             .with_columns(pl.col("count").fill_null(0).cast(pl.Int64)).sort(x_name, y_name))
 
 
-def gold_scores(runs: list[RunData], labels: list[str], spec: str
-                ) -> tuple[pl.DataFrame, pl.DataFrame, str]:
-    """Accuracy and per-class precision / recall / F1 of each run against an input column."""
-    column, _, wanted = spec.partition("=")
+def _score(result: Comparison, runs: list[RunData], gold: Gold, target: float | None) -> None:
+    result.gold_source = gold.source
+    scored = [f for f in gold.fields if any(f in run.outputs().columns for run in runs)]
+    if not scored:
+        raise UsageError(f"the gold labels ({gold.source}) name the field(s) {', '.join(gold.fields)}, none of "
+                         "which is an output field of these runs")
+    result.gold_field = scored[0]
     summary, classes = [], []
-    chosen = wanted or None
-    for run, label in zip(runs, labels):
-        gold_col = _gold_column(run, column)
+    for run, label in zip(runs, result.labels):
         out = run.outputs()
-        name = chosen or _gold_field(out, run.results.get_column(gold_col), column)
-        chosen = name
-        if name not in out.columns:
-            raise UsageError(f"--gold {spec}: {run.path} has no output field {name!r}; give COLUMN=FIELD "
-                             f"with one of: {', '.join(out.columns)}")
-        both = pl.DataFrame({"gold": run.results.get_column(gold_col).cast(pl.String),
-                             "pred": out.get_column(name).cast(pl.String)}).drop_nulls("gold")
-        pred_ok = both.get_column("pred").fill_null("(no answer)")
-        gold_v = both.get_column("gold")
-        n = both.height
-        scores = []
-        for cls in sorted(set(gold_v.to_list()) | set(both.get_column("pred").drop_nulls().to_list())):
-            tp = int(((pred_ok == cls) & (gold_v == cls)).sum())
-            fp = int(((pred_ok == cls) & (gold_v != cls)).sum())
-            fn = int(((pred_ok != cls) & (gold_v == cls)).sum())
-            p = tp / (tp + fp) if tp + fp else None
-            r = tp / (tp + fn) if tp + fn else None
-            scores.append({"run": label, "class": cls, "precision": p, "recall": r, "f1": _f1(p, r),
-                           "support": tp + fn})
-        classes += scores
-        f1s = [s["f1"] for s in scores if s["support"] and s["f1"] is not None]
-        summary.append({"run": label, "field": name, "rows": n,
-                        "accuracy": float((pred_ok == gold_v).mean()) if n else None,  # type: ignore[arg-type]
-                        "macro_f1": sum(f1s) / len(f1s) if f1s else None})
-    return (pl.DataFrame(summary, schema={"run": pl.String, "field": pl.String, "rows": pl.Int64,
-                                          "accuracy": pl.Float64, "macro_f1": pl.Float64}),
-            pl.DataFrame(classes, schema={"run": pl.String, "class": pl.String, "precision": pl.Float64,
-                                          "recall": pl.Float64, "f1": pl.Float64, "support": pl.Int64}),
-            str(chosen))
+        if out.width == 0:
+            continue
+        keyed = out.with_columns(run.results.get_column(run.id_column).cast(pl.String).alias("__id"))
+        conf = _confidences(run)
+        for name in scored:
+            if name not in keyed.columns:
+                continue
+            both = gold.column(name).join(keyed.select("__id", pl.col(name).cast(pl.String).alias("pred")),
+                                          on="__id", how="inner")
+            s, c = gold_scores(both.get_column("gold"), both.get_column("pred"), label, name)
+            summary.append(s)
+            classes += c
+            result.gold_confusion[f"{name}: {label}"] = confusion_matrix(
+                both.get_column("gold"), both.get_column("pred").fill_null("(no answer)"), "gold", "answer")
+            if conf is not None:
+                result.calibration.append(_calibrate(label, name, conf, both, keyed, target))
+    result.gold = pl.DataFrame(summary, schema={"run": pl.String, "field": pl.String, "rows": pl.Int64,
+                                                "accuracy": pl.Float64, "macro_f1": pl.Float64})
+    result.gold_classes = pl.DataFrame(classes, schema={
+        "run": pl.String, "field": pl.String, "class": pl.String, "precision": pl.Float64, "recall": pl.Float64,
+        "f1": pl.Float64, "support": pl.Int64})
+
+
+def _confidences(run: RunData) -> pl.DataFrame | None:
+    """__id, `confidence` and one `conf:<field>` column per field of confidence_by_field (None without any)."""
+    res = run.results
+    if "confidence" not in res.columns or res.get_column("confidence").null_count() == res.height:
+        return None
+    cols = [res.get_column(run.id_column).cast(pl.String).alias("__id"),
+            res.get_column("confidence").cast(pl.Float64)]
+    by_field = res.schema.get("confidence_by_field")
+    if isinstance(by_field, pl.Struct):
+        cols += [res.get_column("confidence_by_field").struct.field(f.name).cast(pl.Float64).alias(f"conf:{f.name}")
+                 for f in by_field.fields]
+    return pl.DataFrame(cols)
+
+
+def _calibrate(label: str, name: str, conf: pl.DataFrame, both: pl.DataFrame, keyed: pl.DataFrame,
+               target: float | None) -> Calibration:
+    column = f"conf:{name}" if f"conf:{name}" in conf.columns else "confidence"
+    source = f"confidence_by_field.{name}" if column != "confidence" else "confidence"
+    scored = both.join(conf.select("__id", pl.col(column).alias("conf")), on="__id", how="left").select(
+        "conf", correct=(pl.col("pred") == pl.col("gold")).fill_null(False))
+    population = keyed.select("__id").join(conf.select("__id", pl.col(column).alias("c")), on="__id").get_column("c")
+    return calibrate(label, name, source, population, scored, target)
+
+
+def gold_scores(gold: pl.Series, pred: pl.Series, label: str, name: str) -> tuple[dict, list[dict]]:
+    """Accuracy and per-class precision / recall / F1 of one run's answers to one field."""
+    pred_ok = pred.fill_null("(no answer)")
+    n = gold.len()
+    scores = []
+    for cls in sorted(set(gold.to_list()) | set(pred.drop_nulls().to_list())):
+        tp = int(((pred_ok == cls) & (gold == cls)).sum())
+        fp = int(((pred_ok == cls) & (gold != cls)).sum())
+        fn = int(((pred_ok != cls) & (gold == cls)).sum())
+        p = tp / (tp + fp) if tp + fp else None
+        r = tp / (tp + fn) if tp + fn else None
+        scores.append({"run": label, "field": name, "class": cls, "precision": p, "recall": r, "f1": _f1(p, r),
+                       "support": tp + fn})
+    f1s = [s["f1"] for s in scores if s["support"] and s["f1"] is not None]
+    summary = {"run": label, "field": name, "rows": n,
+               "accuracy": float((pred_ok == gold).mean()) if n else None,  # type: ignore[arg-type]
+               "macro_f1": sum(f1s) / len(f1s) if f1s else None}
+    return summary, scores
+
+
+def _rows_to_read(result: Comparison, runs: list[RunData], gold: Gold | None) -> None:
+    fields = result.label_fields or ([result.gold_field] if result.gold_field else [])
+    frame = examples.wide(runs, fields, gold, result.by)
+    result.disagreements = examples.disagreements(frame, fields, len(runs))
+    result.samples = examples.samples(frame)
+    result.slices = examples.slices(frame, result.labels, result.gold_field or (fields[0] if fields else None))
+    ids = set(result.disagreements.get_column("__id").to_list()) | set(result.samples.get_column("__id").to_list())
+    for run in runs:  # the runs share an input; another run's config may still render what one cannot
+        missing = ids - set(result.texts)
+        if not missing:
+            break
+        result.texts.update(input_texts(run, missing))
 
 
 def _f1(p: float | None, r: float | None) -> float | None:
     if p is None or r is None:
         return None
     return 2 * p * r / (p + r) if p + r else 0.0
-
-
-def _gold_column(run: RunData, column: str) -> str:
-    for name in (column, f"input.{column}"):
-        if name in run.results.columns:
-            return name
-    raise UsageError(f"--gold {column}: {run.path}/results.parquet has no column {column!r}; carry it from the "
-                     f"input with input.columns: [{column}] (and re-run, which sends nothing new)")
-
-
-def _gold_field(out: pl.DataFrame, gold: pl.Series, column: str) -> str:
-    """The output field a gold column scores: the same name, else the enum sharing most of its values."""
-    if column in out.columns:
-        return column
-    values = set(gold.drop_nulls().cast(pl.String).to_list())
-    best, overlap = None, 0
-    for name in out.columns:
-        if kind_of(out.schema[name]) in ("enum", "boolean", "text"):
-            shared = len(values & set(out.get_column(name).drop_nulls().cast(pl.String).to_list()))
-            if shared > overlap:
-                best, overlap = name, shared
-    if best is None:
-        raise UsageError(f"--gold {column}: no output field shares values with it; name one as {column}=FIELD")
-    return best
 
 
 def _keyed(run: RunData) -> pl.DataFrame:

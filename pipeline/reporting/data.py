@@ -127,7 +127,7 @@ def read_timings(store_path: Path) -> pl.DataFrame:
                          ) from None
     finally:
         db.close()
-    columns = list(zip(*rows)) if rows else [[] for _ in _TIMING_COLUMNS]
+    columns: list[Any] = list(zip(*rows)) if rows else [[] for _ in _TIMING_COLUMNS]
     data = {name: list(values) for name, values in zip(_TIMING_COLUMNS, columns)}
     data["cache_hit"] = [bool(v) for v in data["cache_hit"]]
     return pl.DataFrame(data, schema=schema, strict=False)

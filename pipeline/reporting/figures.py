@@ -37,12 +37,27 @@ def run_figures(run: RunData) -> dict[str, Any]:
         "prompt_tokens": int(s.get("prompt_tokens", _sum(run.results, "prompt_tokens"))),
         "completion_tokens": int(s.get("completion_tokens", _sum(run.results, "completion_tokens"))),
         "requests_sent": int(s.get("requests_sent", 0)), "retries": dict(s.get("retries") or {}),
-        "wall_s": wall, "rows_per_s": this_run / wall if wall > 0 else None,
+        "wall_s": wall, "rows_per_s": this_run / wall if wall > 0 else None, "rows_done_run": this_run,
         "cost_per_1k_rows": cost / done * 1000 if done else None,
         "cache_hits": int(s.get("cache_hits", 0)), "deduplicated": int(s.get("deduplicated", 0)),
         "exit_code": s.get("exit_code"), "stopped": s.get("stopped"), "stop_message": s.get("stop_message"),
         "structured_mode": (s.get("structured") or {}).get("mode"), "model": run.model,
     }
+
+
+def job_totals(run: RunData) -> dict[str, Any]:
+    """The whole job across its runs (history.jsonl): runs, requests sent, wall time. Without a history
+    the job is this one run as summary.json tells it."""
+    if not run.history:
+        s = run.summary
+        return {"runs": 1 if s else None, "requests": s.get("requests_sent"), "wall_s": s.get("wall_s")}
+    wall = 0.0
+    for h in run.history:
+        lo, hi = _epoch(h.get("started_at")), _epoch(h.get("finished_at"))
+        if lo is not None and hi is not None and hi >= lo:
+            wall += hi - lo
+    requests = sum(int(h["requests"]) for h in run.history if isinstance(h.get("requests"), int))
+    return {"runs": len(run.history), "requests": requests, "wall_s": wall}
 
 
 @dataclass

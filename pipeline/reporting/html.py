@@ -6,7 +6,6 @@ is untrusted, and a model's answer may well contain markup or URLs (shown as tex
 """
 from __future__ import annotations
 
-import html
 import time
 from typing import Any
 
@@ -15,13 +14,17 @@ import polars as pl
 from . import charts
 from .compare import Comparison
 from .data import RunData
-from .figures import (
-    TAIL_FACTOR,
-    failure_figures,
-    field_summaries,
-    run_figures,
-    time_figures,
-)
+from .figures import TAIL_FACTOR, failure_figures, field_summaries, job_totals, run_figures, time_figures
+from .html_compare import comparison_section
+from .markup import card as _card
+from .markup import cell, table
+from .markup import duration as _duration
+from .markup import e as _e
+from .markup import figure as _figure
+from .markup import fmt as _fmt
+from .markup import kv as _kv
+from .markup import money as _money
+from .markup import secs as _secs
 
 HISTORY_ROWS = 30
 
@@ -43,6 +46,10 @@ CSS = """
 .pr pre{background:#f7f7f9;border:1px solid #e6e6ea;border-radius:6px;padding:6px 8px;white-space:pre-wrap;
  word-break:break-all;max-height:220px;overflow:auto;font-size:12px;margin:4px 0}
 .pr .warn{color:#a03a37}.pr .muted{color:#889}.pr details{margin:6px 0}
+.pr h4{font-size:14px;margin:16px 0 6px}.pr .ft{font-size:13px;font-weight:600;color:#2c3e55;margin:0 0 4px;
+ max-width:520px;overflow-wrap:anywhere}
+.pr td.t{overflow-wrap:anywhere;min-width:8em;max-width:420px}.pr table.rows td.t{max-width:none}
+.pr table.rows{width:100%}.pr table.side th{white-space:nowrap}.pr table.side td.t{min-width:10em}
 """
 
 
@@ -54,26 +61,27 @@ def document(runs: list[RunData], body: str) -> str:
             f"<body style=\"margin:0;background:#fff\">{body}</body></html>\n")
 
 
-def fragment(runs: list[RunData], comparison: Comparison | None, *, gold: str | None = None) -> str:
-    """The report's body inside one scoped <div> (also what a notebook shows)."""
+def fragment(runs: list[RunData], comparison: Comparison | None) -> str:
+    """The report's body inside one scoped <div> (also what a notebook shows): the comparison (or the
+    scores against gold) first, then each run's own sections."""
     parts = [f"<div class=\"pr\"><style>{CSS}</style><h1>pipeline report</h1>",
              f"<p class=\"sub\">{_e(', '.join(str(r.path) for r in runs))} · generated "
              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}</p>", _nav(runs, comparison)]
+    if comparison is not None:
+        parts.append(comparison_section(comparison, runs))
     for i, run in enumerate(runs):
         parts.append(run_sections(run, f"r{i}", multiple=len(runs) > 1))
-    if comparison is not None:
-        parts.append(comparison_section(comparison, gold))
     parts.append("</div>")
     return "".join(parts)
 
 
 def _nav(runs: list[RunData], comparison: Comparison | None) -> str:
     links = []
+    if comparison is not None:
+        links.append(f"<a href=\"#compare\">{'Comparison' if len(runs) > 1 else 'Against gold'}</a>")
     for i, run in enumerate(runs):
         tag = f" ({_e(run.model)})" if len(runs) > 1 else ""
         links += [f"<a href=\"#r{i}-{s}\">{s.capitalize()}{tag}</a>" for s in ("run", "time", "failures", "outputs")]
-    if comparison is not None:
-        links.append("<a href=\"#compare\">Comparison</a>")
     return f"<nav>{''.join(links)}</nav>"
 
 
@@ -89,11 +97,8 @@ def _run(run: RunData, p: str, title: str) -> str:
         _card(f"{p}.pending", f["pending"], "pending"), _card(f"{p}.rows_total", f["rows_total"], "rows in input"),
         _card(f"{p}.cost_usd", f["cost_usd"], "cost (USD, whole job)", f"${f['cost_usd']:,.4f}"),
         _card(f"{p}.cost_per_1k_rows", f["cost_per_1k_rows"], "USD per 1,000 rows", _money(f["cost_per_1k_rows"])),
-        _card(f"{p}.prompt_tokens", f["prompt_tokens"], "prompt tokens"),
-        _card(f"{p}.completion_tokens", f["completion_tokens"], "completion tokens"),
-        _card(f"{p}.requests_sent", f["requests_sent"], "requests sent (this run)"),
-        _card(f"{p}.wall_s", f["wall_s"], "wall time (this run)", _duration(f["wall_s"])),
-        _card(f"{p}.rows_per_s", f["rows_per_s"], "rows / s (this run)", _fmt(f["rows_per_s"], ".1f")),
+        _card(f"{p}.prompt_tokens", f["prompt_tokens"], "prompt tokens (whole job)"),
+        _card(f"{p}.completion_tokens", f["completion_tokens"], "completion tokens (whole job)"),
     ]
     outcome = pl.DataFrame({"outcome": ["succeeded", "failed", "pending"],
                             "rows": [f["succeeded"], f["failed"], f["pending"]]})
@@ -104,25 +109,58 @@ def _run(run: RunData, p: str, title: str) -> str:
         figs.append(_figure(charts.bars(retries.sort("retries", descending=True), "class", "retries",
                                         "Retries by class", color=charts.WARN, width=280), ""))
     extra = _kv(p, {"retries": f["retries"], "cache_hits": f["cache_hits"], "deduplicated": f["deduplicated"],
-                    "exit_code": f["exit_code"], "stopped": f["stopped"], "structured_mode": f["structured_mode"],
-                    "run_cost_usd": f["run_cost_usd"]})
+                    "exit_code": f["exit_code"], "stopped": f["stopped"], "structured_mode": f["structured_mode"]})
     stop = f"<p class=\"warn\">stopped: {_e(f['stop_message'] or f['stopped'])}</p>" if f["stopped"] else ""
     missing = "" if run.summary else "<p class=\"warn\">no summary.json: the figures come from the outputs</p>"
     return (f"<h2 id=\"{p}-run\">Run{title}</h2>{missing}{stop}<div class=\"cards\">{''.join(cards)}</div>"
-            f"<div class=\"grid\">{''.join(figs)}{extra}</div>{_history(run, p)}")
+            f"<div class=\"grid\">{_totals(run, p, f)}{''.join(figs)}{extra}</div>{_history(run, p)}")
+
+
+def _totals(run: RunData, p: str, f: dict[str, Any]) -> str:
+    """This invocation's figures beside the job's (every run in history.jsonl)."""
+    job = job_totals(run)
+    rows = [("runs", "runs", 1, None, job["runs"], None),
+            ("rows", "rows answered or failed", f["rows_done_run"], None, f["succeeded"] + f["failed"], None),
+            ("requests_sent", "requests sent", f["requests_sent"], None, job["requests"], None),
+            ("run_cost_usd", "cost (USD)", f["run_cost_usd"], _money(f["run_cost_usd"]), f["cost_usd"],
+             _money(f["cost_usd"])),
+            ("wall_s", "wall time", f["wall_s"], _duration(f["wall_s"]), job["wall_s"], _duration(job["wall_s"])),
+            ("rows_per_s", "rows / s", f["rows_per_s"], _fmt(f["rows_per_s"], ".1f"), None, None)]
+    body = "".join(
+        f"<tr><th>{_e(what)}</th>{cell(f'{p}.{key}', v, t, cls='n')}{cell(f'{p}.job.{key}', jv, jt, cls='n')}</tr>"
+        for key, what, v, t, jv, jt in rows)
+    return (f"<table class=\"totals\"><thead><tr><th></th><th>this run</th><th>whole job</th></tr></thead>"
+            f"<tbody>{body}</tbody></table>")
 
 
 def _history(run: RunData, p: str) -> str:
+    """The last runs, in columns that fit the page: counts grouped, the stop reason and message wrapped."""
     if not run.history:
         return "<p class=\"muted\">No run history (history.jsonl) in this folder.</p>"
-    cols = ["run_id", "started_at", "finished_at", "exit_code", "rows_new", "rows_reused", "rows_removed",
-            "succeeded", "failed", "pending", "requests", "retries", "cost_usd", "stop_reason", "message"]
     shown = run.history[-HISTORY_ROWS:]
-    rows = [{c: _fmt_history(h.get(c)) for c in cols} for h in shown]
-    df = pl.DataFrame(rows, schema={c: pl.String for c in cols})
+    rows = [{"run_id": _fmt_history(h.get("run_id")), "started_at": _when(h.get("started_at")),
+             "exit_code": _fmt_history(h.get("exit_code")),
+             "rows new / reused / removed": _slash(h, "rows_new", "rows_reused", "rows_removed"),
+             "succeeded / failed / pending": _slash(h, "succeeded", "failed", "pending"),
+             "requests": _fmt_history(h.get("requests")), "retries": _fmt_history(h.get("retries")),
+             "cost_usd": _fmt_history(h.get("cost_usd")),
+             "stopped": ": ".join(str(x) for x in (h.get("stop_reason"), h.get("message")) if x) or None}
+            for h in shown]
+    df = pl.DataFrame(rows, schema={c: pl.String for c in rows[0]})
     earlier = len(run.history) - len(shown)
     note = f"<p class=\"muted\">{earlier:,} earlier runs not shown.</p>" if earlier else ""
-    return f"<h3>Run history (history.jsonl)</h3>{note}{table(df, key=f'{p}.history')}"
+    return (f"<h3>Run history (history.jsonl)</h3>{note}"
+            f"{table(df, key=f'{p}.history', wide=frozenset({'stopped', 'retries'}))}")
+
+
+def _slash(h: dict[str, Any], *keys: str) -> str:
+    return " / ".join(_fmt_history(h.get(k)) or "–" for k in keys)
+
+
+def _when(v: Any) -> str | None:
+    """An ISO time as 'YYYY-MM-DD HH:MM:SS' (the history's own text when it is not one)."""
+    text = _fmt_history(v)
+    return text.replace("T", " ")[:19] if text and len(text) >= 19 and text[10:11] == "T" else text
 
 
 def _fmt_history(v: Any) -> str | None:
@@ -195,99 +233,3 @@ def _outputs(run: RunData, p: str) -> str:
             detail += f"<pre>{_e(ex)}</pre>"
         figs.append(f"<figure data-chart=\"{_e(k)}\">{chart}<figcaption>{detail}</figcaption></figure>")
     return f"{head}<div class=\"grid\">{''.join(figs)}</div>"
-
-
-def comparison_section(c: Comparison, gold: str | None) -> str:
-    out = ["<h2 id=\"compare\">Comparison</h2>",
-           "<p class=\"sub\">Rows matched by id; the first folder is the reference. Agreement: share of equal "
-           "values; kappa: Cohen's kappa (chance-corrected); numbers: mean absolute difference.</p>",
-           "<h3>Cost against agreement</h3><div class=\"grid\">", table(c.cost, key="cmp.cost", key_column="run")]
-    y = "gold_accuracy" if c.gold is not None else "agreement_with_reference"
-    plot = c.cost.filter(pl.col(y).is_not_null())
-    if plot.height:
-        out.append(_figure(charts.scatter(plot, "cost_usd", y, "run", f"Cost against {y.replace('_', ' ')}"), ""))
-    out.append("</div><h3>Per-field agreement</h3>")
-    out.append(table(c.agreement, key="cmp.agreement"))
-    if c.gold is not None and c.gold_classes is not None:
-        out.append(f"<h3>Against the gold column {_e(gold)} (field {_e(c.gold_field)})</h3>")
-        out.append(table(c.gold, key="cmp.gold", key_column="run"))
-        out.append(table(c.gold_classes, key="cmp.gold_classes"))
-    if c.confusion:
-        out.append("<h3>Confusion matrices</h3><div class=\"grid\">")
-        for name, df in c.confusion.items():
-            out.append(_figure(charts.heatmap(df, "a", "b", name), "rows: a (first run), columns: b"))
-        out.append("</div>")
-    return "".join(out)
-
-
-# -- small pieces ----------------------------------------------------------------------------------
-
-def table(df: pl.DataFrame, *, key: str, key_column: str | None = None, value_column: str | None = None) -> str:
-    """An HTML table; each cell carries data-k (key.row.column, or key.<key_column value>) and data-v."""
-    head = "".join(f"<th>{_e(c)}</th>" for c in df.columns)
-    body = []
-    for i, row in enumerate(df.iter_rows(named=True)):
-        rk = str(row[key_column]) if key_column else str(i)
-        cells = []
-        for col, v in row.items():
-            k = f"{key}.{rk}" if value_column == col else f"{key}.{rk}.{col}"
-            cls = " class=\"n\"" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
-            cells.append(f"<td{cls} data-k=\"{_e(k)}\" data-v=\"{_e(_raw(v))}\">{_e(_fmt(v))}</td>")
-        body.append(f"<tr>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _kv(prefix: str, values: dict[str, Any], *, inline: bool = False) -> str:
-    items = []
-    for name, v in values.items():
-        if isinstance(v, dict):
-            v = ", ".join(f"{a}={b}" for a, b in sorted(v.items())) or "none"
-        items.append(f"<tr><th>{_e(name)}</th><td data-k=\"{_e(prefix)}.{_e(name)}\" data-v=\"{_e(_raw(v))}\">"
-                     f"{_e(_fmt(v))}</td></tr>")
-    style = " style=\"margin:2px 0\"" if inline else ""
-    return f"<table{style}>{''.join(items)}</table>"
-
-
-def _card(k: str, v: Any, label: str, text: str | None = None) -> str:
-    return (f"<div class=\"card\"><b data-k=\"{_e(k)}\" data-v=\"{_e(_raw(v))}\">{_e(text or _fmt(v))}</b>"
-            f"<span>{_e(label)}</span></div>")
-
-
-def _figure(svg: str, caption: str) -> str:
-    cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
-    return f"<figure>{svg}{cap}</figure>"
-
-
-def _raw(v: Any) -> str:
-    return "" if v is None else repr(v) if isinstance(v, float) else str(v)
-
-
-def _fmt(v: Any, spec: str | None = None) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        return format(v, spec) if spec else (f"{v:,.4g}" if abs(v) < 1e6 else f"{v:,.0f}")
-    return str(v)
-
-
-def _money(v: float | None) -> str:
-    return "–" if v is None else f"${v:,.4f}"
-
-
-def _secs(v: float | None) -> str:
-    return "–" if v is None else f"{v * 1000:,.0f} ms" if v < 1 else f"{v:,.2f} s"
-
-
-def _duration(v: float) -> str:
-    m, s = divmod(v, 60)
-    return f"{int(m)}m{s:04.1f}s" if m else f"{s:.1f}s"
-
-
-def _e(v: Any) -> str:
-    # A URL inside an answer is shown, never linked: writing its colon as an entity keeps the text the
-    # same on screen while the file holds no literal URL for a mail client or scanner to act on.
-    return html.escape("" if v is None else str(v), quote=True).replace("://", "&#58;//")

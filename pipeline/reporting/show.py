@@ -8,7 +8,8 @@ answer, the body shown is byte for byte the one that was sent. When it does not 
 input changed since), the body is shown marked as unverified, never passed off as the real one.
 
 Config candidates, first match of the job fingerprint wins: --config, the command recorded in the
-manifest (config path plus its --set items), the manifest's config path, the manifest's request section.
+manifest (config path plus its --set items), the manifest's config path, and the job's stored identity
+(the manifest's request and input sections), so a config file that changed or is gone is not needed.
 The API key and the secret headers are never read: the Authorization header and every
 endpoint.secret_headers entry are shown redacted.
 """
@@ -100,7 +101,7 @@ def _stored(path: Path, key: str) -> dict[str, Any] | None:
 def _request(path: Path, manifest: dict[str, Any], row_id: str, key: str | None, config: str | None
              ) -> dict[str, Any] | None:
     """The request re-rendered with the runner's builder, and whether its key proves it is the one sent."""
-    cfg = _job_config(path, manifest, config)
+    cfg = job_config(path, manifest, config)
     if cfg is None:
         return {"note": "the job's config could not be rebuilt (pass --config CONFIG)", "verified": False}
     from ..prepare.prompts import Renderer
@@ -133,9 +134,10 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
             plan.mode = mode
         built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
         outcomes, keys, jobs = built.failures, built.keys, built.requests
-        if keys[i] is None:
+        rendered_key = keys[i]
+        if rendered_key is None:
             return {"note": f"the row does not render: {getattr(outcomes[i], 'message', '')}", "verified": False}
-        job = jobs[keys[i]]
+        job = jobs[rendered_key]
         shown = {"method": "POST", "url": _url(cfg.endpoint.base_url),
                  "headers": {"Authorization": REDACTED, **cfg.endpoint.public_headers(),
                              **{name: "[redacted]" for name in cfg.endpoint.secret_headers}},
@@ -151,7 +153,7 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
                     "this row was sent, so this is NOT necessarily the body that was sent"}
 
 
-def _job_config(path: Path, manifest: dict[str, Any], config: str | None) -> Any:
+def job_config(path: Path, manifest: dict[str, Any], config: str | None) -> Any:
     from ..config import load_config
 
     candidates: list[tuple[Any, list[str]]] = []
@@ -167,8 +169,9 @@ def _job_config(path: Path, manifest: dict[str, Any], config: str | None) -> Any
             candidates.append((argv[2], [argv[j + 1] for j, a in enumerate(argv[:-1]) if a == "--set"]))
     if isinstance(manifest.get("config"), str):
         candidates.append((manifest["config"], []))
-    if isinstance(manifest.get("request"), dict):
-        candidates.append(({**manifest["request"], "output": {"dir": str(path)}}, []))
+    if isinstance(manifest.get("request"), dict) and isinstance(manifest.get("input"), dict):
+        # The job's stored identity and input: the config file may have changed since, or be gone.
+        candidates.append(({**manifest["request"], "input": manifest["input"], "output": {"dir": str(path)}}, []))
     for source, overrides in candidates:
         try:
             cfg = load_config(source, overrides)

@@ -11,11 +11,11 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 
+from ..common.parts import done_parts
 from ..errors import EXIT_FAILED_ROWS, EXIT_OK, UsageError
 from ..ops import history
 from ..state.jobdir import JobDir, count_part, part_number
 from ..state.store import PartCounts, Store
-from ..write.output import done_parts
 
 LAST_RUNS = 5
 
@@ -82,6 +82,8 @@ def job_status(target: str) -> dict[str, Any]:
                               "last_write": None}
     index: dict[int, PartCounts] = {}
     batches: list[dict[str, Any]] = []
+    since = float(manifest.get("updated") or 0) if manifest else 0.0  # when the last run started sending
+    stored_now: dict[str, int] = {}
     if Path(jobdir.store_path).exists():
         # Read-only, through SQLite's WAL: a running writer is never blocked and never sees us.
         store = Store(jobdir.store_path, readonly=True)
@@ -89,9 +91,11 @@ def job_status(target: str) -> dict[str, Any]:
             totals = store.totals()
             index = store.parts()
             batches = batch_rows(store)
+            stored_now = store.answered_since(since) if since else {}
         finally:
             store.close()
-    succeeded, failed = _rows(jobdir, list(manifest.get("batches", [])) if manifest else [], index)
+    names = list(manifest.get("batches", [])) if manifest else []
+    succeeded, failed = _rows(jobdir, names, index)
     rows_total = int(manifest.get("rows_total", 0)) if manifest else 0
     summary, summary_at = _summary(jobdir)
     if owner is not None:
@@ -101,14 +105,23 @@ def job_status(target: str) -> dict[str, Any]:
         state = "finished" if summary.get("exit_code") in (EXIT_OK, EXIT_FAILED_ROWS) else str(summary.get("stopped"))
     else:
         state = "not running"  # answers newer than any summary: the last run was killed or crashed
+    live = None
+    if state in ("running", "not running") and since:
+        live = _live(jobdir, names, index, stored_now, since, totals["last_write"], running=owner is not None)
+        succeeded, failed = succeeded + live["unwritten_ok"], failed + live["unwritten_failed"]
+    pending = max(0, rows_total - succeeded - failed)
+    if live is not None:
+        live["eta_s"] = round(pending / live["rows_per_s"], 1) if live["rows_per_s"] and owner is not None else None
     updated = [totals["last_write"], manifest.get("updated") if manifest else None, summary_at]
     return {
         "out_dir": str(jobdir.path),
+        "name": manifest.get("name") if manifest else None,
         "state": state,
         "rows_total": rows_total,
         "rows_done": succeeded,
         "rows_failed": failed,
-        "rows_pending": max(0, rows_total - succeeded - failed),
+        "rows_pending": pending,
+        "this_run": live,
         "responses_stored": totals["by_state"],
         "prompt_tokens": totals["prompt_tokens"],
         "completion_tokens": totals["completion_tokens"],
@@ -124,6 +137,26 @@ def job_status(target: str) -> dict[str, Any]:
     }
 
 
+def _live(jobdir: JobDir, names: list[str], index: dict[int, PartCounts], stored: dict[str, int], since: float,
+          last_write: float | None, *, running: bool) -> dict[str, Any]:
+    """A run going on, or killed: the answers it stored so far (the store commits each one as it comes;
+    the part files only per finished batch), how fast, and which of them no part file holds yet."""
+    ok_now = stored.get("ok", 0)
+    failed_now = sum(n for st, n in stored.items() if st != "ok")
+    ok_parts = failed_parts = 0  # rows of batches this run finished, already counted from their parts
+    complete = done_parts(jobdir.parts)
+    for name in names:
+        path = jobdir.parts / f"{name}.r.parquet"
+        if name in complete and path.exists() and path.stat().st_mtime >= since:
+            counts = index.get(part_number(name)) or count_part(jobdir.parts, name)
+            ok_parts, failed_parts = ok_parts + counts.ok, failed_parts + counts.request_failed
+    end = time.time() if running else (last_write or since)
+    answers = ok_now + failed_now
+    return {"since": since, "answers": answers, "ok": ok_now, "failed": failed_now,
+            "rows_per_s": round(answers / (end - since), 3) if answers and end > since else 0.0,
+            "unwritten_ok": max(0, ok_now - ok_parts), "unwritten_failed": max(0, failed_now - failed_parts)}
+
+
 def batch_rows(store: Store) -> list[dict[str, Any]]:
     """run.mode: batch — each batch file of the job, as the last run saw it at the provider."""
     from ..batch.ledger import read_chunks
@@ -131,6 +164,20 @@ def batch_rows(store: Store) -> list[dict[str, Any]]:
     return [{"chunk": c.chunk, "state": c.state, "batch_id": c.batch_id, "status": c.status, "lines": c.lines,
              "completed": int(c.counts.get("completed") or 0), "failed": int(c.counts.get("failed") or 0)}
             for c in read_chunks(store) if c.state != "dropped"]
+
+
+def _live_line(live: dict[str, Any], pending: int, *, running: bool) -> str:
+    since = time.strftime("%H:%M:%S", time.localtime(live["since"]))
+    line = (f"this run   {live['answers']:,} answers stored since {since} ({live['ok']:,} ok, {live['failed']:,} "
+            f"failed), {live['rows_per_s']:,.1f} rows/s")
+    if running and live["eta_s"] is not None:
+        return line + f"; {pending:,} rows left, ETA {_duration(live['eta_s'])}"
+    return line + ("" if running else f"; stopped with {pending:,} rows left (re-run the same command to resume)")
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def print_status(target: str, *, as_json: bool = False) -> int:
@@ -141,10 +188,13 @@ def print_status(target: str, *, as_json: bool = False) -> int:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["last_update"])) if st["last_update"] else "never"
     state = f"running (pid {st['pid']} on {st['host']})" if st["running"] else st["state"]
     stored = ", ".join(f"{k} {v:,}" for k, v in sorted(st["responses_stored"].items())) or "none"
-    print(f"job        {st['out_dir']}: {state}")
+    named = f"{st['name']} ({st['out_dir']})" if st.get("name") else st["out_dir"]
+    print(f"job        {named}: {state}")
     print(f"rows       {st['rows_done']:,} done, {st['rows_failed']:,} failed, {st['rows_pending']:,} pending "
           f"of {st['rows_total']:,}")
     print(f"responses  {stored}")
+    if st["this_run"] is not None:
+        print(_live_line(st["this_run"], st["rows_pending"], running=st["running"]))
     print(f"tokens     {st['prompt_tokens']:,} prompt + {st['completion_tokens']:,} completion")
     print(f"cost       ${st['cost_usd']:.4f}")
     if st.get("engine") == "ray":
@@ -160,10 +210,12 @@ def print_status(target: str, *, as_json: bool = False) -> int:
     if not st["running"] and st["rows_pending"] and st["resume_command"]:
         print(f"resume     {st['resume_command']}")
     if st["last_runs"]:
-        print("last runs  (started UTC, exit, rows new/reused/removed, requests, cost, stop)")
+        print("last runs  (started UTC, exit, rows new/edited/retried/reused/input-failed/removed, requests, cost, "
+              "stop)")
         for r in reversed(st["last_runs"]):
             print(f"  {r.get('started_at', '?')[:19]}  exit {r.get('exit_code')}  "
-                  f"{r.get('rows_new', 0):,}/{r.get('rows_reused', 0):,}/{r.get('rows_removed', 0):,}  "
+                  f"{r.get('rows_new', 0):,}/{r.get('rows_edited', 0):,}/{r.get('rows_retried', 0):,}/"
+                  f"{r.get('rows_reused', 0):,}/{r.get('rows_input_failed', 0):,}/{r.get('rows_removed', 0):,}  "
                   f"{r.get('requests', 0):,} req  ${r.get('cost_usd', 0):.4f}  {r.get('stop_reason') or 'ok'}"
                   + (f": {r['message'][:100]}" if r.get("message") and r.get("stop_reason") else ""))
     return 0

@@ -1,7 +1,7 @@
 """The one classifier: every reply, wherever its error arrived, becomes a body or a `RequestError`.
 
 `classify(reply)` returns the completion body when it is a usable answer and raises a `RequestError`
-subclass otherwise (see errors.py for the tree). The rules follow wire-facts.md §5: the body decides
+subclass otherwise (see errors.py for the tree). The rules follow docs/wire.md §3.2: the body decides
 before the status does (a 429 can be a quota error that will never clear; a 200 can carry an error).
 An error that arrived in the middle of a stream is in the assembled body (`error`) as it would be in a
 200's body, so the same code means the same thing however it came: a mid-stream 401 stops the run as

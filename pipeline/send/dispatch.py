@@ -173,7 +173,8 @@ class Dispatcher:
         decision = decide(exc, tries, self.policy, self.backoff, max_tokens=req.max_tokens, falls_back=falls_back,
                           endpoint_gone=gone, connect_failing=self.reach.failing)
         if decision.retry_class is not None:
-            self.stats.retried(decision.retry_class)
+            if decision.action != "fail":  # a final failure is counted as a failure, never as a retry
+                self.stats.retried(decision.retry_class)
             if decision.retry_class == "bad_content":
                 tries.bad_content += 1
             else:

@@ -177,7 +177,7 @@ class SSEParser:
     Lines end in LF, CRLF or a lone CR, and a CRLF may be split across two reads; a blank line ends
     an event; lines starting with ':' are comments (OpenRouter's `: OPENROUTER PROCESSING` keep-alives);
     `data` lines of one event join with LF. Besides `data`, the non-standard `error` field of older
-    llama.cpp builds is kept, because a spec-only parser would silently drop that error (wire-facts §4.2).
+    llama.cpp builds is kept, because a spec-only parser would silently drop that error (docs/wire.md §2.3).
     """
 
     def __init__(self) -> None:

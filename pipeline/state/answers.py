@@ -28,10 +28,12 @@ class LocalAnswers:
         self.store, self.cache, self.stats = store, cache, stats
         # The stored states a lookup counts as answered (batch mode widens it for its write pass).
         self.keep: frozenset[str] = frozenset({"ok"}) if retry_failed else FINAL_STATES
+        self.asked_again: set[str] = set()  # keys whose stored failed answer is asked again (rows retried)
 
     def lookup(self, keys: Collection[str]) -> dict[str, Record]:
         found = self.store.get_many(keys)
         records = {k: r for k, r in found.items() if r.state in self.keep}
+        self.asked_again.update(k for k in found if k not in records)
         if self.cache is not None:
             missing = [k for k in keys if k not in records]
             hits = [r for r in self.cache.get_many(missing, with_raw=True).values() if r.state == "ok"] if missing else []

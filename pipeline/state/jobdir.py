@@ -31,7 +31,7 @@ import sqlite3
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import pyarrow as pa
@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..common import layout, safefs
+from ..common.parts import ANY_PART_RE, done_parts, read_part
 from ..config import Config
 from ..config.job import NOT_IDENTITY
 from ..errors import (
@@ -48,16 +49,18 @@ from ..errors import (
     UnsafePathError,
     UsageError,
 )
-from ..write.output import (
-    ANY_PART_RE,
-    OutputColumns,
-    done_parts,
-    read_part,
-    write_json_atomic,
-)
 from .store import PartCounts, Store
 
 MANIFEST_VERSION = 2   # 2: no input fingerprint (input is data); `batches` names this run's parts
+class OutputShape(Protocol):
+    """What a part's columns depend on besides its rows (write/output.py OutputColumns has it)."""
+
+    schema: dict[str, Any] | None
+    with_tool_calls: bool
+    with_logprobs: bool
+    with_ttft: bool
+
+
 PART_FORMAT = 2        # 2: parts named by batch content instead of batch number
 IDENTITY_META = "job_identity"
 log = logging.getLogger("pipeline")
@@ -207,8 +210,12 @@ class JobDir:
             "fingerprint": fingerprint,
             "batch_size": cfg.input.batch_size,  # as adopt_batch_size left it, before the scan
             "model": cfg.endpoint.model,
+            "name": cfg.job.name,  # job.name: how status, the webhook and the metrics call it (not its identity)
             "config": config_path,
             "request": request,
+            # Where the rows come from (not the job's identity: the input is data), so `pipeline show` can
+            # render a row's request again when the config file changed or is gone. Credentials stay out.
+            "input": cfg.input.model_dump(exclude={"storage_options", "limit"}),
             "created": known.get("created", time.time()) if known else time.time(),
             "updated": time.time(),
         }
@@ -218,11 +225,12 @@ class JobDir:
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        write_json_atomic(self.manifest_path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        safefs.write_atomic(self.manifest_path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
 
     def bind_store(self, store: Store, manifest: dict[str, Any]) -> None:
         """Record the job's identity in its store, where it survives a lost manifest."""
-        keep = {k: manifest[k] for k in ("fingerprint", "request", "batch_size", "model", "created")}
+        keep = {k: manifest[k] for k in ("fingerprint", "request", "batch_size", "model", "created", "input")
+                if k in manifest}
         value = orjson.dumps(keep, option=orjson.OPT_SORT_KEYS).decode()
         if store.get_meta(IDENTITY_META) != value:
             store.set_meta(IDENTITY_META, value)
@@ -302,7 +310,7 @@ class JobDir:
         safefs.ensure_dir(self.parts)
 
 
-def part_context(carried_types: dict[str, str], id_column: str, layout: OutputColumns) -> bytes:
+def part_context(carried_types: dict[str, str], id_column: str, layout: OutputShape) -> bytes:
     """What shapes a part besides its batch's rows: the columns and types it is written with."""
     shape = {"version": PART_FORMAT, "id": id_column, "carried": carried_types, "schema": layout.schema,
              "tool_calls": layout.with_tool_calls, "logprobs": layout.with_logprobs, "ttft": layout.with_ttft}

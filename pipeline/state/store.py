@@ -301,6 +301,14 @@ class Store:
                          (batch, ok, failed, failed_transient, request_failed))
         self._dirty = True
 
+    def answered_since(self, since: float) -> dict[str, int]:
+        """Answers committed at or after `since` (not cache hits), by state: what a run stored so far, for
+        `pipeline status` while it runs or after it was killed. One scan of the small columns."""
+        rows = self._db.execute(
+            "SELECT state, count(*) FROM responses WHERE created_at >= ? AND NOT coalesce(cache_hit, 0) "
+            "GROUP BY state", (since,)).fetchall()
+        return {state: n for state, n in rows}
+
     def parts(self) -> dict[int, PartCounts]:
         """The finished batches this store knows of (one small row each)."""
         try:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import io
 import os
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import polars as pl
@@ -25,16 +24,10 @@ import pyarrow.parquet as pq
 
 from ..common import redact, safefs
 from ..common.layout import FAILURES, RESULTS
-from ..errors import UsageError
+from ..common.parts import done_parts, read_part
 from ..read import storage
 from ..vocab import Record, RowFailure
 from .schema_arrow import arrow_type, to_arrow
-
-T = TypeVar("T")
-PART_RE = re.compile(r"^([0-9a-f]{16})\.r\.parquet$")
-PARTIAL_RE = re.compile(r"^([0-9a-f]{16})\.p[rf]\.parquet$")
-# Any part file of any format (older jobs numbered their parts): what pruning may remove.
-ANY_PART_RE = re.compile(r"^([0-9a-f]{8,16})\.p?[rf]\.parquet(?:\.tmp)?$")
 
 LOGPROB_TYPE = pa.list_(pa.struct([
     ("token", pa.string()), ("logprob", pa.float64()),
@@ -52,6 +45,12 @@ class OutputColumns:
     with_logprobs: bool = False
     with_ttft: bool = False
     compression: str = "zstd"
+    # The configured model has no known price: an answer whose server reported no usage.cost cost an
+    # unknown amount, written as null (0.0 would claim it was free). Cache hits cost nothing now.
+    cost_unknown: bool = False
+
+    def cost(self, r: Record) -> float | None:
+        return None if self.cost_unknown and not r.cost_usd and not r.cache_hit else r.cost_usd
 
     def output_type(self) -> pa.DataType | None:
         return arrow_type(self.schema) if self.schema is not None else None
@@ -93,22 +92,6 @@ def part_tables(layout: OutputColumns, carried: pa.Table,
     return results, failures
 
 
-def drop_partial_parts(parts_dir: Path) -> None:
-    """A resume recomputes unfinished batches; their partial parts from the last stop must go."""
-    if parts_dir.is_dir():
-        for name in os.listdir(parts_dir):
-            if PARTIAL_RE.match(name):
-                os.unlink(parts_dir / name)
-
-
-def done_parts(parts_dir: Path) -> set[str]:
-    """Finished batches: their results part is a regular file (a link planted in parts/ counts for nothing)."""
-    if not parts_dir.is_dir():
-        return set()
-    with os.scandir(parts_dir) as entries:
-        return {m.group(1) for e in entries if (m := PART_RE.match(e.name)) and e.is_file(follow_symlinks=False)}
-
-
 def _rename_carried(carried: pa.Table, layout: OutputColumns) -> pa.Table:
     reserved = set(RESULT_COLUMNS) | {"output", "error_class", "status", "message", "ttft_s", "tool_calls", "logprobs"}
     names = []
@@ -140,7 +123,7 @@ def _results_table(carried: pa.Table, recs: list[Record], layout: OutputColumns)
     cols["provider"] = pa.array([r.provider for r in recs], pa.string())
     cols["prompt_tokens"] = pa.array([r.prompt_tokens for r in recs], pa.int64())
     cols["completion_tokens"] = pa.array([r.completion_tokens for r in recs], pa.int64())
-    cols["cost_usd"] = pa.array([r.cost_usd for r in recs], pa.float64())
+    cols["cost_usd"] = pa.array([layout.cost(r) for r in recs], pa.float64())
     cols["latency_s"] = pa.array([r.latency_s for r in recs], pa.float64())
     cols["attempts"] = pa.array([r.attempts for r in recs], pa.int64())
     cols["cache_hit"] = pa.array([bool(r.cache_hit) for r in recs], pa.bool_())
@@ -231,23 +214,6 @@ def _concat(files: list[Path], dest: Path, compression: str) -> int:
     return rows
 
 
-def read_part(path: Path, read: Callable[..., T], **kw: Any) -> T:
-    """`read(file)`, or a UsageError naming a damaged part file and what to do (the folder may be shared).
-    Opened without following links: a link planted in parts/ is refused, never read (its target's rows
-    would land in the outputs)."""
-    fh = safefs.open_read(path)
-    if fh is None:
-        raise safefs.refuse(path, "missing, a link or not a plain file")
-    try:
-        with fh:
-            return read(fh, **kw)
-    except (pa.ArrowException, OSError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException) and exc.errno is not None:
-            raise  # a disk or permission problem: diagnosis says which
-        raise UsageError(f"the part file {path} is damaged ({exc}); delete it and re-run the same command: its batch "
-                         "is rebuilt from the answers in store.sqlite, nothing is asked again") from None
-
-
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     if table.schema.equals(schema):
         return table
@@ -280,8 +246,12 @@ class Summary:
     cache_hits: int = 0
     deduplicated: int = 0
     resumed_rows: int = 0
+    # Where this input's rows stand; new + edited + retried + reused + input_failed = rows_total.
     rows_new: int = 0        # rows whose request had no answer before this run (sent, or still pending)
+    rows_edited: int = 0     # rows the previous outputs held whose request is new (the row changed)
+    rows_retried: int = 0    # rows whose request had a failed answer, asked again (--retry-failed, transient)
     rows_reused: int = 0     # rows whose request was answered by an earlier run (no cost now)
+    rows_input_failed: int = 0  # rows that never became a request (failures with error_class input)
     rows_removed: int = 0    # rows of the previous outputs no longer in the input (answers kept in the store)
     stopped: str | None = None
     stop_message: str | None = None
@@ -326,7 +296,7 @@ def load(out_dir: str | os.PathLike[str], *, include_failures: bool = False, unn
     df = read_outputs(str(out_dir), "results.parquet")
     if unnest and "output" in df.columns and isinstance(df.schema["output"], pl.Struct):
         taken = set(df.columns) - {"output"}
-        fields = [f.name for f in df.schema["output"].fields]  # type: ignore[union-attr]
+        fields = [f.name for f in df.schema["output"].fields]
         renamed = {f: (f"output_{f}" if f in taken else f) for f in fields}
         df = df.with_columns(pl.col("output").struct.rename_fields([renamed[f] for f in fields])).unnest("output")
     if include_failures and (remote or (out / "failures.parquet").exists()):

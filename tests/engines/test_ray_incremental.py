@@ -5,8 +5,8 @@ and has one budget and one driver per job."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ def test_three_nights_over_a_growing_input_send_only_what_has_no_answer(s3_bucke
         assert (night, sent, summary.requests_sent) == (night, expect, expect), summary
         assert summary.exit_code == 0 and summary.succeeded == len(rows), summary
         assert sorted(_ids(f"{out}/results.parquet")) == sorted(r["rid"] for r in rows)  # exactly this input
-    assert summary.rows_removed == 5 and summary.rows_new == 60
+    assert (summary.rows_removed, summary.rows_new, summary.rows_edited, summary.rows_reused) == (5, 50, 10, 235)
     history = storage.read_bytes(f"{out}/history.jsonl").decode().splitlines()
     assert [json.loads(line)["requests"] for line in history] == [200, 50, 60]
     log = [json.loads(line) for line in storage.read_bytes(f"{out}/pipeline.log").decode().splitlines()]

@@ -86,12 +86,12 @@ def test_three_nights_over_a_growing_input_send_only_new_requests(tmp_path: Path
     assert all(third[rid] != second[rid] for rid in edited)
     assert all(third[rid] == second[rid] for rid in third if rid in second and rid not in edited)
     sent = [n for n, _ in nights]
-    figures = [(s.requests_sent, s.rows_new, s.rows_reused, s.rows_removed) for _, s in nights]
+    figures = [(s.requests_sent, s.rows_new, s.rows_edited, s.rows_reused, s.rows_removed) for _, s in nights]
     assert sent == [200, 50, 60]
-    assert figures == [(200, 200, 0, 0), (50, 50, 200, 0), (60, 60, 235, 5)]
+    assert figures == [(200, 200, 0, 0, 0), (50, 50, 0, 200, 0), (60, 50, 10, 235, 5)]
     runs = history.read(out)
-    assert [(r["requests"], r["rows_new"], r["rows_removed"], r["exit_code"]) for r in runs] == [
-        (200, 200, 0, 0), (50, 50, 0, 0), (60, 60, 5, 0)]
+    assert [(r["requests"], r["rows_new"], r["rows_edited"], r["rows_removed"], r["exit_code"]) for r in runs] == [
+        (200, 200, 0, 0, 0), (50, 50, 0, 0, 0), (60, 50, 10, 5, 0)]
     assert len({r["run_id"] for r in runs}) == 3 and all(r["finished_at"] >= r["started_at"] for r in runs)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["run_id"] == runs[-1]["run_id"] and summary["rows_removed"] == 5

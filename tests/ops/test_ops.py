@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -167,7 +168,7 @@ def test_a_plain_status_line_when_stderr_is_not_a_terminal_and_final_figures_equ
     p.advance(5, Stats(), 0)
     p.tick()
     first = stream.getvalue()
-    assert "\r" not in first and first.startswith("labelling: 15/100 rows (15%)")
+    assert "\r" not in first and re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ labelling: 15/100 rows \(15%\)", first)
     assert "inflight=3" in first and "429-pause 12s" in first and "last=429" in first
     stats = Stats(cost_usd=0.1234, prompt_tokens=10, completion_tokens=5)
     p.finish(99, 2, stats)
@@ -180,7 +181,7 @@ def test_limit_verbose_version_and_status_by_config_path(tmp_path: Path, capsys:
     done = run_cli("run", str(path), "--limit", "5", "-v")
     assert done.returncode == 0, done.stderr
     assert "run_start: run" in done.stderr and "run_end: run" in done.stderr  # pipeline.log mirrored, human form
-    assert "rows 5 new, 0 reused, 0 removed" in done.stderr
+    assert "rows 5 new, 0 edited, 0 retried, 0 reused, 0 input-failed, 0 removed" in done.stderr
     assert pl.read_parquet(tmp_path / "out" / "results.parquet").height == 5
     assert cli.main(["status", str(path), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)

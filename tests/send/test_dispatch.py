@@ -116,7 +116,8 @@ def test_an_empty_answer_spends_the_bad_content_budget_then_fails(tmp_path: Path
     fake = scripted(then=completion({"content": ""}))
     d, [record] = dispatch(config(tmp_path), fake)
     assert isinstance(record, Record) and (record.state, record.attempts) == ("bad_content", 2)
-    assert d.stats.retries == {"bad_content": 2}
+    # Two attempts are one retry; the second attempt's failure is a failure, not a retry.
+    assert d.stats.retries == {"bad_content": 1} and d.stats.failures == {"bad_content": 1}
 
 
 def test_a_fatal_reply_stops_dispatch_and_leaves_the_rest_pending(tmp_path: Path,

@@ -1,4 +1,4 @@
-"""Every outcome class from real-shaped bodies (wire-facts.md §1.8, §2.4, §4, §5)."""
+"""Every outcome class from real-shaped bodies (docs/wire.md §2 and §3)."""
 from __future__ import annotations
 
 import random

@@ -89,7 +89,7 @@ def test_store_tally_follows_replacements_and_upgrades_an_old_store(tmp_path: Pa
     store.close()
 
 
-def test_the_wal_is_fsynced_at_the_configured_interval(tmp_path: Path) -> None:
+def test_a_dirty_wal_is_fsynced_by_the_store_thread(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "s.sqlite"), fsync_interval_s=0.05)
     synced: list[float] = []
     original = store._fsync
@@ -98,6 +98,27 @@ def test_the_wal_is_fsynced_at_the_configured_interval(tmp_path: Path) -> None:
     # The wrapper records before the real fsync clears the flag: wait for both, not for a moment.
     wait_for(lambda: bool(synced) and not store._dirty, what="an fsync of the dirty WAL")
     store.close()
+
+
+def test_the_wal_is_fsynced_at_the_configured_interval(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s.sqlite"), fsync_interval_s=0.25)
+    store.close()  # its own thread stops; the loop runs below on a scripted clock instead
+
+    class Ticks:
+        """The stop event the loop waits on: each wait() is one interval passing, the 4th stops it."""
+
+        timeouts: list[float | None] = []
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.timeouts.append(timeout)
+            return len(self.timeouts) > 3
+
+    fsyncs: list[str] = []
+    store._stop = Ticks()  # type: ignore[assignment]
+    store._fsync = fsyncs.append  # type: ignore[method-assign]
+    store._fsync_loop()
+    assert Ticks.timeouts == [0.25] * 4  # every wait is the configured interval, never a busy loop
+    assert fsyncs == [store.path + "-wal"] * 3  # one fsync per interval that passed, none after the stop
 
 
 # -- resume ------------------------------------------------------------------------------------------

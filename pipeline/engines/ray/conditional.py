@@ -130,11 +130,11 @@ def _credentials(options: dict[str, Any]) -> tuple[str, str, str | None]:
     if access and secret:
         return access, secret, token
     try:
-        import botocore.session  # optional: instance roles, profiles, SSO
+        from botocore.session import get_session  # optional: instance roles, profiles, SSO
     except ImportError:
-        botocore = None  # type: ignore[assignment]
-    if botocore is not None:
-        creds = botocore.session.get_session().get_credentials()
+        get_session = None
+    if get_session is not None:
+        creds = get_session().get_credentials()
         if creds is not None:
             frozen = creds.get_frozen_credentials()
             return frozen.access_key, frozen.secret_key, frozen.token

@@ -14,6 +14,7 @@ Layout, commit protocol and loss bound: docs/ray.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 import threading
@@ -21,14 +22,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import orjson
 
 from ...config import Config
-from ...core.finish import finish
+from ...core.finish import Verdict, finish
 from ...core.progress import Progress
 from ...errors import ConfigError, RunFatalError
 from ...ops.figures import Figures
@@ -84,7 +84,7 @@ class Gathered:
 
     stats: Stats = field(default_factory=Stats)
     rows: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0, "pending": 0, "reused": 0,
-                                                          "new": 0})
+                                                          "new": 0, "edited": 0, "input_failed": 0})
     stop: str = ""
     message: str = ""
     finished: dict[str, np.ndarray] = field(default_factory=dict)  # shard -> its rows' id hashes
@@ -131,15 +131,15 @@ def _run(ray: Any, cfg: Config, invocation: RayInvocation, *, retry_failed: bool
         rows_removed = source.count_missing(removed) if removed else 0
         done = job.done(names, retry_failed=retry_failed)
         todo = [(i, n) for i, n in enumerate(names) if n not in done]
-        reused = (sum(ok for ok, _ in done.values()), sum(f for _, f in done.values()))
+        reused = (sum(d[0] for d in done.values()), sum(d[1] for d in done.values()),
+                  sum(d[2] for d in done.values()))
         previous = _previous_summary(cfg)
         spent_before = read_spent(cfg.output.dir, cfg.output.storage_options)
         spent_before = previous.get("cost_usd", 0.0) if spent_before is None else spent_before
-        gathered = _dispatch(ray, cfg, invocation, lease, job, source, scan, todo, sum(reused), spent_before,
+        gathered = _dispatch(ray, cfg, invocation, lease, job, source, scan, todo, reused[0] + reused[1], spent_before,
                              retry_failed=retry_failed, schema=schema, quiet=quiet)
         summary = _write_summary(cfg, ray, scan.rows, previous, gathered, reused, rows_removed, started, commands)
-        summary.run_id, summary.started_at, summary.finished_at = (invocation.stamp()[k] for k in
-                                                                   ("run_id", "started_at", "finished_at"))
+        summary = dataclasses.replace(summary, **invocation.stamp())
         storage.write_bytes(storage.join(cfg.output.dir, "summary.json"), summary.to_json(),
                             cfg.output.storage_options, root=cfg.output.dir)
         lease.check()
@@ -217,7 +217,7 @@ def _add(g: Gathered, out: dict[str, Any], invocation: RayInvocation) -> None:
 
 
 def _write_summary(cfg: Config, ray: Any, total: int, previous: dict[str, Any], g: Gathered,
-                   reused: tuple[int, int], rows_removed: int, started: float, commands: tuple[str, str]) -> Summary:
+                   reused: tuple[int, int, int], rows_removed: int, started: float, commands: tuple[str, str]) -> Summary:
     """summary.json from the published parts and the workers' figures, with the local driver's verdict."""
     succeeded, _ = count_rows(cfg.output.dir, cfg.output.storage_options, RESULTS)
     failed, classes = count_rows(cfg.output.dir, cfg.output.storage_options, FAILURES)
@@ -230,13 +230,17 @@ def _write_summary(cfg: Config, ray: Any, total: int, previous: dict[str, Any], 
         cost_usd=round(previous.get("cost_usd", 0.0) + stats.cost_usd, 6), run_cost_usd=round(stats.cost_usd, 6),
         wall_s=round(time.monotonic() - started, 3), requests_sent=stats.requests_sent,
         retries=dict(stats.retries), failures_by_class=classes, deduplicated=stats.deduplicated,
-        resumed_rows=sum(reused) + g.rows["reused"], rows_new=g.rows["new"],
-        rows_reused=sum(reused) + g.rows["reused"], rows_removed=rows_removed,
+        resumed_rows=reused[0] + reused[1] + g.rows["reused"],
+        rows_reused=reused[0] + reused[1] - reused[2] + g.rows["reused"], rows_removed=rows_removed,
+        rows_input_failed=reused[2] + g.rows["input_failed"], rows_edited=g.rows["edited"],
+        # rows not reached (a stop) are new, as the local engine counts them
+        rows_new=g.rows["new"] + max(0, total - reused[0] - reused[1] - sum(g.rows[k] for k in
+                                                                              ("reused", "new", "edited", "input_failed"))),
         config_fingerprint=cfg.request_fingerprint(), versions={"ray": ray.__version__},
     )
     # The local driver's verdict (exit code, next step), from what the workers reported.
     fatal = RunFatalError(g.message) if g.stop in ("fatal", "budget") else None
-    finish(summary, SimpleNamespace(stop_reason=g.stop or None, fatal=fatal), *commands)  # type: ignore[arg-type]
+    finish(summary, Verdict(g.stop or None, fatal), *commands)
     return summary
 
 

@@ -208,13 +208,17 @@ class RayInvocation(Invocation):
         except OSError as err:
             log.warning("could not append to %s: %s", uri, err)
 
+    @property
+    def job_name(self) -> str:
+        return self.cfg.job.name or self.root  # the URI as given (a Path would fold s3:// into s3:/)
+
     async def _notify(self, record: history.RunRecord) -> None:
         n = self.cfg.notify
         outcome = "success" if record.exit_code == 0 else "failure"
         if n.webhook and outcome in n.on:
-            payload = {"job": self.root, "outcome": outcome, "host": socket.gethostname(), "engine": "ray",
-                       **record.to_json()}
-            await notify.post(n.webhook, payload, timeout_s=n.timeout_s, retries=n.retries)
+            payload = {"job": self.job_name, "out_dir": self.root, "outcome": outcome, "host": socket.gethostname(),
+                       "engine": "ray", **record.to_json()}
+            await notify.post(n.webhook, notify.shape(payload, n.format), timeout_s=n.timeout_s, retries=n.retries)
 
 
 def read_history(root: str, options: dict[str, Any] | None, last: int | None = None) -> list[dict[str, Any]]:

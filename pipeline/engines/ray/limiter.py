@@ -54,8 +54,9 @@ class LimiterActor:
         self.seen: dict[str, float] = {}   # worker id -> last poll
         self.halted: str | None = None
         self.budget: JobBudget | None = None
-        if budget is not None and budget[0] is not None:
-            cap, spent, root, options = budget
+        cap = budget[0] if budget is not None else None
+        if budget is not None and cap is not None:
+            _, spent, root, options = budget
             from .budget import read_spent
             # Ray restarts this actor with the same arguments: continue from what was persisted since.
             spent = max(spent, read_spent(root, options) or 0.0)

@@ -73,6 +73,14 @@ class RowMap:
         hit = self.keys[pos] == hashes
         return {self.names[i] for i in np.unique(self.shards[pos[hit]])}
 
+    def seen(self, hashes: np.ndarray) -> np.ndarray:
+        """Per row: was it answered by this job before (its id is in the map)?"""
+        if not len(self.keys) or not len(hashes):
+            return np.zeros(len(hashes), bool)
+        pos = np.searchsorted(self.keys, hashes)
+        pos[pos >= len(self.keys)] = 0
+        return np.asarray(self.keys[pos] == hashes)
+
     def repoint(self, finished: dict[str, np.ndarray]) -> RowMap:
         """The map after the rows of `finished` shards moved to those shards' folders."""
         if not finished:
@@ -160,6 +168,7 @@ class RayJob:
         now = time.time()
         manifest = {"version": MANIFEST_VERSION, "engine": "ray", "fingerprint": fingerprint,
                     "batch_size": cfg.input.batch_size, "model": cfg.endpoint.model, "request": request,
+                    "name": cfg.job.name,
                     "config": cfg.source, "command": command,
                     "created": (known or {}).get("created", now), "updated": now}
         return manifest
@@ -200,8 +209,9 @@ class RayJob:
                 out[name] = uri
         return out
 
-    def done(self, names: list[str], *, retry_failed: bool) -> dict[str, tuple[int, int]]:
-        """The shards of this plan that are done: name -> (ok rows, failed rows). A shard is redone when its
+    def done(self, names: list[str], *, retry_failed: bool) -> dict[str, tuple[int, int, int]]:
+        """The shards of this plan that are done: name -> (ok rows, failed rows, of them input failures). A
+        shard is redone when its
         failures part holds rows a run must ask again (transient always; --retry-failed: every row whose
         request failed), as the local engine redoes such parts."""
         wanted = set(names)
@@ -210,14 +220,12 @@ class RayJob:
         out = {}
         for name, uri in results.items():
             ok = _read(uri, self.options, columns=[]).num_rows
-            failed = 0
+            values: list[str] = []
             if name in failures:
-                classes = _read(failures[name], self.options, columns=["error_class"]).column("error_class")
-                values = classes.to_pylist()
+                values = _read(failures[name], self.options, columns=["error_class"]).column("error_class").to_pylist()
                 if "transient" in values or (retry_failed and any(v != "input" for v in values)):
                     continue
-                failed = len(values)
-            out[name] = (ok, failed)
+            out[name] = (ok, len(values), values.count("input"))
         return out
 
     def prune(self, names: list[str], id_column: str) -> list[pa.ChunkedArray]:

@@ -89,7 +89,7 @@ def ray_status(root: str, options: dict[str, Any] | None = None, *, last_runs: i
         state = "not running"
     cost = float(beat.get("job_cost_usd", summary.get("cost_usd", 0.0)) if fresh else summary.get("cost_usd", 0.0))
     return {
-        "engine": "ray", "out_dir": root, "state": state,
+        "engine": "ray", "out_dir": root, "name": manifest.get("name"), "state": state, "this_run": None,
         "rows_total": rows_total, "rows_done": succeeded, "rows_failed": failed,
         "rows_pending": max(0, rows_total - succeeded - failed),
         "shards_total": len(names), "shards_done": len(results),

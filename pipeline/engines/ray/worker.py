@@ -32,6 +32,7 @@ from ...common import redact
 from ...config import Config
 from ...core.transformer import Core, OutcomeBatch
 from ...errors import RunFatalError
+from ...models.prices import find_price
 from ...prepare.prompts import Renderer
 from ...prepare.structured import StructuredPlan, plan_for
 from ...read import storage
@@ -54,7 +55,8 @@ CURRENT_SHARD: contextvars.ContextVar[str] = contextvars.ContextVar("pipeline_ra
 def make_layout(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
     return OutputColumns(id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
                          with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
-                         with_ttft=cfg.params.stream, compression=cfg.output.compression)
+                         with_ttft=cfg.params.stream, compression=cfg.output.compression,
+                         cost_unknown=find_price(cfg, cfg.endpoint.model) is None)
 
 
 class JournalAnswers:
@@ -130,6 +132,7 @@ class Sender:
         self.core = Core(cfg, renderer, self.plan, answers=self.answers, limiter=self.limits,
                          transport=self.transport, budget=budget)  # type: ignore[arg-type]
         self.reported: Counter[str] = Counter()
+        self.last_known: dict[str, Record] = {}
         self.reported_cost = 0.0
 
     def _halt(self, message: str) -> None:
@@ -145,6 +148,7 @@ class Sender:
         lent = await asyncio.to_thread(self.journal.known, sorted(set(donors) - {shard}),
                                        retry_failed=retry_failed) if donors else {}
         known = {**lent, **own}
+        self.last_known = known
         self.answers.preloaded[shard] = known
         CURRENT_SHARD.set(shard)
         result: OutcomeBatch | None = None
@@ -219,17 +223,18 @@ class ShardWorker:
         sender = self._sender()
         core = sender.core
         out: dict[str, Any] = {"shard": shard, "name": name, "rows": 0, "ok": 0, "failed": 0, "pending": 0,
-                               "reused": 0, "new": 0, "published": False, "ids": b""}
+                               "reused": 0, "new": 0, "edited": 0, "input_failed": 0, "published": False,
+                               "ids": b""}
         inp = await asyncio.to_thread(self._read, shard)
         out["rows"] = len(inp.rows)
         if core.stop_reason:  # this worker stopped (run-fatal): the shard stays to do
             out["pending"] = len(inp.rows)
         else:
             hashes = id_hashes(inp.ids)
-            donors = await asyncio.to_thread(self._donors, hashes)
+            donors, seen = await asyncio.to_thread(self._donors, hashes)
             result, out["reused"] = await sender.answer(inp, self.retry_failed, name, donors)
             out["pending"] = sum(1 for o in result.outcomes if o is None)
-            out["new"] = sum(1 for k in result.keys if k is not None) - out["reused"]
+            out.update(_row_counts(result.keys, sender.last_known, seen))
             if result.complete:
                 out["ok"], out["failed"] = await asyncio.to_thread(self._publish, result, sender.plan, name)
                 out["published"], out["ids"] = True, hashes.tobytes()
@@ -242,13 +247,13 @@ class ShardWorker:
     def _read(self, shard: int) -> InputBatch:
         return next(self.source.batches(skip=lambda b: b != shard))
 
-    def _donors(self, hashes: np.ndarray) -> set[str]:
+    def _donors(self, hashes: np.ndarray) -> tuple[set[str], np.ndarray]:
         """The shards whose journal folders hold answers to some of these rows (an earlier version of
         this shard, or the shards its rows were in before rows moved)."""
         if self.row_map is None:
             import ray
             self.row_map = ray.get(self.row_map_ref[0]) if self.row_map_ref else RowMap()
-        return self.row_map.donors(hashes)
+        return self.row_map.donors(hashes), self.row_map.seen(hashes)
 
     def _publish(self, result: OutcomeBatch, plan: StructuredPlan | None, shard: str) -> tuple[int, int]:
         """Both parts of a finished shard, failures first: a results part marks the shard done."""
@@ -273,3 +278,20 @@ def worker_id() -> str:
     except Exception:
         actor = None
     return actor or uuid.uuid4().hex
+
+
+def _row_counts(keys: list[str | None], known: dict[str, Record], seen: np.ndarray) -> dict[str, int]:
+    """The local engine's row accounting (core/finish.py RowCount) for one shard: input-failed (no request),
+    reused (answered before), edited (asked anew for a row the job had answered before: its id is in the
+    row map) and new."""
+    out = {"input_failed": 0, "reused": 0, "edited": 0, "new": 0}
+    for key, before in zip(keys, seen):
+        if key is None:
+            out["input_failed"] += 1
+        elif key in known:
+            out["reused"] += 1
+        elif before:
+            out["edited"] += 1
+        else:
+            out["new"] += 1
+    return out

@@ -1,0 +1,112 @@
+"""Calibration of a run's confidences against gold: reliability bins, expected calibration error, and
+what each auto-accept threshold would let through.
+
+A row is auto-accepted at threshold t when its confidence is >= t (the same rule a cascade stage's
+`min_confidence` applies). Per field the confidence is that field's own (`confidence_by_field.<field>`)
+when the results carry it, else the row's `confidence` (its lowest field confidence).
+
+- Bins: 10 equal-width bins over [0, 1]; a confidence c falls in bin min(floor(10 c), 9), so 1.0 is in
+  the last bin. Per bin: rows, mean confidence, accuracy (share of rows whose answer equals the gold).
+- ECE = sum over bins of rows_b / rows * |accuracy_b - mean_confidence_b| (Guo et al. 2017).
+- Thresholds: `accepted_share` is over every answered row with a confidence (no gold needed: it is the
+  share of the job that would skip review); `precision` is over the gold rows at or above t, with a
+  Wilson 95% interval, because a precision measured on 12 rows says little.
+- `--target-precision P` names the lowest threshold (among the grid and every confidence seen on a gold
+  row) whose measured precision is >= P on at least MIN_GOLD_ROWS accepted gold rows: the one that
+  auto-accepts the most rows while meeting it. Fewer rows measure nothing worth naming.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import polars as pl
+
+BINS = 10
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99)
+Z95 = 1.959963984540054
+MIN_GOLD_ROWS = 10
+
+
+@dataclass
+class Calibration:
+    """One run's calibration on one gold field."""
+
+    run: str
+    field: str
+    confidence: str               # which column: "confidence_by_field.<field>" or "confidence"
+    rows: int                     # gold rows with an answer and a confidence
+    no_confidence: int            # gold rows with an answer but no confidence (left out)
+    ece: float | None
+    bins: pl.DataFrame            # bin, lo, hi, rows, mean_confidence, accuracy, gap
+    thresholds: pl.DataFrame      # threshold, accepted_share, accepted_rows, gold_rows, precision, precision_low, precision_high
+    target: float | None = None
+    chosen: dict[str, float | int | None] | None = None   # the threshold row --target-precision names
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float | None, float | None]:
+    """The Wilson score interval of a share k / n (None, None when n is 0)."""
+    if n == 0:
+        return None, None
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def reliability(conf: pl.Series, correct: pl.Series) -> tuple[pl.DataFrame, float | None]:
+    """Bins and ECE over rows with a confidence (nulls and NaNs must be removed by the caller)."""
+    df = pl.DataFrame({"c": conf.cast(pl.Float64).clip(0.0, 1.0), "ok": correct.cast(pl.Float64)})
+    n = df.height
+    binned = (df.with_columns(bin=(pl.col("c") * BINS).floor().clip(0, BINS - 1).cast(pl.Int64))
+              .group_by("bin").agg(rows=pl.len(), mean_confidence=pl.col("c").mean(), accuracy=pl.col("ok").mean()))
+    full = (pl.DataFrame({"bin": list(range(BINS))}, schema={"bin": pl.Int64})
+            .join(binned, on="bin", how="left")
+            .with_columns(lo=pl.col("bin") / BINS, hi=(pl.col("bin") + 1) / BINS,
+                          rows=pl.col("rows").fill_null(0).cast(pl.Int64))
+            .with_columns(gap=(pl.col("accuracy") - pl.col("mean_confidence")))
+            .select("bin", "lo", "hi", "rows", "mean_confidence", "accuracy", "gap"))
+    if n == 0:
+        return full, None
+    ece = float(full.select((pl.col("rows") / n * pl.col("gap").abs()).fill_null(0.0).sum()).item())
+    return full, ece
+
+
+def threshold_table(population: pl.Series, conf: pl.Series, correct: pl.Series,
+                    thresholds: list[float]) -> pl.DataFrame:
+    """Per threshold: the share of all answered rows accepted, and the precision on the gold rows accepted."""
+    pop = population.cast(pl.Float64)
+    total = pop.len()
+    rows = []
+    for t in sorted(set(thresholds)):
+        accepted = int((pop >= t).sum()) if total else 0
+        mask = conf >= t
+        n = int(mask.sum())
+        k = int((correct & mask).sum())
+        low, high = wilson(k, n)
+        rows.append({"threshold": float(t), "accepted_share": accepted / total if total else None,
+                     "accepted_rows": accepted, "gold_rows": n, "precision": k / n if n else None,
+                     "precision_low": low, "precision_high": high})
+    return pl.DataFrame(rows, schema={"threshold": pl.Float64, "accepted_share": pl.Float64,
+                                      "accepted_rows": pl.Int64, "gold_rows": pl.Int64, "precision": pl.Float64,
+                                      "precision_low": pl.Float64, "precision_high": pl.Float64})
+
+
+def calibrate(run: str, field: str, source: str, population: pl.Series, scored: pl.DataFrame,
+              target: float | None = None, min_rows: int = MIN_GOLD_ROWS) -> Calibration:
+    """`scored`: one row per gold row the run answered, columns `conf` (Float64, may be null) and
+    `correct` (Boolean); `population`: the confidence of every answered row (nulls dropped here)."""
+    known = scored.filter(pl.col("conf").is_not_null() & pl.col("conf").is_not_nan())
+    conf, correct = known.get_column("conf").cast(pl.Float64), known.get_column("correct").cast(pl.Boolean)
+    bins, ece = reliability(conf, correct)
+    pop = population.cast(pl.Float64).drop_nulls().drop_nans()
+    grid = list(THRESHOLDS) + ([target] if target is not None else [])
+    table = threshold_table(pop, conf, correct, grid)
+    result = Calibration(run, field, source, known.height, scored.height - known.height, ece, bins, table, target)
+    if target is not None and known.height:
+        candidates = threshold_table(pop, conf, correct, grid + conf.unique().to_list())
+        ok = candidates.filter((pl.col("precision") >= target - 1e-12) & (pl.col("gold_rows") >= min_rows)
+                               ).sort("threshold")
+        result.chosen = ok.row(0, named=True) if ok.height else None
+    return result
