@@ -33,7 +33,7 @@ def test_ray_engine_local_folder(tmp_path: Path, ray_local: Any) -> None:
     data = tmp_path / "in.jsonl"
     data.write_text(data.read_text().replace("review number 3:", "review number 3 (edited):"))
     edited = pipeline.run(cfg, quiet=True)
-    assert (edited.requests_sent, edited.rows_new, edited.succeeded) == (1, 1, 40), edited
+    assert (edited.requests_sent, edited.rows_edited, edited.rows_new, edited.succeeded) == (1, 1, 0, 40), edited
     # What shapes requests is the job: a changed prompt is refused, naming the key.
     cfg["prompt"]["user"] = "Text: {{ text }}"
     with pytest.raises(JobChangedError, match="prompt.user"):
