@@ -81,14 +81,16 @@ def find_target(body: dict[str, Any], flavor: str, finder: SchemaFinder) -> Targ
 
 
 def make_answer(target: Target, digest: bytes, prompt_tokens: int, max_tokens: int | None,
-                fault: str | None, cached_ratio: float) -> Answer:
+                fault: str | None, cached_ratio: float, *, label: bytes | None = None, value: Any = None) -> Answer:
+    """`label` seeds what the answer says (packs.label_digest: a row's label is the same alone or packed);
+    `value`, when given, is the answer already drawn (a packed request's, packs.pack_value)."""
     seed = int.from_bytes(digest[:8], "big")
-    rng = random.Random(seed)
-    value: Any = None
+    rng = random.Random(int.from_bytes((label or digest)[:8], "big"))
     if target.kind == "text":
         output = plain_text(rng)
     else:
-        value = fake_json(target.schema, rng) if target.schema else small_json(rng)
+        if value is None:
+            value = fake_json(target.schema, rng) if target.schema else small_json(rng)
         if fault == "schema_invalid":
             value = break_schema(value, target.schema or {"type": "object", "required": ["answer"]})
         output = orjson.dumps(value).decode()

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import packs
 from .answer import Answer, find_target, make_answer, partial_answer
 from .config import SimConfig
 from .content import SchemaFinder
@@ -170,7 +171,13 @@ class ChatService:
         """The model's answer to a valid request: the same for the same body, whichever way it came."""
         target = find_target(ask.body, self.cfg.flavor, self.finder)
         digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(ask.body), option=orjson.OPT_SORT_KEYS)).digest()
-        return make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio)
+        rows = packs.pack_rows(ask.body, target.schema)
+        if rows is not None and target.schema is not None:  # several rows in one request: each answered alone
+            return make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio,
+                               value=packs.pack_value(self.seed_bytes, ask.body, target.schema, rows))
+        label = packs.label_digest(self.seed_bytes, ask.body, packs.last_user_content(ask.body))
+        return make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio,
+                           label=label)
 
     def _refuse(self, request: web.BaseRequest, ask: _Ask, answer: Answer, choice: FaultChoice | None,
                 now: float, entry: LogEntry) -> SimError | web.StreamResponse | None:

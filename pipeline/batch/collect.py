@@ -215,7 +215,7 @@ class Collector:
         if body is None:
             return (0, 0, 0.0)
         usage = usage or batch_usage(body, self.cfg, images, est)
-        self.engine.core.dispatcher.budget.charge(usage.cost_usd)
+        self.engine.core.charge(usage.cost_usd)
         self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
         return (usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
 

@@ -72,12 +72,7 @@ class Engine:
 
     def stop(self, exc: Fatal) -> None:
         """Stop the run for a run-fatal reason, as the dispatcher does."""
-        dispatcher = self.core.dispatcher
-        if dispatcher.fatal is None:
-            dispatcher.fatal = exc
-            reason = "budget" if isinstance(exc, BudgetExceeded) else "fatal"
-            log.error("stopping: %s", exc, extra={"event": "stop", "reason": reason})
-        self.core.stop("budget" if isinstance(exc, BudgetExceeded) else "fatal")
+        self.core.fail_run(exc)
 
     @property
     def stop_reason(self) -> str | None:
@@ -94,7 +89,7 @@ class BatchDriver:
                  batches: Callable[[], Iterable[InputBatch]], no_wait: bool = False, progress: bool = False,
                  rng: random.Random | None = None) -> None:
         self.cfg, self.folder, self.engine = cfg, folder, engine
-        self.plan = engine.core.dispatcher.plan
+        self.plan = engine.core.plan
         self.store = engine.store
         self.ledger = Ledger(self.store)
         self.client = BatchClient(transport)
@@ -318,7 +313,7 @@ class BatchDriver:
         for chunk in self.ledger.chunks(("ready", "uploaded")):
             if cap is not None and tokens and tokens + chunk.est_tokens > cap:
                 return  # the provider's queue for this model is full: wait for batches to finish
-            spent = self.engine.core.dispatcher.budget.spent
+            spent = self.engine.core.budget.spent
             if budget is not None and spent + worst + chunk.worst_usd > budget:
                 self._stop(BudgetExceeded(
                     f"budget reached: spent ${spent:.4f}, ${worst:.4f} in running batches at "

@@ -5,14 +5,10 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..config import Config
-from ..core.interrupt import Interrupt
-from ..core.transformer import Core
+from ..common import layout
+from ..core.context import RunContext
 from ..errors import EXIT_BATCH_SUBMITTED, EXIT_STOPPED, UsageError
-from ..prepare.prompts import Renderer
 from ..send.transport import HttpTransport
-from ..state.answers import LocalAnswers
-from ..state.store import Store
 from ..vocab import FINAL_STATES, InputBatch
 from ..write.output import Summary
 from .driver import BatchDriver, Engine
@@ -22,13 +18,14 @@ from .driver import BatchDriver, Engine
 ALL_STATES = FINAL_STATES | {"transient"}
 
 
-async def drive_batches(cfg: Config, core: Core, answers: LocalAnswers, store: Store, transport: Any,
-                        renderer: Renderer, batches: Callable[[], Iterable[InputBatch]], *, folder: str,
-                        interrupt: Interrupt, no_wait: bool, cancel: bool, progress: Any) -> str:
-    """Run the batch phases; returns 'collected', 'waiting', 'stopped' or 'cancelled'.
+async def drive_batches(ctx: RunContext, transport: Any, batches: Callable[[], Iterable[InputBatch]]) -> str:
+    """Run the batch phases of the run `ctx`; returns 'collected', 'waiting', 'stopped' or 'cancelled'.
 
     A first Ctrl-C stops the driver at its next step (the batches stay at the provider; the ledger knows
     them); a second one cancels it at once, even in the middle of an upload."""
+    cfg, core, store, renderer, interrupt = ctx.cfg, ctx.core, ctx.store, ctx.renderer, ctx.interrupt
+    no_wait, cancel, progress = ctx.options.no_wait, ctx.options.cancel_batches, ctx.progress
+    folder = str(ctx.jobdir.path / layout.BATCH)
     transport = getattr(transport, "inner", transport)  # under ops' ObservedTransport, which counts chat sends
     if not isinstance(transport, HttpTransport):
         raise UsageError("run.mode: batch needs the HTTP transport (the Batch API's files and batches)")
@@ -36,7 +33,7 @@ async def drive_batches(cfg: Config, core: Core, answers: LocalAnswers, store: S
         raise UsageError("--no-wait leaves batches at the endpoint, but the in-process simulator stops with this "
                          "run: serve it with `pipeline simulate --port 8089` and set endpoint.base_url to "
                          "http://127.0.0.1:8089/api/v1 (or run without --no-wait)")
-    engine = Engine(core, store, lambda b: core.builder.build_batch(b, renderer).requests, answers.lookup)
+    engine = Engine(core, store, lambda b: core.builder.build_batch(b, renderer).requests, ctx.answers.lookup)
     driver = BatchDriver(cfg, folder, engine, transport, batches=batches, no_wait=no_wait, progress=progress.enabled)
     task = asyncio.ensure_future(driver.cancel() if cancel else driver.run())
     while not task.done():
@@ -50,7 +47,7 @@ async def drive_batches(cfg: Config, core: Core, answers: LocalAnswers, store: S
     if cancel:
         progress.note(f"asked the provider to cancel {outcome} running batch(es)")
         return "cancelled"
-    answers.keep = FINAL_STATES if cfg.batch.retry_via == "sync" else ALL_STATES
+    ctx.answers.keep = FINAL_STATES if cfg.batch.retry_via == "sync" else ALL_STATES
     return str(outcome)
 
 

@@ -90,7 +90,7 @@ class Config(Section):
         freely."""
         keep = {
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
-            "prompt": self.prompt.model_dump(exclude={"image_roots"}),  # where files may be read, not what is asked
+            "prompt": self._prompt_identity(),
             "params": self.params.model_dump(exclude_none=True),
             # A retry budget changes how often we ask, not what: not the job (NOT_IDENTITY).
             "structured": self.structured.model_dump(by_alias=True, exclude={"bad_content_retries"})
@@ -99,6 +99,15 @@ class Config(Section):
         # NON_STR_KEYS: params.logit_bias is keyed by token id (int).
         loaded: dict[str, Any] = orjson.loads(orjson.dumps(keep, option=orjson.OPT_NON_STR_KEYS, default=str))
         return loaded
+
+    def _prompt_identity(self) -> dict[str, Any]:
+        # image_roots: where files may be read, not what is asked. rows_per_request: one by one and packed
+        # are different requests, but a packed row's request does not depend on how many share its pack,
+        # and a job from before packing existed must keep its identity.
+        prompt = self.prompt.model_dump(exclude={"image_roots", "rows_per_request"})
+        if self.prompt.rows_per_request > 1:
+            prompt["rows_per_request"] = "several"
+        return prompt
 
     def request_fingerprint(self) -> str:
         """Hash of `request_config()`: a resume with a different one would mix answers to other requests."""

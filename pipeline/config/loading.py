@@ -53,6 +53,7 @@ def load_config(
     _check_budget_price(cfg)
     check_prompt(cfg.prompt, name)  # compiled before any input is read or anything is sent
     _check_batch_mode(cfg)
+    _check_packs(cfg)
     _check_ray_workers(cfg)
     _check_rates(cfg)
     return cfg
@@ -99,6 +100,27 @@ def _check_batch_mode(cfg: Config) -> None:
     if cfg.run.mode == "batch" and cfg.params.stream:
         raise ConfigError("run.mode: batch cannot stream answers; remove params.stream (or use run.mode: sync)",
                           key="params.stream", file=cfg.source)
+
+
+def _check_packs(cfg: Config) -> None:
+    """Several rows per request are split back by id from a structured answer; what cannot be packed is refused."""
+    k = cfg.prompt.rows_per_request
+    if k == 1:
+        return
+    why = None
+    if cfg.structured is None:
+        why = ("needs structured.schema: a pack's answer is split back into rows by id from JSON", "structured.schema")
+    elif cfg.prompt.images:
+        why = ("cannot pack rows with images (prompt.images): an image part cannot be tied to its row in a shared "
+               "message; label images one by one (rows_per_request: 1)", "prompt.images")
+    elif cfg.prompt.messages_column:
+        why = ("cannot pack rows whose whole conversation comes from prompt.messages_column: nothing is shared; "
+               "use prompt.system and prompt.user", "prompt.messages_column")
+    elif cfg.run.mode == "batch":
+        why = ("is not available with run.mode: batch yet (a Batch API line must carry one request of its own "
+               "rows); use run.mode: sync, or rows_per_request: 1 for batch mode", "run.mode")
+    if why is not None:
+        raise ConfigError(f"prompt.rows_per_request: {k} {why[0]}", key=why[1], file=cfg.source)
 
 
 def _check_budget_price(cfg: Config) -> None:

@@ -15,6 +15,10 @@ class PromptConfig(Section):
     user: str | None = Field(None, description="Jinja2 template for the user message.")
     messages_column: str | None = Field(None, description="Column holding ready-made chat messages.")
     images: list[str] = Field(default_factory=list, description="Columns holding images (URL, path, bytes, list).")
+    rows_per_request: int = Field(
+        1, ge=1, le=100,
+        description="Rows asked in one request (a pack): they share one copy of the instructions; each row's "
+                    "answer comes back under its own id and lands as its own result row. 1: one by one.")
     image_detail: Literal["auto", "low", "high"] = "auto"
     image_max_side: int | None = Field(None, ge=16, description="Downscale local images to this longest side.")
     image_roots: list[str] = Field(

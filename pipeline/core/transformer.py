@@ -44,16 +44,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import random
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import pyarrow as pa
 
 from ..config import Config
-from ..errors import Fatal, Stopped
+from ..errors import BudgetExceeded, Fatal, Stopped
+from ..prepare.packs import Packer
 from ..prepare.prompts import Renderer
 from ..prepare.request import RequestBuilder
 from ..prepare.structured import StructuredPlan
@@ -64,6 +66,9 @@ from ..send.stats import Stats
 from ..send.transport import Transport
 from ..vocab import AnswerStore, InputBatch, Record, Request, RowFailure
 from ..write.output import OutputColumns, part_tables
+from .packing import PackSender
+
+log = logging.getLogger("pipeline")
 
 # Unfinished batches held at once: enough to keep every concurrency slot busy while a straggler retries.
 MAX_OPEN_BATCHES = 4
@@ -99,20 +104,35 @@ class OutcomeBatch:
         return part_tables(columns, self.batch.carried, self.outcomes)
 
 
+class CoreExtras(TypedDict, total=False):
+    """The optional collaborators of a Core (see the module docstring)."""
+
+    progress: ProgressSink | None
+    stats: Stats | None
+    budget: Budget | None  # default: budget.max_cost_usd with nothing spent before
+    rng: random.Random | None
+
+
 class Core:
     def __init__(self, cfg: Config, renderer: Renderer, plan: StructuredPlan | None, *, answers: AnswerStore,
-                 limiter: Limiter, transport: Transport, progress: ProgressSink | None = None,
-                 stats: Stats | None = None, spent_before: float = 0.0, budget: Budget | None = None,
-                 rng: random.Random | None = None) -> None:
-        self.cfg, self.renderer, self.answers, self.progress = cfg, renderer, answers, progress
-        self.stats = stats or Stats()
+                 limiter: Limiter, transport: Transport, **extras: Unpack[CoreExtras]) -> None:
+        self.cfg, self.renderer, self.answers, self.progress = cfg, renderer, answers, extras.get("progress")
+        self.stats = extras.get("stats") or Stats()
         self.builder = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens)
-        budget = budget or Budget(cfg.budget.max_cost_usd, spent_before)
-        self.dispatcher = Dispatcher(cfg, transport, answers, limiter, plan, stats=self.stats, budget=budget,
-                                     builder=self.builder, rng=rng)
+        budget = extras.get("budget") or Budget(cfg.budget.max_cost_usd)
+        rng = extras.get("rng")
+        # prompt.rows_per_request > 1: the dispatcher sends packs, and writes their rows through the sender.
+        packer = Packer.of(cfg, plan, renderer.tokens)
+        self.packs = PackSender(cfg, packer, answers, plan) if packer is not None and plan is not None else None
+        if self.packs is None:
+            self.dispatcher = Dispatcher(cfg, transport, answers, limiter, plan, stats=self.stats, budget=budget,
+                                         builder=self.builder, rng=rng)
+        else:
+            self.dispatcher = Dispatcher(cfg, transport, self.packs.answers, limiter, self.packs.packer.plan,
+                                         stats=self.stats, budget=budget, builder=self.packs.packer.builder, rng=rng)
         self.window = max(MAX_OPEN_BATCHES, -(-cfg.limits.max_concurrency * 2 // (cfg.input.batch_size or 1)))
         self.failed_rows = 0
-        self._requests: set[asyncio.Task[Record]] = set()
+        self._requests: set[asyncio.Task[Any]] = set()
 
     @property
     def stop_reason(self) -> str | None:
@@ -122,8 +142,29 @@ class Core:
     def fatal(self) -> Fatal | None:
         return self.dispatcher.fatal
 
+    @property
+    def plan(self) -> StructuredPlan | None:
+        """The structured plan requests are shaped for (its mode may step down during the run)."""
+        return self.dispatcher.plan
+
+    @property
+    def budget(self) -> Budget:
+        return self.dispatcher.budget
+
+    def charge(self, cost_usd: float) -> None:
+        """Count money spent outside the dispatcher (a Batch API line) against the run's budget."""
+        self.dispatcher.budget.charge(cost_usd)
+
     def stop(self, reason: str = "interrupted") -> None:
         self.dispatcher.stop(reason)
+
+    def fail_run(self, exc: Fatal) -> None:
+        """Stop the run for a run-fatal reason found outside the dispatcher (batch mode), as it would."""
+        reason = "budget" if isinstance(exc, BudgetExceeded) else "fatal"
+        if self.dispatcher.fatal is None:
+            self.dispatcher.fatal = exc
+            log.error("stopping: %s", exc, extra={"event": "stop", "reason": reason})
+        self.stop(reason)
 
     def abort(self) -> None:
         """Cancel the requests in flight now (after stop): their rows stay pending."""
@@ -158,6 +199,8 @@ class Core:
 
     async def _resolve(self, batch: InputBatch) -> OutcomeBatch:
         built = self.builder.build_batch(batch, self.renderer)
+        if self.packs is not None:
+            built = Packer.rekey(built)  # a packed row is stored under its own packed key
         outcomes: list[Outcome] = list(built.failures)
         records = self.answers.lookup(built.requests.keys())
         rows_per_key = Counter(k for k in built.keys if k is not None)
@@ -174,6 +217,8 @@ class Core:
         return OutcomeBatch(batch, outcomes, built.keys)
 
     async def _send(self, todo: list[Request], rows_per_key: Counter[str]) -> dict[str, Record]:
+        if self.packs is not None:
+            return await self._send_packs(self.packs, todo, rows_per_key)
         tasks = [asyncio.create_task(self.dispatcher.submit(req)) for req in todo]
         for req, task in zip(todo, tasks):
             task.add_done_callback(functools.partial(self._answered, rows_per_key[req.key]))
@@ -188,6 +233,24 @@ class Core:
                 records[req.key] = res
             elif not isinstance(res, (Stopped, asyncio.CancelledError)):
                 raise res  # a bug, not an outcome: surface it
+        return records
+
+    async def _send_packs(self, packs: PackSender, todo: list[Request], rows_per_key: Counter[str]) -> dict[str, Record]:
+        records: dict[str, Record] = {}
+
+        def done(key: str, record: Record) -> None:
+            records[key] = record
+            rows = rows_per_key[key]
+            self._rows_done(rows, rows if record.state != "ok" else 0)
+
+        task = asyncio.create_task(packs.send(self.dispatcher, todo, done))
+        self._requests.add(task)  # abort() cancels the packs in flight with it; what they resolved stays
+        try:
+            (res,) = await asyncio.gather(task, return_exceptions=True)
+        finally:
+            self._requests.discard(task)
+        if isinstance(res, BaseException) and not isinstance(res, (Stopped, asyncio.CancelledError)):
+            raise res  # a bug, not an outcome: surface it
         return records
 
     def _answered(self, rows: int, task: asyncio.Task[Record]) -> None:

@@ -32,6 +32,7 @@ from ..config import Config, day_note
 from ..errors import EXIT_OK, RowError
 from ..models.catalog import context_window, max_output_tokens
 from ..models.prices import find_price
+from ..prepare.packs import Packer
 from ..prepare.prompts import Renderer
 from ..prepare.request import RequestBuilder
 from ..prepare.structured import StructuredPlan, plan_for
@@ -41,7 +42,7 @@ from ..send.budget import worst_output_tokens
 from ..state import migrations
 from ..state.jobdir import JobDir
 from ..state.store import MIGRATIONS, connect
-from ..vocab import FINAL_STATES, InputBatch
+from ..vocab import FINAL_STATES, BuiltBatch, InputBatch, Request
 
 # Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
 # what gpt-4-turbo typically sustains on OpenRouter and OpenAI. Printed with the figure it produces.
@@ -107,10 +108,11 @@ def estimate(cfg: Config) -> Estimate:
     try:
         if plan is not None and store is not None and (mode := _meta(store, "structured_mode")):
             plan.mode = mode  # as the runner does: an earlier run already learned the structured mode
+        asker = _Asker.of(cfg, plan, renderer)
         seen: set[int] = set()
         # Every batch is rendered: the store says which requests are answered (the input may have changed).
         for batch in source.batches():
-            _batch(batch, renderer, plan, cfg, store, cache, seen, est)
+            _batch(batch, renderer, asker, cfg, store, cache, seen, est)
         est.output_likely_per_request, est.likely_basis = _likely_output(store, cache)
     finally:
         for db in (store, cache):
@@ -119,10 +121,30 @@ def estimate(cfg: Config) -> Estimate:
     return est
 
 
-def _batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | None, cfg: Config,
+@dataclass(slots=True)
+class _Asker:
+    """How the run turns rows into requests: the row builder, and with prompt.rows_per_request > 1 the
+    packer (rows under their packed keys, sent in packs)."""
+
+    builder: RequestBuilder
+    packer: Packer | None
+
+    @classmethod
+    def of(cls, cfg: Config, plan: StructuredPlan | None, renderer: Renderer) -> _Asker:
+        return cls(RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens), Packer.of(cfg, plan, renderer.tokens))
+
+    def build(self, batch: InputBatch, renderer: Renderer) -> BuiltBatch:
+        built = self.builder.build_batch(batch, renderer)
+        return Packer.rekey(built) if self.packer is not None else built
+
+    def requests(self, rows: list[Request]) -> list[Request]:
+        return [p.request for p in self.packer.packs(rows)] if self.packer is not None and rows else rows
+
+
+def _batch(batch: InputBatch, renderer: Renderer, asker: _Asker, cfg: Config,
            store: sqlite3.Connection | None, cache: sqlite3.Connection | None, seen: set[int], est: Estimate) -> None:
     # Outcomes are not kept: a failing row's reason is re-derived in _failing.
-    built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
+    built = asker.build(batch, renderer)
     row_keys, jobs = built.keys, built.requests
     answered = _states(store, jobs.keys())
     cached = {k for k, s in _states(cache, [k for k in jobs if k not in answered]).items() if s == "ok"}
@@ -138,12 +160,15 @@ def _batch(batch: InputBatch, renderer: Renderer, plan: StructuredPlan | None, c
             est.rows_cached += 1
         else:
             est.rows_to_send += 1
+    fresh = []
     for key, job in jobs.items():
         short = int(key[:16], 16)
         if key in answered or key in cached or short in seen:
             continue
         if len(seen) < MAX_KEYS_TRACKED:
             seen.add(short)
+        fresh.append(job)
+    for job in asker.requests(fresh):
         if est.example is None:
             est.example = job.payload
         est.requests += 1

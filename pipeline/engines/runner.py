@@ -23,11 +23,11 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Unpack, cast
 
-from ..common import layout
 from ..common.parts import drop_partial_parts
 from ..config import Config, day_note, load_config
+from ..core.context import RunContext, RunFlags, RunOptions
 from ..core.finish import RowCount, figures, finish, versions
 from ..core.interrupt import Interrupt
 from ..core.progress import Live, Progress
@@ -41,6 +41,7 @@ from ..prepare.structured import StructuredPlan, plan_for
 from ..prepare.tokens import CALIBRATION_META, counter_for
 from ..read.frames import frame_file
 from ..read.reader import InputScan, Source
+from ..send.budget import Budget
 from ..send.limits import Limits
 from ..send.stats import Stats
 from ..send.transport import HttpTransport, Transport
@@ -61,31 +62,26 @@ from ..write.publish import check_local_output, publish_outputs
 log = logging.getLogger("pipeline")
 
 
-async def run_async(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
-                    schema: dict[str, Any] | None = None, quiet: bool = False, handle_signals: bool = False,
-                    transport: Transport | None = None, config_path: str | None = None,
-                    overrides: list[str] | None = None, interrupt: Interrupt | None = None,
-                    no_wait: bool = False, cancel_batches: bool = False) -> Summary:
+async def run_async(cfg: Config, *, schema: dict[str, Any] | None = None, transport: Transport | None = None,
+                    interrupt: Interrupt | None = None, **flags: Unpack[RunFlags]) -> Summary:
     """Run one job to completion, stop or interruption; never raises for row-level problems.
 
-    `config_path` and `overrides` (the --set items) are only used to print the command that resumes;
-    `interrupt` lets another thread stop the run as Ctrl-C would (see `run`). Every invocation, refused
-    and failed ones included, is one record in output.dir/history.jsonl (ops/invocation.py). `no_wait`
-    and `cancel_batches` apply to run.mode: batch (submit and return; cancel the job's batches)."""
+    `flags` are RunOptions' fields (retry_failed, force_new, quiet, handle_signals, no_wait, cancel_batches,
+    config_path, overrides). `interrupt` lets another thread stop the run as Ctrl-C would (see `run`).
+    Every invocation, refused and failed ones included, is one record in output.dir/history.jsonl
+    (ops/invocation.py)."""
+    options = RunOptions(**flags)
     if schema is not None:  # into the config, so the job fingerprint covers the schema actually asked for
         cfg = load_config(cfg, {"structured.schema": schema})
     if cfg.run.engine == "ray":  # the same job on Ray actors (engines/ray/); Ray is imported only here
         from .ray import run_ray
-        return await asyncio.to_thread(run_ray, cfg, retry_failed=retry_failed, force_new=force_new,
-                                       schema=schema, quiet=quiet, config_path=config_path or cfg.source,
-                                       overrides=overrides)
+        return await asyncio.to_thread(run_ray, cfg, retry_failed=options.retry_failed,
+                                       force_new=options.force_new, schema=schema, quiet=options.quiet,
+                                       config_path=options.config_path or cfg.source, overrides=options.overrides)
     check_local_output(cfg)
     invocation = Invocation(cfg)
     try:
-        summary = await _run_job(cfg, invocation, schema, retry_failed=retry_failed, force_new=force_new,
-                                 quiet=quiet, handle_signals=handle_signals, transport=transport,
-                                 config_path=config_path or cfg.source, overrides=overrides, interrupt=interrupt,
-                                 no_wait=no_wait, cancel_batches=cancel_batches)
+        summary = await _run_job(cfg, invocation, options, schema=schema, transport=transport, interrupt=interrupt)
     except BaseException as exc:
         await invocation.finish(None, exc)
         raise
@@ -102,11 +98,18 @@ class _Prepared(NamedTuple):
     renderer: Renderer
     plan: StructuredPlan | None
     api_key: str
+    commands: tuple[str, str]  # the command that resumes, and the one that retries failed rows
+    started: float             # time.monotonic() when the run began
 
 
-def _prepare(cfg: Config, schema: dict[str, Any] | None) -> _Prepared:
+def _prepare(cfg: Config, schema: dict[str, Any] | None, options: RunOptions) -> _Prepared:
     """Scan the input, compile the prompt and the structured plan, read the key: all of it before the
     folder is touched, so a bad start writes nothing new."""
+    started = time.monotonic()
+    config_path = options.config_path or cfg.source
+    commands = (resume_command(config_path, options.overrides, retry_failed=options.retry_failed,
+                               out_dir=cfg.output.dir),
+                resume_command(config_path, options.overrides, retry_failed=True, out_dir=cfg.output.dir))
     jobdir = JobDir(cfg.output.dir)
     jobdir.adopt_batch_size(cfg)  # read-only, before the scan: unchanged batches keep their boundaries
     source = Source(cfg.input)
@@ -115,91 +118,93 @@ def _prepare(cfg: Config, schema: dict[str, Any] | None) -> _Prepared:
         log.warning(note, extra={"event": "slow_limit"})
     renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
                         columns=scan.columns)
-    return _Prepared(jobdir, source, scan, renderer, plan_for(cfg, schema), cfg.api_key())
+    return _Prepared(jobdir, source, scan, renderer, plan_for(cfg, schema), cfg.api_key(), commands, started)
 
 
-async def _run_job(cfg: Config, invocation: Invocation, schema: dict[str, Any] | None, *, retry_failed: bool,
-                   force_new: bool, quiet: bool, handle_signals: bool, transport: Transport | None,
-                   config_path: str, overrides: list[str] | None, interrupt: Interrupt | None,
-                   no_wait: bool = False, cancel_batches: bool = False) -> Summary:
-    started = time.monotonic()
-    commands = (resume_command(config_path, overrides, retry_failed=retry_failed, out_dir=cfg.output.dir),
-                resume_command(config_path, overrides, retry_failed=True, out_dir=cfg.output.dir))
-    jobdir, source, scan, renderer, plan, api_key = _prepare(cfg, schema)
-    jobdir.lock()
+async def _run_job(cfg: Config, invocation: Invocation, options: RunOptions, *, schema: dict[str, Any] | None,
+                   transport: Transport | None, interrupt: Interrupt | None) -> Summary:
+    prepared = _prepare(cfg, schema, options)
+    prepared.jobdir.lock()
     try:
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(_collector_tuned())
-            invocation.attach(jobdir.path)
-            manifest = jobdir.check_job(cfg, force_new=force_new, config_path=config_path, command=commands[0])
-            store = _open_store(cfg, jobdir, manifest, plan, renderer, stack)
-            cache = _open_cache(cfg, stack)
+            invocation.attach(prepared.jobdir.path)
+            manifest = prepared.jobdir.check_job(cfg, force_new=options.force_new,
+                                                 config_path=options.config_path or cfg.source,
+                                                 command=prepared.commands[0])
             base_url = await _endpoint_url(cfg, stack)
-            transport = ObservedTransport(transport or _http_transport(cfg, base_url, api_key), invocation.tally)
-            stats = Stats()
-            spent_before = store.totals()["cost_usd"]
-            columns = _output_columns(cfg, plan)
-            names, reuse, reused = _parts_plan(jobdir, manifest, store, scan, columns, retry_failed=retry_failed)
-            limiter = Limits(cfg.limits)
-            progress = Progress(scan.rows, reused.ok + reused.failed, enabled=cfg.run.progress and not quiet,
-                                interval_s=cfg.run.progress_interval_s,
-                                live=lambda: Live(invocation.tally.in_flight, limiter.paused_for(),
-                                                  invocation.tally.last_error))
-            answers = LocalAnswers(store, cache, stats, retry_failed=retry_failed)
-            core = Core(cfg, renderer, plan, answers=answers, limiter=limiter, transport=transport, progress=progress,
-                        stats=stats, spent_before=spent_before)
-            rows = RowCount(invocation.started, reused, answers.asked_again)
-            invocation.watch(lambda: figures(jobdir, scan.rows, progress, reused, core, invocation, spent_before))
-            interrupt = interrupt or Interrupt()
-            interrupt.attach(core, progress, cfg.run.grace_period_s, signals=handle_signals)
-            heartbeat = asyncio.create_task(invocation.heartbeat(progress))
-            try:
-                batch_state = await _engine_pass(
-                    cfg, core, answers, store, transport, renderer,
-                    lambda: source.batches(skip=lambda i: names[i] in reuse), jobdir, names, columns, rows,
-                    interrupt=interrupt, progress=progress, no_wait=no_wait, cancel_batches=cancel_batches)
-            finally:
-                heartbeat.cancel()
-                interrupt.detach()
-                await transport.close()
-                progress.close()
-                _save_calibration(store, renderer, cfg.endpoint.model)
-            return _outputs(cfg, invocation, jobdir, store, core, plan, scan.rows, reused, started, names, source,
-                            rows, progress, commands, batch_state)
+            observed = ObservedTransport(transport or _http_transport(cfg, base_url, prepared.api_key),
+                                         invocation.tally)
+            ctx = _context(cfg, options, invocation, prepared, manifest, observed, interrupt or Interrupt(), stack)
+            return await _drive_run(ctx, observed)
     finally:
-        jobdir.unlock()
+        prepared.jobdir.unlock()
 
 
-async def _engine_pass(cfg: Config, core: Core, answers: LocalAnswers, store: Store, transport: Transport,
-                       renderer: Renderer, batches: Callable[[], Iterator[InputBatch]], jobdir: JobDir,
-                       names: list[str], columns: OutputColumns, rows: RowCount, *, interrupt: Interrupt,
-                       progress: Progress, no_wait: bool, cancel_batches: bool) -> str | None:
+def _context(cfg: Config, options: RunOptions, invocation: Invocation, prepared: _Prepared,
+             manifest: dict[str, Any], transport: Transport, interrupt: Interrupt,
+             stack: contextlib.AsyncExitStack) -> RunContext:
+    """The run's parts, built once: store, cache, the parts plan, limits, progress, answers and the core."""
+    jobdir, scan, renderer, plan = prepared.jobdir, prepared.scan, prepared.renderer, prepared.plan
+    store = _open_store(cfg, jobdir, manifest, plan, renderer, stack)
+    stats = Stats()
+    spent_before = store.totals()["cost_usd"]
+    columns = _output_columns(cfg, plan)
+    names, reuse, reused = _parts_plan(jobdir, manifest, store, scan, columns, retry_failed=options.retry_failed)
+    limiter = Limits(cfg.limits)
+    progress = Progress(scan.rows, reused.ok + reused.failed, enabled=cfg.run.progress and not options.quiet,
+                        interval_s=cfg.run.progress_interval_s,
+                        live=lambda: Live(invocation.tally.in_flight, limiter.paused_for(), invocation.tally.last_error))
+    answers = LocalAnswers(store, _open_cache(cfg, stack), stats, retry_failed=options.retry_failed)
+    core = Core(cfg, renderer, plan, answers=answers, limiter=limiter, transport=transport, progress=progress,
+                stats=stats, budget=Budget(cfg.budget.max_cost_usd, spent_before))
+    return RunContext(cfg=cfg, options=options, invocation=invocation, jobdir=jobdir, source=prepared.source,
+                      scan=scan, renderer=renderer, plan=plan, store=store, answers=answers, core=core,
+                      progress=progress, interrupt=interrupt, columns=columns, names=names, reuse=reuse,
+                      reused=reused, rows=RowCount(invocation.started, reused, answers.asked_again), commands=prepared.commands,
+                      started=prepared.started, spent_before=spent_before)
+
+
+async def _drive_run(ctx: RunContext, transport: Transport) -> Summary:
+    """Answer the rows under signals and a heartbeat, then write the outputs."""
+    ctx.invocation.watch(lambda: figures(ctx.jobdir, ctx.total, ctx.progress, ctx.reused, ctx.core, ctx.invocation,
+                                         ctx.spent_before))
+    ctx.interrupt.attach(ctx.core, ctx.progress, ctx.cfg.run.grace_period_s, signals=ctx.options.handle_signals)
+    heartbeat = asyncio.create_task(ctx.invocation.heartbeat(ctx.progress))
+    try:
+        batch_state = await _engine_pass(ctx, transport,
+                                         lambda: ctx.source.batches(skip=lambda i: ctx.names[i] in ctx.reuse))
+    finally:
+        heartbeat.cancel()
+        ctx.interrupt.detach()
+        await transport.close()
+        ctx.progress.close()
+        _save_calibration(ctx.store, ctx.renderer, ctx.cfg.endpoint.model)
+    return _outputs(ctx, batch_state)
+
+
+async def _engine_pass(ctx: RunContext, transport: Transport, batches: Callable[[], Iterator[InputBatch]]
+                       ) -> str | None:
     """Answer the rows (in batch mode the Batch API fills the store first, then this pass only writes)
     and write each batch's part files; returns the batch mode's state, None in sync mode."""
     batch_state = None
-    if cfg.run.mode == "batch":
+    if ctx.cfg.run.mode == "batch":
         from ..batch.mode import drive_batches
-        batch_state = await drive_batches(
-            cfg, core, answers, store, transport, renderer, batches, folder=str(jobdir.path / layout.BATCH),
-            interrupt=interrupt, no_wait=no_wait, cancel=cancel_batches, progress=progress)
+        batch_state = await drive_batches(ctx, transport, batches)
     if batch_state in (None, "collected"):
-        await _drive(core, batches(), names, jobdir.parts, columns, store, rows)
+        await _drive(ctx.core, batches(), ctx.names, ctx.jobdir.parts, ctx.columns, ctx.store, ctx.rows)
     return batch_state
 
 
-def _outputs(cfg: Config, invocation: Invocation, jobdir: JobDir, store: Store, core: Core,
-             plan: StructuredPlan | None, total: int, reused: PartCounts, started: float, names: list[str],
-             source: Source, rows: RowCount, progress: Progress, commands: tuple[str, str],
-             batch_state: str | None) -> Summary:
+def _outputs(ctx: RunContext, batch_state: str | None) -> Summary:
     """results.parquet, failures.parquet and the summary with its exit code; published when asked."""
-    store.sync()
-    summary = _summary(cfg, jobdir, store, core, plan, total, reused, started, names, source, rows, progress)
-    summary = dataclasses.replace(summary, **invocation.stamp())
-    finish(summary, core, *commands)
+    ctx.store.sync()
+    summary = dataclasses.replace(_summary(ctx), **ctx.invocation.stamp())
+    finish(summary, ctx.core, *ctx.commands)
     if batch_state is not None:
         from ..batch.mode import finish as finish_batches
-        finish_batches(summary, batch_state, commands[0])
-    publish_outputs(cfg, jobdir.path, summary)
+        finish_batches(summary, batch_state, ctx.commands[0])
+    publish_outputs(ctx.cfg, ctx.jobdir.path, summary)
     return summary
 
 
@@ -309,44 +314,68 @@ def _write(out: OutcomeBatch, name: str, parts: Path, columns: OutputColumns, st
                        failed_transient=sum(1 for o in failed if o.state == "transient"))
 
 
-def _summary(cfg: Config, jobdir: JobDir, store: Store, core: Core, plan: StructuredPlan | None, rows: int,
-             reused: PartCounts, started: float, names: list[str], source: Source, counted: RowCount,
-             progress: Progress) -> Summary:
+def _summary(ctx: RunContext) -> Summary:
+    cfg, jobdir, store, plan, progress = ctx.cfg, ctx.jobdir, ctx.store, ctx.plan, ctx.progress
     previous_ids = output_ids(jobdir.path, cfg.input.id_column or "id")
-    counted.settle(rows, previous_ids, derived_ids=cfg.input.id_column is None)
-    succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression, names)
-    progress.finish(succeeded + failed, failed, core.stats)  # the bar's last frame shows the summary's figures
-    jobdir.prune(store, names)
+    ctx.rows.settle(ctx.total, previous_ids, derived_ids=cfg.input.id_column is None)
+    succeeded, failed = merge_parts(jobdir.parts, jobdir.path, cfg.output.compression, ctx.names)
+    progress.finish(succeeded + failed, failed, ctx.core.stats)  # the bar's last frame shows the summary's figures
+    jobdir.prune(store, ctx.names)
     totals = store.totals()
-    stats = core.stats
+    stats, rows = ctx.core.stats, ctx.total
     return Summary(
         out_dir=str(jobdir.path), rows_total=rows, succeeded=succeeded, failed=failed,
         pending=rows - succeeded - failed, prompt_tokens=totals["prompt_tokens"],
         completion_tokens=totals["completion_tokens"], cost_usd=round(totals["cost_usd"], 6),
-        run_cost_usd=round(stats.cost_usd, 6), wall_s=round(time.monotonic() - started, 3),
+        run_cost_usd=round(stats.cost_usd, 6), wall_s=round(time.monotonic() - ctx.started, 3),
         requests_sent=stats.requests_sent, retries=dict(stats.retries),
         failures_by_class=failure_counts(jobdir.path), cache_hits=stats.cache_hits,
-        deduplicated=stats.deduplicated, resumed_rows=reused.ok + reused.failed,
-        rows_new=counted.new, rows_edited=counted.edited, rows_retried=counted.retried, rows_reused=counted.reused,
-        rows_input_failed=counted.input_failed, rows_removed=source.count_missing(previous_ids),
+        deduplicated=stats.deduplicated, resumed_rows=ctx.reused.ok + ctx.reused.failed,
+        rows_new=ctx.rows.new, rows_edited=ctx.rows.edited, rows_retried=ctx.rows.retried,
+        rows_reused=ctx.rows.reused, rows_input_failed=ctx.rows.input_failed,
+        rows_removed=ctx.source.count_missing(previous_ids),
         config_fingerprint=cfg.request_fingerprint(), versions=versions(),
         structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
     )
 
 
-def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_failed: bool = False,
-        force_new: bool = False, quiet: bool = False, schema: Any = None, set: list[str] | None = None,
-        no_wait: bool = False, cancel_batches: bool = False, **overrides: Any) -> Summary:
-    """Run a job from a config path, dict or Config; keyword overrides use dotted paths with `__`
-    (`output__dir="/tmp/x"`) or section dicts (`limits={"max_concurrency": 8}`). A pydantic model
-    class may be given as `schema`, and the input as `input=` a polars/pandas DataFrame or an Arrow
-    table (read/frames.py) instead of `input.path`."""
-    data = overrides.get("input")
+# The keywords of `run()` that are this invocation's flags (RunOptions); every other keyword overrides the config.
+_RUN_FLAGS = ("retry_failed", "force_new", "quiet", "no_wait", "cancel_batches")
+
+
+def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, schema: Any = None,
+        set: list[str] | None = None, **kwargs: Any) -> Summary:
+    """Run a job from a config path, dict or Config.
+
+    Flags: `retry_failed`, `force_new`, `quiet`, `no_wait`, `cancel_batches` (as on the command line).
+    Every other keyword overrides the config: dotted paths with `__` (`output__dir="/tmp/x"`) or section
+    dicts (`limits={"max_concurrency": 8}`); `set` takes `--set` items. A pydantic model class may be given
+    as `schema`, and the input as `input=` a polars/pandas DataFrame or an Arrow table (read/frames.py)
+    instead of `input.path`."""
+    flags = cast(RunFlags, {k: kwargs.pop(k) for k in _RUN_FLAGS if k in kwargs})  # RunFlags' keys only
+    data = kwargs.get("input")
     if data is not None and not isinstance(data, dict):
-        rest = {k: v for k, v in overrides.items() if k != "input"}
         with frame_file(data) as path:
-            return run(config, retry_failed=retry_failed, force_new=force_new, quiet=quiet, schema=schema, set=set,
-                       input={"path": path, "format": "parquet"}, **rest)
+            return run(config, schema=schema, set=set, **flags, **{**kwargs, "input": {"path": path,
+                                                                                      "format": "parquet"}})
+    cfg, schema_dict = _run_config(config, schema, set, kwargs)
+    interrupt = Interrupt()
+
+    def coro_factory() -> Any:
+        return run_async(cfg, schema=schema_dict, interrupt=interrupt, **flags)
+    try:
+        asyncio.get_running_loop()
+        in_loop = True
+    except RuntimeError:
+        in_loop = False
+    if not in_loop:  # run outside the except block: a run's own error must not be chained to "no running loop"
+        return asyncio.run(coro_factory())  # Ctrl-C: KeyboardInterrupt, after the store is closed
+    return _run_beside_loop(coro_factory, interrupt)
+
+
+def _run_config(config: str | os.PathLike[str] | dict[str, Any] | Config, schema: Any, set: list[str] | None,
+                overrides: dict[str, Any]) -> tuple[Config, dict[str, Any] | None]:
+    """The config with the keyword overrides and --set items applied, and the schema given as an argument."""
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -362,18 +391,11 @@ def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, retry_faile
         schema_dict = schema if isinstance(schema, dict) else from_pydantic(schema)
         if cfg.structured is None:
             cfg = load_config(cfg, {"structured.schema": schema_dict})
-    interrupt = Interrupt()
-    def coro_factory() -> Any:
-        return run_async(cfg, retry_failed=retry_failed, force_new=force_new, schema=schema_dict, quiet=quiet,
-                         interrupt=interrupt, no_wait=no_wait, cancel_batches=cancel_batches)
-    try:
-        asyncio.get_running_loop()
-        in_loop = True
-    except RuntimeError:
-        in_loop = False
-    if not in_loop:  # run outside the except block: a run's own error must not be chained to "no running loop"
-        return asyncio.run(coro_factory())  # Ctrl-C: KeyboardInterrupt, after the store is closed
-    # Inside a running loop (Jupyter): a private loop in a worker thread; block this cell until done.
+    return cfg, schema_dict
+
+
+def _run_beside_loop(coro_factory: Callable[[], Any], interrupt: Interrupt) -> Summary:
+    """Inside a running loop (Jupyter): a private loop in a worker thread; block this cell until done."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as pool:
         future = pool.submit(lambda: asyncio.run(coro_factory()))
         while True:

@@ -273,13 +273,19 @@ class StructuredPlan:
         except orjson.JSONDecodeError as exc:
             raise BadContentError(f"the answer is not JSON ({exc}): {_clip(text, 120)!r}"[:ERROR_CHARS],
                                   reason="not_json", content=raw) from None
-        if not self._is_valid(value):
-            err = best_match(self._validator.iter_errors(value))
-            where = pointer(err.absolute_path) if err is not None else "(root)"
-            why = err.message if err is not None else "invalid"
-            raise BadContentError(_clip(f"the answer does not match the schema at {where}: {why}", ERROR_CHARS),
-                                  reason="schema", content=raw)
+        why = self.problem(value)
+        if why is not None:
+            raise BadContentError(_clip(f"the answer {why}", ERROR_CHARS), reason="schema", content=raw)
         return value, raw
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` does not match the schema ("does not match the schema at /x: ..."), None if it does."""
+        if self._is_valid(value):
+            return None
+        err = best_match(self._validator.iter_errors(value))
+        where = pointer(err.absolute_path) if err is not None else "(root)"
+        why = err.message if err is not None else "invalid"
+        return f"does not match the schema at {where}: {why}"
 
     def _tool_arguments(self, message: dict[str, Any]) -> str | None:
         calls = message.get("tool_calls") or []

@@ -125,6 +125,7 @@ def _request(path: Path, manifest: dict[str, Any], row_id: str, key: str | None,
 
 def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: str | None) -> dict[str, Any]:
     """Render under each structured mode the run may have used (the learned one first) until the key matches."""
+    from ..prepare.packs import Packer
     from ..prepare.request import RequestBuilder
 
     modes = [plan.mode, *[m for m in plan.modes if m != plan.mode]] if plan is not None else [None]
@@ -133,19 +134,25 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
         if plan is not None:
             plan.mode = mode
         built = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens).build_batch(batch, renderer)
+        packer = Packer.of(cfg, plan, renderer.tokens)
+        if packer is not None:
+            built = Packer.rekey(built)
         outcomes, keys, jobs = built.failures, built.keys, built.requests
         rendered_key = keys[i]
         if rendered_key is None:
             return {"note": f"the row does not render: {getattr(outcomes[i], 'message', '')}", "verified": False}
-        job = jobs[rendered_key]
+        job = jobs[rendered_key] if packer is None else packer.pack([jobs[rendered_key]]).request
         shown = {"method": "POST", "url": _url(cfg.endpoint.base_url),
                  "headers": {"Authorization": REDACTED, **cfg.endpoint.public_headers(),
                              **{name: "[redacted]" for name in cfg.endpoint.secret_headers}},
                  "body": _short_data_urls(orjson.loads(job.payload)), "key": keys[i], "mode": mode}
         if key is None or keys[i] == key:
-            return {**shown, "verified": key is not None,
-                    "note": "re-rendered; its request key equals the stored one, so this is the exact body sent"
-                    if key else "re-rendered (the row failed before a request was made)"}
+            note = ("re-rendered; its request key equals the stored one, so this is the exact body sent"
+                    if key else "re-rendered (the row failed before a request was made)")
+            if packer is not None and key:
+                note = ("re-rendered; its request key equals the stored one. It was sent in a pack of up to "
+                        f"{packer.k} rows (prompt.rows_per_request), shown here as a pack of this row alone")
+            return {**shown, "verified": key is not None, "note": note}
         first = first or shown
     assert first is not None
     return {**first, "verified": False,

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import orjson
 
@@ -59,15 +59,24 @@ class _Flight:
     paid: Paid
 
 
+class DispatchExtras(TypedDict, total=False):
+    """The optional collaborators of a Dispatcher; each has a default of its own."""
+
+    stats: Stats | None
+    budget: Budget | None
+    builder: RequestBuilder | None
+    rng: random.Random | None  # the backoff's jitter (tests inject a seeded one)
+
+
 class Dispatcher:
     def __init__(self, cfg: Config, transport: Transport, answers: AnswerStore, limits: Limiter,
-                 plan: StructuredPlan | None, *, stats: Stats | None = None, budget: Budget | None = None,
-                 builder: RequestBuilder | None = None, rng: random.Random | None = None) -> None:
+                 plan: StructuredPlan | None, **extras: Unpack[DispatchExtras]) -> None:
         self.cfg, self.transport, self.answers, self.limits, self.plan = cfg, transport, answers, limits, plan
-        self.stats = stats or Stats()
-        self.budget = budget or Budget(cfg.budget.max_cost_usd)
-        self.builder = builder or RequestBuilder(cfg.endpoint.base_url, plan, TokenCounter(cfg.endpoint.model))
-        self.backoff = Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, rng or random.Random())
+        self.stats = extras.get("stats") or Stats()
+        self.budget = extras.get("budget") or Budget(cfg.budget.max_cost_usd)
+        self.builder = (extras.get("builder")
+                        or RequestBuilder(cfg.endpoint.base_url, plan, TokenCounter(cfg.endpoint.model)))
+        self.backoff = Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, extras.get("rng") or random.Random())
         self.policy = RetryPolicy.of(cfg)
         self.reach = Reachability()
         self.fatal: Fatal | None = None

@@ -162,3 +162,16 @@ def test_dry_run_with_no_request_limit(tmp_path: Path) -> None:
     out = io.StringIO()
     assert dry_run(cfg, out=out) == 0
     assert "requests/min" not in out.getvalue() and "concurrency" in out.getvalue()
+
+
+def test_packed_rows_are_estimated_as_the_packs_the_run_sends(tmp_path: Path) -> None:
+    one = estimate(load_config(job(tmp_path, 10)))
+    packed_cfg = job(tmp_path, 10, prompt={"rows_per_request": 4})
+    packed = estimate(load_config(packed_cfg))
+    assert (one.requests, packed.requests) == (10, 3) and packed.rows_to_send == 10
+    assert packed.prompt_tokens < one.prompt_tokens  # the instructions and schema once per pack
+    assert b'{\\"rows\\":[{' in (packed.example or b"")  # the rows, as JSON in the last message
+    s = pipeline.run(packed_cfg, quiet=True)
+    assert s.exit_code == 0 and s.requests_sent == 3
+    after = estimate(load_config(packed_cfg))  # the store is read under the packed keys
+    assert (after.rows_done_ok, after.requests) == (10, 0)

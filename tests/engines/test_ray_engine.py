@@ -129,3 +129,22 @@ def test_more_workers_than_slots_is_a_config_error(tmp_path: Path) -> None:
     from pipeline.errors import ConfigError
     with pytest.raises(ConfigError, match="run.workers=8 is more than limits.max_concurrency=4"):
         load_config(job(tmp_path, rows=4, run={"engine": "ray", "workers": 8}, limits={"max_concurrency": 4}))
+
+
+def test_ray_engine_with_packs_same_labels_as_local_and_resumes(tmp_path: Path, ray_local: Any) -> None:
+    """prompt.rows_per_request on Ray: packs through the same core; rows land once, typed as locally."""
+    local = job(tmp_path, rows=40, input={"batch_size": 20}, prompt={"rows_per_request": 8},
+                output={"dir": str(tmp_path / "local")}, sim={"seed": 3})
+    on_ray = job(tmp_path, rows=40, input={"batch_size": 20}, prompt={"rows_per_request": 8},
+                 run={"engine": "ray", "workers": 2}, sim={"rate_500": 0.1, "seed": 3})
+    summary = pipeline.run(on_ray, quiet=True)
+    assert summary.exit_code == 0 and summary.succeeded == 40, summary
+    assert summary.requests_sent <= 8 + 40 * 0.5  # packs of 8 (and retries of the 500s), never one by one
+    assert pipeline.run(local, quiet=True).exit_code == 0
+    ray_rows = _read(str(tmp_path / "out" / "results.parquet"))
+    local_rows = _read(str(tmp_path / "local" / "results.parquet"))
+    assert ray_rows.schema == local_rows.schema
+    by_id = {r["rid"]: r["output"] for r in local_rows.to_pylist()}
+    assert {r["rid"]: r["output"] for r in ray_rows.to_pylist()} == by_id
+    again = pipeline.run(on_ray, quiet=True)
+    assert again.requests_sent == 0 and again.resumed_rows == 40 and again.succeeded == 40

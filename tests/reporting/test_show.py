@@ -84,3 +84,19 @@ def test_show_says_when_the_body_cannot_be_proved(out: Path, capsys: pytest.Capt
 def test_show_unknown_row(out: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, text = _show(out, "no-such-row", capsys)
     assert code == 2 and "no row with rid = 'no-such-row'" in text
+
+
+def test_show_a_packed_row_proves_its_key_and_shows_it_as_a_pack_of_itself(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job(tmp_path, 6, prompt={"rows_per_request": 3})))
+    summary = pipeline.run(str(path), quiet=True)
+    assert summary.succeeded == 6 and summary.requests_sent == 2
+    row = pl.read_parquet(Path(summary.out_dir) / "results.parquet").row(4, named=True)
+    code, text = _show(Path(summary.out_dir), row["rid"], capsys, "--json")
+    req = json.loads(text)["request"]
+    assert code == 0 and req["verified"] is True and "pack" in req["note"]
+    rows = orjson.loads(req["body"]["messages"][-1]["content"])["rows"]
+    assert [r["input"] for r in rows] == [f"review number {int(row['rid'][1:])}: works fine, arrived late"]
+    assert req["body"]["messages"][-2] == {"role": "user", "content": "Review: "}
+    assert json.loads(text)["record"]["raw"] == json.loads(row["content"])  # the row's own part of the answer
