@@ -138,7 +138,7 @@ class Sender:
     def _halt(self, message: str) -> None:
         """The driver lost its lease (another driver runs this job now): stop sending at once."""
         if not self.core.stop_reason:
-            self.core.dispatcher._fatal(RunFatalError(message))
+            self.core.fail_run(RunFatalError(message))
 
     async def answer(self, batch: InputBatch, retry_failed: bool, shard: str,
                      donors: Collection[str] = ()) -> tuple[OutcomeBatch, int]:
