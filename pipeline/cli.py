@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from .common import diagnosis, redact
+from .common.terminal import printable
 from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, InternalError, PipelineError
 
 
@@ -37,6 +38,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                      help="read and render every request, estimate tokens, cost and time; send nothing")
     run.add_argument("--json", action="store_true",
                      help="with --dry-run: print the estimate as one JSON object on stdout (for scripts and CI)")
+    run.add_argument("--compare", action="store_true",
+                     help="with --dry-run: the same requests priced and timed under each run mode (sync, flex, batch)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar (for cron); errors still printed")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="mirror pipeline.log (failed attempts, limits learned, pauses, stops) to stderr, with debug")
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run" and args.json and not args.dry_run:
         parser.error("--json goes with --dry-run (a run's own figures are in output.dir/summary.json)")
+    if args.command == "run" and args.compare and not args.dry_run:
+        parser.error("--compare goes with --dry-run: it prices the job under each run mode without sending anything")
     try:
         code = _dispatch(args)
         sys.stdout.flush()  # here, not at exit: a reader that went away (`| head`) is a broken pipe handled below
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except InternalError as exc:  # a broken invariant of our own: a bug, traceback in a file like any other
         return diagnosis.report_internal(exc, getattr(args, "out_dir", None))
     except PipelineError as exc:
-        print(redact.scrub(f"error: {exc}"), file=sys.stderr)
+        print(redact.scrub(printable(f"error: {exc}", lines=True)), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         known = diagnosis.explain(exc, out_dir, getattr(args, "max_concurrency", None))
         if known is None:
             return diagnosis.report_internal(exc, out_dir)
-        print(redact.scrub(f"error: {known[0]}"), file=sys.stderr)
+        print(redact.scrub(printable(f"error: {known[0]}", lines=True)), file=sys.stderr)
         return known[1]
 
 
@@ -208,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .engines.estimate import dry_run
 
-        return dry_run(cfg, out=sys.stdout, as_json=args.json)
+        return dry_run(cfg, out=sys.stdout, as_json=args.json, compare=args.compare)
     from .engines.runner import run_async
 
     summary = asyncio.run(run_async(cfg, retry_failed=args.retry_failed, force_new=args.force_new,
@@ -228,17 +233,18 @@ def _print_summary(s: Any, *, quiet: bool) -> None:
         f"{s.rows_input_failed:,} input-failed, {s.rows_removed:,} removed"
     )
     if s.stopped and s.stopped != "incomplete":
-        print(redact.scrub(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": ")), file=sys.stderr)
+        # The stop message may quote the server (a 401's body): shown on the terminal, never obeyed.
+        print(redact.scrub(printable(f"stopped ({s.stopped}): {s.stop_message or ''}".rstrip(": "))), file=sys.stderr)
     if not quiet or s.exit_code not in (0,):
         print(line, file=sys.stderr)
         if s.retries:
             print("retries: " + ", ".join(f"{k}={v}" for k, v in sorted(s.retries.items())), file=sys.stderr)
         if s.structured.get("fallbacks"):
             for note in s.structured["notes"]:
-                print(f"structured: {note}", file=sys.stderr)
+                print(printable(f"structured: {note}"), file=sys.stderr)
         print(f"outputs in {s.out_dir}", file=sys.stderr)
     if s.next_step:
-        print(s.next_step, file=sys.stderr)
+        print(redact.scrub(printable(s.next_step)), file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,9 +9,14 @@
   booleans, so `notify: {on: [failure]}` had a key `True` (values keep YAML's booleans: `adaptive: off`).
 - A structure deeper than MAX_DEPTH, or one that contains itself (`&a [*a]`), is refused before
   validation or the job fingerprint walk it recursively.
+
+Two tags mark a value secret (config/secrets.py resolves them, in a file and in `--set` alike):
+`!env NAME` is the value of the environment variable NAME, `!secret VALUE` is VALUE itself. Either way
+the value is used where it belongs and scrubbed from every file, log and message.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -24,6 +29,23 @@ MAX_NODES = 200_000
 MAX_DEPTH = 64
 _BOOL_TAG, _STR_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:str"
 _YAML11_WORDS = frozenset({"on", "off", "yes", "no"})  # booleans only to YAML 1.1, never meant as a key
+
+
+@dataclass(frozen=True)
+class FromEnv:
+    """`!env NAME`: the value of an environment variable, read when the config is loaded; secret."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Secret:
+    """`!secret VALUE`: a value given in the config (or with --set) that must appear nowhere else."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret(...)"
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -65,6 +87,16 @@ class StrictLoader(yaml.SafeLoader):
                 continue
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+def _scalar(loader: StrictLoader, node: Node, tag: str) -> str:
+    if not isinstance(node, yaml.ScalarNode):
+        raise yaml.YAMLError(f"{tag} takes one plain value (line {node.start_mark.line + 1}), e.g. {tag} VALUE")
+    return str(loader.construct_scalar(node))
+
+
+StrictLoader.add_constructor("!env", lambda loader, node: FromEnv(_scalar(loader, node, "!env").strip()))
+StrictLoader.add_constructor("!secret", lambda loader, node: Secret(_scalar(loader, node, "!secret")))
 
 
 def _check_expansion(root: Node) -> None:

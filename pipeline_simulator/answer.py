@@ -31,6 +31,7 @@ class Answer:
     completion_tokens: int
     cached_tokens: int
     rng_seed: int  # drives stream chunk sizes, so streams are as deterministic as bodies
+    cache_write_tokens: int = 0
 
     @property
     def output(self) -> str:
@@ -126,4 +127,4 @@ def partial_answer(answer: Answer) -> Answer:
     half = text[: len(text) // 2]
     return Answer(half if answer.tool_name is None else None, None, answer.tool_name, answer.tool_id,
                   half if answer.tool_name is not None else None, "error", answer.prompt_tokens,
-                  (len(half) + 3) // 4, answer.cached_tokens, answer.rng_seed)
+                  (len(half) + 3) // 4, answer.cached_tokens, answer.rng_seed, answer.cache_write_tokens)

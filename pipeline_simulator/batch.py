@@ -258,7 +258,8 @@ class BatchService:
         if self.cfg.shuffle:
             rng.shuffle(order)
         cfg = self.cfg
-        rates = {"4xx": cfg.line_rate_4xx, "5xx": cfg.line_rate_5xx, "schema_invalid": cfg.line_rate_schema_invalid}
+        rates = {"4xx": cfg.line_rate_4xx, "5xx": cfg.line_rate_5xx, "schema_invalid": cfg.line_rate_schema_invalid,
+                 "no_choices": cfg.line_rate_no_choices}
         faults = line_faults(len(b.lines), rates, rng)
         out: list[dict[str, Any]] = []
         err: list[dict[str, Any]] = []

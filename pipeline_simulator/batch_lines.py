@@ -97,12 +97,16 @@ def answer(service: ChatService, line: Line, fault: str | None, price_factor: fl
     ask = service.check(line.body, digest)
     if isinstance(ask, SimError):
         return _error_body(ask, service)
-    ans = service.answer(ask, fault)
+    ans = service.answer(ask, None if fault == "no_choices" else fault)
     price = service.cfg.price_for(ask.model)
-    meta = service._meta(ask.model, price.input_per_m / 1e6 * price_factor, price.output_per_m / 1e6 * price_factor, {})
+    meta = service._meta(ask.model, price, price_factor, {})
+    service.cache(ask, ans)
     service.acct.bill(time.monotonic(), ans.prompt_tokens, ans.completion_tokens, meta.cost(ans))
     service.acct.served(digest)
-    return 200, completion_body(meta, ans)
+    body = completion_body(meta, ans)
+    if fault == "no_choices":  # billed, and nothing answered (a provider's hiccup seen in the wild)
+        body["choices"] = []
+    return 200, body
 
 
 def _error_body(err: SimError, service: ChatService) -> tuple[int, dict[str, Any]]:
@@ -111,7 +115,7 @@ def _error_body(err: SimError, service: ChatService) -> tuple[int, dict[str, Any
 
 
 def line_faults(n: int, rates: dict[str, float], rng: random.Random) -> list[str | None]:
-    """One draw per line, in input order: a fault name of `rates` ('4xx', '5xx', 'schema_invalid') or None."""
+    """One draw per line, in input order: a fault name of `rates` ('4xx', '5xx', 'schema_invalid', 'no_choices') or None."""
     out: list[str | None] = []
     for _ in range(n):
         u = rng.random()

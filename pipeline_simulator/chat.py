@@ -22,7 +22,7 @@ from aiohttp import web
 
 from . import packs
 from .answer import Answer, find_target, make_answer, partial_answer
-from .config import SimConfig
+from .config import Price, SimConfig
 from .content import SchemaFinder
 from .envelopes import SimError, generic_error, render
 from .faults import (
@@ -39,6 +39,7 @@ from .faults import (
 )
 from .generations import Generations
 from .limits import Credits, RateLimits
+from .prefix_cache import PrefixCache
 from .responses import ChunkMaker, Meta, completion_body, error_200_body
 from .stats import Accounting, LogEntry, redact_headers
 from .streaming import StreamSpec, abort_connection, write_stream
@@ -74,6 +75,7 @@ class ChatService:
         self.credits = Credits(cfg.credits_usd)
         self.generations = Generations()
         self.finder = SchemaFinder()
+        self.prefix = PrefixCache()
         self.sizer = ImageSizer(cfg.remote_image_size)
         self.seed_bytes = str(cfg.seed).encode() + b"\x00"
         self.nonce = os.urandom(4).hex()
@@ -222,7 +224,9 @@ class ChatService:
         price = cfg.price_for(ask.served_model or ask.model)
         if cfg.flavor == "openai":  # remaining-* after this request was taken, as OpenAI reports
             headers.update(self.limits.openai_headers(now))
-        meta = self._meta(ask.served_model or ask.model, price.input_per_m / 1e6, price.output_per_m / 1e6, headers)
+        factor = cfg.flex_price_factor if ask.body.get("service_tier") == "flex" else 1.0
+        meta = self._meta(ask.served_model or ask.model, price, factor, headers)
+        self.cache(ask, answer)
         stream = ask.body.get("stream") is True
         latency = self.timing.latency(answer.completion_tokens, ask.body)
         if fault == "hang":
@@ -270,7 +274,13 @@ class ChatService:
         chain = [model] + [m for m in models if isinstance(m, str) and m != model]
         return chain[1] if len(chain) > 1 else None
 
-    def _meta(self, model: str, p_in: float, p_out: float, headers: dict[str, str]) -> Meta:
+    def cache(self, ask: _Ask, answer: Answer) -> None:
+        """The prompt cache's share of this answer (prefix_cache.py), unless a fixed ratio is configured."""
+        if self.cfg.prefix_caching and not self.cfg.cached_tokens_ratio:
+            answer.cached_tokens, answer.cache_write_tokens = self.prefix.use(
+                ask.served_model or ask.model, ask.body, answer.prompt_tokens)
+
+    def _meta(self, model: str, price: Price, factor: float, headers: dict[str, str]) -> Meta:
         cfg = self.cfg
         created = int(time.time())
         n = next(self.ids)
@@ -279,7 +289,11 @@ class ChatService:
         else:
             gen_id = f"chatcmpl-{self.nonce}{n:020d}"
         fingerprint = "b4200-sim" if cfg.flavor == "llamacpp" else f"fp_{self.nonce[:6]}{cfg.seed % 10000:04d}"
-        return Meta(cfg.flavor, gen_id, created, model, cfg.provider_name, fingerprint, p_in, p_out)
+        per = factor / 1e6
+        cached = price.input_per_m if price.cached_input_per_m is None else price.cached_input_per_m
+        write = price.input_per_m if price.cache_write_per_m is None else price.cache_write_per_m
+        return Meta(cfg.flavor, gen_id, created, model, cfg.provider_name, fingerprint, price.input_per_m * per,
+                    price.output_per_m * per, cached * per, write * per)
 
     def _bill(self, now: float, meta: Meta, answer: Answer, body: dict[str, Any]) -> None:
         cost = meta.cost(answer)
@@ -390,8 +404,37 @@ class ChatService:
         return self.generations.get(gen_id)
 
 
+_NOT_CONTENT = ("stream", "stream_options", "prompt_cache_key", "service_tier")
+
+
 def _content_key(body: dict[str, Any]) -> dict[str, Any]:
-    """The body minus transport-only fields, so streamed and plain answers have the same content."""
-    if "stream" not in body and "stream_options" not in body:
-        return body
-    return {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    """The body minus what does not change the answer (streaming, caching hints, the service tier), so
+    streamed and plain, cached and uncached answers have the same content."""
+    if any(k in body for k in _NOT_CONTENT):
+        body = {k: v for k, v in body.items() if k not in _NOT_CONTENT}
+    messages = body.get("messages")
+    if isinstance(messages, list) and any(_marked(m) for m in messages):
+        body = {**body, "messages": [_unmarked(m) if _marked(m) else m for m in messages]}
+    return body
+
+
+def _marked(message: Any) -> bool:
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(isinstance(p, dict) and "cache_control" in p for p in content)
+
+
+def _unmarked(message: dict[str, Any]) -> dict[str, Any]:
+    """cache_control marks out, and the text parts a mark split joined again."""
+    parts: list[Any] = []
+    for part in message["content"]:
+        if isinstance(part, dict):
+            part = {k: v for k, v in part.items() if k != "cache_control"}
+        prev = parts[-1] if parts else None
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(prev, dict) \
+                and prev.get("type") == "text":
+            parts[-1] = {**prev, "text": str(prev.get("text", "")) + str(part.get("text", ""))}
+        else:
+            parts.append(part)
+    if len(parts) == 1 and isinstance(parts[0], dict) and parts[0].get("type") == "text":
+        return {**message, "content": parts[0].get("text", "")}
+    return {**message, "content": parts}

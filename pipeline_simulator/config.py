@@ -34,7 +34,7 @@ RATE_FAULTS: tuple[str, ...] = (
 # and gets a generic envelope for that status.
 FAULT_NAMES: frozenset[str] = frozenset({
     "400", "401", "402", "402_afford", "403", "403_key", "404", "408", "413", "422",
-    "429", "429_quota", "429_too_large", "429_capacity",
+    "429", "429_quota", "429_too_large", "429_capacity", "429_flex",
     "500", "502", "503", "503_unavailable", "503_slow_down", "504", "524", "529",
     "hang", "reset", "malformed", "schema_invalid", "length", "refusal",
     "error_200", "error_200_partial", "empty", "model_down",
@@ -99,6 +99,8 @@ class Price(BaseModel):
 
     input_per_m: float = 10.0  # USD per million prompt tokens
     output_per_m: float = 30.0  # USD per million completion tokens
+    cached_input_per_m: float | None = None  # cached prompt tokens; None: the input price
+    cache_write_per_m: float | None = None  # prompt tokens written to the cache; None: the input price
 
 
 class BatchSim(BaseModel):
@@ -115,6 +117,7 @@ class BatchSim(BaseModel):
     line_4xx_status: int = Field(default=400, ge=400, le=499)  # 400 invalid_request; 401/402 stop a client
     line_rate_5xx: float = Field(default=0.0, ge=0, le=1)  # per line: a 500 server_error answer
     line_rate_schema_invalid: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 whose JSON breaks the schema
+    line_rate_no_choices: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 billed with `choices: []`
     expire: list[int] = Field(default_factory=list)  # creation numbers (1-based) of batches that expire
     expire_done_ratio: float = Field(default=0.5, ge=0, le=1)  # share answered before the window closed
     errors_in_output: bool = False  # failed lines in the output file (some gateways) instead of the error file
@@ -177,11 +180,13 @@ class SimConfig(BaseModel):
     context_tokens: int = Field(default=128_000, gt=0)
     max_output_tokens: dict[str, int] = Field(default_factory=lambda: {"gpt-4-turbo": 4096})
     no_json_schema_models: list[str] = Field(default_factory=lambda: ["gpt-4-turbo"])
-    default_price: Price = Field(default_factory=Price)
+    default_price: Price | None = None  # every model not in `prices`; None: the model's own list price
     prices: dict[str, Price] = Field(default_factory=dict)  # exact model name -> price
+    flex_price_factor: float = Field(default=0.5, ge=0)  # service_tier: flex as a share of the price
     upscale_images: bool = False
     remote_image_size: tuple[int, int] = (1024, 1024)  # assumed for http(s) URLs, never fetched
-    cached_tokens_ratio: float = Field(default=0.0, ge=0, le=1)  # share of prompt reported as cached
+    cached_tokens_ratio: float = Field(default=0.0, ge=0, le=1)  # share of prompt reported as cached (fixed)
+    prefix_caching: bool = True  # automatic prefix caching and cache_control breakpoints (prefix_cache.py)
 
     # Streaming.
     stream_comments: int = Field(default=2, ge=0)  # ": OPENROUTER PROCESSING" lines before the first token
@@ -221,7 +226,13 @@ class SimConfig(BaseModel):
         return self
 
     def price_for(self, model: str) -> Price:
-        return self.prices.get(model, self.default_price)
+        if model in self.prices:
+            return self.prices[model]
+        if self.default_price is not None:
+            return self.default_price
+        from .pricing import list_price
+
+        return list_price(model)
 
     def api_root_path(self) -> str:
         return "/api/v1" if self.flavor == "openrouter" else "/v1"

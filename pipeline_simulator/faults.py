@@ -88,6 +88,11 @@ def fault_error(name: str, rule: FaultRule | None, ctx: ErrorContext) -> SimErro
     if name == "429_capacity":
         capacity_wait = retry if retry is not None else (ctx.retry_after or 1.0)
         return _availability(429, "capacity_exhausted", True, capacity_wait, ctx, message or "Provider capacity exhausted")
+    if name == "429_flex":  # OpenAI Flex processing without capacity (not billed; retry later)
+        return SimError(429, message or "Resource unavailable: Flex processing has no capacity for this request "
+                        "right now. Retry later, or use the default service tier.", "server_error",
+                        "resource_unavailable", or_message=message or "Resource unavailable (flex)",
+                        error_type="rate_limit_exceeded")
     if name == "503_unavailable":
         wait = retry if retry is not None else ctx.retry_after
         return _availability(503, "temporarily_unavailable", True, wait, ctx,

@@ -25,19 +25,25 @@ class Meta:
     fingerprint: str
     price_in: float  # USD per token
     price_out: float
+    price_cached: float = 0.0  # per cached prompt token
+    price_write: float = 0.0  # per prompt token written to the cache
+
+    def prompt_cost(self, a: Answer) -> float:
+        uncached = max(0, a.prompt_tokens - a.cached_tokens - a.cache_write_tokens)
+        return uncached * self.price_in + a.cached_tokens * self.price_cached + a.cache_write_tokens * self.price_write
 
     def cost(self, answer: Answer) -> float:
-        return answer.prompt_tokens * self.price_in + answer.completion_tokens * self.price_out
+        return self.prompt_cost(answer) + answer.completion_tokens * self.price_out
 
 
 def usage(meta: Meta, a: Answer) -> dict[str, Any]:
     total = a.prompt_tokens + a.completion_tokens
     if meta.flavor == "openrouter":
-        prompt_cost = a.prompt_tokens * meta.price_in
+        prompt_cost = meta.prompt_cost(a)
         out_cost = a.completion_tokens * meta.price_out
         return {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "total_tokens": total,
                 "cost": round(prompt_cost + out_cost, 12), "is_byok": False,
-                "prompt_tokens_details": {"cached_tokens": a.cached_tokens, "cache_write_tokens": 0,
+                "prompt_tokens_details": {"cached_tokens": a.cached_tokens, "cache_write_tokens": a.cache_write_tokens,
                                           "audio_tokens": 0, "video_tokens": 0},
                 "cost_details": {"upstream_inference_cost": None,
                                  "upstream_inference_prompt_cost": round(prompt_cost, 12),

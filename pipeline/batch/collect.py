@@ -30,7 +30,7 @@ from ..errors import (
     TransientError,
 )
 from ..prepare.structured import StructuredPlan
-from ..send.budget import Usage, max_cost, read_usage
+from ..send.budget import Paid, Usage, max_cost, read_usage
 from ..send.classify import NAMED_STATUS, classify
 from ..send.parse import parse_completion
 from ..send.transport import Reply
@@ -152,6 +152,10 @@ class Collector:
                 self.store.set_meta("structured_mode", self.plan.mode)
                 return "permanent", None
             return "permanent", self._failed(key, exc, self._record(key, "permanent", exc, paid))
+        except BadContentError as exc:  # a 200 without choices: billed, answered nothing (send/classify.py)
+            paid = self._charge(exc.billed, est, images)
+            record = self._give_up(key, "bad_content", (est, images), exc, paid, raw=_raw(exc.billed or line))
+            return "bad_content", self._failed(key, exc, record)
         usage = batch_usage(body, self.cfg, images, est)
         paid = self._charge(body, est, images, usage)
         try:
@@ -167,7 +171,8 @@ class Collector:
             key=key, state="ok", attempts=self.ledger.attempts(key)["sent"], status=200, content=parsed.content,
             output_json=None if parsed.output is None else orjson.dumps(parsed.output).decode(),
             finish_reason=parsed.finish_reason, model=parsed.model, provider=parsed.provider,
-            prompt_tokens=paid[0], completion_tokens=paid[1], cost_usd=paid[2],
+            prompt_tokens=paid.prompt_tokens, completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd,
+            cached_tokens=paid.cached_tokens, cache_write_tokens=paid.cache_write_tokens,
             tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json, raw=_raw(body))
         return "ok", record
 
@@ -181,7 +186,7 @@ class Collector:
         return record
 
     def _give_up(self, key: str, outcome: str, info: tuple[int, int], exc: RequestError | None = None,
-                 paid: tuple[int, int, float] = (0, 0, 0.0), raw: bytes | None = None) -> Record | None:
+                 paid: Paid | None = None, raw: bytes | None = None) -> Record | None:
         """A failure a later attempt may cure: None (ask again) while the budget for its class lasts."""
         tries = self.ledger.attempts(key)
         if outcome == "bad_content":
@@ -199,25 +204,30 @@ class Collector:
         if used < budget:
             return None
         exc = exc or TransientError("the batch ended without an answer for this request", code="missing")
-        return self._record(key, state, exc, paid, raw=raw)
+        return self._record(key, state, exc, paid or Paid(), raw=raw)
 
-    def _record(self, key: str, state: str, exc: RequestError, paid: tuple[int, int, float],
+    def _record(self, key: str, state: str, exc: RequestError, paid: Paid,
                 raw: bytes | None = None) -> Record:
         reason = getattr(exc, "reason", None)
         message = (exc.message if not reason else f"{reason}: {exc.message}")[:1000]
         return Record(key=key, state=state, attempts=self.ledger.attempts(key)["sent"], status=exc.status,
-                      error_class=exc.error_class, message=message, content=exc.content, prompt_tokens=paid[0],
-                      completion_tokens=paid[1], cost_usd=paid[2], raw=raw)
+                      error_class=exc.error_class, message=message, content=exc.content,
+                      prompt_tokens=paid.prompt_tokens, completion_tokens=paid.completion_tokens,
+                      cost_usd=paid.cost_usd, cached_tokens=paid.cached_tokens,
+                      cache_write_tokens=paid.cache_write_tokens, raw=raw)
 
     def _charge(self, body: dict[str, Any] | None, est: int, images: int,
-                usage: Usage | None = None) -> tuple[int, int, float]:
+                usage: Usage | None = None) -> Paid:
         """Count a billed line (an answer, or a failure that carried usage) as spend."""
+        paid = Paid()
         if body is None:
-            return (0, 0, 0.0)
+            return paid
         usage = usage or batch_usage(body, self.cfg, images, est)
         self.engine.core.charge(usage.cost_usd)
         self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
-        return (usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
+        self.stats.cached(usage.cached_tokens, usage.cache_write_tokens, usage.saved_usd)
+        paid.add(usage)
+        return paid
 
 
 def _as_reply(line: dict[str, Any]) -> Reply:

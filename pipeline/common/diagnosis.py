@@ -22,6 +22,7 @@ import traceback
 
 from ..errors import EXIT_INTERNAL, EXIT_STOPPED, EXIT_USAGE
 from . import layout, redact, safefs
+from .terminal import printable
 
 log = logging.getLogger("pipeline")
 
@@ -89,7 +90,7 @@ def report_internal(exc: BaseException, out_dir: str | None) -> int:
     path = _write_report(body.encode(), out_dir)
     # For pipeline.log (the event contract); at DEBUG so the console shows only the one line printed below.
     log.debug("internal error: traceback in %s", path, extra={"event": "internal_error", "traceback": text})
-    detail = redact.scrub(f"{type(exc).__name__}: {exc}")[:300]
+    detail = printable(redact.scrub(f"{type(exc).__name__}: {exc}")[:300])
     print(f"internal error (a bug, exit 70): {detail}; the traceback is in {path}. Answers received so far "
           "are kept; please report it, and re-run the same command after the fix to resume.", file=sys.stderr)
     return EXIT_INTERNAL

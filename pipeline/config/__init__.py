@@ -7,7 +7,8 @@ is needed, and kept out of every repr.
 
 Modules: base (the closed Section), io (input, output, cache, run), endpoint (endpoint, headers, secret
 headers), request (prompt, params, provider, structured), limits (limits, budget, prices, batch, notify),
-job (the whole Config, API key, job fingerprint), loading (load_config, --set overrides, error messages).
+job (the whole Config, API key, job fingerprint), loading (load_config, --set overrides, error messages),
+secrets (`!env` / `!secret` values and the keys secret by default).
 New keys go into the module of their section.
 """
 from __future__ import annotations
@@ -32,10 +33,11 @@ from .request import (
     StructuredConfig,
     StructuredMode,
 )
+from .secrets import FromEnv, Secret
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "IMAGE_BATCH_SIZE", "BatchConfig", "BudgetConfig", "CacheConfig", "Config",
-    "EndpointConfig", "InputConfig", "JobConfig", "LimitsConfig", "NotifyConfig", "OutputConfig", "ParamsConfig", "Price",
-    "PromptConfig", "ProviderConfig", "RunConfig", "Section", "StructuredConfig", "StructuredMode", "day_note",
-    "load_config",
+    "EndpointConfig", "FromEnv", "InputConfig", "JobConfig", "LimitsConfig", "NotifyConfig", "OutputConfig",
+    "ParamsConfig", "Price", "PromptConfig", "ProviderConfig", "RunConfig", "Secret", "Section", "StructuredConfig",
+    "StructuredMode", "day_note", "load_config",
 ]

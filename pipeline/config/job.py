@@ -23,6 +23,8 @@ from .io import (
 from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
 from .request import ParamsConfig, PromptConfig, StructuredConfig
 
+FLEX_TIMEOUT_S = 900.0
+
 # Keys once recorded in a job's identity that no longer shape requests: a job folder that recorded them
 # is compared without them (state/jobdir.py), so upgrading never makes it "a different job".
 NOT_IDENTITY: tuple[tuple[str, str], ...] = (("structured", "bad_content_retries"),)
@@ -62,6 +64,15 @@ class Config(Section):
             self.input.batch_size = IMAGE_BATCH_SIZE if self.prompt.images else DEFAULT_BATCH_SIZE
         return self
 
+    @model_validator(mode="after")
+    def _flex_timeouts(self) -> Config:
+        # Flex requests queue for capacity: OpenAI advises 15-minute timeouts. Only where none was set.
+        if self.params.service_tier == "flex":
+            for name in ("timeout_s", "read_timeout_s"):
+                if name not in self.endpoint.model_fields_set and getattr(self.endpoint, name) < FLEX_TIMEOUT_S:
+                    setattr(self.endpoint, name, FLEX_TIMEOUT_S)
+        return self
+
     def api_key(self) -> str:
         """The key from the environment; a clear error (never the value) when it is missing."""
         from ..common import redact
@@ -98,13 +109,19 @@ class Config(Section):
         }
         # NON_STR_KEYS: params.logit_bias is keyed by token id (int).
         loaded: dict[str, Any] = orjson.loads(orjson.dumps(keep, option=orjson.OPT_NON_STR_KEYS, default=str))
-        return loaded
+        # A secret value (`!secret`, `!env`) is the mask here: the identity is written to manifest.json and the
+        # store, and a rotated secret does not make another job (the request key still covers the value).
+        from ..common import redact
+
+        scrubbed: dict[str, Any] = redact.scrub_any(loaded)
+        return scrubbed
 
     def _prompt_identity(self) -> dict[str, Any]:
         # image_roots: where files may be read, not what is asked. rows_per_request: one by one and packed
         # are different requests, but a packed row's request does not depend on how many share its pack,
-        # and a job from before packing existed must keep its identity.
-        prompt = self.prompt.model_dump(exclude={"image_roots", "rows_per_request"})
+        # and a job from before packing existed must keep its identity. cache: caching hints are not what
+        # is asked (the request key leaves them out too, prepare/caching.py).
+        prompt = self.prompt.model_dump(exclude={"image_roots", "rows_per_request", "cache"})
         if self.prompt.rows_per_request > 1:
             prompt["rows_per_request"] = "several"
         return prompt

@@ -12,6 +12,12 @@ from .endpoint import check_http_url
 class LimitsConfig(Section):
     requests_per_minute: float | None = Field(500, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
+    input_tokens_per_minute: float | None = Field(
+        None, gt=0, description="Prompt tokens a minute (Anthropic ITPM, Databricks); cached reads are not "
+                                "counted for models whose provider exempts them.")
+    output_tokens_per_minute: float | None = Field(
+        None, gt=0, description="Completion tokens a minute (OTPM): max_tokens is reserved when a request is "
+                                "sent and the unused part returned with the answer.")
     max_concurrency: int = Field(64, ge=1, le=4096)
     max_retries: int = Field(6, ge=0, le=100, description="Transient retries per request.")
     backoff_base_s: float = Field(1.0, gt=0)
@@ -35,6 +41,8 @@ class Price(Section):
     per_image: float = Field(0.0, ge=0, description="Per input image, for providers that bill images apart.")
     cached_input_per_m: float | None = Field(
         None, ge=0, description="Per million cached prompt tokens (usage.prompt_tokens_details); absent: input_per_m.")
+    cache_write_per_m: float | None = Field(
+        None, ge=0, description="Per million prompt tokens written to the provider's cache; absent: input_per_m.")
     batch_input_per_m: float | None = Field(
         None, ge=0, description="Batch API price per million prompt tokens; absent: half of input_per_m.")
     batch_output_per_m: float | None = Field(

@@ -12,7 +12,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .. import yaml_loader
+from ..common import redact
 from ..errors import ConfigError
+from . import secrets
 from .job import Config
 from .templates import check_prompt
 
@@ -45,10 +47,12 @@ def load_config(
     for key, value in _normalise_overrides(overrides).items():
         _set_dotted(raw, key, value, name)
     yaml_loader.check_shape(raw, name)  # before validation and the fingerprint walk it recursively
+    secrets.resolve(raw, name)  # !env / !secret values, registered with the scrubber before any message
     try:
         cfg = Config.model_validate({**raw, "source": name})
     except ValidationError as exc:
         raise ConfigError(_explain(exc, raw), file=name) from None
+    secrets.register_defaults(raw)  # a webhook URL, storage credentials: secret however they were given
     _resolve_paths(cfg, base)
     _check_budget_price(cfg)
     check_prompt(cfg.prompt, name)  # compiled before any input is read or anything is sent
@@ -154,7 +158,9 @@ def _normalise_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[s
             raise ConfigError(f"--set takes KEY=VALUE with a dotted key (e.g. output.dir=/tmp/x), got {item!r}")
         try:
             out[key.strip()] = yaml_loader.load(text) if text.strip() else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as exc:
+            if text.lstrip().startswith(("!env", "!secret")):  # meant as a tag: never sent as a literal
+                raise ConfigError(f"--set {key.strip()}: {exc}", key=key.strip()) from None
             out[key.strip()] = text
     return out
 
@@ -187,7 +193,9 @@ def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             # Header values may be credentials: never echo them into a message.
-            got = "" if dotted.startswith("endpoint.headers") else f" (got {_short(err.get('input'))})"
+            # A secret value (config/secrets.py) is masked before it is shortened, so no part of it shows.
+            quoted = not dotted.startswith("endpoint.headers") and secrets.shown_in_errors(dotted)
+            got = f" (got {_short(redact.scrub_any(err.get('input')))})" if quoted else ""
             lines.append(f"{dotted}: {msg}{got}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

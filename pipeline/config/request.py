@@ -21,6 +21,8 @@ class PromptConfig(Section):
                     "answer comes back under its own id and lands as its own result row. 1: one by one.")
     image_detail: Literal["auto", "low", "high"] = "auto"
     image_max_side: int | None = Field(None, ge=16, description="Downscale local images to this longest side.")
+    cache: Literal["auto", "off"] = Field(
+        "auto", description="Provider prompt caching: shared text first, cache_control / prompt_cache_key hints.")
     image_roots: list[str] = Field(
         default_factory=list,
         description="More folders local image paths may resolve into (relative to the config file); the input "
@@ -69,6 +71,9 @@ class ParamsConfig(Section):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: bool | None = None
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = Field(
+        None, description="OpenAI processing tier; flex: Batch API prices on ordinary requests, slower, "
+                          "longer default timeouts.")
     stream: bool = False
     models: list[str] | None = Field(None, description="OpenRouter model fallback list.")
     provider: ProviderConfig | None = None

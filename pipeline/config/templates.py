@@ -57,3 +57,25 @@ def _check_names(env: jinja2.Environment, ast: nodes.Template) -> None:
         if node.name not in known:
             kind = "filter" if isinstance(node, nodes.Filter) else "test"
             raise jinja2.TemplateSyntaxError(f"no {kind} named {node.name!r}", node.lineno)
+
+
+def fixed_prefix(env: jinja2.Environment, source: str) -> tuple[str, int]:
+    """(the text a template prints before its first value or tag, characters of fixed text after that).
+
+    The first is the same for every row (prompt caching can mark where it ends); a long second means the
+    template puts row content before shared text, which no provider can cache.
+    """
+    body = env.parse(source).body
+    prefix: list[str] = []
+    after = 0
+    leading = True
+    for node in body:
+        items = node.nodes if isinstance(node, nodes.Output) else [node]
+        for item in items:
+            if leading and isinstance(item, nodes.TemplateData):
+                prefix.append(item.data)
+                continue
+            leading = False
+            after += sum(len(d.data) for d in ([item] if isinstance(item, nodes.TemplateData)
+                                                 else item.find_all(nodes.TemplateData)))
+    return "".join(prefix), after

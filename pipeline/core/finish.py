@@ -7,15 +7,18 @@ from array import array
 from collections.abc import Collection
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..config import Config
 from ..errors import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, Fatal
+from ..models.prices import PromptCache, cache_saving, find_price
 from ..ops.figures import Figures
 from ..ops.invocation import Invocation
 from ..read.scan import id_key
+from ..send.stats import Stats
 from ..state.jobdir import JobDir
 from ..state.store import PartCounts
 from ..vocab import Record
@@ -75,7 +78,8 @@ def figures(jobdir: JobDir, rows: int, progress: Progress, reused: PartCounts, c
                    requests=dict(t.by_class), rate_limited=t.rate_limited, prompt_tokens=s.prompt_tokens,
                    completion_tokens=s.completion_tokens, run_cost_usd=s.cost_usd,
                    job_cost_usd=spent_before + s.cost_usd, last_success=t.last_success,
-                   started=invocation.started, running=True)
+                   started=invocation.started, running=True, cached_tokens=s.cached_tokens,
+                   cache_saved_usd=s.cache_saved_usd)
 
 
 class HowItStopped(Protocol):
@@ -124,3 +128,16 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def prompt_cache_figures(cfg: Config, job_cache: tuple[int, int], job_prompt_tokens: int,
+                         stats: Stats) -> dict[str, Any]:
+    """summary.json's prompt_cache: the job's cached and cache-write prompt tokens, their share of the
+    prompt tokens, and what they saved at the model's table prices (this run's saving as counted)."""
+    cached, written = job_cache
+    price = find_price(cfg, cfg.endpoint.model, batch=cfg.run.mode == "batch")
+    saved = cache_saving(price, PromptCache(cached, written)) if price is not None else 0.0
+    return {"cached_tokens": cached, "cache_write_tokens": written,
+            "hit_share": round(cached / job_prompt_tokens, 4) if job_prompt_tokens else 0.0,
+            "saved_usd": round(saved, 6), "run_cached_tokens": stats.cached_tokens,
+            "run_saved_usd": round(stats.cache_saved_usd, 6)}

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..common import redact
 from ..config import Config, day_note
 from ..errors import EXIT_OK, RowError
 from ..models.catalog import context_window, max_output_tokens
@@ -78,14 +79,23 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     token_method: str = ""
     example: bytes | None = None    # the first request to send, as its canonical payload
+    shared_prefix: int | None = None  # prompt tokens every request shares (engines/savings.py)
+    cache_notes: list[str] = field(default_factory=list)  # what keeps shared text from being cached
 
 
-def dry_run(cfg: Config, out: TextIO, *, as_json: bool = False) -> int:
-    """Print the estimate (text, or one JSON object); 0 (config and input errors raise, the CLI exits 2)."""
+def dry_run(cfg: Config, out: TextIO, *, as_json: bool = False, compare: bool = False) -> int:
+    """Print the estimate (text, or one JSON object); 0 (config and input errors raise, the CLI exits 2).
+    `compare`: the run modes side by side as well (engines/savings.py)."""
     from .estimate_json import example_request, to_json
+    from .savings import compare_lines
 
     est = estimate(cfg)
-    out.write(to_json(est, cfg) + "\n" if as_json else report(est, cfg) + example_request(est, cfg))
+    # The example request carries the config's secret values (`!secret`, `!env`) as sent: masked here.
+    if as_json:
+        out.write(redact.scrub(to_json(est, cfg, compare=compare) + "\n"))
+    else:
+        out.write(redact.scrub(report(est, cfg) + (compare_lines(est, cfg) if compare else "")
+                               + example_request(est, cfg)))
     return EXIT_OK
 
 
@@ -113,6 +123,8 @@ def estimate(cfg: Config) -> Estimate:
         # Every batch is rendered: the store says which requests are answered (the input may have changed).
         for batch in source.batches():
             _batch(batch, renderer, asker, cfg, store, cache, seen, est)
+        # The shared part of a row's request; a pack starts with the same shared part (prepare/packs.py).
+        est.shared_prefix, est.cache_notes = asker.builder.shared_prefix, renderer.cache_notes()
         est.output_likely_per_request, est.likely_basis = _likely_output(store, cache)
     finally:
         for db in (store, cache):
@@ -256,15 +268,17 @@ def _likely_output(store: sqlite3.Connection | None, cache: sqlite3.Connection |
 
 
 def cost_range(est: Estimate, cfg: Config) -> tuple[float, float | None, float] | None:
-    """(no output, likely, max output) in USD for the requests to send; None without a price."""
-    price = find_price(cfg, cfg.endpoint.model)
+    """(no output, likely, max output) in USD for the requests to send, at the run mode's prices (batch,
+    flex); None without a price."""
+    batch = cfg.run.mode == "batch"
+    price = find_price(cfg, cfg.endpoint.model, batch=batch)
     if price is None:
         return None
     base = est.prompt_tokens * price.input_per_m / 1e6 + est.images * price.per_image
     likely = (None if est.output_likely_per_request is None else
               base + est.requests * est.output_likely_per_request * price.output_per_m / 1e6)
     # The dearest fallback model bounds the top of the range: OpenRouter bills the model that served.
-    dearest = max((p for m in cfg.params.models or [] if (p := find_price(cfg, m))),
+    dearest = max((p for m in cfg.params.models or [] if (p := find_price(cfg, m, batch=batch))),
                   key=lambda p: (p.input_per_m, p.output_per_m), default=price)
     top = max(price, dearest, key=lambda p: (p.input_per_m, p.output_per_m))
     high = (est.prompt_tokens * top.input_per_m / 1e6 + est.images * top.per_image
@@ -336,7 +350,10 @@ def report(est: Estimate, cfg: Config) -> str:
     add("output tokens", f"0 .. {est.output_max:,} ({limit})")
     add("", f"likely ~{round(likely * est.requests):,} ({likely:.1f} a request: {est.likely_basis})"
         if likely is not None else f"likely: {est.likely_basis}")
+    from .savings import cache_lines
+
     _cost_lines(est, cfg, add)
+    cache_lines(est, cfg, add)
     _time_lines(est, cfg, add)
     return "\n".join(lines) + "\n"
 
@@ -350,7 +367,7 @@ def _cost_lines(est: Estimate, cfg: Config, add: Any) -> None:
     low, likely, high = costs
     add("cost (USD)", f"${low:.4f} .. ${high:.4f}" + (f", likely ${likely:.4f}" if likely is not None else ""))
     for name in [model, *(cfg.params.models or [])]:
-        price = find_price(cfg, name)
+        price = find_price(cfg, name, batch=cfg.run.mode == "batch")
         if price is None:
             add("", f"{name}: no price known (the range leaves it out)")
             continue
@@ -381,22 +398,26 @@ def spent_before(est: Estimate, cfg: Config) -> float:
 
 
 def _time_lines(est: Estimate, cfg: Config, add: Any) -> None:
+    if cfg.run.mode == "batch":
+        add("time", f"{duration(cfg.batch.poll_interval_s)} .. 24h00m: the Batch API answers within its 24 h window "
+            "(often minutes to hours); its rate limits are the batch queue's, not limits.*")
+        return
     bounds = time_bounds(est, cfg)
     low = max(lo for lo, _ in bounds.values())
     high = max(hi for _, hi in bounds.values())
     slowest = max(bounds, key=lambda k: bounds[k][1])
-    add("time", f"{_duration(low)} .. {_duration(high)} without retries (slowest limit: {slowest})")
+    add("time", f"{duration(low)} .. {duration(high)} without retries (slowest limit: {slowest})")
     lim = cfg.limits
     # Formatted for every limit, printed only for those that are set (a None limit has no bound line).
     detail = {"requests/min": f"{est.requests:,} requests at {lim.requests_per_minute or 0:g}/min",
               "tokens/min": f"input + output tokens at {lim.tokens_per_minute or 0:g}/min",
               "concurrency": f"{lim.max_concurrency} at a time x latency of {assumed_latency(cfg)[2]}"}
     for name, (lo, hi) in bounds.items():
-        span = _duration(lo) if lo == hi else f"{_duration(lo)} .. {_duration(hi)}"
+        span = duration(lo) if lo == hi else f"{duration(lo)} .. {duration(hi)}"
         add("", f"{name:<13} {span}: {detail[name]}")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f}s"
     minutes, secs = divmod(round(seconds), 60)

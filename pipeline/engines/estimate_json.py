@@ -9,9 +9,16 @@ read it with `json.loads`. Its fields:
     output_tokens   min (0), max, likely (null until answers exist), likely_basis
     cost_usd        min (no output), likely (null when unknown), max (max output at the dearest model);
                     null when the model has no price
-    prices          model -> {input_per_m, output_per_m, cached_input_per_m, per_image, source} or null
+    prices          model -> {input_per_m, output_per_m, cached_input_per_m, cache_write_per_m, per_image,
+                    source} or null, at the run mode's prices (batch, flex)
     budget          null, or {max_cost_usd, spent_before, left}
-    time_s          min, max, slowest (the limit that decides), bounds {limit: [min, max]}
+    time_s          min, max, slowest (the limit that decides), bounds {limit: [min, max]}; in batch mode
+                    the batch window (first poll .. 24 h)
+    prompt_cache    null, or shared_prefix_tokens, provider_minimum, style, cacheable_per_request,
+                    predicted_cached_tokens / _written_tokens / _share / _cost_usd (engines/savings.py)
+    cache_warnings  templates that put row values before fixed text
+    modes           with --compare: per run mode {mode, cost_usd {min, likely, max, with_prompt_cache},
+                    price, time_s, time_decided_by}
     failing         reason -> rows that cannot become a request, and examples
     notes           what the dry run noticed about output.dir
 
@@ -33,9 +40,13 @@ _DATA_URL_SHOWN = 48  # characters of an image data URL kept in the printed exam
 _TEXT_SHOWN = 4000    # a longer string value is cut, its length said
 
 
-def to_json(est: Estimate, cfg: Config) -> str:
+def to_json(est: Estimate, cfg: Config, *, compare: bool = False) -> str:
+    from .savings import compare as modes
+    from .savings import predict_cache, time_range
+
     costs = cost_range(est, cfg)
-    bounds = time_bounds(est, cfg)
+    bounds = time_bounds(est, cfg) if cfg.run.mode != "batch" else {"batch window": time_range(est, cfg)[:2]}
+    cache = predict_cache(est, cfg)
     cap = cfg.budget.max_cost_usd
     spent = spent_before(est, cfg) if cap is not None else 0.0
     likely = est.output_likely_per_request
@@ -58,8 +69,25 @@ def to_json(est: Estimate, cfg: Config) -> str:
                    "bounds": {k: [_r(lo, 3), _r(hi, 3)] for k, (lo, hi) in bounds.items()}},
         "failing": {"by_reason": dict(est.failing_by_reason), "examples": est.examples},
         "notes": est.notes,
+        "prompt_cache": None if cache is None else {
+            "shared_prefix_tokens": cache.shared_tokens, "provider_minimum": cache.minimum, "style": cache.style,
+            "cacheable_per_request": cache.cacheable, "predicted_cached_tokens": cache.cached_tokens,
+            "predicted_written_tokens": cache.written_tokens, "predicted_share": round(cache.share, 4),
+            "predicted_cost_usd": _predicted(est, cfg, cache, costs)},
+        "cache_warnings": est.cache_notes,
     }
+    if compare:
+        doc["modes"] = modes(est, cfg)
     return json.dumps(doc, ensure_ascii=False)
+
+
+def _predicted(est: Estimate, cfg: Config, cache: Any, costs: tuple[float, float | None, float] | None) -> float | None:
+    from .savings import cached_cost, mode_price
+
+    price = mode_price(cfg)
+    if costs is None or price is None:
+        return None
+    return _r(cached_cost(costs[1] if costs[1] is not None else costs[0], cache, price))
 
 
 def _r(value: float | None, digits: int = 6) -> float | None:
@@ -67,11 +95,12 @@ def _r(value: float | None, digits: int = 6) -> float | None:
 
 
 def _price(cfg: Config, model: str) -> dict[str, Any] | None:
-    price = find_price(cfg, model)
+    price = find_price(cfg, model, batch=cfg.run.mode == "batch")
     if price is None:
         return None
     return {"input_per_m": price.input_per_m, "output_per_m": price.output_per_m,
-            "cached_input_per_m": price.cached_input_per_m, "per_image": price.per_image, "source": price.source}
+            "cached_input_per_m": price.cached_input_per_m, "cache_write_per_m": price.cache_write_per_m,
+            "per_image": price.per_image, "source": price.source}
 
 
 def example_request(est: Estimate, cfg: Config) -> str:

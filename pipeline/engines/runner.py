@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, Unpack, cast
 from ..common.parts import drop_partial_parts
 from ..config import Config, day_note, load_config
 from ..core.context import RunContext, RunFlags, RunOptions
-from ..core.finish import RowCount, figures, finish, versions
+from ..core.finish import RowCount, figures, finish, prompt_cache_figures, versions
 from ..core.interrupt import Interrupt
 from ..core.progress import Live, Progress
 from ..core.transformer import Core, OutcomeBatch
@@ -41,7 +41,7 @@ from ..prepare.structured import StructuredPlan, plan_for
 from ..prepare.tokens import CALIBRATION_META, counter_for
 from ..read.frames import frame_file
 from ..read.reader import InputScan, Source
-from ..send.budget import Budget
+from ..send.budget import MARKUP_META, Budget
 from ..send.limits import Limits
 from ..send.stats import Stats
 from ..send.transport import HttpTransport, Transport
@@ -157,12 +157,18 @@ def _context(cfg: Config, options: RunOptions, invocation: Invocation, prepared:
                         live=lambda: Live(invocation.tally.in_flight, limiter.paused_for(), invocation.tally.last_error))
     answers = LocalAnswers(store, _open_cache(cfg, stack), stats, retry_failed=options.retry_failed)
     core = Core(cfg, renderer, plan, answers=answers, limiter=limiter, transport=transport, progress=progress,
-                stats=stats, budget=Budget(cfg.budget.max_cost_usd, spent_before))
+                stats=stats, budget=_budget(cfg, store, spent_before))
     return RunContext(cfg=cfg, options=options, invocation=invocation, jobdir=jobdir, source=prepared.source,
                       scan=scan, renderer=renderer, plan=plan, store=store, answers=answers, core=core,
                       progress=progress, interrupt=interrupt, columns=columns, names=names, reuse=reuse,
                       reused=reused, rows=RowCount(invocation.started, reused, answers.asked_again), commands=prepared.commands,
                       started=prepared.started, spent_before=spent_before)
+
+
+def _budget(cfg: Config, store: Store, spent_before: float) -> Budget:
+    budget = Budget(cfg.budget.max_cost_usd, spent_before)
+    budget.seed(store.get_meta(MARKUP_META))  # what earlier runs learned the endpoint bills over the table
+    return budget
 
 
 async def _drive_run(ctx: RunContext, transport: Transport) -> Summary:
@@ -336,6 +342,7 @@ def _summary(ctx: RunContext) -> Summary:
         rows_removed=ctx.source.count_missing(previous_ids),
         config_fingerprint=cfg.request_fingerprint(), versions=versions(),
         structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
+        prompt_cache=prompt_cache_figures(cfg, store.cache_totals(), totals["prompt_tokens"], stats),
     )
 
 

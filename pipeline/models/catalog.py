@@ -68,3 +68,50 @@ def capabilities(model: str, extra: dict[str, list[str]] | None = None) -> list[
             if any(fnmatch.fnmatchcase(name, glob.lower()) for name in names):
                 return list(modes)
     return list(DEFAULT_CAPABILITIES)
+
+
+# Provider prompt caching (prepare/caching.py). "breakpoint": only what ends at a cache_control mark is
+# cached (Anthropic; Gemini through OpenRouter); "automatic": the provider caches long prefixes on its own
+# (OpenAI and the OpenAI-compatible ones). Minimum cacheable prefix in tokens, longest prefix of the name
+# wins: OpenAI 1,024; Anthropic 1,024 on Sonnet / Opus 4 and older Opus, 2,048 on the Haiku 3 family,
+# 4,096 on Haiku 4.5 and Opus 4.5; Gemini 1,024 on Flash, 4,096 on Pro (its implicit-caching minimums).
+_BREAKPOINT_VENDORS = ("anthropic/", "google/gemini")
+_BREAKPOINT_NAMES = ("claude", "gemini")
+CACHE_MIN_TOKENS: dict[str, int] = {
+    "claude": 1_024, "claude-3-haiku": 2_048, "claude-3.5-haiku": 2_048, "claude-3-5-haiku": 2_048,
+    "claude-haiku-4.5": 4_096, "claude-haiku-4-5": 4_096, "claude-opus-4.5": 4_096, "claude-opus-4-5": 4_096,
+    "gemini": 1_024, "gemini-2.5-pro": 4_096, "gemini-3-pro": 4_096,
+}
+OPENAI_CACHE_MIN_TOKENS = 1_024
+OPENAI_CACHE_STEP = 128  # OpenAI caches the prefix in steps of 128 tokens past the minimum
+
+
+def prompt_cache_style(model: str) -> str:
+    """'breakpoint' (Anthropic, Gemini: cache_control marks) or 'automatic' (OpenAI and compatible)."""
+    name = model.lower()
+    bare = name.rsplit("/", 1)[-1]
+    return "breakpoint" if name.startswith(_BREAKPOINT_VENDORS) or bare.startswith(_BREAKPOINT_NAMES) else "automatic"
+
+
+def cache_min_tokens(model: str) -> int:
+    """The shortest prefix the provider caches for this model."""
+    if prompt_cache_style(model) == "automatic":
+        return OPENAI_CACHE_MIN_TOKENS
+    best = _longest_prefix(model, CACHE_MIN_TOKENS)
+    return CACHE_MIN_TOKENS[best] if best else 1_024
+
+
+def cacheable_tokens(model: str, shared_tokens: int) -> int:
+    """Tokens of a shared prefix of this length the provider would serve from its cache (0 below the minimum)."""
+    least = cache_min_tokens(model)
+    if shared_tokens < least:
+        return 0
+    if prompt_cache_style(model) == "automatic":
+        return least + (shared_tokens - least) // OPENAI_CACHE_STEP * OPENAI_CACHE_STEP
+    return shared_tokens
+
+
+def cached_reads_exempt(model: str) -> bool:
+    """Whether the provider leaves cached prompt reads out of its input-tokens-per-minute limit (Anthropic,
+    on its current models); OpenAI counts them."""
+    return "claude" in model.lower()

@@ -71,3 +71,5 @@ class Figures:
     started: float
     running: bool
     exit_code: int | None = None
+    cached_tokens: int = 0           # of prompt_tokens, read from the provider's prompt cache this run
+    cache_saved_usd: float = 0.0

@@ -42,6 +42,8 @@ class RunRecord:
     requests: int = 0
     retries: dict[str, int] = field(default_factory=dict)
     cost_usd: float = 0.0            # this run's spend, not the job's total
+    cached_tokens: int = 0           # prompt tokens this run's answers read from the provider's cache
+    cache_saved_usd: float = 0.0     # what that saved against the full input price
     stop_reason: str | None = None   # fatal | budget | interrupted | incomplete | refused | input_changed | error
     message: str | None = None       # why it stopped or was refused
 

@@ -120,12 +120,33 @@ class Invocation:
                 rows_input_failed=summary.rows_input_failed, rows_removed=summary.rows_removed,
                 succeeded=summary.succeeded,
                 failed=summary.failed, pending=summary.pending, requests=summary.requests_sent,
-                retries=dict(summary.retries), cost_usd=summary.run_cost_usd, stop_reason=summary.stopped,
+                retries=dict(summary.retries), cost_usd=summary.run_cost_usd,
+                cached_tokens=int(summary.prompt_cache.get("run_cached_tokens", 0)),
+                cache_saved_usd=float(summary.prompt_cache.get("run_saved_usd", 0.0)), stop_reason=summary.stopped,
                 message=summary.stop_message)
         assert exc is not None
-        return history.RunRecord(run_id=self.run_id, started_at=self.started_at, finished_at=iso_utc(time.time()),
-                                 exit_code=exit_code_of(exc, str(self.out_dir)), stop_reason=stop_reason_of(exc),
-                                 message=str(exc) or type(exc).__name__)
+        record = history.RunRecord(run_id=self.run_id, started_at=self.started_at, finished_at=iso_utc(time.time()),
+                                   exit_code=exit_code_of(exc, str(self.out_dir)), stop_reason=stop_reason_of(exc),
+                                   message=str(exc) or type(exc).__name__)
+        # No summary (a changed input, a crash), yet requests may have been paid for: the live figures say
+        # what this run really sent and spent.
+        f = self._live_figures()
+        if f is not None:
+            record.requests, record.cost_usd = sum(f.requests.values()), round(f.run_cost_usd, 6)
+            record.succeeded, record.failed = f.rows.get("succeeded", 0), f.rows.get("failed", 0)
+            record.pending = f.rows.get("pending", 0)
+        return record
+
+    def _live_figures(self) -> Figures | None:
+        """The runner's figures now, or None before it had any (or when reading them fails: a record
+        without them is better than none)."""
+        if self._figures is None:
+            return None
+        try:
+            return self._figures()
+        except Exception as err:  # noqa: BLE001 - the run is ending anyway; never hide how it ended
+            log.warning("could not read the run's figures for its record: %s", err)
+            return None
 
     async def finish(self, summary: Any, exc: BaseException | None) -> history.RunRecord:
         """Record how the run ended; never raises (an unwritable folder must not hide the run's outcome)."""
@@ -154,7 +175,7 @@ class Invocation:
         """The live figures, or at the end the record's (with its exit code)."""
         path = self.cfg.output.metrics_file
         assert path is not None
-        f = self._figures() if self._figures is not None else Figures(
+        f = self._live_figures() or Figures(
             job=self.job_name, rows={}, requests={}, rate_limited=0, prompt_tokens=0, completion_tokens=0,
             run_cost_usd=0.0, job_cost_usd=0.0, last_success=None, started=self.started, running=True)
         if record is not None:
@@ -162,6 +183,7 @@ class Invocation:
             if record.rows_total:
                 f.rows = {"succeeded": record.succeeded, "failed": record.failed, "pending": record.pending}
             f.run_cost_usd = record.cost_usd
+            f.cached_tokens, f.cache_saved_usd = record.cached_tokens, record.cache_saved_usd
         from .metrics import (
             write_metrics,  # prometheus_client only for jobs that write metrics
         )

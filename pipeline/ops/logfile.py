@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from ..common import layout, redact
+from ..common.terminal import printable
 
 LOG_FILE = layout.LOG
 MAX_BYTES = 10 * 2**20
@@ -64,10 +65,12 @@ class HumanFormatter(logging.Formatter):
         text += f"{event}: {record.getMessage()}" if event else f"{record.name}: {record.getMessage()}"
         if extra:
             text += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        # A message may quote a server (an error body, an answer): shown on a terminal, never obeyed.
+        text = printable(text)
         if trace:
-            text += "\n" + str(trace).rstrip()
+            text += "\n" + printable(str(trace).rstrip(), lines=True)
         elif record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+            text += "\n" + printable(self.formatException(record.exc_info), lines=True)
         return redact.scrub(text)
 
 

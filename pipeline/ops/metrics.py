@@ -37,7 +37,10 @@ class _Collector(Collector):
         tokens = CounterMetricFamily("pipeline_tokens", "Tokens paid for this run", labels=["job", "kind"])
         tokens.add_metric([f.job, "prompt"], f.prompt_tokens)
         tokens.add_metric([f.job, "completion"], f.completion_tokens)
+        tokens.add_metric([f.job, "cached"], f.cached_tokens)  # part of prompt: read from the provider's cache
         yield tokens
+        yield _counter("pipeline_prompt_cache_saved_usd", "What the provider's prompt cache saved this run, USD",
+                       f.job, f.cache_saved_usd)
         yield _counter("pipeline_cost_usd", "Spend of this run in USD", f.job, f.run_cost_usd)
         yield _gauge("pipeline_job_cost_usd", "Spend of the job over all its runs in USD", job, f.job_cost_usd)
         if f.last_success is not None:

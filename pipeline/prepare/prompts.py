@@ -29,12 +29,15 @@ import orjson
 from ..config import Config, templates
 from ..errors import ConfigError, RowError
 from ..models.catalog import context_window, max_output_tokens
+from .caching import CacheHints
 from .images import ImageEncoder
 from .tokens import TokenCounter
 
 _INT_PARAMS = frozenset({"seed", "max_tokens", "max_completion_tokens", "top_logprobs", "n", "top_k"})
 _NUM_PARAMS = frozenset({"temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
                          "min_p", "top_a"})
+# Fixed text after the first row value worth a warning (~100 tokens): it cannot be cached.
+LATE_FIXED_CHARS = 400
 _OWN_FIELDS = ("extra", "from_columns", "stream", "models", "provider", "logit_bias")
 
 
@@ -45,6 +48,9 @@ class RenderedRow:
     body: dict[str, Any]
     max_tokens: int | None
     image_tokens: int = 0  # by the tile rule; text tokens are counted on the body as sent
+    # Where the part every row shares ends (caching.SharedEnd: message index from the end, characters of
+    # its text or None for all of it); None when the first message already holds row content.
+    shared: tuple[int, int | None] | None = None
 
 
 class _NullValue(Exception):
@@ -80,6 +86,7 @@ class Renderer:
         self._user = self._compile(p.user, "prompt.user")
         self._globals = dict(self._env.globals)
         self._system_text = self._constant(self._system, "prompt.system")
+        self._user_prefix = templates.fixed_prefix(self._env, p.user)[0] if p.user else ""
         self._messages_col = p.messages_column
         self._image_cols = list(p.images)
         self._images = ImageEncoder(p.image_detail, p.image_max_side, p.image_roots)
@@ -88,6 +95,8 @@ class Renderer:
         self._static = self._static_body()
         self._context = context_window(cfg.endpoint.model)
         self.tokens = TokenCounter(cfg.endpoint.model)
+        # One prompt_cache_key per job: the job's fingerprint (what shapes its requests).
+        self.hints = CacheHints(p.cache, cfg.endpoint.model, cfg.endpoint.base_url, cfg.request_fingerprint())
         self._max_output = max_output_tokens(cfg.endpoint.model)
         if cfg.params.max_tokens is not None and self._max_output and cfg.params.max_tokens > self._max_output:
             raise ConfigError(f"{cfg.params.max_tokens} is more than {cfg.endpoint.model} can produce "
@@ -173,6 +182,7 @@ class Renderer:
                 messages.append({"role": "system", "content": system})
             messages.append({"role": "user", "content": user})
         image_tokens = self._add_images(messages, row, origin) if self._image_cols else 0
+        shared = self._shared_end(messages, user)
         body = dict(self._static)
         body["messages"] = messages
         for field, column in self._from_columns:
@@ -188,7 +198,37 @@ class Renderer:
                            f"{body['model']}; shorten this row's text or images", file=origin[0], row=origin[1],
                            reason="context")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        return RenderedRow(body, max_tokens if type(max_tokens) is int else None, image_tokens)
+        if self.hints.style is not None:
+            body = self.hints.apply(body, shared)
+        return RenderedRow(body, max_tokens if type(max_tokens) is int else None, image_tokens, shared)
+
+    def _shared_end(self, messages: list[dict[str, Any]], user: str | None) -> tuple[int, int | None] | None:
+        """Where the text every row shares ends: the fixed start of the user template when everything
+        before it is fixed too, else a fixed system prompt of ours, else nowhere."""
+        has_system = self._system is not None
+        if has_system and self._system_text is None:
+            return None  # the system prompt holds row values: nothing after its start is shared
+        if not self._messages_col and self._user_prefix and user is not None and user.startswith(self._user_prefix):
+            return -1, len(self._user_prefix)  # the user message is the last one
+        if has_system and messages and messages[0]["role"] == "system" and messages[0]["content"] == self._system_text:
+            return -len(messages), None
+        return None
+
+    def cache_notes(self) -> list[str]:
+        """What in the templates keeps shared text from being cached (row content before it)."""
+        notes = []
+        for key, template in (("prompt.system", self.cfg.prompt.system), ("prompt.user", self.cfg.prompt.user)):
+            if not template or not self.variables.get(key):
+                continue
+            prefix, after = templates.fixed_prefix(self._env, template)
+            if after >= LATE_FIXED_CHARS:
+                notes.append(f"{key} puts row content before {after:,} characters of fixed text: put the fixed "
+                             "text (instructions, examples) first and the row's values last, so providers can "
+                             "cache it")
+        if self.cfg.prompt.system and self.variables.get("prompt.system") and self.cfg.prompt.user:
+            notes.append("prompt.system uses row values, so the user template's fixed text is not shared either; "
+                         "keep row values out of the system prompt")
+        return notes
 
     def _text(self, template: jinja2.Template, key: str, row: dict[str, Any], origin: tuple[str, int]) -> str:
         try:

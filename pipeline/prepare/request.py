@@ -6,8 +6,9 @@
     request = builder.with_max_tokens(request, 2048) # after a truncated answer: same key, new payload
 
 The request key is sha256 of the base URL, a newline and the canonical payload (JSON with sorted keys,
-exactly the bytes sent), so any change to what is asked is a different key and an old answer is never
-reused for a new question. The local runner, the dry run, the dispatcher and the benchmarks all build
+exactly the bytes sent) without its prompt-caching hints (caching.plain: `prompt_cache_key` and
+`cache_control` marks do not change the answer), so any change to what is asked is a different key and
+an old answer is never reused for a new question, while switching `prompt.cache` keeps every answer. The local runner, the dry run, the dispatcher and the benchmarks all build
 requests here, so they agree on every key.
 """
 from __future__ import annotations
@@ -20,15 +21,19 @@ import orjson
 
 from ..errors import RowError
 from ..vocab import BuiltBatch, InputBatch, Request, RowFailure
+from . import caching
 from .prompts import RenderedRow, Renderer
 from .structured import StructuredPlan
 from .tokens import TokenCounter
 
 
 def payload_and_key(body: dict[str, Any], base_url: str) -> tuple[bytes, str]:
-    """The canonical payload (sent as is) and the request key: sha256 of base_url, newline, payload."""
+    """The canonical payload (sent as is) and the request key: sha256 of base_url, newline, payload
+    without its caching hints."""
     payload = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-    return payload, hashlib.sha256(base_url.encode() + b"\n" + payload).hexdigest()
+    asked = caching.plain(body)
+    keyed = payload if asked is body else orjson.dumps(asked, option=orjson.OPT_SORT_KEYS)
+    return payload, hashlib.sha256(base_url.encode() + b"\n" + keyed).hexdigest()
 
 
 class RequestBuilder:
@@ -38,6 +43,9 @@ class RequestBuilder:
         self.base_url = base_url
         self.plan = plan
         self.tokens = tokens  # the renderer's: the limiter, the budget and the dry run count alike
+        # Prompt tokens every request shares (shaping, fixed text), counted on the first request built:
+        # the dry run's "shared prefix" (the same for every row by construction, see prompts.py).
+        self.shared_prefix: int | None = None
 
     def build(self, rendered: RenderedRow) -> Request:
         shaped, payload, key = self._encode(rendered)
@@ -52,6 +60,8 @@ class RequestBuilder:
         body = rendered.body
         # Counted on what is sent: shaping adds the schema (tools or system prompt).
         est = self.tokens.count(shaped, rendered.image_tokens)
+        if self.shared_prefix is None:
+            self.shared_prefix = min(est, self.tokens.count(caching.prefix_body(shaped, rendered.shared)))
         return Request(key, payload, body, est, rendered.max_tokens, count_images(body), rendered.image_tokens,
                        self.plan.mode if self.plan is not None else None)
 

@@ -42,7 +42,19 @@ def run_figures(run: RunData) -> dict[str, Any]:
         "cache_hits": int(s.get("cache_hits", 0)), "deduplicated": int(s.get("deduplicated", 0)),
         "exit_code": s.get("exit_code"), "stopped": s.get("stopped"), "stop_message": s.get("stop_message"),
         "structured_mode": (s.get("structured") or {}).get("mode"), "model": run.model,
+        **_prompt_cache(s, run),
     }
+
+
+def _prompt_cache(s: dict[str, Any], run: RunData) -> dict[str, Any]:
+    """The provider's prompt cache: share of prompt tokens read from it and what that saved (summary.json's
+    prompt_cache; the results' cached_tokens when the summary predates it)."""
+    raw = s.get("prompt_cache")
+    pc: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    cached = int(pc.get("cached_tokens", _sum(run.results, "cached_tokens")))
+    prompt = int(s.get("prompt_tokens", _sum(run.results, "prompt_tokens")))
+    return {"cached_tokens": cached, "cache_hit_share": float(pc.get("hit_share", cached / prompt if prompt else 0.0)),
+            "cache_saved_usd": float(pc["saved_usd"]) if "saved_usd" in pc else None}
 
 
 def job_totals(run: RunData) -> dict[str, Any]:

@@ -99,6 +99,10 @@ def _run(run: RunData, p: str, title: str) -> str:
         _card(f"{p}.cost_per_1k_rows", f["cost_per_1k_rows"], "USD per 1,000 rows", _money(f["cost_per_1k_rows"])),
         _card(f"{p}.prompt_tokens", f["prompt_tokens"], "prompt tokens (whole job)"),
         _card(f"{p}.completion_tokens", f["completion_tokens"], "completion tokens (whole job)"),
+        _card(f"{p}.cache_hit_share", f["cache_hit_share"], "prompt tokens read from the provider's cache",
+              f"{f['cache_hit_share']:.0%}"),
+        _card(f"{p}.cache_saved_usd", f["cache_saved_usd"], "saved by the prompt cache (USD)",
+              _money(f["cache_saved_usd"])),
     ]
     outcome = pl.DataFrame({"outcome": ["succeeded", "failed", "pending"],
                             "rows": [f["succeeded"], f["failed"], f["pending"]]})

@@ -25,6 +25,8 @@ from typing import Any, TextIO
 import orjson
 import polars as pl
 
+from ..common import redact
+from ..common.terminal import printable
 from ..errors import ConfigError, InputError, PipelineError, UsageError
 from ..state.store import Store
 from ..vocab import Record
@@ -218,7 +220,13 @@ def print_story(story: RowStory, out: TextIO | None = None, *, as_json: bool = F
     if as_json:
         out.write(orjson.dumps(asdict(story), option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
         return 0
-    w = out.write
+    sink = out
+
+    def w(text: str) -> None:
+        # The raw answer and the messages are the server's text (and the request may hold a secret value of
+        # the config): scrubbed, and shown on the terminal with control characters spelled out, never obeyed.
+        sink.write(redact.scrub(printable(text, lines=True)))
+
     w(f"row {story.row_id} in {story.out_dir}: {story.outcome}\n")
     req = story.request or {}
     w(f"\n== request  {req.get('method', 'POST')} {req.get('url', '?')}\n")

@@ -12,6 +12,7 @@ import orjson
 import pyarrow.parquet as pq
 
 from ..common.parts import done_parts
+from ..common.terminal import printable
 from ..errors import EXIT_FAILED_ROWS, EXIT_OK, UsageError
 from ..ops import history
 from ..state.jobdir import JobDir, count_part, part_number
@@ -205,7 +206,9 @@ def print_status(target: str, *, as_json: bool = False) -> int:
         live = sum(1 for b in st["batches"] if b["state"] != "collected")
         print(f"batches    {len(st['batches'])} ({live} not collected yet)")
         for b in st["batches"]:
-            print(f"  chunk {b['chunk']:>4}  {b['batch_id'] or '-':<28} {b['status'] or b['state']:<12} "
+            # The provider names its batches and their status: shown on the terminal, never obeyed.
+            batch_id, status = printable(str(b["batch_id"] or "-")), printable(str(b["status"] or b["state"]))
+            print(f"  chunk {b['chunk']:>4}  {batch_id:<28} {status:<12} "
                   f"{b['completed']:,}/{b['lines']:,} done, {b['failed']:,} failed ({b['state']})")
     if not st["running"] and st["rows_pending"] and st["resume_command"]:
         print(f"resume     {st['resume_command']}")
@@ -217,5 +220,5 @@ def print_status(target: str, *, as_json: bool = False) -> int:
                   f"{r.get('rows_new', 0):,}/{r.get('rows_edited', 0):,}/{r.get('rows_retried', 0):,}/"
                   f"{r.get('rows_reused', 0):,}/{r.get('rows_input_failed', 0):,}/{r.get('rows_removed', 0):,}  "
                   f"{r.get('requests', 0):,} req  ${r.get('cost_usd', 0):.4f}  {r.get('stop_reason') or 'ok'}"
-                  + (f": {r['message'][:100]}" if r.get("message") and r.get("stop_reason") else ""))
+                  + (f": {printable(str(r['message'])[:100])}" if r.get("message") and r.get("stop_reason") else ""))
     return 0

@@ -5,7 +5,9 @@ subclass otherwise (see errors.py for the tree). The rules follow docs/wire.md Â
 before the status does (a 429 can be a quota error that will never clear; a 200 can carry an error).
 An error that arrived in the middle of a stream is in the assembled body (`error`) as it would be in a
 200's body, so the same code means the same thing however it came: a mid-stream 401 stops the run as
-an HTTP 401 does. A stream cut off without its end (`Reply.cut_off`) is transient.
+an HTTP 401 does. A stream cut off without its end (`Reply.cut_off`) is transient. A 200 without
+choices (or with choices that are not objects) was billed and answered nothing: bad content, with that
+class's small retry budget, never the transient budget that would pay for it seven times.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import orjson
 
 from ..errors import (
     AuthError,
+    BadContentError,
     CreditsError,
     PermanentError,
     RateLimited,
@@ -35,6 +38,9 @@ _TOO_LARGE = re.compile(r"request too large|Limit (\d+), Requested (\d+)", re.IG
 _AFFORD = re.compile(r"fewer max_tokens|can only afford", re.IGNORECASE)
 _AFFORD_N = re.compile(r"can only afford (\d+)", re.IGNORECASE)
 _SLOW_DOWN = re.compile(r"\bslow down\b", re.IGNORECASE)
+# OpenAI Flex processing without capacity: "429 Resource Unavailable" (not billed). It says nothing about
+# our rate, so it is retried with backoff like a 503, never a quota stop or a client-wide slow-down.
+_UNAVAILABLE = re.compile(r"resource[ _]unavailable|resource not available", re.IGNORECASE)
 # String error codes (OpenRouter's streaming docs, OpenAI's `code`) and OpenRouter's metadata.error_type,
 # as the HTTP status they stand for, so a 200 or an SSE event carrying them is classified like one.
 NAMED_STATUS = {
@@ -81,8 +87,13 @@ def _answer(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         raise _billed(TransientError("the stream ended without a finish_reason or [DONE] (cut off)",
                                      code="stream_truncated"), body)
     if not choices:
-        raise _billed(TransientError("HTTP 200 without choices", status=200, code="no_choices"), body)
-    first = choices[0]
+        # Billed, and no network fault: asking again is a bad answer's small budget, not a transient's seven.
+        raise _billed(BadContentError("the answer has no choices (billed, but nothing answered)", reason="no_choices",
+                                      status=200, code="no_choices"), body)
+    first = choices[0] if isinstance(choices, list) else None
+    if not isinstance(first, dict):
+        raise _billed(BadContentError("the answer's choices are not a list of objects", reason="malformed",
+                                      status=200, code="malformed"), body)
     if first.get("finish_reason") == "error" or err:
         cerr = first.get("error") or err or {"message": "the provider ended the answer with an error"}
         raise _billed(_from_error(_status_of(cerr, 502), cerr, reply.headers, in_body=True, where=where), body)
@@ -158,6 +169,9 @@ def _from_error(status: int, err: dict[str, Any], headers: Mapping[str, str], *,
     if status == 429:
         if etype == "insufficient_quota" or code_s in QUOTA_CODES:
             return CreditsError(message or "quota exhausted", status=429, code=code_s or etype)
+        if code_s == "resource_unavailable" or etype == "resource_unavailable" or _UNAVAILABLE.search(message):
+            return TransientError(message or "resource unavailable (flex)", status=429, code="resource_unavailable",
+                                  retry_after=wait)
         m = _TOO_LARGE.search(message)
         if m and (m.group(1) is None or int(m.group(2)) > int(m.group(1))):
             return PermanentError(message, status=429, code="request_too_large")

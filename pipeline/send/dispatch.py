@@ -31,11 +31,12 @@ from ..errors import (
     Stopped,
     TransientError,
 )
+from ..models.catalog import cached_reads_exempt
 from ..prepare.request import RequestBuilder
 from ..prepare.structured import StructuredPlan
 from ..prepare.tokens import TokenCounter
 from ..vocab import Record, Request
-from .budget import Budget, Paid, Usage, max_cost, read_usage
+from .budget import MARKUP_META, Budget, Paid, Usage, max_cost, read_usage, worst_output_tokens
 from .classify import classify
 from .health import Reachability
 from .parse import parse_completion
@@ -83,6 +84,8 @@ class Dispatcher:
         self.stop_reason: str | None = None
         self.inflight: dict[str, asyncio.Future[Record]] = {}
         self.stream = cfg.params.stream
+        self.cached_reads_free = cached_reads_exempt(cfg.endpoint.model)
+        self._usage_warned = False
 
     def stop(self, reason: str) -> None:
         """Stop dispatching: nothing more is sent; whoever waits on a limit or the budget leaves."""
@@ -129,7 +132,11 @@ class Dispatcher:
     async def _attempt(self, flight: _Flight) -> Record | Decision:
         """One attempt inside a concurrency slot: a committed record, or what to do next."""
         try:
-            slot = self.limits.slot(flight.request.est_prompt + (flight.request.max_tokens or 0))
+            req = flight.request
+            # Output counts at max_tokens (the model's cap when unset) until the answer says what it used.
+            out = req.max_tokens if req.max_tokens is not None else worst_output_tokens(self.cfg, req.est_prompt, None)
+            slot = self.limits.slot(req.est_prompt + (req.max_tokens or 0), input_tokens=req.est_prompt,
+                                    output_tokens=out)
         except PermanentError as exc:  # larger than a minute's tokens: it can never be sent
             return await self._failed(exc, flight, None)
         async with slot as permit:
@@ -147,30 +154,50 @@ class Dispatcher:
                 self.stats.sent()
                 try:
                     reply = await self.transport.send(req.payload, stream=self.stream)
-                    self.reach.answered()
-                    self.limits.observe(reply.headers)
-                    body = classify(reply)
                 except RequestError as exc:
-                    # Billed: what it cost. Refused by the server: nothing counted. A timeout or a lost
-                    # connection may have been counted upstream: the estimate stands.
+                    # Refused by the server: nothing counted. A timeout or a lost connection may have been
+                    # counted upstream: the estimate stands.
                     lost = exc.status is None and exc.code in ("timeout", "connection")
-                    permit.settle(self._charge(exc.billed, flight).tokens if exc.billed else None if lost else 0)
+                    permit.settle(None if lost else 0)
                     return await self._failed(exc, flight, permit)
                 except RunFatalError as exc:  # a redirect, a TLS failure: no request can get through
                     self._fatal(exc)
                     raise Stopped() from exc
-                usage = self._charge(body, flight)
-                permit.settle(usage.tokens or None)
-                try:
-                    record = self._answer(flight, reply, body, usage)
-                except BadContentError as exc:
-                    return await self._failed(exc, flight, permit, raw=reply.body)
-                await self._commit(record)
+                self.reach.answered()
+                outcome = self._read(flight, reply, permit)
+                if isinstance(outcome, RequestError):
+                    kept = outcome.billed is not None or isinstance(outcome, BadContentError)
+                    return await self._failed(outcome, flight, permit, raw=reply.body if kept else None)
+                await self._commit(outcome)
+                record = outcome
             finally:
                 self.budget.release(reserved)
         self.stats.answered()
         self.limits.on_success()
         return record
+
+    def _read(self, flight: _Flight, reply: Reply, permit: Permit) -> Record | RequestError:
+        """A reply in hand, perhaps paid for: classified, charged and parsed into the record to commit, or
+        the failure it is. Nothing in a reply may crash the run before it is kept: what we cannot read
+        (our bug) becomes a bad-content failure that keeps the raw body."""
+        try:
+            self.limits.observe(reply.headers)
+            try:
+                body = classify(reply)
+            except RequestError as exc:  # billed (a 200 carrying an error, no choices): what it cost
+                if exc.billed:
+                    self._settle(permit, self._charge(exc.billed, flight))
+                else:
+                    permit.settle(0)
+                return exc
+            usage = self._charge(body, flight)
+            self._settle(permit, usage)
+            return self._answer(flight, reply, body, usage)
+        except BadContentError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - a bug of ours must not lose a paid answer
+            log.exception("could not read the answer for %s", flight.request.key)
+            return BadContentError(f"could not read the answer: {type(exc).__name__}: {exc}", reason="parser")
 
     async def _failed(self, exc: RequestError, flight: _Flight, permit: Permit | None,
                       raw: bytes | None = None) -> Record | Decision:
@@ -229,9 +256,10 @@ class Dispatcher:
             key=flight.request.key, state="ok", attempts=flight.tries.attempts, status=reply.status,
             content=parsed.content, output_json=_dumps(parsed.output), finish_reason=parsed.finish_reason,
             model=parsed.model, provider=parsed.provider, prompt_tokens=paid.prompt_tokens,
-            completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, latency_s=reply.latency_s,
+            completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, cached_tokens=paid.cached_tokens,
+            cache_write_tokens=paid.cache_write_tokens, latency_s=reply.latency_s,
             ttft_s=reply.ttft_s, tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json,
-            raw=reply.body,
+            raw=reply.body, usage_note=paid.note,
         )
 
     async def _reserve(self, amount: float) -> float:
@@ -255,16 +283,38 @@ class Dispatcher:
             log.error("stopping: %s", exc, extra={"event": "stop", "reason": _reason(exc)})
         self.stop(_reason(exc))
 
+    def _settle(self, permit: Permit, usage: Usage) -> None:
+        """The limits learn what the attempt used; cached reads leave input tokens/minute where the provider
+        does not count them (Anthropic)."""
+        if not usage.tokens:
+            permit.settle(None)
+            return
+        counted = usage.prompt_tokens - (usage.cached_tokens if self.cached_reads_free else 0)
+        permit.settle(usage.tokens, counted, usage.completion_tokens)
+
     def _charge(self, body: dict[str, Any], flight: _Flight) -> Usage:
         """Count a paid attempt (a success, or a failure the provider billed anyway)."""
         req = flight.request
         usage = read_usage(body, self.cfg, req.n_images, est_prompt=req.est_prompt)
-        if isinstance(body.get("usage"), dict) and usage.prompt_tokens > 0:
+        if usage.note:
+            self._untrusted(req.key, usage.note)
+        if isinstance(body.get("usage"), dict) and usage.prompt_tokens > 0 and usage.calibrates:
             self.builder.tokens.observe(req.est_prompt, usage.prompt_tokens)  # calibrates estimated models
         self.budget.charge(usage.cost_usd)
+        if usage.table_cost_usd is not None and self.budget.learn(usage.cost_usd, usage.table_cost_usd):
+            self.answers.note(MARKUP_META, self.budget.learned())  # the next run reserves at this rate at once
         flight.paid.add(usage)
         self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
+        self.stats.cached(usage.cached_tokens, usage.cache_write_tokens, usage.saved_usd)
         return usage
+
+    def _untrusted(self, key: str, note: str) -> None:
+        """Say in the log what in an answer's usage was not trusted: the first time as a warning (the
+        terminal sees it), then in pipeline.log only, so a server that does it always does not flood stderr."""
+        level = logging.INFO if self._usage_warned else logging.WARNING
+        self._usage_warned = True
+        log.log(level, "usage of the answer to %s not trusted: %s", key[:12], note,
+                extra={"event": "usage_untrusted", "key": key, "note": note})
 
 
 def _reason(exc: Fatal) -> str:
@@ -277,7 +327,8 @@ def _failure(key: str, state: str, exc: RequestError, attempts: int, paid: Paid,
     return Record(
         key=key, state=state, attempts=attempts, status=exc.status, error_class=exc.error_class,
         message=message, content=exc.content, prompt_tokens=paid.prompt_tokens,
-        completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, raw=raw,
+        completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, cached_tokens=paid.cached_tokens,
+        cache_write_tokens=paid.cache_write_tokens, raw=raw, usage_note=paid.note,
     )
 
 

@@ -54,19 +54,39 @@ _MINUTE = 60.0
 
 
 class Permit:
-    """One dispatched request's share of the limits; `settle` corrects the token estimate."""
+    """One dispatched request's share of the limits; `settle` corrects the token estimates."""
 
-    __slots__ = ("limits", "sent_at", "tokens")
+    __slots__ = ("input", "limits", "output", "sent_at", "tokens")
 
-    def __init__(self, tokens: float, limits: Limits, sent_at: float = 0.0) -> None:
+    def __init__(self, tokens: float, limits: Limits, sent_at: float = 0.0, input_tokens: float = 0.0,
+                 output_tokens: float = 0.0) -> None:
         self.tokens = tokens
         self.limits = limits
         self.sent_at = sent_at
+        self.input = input_tokens
+        self.output = output_tokens
 
-    def settle(self, actual_tokens: int | None) -> None:
-        if actual_tokens is not None and self.limits.tokens is not None:
-            self.limits.tokens.adjust(actual_tokens - self.tokens)
+    def settle(self, actual_tokens: int | None, input_tokens: int | None = None,
+               output_tokens: int | None = None) -> None:
+        """What the request really used (None: keep the estimate; 0: refused, all of it back). Input is
+        what counts against input tokens/minute (cached reads left out where the provider exempts them);
+        output was reserved at max_tokens and the unused part comes back here."""
+        lim = self.limits
+        if actual_tokens is not None and lim.tokens is not None:
+            # Usage is checked where it is read; a negative count must still never refill the bucket.
+            actual_tokens = max(0, actual_tokens)
+            lim.tokens.adjust(actual_tokens - self.tokens)
             self.tokens = actual_tokens
+        if actual_tokens == 0:
+            input_tokens = output_tokens = 0
+        if input_tokens is not None and lim.input_tokens is not None:
+            input_tokens = max(0, input_tokens)
+            lim.input_tokens.adjust(input_tokens - self.input)
+            self.input = input_tokens
+        if output_tokens is not None and lim.output_tokens is not None:
+            output_tokens = max(0, output_tokens)
+            lim.output_tokens.adjust(output_tokens - self.output)
+            self.output = output_tokens
 
 
 class Slot:
@@ -76,11 +96,12 @@ class Slot:
     no pause, no pacing) costs no generator frames.
     """
 
-    __slots__ = ("est", "limits", "permit")
+    __slots__ = ("est", "est_in", "est_out", "limits", "permit")
 
-    def __init__(self, limits: Limits, est: float) -> None:
+    def __init__(self, limits: Limits, est: float, est_in: float = 0.0, est_out: float = 0.0) -> None:
         self.limits = limits
         self.est = est
+        self.est_in, self.est_out = est_in, est_out
         self.permit: Permit | None = None
 
     async def __aenter__(self) -> Permit:
@@ -93,6 +114,10 @@ class Slot:
                 await lim.requests.acquire(1)
             if lim.tokens is not None:
                 await lim.tokens.take(est)
+            if lim.input_tokens is not None:
+                await lim.input_tokens.take(self.est_in)
+            if lim.output_tokens is not None:
+                await lim.output_tokens.take(self.est_out)
             if lim._pacing:
                 await lim._wait_pace(est)
             if lim._resume_at:
@@ -100,7 +125,7 @@ class Slot:
         except BaseException:
             lim.gate.release()
             raise
-        self.permit = Permit(est, lim, asyncio.get_running_loop().time())
+        self.permit = Permit(est, lim, asyncio.get_running_loop().time(), self.est_in, self.est_out)
         return self.permit
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -114,6 +139,9 @@ class Limits:
         rpm, tpm = cfg.requests_per_minute, cfg.tokens_per_minute
         self.requests = Bucket(rpm, cfg.burst_s) if rpm else None
         self.tokens = Bucket(tpm, cfg.burst_s) if tpm else None
+        itpm, otpm = cfg.input_tokens_per_minute, cfg.output_tokens_per_minute
+        self.input_tokens = Bucket(itpm, cfg.burst_s) if itpm else None
+        self.output_tokens = Bucket(otpm, cfg.burst_s) if otpm else None
         self.gate = Gate(cfg.max_concurrency)
         self._resume_at = 0.0
         self._drain_on_resume = False
@@ -127,16 +155,19 @@ class Limits:
         self.cuts = 0
         self.learned: dict[str, float] = {}
 
-    def slot(self, est_tokens: float) -> Slot:
-        """Wait for every limit, then hold a concurrency slot for the duration of one attempt.
+    def slot(self, est_tokens: float, *, input_tokens: float = 0.0, output_tokens: float = 0.0) -> Slot:
+        """Wait for every limit, then hold a concurrency slot for the duration of one attempt. `est_tokens`
+        counts against tokens/minute; `input_tokens` (the prompt) and `output_tokens` (max_tokens,
+        reserved in full and refunded on the answer) against the input and output limits.
 
         Raises PermanentError at once for a request that could never fit a minute's tokens."""
         if self.tokens is not None and est_tokens > self.tokens.per_minute:
-            raise PermanentError(
-                f"this request needs about {int(est_tokens)} tokens, more than limits.tokens_per_minute "
-                f"({int(self.tokens.per_minute)}); lower params.max_tokens or shorten the prompt"
-            )
-        return Slot(self, est_tokens)
+            raise _too_large(est_tokens, "tokens_per_minute", self.tokens, "lower params.max_tokens or shorten the prompt")
+        if self.input_tokens is not None and input_tokens > self.input_tokens.per_minute:
+            raise _too_large(input_tokens, "input_tokens_per_minute", self.input_tokens, "shorten the prompt")
+        if self.output_tokens is not None and output_tokens > self.output_tokens.per_minute:
+            raise _too_large(output_tokens, "output_tokens_per_minute", self.output_tokens, "lower params.max_tokens")
+        return Slot(self, est_tokens, input_tokens, output_tokens)
 
     # -- server-ordered pauses and AIMD ------------------------------------------------------------
 
@@ -175,7 +206,7 @@ class Limits:
         self.stopped = True
         self._stop.set()
         self.gate.resize(sys.maxsize)
-        for bucket in (self.requests, self.tokens):
+        for bucket in (self.requests, self.tokens, self.input_tokens, self.output_tokens):
             if bucket is not None:
                 bucket.open()
         for pacer in self._pacers.values():
@@ -252,11 +283,17 @@ class Limits:
         self._pacing = any(p.active for p in self._pacers.values())
 
 
+def _too_large(need: float, key: str, bucket: Bucket, fix: str) -> PermanentError:
+    return PermanentError(f"this request needs about {int(need)} tokens, more than limits.{key} "
+                          f"({int(bucket.per_minute)}); {fix}")
+
+
 class Limiter(Protocol):
     """What the dispatcher needs of a limiter; `Limits` is the one-process implementation (a driver
     on several machines injects one whose buckets are shared)."""
 
-    def slot(self, est_tokens: float) -> AbstractAsyncContextManager[Permit]:
+    def slot(self, est_tokens: float, *, input_tokens: float = 0.0,
+             output_tokens: float = 0.0) -> AbstractAsyncContextManager[Permit]:
         """Wait for every limit, then hold a concurrency slot while the block runs (PermanentError at
         once when the request can never fit)."""
         ...

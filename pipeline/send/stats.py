@@ -17,6 +17,9 @@ class Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    cached_tokens: int = 0        # prompt tokens the provider served from its cache
+    cache_write_tokens: int = 0
+    cache_saved_usd: float = 0.0  # what that saved against the full input price
 
     def sent(self) -> None:
         self.requests_sent += 1
@@ -34,6 +37,11 @@ class Stats:
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         self.cost_usd += cost_usd
+
+    def cached(self, tokens: int, written: int, saved_usd: float) -> None:
+        self.cached_tokens += tokens
+        self.cache_write_tokens += written
+        self.cache_saved_usd += saved_usd
 
     def reused(self, *, cache_hits: int = 0, deduplicated: int = 0) -> None:
         """Rows answered without a request of their own: from the shared cache, or an identical row."""

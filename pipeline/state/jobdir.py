@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..common import layout, safefs
+from ..common import layout, redact, safefs
 from ..common.parts import ANY_PART_RE, done_parts, read_part
 from ..config import Config
 from ..config.job import NOT_IDENTITY
@@ -225,7 +225,8 @@ class JobDir:
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        safefs.write_atomic(self.manifest_path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        # Scrubbed as a whole: `pipeline status` shows it from another process, which knows no secrets.
+        safefs.write_atomic(self.manifest_path, redact.scrub_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2)))
 
     def bind_store(self, store: Store, manifest: dict[str, Any]) -> None:
         """Record the job's identity in its store, where it survives a lost manifest."""
@@ -354,7 +355,9 @@ def resume_command(config_path: str | None, overrides: list[str] | None, *, retr
         return f"the same {call} call{where} (or `pipeline run CONFIG{flag}` with this job's config file)"
     argv = ["pipeline", "run", config_path]
     for item in overrides or ():
-        argv += ["--set", item]
+        # A secret given with --set (a webhook URL, a storage key) is masked: the command is written to
+        # manifest.json, summary.json and stderr. `--set 'KEY=!env NAME'` keeps the command runnable.
+        argv += ["--set", redact.scrub(item)]
     if retry_failed:
         argv.append("--retry-failed")
     return shlex.join(argv)

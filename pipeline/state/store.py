@@ -267,6 +267,12 @@ class Store:
                 out[rec.key] = rec
         return out
 
+    def cache_totals(self) -> tuple[int, int]:
+        """(cached, cache-write) prompt tokens of the answers paid for in this job (cache hits not counted)."""
+        row = self._db.execute("SELECT coalesce(sum(cached_tokens), 0), coalesce(sum(cache_write_tokens), 0) "
+                               "FROM responses WHERE cache_hit = 0").fetchone()
+        return int(row[0]), int(row[1])
+
     def totals(self) -> dict[str, Any]:
         """Counts by state, tokens and cost (cache hits are counted, not charged), last write time: what
         `pipeline status` shows and where a resumed budget starts. Reads the tally, not the responses."""

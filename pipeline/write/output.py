@@ -106,7 +106,7 @@ def _rename_carried(carried: pa.Table, layout: OutputColumns) -> pa.Table:
 
 
 RESULT_COLUMNS = [
-    "content", "finish_reason", "model", "provider", "prompt_tokens", "completion_tokens", "cost_usd",
+    "content", "finish_reason", "model", "provider", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
     "latency_s", "attempts", "cache_hit", "request_key",
 ]
 
@@ -123,6 +123,7 @@ def _results_table(carried: pa.Table, recs: list[Record], layout: OutputColumns)
     cols["provider"] = pa.array([r.provider for r in recs], pa.string())
     cols["prompt_tokens"] = pa.array([r.prompt_tokens for r in recs], pa.int64())
     cols["completion_tokens"] = pa.array([r.completion_tokens for r in recs], pa.int64())
+    cols["cached_tokens"] = pa.array([r.cached_tokens for r in recs], pa.int64())  # of prompt_tokens, from the cache
     cols["cost_usd"] = pa.array([layout.cost(r) for r in recs], pa.float64())
     cols["latency_s"] = pa.array([r.latency_s for r in recs], pa.float64())
     cols["attempts"] = pa.array([r.attempts for r in recs], pa.int64())
@@ -245,6 +246,10 @@ class Summary:
     failures_by_class: dict[str, int] = field(default_factory=dict)
     cache_hits: int = 0
     deduplicated: int = 0
+    # The provider's prompt cache over the job: cached_tokens and cache_write_tokens (parts of
+    # prompt_tokens), hit_share (cached / prompt tokens), saved_usd (against the full input price),
+    # run_cached_tokens and run_saved_usd (this invocation).
+    prompt_cache: dict[str, Any] = field(default_factory=dict)
     resumed_rows: int = 0
     # Where this input's rows stand; new + edited + retried + reused + input_failed = rows_total.
     rows_new: int = 0        # rows whose request had no answer before this run (sent, or still pending)

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipeline import yaml_loader
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, secrets
 from tests.conftest import REPO, job
 
 _DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -71,9 +71,13 @@ def test_the_docs_have_yaml_snippets_to_check() -> None:
 
 
 @pytest.mark.parametrize(("where", "kind", "text"), SNIPPETS, ids=[s[0] for s in SNIPPETS])
-def test_every_yaml_snippet_in_the_docs_loads(where: str, kind: str, text: str) -> None:
+def test_every_yaml_snippet_in_the_docs_loads(where: str, kind: str, text: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = yaml_loader.load(text)
     assert isinstance(loaded, dict), f"{where}: not a mapping"
+    for name in re.findall(r"!env\s+([A-Za-z_][A-Za-z0-9_]*)", text):  # a snippet's `!env NAME`, as if set
+        monkeypatch.setenv(name, f"https://{name.lower()}.example/value")
+    secrets.resolve(loaded, where)  # !env / !secret values, as load_config resolves them
     for key, value in loaded.items():
         assert isinstance(key, str), f"{where}: key {key!r} is not a string"
         dotted = key.split(".")

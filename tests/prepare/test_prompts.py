@@ -35,12 +35,14 @@ def render(cfg: Config, row: dict[str, Any], **kw: Any) -> RenderedRow:
 
 def test_body_has_only_configured_params() -> None:
     draft = render(make_cfg(), {"text": "good"})
-    assert draft.body == {"model": "openai/gpt-4-turbo", "messages": [{"role": "user", "content": "Review: good"}]}
+    # prompt_cache_key: prompt.cache is on by default and an OpenAI model on OpenRouter takes it (one per job).
+    assert draft.body == {"model": "openai/gpt-4-turbo", "messages": [{"role": "user", "content": "Review: good"}],
+                          "prompt_cache_key": f"pipeline-{make_cfg().request_fingerprint()}"}
     assert draft.max_tokens is None
     cfg = make_cfg({"system": "Be brief.", "user": "{{ text }}"},
                    {"temperature": 0, "max_tokens": 200, "seed": 7, "stop": ["\n"]})
     draft = render(cfg, {"text": "t"})
-    assert set(draft.body) == {"model", "messages", "temperature", "max_tokens", "seed", "stop"}
+    assert set(draft.body) == {"model", "messages", "temperature", "max_tokens", "seed", "stop", "prompt_cache_key"}
     assert draft.body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "t"}]
     assert (draft.body["temperature"], draft.max_tokens) == (0, 200)
 

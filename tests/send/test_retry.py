@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.errors import (
     AuthError,
+    BadContentError,
     CreditsError,
     PermanentError,
     RateLimited,
@@ -76,7 +77,7 @@ CASES: list[tuple[int, object, dict[str, str], type[RequestError]]] = [
     (200, b"not json at all", {}, TransientError),
     (200, {"error": {"message": "Provider returned error", "code": 429, "metadata": {}}, "user_id": "u"}, {}, RateLimited),
     (200, {"error": {"message": "Provider returned error", "code": 502}}, {}, TransientError),
-    (200, {"id": "x", "choices": None}, {}, TransientError),
+    (200, {"id": "x", "choices": None}, {}, BadContentError),  # billed, nothing answered: bad content (issue 19)
     (200, {"id": "x", "choices": [{"message": {"content": "part"}, "finish_reason": "error", "error": {"code": 502, "message": "disconnect"}}]}, {}, TransientError),
     (200, {"id": "x", "error": {"code": "server_error", "message": "stream died"}, "choices": [{"message": {"content": ""}, "finish_reason": "error"}]}, {}, TransientError),
     (200, {"id": "x", "error": {"code": "rate_limit_exceeded", "message": "slow"}, "choices": [{"delta": {}, "finish_reason": "error"}]}, {}, RateLimited),

@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipeline_simulator import (
     FaultRule,
+    Price,
     SimConfig,
     Simulator,
     SimulatorThread,
@@ -136,7 +137,8 @@ def test_openrouter_success_shape_and_cost() -> None:
         assert choice["native_finish_reason"] == "stop" and choice["message"]["refusal"] is None
         u = data["usage"]
         assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
-        assert u["cost"] == pytest.approx(u["prompt_tokens"] * 10e-6 + u["completion_tokens"] * 30e-6)
+        # Each model its own list price: gpt-4o at $2.50 / $10 per million.
+        assert u["cost"] == pytest.approx(u["prompt_tokens"] * 2.5e-6 + u["completion_tokens"] * 10e-6)
         assert u["is_byok"] is False and "cached_tokens" in u["prompt_tokens_details"]
         assert "reasoning_tokens" in u["completion_tokens_details"] and "upstream_inference_cost" in u["cost_details"]
         assert sim.stats["cost_usd"] == pytest.approx(u["cost"])
@@ -386,7 +388,7 @@ def test_credits_run_out_with_402() -> None:
         assert status == 402 and data["error"]["metadata"]["limit_source"] == "openrouter_credits"
         async with s.get(url + "/key") as resp:
             assert resp.status == 401
-    serve(SimConfig(credits_usd=0.002), check)
+    serve(SimConfig(credits_usd=0.002, default_price=Price()), check)  # every model at $10 / $30
 
     async def afford(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
         status, data, _ = await post(s, url, body(max_tokens=4000))

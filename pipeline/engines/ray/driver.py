@@ -74,6 +74,7 @@ def start_limiter(ray: Any, cfg: Config, spent_before: float = 0.0) -> Any:
     return ray.remote(LimiterActor).options(
         name=limiter_name(cfg), namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000, max_restarts=-1,
         get_if_exists=True).remote(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s,
+                                   cfg.limits.input_tokens_per_minute, cfg.limits.output_tokens_per_minute,
                                    budget=(cfg.budget.max_cost_usd, spent_before, cfg.output.dir,
                                            cfg.output.storage_options))
 
@@ -198,15 +199,7 @@ def _add(g: Gathered, out: dict[str, Any], invocation: RayInvocation) -> None:
     """One finished shard's report: rows, stats, its log lines and (if published) its rows' id hashes."""
     for k in g.rows:
         g.rows[k] += int(out.get(k, 0) or 0)
-    s = g.stats
-    s.requests_sent += int(out.get("requests", 0))
-    s.prompt_tokens += int(out.get("prompt_tokens", 0))
-    s.completion_tokens += int(out.get("completion_tokens", 0))
-    s.deduplicated += int(out.get("deduplicated", 0))
-    s.cost_usd += float(out.get("cost_usd", 0.0))
-    for k, v in out.items():
-        if k.startswith("retry_") and v:
-            s.retries[k[6:]] += int(v)
+    _add_stats(g.stats, out)
     if out.get("stop") and not g.stop:
         g.stop, g.message = str(out["stop"]), str(out.get("message") or "")
     if out.get("log"):
@@ -237,6 +230,7 @@ def _write_summary(cfg: Config, ray: Any, total: int, previous: dict[str, Any], 
         rows_new=g.rows["new"] + max(0, total - reused[0] - reused[1] - sum(g.rows[k] for k in
                                                                               ("reused", "new", "edited", "input_failed"))),
         config_fingerprint=cfg.request_fingerprint(), versions={"ray": ray.__version__},
+        prompt_cache=_prompt_cache(previous, stats),
     )
     # The local driver's verdict (exit code, next step), from what the workers reported.
     fatal = RunFatalError(g.message) if g.stop in ("fatal", "budget") else None
@@ -317,6 +311,32 @@ class _Heartbeat:
                        prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
                        run_cost_usd=s.cost_usd, job_cost_usd=self.spent_before + s.cost_usd,
                        last_success=None, started=self.invocation.started, running=True)
+
+
+def _prompt_cache(previous: dict[str, Any], stats: Stats) -> dict[str, Any]:
+    """summary.json's prompt_cache: earlier runs' (their summary) plus this run's, as the workers counted."""
+    raw = previous.get("prompt_cache")
+    before: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    cached = int(before.get("cached_tokens", 0)) + stats.cached_tokens
+    prompt = int(previous.get("prompt_tokens", 0)) + stats.prompt_tokens
+    return {"cached_tokens": cached,
+            "cache_write_tokens": int(before.get("cache_write_tokens", 0)) + stats.cache_write_tokens,
+            "hit_share": round(cached / prompt, 4) if prompt else 0.0,
+            "saved_usd": round(float(before.get("saved_usd", 0.0)) + stats.cache_saved_usd, 6),
+            "run_cached_tokens": stats.cached_tokens, "run_saved_usd": round(stats.cache_saved_usd, 6)}
+
+
+def _add_stats(stats: Stats, out: dict[str, Any]) -> None:
+    stats.requests_sent += int(out.get("requests", 0))
+    stats.prompt_tokens += int(out.get("prompt_tokens", 0))
+    stats.completion_tokens += int(out.get("completion_tokens", 0))
+    stats.deduplicated += int(out.get("deduplicated", 0))
+    stats.cost_usd += float(out.get("cost_usd", 0.0))
+    stats.cached(int(out.get("cached_tokens", 0)), int(out.get("cache_write_tokens", 0)),
+                 float(out.get("cache_saved_usd", 0.0)))
+    for k, v in out.items():
+        if k.startswith("retry_") and v:
+            stats.retries[k[6:]] += int(v)
 
 
 def _previous_summary(cfg: Config) -> dict[str, Any]:

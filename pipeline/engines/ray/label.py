@@ -56,6 +56,7 @@ def label_columns(cfg: Config, sender: Sender, outcomes: list[Record | RowFailur
     cols["request_key"] = pa.array([r.key if r else None for r in recs], pa.string())
     cols["prompt_tokens"] = pa.array([r.prompt_tokens if r else 0 for r in recs], pa.int64())
     cols["completion_tokens"] = pa.array([r.completion_tokens if r else 0 for r in recs], pa.int64())
+    cols["cached_tokens"] = pa.array([r.cached_tokens if r else 0 for r in recs], pa.int64())
     cols["cost_usd"] = pa.array([r.cost_usd if r else 0.0 for r in recs], pa.float64())
     return cols
 
@@ -80,7 +81,7 @@ class LabelWorker:
                                  renderer, self.secret_headers)
         clash = [c for c in table.column_names if c in ("output", "content", "error_class", "error_message",
                                                           "request_key", "prompt_tokens", "completion_tokens",
-                                                          "cost_usd")]
+                                                          "cached_tokens", "cost_usd")]
         if clash:
             raise ValueError(f"the dataset already has columns {clash}; rename them before pipeline.ray.label")
         rows = table.to_pylist()

@@ -37,17 +37,19 @@ POLL_S = 0.25   # how often an idle worker asks whether another worker was told 
 class LimiterActor:
     """Runs inside Ray as an async actor: every method call is a coroutine on the actor's loop."""
 
-    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float,
-                 clock: Callable[[], float] = time.time,
+    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float, itpm: float | None = None,
+                 otpm: float | None = None, clock: Callable[[], float] = time.time,
                  budget: tuple[float | None, float, str, dict[str, Any] | None] | None = None) -> None:
         self.clock = clock  # wall clock: workers run on other machines and loops (tests: a virtual one)
         self.buckets: dict[str, Bucket | None] = {
             "requests": Bucket(rpm, burst_s) if rpm else None,
             "tokens": Bucket(tpm, burst_s) if tpm else None,
+            "input_tokens": Bucket(itpm, burst_s) if itpm else None,
+            "output_tokens": Bucket(otpm, burst_s) if otpm else None,
         }
         self.burst_s = burst_s
         self.resume_at = 0.0
-        self.granted = {"requests": 0.0, "tokens": 0.0}
+        self.granted = dict.fromkeys(self.buckets, 0.0)
         self.leases = 0
         self.pauses = 0
         self.workers: dict[int, str] = {}  # pid -> node: which processes hold leases (ops, kill tests)
@@ -179,6 +181,9 @@ class RayLimits(Limits):
         rpm, tpm = cfg.requests_per_minute, cfg.tokens_per_minute
         self.requests = LeasedBucket(self, "requests", rpm) if rpm else None  # type: ignore[assignment]
         self.tokens = LeasedBucket(self, "tokens", tpm) if tpm else None  # type: ignore[assignment]
+        itpm, otpm = cfg.input_tokens_per_minute, cfg.output_tokens_per_minute
+        self.input_tokens = LeasedBucket(self, "input_tokens", itpm) if itpm else None  # type: ignore[assignment]
+        self.output_tokens = LeasedBucket(self, "output_tokens", otpm) if otpm else None  # type: ignore[assignment]
         self._poller: asyncio.Task[None] | None = None
         self.worker = worker
         self.on_halt: Callable[[str], None] | None = None

@@ -134,6 +134,7 @@ class Sender:
         self.reported: Counter[str] = Counter()
         self.last_known: dict[str, Record] = {}
         self.reported_cost = 0.0
+        self.reported_saved = 0.0
 
     def _halt(self, message: str) -> None:
         """The driver lost its lease (another driver runs this job now): stop sending at once."""
@@ -172,10 +173,12 @@ class Sender:
         s = self.core.stats
         now = Counter({"requests": s.requests_sent, "prompt_tokens": s.prompt_tokens,
                        "completion_tokens": s.completion_tokens, "deduplicated": s.deduplicated,
+                       "cached_tokens": s.cached_tokens, "cache_write_tokens": s.cache_write_tokens,
                        **{f"retry_{k}": v for k, v in s.retries.items()}})
         delta: dict[str, Any] = {k: now[k] - self.reported.get(k, 0) for k in now}
         self.reported = now
         delta["cost_usd"], self.reported_cost = s.cost_usd - self.reported_cost, s.cost_usd
+        delta["cache_saved_usd"], self.reported_saved = s.cache_saved_usd - self.reported_saved, s.cache_saved_usd
         return delta
 
 
