@@ -118,14 +118,20 @@ def main() -> None:
         paths += [("sync + caching + 10 rows/request", sim, {"cache": "auto", "mode": "sync", "rows_per_request": 10}),
                   ("batch + caching + 10 rows/request", sim, {"cache": "auto", "mode": "batch",
                                                               "rows_per_request": 10})]
+    from pipeline.errors import ConfigError
+
     runs = []
+    refused: list[tuple[str, str]] = []
     try:
         # A short run first, so imports and first-use costs are not billed to the baseline's CPU per row.
         warm = work / "warm.jsonl"
         write_rows(warm, 20)
         run_path("warm-up", sim, work, warm, args.concurrency, cache="auto", mode="sync", rows_per_request=1)
         for name, sim_cfg, how in paths:
-            runs.append(run_path(name, sim_cfg, work, data, args.concurrency, **{"rows_per_request": 1, **how}))
+            try:
+                runs.append(run_path(name, sim_cfg, work, data, args.concurrency, **{"rows_per_request": 1, **how}))
+            except ConfigError as exc:  # a combination this build refuses (said in the table)
+                refused.append((name, str(exc).split(": ", 2)[-1]))
     finally:
         cleanup(work)
     base = runs[0]
@@ -140,13 +146,15 @@ def main() -> None:
                      round(float(res["prompt_tokens"].mean() or 0)),
                      f"{res['cached_tokens'].sum() / max(1, res['prompt_tokens'].sum()):.0%}", f"{identical:.1%}",
                      round(r["cpu_s"] / max(1, s.succeeded) * 1e3, 3), round(r["wall_s"], 1)])
+    for name, why in refused:
+        rows.append([f"{name} (refused: {why[:90]})", "-", "-", "-", "-", "-", "-", "-", "-"])
     if not packed:
         for name in ("sync + caching + 10 rows/request", "batch + caching + 10 rows/request"):
             rows.append([name + " (needs prompt.rows_per_request: not in this build)", "-", "-", "-", "-", "-", "-",
                          "-", "-"])
     print(f"\n{args.rows:,} rows, ~1,500 shared + ~300 row tokens, one-word answer, {MODEL}, "
           f"max_concurrency {args.concurrency}\n")
-    print(table(["path", "labels", "USD per 1M labels", "x baseline", "prompt tokens/req", "prompt cached",
+    print(table(["path", "labels", "USD per 1M labels", "x baseline", "prompt tokens/label", "prompt cached",
                  "labels = baseline",
                  "client CPU ms/row", "wall s"], rows))
 

@@ -20,7 +20,7 @@
     │       ├── AuthError       401/403: the key is wrong or lacks permission
     │       └── CreditsError    402, 429 insufficient_quota and the spend-limit codes
     ├── RunFatalError           no request can succeed: stop dispatching, keep what is done (exit 3)
-    │   ├── EndpointGone        every attempt fails to connect, for long enough to stop
+    │   ├── EndpointGone        nothing connects for long enough, or a Batch API call keeps failing
     │   └── BudgetExceeded      budget.max_cost_usd would be exceeded
     ├── InternalError           a broken invariant of our own: a bug, not the user's doing (exit 70)
     └── Stopped                 dispatch has stopped; the request stays pending (never leaves the engine)
@@ -233,7 +233,8 @@ class RunFatalError(PipelineError):
 
 
 class EndpointGone(RunFatalError):
-    """Every attempt failed to connect (refused, DNS, TLS) for long enough: the endpoint stopped answering."""
+    """The endpoint stopped answering: every attempt failed to connect (refused, DNS, TLS) for long enough,
+    or one of the Batch API's calls failed transiently `limits.max_retries` times in a row (batch/calls.py)."""
 
     hint = "check endpoint.base_url and the network, then re-run the same command to resume"
 

@@ -1,16 +1,17 @@
 """The OpenAI Batch API: `/files` and `/batches` under the API root.
 
-Routes: ``POST /files`` (multipart, purpose=batch), ``GET /files`` (list), ``GET /files/{id}``,
+Routes: ``POST /files`` (multipart, purpose=batch), ``GET /files`` (list; 405 with
+``list_files: false``), ``GET /files/{id}``, ``DELETE /files/{id}``,
 ``GET /files/{id}/content`` (with HTTP Range, so a client can resume), ``POST /batches``,
-``GET /batches`` (list, newest first, ``after``/``limit``), ``GET /batches/{id}``,
+``GET /batches`` (list, newest first, ``after``/``limit``; 405 with ``list_batches: false``), ``GET /batches/{id}``,
 ``POST /batches/{id}/cancel``.
 
 Lifecycle: validating -> in_progress -> finalizing -> completed, or failed (the file did not validate),
 expired (partial output; the rest ``batch_expired``), cancelling -> cancelled (the rest
 ``batch_cancelled``). Time is the simulator's own: every GET of a batch is one tick, and each status
 lasts the number of ticks `BatchSim` gives it. Lines are answered when the batch leaves in_progress.
-Counters (`stats`): files uploaded, batches created (and per job chunk, from the metadata), lines
-submitted and answered, 429s on create, cancels.
+Counters (`stats`): files uploaded (and upload attempts), files deleted, batches created (and per job
+chunk, from the metadata), lines submitted and answered, 429s on create, cancels.
 """
 from __future__ import annotations
 
@@ -95,11 +96,16 @@ class BatchService:
         if method == "POST" and sub == "/files":
             return await self._upload(request)
         if method == "GET" and sub == "/files":
+            if not self.cfg.list_files:
+                self.counts["files_list_refused"] += 1
+                return _error(405, "Method Not Allowed", "method_not_allowed")
             return _list([f.obj() for f in reversed(self.files.values())
                           if request.query.get("purpose") in (None, f.purpose)], request)
         if method == "POST" and sub == "/batches":
             return await self._create(request, chat)
         if method == "GET" and sub == "/batches":
+            if not self.cfg.list_batches:
+                return _error(405, "Method Not Allowed", "method_not_allowed")
             return _list([self._obj(b) for b in reversed(self.batches.values())], request)
         if method == "GET" and (m := _FILE_CONTENT.match(sub)):
             return self._content(m.group(1), request)
@@ -113,6 +119,8 @@ class BatchService:
             self.counts["polls"] += 1
             self._tick(b, chat)
             return _json(self._obj(b))
+        if method == "DELETE" and (m := _FILE.match(sub)):
+            return self._delete(m.group(1))
         if method == "POST" and (m := _CANCEL.match(sub)):
             return self._cancel(m.group(1))
         return _error(404, f"Not Found: {method} {sub}", "not_found")
@@ -120,6 +128,11 @@ class BatchService:
     # -- files ---------------------------------------------------------------------------------
 
     async def _upload(self, request: web.BaseRequest) -> web.Response:
+        self.counts["upload_attempts"] += 1
+        if self.cfg.upload_status is not None:
+            status = self.cfg.upload_status
+            return _error(status, f"The server had an error while processing your request (HTTP {status}).",
+                          "server_error" if status >= 500 else "invalid_request")
         if not request.content_type.startswith("multipart/"):
             return _error(400, "Expected a multipart/form-data body with 'purpose' and 'file'.", "invalid_request")
         purpose, filename, data = None, None, b""
@@ -143,6 +156,12 @@ class BatchService:
         self.files[f.id] = f
         self.counts["files_uploaded"] += 1
         return _json(f.obj())
+
+    def _delete(self, file_id: str) -> web.Response:
+        if self.files.pop(file_id, None) is None:
+            return _not_found("file", file_id)
+        self.counts["files_deleted"] += 1
+        return _json({"id": file_id, "object": "file", "deleted": True})
 
     def _content(self, file_id: str, request: web.BaseRequest) -> web.Response:
         f = self.files.get(file_id)

@@ -127,6 +127,9 @@ class BatchSim(BaseModel):
     max_enqueued_tokens: int | None = Field(default=None, gt=0)  # 429 on create beyond this queue of prompt tokens
     max_file_lines: int = Field(default=50_000, gt=0)
     max_file_bytes: int = Field(default=200_000_000, gt=0)
+    list_files: bool = True  # False: GET /files answers 405, as Batch API servers without a files list do
+    list_batches: bool = True  # False: GET /batches answers 405 too
+    upload_status: int | None = Field(default=None, ge=400, le=599)  # every POST /files answers this status
 
 
 class SimConfig(BaseModel):

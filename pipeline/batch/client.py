@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import TransientError
+from ..errors import PermanentError, TransientError
 from ..send.classify import classify
 from ..send.files_api import FilesApi
 from ..send.transport import HttpTransport, Reply
@@ -42,6 +42,12 @@ class BatchClient:
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         return _json(await self.api.call("POST", f"/batches/{_safe(batch_id)}/cancel"))
+
+    async def delete(self, file_id: str) -> None:
+        """Delete a file at the provider (`DELETE /files/{id}`); a file already gone is no error."""
+        reply = await self.api.call("DELETE", f"/files/{_safe(file_id)}")
+        if reply.status != 404:
+            _json(reply)
 
     async def batches(self) -> AsyncIterator[dict[str, Any]]:
         """Every batch of the account, newest first, page by page (100 a page)."""
@@ -103,8 +109,9 @@ def _id(obj: dict[str, Any], what: str) -> str:
 
 
 def _safe(value: str) -> str:
+    """An id (from the provider: untrusted) that may go into a path."""
     if not _ID.match(value):
-        raise ValueError(f"not an id: {value!r}")
+        raise PermanentError(f"the provider's id {value[:80]!r} is not an id", code="malformed")
     return value
 
 

@@ -1,41 +1,40 @@
-"""A finished batch's output and error files -> records in the store, through THE classifier.
+"""A finished batch's output and error files -> records in the store, through THE classifier and THE
+retry decision.
 
 Each line is judged as the sync mode judges a reply: the line's `response` (status_code + body) is
 handed to `send.classify.classify` as the reply it stands for; a line with only a top-level `error`
 (`batch_expired`, `batch_cancelled`, ...) becomes the error reply its code names (5xx when unnamed, so
-transient). Then the same outcome rules as the sync retry loop: a permanent failure is recorded; a
-transient one (429, 5xx, expired, a line neither file answered) goes to the next batch file, or to the
-sync engine when `batch.retry_via: sync`, until `limits.max_retries`; unusable content (parsed and
-validated by write/parse.py, as in sync mode) uses the bad-content budget; a run-fatal line (401, 402,
-quota) stops the run. Either file may hold any kind of line, in any order; a line for a request this
-chunk does not carry is ignored (the server is untrusted). Records are committed before the chunk
-counts as collected; re-reading the same files after a kill writes the same records again.
+transient); a line neither file answered is a transient failure of its own ("missing"). What happens
+next is `send.retry.decide`'s answer, with the request's tries so far counted from the ledger (every
+file that carried it): retry -> the line goes into the next batch file (or to the sync engine when
+`batch.retry_via: sync`); reshape -> the same, with the raised `max_tokens` (`structured.length_max_tokens`)
+or under the next structured mode; fail -> a failure record; stop -> the run stops. Answers and failures
+are built by send/outcome.py, as the sync mode builds them. Either file may hold any kind of line, in
+any order; a line for a request this chunk does not carry is ignored (the server is untrusted).
+Records are committed before the chunk counts as collected; re-reading the same files after a kill
+writes the same records again.
 """
 from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..config import Config
-from ..errors import (
-    BadContentError,
-    FatalReply,
-    PermanentError,
-    RequestError,
-    RunFatalError,
-    TransientError,
-)
+from ..errors import BadContentError, PermanentError, RequestError, TransientError
 from ..prepare.structured import StructuredPlan
 from ..send.budget import Paid, Usage, max_cost, read_usage
 from ..send.classify import NAMED_STATUS, classify
+from ..send.outcome import answer_record, failure_record
 from ..send.parse import parse_completion
+from ..send.retry import Backoff, RetryPolicy, Tries, decide
 from ..send.transport import Reply
 from ..vocab import Record
-from .files import result_lines
+from .files import max_tokens_of, request_payloads, result_lines
 from .ledger import Chunk, Ledger
 
 if TYPE_CHECKING:
@@ -63,20 +62,27 @@ class Collected:
     requeued: set[str] = field(default_factory=set)  # keys to put in the next batch file
     to_sync: set[str] = field(default_factory=set)  # keys left for the sync engine (batch.retry_via: sync)
     settled: set[str] = field(default_factory=set)  # keys recorded as failures by this run
+    raised: dict[str, int] = field(default_factory=dict)  # requeued keys to send with this max_tokens
 
 
 class Collector:
-    def __init__(self, cfg: Config, ledger: Ledger, engine: Engine, plan: StructuredPlan | None) -> None:
+    def __init__(self, cfg: Config, ledger: Ledger, engine: Engine, plan: StructuredPlan | None,
+                 rng: random.Random | None = None) -> None:
         self.cfg, self.ledger, self.engine, self.plan = cfg, ledger, engine, plan
         self.store = engine.store
         self.stats = engine.core.stats
+        self.policy = RetryPolicy.of(cfg)
+        self.backoff = Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, rng or random.Random())
         self._mode: str | None = None
+        self._chunk: Chunk | None = None
+        self._max_tokens: dict[str, int | None] | None = None
 
     def collect(self, chunk: Chunk, paths: list[str]) -> Collected:
         info = {key: (est, images) for key, est, images, _ in self.ledger.lines(chunk.chunk)}
         seen: set[str] = set()
         result = Collected()
         self._mode = self.plan.mode if self.plan is not None else None  # what these lines were shaped for
+        self._chunk, self._max_tokens = chunk, None
         records: list[Record] = []
         outcomes: list[tuple[str, str]] = []
         for path in paths:
@@ -89,8 +95,7 @@ class Collector:
                 if key in seen:
                     continue  # answered in both files: the first (the output file's) counts
                 seen.add(key)
-                outcome, record = self._judge(key, line, *info[key])
-                self._count(key, outcome, record, result)
+                outcome, record = self._judge(key, line, *info[key], result)
                 outcomes.append((key, outcome))
                 if record is not None:
                     records.append(record)
@@ -102,8 +107,9 @@ class Collector:
         # Lines neither file answered (a failed or cancelled batch, a provider that dropped some): judged
         # before they are marked, so this attempt is not counted twice against the retry budget.
         for key in info.keys() - seen:
-            record = self._give_up(key, "missing", info[key])
-            self._count(key, "missing", record, result)
+            self._observe(None)
+            missing = TransientError("the batch ended without an answer for this request", code="missing")
+            _, record = self._decide(key, missing, Paid(), None, result)
             if record is not None:
                 records.append(record)
         self._commit(chunk, records, outcomes)
@@ -119,124 +125,121 @@ class Collector:
         records.clear()
         outcomes.clear()
 
-    def _count(self, key: str, outcome: str, record: Record | None, result: Collected) -> None:
-        if record is not None:
-            result.records += 1
-            if record.state == "ok":
-                self.stats.answered()
-            else:
-                self.stats.failed(record.state)
-                result.settled.add(key)
-        elif outcome in ("transient", "missing", "bad_content"):
-            self.stats.retried("bad_content" if outcome == "bad_content" else "transient")
-            if self.cfg.batch.retry_via == "sync" and outcome != "bad_content":
-                result.to_sync.add(key)
-            else:
-                result.requeued.add(key)
-
-    def _judge(self, key: str, line: dict[str, Any], est: int, images: int) -> tuple[str, Record | None]:
-        """The line's outcome class and the record to store (None: not settled, ask again)."""
+    def _judge(self, key: str, line: dict[str, Any], est: int, images: int,
+               result: Collected) -> tuple[str, Record | None]:
+        """The line's outcome (for the ledger) and the record to store (None: not settled, ask again)."""
+        reply = _as_reply(line)
+        self._observe(reply.status)
+        paid = Paid()
+        body: dict[str, Any] | None = None
         try:
-            body = classify(_as_reply(line))
-        except (FatalReply, RunFatalError) as exc:
-            self._failed(key, exc, None)
-            self.engine.stop(exc)
-            return "fatal", None
-        except TransientError as exc:
-            paid = self._charge(exc.billed, est, images)
-            return "transient", self._failed(key, exc, self._give_up(key, "transient", (est, images), exc, paid))
-        except PermanentError as exc:
-            paid = self._charge(exc.billed, est, images)
-            if self.plan is not None and self.plan.fallback(exc.status, exc.message, exc.code, mode=self._mode):
-                # The structured mode is not supported here: later files are rendered under the next mode.
-                self.store.set_meta("structured_mode", self.plan.mode)
-                return "permanent", None
-            return "permanent", self._failed(key, exc, self._record(key, "permanent", exc, paid))
-        except BadContentError as exc:  # a 200 without choices: billed, answered nothing (send/classify.py)
-            paid = self._charge(exc.billed, est, images)
-            record = self._give_up(key, "bad_content", (est, images), exc, paid, raw=_raw(exc.billed or line))
-            return "bad_content", self._failed(key, exc, record)
-        usage = batch_usage(body, self.cfg, images, est)
-        paid = self._charge(body, est, images, usage)
-        try:
-            parsed = parse_completion(body, usage, self.plan)
-        except BadContentError as exc:
-            record = self._give_up(key, "bad_content", (est, images), exc, paid, raw=_raw(body))
-            return "bad_content", self._failed(key, exc, record)
-        except Exception as exc:  # a parser bug must not lose a paid answer
-            log.exception("could not parse the answer for %s", key)
-            err = BadContentError(f"could not parse the answer: {type(exc).__name__}: {exc}", reason="parser")
-            return "bad_content", self._record(key, "bad_content", err, paid, raw=_raw(body))
-        record = Record(
-            key=key, state="ok", attempts=self.ledger.attempts(key)["sent"], status=200, content=parsed.content,
-            output_json=None if parsed.output is None else orjson.dumps(parsed.output).decode(),
-            finish_reason=parsed.finish_reason, model=parsed.model, provider=parsed.provider,
-            prompt_tokens=paid.prompt_tokens, completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd,
-            cached_tokens=paid.cached_tokens, cache_write_tokens=paid.cache_write_tokens,
-            tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json, raw=_raw(body))
+            body = classify(reply)
+            usage = batch_usage(body, self.cfg, images, est)
+            self._charge(usage, paid)
+            parsed = self._parse(key, body, usage)
+        except RequestError as exc:
+            if body is None and exc.billed is not None:  # a failure the provider billed anyway
+                self._charge(batch_usage(exc.billed, self.cfg, images, est), paid)
+            # A 200 without choices is billed and answers nothing (send/classify.py): its body is kept too.
+            raw = _raw(body) if body is not None else _raw(exc.billed) if exc.billed is not None else None
+            return self._decide(key, exc, paid, raw, result)
+        record = answer_record(key, parsed, paid, attempts=self.ledger.attempts(key)["sent"], status=reply.status,
+                               raw=_raw(body))
+        self.stats.answered()
+        result.records += 1
         return "ok", record
 
-    def _failed(self, key: str, exc: RequestError | RunFatalError, record: Record | None) -> Record | None:
-        """The attempt_failed event (pipeline.log) for a line; `record` None: it goes again."""
-        final = record is not None or isinstance(exc, (FatalReply, RunFatalError))
-        log.info("batch line %s failed: %s", key[:12], exc, extra={
-            "event": "attempt_failed", "key": key, "attempt": self.ledger.attempts(key)["sent"],
-            "status": getattr(exc, "status", None), "error_class": getattr(exc, "error_class", "run_fatal"),
-            "retry_in_s": None if final else 0.0})
-        return record
+    def _parse(self, key: str, body: dict[str, Any], usage: Usage) -> Any:
+        try:
+            return parse_completion(body, usage, self.plan)
+        except BadContentError:
+            raise
+        except Exception as exc:  # a parser bug must not lose a paid answer
+            log.exception("could not parse the answer for %s", key)
+            raise BadContentError(f"could not parse the answer: {type(exc).__name__}: {exc}", reason="parser") from exc
 
-    def _give_up(self, key: str, outcome: str, info: tuple[int, int], exc: RequestError | None = None,
-                 paid: Paid | None = None, raw: bytes | None = None) -> Record | None:
-        """A failure a later attempt may cure: None (ask again) while the budget for its class lasts."""
+    def _decide(self, key: str, exc: RequestError, paid: Paid, raw: bytes | None,
+                result: Collected) -> tuple[str, Record | None]:
+        """THE retry decision (send/retry.py) for a failed line, with its tries counted by the ledger."""
         tries = self.ledger.attempts(key)
-        if outcome == "bad_content":
-            budget = self.cfg.structured.bad_content_retries if self.cfg.structured else 1
-            if isinstance(exc, BadContentError) and exc.reason == "length":
-                budget = 0  # the same max_tokens would be paid for the same truncation again
-            used = tries.get("bad_content", 0)
-            state = "bad_content"
+        counted = Tries(attempts=tries["sent"], transient=tries.get("transient", 0) + tries.get("missing", 0),
+                        bad_content=tries.get("bad_content", 0))
+        falls_back = isinstance(exc, PermanentError) and self.plan is not None and self.plan.fallback(
+            exc.status, exc.message, exc.code, mode=self._mode)
+        max_tokens = self._line_max_tokens(key) if _is_length(exc) else None
+        decision = decide(exc, counted, self.policy, self.backoff, max_tokens=max_tokens, falls_back=falls_back)
+        outcome = _outcome(exc)
+        final = decision.action in ("fail", "stop")
+        log.info("batch line %s failed: %s", key[:12], exc, extra={
+            "event": "attempt_failed", "key": key, "attempt": counted.attempts, "status": exc.status,
+            "error_class": exc.error_class, "retry_in_s": None if final else 0.0})
+        if decision.action == "stop":
+            assert decision.error is not None
+            self.engine.stop(decision.error)
+            return "fatal", None
+        if decision.action == "fail":
+            assert decision.state is not None
+            self.stats.failed(decision.state)
+            result.records += 1
+            result.settled.add(key)
+            return outcome, failure_record(key, decision.state, exc, paid, attempts=counted.attempts, raw=raw)
+        if decision.retry_class is not None:
+            self.stats.retried(decision.retry_class)
+        if decision.action == "reshape" and decision.max_tokens is None:
+            # The structured mode is not supported here: later files are rendered under the next mode.
+            assert self.plan is not None
+            self.store.set_meta("structured_mode", self.plan.mode)
+            return outcome, None
+        if decision.max_tokens is not None:
+            result.raised[key] = decision.max_tokens
+        if self.cfg.batch.retry_via == "sync" and outcome in ("transient", "missing"):
+            result.to_sync.add(key)  # the sync engine sends it once the batches are collected
         else:
-            if self.cfg.batch.retry_via == "sync":
-                return None  # the sync engine sends it once the batches are collected
-            budget = self.cfg.limits.max_retries
-            used = tries.get("transient", 0) + tries.get("missing", 0)
-            state = "transient"
-        if used < budget:
-            return None
-        exc = exc or TransientError("the batch ended without an answer for this request", code="missing")
-        return self._record(key, state, exc, paid or Paid(), raw=raw)
+            result.requeued.add(key)
+        return outcome, None
 
-    def _record(self, key: str, state: str, exc: RequestError, paid: Paid,
-                raw: bytes | None = None) -> Record:
-        reason = getattr(exc, "reason", None)
-        message = (exc.message if not reason else f"{reason}: {exc.message}")[:1000]
-        return Record(key=key, state=state, attempts=self.ledger.attempts(key)["sent"], status=exc.status,
-                      error_class=exc.error_class, message=message, content=exc.content,
-                      prompt_tokens=paid.prompt_tokens, completion_tokens=paid.completion_tokens,
-                      cost_usd=paid.cost_usd, cached_tokens=paid.cached_tokens,
-                      cache_write_tokens=paid.cache_write_tokens, raw=raw)
+    def _line_max_tokens(self, key: str) -> int | None:
+        """The max_tokens a line was sent with (read from the chunk's file once, when a length rule needs it)."""
+        if self._max_tokens is None:
+            assert self._chunk is not None
+            keys = {k for k, *_ in self.ledger.lines(self._chunk.chunk)}
+            self._max_tokens = {k: max_tokens_of(p) for k, p in request_payloads(self._chunk.path, keys)}
+        return self._max_tokens.get(key)
 
-    def _charge(self, body: dict[str, Any] | None, est: int, images: int,
-                usage: Usage | None = None) -> Paid:
+    def _observe(self, status: int | None) -> None:
+        """Each line is one attempt in the run's tally (metrics), as each chat request is."""
+        if self.engine.observe is not None:
+            self.engine.observe(status, None if status is not None else "missing")
+
+    def _charge(self, usage: Usage, paid: Paid) -> None:
         """Count a billed line (an answer, or a failure that carried usage) as spend."""
-        paid = Paid()
-        if body is None:
-            return paid
-        usage = usage or batch_usage(body, self.cfg, images, est)
         self.engine.core.charge(usage.cost_usd)
         self.stats.paid(usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
         self.stats.cached(usage.cached_tokens, usage.cache_write_tokens, usage.saved_usd)
         paid.add(usage)
-        return paid
+
+
+def _is_length(exc: RequestError) -> bool:
+    return isinstance(exc, BadContentError) and exc.reason == "length"
+
+
+def _outcome(exc: RequestError) -> str:
+    """The ledger's name for how a line ended (its tries are counted by these)."""
+    if exc.code == "missing":
+        return "missing"
+    return {"transient": "transient", "bad_content": "bad_content", "run_fatal": "fatal"}.get(exc.error_class,
+                                                                                               "permanent")
 
 
 def _as_reply(line: dict[str, Any]) -> Reply:
     """The reply a result line stands for, for the classifier."""
     resp = line.get("response")
-    if isinstance(resp, dict) and isinstance(resp.get("status_code"), int):
+    resp = resp if isinstance(resp, dict) else {}
+    status = resp.get("status_code")
+    if isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
         body = resp.get("body")
         raw = body.encode() if isinstance(body, str) else orjson.dumps(body)
-        return Reply(resp["status_code"], {}, raw, 0.0)
+        return Reply(status, {}, raw, 0.0)
     err = line.get("error")
     if not isinstance(err, dict):
         err = {"message": "the result line has neither a response nor an error", "code": "malformed"}

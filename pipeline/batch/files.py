@@ -40,6 +40,20 @@ def request_payloads(path: str, keys: set[str]) -> Iterator[tuple[str, bytes]]:
                 yield key, line[len(_HEAD) + len(key) + len(_MID):].rstrip(b"\n")[:-1]
 
 
+def max_tokens_of(payload: bytes) -> int | None:
+    """The max_tokens (or max_completion_tokens) a request line's body asks for."""
+    body = orjson.loads(payload)
+    value = body.get("max_tokens", body.get("max_completion_tokens")) if isinstance(body, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def with_max_tokens(payload: bytes, max_tokens: int) -> bytes:
+    """The same body with a raised max_tokens (the length rule of send/retry.py); the key stays."""
+    body = orjson.loads(payload)
+    field = "max_completion_tokens" if "max_completion_tokens" in body and "max_tokens" not in body else "max_tokens"
+    return orjson.dumps({**body, field: max_tokens})
+
+
 def open_new(path: str, *, append: bool = False) -> Any:
     """A file of ours in the job folder, never through a link planted there (safefs: no symlink, no hard
     link; truncated only after that check, so a planted hard link's target is never emptied)."""

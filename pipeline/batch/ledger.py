@@ -17,6 +17,7 @@ before it submits anything:
      |                                        (reconcile: adopt the batch by metadata, or create again)
      +-> dropped (killed while writing: nothing left this machine; the lines are rendered again)
   submitted -> rejected (the provider refused the file: run-fatal; the lines are free again)
+  ready | uploaded -> split (its lines did not all fit the budget: copied into two new chunks)
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ _SCHEMA = [
         chunk INTEGER NOT NULL, key TEXT NOT NULL, est INTEGER NOT NULL DEFAULT 0, images INTEGER NOT NULL DEFAULT 0,
         outcome TEXT, PRIMARY KEY (chunk, key))""",
     "CREATE INDEX IF NOT EXISTS batch_lines_key ON batch_lines (key)",
+    # Provider files (input, output, error) still to delete once their answers are committed
+    # (batch.delete_files); a table of its own, so a store written before it existed reads as it was.
+    "CREATE TABLE IF NOT EXISTS batch_cleanup (file_id TEXT PRIMARY KEY, chunk INTEGER NOT NULL)",
 ]
 
 # Chunks whose lines are spoken for: written, at the provider, or waiting to be collected.
@@ -131,11 +135,12 @@ class Ledger:
         else:
             self.store.touched()
 
-    def drop(self, chunk: int) -> None:
-        """A chunk that never left this machine: forget its lines so they are rendered again."""
+    def drop(self, chunk: int, *, state: str = "dropped") -> None:
+        """A chunk never submitted (killed while written, or split to fit the budget): forget its lines, so
+        they are rendered (or carried) again."""
         self.db.execute("BEGIN")
         self.db.execute("DELETE FROM batch_lines WHERE chunk = ?", (chunk,))
-        self.db.execute("UPDATE batch_chunks SET state = 'dropped', updated_at = ? WHERE chunk = ?", (time.time(), chunk))
+        self.db.execute("UPDATE batch_chunks SET state = ?, updated_at = ? WHERE chunk = ?", (state, time.time(), chunk))
         self.db.execute("COMMIT")
         self._durable()
 
@@ -181,6 +186,20 @@ class Ledger:
         row = self.db.execute("SELECT coalesce(sum(est_tokens), 0), coalesce(sum(worst_usd), 0) FROM batch_chunks "
                               "WHERE state IN ('creating', 'submitted')").fetchone()
         return int(row[0]), float(row[1])
+
+    # -- provider files to delete -----------------------------------------------------------------------
+
+    def add_cleanup(self, chunk: int, file_ids: Iterable[str | None]) -> None:
+        self._many("INSERT OR IGNORE INTO batch_cleanup (file_id, chunk) VALUES (?, ?)",
+                   [(f, chunk) for f in file_ids if f])
+        self._durable()
+
+    def cleanup(self) -> list[str]:
+        """Provider files whose answers are committed, to delete (batch.delete_files)."""
+        return [f for (f,) in self.db.execute("SELECT file_id FROM batch_cleanup ORDER BY chunk, file_id")]
+
+    def cleaned(self, file_ids: Iterable[str]) -> None:
+        self._many("DELETE FROM batch_cleanup WHERE file_id = ?", [(f,) for f in file_ids])
 
     def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """One transaction for many rows (autocommit would make each row a commit of its own)."""

@@ -64,6 +64,9 @@ class BatchConfig(Section):
     retry_via: Literal["batch", "sync"] = Field(
         "batch", description="Where lines that failed transiently (429, 5xx, expired) go: the next batch file, "
                              "or synchronous requests at the full price once the batches are collected.")
+    delete_files: bool = Field(
+        True, description="Delete the job's input, output and error files at the provider once their answers are "
+                          "committed (they count against the organisation's file storage).")
 
 
 

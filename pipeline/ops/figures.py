@@ -23,6 +23,22 @@ class Tally:
     last_error: str | None = None
     last_success: float | None = None   # unix time of the last 200
 
+    def observe(self, status: int | None, error: str | None = None) -> None:
+        """One attempt's outcome: its HTTP status, or None with `error` when no answer came (a batch line's
+        status is the one its result line carries)."""
+        if status is None:
+            self.by_class["network"] += 1
+            self.last_error = error
+            return
+        self.by_class[f"{status // 100}xx"] += 1
+        if status == 200:
+            self.last_success = time.time()
+        elif status == 429:
+            self.rate_limited += 1
+            self.last_error = "429"
+        elif status >= 400:
+            self.last_error = f"HTTP {status}"
+
 
 class ObservedTransport:
     """The same transport, counted: one place sees every attempt's outcome as it happens."""
@@ -36,19 +52,11 @@ class ObservedTransport:
         try:
             reply = await self.inner.send(payload, stream=stream)
         except (RequestError, RunFatalError) as exc:
-            t.by_class["network"] += 1
-            t.last_error = str(getattr(exc, "code", None) or type(exc).__name__)
+            t.observe(None, str(getattr(exc, "code", None) or type(exc).__name__))
             raise
         finally:
             t.in_flight -= 1
-        t.by_class[f"{reply.status // 100}xx"] += 1
-        if reply.status == 200:
-            t.last_success = time.time()
-        elif reply.status == 429:
-            t.rate_limited += 1
-            t.last_error = "429"
-        elif reply.status >= 400:
-            t.last_error = f"HTTP {reply.status}"
+        t.observe(reply.status)
         return reply
 
     async def close(self) -> None:

@@ -164,7 +164,7 @@ def batch_rows(store: Store) -> list[dict[str, Any]]:
 
     return [{"chunk": c.chunk, "state": c.state, "batch_id": c.batch_id, "status": c.status, "lines": c.lines,
              "completed": int(c.counts.get("completed") or 0), "failed": int(c.counts.get("failed") or 0)}
-            for c in read_chunks(store) if c.state != "dropped"]
+            for c in read_chunks(store) if c.state not in ("dropped", "split")]
 
 
 def _live_line(live: dict[str, Any], pending: int, *, running: bool) -> str:

@@ -17,8 +17,6 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
-import orjson
-
 from ..config import Config
 from ..errors import (
     BadContentError,
@@ -39,6 +37,7 @@ from ..vocab import Record, Request
 from .budget import MARKUP_META, Budget, Paid, Usage, max_cost, read_usage, worst_output_tokens
 from .classify import classify
 from .health import Reachability
+from .outcome import answer_record, failure_record
 from .parse import parse_completion
 from .retry import Backoff, Decision, RetryPolicy, Tries, decide
 from .stats import Stats
@@ -251,16 +250,8 @@ class Dispatcher:
             log.exception("could not parse the answer for %s", flight.request.key)
             raise BadContentError(f"could not parse the answer: {type(exc).__name__}: {exc}",
                                   reason="parser") from exc
-        paid = flight.paid
-        return Record(
-            key=flight.request.key, state="ok", attempts=flight.tries.attempts, status=reply.status,
-            content=parsed.content, output_json=_dumps(parsed.output), finish_reason=parsed.finish_reason,
-            model=parsed.model, provider=parsed.provider, prompt_tokens=paid.prompt_tokens,
-            completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, cached_tokens=paid.cached_tokens,
-            cache_write_tokens=paid.cache_write_tokens, latency_s=reply.latency_s,
-            ttft_s=reply.ttft_s, tool_calls_json=parsed.tool_calls_json, logprobs_json=parsed.logprobs_json,
-            raw=reply.body, usage_note=paid.note,
-        )
+        return answer_record(flight.request.key, parsed, flight.paid, attempts=flight.tries.attempts,
+                             status=reply.status, raw=reply.body, latency_s=reply.latency_s, ttft_s=reply.ttft_s)
 
     async def _reserve(self, amount: float) -> float:
         try:
@@ -322,15 +313,4 @@ def _reason(exc: Fatal) -> str:
 
 
 def _failure(key: str, state: str, exc: RequestError, attempts: int, paid: Paid, raw: bytes | None) -> Record:
-    reason = getattr(exc, "reason", None)
-    message = (exc.message if not reason else f"{reason}: {exc.message}")[:1000]
-    return Record(
-        key=key, state=state, attempts=attempts, status=exc.status, error_class=exc.error_class,
-        message=message, content=exc.content, prompt_tokens=paid.prompt_tokens,
-        completion_tokens=paid.completion_tokens, cost_usd=paid.cost_usd, cached_tokens=paid.cached_tokens,
-        cache_write_tokens=paid.cache_write_tokens, raw=raw, usage_note=paid.note,
-    )
-
-
-def _dumps(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    return failure_record(key, state, exc, paid, attempts=attempts, raw=raw)

@@ -15,11 +15,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..common import redact, safefs
@@ -28,6 +28,9 @@ from ..common.parts import done_parts, read_part
 from ..read import storage
 from ..vocab import Record, RowFailure
 from .schema_arrow import arrow_type, to_arrow
+
+if TYPE_CHECKING:
+    import polars as pl
 
 LOGPROB_TYPE = pa.list_(pa.struct([
     ("token", pa.string()), ("logprob", pa.float64()),
@@ -282,8 +285,9 @@ def failure_counts(out_dir: Path) -> dict[str, int]:
     if fh is None:
         return {}
     with fh:
-        df = pl.read_parquet(fh, columns=["error_class"])
-    return {str(k): int(v) for k, v in df.group_by("error_class").len().iter_rows()}
+        classes = pq.read_table(fh, columns=["error_class"]).column("error_class")
+    counts = pc.value_counts(classes)
+    return {str(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
 
 
 def load(out_dir: str | os.PathLike[str], *, include_failures: bool = False, unnest: bool = True) -> pl.DataFrame:
@@ -293,6 +297,8 @@ def load(out_dir: str | os.PathLike[str], *, include_failures: bool = False, unn
     already taken. With include_failures=True, failure rows are appended (their output columns null)
     with their error_class, status and message.
     """
+    import polars as pl  # here: a run never needs polars (26 MB resident), only reading results back does
+
     out = Path(out_dir)
     path = out / "results.parquet"
     remote = storage.is_remote(str(out_dir))

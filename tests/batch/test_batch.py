@@ -179,12 +179,18 @@ def test_a_429_on_create_waits_for_running_batches(tmp_path: Path, sim: Simulato
 def test_the_budget_counts_submitted_lines_at_their_worst_case(tmp_path: Path, sim: SimulatorThread,
                                                                key_env: None) -> None:
     # Worst case of a line: ~50 prompt tokens * 1.25 at $10/M + 200 output tokens at $30/M = ~$0.0066,
-    # half in batch: ~$0.0033; 20 lines a file -> ~$0.066 a file. The budget fits one file, not two.
+    # half in batch: ~$0.0033; 20 lines a file -> ~$0.066 a file. While the batches run (nothing collected,
+    # nothing paid yet), the budget holds the first file and as many lines of the second as fit.
     cfg = batch_job(tmp_path, sim, 40, batch={"max_requests": 20}, budget={"max_cost_usd": 0.1})
-    summary = pipeline.run(cfg)
-    assert summary.exit_code == 3 and summary.stopped == "budget"
-    assert "budget.max_cost_usd" in (summary.stop_message or "")
-    assert batch_stats(sim)["batches_created"] == 1
+    assert pipeline.run(cfg, no_wait=True).exit_code == EXIT_BATCH_SUBMITTED
+    store = Store(str(tmp_path / "out" / "store.sqlite"), readonly=True)
+    try:
+        running = [c for c in read_chunks(store) if c.state == "submitted"]
+    finally:
+        store.close()
+    assert [c.lines for c in running][0] == 20 and 20 < sum(c.lines for c in running) < 40
+    assert sum(c.worst_usd for c in running) <= 0.1
+    assert batch_stats(sim)["lines_submitted"] == sum(c.lines for c in running)
 
 
 def test_status_lists_each_batch(tmp_path: Path, key_env: None) -> None:

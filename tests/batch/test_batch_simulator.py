@@ -164,3 +164,20 @@ def test_a_download_resumes_with_range() -> None:
                                headers={**AUTH, "Range": f"bytes={len(whole)}-"}) as resp:
             assert resp.status == 416
     serve(SimConfig(), body)
+
+
+def test_switches_for_servers_without_lists_a_failing_upload_and_deletes() -> None:
+    async def body(sim: Simulator, url: str, session: aiohttp.ClientSession) -> None:
+        status, f = await upload(session, url, line("a"))
+        assert status == 200
+        assert (await call(session, "GET", f"{url}/files"))[0] == 405
+        assert (await call(session, "GET", f"{url}/batches"))[0] == 405
+        assert (await call(session, "DELETE", f"{url}/files/{f['id']}")) == (
+            200, {"id": f["id"], "object": "file", "deleted": True})
+        assert (await call(session, "GET", f"{url}/files/{f['id']}"))[0] == 404
+        assert (await call(session, "DELETE", f"{url}/files/{f['id']}"))[0] == 404
+        sim.cfg.batch.upload_status = 500
+        status, err = await upload(session, url, line("a"))
+        assert status == 500 and err["error"]["type"] == "server_error"
+        assert sim.stats["batch"]["upload_attempts"] == 2 and sim.stats["batch"]["files_deleted"] == 1
+    serve(SimConfig(batch={"list_files": False, "list_batches": False}), body)
