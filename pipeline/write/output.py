@@ -319,6 +319,8 @@ def load(out_dir: str | os.PathLike[str], *, include_failures: bool = False, unn
 def read_outputs(out_dir: str, name: str, options: dict[str, Any] | None = None) -> pl.DataFrame:
     """results.parquet / failures.parquet of either layout: the local engine's one file, or the Ray
     engine's folder of per-shard parts (`name/part-*.parquet`, in a local folder or on s3:// / gs://)."""
+    import polars as pl  # reading results back only (see load)
+
     uri = storage.join(out_dir, name)
     if not storage.is_remote(uri) and os.path.isfile(uri):
         return pl.read_parquet(uri)
