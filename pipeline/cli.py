@@ -1,10 +1,11 @@
 """`pipeline run | check | simulate | status | report | review | show`: a thin layer that parses arguments and formats a Summary.
 
 Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
-sent); 3 stopped early (run-fatal or budget), resumable; 70 internal error (a bug; the traceback is
-written to a file in output.dir); 75 batches submitted and still running at the provider (run.mode: batch
-with --no-wait; run the same command again to collect); 130 interrupted, resumable; 141 the reader of
-stdout went away (`| head`): ended quietly, as Unix tools do.
+sent); 3 stopped early (run-fatal or budget), resumable; 4 finished but the quality gate failed
+(quality.audit.min_agreement: outputs written, output.publish skipped); 70 internal error (a bug; the
+traceback is written to a file in output.dir); 75 batches submitted and still running at the provider
+(run.mode: batch with --no-wait; run the same command again to collect); 130 interrupted, resumable; 141
+the reader of stdout went away (`| head`): ended quietly, as Unix tools do.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from .common import diagnosis, redact
 from .common.terminal import printable
-from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, InternalError, PipelineError
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, InternalError, PipelineError, UsageError
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -89,6 +90,13 @@ def _add_report_commands(sub: Any) -> None:
     show.add_argument("row_id", help="the row's id (input.id_column)")
     show.add_argument("--config", help="the job's config, if the one recorded in the folder has moved")
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    rows = sub.add_parser("rows", help="browse a job's rows: id, carried input, output fields or error, cost")
+    rows.add_argument("out_dir", help="the job's output.dir")
+    rows.add_argument("--failed", action="store_true", help="only the rows in failures.parquet")
+    rows.add_argument("--where", metavar="EXPR",
+                      help="a SQL condition over the columns, e.g. \"sentiment = 'negative' AND score < 3\"")
+    rows.add_argument("-n", type=int, default=20, metavar="N", help="at most N rows (default 20; 0: all)")
+    rows.add_argument("--json", action="store_true", help="one JSON object per row and line, values whole")
 
 
 def _add_review_commands(sub: Any) -> None:
@@ -146,7 +154,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from pipeline_simulator import serve
 
         return serve(args)
-    if args.command in ("report", "show"):
+    if args.command in ("report", "show", "rows"):
         return _report(args)
     if args.command == "review":
         return _review(args)
@@ -176,6 +184,13 @@ def _report(args: argparse.Namespace) -> int:
         from .reporting.show import print_story, row_story
 
         return print_story(row_story(args.out_dir, args.row_id, config=args.config), as_json=args.json)
+    if args.command == "rows":
+        from .reporting.rows import print_rows, select_rows
+
+        if args.n < 0:
+            raise UsageError("-n takes a number of rows, 0 for all")
+        return print_rows(select_rows(args.out_dir, failed=args.failed, where=args.where, n=args.n),
+                          as_json=args.json)
     from .reporting import write_report
 
     path, seconds = write_report(args.out_dirs, args.output, gold=args.gold, by=args.by,

@@ -25,6 +25,10 @@
     ├── InternalError           a broken invariant of our own: a bug, not the user's doing (exit 70)
     └── Stopped                 dispatch has stopped; the request stays pending (never leaves the engine)
 
+Exit codes that are outcomes, not exceptions: 0 every row succeeded, 1 finished with failed rows, 4 finished
+but the quality gate failed (quality.audit.min_agreement: outputs written, nothing published), 75 batches
+submitted and still running, 130 interrupted.
+
 An InternalError, or any other exception that escapes a command, is a bug: exit 70 (EXIT_INTERNAL),
 the traceback in a file (diagnosis.py). Every error carries typed fields and a message that says what
 to do next. No message may ever contain the API key: errors are built from status codes and response
@@ -41,6 +45,9 @@ EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
+# Finished, but the audit's agreement with the reference model may be under quality.audit.min_agreement:
+# outputs written, output.publish skipped (write/quality.py).
+EXIT_QUALITY_GATE = 4
 EXIT_INTERNAL = 70  # a bug: the store is consistent; re-run after the fix (diagnosis.report_internal)
 # run.mode: batch with --no-wait: batches are running at the provider; run the same command again to collect.
 EXIT_BATCH_SUBMITTED = 75

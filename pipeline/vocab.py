@@ -64,6 +64,15 @@ class Record:
 
 
 @dataclass(slots=True)
+class Decided(Record):
+    """A row's outcome after a cascade and an audit (core/cascade.py): the deciding stage's record, with
+    tokens and cost summed over the stages the row visited. Never stored: each stage's answer is."""
+
+    cascade_stage: int | None = None        # 1-based stage that decided; None without a cascade
+    audit_json: str | None = None           # {field: agrees with the reference model} for audited rows
+
+
+@dataclass(slots=True)
 class RowFailure:
     """A row that never became a request (bad input), with where it came from."""
 

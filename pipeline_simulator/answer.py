@@ -32,6 +32,8 @@ class Answer:
     cached_tokens: int
     rng_seed: int  # drives stream chunk sizes, so streams are as deterministic as bodies
     cache_write_tokens: int = 0
+    logprobs: list[dict[str, Any]] | None = None  # choices[0].logprobs.content when asked (quality.py)
+    more: list[Answer] | None = None  # choices 1.. when the request asks for n > 1 samples
 
     @property
     def output(self) -> str:

@@ -40,6 +40,7 @@ from .faults import (
 from .generations import Generations
 from .limits import Credits, RateLimits
 from .prefix_cache import PrefixCache
+from .quality import apply_quality
 from .responses import ChunkMaker, Meta, completion_body, error_200_body
 from .stats import Accounting, LogEntry, redact_headers
 from .streaming import StreamSpec, abort_connection, write_stream
@@ -178,8 +179,9 @@ class ChatService:
             return make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio,
                                value=packs.pack_value(self.seed_bytes, ask.body, target.schema, rows))
         label = packs.label_digest(self.seed_bytes, ask.body, packs.last_user_content(ask.body))
-        return make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio,
-                           label=label)
+        answer = make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio,
+                             label=label)
+        return apply_quality(answer, target, ask.body, ask.model, self.cfg, content_fault)
 
     def _refuse(self, request: web.BaseRequest, ask: _Ask, answer: Answer, choice: FaultChoice | None,
                 now: float, entry: LogEntry) -> SimError | web.StreamResponse | None:

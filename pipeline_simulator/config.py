@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -190,6 +190,11 @@ class SimConfig(BaseModel):
     remote_image_size: tuple[int, int] = (1024, 1024)  # assumed for http(s) URLs, never fetched
     cached_tokens_ratio: float = Field(default=0.0, ge=0, le=1)  # share of prompt reported as cached (fixed)
     prefix_caching: bool = True  # automatic prefix caching and cache_control breakpoints (prefix_cache.py)
+    # How good each model is (judge.py): the share of enum/boolean fields it gets right against a truth derived
+    # from the row, with calibrated logprobs. Models without an entry (and no default) answer at random.
+    accuracy: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    default_accuracy: float | None = Field(default=None, ge=0, le=1)
+    difficulty_spread: float = Field(default=0.05, gt=0, le=1)  # how gradually a model loses its certainty
 
     # Streaming.
     stream_comments: int = Field(default=2, ge=0)  # ": OPENROUTER PROCESSING" lines before the first token

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .answer import Answer
@@ -82,11 +82,24 @@ def _message(meta: Meta, a: Answer) -> dict[str, Any]:
     return msg
 
 
+def _logprobs(a: Answer) -> dict[str, Any] | None:
+    return {"content": a.logprobs, "refusal": None} if a.logprobs is not None else None
+
+
 def completion_body(meta: Meta, a: Answer, error: SimError | None = None) -> dict[str, Any]:
     """A non-streaming chat.completion; ``error`` makes it OpenRouter's partial-content error choice."""
-    choice: dict[str, Any] = {"index": 0, "message": _message(meta, a), "logprobs": None,
+    choice: dict[str, Any] = {"index": 0, "message": _message(meta, a), "logprobs": _logprobs(a),
                               "finish_reason": "error" if error else a.finish_reason}
     f = meta.flavor
+    if a.more and error is None:  # n samples: the same choice shape, one per sample
+        body = completion_body(meta, replace(a, more=None))
+        first = body["choices"][0]
+        for i, m in enumerate(a.more, 1):
+            extra = {**first, "index": i, "message": _message(meta, m), "finish_reason": m.finish_reason}
+            if "logprobs" in first:
+                extra["logprobs"] = _logprobs(m)
+            body["choices"].append(extra)
+        return body
     if f == "openrouter":
         choice["native_finish_reason"] = "error" if error else a.finish_reason
         if error is not None:

@@ -151,7 +151,7 @@ class Collector:
 
     def _parse(self, key: str, body: dict[str, Any], usage: Usage) -> Any:
         try:
-            return parse_completion(body, usage, self.plan)
+            return parse_completion(body, usage, self.plan, self.cfg.quality.confidence)
         except BadContentError:
             raise
         except Exception as exc:  # a parser bug must not lose a paid answer

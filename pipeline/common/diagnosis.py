@@ -3,7 +3,8 @@
 Two kinds. The environment failed (`explain`): a full disk, too many open files, a damaged store, a
 permission: say which, name the file, and say what fixes it; the exit code says whether re-running
 the same command after the fix resumes (3) or something must be changed first (2). Anything else is
-a bug (`report_internal`): exit 70, never a code that means "finished with failed rows". By then the
+a bug (`report_internal`): exit 70, never a code that means "finished with failed rows" (1) or "finished,
+but the quality gate failed" (4, write/quality.py). By then the
 runner's `finally` blocks have closed the store (every committed answer is kept); the traceback goes
 to a new file in output.dir (created without following links, scrubbed of secrets) and one line says
 where.

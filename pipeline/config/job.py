@@ -21,6 +21,7 @@ from .io import (
     RunConfig,
 )
 from .limits import BatchConfig, BudgetConfig, LimitsConfig, NotifyConfig, Price
+from .quality import CascadeStage, QualityConfig
 from .request import ParamsConfig, PromptConfig, StructuredConfig
 
 FLEX_TIMEOUT_S = 900.0
@@ -54,6 +55,9 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    cascade: list[CascadeStage] | None = Field(
+        None, description="Models tried in turn: rows under a stage's min_confidence go on; the last decides.")
 
     # Where the config came from; not part of the YAML.
     source: str = Field("<dict>", exclude=True)
@@ -72,6 +76,25 @@ class Config(Section):
                 if name not in self.endpoint.model_fields_set and getattr(self.endpoint, name) < FLEX_TIMEOUT_S:
                     setattr(self.endpoint, name, FLEX_TIMEOUT_S)
         return self
+
+    @model_validator(mode="after")
+    def _cascade_first_model(self) -> Config:
+        # The first stage is the run's model: its prices, token counts and structured mode are the run's.
+        if self.cascade and self.endpoint.model != self.cascade[0].model:
+            self.endpoint.model = self.cascade[0].model
+        return self
+
+    def sample_config(self, index: int) -> Config:
+        """Vote `index` of quality.votes sent as its own request: the same job with seed + index."""
+        params = self.params.model_copy(update={"seed": (self.params.seed or 0) + index})
+        return self.model_copy(update={"params": params})
+
+    def stage_config(self, model: str) -> Config:
+        """This job asked of another model (a cascade stage, the audit's reference model)."""
+        if model == self.endpoint.model:
+            return self
+        endpoint = self.endpoint.model_copy(update={"model": model})
+        return self.model_copy(update={"endpoint": endpoint})
 
     def api_key(self) -> str:
         """The key from the environment; a clear error (never the value) when it is missing."""
@@ -99,7 +122,7 @@ class Config(Section):
         """Everything that shapes what is asked: the job's identity, as plain JSON. The input is data (it may
         grow or change between runs), and limits, budget, output, carried columns and progress may change
         freely."""
-        keep = {
+        keep: dict[str, Any] = {
             "endpoint": {"base_url": self.endpoint.base_url, "model": self.endpoint.model},
             "prompt": self._prompt_identity(),
             "params": self.params.model_dump(exclude_none=True),
@@ -107,6 +130,10 @@ class Config(Section):
             "structured": self.structured.model_dump(by_alias=True, exclude={"bad_content_retries"})
             if self.structured else None,
         }
+        if self.quality.confidence != "off":  # only when on: older jobs keep their fingerprint
+            keep["quality"] = self.quality.body_fields(keep["params"], self.endpoint.base_url)
+        if self.cascade:
+            keep["cascade"] = [stage.model for stage in self.cascade]
         # NON_STR_KEYS: params.logit_bias is keyed by token id (int).
         loaded: dict[str, Any] = orjson.loads(orjson.dumps(keep, option=orjson.OPT_NON_STR_KEYS, default=str))
         # A secret value (`!secret`, `!env`) is the mask here: the identity is written to manifest.json and the

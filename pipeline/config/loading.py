@@ -60,7 +60,51 @@ def load_config(
     _check_packs(cfg)
     _check_ray_workers(cfg)
     _check_rates(cfg)
+    _check_quality(cfg)
     return cfg
+
+
+def _check_quality(cfg: Config) -> None:
+    """A cascade needs a confidence to route by; its stages and the audit are answered by the local engine
+    in sync mode (each stage's rows depend on the answers of the one before)."""
+    q, stages, src = cfg.quality, cfg.cascade, cfg.source
+    if stages is not None:
+        if len(stages) < 2:
+            raise ConfigError("a cascade needs at least two stages (one model alone: set endpoint.model)",
+                              key="cascade", file=src)
+        for i, stage in enumerate(stages[:-1]):
+            if stage.min_confidence is None:
+                raise ConfigError("every stage but the last needs min_confidence (rows under it go on to the "
+                                  "next stage)", key=f"cascade.{i}.min_confidence", file=src)
+        if stages[-1].min_confidence is not None:
+            raise ConfigError("the last stage always decides; remove its min_confidence",
+                              key=f"cascade.{len(stages) - 1}.min_confidence", file=src)
+        if q.confidence == "off":
+            raise ConfigError("a cascade routes rows by their confidence: set quality.confidence to logprobs or "
+                              "votes", key="quality.confidence", file=src)
+    by_requests = q.samples_by_requests(cfg.endpoint.base_url) > 1
+    if (stages or q.audit or by_requests) and (cfg.run.mode != "sync" or cfg.run.engine != "local"):
+        what = "cascade" if stages else "quality.audit" if q.audit else "quality.vote_by: requests"
+        raise ConfigError(f"{what} runs with run.mode: sync on run.engine: local (a later stage's rows depend on "
+                          "the answers before it); remove it or use the local engine in sync mode",
+                          key="run.mode" if cfg.run.mode != "sync" else "run.engine", file=src)
+    if cfg.prompt.rows_per_request > 1 and (stages or q.audit or q.confidence != "off"):
+        what = "cascade" if stages else "quality.audit" if q.audit else "quality.confidence"
+        raise ConfigError(f"{what} measures each row's own answer; prompt.rows_per_request: "
+                          f"{cfg.prompt.rows_per_request} packs several rows into one answer: use rows_per_request: 1 "
+                          "with it", key="prompt.rows_per_request", file=src)
+    if q.confidence == "logprobs" and cfg.structured is not None and cfg.structured.mode == "tool":
+        q.fall_back_to_votes("structured.mode: tool answers in tool-call arguments, which carry no logprobs")
+    if q.confidence == "logprobs" and cfg.params.logprobs is False:
+        raise ConfigError("quality.confidence: logprobs needs the answer's logprobs; remove params.logprobs: false",
+                          key="params.logprobs", file=src)
+    if q.confidence == "votes":
+        if "n" in cfg.params.extra or "n" in cfg.params.from_columns:
+            raise ConfigError("quality.confidence: votes sets n (quality.votes); remove it from params",
+                              key="params.extra.n", file=src)
+        if cfg.params.stream:
+            raise ConfigError("quality.confidence: votes reads all samples of a whole answer; remove params.stream",
+                              key="params.stream", file=src)
 
 
 def day_note(cfg: Config, rows: int) -> str | None:
@@ -136,7 +180,10 @@ def _check_budget_price(cfg: Config) -> None:
         missing_price_hint,
     )
 
-    for model in [cfg.endpoint.model, *(cfg.params.models or [])]:
+    models = [cfg.endpoint.model, *(cfg.params.models or [])]
+    models += [stage.model for stage in cfg.cascade or ()]
+    models += [cfg.quality.audit.model] if cfg.quality.audit else []
+    for model in dict.fromkeys(models):
         if find_price(cfg, model) is None:
             raise ConfigError(f"needs a price for {model!r} to count requests in flight at their maximum cost; "
                               + missing_price_hint(model), key="budget.max_cost_usd", file=cfg.source)

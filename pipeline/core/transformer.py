@@ -49,13 +49,13 @@ import random
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, Unpack
 
 import pyarrow as pa
 
 from ..config import Config
 from ..errors import BudgetExceeded, Fatal, Stopped
-from ..prepare.packs import Packer
+from ..prepare.packs import Packer, RowBuilder
 from ..prepare.prompts import Renderer
 from ..prepare.request import RequestBuilder
 from ..prepare.structured import StructuredPlan
@@ -69,6 +69,9 @@ from ..write.output import OutputColumns, part_tables
 from .packing import PackSender
 
 log = logging.getLogger("pipeline")
+
+if TYPE_CHECKING:
+    from .cascade import Trust
 
 # Unfinished batches held at once: enough to keep every concurrency slot busy while a straggler retries.
 MAX_OPEN_BATCHES = 4
@@ -118,12 +121,13 @@ class Core:
                  limiter: Limiter, transport: Transport, **extras: Unpack[CoreExtras]) -> None:
         self.cfg, self.renderer, self.answers, self.progress = cfg, renderer, answers, extras.get("progress")
         self.stats = extras.get("stats") or Stats()
-        self.builder = RequestBuilder(cfg.endpoint.base_url, plan, renderer.tokens)
         budget = extras.get("budget") or Budget(cfg.budget.max_cost_usd)
         rng = extras.get("rng")
         # prompt.rows_per_request > 1: the dispatcher sends packs, and writes their rows through the sender.
         packer = Packer.of(cfg, plan, renderer.tokens)
         self.packs = PackSender(cfg, packer, answers, plan) if packer is not None and plan is not None else None
+        self.builder = (RequestBuilder if self.packs is None else RowBuilder)(cfg.endpoint.base_url, plan,
+                                                                               renderer.tokens)
         if self.packs is None:
             self.dispatcher = Dispatcher(cfg, transport, answers, limiter, plan, stats=self.stats, budget=budget,
                                          builder=self.builder, rng=rng)
@@ -133,6 +137,11 @@ class Core:
         self.window = max(MAX_OPEN_BATCHES, -(-cfg.limits.max_concurrency * 2 // (cfg.input.batch_size or 1)))
         self.failed_rows = 0
         self._requests: set[asyncio.Task[Any]] = set()
+        self.trust: Trust | None = None
+        if cfg.cascade or cfg.quality.audit or cfg.quality.samples_by_requests(cfg.endpoint.base_url) > 1:
+            # Stages answered in turn, the audit, votes as separate requests (core/cascade.py).
+            from .cascade import Trust
+            self.trust = Trust(self, plan)
 
     @property
     def stop_reason(self) -> str | None:
@@ -140,7 +149,16 @@ class Core:
 
     @property
     def fatal(self) -> Fatal | None:
+        if self.dispatcher.fatal is None and self.trust is not None:
+            return self.trust.fatal()
         return self.dispatcher.fatal
+
+    def track(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Requests in flight that abort() cancels."""
+        self._requests.update(tasks)
+
+    def untrack(self, tasks: list[asyncio.Task[Any]]) -> None:
+        self._requests.difference_update(tasks)
 
     @property
     def plan(self) -> StructuredPlan | None:
@@ -198,6 +216,11 @@ class Core:
                 await asyncio.gather(*pending, return_exceptions=True)
 
     async def _resolve(self, batch: InputBatch) -> OutcomeBatch:
+        if self.trust is not None:
+            decided, keys = await self.trust.resolve(batch)
+            done = [o for o in decided if o is not None]
+            self._rows_done(len(done), sum(1 for o in done if not (isinstance(o, Record) and o.state == "ok")))
+            return OutcomeBatch(batch, decided, keys)
         built = self.builder.build_batch(batch, self.renderer)
         if self.packs is not None:
             built = Packer.rekey(built)  # a packed row is stored under its own packed key

@@ -44,6 +44,7 @@ from ..state import migrations
 from ..state.jobdir import JobDir
 from ..state.store import MIGRATIONS, connect
 from ..vocab import FINAL_STATES, BuiltBatch, InputBatch, Request
+from .estimate_cascade import Escalation, describe, extra_cost
 
 # Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
 # what gpt-4-turbo typically sustains on OpenRouter and OpenAI. Printed with the figure it produces.
@@ -81,6 +82,7 @@ class Estimate:
     example: bytes | None = None    # the first request to send, as its canonical payload
     shared_prefix: int | None = None  # prompt tokens every request shares (engines/savings.py)
     cache_notes: list[str] = field(default_factory=list)  # what keeps shared text from being cached
+    escalation: Escalation = field(default_factory=Escalation)  # a cascade's first stage (estimate_cascade.py)
 
 
 def dry_run(cfg: Config, out: TextIO, *, as_json: bool = False, compare: bool = False) -> int:
@@ -159,6 +161,8 @@ def _batch(batch: InputBatch, renderer: Renderer, asker: _Asker, cfg: Config,
     built = asker.build(batch, renderer)
     row_keys, jobs = built.keys, built.requests
     answered = _states(store, jobs.keys())
+    if cfg.cascade:
+        est.escalation.add(store, jobs.keys(), cfg.cascade[0].min_confidence)
     cached = {k for k, s in _states(cache, [k for k in jobs if k not in answered]).items() if s == "ok"}
     for i, key in enumerate(row_keys):
         if key is None:
@@ -283,6 +287,12 @@ def cost_range(est: Estimate, cfg: Config) -> tuple[float, float | None, float] 
     top = max(price, dearest, key=lambda p: (p.input_per_m, p.output_per_m))
     high = (est.prompt_tokens * top.input_per_m / 1e6 + est.images * top.per_image
             + est.output_max * top.output_per_m / 1e6)
+    if cfg.cascade or cfg.quality.audit or cfg.quality.confidence == "votes":  # later stages, the audit, votes
+        extra = extra_cost(est, cfg)
+        if extra is None:
+            return None
+        likely = None if likely is None or extra[0] is None else likely + extra[0]
+        high += extra[1]
     return base, likely, high
 
 
@@ -366,7 +376,10 @@ def _cost_lines(est: Estimate, cfg: Config, add: Any) -> None:
         return
     low, likely, high = costs
     add("cost (USD)", f"${low:.4f} .. ${high:.4f}" + (f", likely ${likely:.4f}" if likely is not None else ""))
-    for name in [model, *(cfg.params.models or [])]:
+    for line in describe(est, cfg):
+        add("", line)
+    stages = [s.model for s in cfg.cascade or []] + ([cfg.quality.audit.model] if cfg.quality.audit else [])
+    for name in dict.fromkeys([model, *(cfg.params.models or []), *stages]):
         price = find_price(cfg, name, batch=cfg.run.mode == "batch")
         if price is None:
             add("", f"{name}: no price known (the range leaves it out)")

@@ -55,9 +55,11 @@ from ..write.output import (
     failure_counts,
     merge_parts,
     output_ids,
+    quality_layout,
     write_part,
 )
 from ..write.publish import check_local_output, publish_outputs
+from ..write.quality import apply_gate, quality_figures
 
 log = logging.getLogger("pipeline")
 
@@ -207,6 +209,8 @@ def _outputs(ctx: RunContext, batch_state: str | None) -> Summary:
     ctx.store.sync()
     summary = dataclasses.replace(_summary(ctx), **ctx.invocation.stamp())
     finish(summary, ctx.core, *ctx.commands)
+    summary.quality = quality_figures(ctx.jobdir.path, ctx.cfg)
+    apply_gate(summary, ctx.cfg)
     if batch_state is not None:
         from ..batch.mode import finish as finish_batches
         finish_batches(summary, batch_state, ctx.commands[0])
@@ -307,6 +311,7 @@ def _output_columns(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
         with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
         with_ttft=cfg.params.stream, compression=cfg.output.compression,
         cost_unknown=find_price(cfg, cfg.endpoint.model) is None,
+        **quality_layout(cfg, plan.schema if plan else None),
     )
 
 

@@ -19,6 +19,7 @@ from typing import TextIO
 
 import orjson
 
+from ..common.terminal import printable
 from ..config import Config, load_config
 from ..errors import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, PipelineError, RequestError, RunFatalError
 from ..read import storage
@@ -198,6 +199,6 @@ def print_checks(checks: list[Check], out: TextIO | None = None, *, as_json: boo
                                 "checks": [c.__dict__ for c in checks]}).decode() + "\n")
         return code
     for c in checks:
-        out.write(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<20} {c.detail}\n")
+        out.write(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<20} {printable(c.detail)}\n")  # server text in it
     out.write("ready to run\n" if not failed else f"{len(failed)} check(s) failed: fix them before the run\n")
     return code

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import RequestError, RunFatalError
 from ..send.transport import Reply, Transport
@@ -81,3 +82,11 @@ class Figures:
     exit_code: int | None = None
     cached_tokens: int = 0           # of prompt_tokens, read from the provider's prompt cache this run
     cache_saved_usd: float = 0.0
+    agreement: dict[str, tuple[float, float, float]] | None = None  # audit: field -> (share, low, high)
+
+
+def agreement_of(quality: dict[str, Any] | None) -> dict[str, tuple[float, float, float]] | None:
+    """The audit's agreement per field from a run's quality figures (write/quality.py), for the metrics."""
+    fields = ((quality or {}).get("audit") or {}).get("fields") or {}
+    out = {name: (f["agreement"], *f["interval_95"]) for name, f in fields.items() if f.get("agreement") is not None}
+    return out or None

@@ -46,6 +46,7 @@ class RunRecord:
     cache_saved_usd: float = 0.0     # what that saved against the full input price
     stop_reason: str | None = None   # fatal | budget | interrupted | incomplete | refused | input_changed | error
     message: str | None = None       # why it stopped or was refused
+    quality: dict[str, Any] | None = None  # the audit's agreement and the gate, when quality is on
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,7 +28,7 @@ from ..errors import (
     UsageError,
 )
 from . import history, notify
-from .figures import Figures, Tally
+from .figures import Figures, Tally, agreement_of
 from .logfile import LogFile, iso_utc
 
 log = logging.getLogger("pipeline")
@@ -123,7 +123,7 @@ class Invocation:
                 retries=dict(summary.retries), cost_usd=summary.run_cost_usd,
                 cached_tokens=int(summary.prompt_cache.get("run_cached_tokens", 0)),
                 cache_saved_usd=float(summary.prompt_cache.get("run_saved_usd", 0.0)), stop_reason=summary.stopped,
-                message=summary.stop_message)
+                message=summary.stop_message, quality=getattr(summary, "quality", None) or None)
         assert exc is not None
         record = history.RunRecord(run_id=self.run_id, started_at=self.started_at, finished_at=iso_utc(time.time()),
                                    exit_code=exit_code_of(exc, str(self.out_dir)), stop_reason=stop_reason_of(exc),
@@ -184,6 +184,7 @@ class Invocation:
                 f.rows = {"succeeded": record.succeeded, "failed": record.failed, "pending": record.pending}
             f.run_cost_usd = record.cost_usd
             f.cached_tokens, f.cache_saved_usd = record.cached_tokens, record.cache_saved_usd
+            f.agreement = agreement_of(record.quality)
         from .metrics import (
             write_metrics,  # prometheus_client only for jobs that write metrics
         )

@@ -48,6 +48,13 @@ class _Collector(Collector):
                          f.last_success)
         yield _gauge("pipeline_run_start_timestamp_seconds", "When this run started", job, f.started)
         yield _gauge("pipeline_run_running", "1 while the run is going, 0 once it ended", job, int(f.running))
+        if f.agreement:
+            agree = GaugeMetricFamily("pipeline_audit_agreement", "The audit's agreement with the reference model "
+                                      "per field: the share and its 95% interval", labels=["job", "field", "bound"])
+            for name, (share, low, high) in sorted(f.agreement.items()):
+                for bound, value in (("share", share), ("low", low), ("high", high)):
+                    agree.add_metric([f.job, name, bound], value)
+            yield agree
         if f.exit_code is not None:
             yield _gauge("pipeline_run_exit_code", "How the last run ended (see the README's exit codes)", job,
                          f.exit_code)

@@ -111,6 +111,15 @@ class PackBuilder(RequestBuilder):
         return replace(super().reshape(request), key=request.key)
 
 
+class RowBuilder(RequestBuilder):
+    """Builds the rows that go into packs: their keys and bodies, without counting their tokens (each pack
+    is counted as it is sent; counting every row alone as well would double the tokenizer's work)."""
+
+    def _request(self, rendered: RenderedRow, shaped: dict[str, Any], payload: bytes, key: str) -> Request:
+        return Request(key, payload, rendered.body, 0, rendered.max_tokens, 0, rendered.image_tokens,
+                       self.plan.mode if self.plan is not None else None)
+
+
 @dataclass(slots=True)
 class PackRow:
     """One row of a pack: where its answer goes, and what it sent."""

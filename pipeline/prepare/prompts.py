@@ -104,6 +104,10 @@ class Renderer:
         if columns is not None:
             self.check_columns(columns)
 
+    def for_config(self, cfg: Config) -> Renderer:
+        """The same rows rendered for another model of the job (a cascade stage, the audit's model)."""
+        return Renderer(cfg, input_dir=self._input_dir)
+
     def _compile(self, source: str | None, key: str) -> jinja2.Template | None:
         if not source:
             return None
@@ -147,6 +151,8 @@ class Renderer:
             if field == "messages":
                 raise ConfigError("messages cannot come from params.from_columns; use prompt.messages_column",
                                   key="params.from_columns.messages", file=src)
+        # What quality.confidence needs measured (logprobs, or n samples at the vote temperature).
+        body.update(self.cfg.quality.body_fields(body, self.cfg.endpoint.base_url))
         body["model"] = self.cfg.endpoint.model
         return body
 

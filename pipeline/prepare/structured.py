@@ -96,6 +96,22 @@ class StructuredPlan:
         # The hot path: the Rust validator answers "valid?" ~100x faster (a quarter of our CPU per request).
         self._is_valid = jsonschema_rs.validator_for(tolerant).is_valid
 
+    def prefer_logprobs(self) -> None:
+        """quality.confidence: logprobs reads the answer's token probabilities, which cover message content
+        (json_schema, json_object) but not tool-call arguments: auto mode leaves tool mode out."""
+        if "tool" not in self.modes:
+            return
+        rest = [m for m in self.modes if m != "tool"]
+        if not rest:
+            self.notes.append(f"{self.model} answers only in tool mode, whose arguments carry no logprobs: "
+                              "confidence stays null (use quality.confidence: votes)")
+            return
+        self.modes = rest
+        if self._mode == "tool":
+            self._mode = rest[0]
+        self.notes.append("quality.confidence: logprobs: tool mode left out (tool-call arguments carry no "
+                          f"logprobs); modes {', '.join(rest)}")
+
     @property
     def mode(self) -> str:
         """The mode requests are shaped for now."""
@@ -384,7 +400,11 @@ def plan_for(cfg: Config, schema: dict[str, Any] | None = None) -> StructuredPla
     if cfg.structured is None:
         return None
     try:
-        return StructuredPlan(cfg.structured, cfg.endpoint.model, schema=schema, endpoint=cfg.endpoint,
+        plan = StructuredPlan(cfg.structured, cfg.endpoint.model, schema=schema, endpoint=cfg.endpoint,
                               params=cfg.params)
     except ConfigError as exc:
         raise exc.located(cfg.source) from None
+    if cfg.quality.confidence == "logprobs":
+        plan.prefer_logprobs()
+    plan.notes.extend(cfg.quality.notes())
+    return plan

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
+from typing import Any
 
 import polars as pl
 
@@ -159,7 +160,7 @@ def _score(result: Comparison, runs: list[RunData], gold: Gold, target: float | 
                 continue
             both = gold.column(name).join(keyed.select("__id", pl.col(name).cast(pl.String).alias("pred")),
                                           on="__id", how="inner")
-            s, c = gold_scores(both.get_column("gold"), both.get_column("pred"), label, name)
+            s, c = gold_scores(both.get_column("gold"), both.get_column("pred"), label, name, both.get_column("weight"))
             summary.append(s)
             classes += c
             result.gold_confusion[f"{name}: {label}"] = confusion_matrix(
@@ -192,27 +193,31 @@ def _calibrate(label: str, name: str, conf: pl.DataFrame, both: pl.DataFrame, ke
     column = f"conf:{name}" if f"conf:{name}" in conf.columns else "confidence"
     source = f"confidence_by_field.{name}" if column != "confidence" else "confidence"
     scored = both.join(conf.select("__id", pl.col(column).alias("conf")), on="__id", how="left").select(
-        "conf", correct=(pl.col("pred") == pl.col("gold")).fill_null(False))
+        "conf", "weight", correct=(pl.col("pred") == pl.col("gold")).fill_null(False))
     population = keyed.select("__id").join(conf.select("__id", pl.col(column).alias("c")), on="__id").get_column("c")
     return calibrate(label, name, source, population, scored, target)
 
 
-def gold_scores(gold: pl.Series, pred: pl.Series, label: str, name: str) -> tuple[dict, list[dict]]:
-    """Accuracy and per-class precision / recall / F1 of one run's answers to one field."""
+def gold_scores(gold: pl.Series, pred: pl.Series, label: str, name: str, weight: pl.Series | None = None
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Accuracy and per-class precision / recall / F1 of one run's answers to one field; with weights
+    (review gold: a row's inverse chance of being reviewed) the counts are sums of weights, so the figures
+    estimate the whole job. `support` stays a count of gold rows."""
     pred_ok = pred.fill_null("(no answer)")
     n = gold.len()
+    w = weight.cast(pl.Float64).fill_null(1.0) if weight is not None else pl.Series([1.0] * n, dtype=pl.Float64)
     scores = []
     for cls in sorted(set(gold.to_list()) | set(pred.drop_nulls().to_list())):
-        tp = int(((pred_ok == cls) & (gold == cls)).sum())
-        fp = int(((pred_ok == cls) & (gold != cls)).sum())
-        fn = int(((pred_ok != cls) & (gold == cls)).sum())
+        said, true = pred_ok == cls, gold == cls
+        tp, fp, fn = (float(w.filter(m).sum()) for m in (said & true, said & ~true, ~said & true))
         p = tp / (tp + fp) if tp + fp else None
         r = tp / (tp + fn) if tp + fn else None
         scores.append({"run": label, "field": name, "class": cls, "precision": p, "recall": r, "f1": _f1(p, r),
-                       "support": tp + fn})
+                       "support": int(true.sum())})
     f1s = [s["f1"] for s in scores if s["support"] and s["f1"] is not None]
+    total = float(w.sum())
     summary = {"run": label, "field": name, "rows": n,
-               "accuracy": float((pred_ok == gold).mean()) if n else None,  # type: ignore[arg-type]
+               "accuracy": float(w.filter(pred_ok == gold).sum()) / total if n and total > 0 else None,
                "macro_f1": sum(f1s) / len(f1s) if f1s else None}
     return summary, scores
 

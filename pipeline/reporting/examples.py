@@ -44,7 +44,8 @@ def wide(runs: list[RunData], fields: list[str], gold: Gold | None, by: str | No
                              f"with input.columns: [{by}] (a re-run sends nothing new)")
         frame = frame.with_columns(pl.coalesce(bys).alias("__by")).drop(bys)
     if gold is not None:
-        frame = frame.join(gold.frame.rename({f: f"gold:{f}" for f in gold.fields}), on="__id", how="left")
+        frame = frame.join(gold.frame.drop("__weight").rename({f: f"gold:{f}" for f in gold.fields}), on="__id",
+                           how="left")
     return frame.sort("__id")
 
 

@@ -3,7 +3,9 @@ import` stored beside the job (`gold.parquet`), as one frame the report scores e
 
 gold.parquet holds one row per (row id, field): `row_id`, `field`, `value` (text: an enum value, or
 "true"/"false"), `annotator`, `annotated_at`, `reason` (why the row was up for review: below the
-confidence threshold or the random sample), `source` (the file imported) and `imported_at`. A later
+confidence threshold or the random sample), `weight` (the inverse of the row's chance of being up for
+review: 1 below the threshold, rows-not-below / sample-size in the random sample; the report weighs
+scores by it so they estimate the whole job), `source` (the file imported) and `imported_at`. A later
 import of the same (row id, field) replaces the earlier label. The file sits in output.dir next to the
 results; `--force-new` leaves it there (the labels describe the input, not the job's prompt).
 """
@@ -19,12 +21,14 @@ from ..errors import UsageError
 from .data import RunData
 
 GOLD_SCHEMA = {"row_id": pl.String, "field": pl.String, "value": pl.String, "annotator": pl.String,
-               "annotated_at": pl.String, "reason": pl.String, "source": pl.String, "imported_at": pl.String}
+               "annotated_at": pl.String, "reason": pl.String, "weight": pl.Float64, "source": pl.String,
+               "imported_at": pl.String}
 
 
 @dataclass
 class Gold:
-    """Gold values keyed by row id (`__id`, text), one text column per scored output field."""
+    """Gold values keyed by row id (`__id`, text), one text column per scored output field, and the
+    row's `__weight` (1 unless review gold over-represents some rows)."""
 
     frame: pl.DataFrame
     fields: list[str]
@@ -32,7 +36,8 @@ class Gold:
 
     def column(self, name: str) -> pl.DataFrame:
         """__id and `gold` for one field, rows with a value only."""
-        return self.frame.select("__id", pl.col(name).alias("gold")).drop_nulls("gold")
+        return self.frame.select("__id", pl.col(name).alias("gold"), pl.col("__weight").alias("weight")
+                                 ).drop_nulls("gold")
 
 
 def read_gold(out_dir: Path) -> pl.DataFrame:
@@ -72,6 +77,8 @@ def stored_gold(runs: list[RunData]) -> Gold | None:
         return None
     wide = long.pivot(on="field", index="row_id", values="value").rename({"row_id": "__id"})
     fields = [c for c in wide.columns if c != "__id"]
+    weights = long.group_by("row_id").agg(pl.col("weight").fill_null(1.0).first().alias("__weight"))
+    wide = wide.join(weights.rename({"row_id": "__id"}), on="__id", how="left")
     named = [str(r.path / layout.GOLD) for r, f in zip(runs, frames) if f.height]
     return Gold(wide, fields, f"human labels ({', '.join(named)})")
 
@@ -95,7 +102,7 @@ def column_gold(runs: list[RunData], spec: str) -> Gold:
         fields = sorted({c for run in runs for c in run.outputs().columns})
         raise UsageError(f"--gold {spec}: no run has an output field {field!r}; give COLUMN=FIELD with one of: "
                          f"{', '.join(fields)}")
-    return Gold(values.rename({"__gold": field}), [field], f"input column {column}")
+    return Gold(values.rename({"__gold": field}).with_columns(__weight=pl.lit(1.0)), [field], f"input column {column}")
 
 
 def _gold_field(runs: list[RunData], gold: pl.Series, column: str) -> str:

@@ -16,6 +16,7 @@ from .compare import Comparison
 from .data import RunData
 from .figures import TAIL_FACTOR, failure_figures, field_summaries, job_totals, run_figures, time_figures
 from .html_compare import comparison_section
+from .html_quality import quality_section
 from .markup import card as _card
 from .markup import cell, table
 from .markup import duration as _duration
@@ -87,7 +88,7 @@ def _nav(runs: list[RunData], comparison: Comparison | None) -> str:
 
 def run_sections(run: RunData, p: str, *, multiple: bool) -> str:
     title = f" — {_e(run.label)}" if multiple else f" — {_e(run.model)}"
-    return "".join([_run(run, p, title), _time(run, p), _failures(run, p), _outputs(run, p)])
+    return "".join([_run(run, p, title), quality_section(run, p), _time(run, p), _failures(run, p), _outputs(run, p)])
 
 
 def _run(run: RunData, p: str, title: str) -> str:

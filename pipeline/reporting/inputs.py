@@ -45,31 +45,53 @@ def _expected_keys(run: RunData, ids: set[str]) -> dict[str, str]:
 
 
 def _rendered(run: RunData, ids: set[str]) -> dict[str, str]:
+    """Texts proved by a rebuilt request key, trying each config that rebuilds the job in turn."""
+    from .show import job_configs
+
+    expected = _expected_keys(run, ids)
+    out: dict[str, str] = {}
+    for cfg in job_configs(run.path, run.manifest, None) if expected else ():
+        out.update(_rendered_from(cfg, {k: v for k, v in expected.items() if k not in out}))
+        if len(out) == len(expected):
+            break
+    return out
+
+
+def _rendered_from(cfg: Any, expected: dict[str, str]) -> dict[str, str]:
+    """The rows of one candidate config's input whose rebuilt request key is the stored one."""
     from ..prepare.prompts import Renderer
     from ..prepare.structured import plan_for
     from ..read.reader import Source
-    from .show import job_config
 
-    expected = _expected_keys(run, ids)
-    cfg = job_config(run.path, run.manifest, None) if expected else None
-    if cfg is None:
-        return {}
     out: dict[str, str] = {}
     try:
         source = Source(cfg.input)
         scan = source.scan()
-        renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
-                            columns=scan.columns)
-        plan = plan_for(cfg)
+        folder = str(Path(source.files[0]).parent) if source.files else None
+        # A cascade's later stages ask another model the same thing: their rows are proved under that model.
+        stages = [cfg] + [_for_model(cfg, m) for m in _stage_models(cfg)]
+        builders = [(Renderer(c, input_dir=folder, columns=scan.columns), plan_for(c), c) for c in stages]
         for batch in source.batches():
-            wanted = [i for i, row_id in enumerate(batch.ids) if row_id in expected and row_id not in out]
-            if wanted:
-                out.update(_proved(_subset(batch, wanted), renderer, plan, cfg, expected))
+            for renderer, plan, stage_cfg in builders:
+                wanted = [i for i, row_id in enumerate(batch.ids) if row_id in expected and row_id not in out]
+                if wanted:
+                    out.update(_proved(_subset(batch, wanted), renderer, plan, stage_cfg, expected))
             if len(out) == len(expected):
                 break
     except (InputError, ConfigError, OSError):
         return out  # the input moved or changed shape since: what was proved stands, the rest falls back
     return out
+
+
+def _stage_models(cfg: Any) -> list[str]:
+    """The models of a cascade's stages other than the job's own (none without a cascade)."""
+    stages = getattr(cfg, "cascade", None) or []
+    models = [getattr(s, "model", None) for s in stages]
+    return list(dict.fromkeys(m for m in models if isinstance(m, str) and m != cfg.endpoint.model))
+
+
+def _for_model(cfg: Any, model: str) -> Any:
+    return cfg.model_copy(update={"endpoint": cfg.endpoint.model_copy(update={"model": model})})
 
 
 def _subset(batch: InputBatch, rows: list[int]) -> InputBatch:

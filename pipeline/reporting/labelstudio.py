@@ -2,7 +2,7 @@
 them, and the exports people bring back (JSON, JSON-MIN, CSV, or our own CSV filled in).
 
 Tasks (Label Studio's documented import JSON): one object per row,
-    {"data": {"text": ..., "row_id": ..., "reason": ..., "confidence": ...},
+    {"data": {"text": ..., "row_id": ..., "reason": ..., "confidence": ..., "weight": ...},
      "predictions": [{"model_version": MODEL, "score": CONFIDENCE,
                       "result": [{"from_name": FIELD, "to_name": "text", "type": "choices",
                                   "value": {"choices": [VALUE]}}, ...]}]}
@@ -45,6 +45,7 @@ class Label:
     annotator: str | None
     annotated_at: str | None
     reason: str | None
+    weight: float | None  # the row's inverse chance of being up for review, as exported
     where: str            # "task 3" / "line 5", for error messages
 
 
@@ -55,7 +56,8 @@ def task(row: dict[str, Any], fields: list[ReviewField], model: str) -> dict[str
     prediction: dict[str, Any] = {"model_version": model, "result": result}
     if row.get("confidence") is not None:
         prediction["score"] = row["confidence"]
-    data = {TEXT: row[TEXT], ROW_ID: row[ROW_ID], "reason": row["reason"], "confidence": row.get("confidence")}
+    data = {TEXT: row[TEXT], ROW_ID: row[ROW_ID], "reason": row["reason"], "confidence": row.get("confidence"),
+            "weight": row["weight"]}
     return {"data": data, "predictions": [prediction] if result else []}
 
 
@@ -72,13 +74,13 @@ def label_config(fields: list[ReviewField]) -> str:
 
 
 def csv_text(rows: list[dict[str, Any]], fields: list[ReviewField]) -> str:
-    """row_id, reason, confidence, text, then per field the model's answer and an empty column to fill."""
+    """row_id, reason, weight, confidence, text, then per field the model's answer and an empty column to fill."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([ROW_ID, "reason", "confidence", TEXT] + [c for f in fields for c in (f"model_{f.name}", f.name)])
+    writer.writerow([ROW_ID, "reason", "weight", "confidence", TEXT] + [c for f in fields for c in (f"model_{f.name}", f.name)])
     for r in rows:
         conf = "" if r.get("confidence") is None else f"{r['confidence']:.4f}"
-        writer.writerow([r[ROW_ID], r["reason"], conf, _cell(r[TEXT])]
+        writer.writerow([r[ROW_ID], r["reason"], f"{r['weight']:.6g}", conf, _cell(r[TEXT])]
                         + [c for f in fields for c in (_cell(r.get(f.name)), "")])
     return out.getvalue()
 
@@ -139,13 +141,13 @@ def _from_task(t: dict[str, Any], where: str, name: str) -> list[Label]:
         out.append(Label(row_id, str(item.get("from_name")), choices[0],
                          None if annotator is None else str(annotator),
                          _text(chosen.get("updated_at") or chosen.get("created_at")),
-                         _text(data.get("reason")), where))
+                         _text(data.get("reason")), _weight(data.get("weight"), where, name), where))
     return out
 
 
 def _from_flat(t: dict[str, Any], where: str, name: str) -> list[Label]:
     row_id = _row_id(t.get(ROW_ID), where, name)
-    skip = {ROW_ID, TEXT, "reason", "confidence", "id", "annotator", "annotation_id", "created_at", "updated_at",
+    skip = {ROW_ID, TEXT, "reason", "weight", "confidence", "id", "annotator", "annotation_id", "created_at", "updated_at",
             "lead_time"}
     out = []
     for key, value in t.items():
@@ -157,7 +159,7 @@ def _from_flat(t: dict[str, Any], where: str, name: str) -> list[Label]:
             raise InputError(f"{where}: {key!r} holds {value!r}; one choice per field is expected", file=name)
         out.append(Label(row_id, key, str(value).lower() if isinstance(value, bool) else value,
                          _text(t.get("annotator")), _text(t.get("updated_at") or t.get("created_at")),
-                         _text(t.get("reason")), where))
+                         _text(t.get("reason")), _weight(t.get("weight"), where, name), where))
     return out
 
 
@@ -183,6 +185,20 @@ def _row_id(value: Any, where: str, name: str) -> str:
         raise InputError(f"{where} has no data.{ROW_ID}; were these tasks made by `pipeline review export`?",
                          file=name)
     return str(value)
+
+
+def _weight(value: Any, where: str, name: str) -> float | None:
+    """The exported weight (a number >= 1), or None when the file has none (then every row weighs 1)."""
+    if value in (None, ""):
+        return None
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not weight >= 1.0 or weight == float("inf"):
+        raise InputError(f"{where}: weight {value!r} is not a number >= 1; keep the weight column as exported",
+                         file=name)
+    return weight
 
 
 def _text(value: Any) -> str | None:

@@ -29,6 +29,9 @@ from .gold import GOLD_SCHEMA, write_gold
 from .inputs import input_texts
 from .labelstudio import ReviewField
 
+# A row whose request cannot be rebuilt and proved (the input changed since, or the config is gone).
+NO_TEXT = "(input not available: the row changed since it was answered, or the job's config cannot be rebuilt)"
+
 
 @dataclass
 class Exported:
@@ -72,8 +75,11 @@ def export_tasks(out_dir: str, dest: str, *, below: float | None, sample: int, s
     if below is None and sample <= 0:
         raise UsageError("choose the rows to review: --below CONFIDENCE (the uncertain ones), --sample N "
                          "(a random audit sample), or both")
+    if sample < 0:
+        raise UsageError(f"--sample {sample}: give a number of rows (0 or more)")
     if below is not None and not 0.0 < below <= 1.0:
         raise UsageError(f"--below {below}: give a confidence between 0 and 1 (e.g. 0.8)")
+    paths = _paths(Path(dest))
     run = load_run(out_dir)
     fields = review_fields(run)
     if not fields:
@@ -82,8 +88,8 @@ def export_tasks(out_dir: str, dest: str, *, below: float | None, sample: int, s
     rows = _candidates(run, fields)
     chosen = _choose(rows, run.path, below, sample, seed)
     texts = input_texts(run, set(chosen.get_column("row_id").to_list()))
-    records = [{**r, labelstudio.TEXT: texts.get(r["row_id"], "")} for r in chosen.iter_rows(named=True)]
-    paths = _paths(Path(dest))
+    records = [{**r, labelstudio.TEXT: texts.get(r["row_id"], NO_TEXT)} for r in chosen.iter_rows(named=True)]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     tasks = [labelstudio.task(r, fields, str(r.get("model") or run.model)) for r in records]
     safefs.write_atomic(paths[0], orjson.dumps(tasks, option=orjson.OPT_INDENT_2))
     safefs.write_atomic(paths[1], labelstudio.csv_text(records, fields).encode("utf-8"))
@@ -93,8 +99,14 @@ def export_tasks(out_dir: str, dest: str, *, below: float | None, sample: int, s
 
 
 def _paths(dest: Path) -> tuple[Path, Path, Path]:
+    """The three files' paths, checked before any work (their folder is made when writing)."""
     if dest.suffix.lower() != ".json":
         raise UsageError(f"-o {dest}: name the tasks file *.json (the CSV and the labeling config go beside it)")
+    if dest.is_dir():
+        raise UsageError(f"-o {dest}: that is a folder; give a file name ending in .json")
+    existing = next(p for p in dest.parents if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise UsageError(f"-o {dest}: {existing} is a file, not a folder; give -o a path in a folder")
     return dest, dest.with_suffix(".csv"), dest.with_name(dest.stem + ".label_config.xml")
 
 
@@ -115,16 +127,20 @@ def _candidates(run: RunData, fields: list[ReviewField]) -> pl.DataFrame:
 
 
 def _choose(rows: pl.DataFrame, path: Path, below: float | None, sample: int, seed: int) -> pl.DataFrame:
-    low = rows.head(0).with_columns(reason=pl.lit("", pl.String))
+    low = rows.head(0).with_columns(reason=pl.lit("", pl.String), weight=pl.lit(1.0))
     if below is not None:
         if rows.get_column("confidence").null_count() == rows.height:
             raise UsageError(f"{path}/results.parquet has no confidences (the job ran without quality.confidence); "
                              "use --sample N alone, or set quality.confidence: logprobs (or votes) and run again")
         low = (rows.filter(pl.col("confidence") < below).sort("confidence", "row_id")
-               .with_columns(reason=pl.format("confidence {} < {}", pl.col("confidence").round(3), pl.lit(below))))
+               .with_columns(reason=pl.format("confidence {} < {}", pl.col("confidence").round(3), pl.lit(below)),
+                             weight=pl.lit(1.0)))
     rest = rows.join(low.select("row_id"), on="row_id", how="anti").sort("row_id")
     picked = rest.sample(n=min(sample, rest.height), seed=seed, shuffle=True) if sample > 0 and rest.height else rest.head(0)
-    return pl.concat([low, picked.with_columns(reason=pl.lit("random sample"))], how="vertical")
+    # Every uncertain row is up for review, one in (rest / sample) of the others: that inverse is its weight.
+    weight = rest.height / picked.height if picked.height else 1.0
+    return pl.concat([low, picked.with_columns(reason=pl.lit("random sample"), weight=pl.lit(weight))],
+                     how="vertical")
 
 
 def import_labels(out_dir: str, source: str) -> Imported:
@@ -155,7 +171,7 @@ def import_labels(out_dir: str, source: str) -> Imported:
                          file=str(path))
     now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     frame = pl.DataFrame([{"row_id": lab.row_id, "field": lab.field, "value": value, "annotator": lab.annotator,
-                           "annotated_at": lab.annotated_at, "reason": lab.reason, "source": path.name,
+                           "annotated_at": lab.annotated_at, "reason": lab.reason, "weight": lab.weight, "source": path.name,
                            "imported_at": now} for lab, value in kept], schema=GOLD_SCHEMA)
     frame = frame.unique(subset=["row_id", "field"], keep="last", maintain_order=True)
     merged = write_gold(run.path, frame)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -163,6 +164,13 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
 
 
 def job_config(path: Path, manifest: dict[str, Any], config: str | None) -> Any:
+    """The first config that rebuilds the job (its fingerprint matches), or None."""
+    return next(job_configs(path, manifest, config), None)
+
+
+def job_configs(path: Path, manifest: dict[str, Any], config: str | None) -> Iterator[Any]:
+    """Every candidate config that rebuilds the job, best first. Several can match: the config file the
+    manifest names may since point at another input than the one the job read."""
     from ..config import load_config
 
     candidates: list[tuple[Any, list[str]]] = []
@@ -187,8 +195,7 @@ def job_config(path: Path, manifest: dict[str, Any], config: str | None) -> Any:
         except PipelineError:
             continue
         if cfg.request_fingerprint() == manifest.get("fingerprint") or source is config:
-            return cfg
-    return None
+            yield cfg
 
 
 def _url(base_url: str) -> str:

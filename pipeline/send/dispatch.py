@@ -84,6 +84,7 @@ class Dispatcher:
         self.inflight: dict[str, asyncio.Future[Record]] = {}
         self.stream = cfg.params.stream
         self.cached_reads_free = cached_reads_exempt(cfg.endpoint.model)
+        self.linked: list[Dispatcher] = []  # dispatchers of the same run (cascade stages): they stop together
         self._usage_warned = False
 
     def stop(self, reason: str) -> None:
@@ -92,6 +93,8 @@ class Dispatcher:
             self.stop_reason = reason
             self.limits.stop()  # requests queued on a limit leave now instead of at the rate limit
             self.budget.close()
+            for other in self.linked:
+                other.stop(reason)
 
     async def submit(self, request: Request) -> Record:
         """The record for this request; joins an identical request already in flight."""
@@ -243,7 +246,7 @@ class Dispatcher:
 
     def _answer(self, flight: _Flight, reply: Reply, body: dict[str, Any], usage: Usage) -> Record:
         try:
-            parsed = parse_completion(body, usage, self.plan)
+            parsed = parse_completion(body, usage, self.plan, self.cfg.quality.confidence)
         except BadContentError:
             raise
         except Exception as exc:  # a parser bug must not lose a paid answer

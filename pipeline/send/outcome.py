@@ -25,7 +25,8 @@ def answer_record(key: str, parsed: Parsed, paid: Paid, *, attempts: int, status
         provider=parsed.provider, prompt_tokens=paid.prompt_tokens, completion_tokens=paid.completion_tokens,
         cost_usd=paid.cost_usd, cached_tokens=paid.cached_tokens, cache_write_tokens=paid.cache_write_tokens,
         latency_s=latency_s, ttft_s=ttft_s, tool_calls_json=parsed.tool_calls_json,
-        logprobs_json=parsed.logprobs_json, raw=raw, usage_note=paid.note,
+        logprobs_json=parsed.logprobs_json, raw=raw, usage_note=paid.note, confidence=parsed.confidence,
+        confidence_json=parsed.confidence_json,
     )
 
 

@@ -59,6 +59,10 @@ class OutputShape(Protocol):
     with_tool_calls: bool
     with_logprobs: bool
     with_ttft: bool
+    confidence_fields: list[str] | None
+    cascade: bool
+    audit_fields: list[str] | None
+    decisions: dict[str, Any] | None
 
 
 PART_FORMAT = 2        # 2: parts named by batch content instead of batch number
@@ -315,6 +319,9 @@ def part_context(carried_types: dict[str, str], id_column: str, layout: OutputSh
     """What shapes a part besides its batch's rows: the columns and types it is written with."""
     shape = {"version": PART_FORMAT, "id": id_column, "carried": carried_types, "schema": layout.schema,
              "tool_calls": layout.with_tool_calls, "logprobs": layout.with_logprobs, "ttft": layout.with_ttft}
+    if layout.confidence_fields is not None or layout.cascade or layout.audit_fields is not None:
+        # Only with the features on, so older jobs keep their part names.
+        shape["quality"] = [layout.confidence_fields, layout.cascade, layout.audit_fields, layout.decisions]
     return orjson.dumps(shape, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
 
 

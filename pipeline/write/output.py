@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 from ..common import redact, safefs
 from ..common.layout import FAILURES, RESULTS
 from ..common.parts import done_parts, read_part
+from ..config import Config
 from ..read import storage
+from ..send.confidence import choice_fields, compared_fields
 from ..vocab import Record, RowFailure
 from .schema_arrow import arrow_type, to_arrow
 
@@ -48,6 +50,13 @@ class OutputColumns:
     with_logprobs: bool = False
     with_ttft: bool = False
     compression: str = "zstd"
+    # Trusting the labels (quality / cascade): None or False where the feature is off, so the columns exist
+    # only where it is on. `decisions` (thresholds, the audit's sample) shapes the parts' content too.
+    confidence_fields: list[str] | None = None   # confidence, confidence_by_field (one float per field)
+    cascade: bool = False                        # cascade_stage
+    audit_fields: list[str] | None = None        # audit_agrees (one bool per compared field)
+    decisions: dict[str, Any] | None = None
+
     # The configured model has no known price: an answer whose server reported no usage.cost cost an
     # unknown amount, written as null (0.0 would claim it was free). Cache hits cost nothing now.
     cost_unknown: bool = False
@@ -97,6 +106,7 @@ def part_tables(layout: OutputColumns, carried: pa.Table,
 
 def _rename_carried(carried: pa.Table, layout: OutputColumns) -> pa.Table:
     reserved = set(RESULT_COLUMNS) | {"output", "error_class", "status", "message", "ttft_s", "tool_calls", "logprobs"}
+    reserved |= set(QUALITY_COLUMNS)
     names = []
     for name in carried.column_names:
         if name == "__id":
@@ -108,6 +118,7 @@ def _rename_carried(carried: pa.Table, layout: OutputColumns) -> pa.Table:
     return carried.rename_columns(names)
 
 
+QUALITY_COLUMNS = ["confidence", "confidence_by_field", "cascade_stage", "audit_agrees"]
 RESULT_COLUMNS = [
     "content", "finish_reason", "model", "provider", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
     "latency_s", "attempts", "cache_hit", "request_key",
@@ -136,6 +147,7 @@ def _results_table(carried: pa.Table, recs: list[Record], layout: OutputColumns)
         cols["ttft_s"] = pa.array([r.ttft_s for r in recs], pa.float64())
     if layout.with_tool_calls:
         cols["tool_calls"] = pa.array([r.tool_calls_json for r in recs], pa.string())
+    cols.update(_quality_columns(recs, layout))
     if layout.with_logprobs:
         cols["logprobs"] = pa.array([orjson.loads(r.logprobs_json) if r.logprobs_json else None for r in recs],
                                     LOGPROB_TYPE)
@@ -143,6 +155,31 @@ def _results_table(carried: pa.Table, recs: list[Record], layout: OutputColumns)
     for name, arr in cols.items():
         table = table.append_column(name, arr)
     return table
+
+
+def _quality_columns(recs: list[Record], layout: OutputColumns) -> dict[str, pa.Array]:
+    cols: dict[str, pa.Array] = {}
+    if layout.confidence_fields is not None:
+        cols["confidence"] = pa.array([r.confidence for r in recs], pa.float64())
+    if layout.confidence_fields:
+        by_field = pa.struct([(name, pa.float64()) for name in layout.confidence_fields])
+        cols["confidence_by_field"] = pa.array(
+            [_pick(r.confidence_json, layout.confidence_fields) for r in recs], by_field)
+    if layout.cascade:
+        cols["cascade_stage"] = pa.array([getattr(r, "cascade_stage", None) for r in recs], pa.int64())
+    if layout.audit_fields is not None:
+        agrees = pa.struct([(name, pa.bool_()) for name in layout.audit_fields])
+        cols["audit_agrees"] = pa.array([_pick(getattr(r, "audit_json", None), layout.audit_fields) for r in recs],
+                                        agrees)
+    return cols
+
+
+def _pick(raw: str | None, names: list[str]) -> dict[str, Any] | None:
+    """A JSON object's values for `names` (missing ones null), or null for no object."""
+    value = orjson.loads(raw) if raw else None
+    if not isinstance(value, dict):
+        return None
+    return {name: value.get(name) for name in names}
 
 
 def _failures_table(carried: pa.Table, outcomes: list[Record | RowFailure], layout: OutputColumns) -> pa.Table:
@@ -230,6 +267,19 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def quality_layout(cfg: Config, schema: dict[str, Any] | None) -> dict[str, Any]:
+    """OutputColumns' quality fields for a job (the local runner and the Ray workers agree on them)."""
+    q, cascade = cfg.quality, cfg.cascade
+    decisions: dict[str, Any] = {}
+    if cascade:
+        decisions["cascade"] = [[s.model, s.min_confidence] for s in cascade]
+    if q.audit is not None:
+        decisions["audit"] = q.audit.model_dump()
+    return {"confidence_fields": list(choice_fields(schema)) if q.confidence != "off" else None,
+            "cascade": bool(cascade), "audit_fields": compared_fields(schema) if q.audit is not None else None,
+            "decisions": decisions or None}
+
+
 @dataclass
 class Summary:
     """What a run did; `summary.json` is this object, and the CLI only formats it."""
@@ -267,6 +317,7 @@ class Summary:
     exit_code: int = 0
     config_fingerprint: str = ""
     structured: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)  # confidence, cascade stages, audit, gate (write/quality.py)
     versions: dict[str, str] = field(default_factory=dict)
     run_id: str = ""
     started_at: str = ""     # UTC ISO-8601

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from ..config import Config
-from ..errors import EXIT_STOPPED, ConfigError
+from ..errors import EXIT_QUALITY_GATE, EXIT_STOPPED, ConfigError
 from ..read import storage
 from .output import Summary, write_json_atomic
 
@@ -28,8 +28,13 @@ def check_local_output(cfg: Config) -> None:
 
 
 def publish_outputs(cfg: Config, job: Path, summary: Summary) -> None:
-    """Write summary.json locally and, with output.publish, upload the outputs; failures stop resumably."""
+    """Write summary.json locally and, with output.publish, upload the outputs; failures stop resumably. A
+    failed quality gate (exit 4) publishes nothing: the outputs stay local for review."""
     dest = cfg.output.publish
+    if dest and summary.exit_code == EXIT_QUALITY_GATE:
+        log.error("quality gate failed: not publishing to %s", dest)
+        summary.quality["published"] = False
+        dest = None
     if dest:
         try:
             storage.publish([str(job / "results.parquet"), str(job / "failures.parquet")], dest,

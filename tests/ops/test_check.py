@@ -70,15 +70,18 @@ def test_a_refused_key_a_missing_key_and_an_unreachable_endpoint(tmp_path: Path,
 
 
 class NoBatchServer:
-    """`GET /v1/models` answers; there is no `/v1/batches` (as on most gateways)."""
+    """`GET /v1/models` answers (or fails as told); there is no `/v1/batches` (as on most gateways)."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 200, message: str = "") -> None:
+        self.status, self.message = status, message
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.url = ""
         self.thread = threading.Thread(target=self._serve, daemon=True)
 
     async def _models(self, request: web.Request) -> web.Response:
+        if self.status != 200:
+            return web.json_response({"error": {"message": self.message}}, status=self.status)
         return web.json_response({"data": [{"id": "openai/gpt-4-turbo"}]})
 
     def _serve(self) -> None:
@@ -130,3 +133,12 @@ def test_unwritable_publish_bucket_and_metrics_folder_are_found_before_the_run(
     checks = {c.name: c for c in run_checks(str(write_config(tmp_path, cfg)))}
     assert all(c.ok for c in checks.values()), [c.detail for c in checks.values() if not c.ok]
     assert storage.list_files(s3_bucket) == []  # the probe was removed
+
+
+def test_server_text_in_a_check_reaches_the_terminal_escaped(tmp_path: Path, sim: SimulatorThread) -> None:
+    cfg = sim_job(tmp_path, sim, 3)
+    with NoBatchServer(401, "bad key \x1b]0;owned\x07\x1b[2J") as server:
+        cfg["endpoint"]["base_url"] = server.url
+        done = cli_in_process("check", str(write_config(tmp_path, cfg)))
+    assert done.returncode == 2
+    assert "\x1b" not in done.stdout and "\\x1b]0;owned\\x07" in done.stdout and "refused" in done.stdout

@@ -9,7 +9,7 @@ import pytest
 
 import pipeline
 from pipeline import cli
-from pipeline.reporting.calibration import calibrate, reliability, wilson
+from pipeline.reporting.calibration import calibrate, reliability, wilson, wilson_share
 from tests.reporting.reportkit import Figures, write_job
 
 # Ten rows worked by hand. Bin = min(floor(10 c), 9):
@@ -105,3 +105,21 @@ def test_target_precision_needs_gold(tmp_path: Path, capsys: pytest.CaptureFixtu
                      "-o", str(tmp_path / "r.html")]) == 2
     assert "between 0 and 1" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_weighted_review_gold_by_hand() -> None:
+    """Review gold: a sampled row weighs (rows not below) / (sample size), an uncertain row 1.
+    conf .95 right w1, .90 wrong w3, .85 right w3, .55 right w1 (total weight 8):
+      bin 9: .95, .90 -> mean conf (.95 + 3 * .90) / 4 = .9125, accuracy 1/4, |gap| .6625, weight 4/8 -> .33125
+      bin 8: .85      -> |gap| .15, weight 3/8 -> .05625;   bin 5: .55 -> |gap| .45, weight 1/8 -> .05625
+      ECE = .44375; precision at >= .8 = (1 + 0 + 3) / (1 + 3 + 3) = 4/7 over 3 gold rows."""
+    scored = pl.DataFrame({"conf": [0.95, 0.90, 0.85, 0.55], "correct": [True, False, True, True],
+                           "weight": [1.0, 3.0, 3.0, 1.0]})
+    cal = calibrate("run", "sentiment", "confidence", scored.get_column("conf"), scored)
+    assert cal.ece == pytest.approx(0.44375)
+    nine = cal.bins.filter(pl.col("bin") == 9).row(0, named=True)
+    assert (nine["rows"], nine["mean_confidence"], nine["accuracy"]) == (2, pytest.approx(0.9125), 0.25)
+    t = cal.thresholds.filter(pl.col("threshold") == 0.8).row(0, named=True)
+    assert (t["gold_rows"], t["precision"]) == (3, pytest.approx(4 / 7))
+    # The interval is Wilson's on the effective size (sum w)^2 / sum w^2 = 49 / 19.
+    assert (t["precision_low"], t["precision_high"]) == tuple(pytest.approx(x) for x in wilson_share(4 / 7, 49 / 19))

@@ -112,9 +112,16 @@ def test_label_studio_export_round_trips_into_gold(labelled: Path, tmp_path: Pat
     score = rep.tables["gold"].row(0, named=True)
     res = pl.read_parquet(labelled / "results.parquet")
     answers = dict(res.select("review_id", pl.col("output").struct.field("sentiment").cast(pl.String)).iter_rows())
-    right = sum(answers[rid] == v for rid, v in expected.items())
+    # Weighted: every uncertain row was up for review, one in (rest / 5) of the others, so a sampled row
+    # stands for rest / 5 rows of the job.
+    rest = res.filter(pl.col("confidence") >= 0.8).height
+    weight = {t["data"]["row_id"]: t["data"]["weight"] for t in tasks}
+    assert {w for t, w in zip(tasks, weight.values()) if t["data"]["reason"] == "random sample"} == {rest / 5}
+    assert {w for t, w in zip(tasks, weight.values()) if t["data"]["reason"] != "random sample"} == {1.0}
+    assert dict(gold.select("row_id", "weight").iter_rows()) == {rid: weight[rid] for rid in expected}
+    right = sum(weight[rid] for rid, v in expected.items() if answers[rid] == v)
     assert (score["field"], score["rows"]) == ("sentiment", len(expected))
-    assert score["accuracy"] == pytest.approx(right / len(expected))
+    assert score["accuracy"] == pytest.approx(right / sum(weight[rid] for rid in expected))
     fig = Figures(rep.html)
     assert "gold.parquet" in rep.html and fig.ids.index("compare") < fig.ids.index("r0-run")
     assert rep.comparison is not None and rep.comparison.calibration
@@ -168,6 +175,11 @@ def test_export_usage_errors(labelled: Path, tmp_path: Path, capsys: pytest.Capt
     assert "--below" in capsys.readouterr().err
     assert cli.main(["review", "export", str(labelled), "--sample", "2", "-o", str(tmp_path / "t.txt")]) == 2
     assert "*.json" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["review", "export", str(labelled), "--sample", "2", "-o", str(tmp_path / "afile" / "t.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["review", "export", str(labelled), "--sample", "2", "-o", str(tmp_path / "new" / "t.json")]) == 0
+    assert (tmp_path / "new" / "t.csv").exists()
     no_conf = tmp_path / "noconf"
     no_conf.mkdir()
     for name in ("manifest.json", "summary.json"):
@@ -176,3 +188,16 @@ def test_export_usage_errors(labelled: Path, tmp_path: Path, capsys: pytest.Capt
     assert cli.main(["review", "export", str(no_conf), "--below", "0.8", "-o", str(tmp_path / "t.json")]) == 2
     assert "quality.confidence" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_input_text_only_when_proved(tmp_path: Path) -> None:
+    """A row edited in the input since it was answered gets no text (its rebuilt request is not the one
+    answered); the other rows get the user message they were sent."""
+    rows = [json.loads(line) for line in (REPO / "data" / "reviews.jsonl").read_text().splitlines()[:8]]
+    out = demo_job(tmp_path, "job", rows, model="openai/gpt-4-turbo", columns=["product"])
+    edited = {**rows[3], "text": "Something else entirely."}
+    (tmp_path / "job.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3] + [edited] + rows[4:]))
+    tasks = _export(out, tmp_path / "t.json", "--sample", "8")
+    text = {t["data"]["row_id"]: t["data"]["text"] for t in tasks}
+    assert text[rows[3]["review_id"]].startswith("(input not available")
+    assert all(r["text"] in text[r["review_id"]] for r in rows if r is not rows[3])

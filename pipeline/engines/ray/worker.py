@@ -41,7 +41,7 @@ from ...send.budget import Budget
 from ...send.transport import HttpTransport
 from ...state.segments import COMMIT_S, Journal
 from ...vocab import InputBatch, Record
-from ...write.output import OutputColumns
+from ...write.output import OutputColumns, quality_layout
 from .budget import RayBudget
 from .invocation import LineCapture
 from .limiter import RayLimits
@@ -56,7 +56,8 @@ def make_layout(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
     return OutputColumns(id_column=cfg.input.id_column or "id", schema=plan.schema if plan else None,
                          with_tool_calls=bool(cfg.params.tools), with_logprobs=bool(cfg.params.logprobs),
                          with_ttft=cfg.params.stream, compression=cfg.output.compression,
-                         cost_unknown=find_price(cfg, cfg.endpoint.model) is None)
+                         cost_unknown=find_price(cfg, cfg.endpoint.model) is None,
+                         **quality_layout(cfg, plan.schema if plan else None))
 
 
 class JournalAnswers:

@@ -1,0 +1,142 @@
+"""Cascade benchmark: accuracy and cost of the weak model alone, the strong model alone, and the cascade.
+
+    python benchmarks/cascade.py [--rows 5000] [--threshold 0.9] [--audit-share 0.05]
+
+5,000 rows with gold on the built-in simulator, whose models have an accuracy against a truth derived
+from each row (pipeline_simulator/judge.py: gpt-4o-mini 0.90, gpt-4o 0.95 of enum/boolean fields right)
+and calibrated logprobs. Gold is that truth, computed from the row's text with the simulator's own
+`truth_of`. Three jobs run through the real pipeline (`pipeline.run`), each in its own folder:
+
+    weak      openai/gpt-4o-mini on every row
+    strong    openai/gpt-4o on every row
+    cascade   gpt-4o-mini first; rows under --threshold confidence (logprobs) go to gpt-4o; an audit of
+              --audit-share of the rows by gpt-4o
+
+Accuracy is the share of (row, field) answers equal to gold over both fields (sentiment: 3 values, spam:
+boolean). Cost is what the pipeline charged (summary cost_usd, the audit's included for the cascade and
+shown apart). The audit's 95% interval per field is checked against the true agreement of the cascade
+with gpt-4o on every row (the strong job's answers). Target: cascade within 1 point of the strong
+model's accuracy at <= 40% of its cost, and the interval contains the true agreement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from _common import REPO  # noqa: F401  (puts the repo on sys.path)
+
+import pipeline
+from pipeline_simulator.judge import truth_of
+
+WEAK, STRONG = "openai/gpt-4o-mini", "openai/gpt-4o"
+ACCURACY = {WEAK: 0.90, STRONG: 0.95}
+PRICES = {WEAK: {"input_per_m": 0.15, "output_per_m": 0.60}, STRONG: {"input_per_m": 2.50, "output_per_m": 10.00}}
+FIELDS = {"sentiment": ["positive", "negative", "neutral"], "spam": [True, False]}
+SCHEMA = {"type": "object", "properties": {"sentiment": {"type": "string", "enum": FIELDS["sentiment"]},
+                                           "spam": {"type": "boolean"}},
+          "required": ["sentiment", "spam"], "additionalProperties": False}
+WORDS = ["parcel", "late", "broken", "lovely", "refund", "again", "colour", "size", "cheap", "support", "box"]
+
+
+def write_input(path: Path, rows: int) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(rows):
+            text = f"Review {i}: " + " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(8))
+            gold = {name: truth_of(text, name, values) for name, values in FIELDS.items()}
+            fh.write(json.dumps({"rid": f"r{i:06d}", "text": text, "gold_sentiment": gold["sentiment"],
+                                 "gold_spam": gold["spam"]}) + "\n")
+
+
+def config(data: Path, out: Path, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "input": {"path": str(data), "id_column": "rid", "columns": ["gold_sentiment", "gold_spam"],
+                  "batch_size": 500},
+        "endpoint": {"base_url": "simulator", "model": WEAK,
+                     "simulator": {"accuracy": ACCURACY, "prices": PRICES, "retry_after_s": 0.01}},
+        "prompt": {"system": "Label the review's sentiment and whether it is spam.", "user": "{{ text }}"},
+        "params": {"temperature": 0, "max_tokens": 60},
+        "structured": {"schema": SCHEMA, "mode": "json_schema"},
+        "limits": {"requests_per_minute": None, "tokens_per_minute": None, "max_concurrency": 64},
+        "output": {"dir": str(out)},
+        "prices": PRICES,
+        "run": {"progress": False},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def answers(out: Path) -> pl.DataFrame:
+    df = pl.read_parquet(out / "results.parquet")
+    return df.select("rid", "gold_sentiment", "gold_spam", pl.col("output").struct.field("sentiment"),
+                     pl.col("output").struct.field("spam"), *[c for c in ("cascade_stage",) if c in df.columns])
+
+
+def accuracy(df: pl.DataFrame) -> float:
+    right = (df["sentiment"] == df["gold_sentiment"]).sum() + (df["spam"] == df["gold_spam"]).sum()
+    return right / (2 * df.height)
+
+
+def run(name: str, cfg: dict[str, Any]) -> tuple[pipeline.Summary, float]:
+    started = time.monotonic()
+    summary = pipeline.run(cfg, quiet=True)
+    wall = time.monotonic() - started
+    assert summary.succeeded == summary.rows_total, f"{name}: {summary.failed} failed, {summary.pending} pending"
+    return summary, wall
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=5000)
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--audit-share", type=float, default=0.05)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = root / "reviews.jsonl"
+        write_input(data, args.rows)
+        trust = {"quality": {"confidence": "logprobs",
+                             "audit": {"share": args.audit_share, "model": STRONG, "min_agreement": 0.95}},
+                 "cascade": [{"model": WEAK, "min_confidence": args.threshold}, {"model": STRONG}]}
+        jobs = {"weak": config(data, root / "weak"),
+                "strong": config(data, root / "strong", endpoint={**config(data, root)["endpoint"], "model": STRONG}),
+                "cascade": config(data, root / "cascade", **trust)}
+        figures = {name: run(name, cfg) for name, cfg in jobs.items()}
+        frames = {name: answers(root / name) for name in jobs}
+        strong_cost = figures["strong"][0].cost_usd
+        print(f"{args.rows} rows, threshold {args.threshold}, audit share {args.audit_share}")
+        print("| run | accuracy | cost (USD) | cost vs strong | requests | wall (s) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name, (s, wall) in figures.items():
+            print(f"| {name} | {accuracy(frames[name]):.4f} | {s.cost_usd:.4f} | {s.cost_usd / strong_cost:.1%} | "
+                  f"{s.requests_sent} | {wall:.1f} |")
+        casc, strong = frames["cascade"], frames["strong"].rename({"sentiment": "s_sentiment", "spam": "s_spam"})
+        stages = casc["cascade_stage"].value_counts().sort("cascade_stage")
+        print("cascade rows per stage:", dict(stages.iter_rows()))
+        joined = casc.join(strong.select("rid", "s_sentiment", "s_spam"), on="rid")
+        audit = figures["cascade"][0].quality["audit"]
+        ok = True
+        for name in FIELDS:
+            true = (joined[name] == joined[f"s_{name}"]).mean()
+            f = audit["fields"][name]
+            low, high = f["interval_95"]
+            inside = low <= true <= high
+            ok &= inside
+            print(f"audit {name}: {f['agree']}/{f['rows']} = {f['agreement']:.4f}, 95% [{low:.4f}, {high:.4f}]; "
+                  f"true agreement with {STRONG} on all rows {true:.4f} ({'inside' if inside else 'OUTSIDE'})")
+        gap = accuracy(frames["strong"]) - accuracy(casc)
+        share = figures["cascade"][0].cost_usd / strong_cost
+        print(f"gate (min_agreement 0.95): exit {figures['cascade'][0].exit_code}, "
+              f"{figures['cascade'][0].quality.get('gate')}")
+        print(f"cascade: {gap * 100:+.2f} points under strong at {share:.1%} of its cost "
+              f"(target: <= 1 point at <= 40%): {'met' if gap <= 0.01 and share <= 0.40 and ok else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The answer as a model of some accuracy gives it: judged closed fields, logprobs, n samples.
+
+Applied to the plain answer (answer.py) of a request without a content fault:
+- a model with an accuracy (SimConfig.accuracy / default_accuracy) answers each top-level enum and
+  boolean field as judge.py decides: the most likely value when greedy (no temperature, or 0), a draw
+  from its belief when sampling;
+- `logprobs: true` adds OpenAI's `logprobs.content` for message content (never for tool-call
+  arguments, as OpenAI's logprobs do not cover them), with `top_logprobs` alternatives (logprobs.py);
+- `n > 1` adds choices 1..n-1, each an independent sample (drawn from the request's own digest, so the
+  same body always gets the same samples). Usage counts the tokens of every choice.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from .answer import Answer, Target
+from .config import SimConfig
+from .judge import judged_value, row_text
+from .logprobs import plain_tokens, tokens_for
+from .tokens import text_tokens
+
+MAX_N = 128  # OpenAI's limit on n
+
+
+def samples_asked(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_N else 1
+
+
+def apply_quality(answer: Answer, target: Target, body: dict[str, Any], model: str, cfg: SimConfig,
+                  content_fault: str | None) -> Answer:
+    """The answer with judged fields, logprobs and extra samples as the request asks."""
+    if content_fault is not None or answer.refusal is not None or answer.finish_reason == "length":
+        return answer
+    accuracy = cfg.accuracy.get(model, cfg.default_accuracy)
+    temperature = body.get("temperature")
+    sampling = isinstance(temperature, (int, float)) and temperature > 0
+    top = body.get("top_logprobs")
+    top_n = top if isinstance(top, int) and not isinstance(top, bool) else 0
+    want_logprobs = body.get("logprobs") is True
+    n = samples_asked(body)
+    first = _one(answer, target, body, model, cfg, accuracy, (want_logprobs, top_n),
+                 random.Random(answer.rng_seed) if sampling else None)
+    if n == 1:
+        return first
+    more = [_one(answer, target, body, model, cfg, accuracy, (want_logprobs, top_n),
+                 random.Random(answer.rng_seed + i) if sampling else None) for i in range(1, n)]
+    return replace(first, more=more,
+                   completion_tokens=first.completion_tokens + sum(m.completion_tokens for m in more))
+
+
+def _one(answer: Answer, target: Target, body: dict[str, Any], model: str, cfg: SimConfig,
+         accuracy: float | None, logprobs: tuple[bool, int], rng: random.Random | None) -> Answer:
+    want_logprobs, top_n = logprobs
+    raw = answer.tool_args if target.kind == "tool" else answer.content
+    if target.kind == "text" or raw is None:
+        if want_logprobs and answer.content:
+            return replace(answer, logprobs=plain_tokens(answer.content))
+        return answer
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return answer
+    judged: dict[str, Any] = {}
+    if accuracy is not None and isinstance(value, dict):
+        value, judged = judged_value(value, target.schema, row_text(body), model, accuracy,
+                                     cfg.difficulty_spread, rng)
+    if target.kind == "tool" or not isinstance(value, dict):
+        text = orjson.dumps(value).decode()
+        return replace(answer, tool_args=text, completion_tokens=text_tokens(text)) if target.kind == "tool" \
+            else replace(answer, content=text, completion_tokens=text_tokens(text))
+    text, tokens = tokens_for(value, judged, top_n)
+    return replace(answer, content=text, completion_tokens=text_tokens(text),
+                   logprobs=tokens if want_logprobs else None)
