@@ -73,7 +73,7 @@ def load_run(out_dir: str | Path) -> RunData:
     path = Path(out_dir)
     if not path.is_dir():
         raise UsageError(f"{path} is not a folder: give a job's output.dir (where results.parquet is)")
-    manifest = _read_json(path / "manifest.json")
+    manifest = read_manifest(path)
     summary = _read_json(path / "summary.json")
     if not manifest and not summary and not (path / "results.parquet").exists():
         raise UsageError(f"{path} holds no job (no manifest.json, summary.json or results.parquet); "
@@ -83,7 +83,8 @@ def load_run(out_dir: str | Path) -> RunData:
     return RunData(
         path=path, summary=summary, manifest=manifest,
         results=read_output(path / "results.parquet", skip=_BULKY), failures=read_output(path / "failures.parquet"),
-        timings=read_timings(path / "store.sqlite"), events=events, history=history,
+        timings=read_timings(path / "store.sqlite") if (path / "store.sqlite").exists() else journal_timings(path),
+        events=events, history=history,
         skipped_lines=bad_log + bad_history,
     )
 
@@ -96,13 +97,17 @@ def id_column(path: Path, manifest: dict[str, Any]) -> str:
     if named:
         return str(named)
     for name in ("results.parquet", "failures.parquet"):
-        if (path / name).exists():
+        if (path / name).is_dir():  # the Ray engine's folder of parts
+            columns = read_output(path / name).columns
+        elif (path / name).exists():
             try:
                 columns = pl.scan_parquet(path / name).collect_schema().names()
             except (pl.exceptions.PolarsError, OSError) as exc:
                 raise UsageError(damaged_output(path / name, exc)) from None
-            if columns:
-                return columns[0]
+        else:
+            continue
+        if columns:
+            return columns[0]
     return "id"
 
 
@@ -139,9 +144,35 @@ def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
     return events, bad
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """manifest.json of the local engine, or ray-manifest.json of the Ray engine (the same job keys)."""
+    return _read_json(path / "manifest.json") or _read_json(path / "ray-manifest.json")
+
+
+def journal_timings(path: Path) -> pl.DataFrame:
+    """The timings of a Ray job (run.engine: ray) from its journal segments, as read_timings gives them."""
+    schema = {"key": pl.String, "state": pl.String, "attempts": pl.Int64, "status": pl.Int64,
+              "error_class": pl.String, "latency_s": pl.Float64, "created_at": pl.Float64,
+              "cache_hit": pl.Boolean, "cost_usd": pl.Float64}
+    segments = sorted(p for p in (path / "_journal").glob("*/*.parquet") if p.is_file() and not p.is_symlink())
+    if not segments:
+        return pl.DataFrame(schema=schema)
+    frames = [pl.read_parquet(p, columns=_TIMING_COLUMNS) for p in segments]
+    # An answer copied into another shard's folder is one answer: keep each key's first record.
+    return pl.concat(frames, how="vertical_relaxed").unique("key", keep="first", maintain_order=True).cast(
+        schema, strict=False)  # type: ignore[arg-type]
+
+
 def read_output(path: Path, skip: tuple[str, ...] = ()) -> pl.DataFrame:
     """An output Parquet file of the job (empty frame when absent); a damaged one is a UsageError naming it
     and saying how to get it back (the outputs are rewritten from the store), never a crash."""
+    if path.is_dir():  # the Ray engine's folder of per-shard parts
+        from ..write.output import read_outputs
+        try:
+            df = read_outputs(str(path.parent), path.name)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise UsageError(damaged_output(path, exc)) from None
+        return df.drop(list(skip), strict=False) if skip else df
     if not path.exists():
         return pl.DataFrame()
     try:

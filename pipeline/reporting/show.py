@@ -31,7 +31,7 @@ from ..common.terminal import printable
 from ..errors import ConfigError, InputError, PipelineError, UsageError
 from ..state.store import Store
 from ..vocab import Record
-from .data import _read_json, damaged_output, id_column, read_log
+from .data import damaged_output, id_column, read_log, read_manifest, read_output
 
 REDACTED = "Bearer [redacted]"
 _DATA_URL_KEEP = 80
@@ -50,7 +50,7 @@ class RowStory:
 
 def row_story(out_dir: str, row_id: str, *, config: str | None = None) -> RowStory:
     path = Path(out_dir)
-    manifest = _read_json(path / "manifest.json")
+    manifest = read_manifest(path)
     if not manifest:
         raise UsageError(f"{path} has no manifest.json: give a job's output.dir")
     id_col = id_column(path, manifest)
@@ -72,7 +72,7 @@ def _find_row(path: Path, id_col: str, row_id: str) -> tuple[str, dict[str, Any]
         if not f.exists():
             continue
         try:
-            lf = pl.scan_parquet(f)
+            lf = read_output(f).lazy() if f.is_dir() else pl.scan_parquet(f)  # a Ray job: a folder of parts
             if id_col not in lf.collect_schema().names():
                 continue
             hit = lf.filter(pl.col(id_col).cast(pl.String) == row_id).head(1).collect()
@@ -87,7 +87,7 @@ def _find_row(path: Path, id_col: str, row_id: str) -> tuple[str, dict[str, Any]
 def _stored(path: Path, key: str) -> dict[str, Any] | None:
     store_path = path / "store.sqlite"
     if not store_path.exists():
-        return None
+        return _journaled(path, key)
     store = Store(str(store_path), readonly=True)
     try:
         rec: Record | None = store.get_many([key], with_raw=True).get(key)
@@ -269,3 +269,16 @@ def _pretty(value: Any) -> str:
     if isinstance(value, str):
         return value
     return orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode()
+
+
+def _journaled(path: Path, key: str) -> dict[str, Any] | None:
+    """A Ray job's record of `key` from its journal (segments keep no raw body)."""
+    for segment in sorted((path / "_journal").glob("*/*.parquet")):
+        if not segment.is_file() or segment.is_symlink():
+            continue
+        hit = pl.read_parquet(segment).filter(pl.col("key") == key)
+        if hit.height:
+            out = hit.row(0, named=True)
+            out["raw"] = None
+            return out
+    return None

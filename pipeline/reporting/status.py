@@ -30,6 +30,15 @@ def resolve_job(target: str) -> str:
     return target
 
 
+def _storage_options(target: str) -> dict[str, Any] | None:
+    """output.storage_options of a config file given as the target (a bare s3:// URI uses the environment)."""
+    if os.path.isfile(target):
+        from ..config import load_config
+
+        return load_config(target).output.storage_options
+    return None
+
+
 def _rows(jobdir: JobDir, names: list[str], index: dict[int, PartCounts]) -> tuple[int, int]:
     """Rows answered and failed in this run's batches: complete parts (counted by the store's index, or
     from a part's own files when a kill came first) and the partial parts a stop left."""
@@ -60,6 +69,10 @@ def _summary(jobdir: JobDir) -> tuple[dict[str, Any] | None, float | None]:
 
 def job_status(target: str) -> dict[str, Any]:
     out_dir = resolve_job(target)
+    from ..engines.ray.status import is_ray_job, ray_status  # never imports Ray
+    options = _storage_options(target)
+    if is_ray_job(out_dir, options):
+        return ray_status(out_dir, options, last_runs=LAST_RUNS)
     jobdir = JobDir(out_dir)
     manifest = jobdir.read_manifest()
     owner = jobdir.owner()
@@ -185,6 +198,9 @@ def print_status(target: str, *, as_json: bool = False) -> int:
         print(_live_line(st["this_run"], st["rows_pending"], running=st["running"]))
     print(f"tokens     {st['prompt_tokens']:,} prompt + {st['completion_tokens']:,} completion")
     print(f"cost       ${st['cost_usd']:.4f}")
+    if st.get("engine") == "ray":
+        print(f"shards     {st['shards_done']:,} of {st['shards_total']:,} done; "
+              f"{st['workers_alive']} worker(s) alive")
     print(f"updated    {when}")
     if st["batches"]:
         live = sum(1 for b in st["batches"] if b["state"] != "collected")

@@ -1,15 +1,17 @@
 """The answer journal for engines without a local disk: append-only Parquet segments in the job's output
 location (a local folder or an s3:// / gs:// prefix), one folder per shard of input rows.
 
-Layout (docs/ray.md): `<output.dir>/_journal/<shard:08d>/<writer>-<seq:06d>.parquet`. A writer is one
+Layout (docs/ray.md): `<output.dir>/_journal/<shard>/<writer>-<seq:06d>.parquet`, `<shard>` the shard's
+content name (16 hex characters; engines/ray/plan.py) or a labelled block's id. A writer is one
 worker process lifetime (a random id), so no two processes ever write the same object. A segment is
 committed as one whole object (a rename locally, a single complete PUT on object storage), so readers
 see all of its records or none, and `put` returns only once its segment is committed: an answer counts
 after it is durable, never before.
 
-Lookups are per shard: a worker starting a shard reads only that shard's folder (`known`), so memory is
-bounded by the shard's size, not the job's, and a shard that Ray runs again after a worker died is
-answered from the journal instead of being paid for again.
+Lookups are per shard: a worker starting a shard reads only that shard's folder and those of the shards
+that held its rows before (`known`), so memory is bounded by a few shards' answers, not the job's, and a
+shard that Ray runs again after a worker died is answered from the journal instead of being paid for
+again. `adopt` copies answers a shard reused from another folder into its own, as one segment.
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ def _arrow_type(annotation: str) -> pa.DataType:
 SCHEMA = pa.schema([(f.name, _arrow_type(str(f.type))) for f in _FIELDS])
 
 
-def shard_folder(root: str, shard: int) -> str:
-    return storage.join(root, JOURNAL, f"{shard:08d}")
+def shard_folder(root: str, shard: str) -> str:
+    return storage.join(root, JOURNAL, shard)
 
 
 def encode(records: list[Record]) -> bytes:
@@ -71,18 +73,18 @@ class Journal:
         self.path = storage.join(root, JOURNAL)
         self.writer = uuid.uuid4().hex[:12]
         self.interval_s, self.max_records = interval_s, max_records
-        self.routes: dict[str, set[int]] = defaultdict(set)   # request key -> shards waiting for it
-        self._pending: dict[int, list[tuple[Record, asyncio.Future[None]]]] = defaultdict(list)
+        self.routes: dict[str, set[str]] = defaultdict(set)   # request key -> shards waiting for it
+        self._pending: dict[str, list[tuple[Record, asyncio.Future[None]]]] = defaultdict(list)
         self._seq = 0
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
         self.meta: dict[str, str] = {}
 
-    def route(self, key: str, shard: int) -> None:
+    def route(self, key: str, shard: str) -> None:
         """Answers to `key` belong to `shard` (several shards when rows repeat a prompt)."""
         self.routes[key].add(shard)
 
-    def release(self, keys: list[str], shard: int) -> None:
+    def release(self, keys: list[str], shard: str) -> None:
         for key in keys:
             shards = self.routes.get(key)
             if shards is not None:
@@ -122,9 +124,10 @@ class Journal:
             self._flushing.add(task)
             task.add_done_callback(self._flushing.discard)
 
-    async def _commit(self, shard: int, seq: int, items: list[tuple[Record, asyncio.Future[None]]]) -> None:
-        uri = storage.join(shard_folder(self.root, shard), f"{self.writer}-{seq:06d}.parquet")
-        try:
+    async def _commit(self, shard: str, seq: int, items: list[tuple[Record, asyncio.Future[None]]]) -> None:
+        uri = f"{shard}/{self.writer}-{seq:06d}.parquet"
+        try:  # every failure below must reach the waiters, or their requests would wait forever
+            uri = storage.join(shard_folder(self.root, shard), f"{self.writer}-{seq:06d}.parquet")
             await asyncio.to_thread(self._write, uri, [r for r, _ in items])
         except Exception as exc:  # every waiter learns it; nothing of this segment counts
             for _, fut in items:
@@ -138,14 +141,20 @@ class Journal:
     def _write(self, uri: str, records: list[Record]) -> None:
         storage.write_bytes(uri, encode([scrubbed(r) for r in records]), self.options, root=self.root)
 
-    def known(self, shard: int, *, retry_failed: bool = False) -> dict[str, Record]:
-        """The final answers committed for this shard, by request key (an ok answer wins)."""
+    def known(self, shards: list[str], *, retry_failed: bool = False) -> dict[str, Record]:
+        """The final answers committed in these shards' folders, by request key (an ok answer wins)."""
         keep = {"ok"} if retry_failed else FINAL_STATES
         found: dict[str, Record] = {}
-        for uri in storage.list_files(shard_folder(self.root, shard), self.options):
-            if not uri.endswith(".parquet"):  # a local writer's temporary file
-                continue
-            for r in decode(storage.read_bytes(uri, self.options)):
-                if r.state in keep and (r.key not in found or r.state == "ok"):
-                    found[r.key] = r
+        for shard in shards:
+            for uri in storage.list_files(shard_folder(self.root, shard), self.options):
+                if not uri.endswith(".parquet"):  # a local writer's temporary file
+                    continue
+                for r in decode(storage.read_bytes(uri, self.options)):
+                    if r.state in keep and (r.key not in found or r.state == "ok"):
+                        found[r.key] = r
         return found
+
+    def adopt(self, shard: str, records: list[Record]) -> None:
+        """Commit answers found in other shards' folders into this one's (one segment, written whole)."""
+        name = f"{self.writer}-adopted-{uuid.uuid4().hex[:8]}.parquet"  # called off the loop: no shared seq
+        self._write(storage.join(shard_folder(self.root, shard), name), records)

@@ -10,6 +10,7 @@ previous outputs intact.
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from ..common import redact, safefs
 from ..common.layout import FAILURES, RESULTS
 from ..common.parts import done_parts, read_part
 from ..config import Config
+from ..read import storage
 from ..send.confidence import choice_fields, compared_fields
 from ..vocab import Record, RowFailure
 from .schema_arrow import arrow_type, to_arrow
@@ -350,15 +352,32 @@ def load(out_dir: str | os.PathLike[str], *, include_failures: bool = False, unn
 
     out = Path(out_dir)
     path = out / "results.parquet"
-    if not path.exists():
+    remote = storage.is_remote(str(out_dir))
+    if not remote and not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `pipeline run CONFIG` first (or check the folder)")
-    df = pl.read_parquet(path)
+    df = read_outputs(str(out_dir), "results.parquet")
     if unnest and "output" in df.columns and isinstance(df.schema["output"], pl.Struct):
         taken = set(df.columns) - {"output"}
         fields = [f.name for f in df.schema["output"].fields]
         renamed = {f: (f"output_{f}" if f in taken else f) for f in fields}
         df = df.with_columns(pl.col("output").struct.rename_fields([renamed[f] for f in fields])).unnest("output")
-    if include_failures and (out / "failures.parquet").exists():
-        failures = pl.read_parquet(out / "failures.parquet").drop(["content", "cost_usd", "attempts"], strict=False)
+    if include_failures and (remote or (out / "failures.parquet").exists()):
+        failures = read_outputs(str(out_dir), "failures.parquet").drop(["content", "cost_usd", "attempts"], strict=False)
         df = pl.concat([df, failures], how="diagonal_relaxed")
     return df
+
+
+def read_outputs(out_dir: str, name: str, options: dict[str, Any] | None = None) -> pl.DataFrame:
+    """results.parquet / failures.parquet of either layout: the local engine's one file, or the Ray
+    engine's folder of per-shard parts (`name/part-*.parquet`, in a local folder or on s3:// / gs://)."""
+    import polars as pl  # reading results back only (see load)
+
+    uri = storage.join(out_dir, name)
+    if not storage.is_remote(uri) and os.path.isfile(uri):
+        return pl.read_parquet(uri)
+    frames = []
+    for part in storage.list_files(uri, options):
+        base = part.rsplit("/", 1)[-1]
+        if base.startswith("part-") and base.endswith(".parquet"):
+            frames.append(pl.read_parquet(io.BytesIO(storage.read_bytes(part, options))))
+    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()

@@ -190,7 +190,7 @@ def test_the_ray_journal_keeps_no_secret(tmp_path: Path) -> None:
 
     redact.register(KEY)
     journal = Journal(str(tmp_path / "out"), interval_s=0.0)
-    journal.route("k1", 0)
+    journal.route("k1", "0")
     record = Record(key="k1", state="permanent", attempts=1, status=400, message=f"invalid key {KEY}",
                     content=f"echo {KEY}", raw=f'{{"error": "{KEY}"}}'.encode())
     asyncio.run(journal.put(record))

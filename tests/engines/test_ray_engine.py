@@ -28,10 +28,15 @@ def test_ray_engine_local_folder(tmp_path: Path, ray_local: Any) -> None:
     assert sorted(ids) == [f"r{i:06d}" for i in range(40)]
     again = pipeline.run(cfg, quiet=True)
     assert again.requests_sent == 0 and again.resumed_rows == 40 and again.succeeded == 40
-    # Shards are named by position: an edited input of the same size is another job, never "done".
+    # Shards are named by content: an edited row is the one request sent; the other rows of its shard
+    # are answered from the journal.
     data = tmp_path / "in.jsonl"
     data.write_text(data.read_text().replace("review number 3:", "review number 3 (edited):"))
-    with pytest.raises(JobChangedError, match="not incremental"):
+    edited = pipeline.run(cfg, quiet=True)
+    assert (edited.requests_sent, edited.rows_edited, edited.rows_new, edited.succeeded) == (1, 1, 0, 40), edited
+    # What shapes requests is the job: a changed prompt is refused, naming the key.
+    cfg["prompt"]["user"] = "Text: {{ text }}"
+    with pytest.raises(JobChangedError, match="prompt.user"):
         pipeline.run(cfg, quiet=True)
 
 
@@ -89,12 +94,39 @@ def test_run_fatal_answer_stops_with_exit_3_and_resumes(tmp_path: Path, ray_loca
     assert pipeline.run(cfg, quiet=True).succeeded == 20  # the same job resumes once the key works
 
 
-def test_the_budget_and_the_slots_are_shared_by_the_workers(tmp_path: Path) -> None:
+def test_the_budget_is_one_for_all_workers_and_a_dead_workers_reservations_count() -> None:
+    import asyncio
+
+    from pipeline.engines.ray.budget import CHUNK, DEAD_S, JobBudget
+
+    async def scenario() -> None:
+        now = [100.0]
+        persisted: list[float] = []
+        b = JobBudget(1.0, 0.25, clock=lambda: now[0], persist=persisted.append)
+        for w in ("a", "b", "c"):
+            b.hello(w, "1")
+        assert [await b.reserve(w, 0.2) for w in ("a", "b", "c")] == ["ok", "ok", "ok"]  # 0.25 + 0.6 <= 1
+        assert persisted and persisted[-1] >= 0.85 + CHUNK  # written ahead of what is granted
+        assert await b.reserve("a", 0.2, wait_s=0) == "wait"  # would pass the cap: others in flight may settle
+        b.settle("a", 0.2, 0.05)
+        assert await b.reserve("a", 0.2, wait_s=0) == "ok"
+        b.hello("b", "2")  # Ray restarted b: its reservation may have been paid, it counts as spent
+        assert b.state()["lost"] == 0.2 and abs(b.spent - 0.5) < 1e-9
+        now[0] += DEAD_S + 1  # c went silent: taken for dead, its reservation counted too
+        b.seen("a")
+        assert await b.reserve("a", 0.1, wait_s=0) == "ok"  # 0.7 spent (0.4 of it lost) + 0.3 held = the cap
+        assert abs(b.state()["lost"] - 0.4) < 1e-9 and abs(b.spent - 0.7) < 1e-9
+        b.settle("a", 0.2, 0.1)
+        b.settle("a", 0.1, 0.05)
+        assert abs(b.spent - 0.85) < 1e-9
+        assert await b.reserve("a", 0.5, wait_s=0) == "exceeded"  # nothing in flight and it does not fit
+
+    asyncio.run(scenario())
+
+
+def test_more_workers_than_slots_is_a_config_error(tmp_path: Path) -> None:
     from pipeline.config import load_config
-    from pipeline.engines.ray.driver import budget_share
     from pipeline.errors import ConfigError
-    cfg = load_config(job(tmp_path, rows=4, run={"engine": "ray", "workers": 4}, budget={"max_cost_usd": 10}))
-    assert budget_share(cfg, 2.0) == 2.0 and budget_share(cfg, 12.0) == 0.0  # what is left, split four ways
     with pytest.raises(ConfigError, match="run.workers=8 is more than limits.max_concurrency=4"):
         load_config(job(tmp_path, rows=4, run={"engine": "ray", "workers": 8}, limits={"max_concurrency": 4}))
 

@@ -89,7 +89,7 @@ class LabelWorker:
         ids = arrow_ids(table[id_col], ORIGIN, id_col) if id_col else [digest8(r).hex() for r in rows]
         batch = InputBatch(block_id(ids), rows, ids, [(ORIGIN, i) for i in range(len(rows))], [None] * len(rows),
                            pa.table({}))
-        result, _ = await self.sender.answer(batch, retry_failed=False)
+        result, _ = await self.sender.answer(batch, False, f"{batch.index:012x}")
         for name, arr in label_columns(self.cfg, self.sender, result.outcomes).items():
             table = table.append_column(name, arr)
         return table
@@ -98,11 +98,11 @@ class LabelWorker:
 def label(ds: Any, config: Any, *, schema: Any = None) -> Any:
     """Add the labelling columns to a Ray Dataset (lazy, like every Ray Data stage)."""
     from ...config import load_config
-    from .driver import NAMESPACE, connect, import_ray, limiter_name
-    from .limiter import LimiterActor
+    from .budget import read_spent
+    from .driver import connect, import_ray, limiter_name, start_limiter
     ray = import_ray()
-    raw = config if isinstance(config, (Config, str)) else {"input": {"path": ORIGIN}, **config}
-    cfg = load_config(raw)
+    # The dataset is the input: a job file (or dict) needs no `input` section, and its input.path is unused.
+    cfg = config if isinstance(config, Config) else load_config(config, {"input.path": ORIGIN})
     schema_dict = None
     if schema is not None:
         from ...prepare.schema import from_pydantic
@@ -117,10 +117,8 @@ def label(ds: Any, config: Any, *, schema: Any = None) -> Any:
         base_url = sim.start()
         _simulators.append(sim)
     name = limiter_name(cfg)
-    _limiters[name] = ray.remote(LimiterActor).options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000,
-                                     max_restarts=-1, get_if_exists=True).remote(
-        cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.burst_s,
-        cfg.limits.input_tokens_per_minute, cfg.limits.output_tokens_per_minute)
+    # The job's one budget too (budget.max_cost_usd), continuing from what the journal's budget file says.
+    _limiters[name] = start_limiter(ray, cfg, read_spent(cfg.output.dir, cfg.output.storage_options) or 0.0)
     return ds.map_batches(
         LabelWorker, batch_format="pyarrow", batch_size=cfg.input.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.run.workers), num_cpus=0, fn_constructor_kwargs={

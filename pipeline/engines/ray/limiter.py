@@ -15,6 +15,9 @@ actor in one call, so the actor is asked a few times a second per worker, not on
   pacing is divided by the number of workers, since the headers describe the whole key's budget.
 - Token estimates settle locally against the real usage. A worker that ends holds at most one lease
   (about LEASE_S of the job's rate) unspent: the job runs that much under its limit, never over.
+- The budget: the actor also holds the job's one budget (budget.JobBudget), reserved per request.
+- Liveness: every worker polls the actor (POLL_S) under its id; the driver's status reads how many did
+  lately, and a driver that lost its lease halts every worker through the same poll.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Any
 
 from ...config import LimitsConfig
 from ...send.limits import HEADROOM, Bucket, Limits
+from .budget import DEAD_S, JobBudget, write_spent
 
 LEASE_S = 0.1   # seconds of the job's rate one lease asks for
 POLL_S = 0.25   # how often an idle worker asks whether another worker was told to pause
@@ -34,7 +38,8 @@ class LimiterActor:
     """Runs inside Ray as an async actor: every method call is a coroutine on the actor's loop."""
 
     def __init__(self, rpm: float | None, tpm: float | None, burst_s: float, itpm: float | None = None,
-                 otpm: float | None = None, clock: Callable[[], float] = time.time) -> None:
+                 otpm: float | None = None, clock: Callable[[], float] = time.time,
+                 budget: tuple[float | None, float, str, dict[str, Any] | None] | None = None) -> None:
         self.clock = clock  # wall clock: workers run on other machines and loops (tests: a virtual one)
         self.buckets: dict[str, Bucket | None] = {
             "requests": Bucket(rpm, burst_s) if rpm else None,
@@ -48,9 +53,46 @@ class LimiterActor:
         self.leases = 0
         self.pauses = 0
         self.workers: dict[int, str] = {}  # pid -> node: which processes hold leases (ops, kill tests)
+        self.seen: dict[str, float] = {}   # worker id -> last poll
+        self.halted: str | None = None
+        self.budget: JobBudget | None = None
+        cap = budget[0] if budget is not None else None
+        if budget is not None and cap is not None:
+            _, spent, root, options = budget
+            from .budget import read_spent
+            # Ray restarts this actor with the same arguments: continue from what was persisted since.
+            spent = max(spent, read_spent(root, options) or 0.0)
+            self.budget = JobBudget(cap, spent, clock=clock,
+                                    persist=lambda ceiling: write_spent(root, options, ceiling, exact=False))
 
-    def hello(self, pid: int, node: str) -> None:
+    def hello(self, pid: int, node: str, worker: str = "") -> None:
         self.workers[pid] = node
+        if worker:
+            self.seen[worker] = self.clock()
+            if self.budget is not None:
+                self.budget.hello(worker, str(pid))
+
+    def poll(self, worker: str) -> dict[str, Any]:
+        """A worker's heartbeat: the shared pause, and whether the driver halted the job."""
+        self.seen[worker] = self.clock()
+        if self.budget is not None:
+            self.budget.seen(worker)
+        return {"resume_at": self.resume_at, "halted": self.halted}
+
+    def halt(self, message: str) -> None:
+        self.halted = message
+
+    async def reserve(self, worker: str, amount: float) -> str:
+        assert self.budget is not None
+        self.seen[worker] = self.clock()
+        return await self.budget.reserve(worker, amount)
+
+    def settle(self, worker: str, amount: float, charged: float) -> None:
+        if self.budget is not None:
+            self.budget.settle(worker, amount, charged)
+
+    def budget_state(self) -> dict[str, Any]:
+        return self.budget.state() if self.budget is not None else {}
 
     async def lease(self, kind: str, amount: float) -> tuple[float, float]:
         """(granted, resume_at): waits for the pause and the bucket; an unlimited kind grants at once."""
@@ -83,7 +125,8 @@ class LimiterActor:
 
     def state(self) -> dict[str, Any]:
         return {"resume_at": self.resume_at, "leases": self.leases, "pauses": self.pauses,
-                "granted": dict(self.granted), "workers": dict(self.workers),
+                "granted": dict(self.granted), "workers": dict(self.workers), "halted": self.halted,
+                "alive": sum(1 for t in self.seen.values() if self.clock() - t < DEAD_S),
                 "per_minute": {k: (b.per_minute if b else None) for k, b in self.buckets.items()}}
 
 
@@ -130,7 +173,8 @@ class LeasedBucket:
 class RayLimits(Limits):
     """The local Limits with leased buckets and a pause shared through the actor."""
 
-    def __init__(self, cfg: LimitsConfig, actor: Any, workers: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: LimitsConfig, actor: Any, workers: int, clock: Callable[[], float] = time.time,
+                 worker: str = "") -> None:
         share = cfg.model_copy(update={"max_concurrency": max(1, cfg.max_concurrency // workers)})
         super().__init__(share)
         self.actor, self.workers, self.clock = actor, workers, clock
@@ -141,6 +185,8 @@ class RayLimits(Limits):
         self.input_tokens = LeasedBucket(self, "input_tokens", itpm) if itpm else None  # type: ignore[assignment]
         self.output_tokens = LeasedBucket(self, "output_tokens", otpm) if otpm else None  # type: ignore[assignment]
         self._poller: asyncio.Task[None] | None = None
+        self.worker = worker
+        self.on_halt: Callable[[str], None] | None = None
 
     def start(self) -> None:
         if self._poller is None:
@@ -149,7 +195,10 @@ class RayLimits(Limits):
     async def _poll(self) -> None:
         while not self.stopped:
             try:
-                self.saw((await self.actor.state.remote())["resume_at"])
+                state = await self.actor.poll.remote(self.worker)
+                self.saw(state["resume_at"])
+                if state["halted"] and self.on_halt is not None:
+                    self.on_halt(state["halted"])
             except Exception:  # the actor restarting: the next lease will wait for it
                 pass
             await asyncio.sleep(POLL_S)

@@ -1,11 +1,14 @@
 """One Ray actor of the Ray engine: an async callable class that answers whole shards of input rows.
 
 A shard is one input batch of the local engine (`input.batch_size` rows, the same index, ids and
-request keys), read here through the same reader (local paths or s3:// / gs://). Per shard: render,
-look up the shard's committed answers in the journal, send only what is missing through the actor's
+request keys), named after its content (plan.py), read here through the same reader (local paths or
+s3:// / gs://). Per shard: render, look up the committed answers in the shard's journal folder and in
+those of the shards that held its rows before (the row map's "donors"), send only what is missing through the actor's
 `engines.core.Core` (the same build, limits, retry and classification code as the local engine), commit
-every answer to the journal before it counts, then publish the shard's results and failures parts, each complete
-or absent. Row-level failures are rows in the failures part; only a bug raises out of `__call__`.
+every answer to the journal before it counts, copy the answers it reused from donors into its own folder,
+then publish the shard's results and failures parts, each complete or absent. Row-level failures are rows
+in the failures part; only a bug raises out of `__call__`. The `pipeline` logger's events go back to the
+driver with each shard's figures (invocation.LineCapture), for the job's one pipeline.log.
 
 The actor keeps one event loop (Ray's, for async actors) and ONE aiohttp session for its lifetime,
 created lazily on the first call because the loop only exists inside the actor.
@@ -17,6 +20,7 @@ import contextlib
 import contextvars
 import os
 import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Collection
 from typing import Any
@@ -38,16 +42,14 @@ from ...send.transport import HttpTransport
 from ...state.segments import COMMIT_S, Journal
 from ...vocab import InputBatch, Record
 from ...write.output import OutputColumns, quality_layout
+from .budget import RayBudget
+from .invocation import LineCapture
 from .limiter import RayLimits
+from .plan import FAILURES, RESULTS, RowMap, id_hashes, part_name
 
-RESULTS, FAILURES = "results.parquet", "failures.parquet"
 # The shard a Core task works for: set by the worker before it feeds the shard's batch to the core;
 # asyncio tasks copy it at creation, so lookups and commits of concurrent shards never mix.
-CURRENT_SHARD: contextvars.ContextVar[int] = contextvars.ContextVar("pipeline_ray_shard")
-
-
-def part_name(shard: int) -> str:
-    return f"part-{shard:08d}.parquet"
+CURRENT_SHARD: contextvars.ContextVar[str] = contextvars.ContextVar("pipeline_ray_shard")
 
 
 def make_layout(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
@@ -63,7 +65,7 @@ class JournalAnswers:
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
-        self.preloaded: dict[int, dict[str, Record]] = {}
+        self.preloaded: dict[str, dict[str, Record]] = {}
 
     def lookup(self, keys: Collection[str]) -> dict[str, Record]:
         shard = CURRENT_SHARD.get()
@@ -108,13 +110,14 @@ class Sender:
     """What a worker holds for its lifetime: one session, one core, leased limits, the journal writer."""
 
     def __init__(self, cfg: Config, base_url: str, limiter: Any, workers: int, schema: dict[str, Any] | None,
-                 api_key: Secret, renderer: Renderer, secret_headers: Secret | None = None,
-                 budget: float | None = None) -> None:
+                 api_key: Secret, renderer: Renderer, secret_headers: Secret | None = None) -> None:
         self.cfg = cfg
         self.plan = plan_for(cfg, schema)
-        self.limits = RayLimits(cfg.limits, limiter, workers)
+        self.worker = worker_id()
+        self.limits = RayLimits(cfg.limits, limiter, workers, worker=self.worker)
+        self.limits.on_halt = self._halt
         self.limits.start()
-        limiter.hello.remote(os.getpid(), os.uname().nodename)
+        limiter.hello.remote(os.getpid(), os.uname().nodename, self.worker)
         self.transport = HttpTransport(
             base_url, api_key.reveal(), _headers(cfg, secret_headers), timeout_s=cfg.endpoint.timeout_s,
             read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
@@ -124,17 +127,30 @@ class Sender:
                                interval_s=min(cfg.output.fsync_interval_s, COMMIT_S),
                                max_records=max(1, self.limits.cfg.max_concurrency // 2))
         self.answers = JournalAnswers(self.journal)
-        # This worker's share of the job's budget (driver.budget_share), not the whole cap per worker.
+        # The job's one budget, held by the limiter actor for all workers (budget.py).
+        cap = cfg.budget.max_cost_usd
+        budget = RayBudget(cap, limiter, self.worker) if cap is not None else Budget(None)
         self.core = Core(cfg, renderer, self.plan, answers=self.answers, limiter=self.limits,
-                         transport=self.transport, budget=Budget(budget))
+                         transport=self.transport, budget=budget)  # type: ignore[arg-type]
         self.reported: Counter[str] = Counter()
+        self.last_known: dict[str, Record] = {}
         self.reported_cost = 0.0
         self.reported_saved = 0.0
 
-    async def answer(self, batch: InputBatch, retry_failed: bool) -> tuple[OutcomeBatch, int]:
-        """The core's outcome for one shard, and how many of its answers the journal already had."""
-        shard = batch.index
-        known = await asyncio.to_thread(self.journal.known, shard, retry_failed=retry_failed)
+    def _halt(self, message: str) -> None:
+        """The driver lost its lease (another driver runs this job now): stop sending at once."""
+        if not self.core.stop_reason:
+            self.core.fail_run(RunFatalError(message))
+
+    async def answer(self, batch: InputBatch, retry_failed: bool, shard: str,
+                     donors: Collection[str] = ()) -> tuple[OutcomeBatch, int]:
+        """The core's outcome for one shard, and how many of its answers the journal already had (in its
+        own folder or its donors'; those from donors are copied into its own folder before it returns)."""
+        own = await asyncio.to_thread(self.journal.known, [shard], retry_failed=retry_failed)
+        lent = await asyncio.to_thread(self.journal.known, sorted(set(donors) - {shard}),
+                                       retry_failed=retry_failed) if donors else {}
+        known = {**lent, **own}
+        self.last_known = known
         self.answers.preloaded[shard] = known
         CURRENT_SHARD.set(shard)
         result: OutcomeBatch | None = None
@@ -147,7 +163,10 @@ class Sender:
             if result is not None:
                 self.journal.release([k for k in result.keys if k is not None], shard)
         assert result is not None
-        reused = sum(1 for k in set(result.keys) if k in known)
+        adopted = [lent[k] for k in {k for k in result.keys if k is not None} if k in lent and k not in own]
+        if adopted:  # this shard's folder holds all its rows' answers before its part says "done"
+            await asyncio.to_thread(self.journal.adopt, shard, adopted)
+        reused = sum(1 for k in result.keys if k is not None and k in known)
         return result, reused
 
     def stats_delta(self) -> dict[str, Any]:
@@ -174,19 +193,22 @@ def _headers(cfg: Config, secret_headers: Secret | None) -> dict[str, str]:
 
 class ShardWorker:
     """`ds.map_batches(ShardWorker, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=run.workers))`
-    over shard indices."""
+    over (shard index, shard name) rows."""
 
     def __init__(self, cfg_json: str, source: Source, base_url: str, limiter: Any, workers: int,
                  retry_failed: bool, api_key: Secret, schema: dict[str, Any] | None = None,
                  input_dir: str | None = None, columns: list[str] | None = None,
-                 secret_headers: Secret | None = None, budget: float | None = None) -> None:
+                 secret_headers: Secret | None = None, row_map: list[Any] | None = None) -> None:
         import orjson
 
         from ...config import load_config
         self.cfg = load_config(orjson.loads(cfg_json))
         self.source, self.base_url, self.workers = source, base_url, workers
         self.limiter, self.retry_failed, self.schema = limiter, retry_failed, schema
-        self.api_key, self.secret_headers, self.budget = api_key, secret_headers, budget
+        self.api_key, self.secret_headers = api_key, secret_headers
+        self.row_map_ref = row_map  # [ObjectRef of the RowMap], fetched on first use (shared, zero-copy)
+        self.row_map: RowMap | None = None
+        self.capture = LineCapture.install()
         self.renderer = Renderer(self.cfg, input_dir=input_dir, columns=columns)
         self.sender: Sender | None = None
         self._tmp = tempfile.mkdtemp(prefix="pipeline-ray-")
@@ -194,39 +216,54 @@ class ShardWorker:
     def _sender(self) -> Sender:
         if self.sender is None:  # on the actor's loop, on first use
             self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key,
-                                 self.renderer, self.secret_headers, self.budget)
+                                 self.renderer, self.secret_headers)
         return self.sender
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        rows = [await self._shard(int(s)) for s in batch["shard"]]
+        rows = [await self._shard(int(s), str(n)) for s, n in zip(batch["shard"], batch["name"])]
         return {k: [r[k] for r in rows] for k in rows[0]}
 
-    async def _shard(self, shard: int) -> dict[str, Any]:
+    async def _shard(self, shard: int, name: str) -> dict[str, Any]:
         sender = self._sender()
         core = sender.core
-        out: dict[str, Any] = {"shard": shard, "rows": 0, "ok": 0, "failed": 0, "pending": 0, "reused": 0}
+        out: dict[str, Any] = {"shard": shard, "name": name, "rows": 0, "ok": 0, "failed": 0, "pending": 0,
+                               "reused": 0, "new": 0, "edited": 0, "input_failed": 0, "published": False,
+                               "ids": b""}
         inp = await asyncio.to_thread(self._read, shard)
         out["rows"] = len(inp.rows)
         if core.stop_reason:  # this worker stopped (run-fatal): the shard stays to do
             out["pending"] = len(inp.rows)
         else:
-            result, out["reused"] = await sender.answer(inp, self.retry_failed)
+            hashes = id_hashes(inp.ids)
+            donors, seen = await asyncio.to_thread(self._donors, hashes)
+            result, out["reused"] = await sender.answer(inp, self.retry_failed, name, donors)
             out["pending"] = sum(1 for o in result.outcomes if o is None)
+            out.update(_row_counts(result.keys, sender.last_known, seen))
             if result.complete:
-                out["ok"], out["failed"] = await asyncio.to_thread(self._publish, result, sender.plan)
+                out["ok"], out["failed"] = await asyncio.to_thread(self._publish, result, sender.plan, name)
+                out["published"], out["ids"] = True, hashes.tobytes()
         out["stop"] = core.stop_reason or ""
         out["message"] = str(core.fatal or "")
         out.update(sender.stats_delta())
+        out["log"] = self.capture.take()
         return out
 
     def _read(self, shard: int) -> InputBatch:
         return next(self.source.batches(skip=lambda b: b != shard))
 
-    def _publish(self, result: OutcomeBatch, plan: StructuredPlan | None) -> tuple[int, int]:
+    def _donors(self, hashes: np.ndarray) -> tuple[set[str], np.ndarray]:
+        """The shards whose journal folders hold answers to some of these rows (an earlier version of
+        this shard, or the shards its rows were in before rows moved)."""
+        if self.row_map is None:
+            import ray
+            self.row_map = ray.get(self.row_map_ref[0]) if self.row_map_ref else RowMap()
+        return self.row_map.donors(hashes), self.row_map.seen(hashes)
+
+    def _publish(self, result: OutcomeBatch, plan: StructuredPlan | None, shard: str) -> tuple[int, int]:
         """Both parts of a finished shard, failures first: a results part marks the shard done."""
         columns = make_layout(self.cfg, plan)
         results, failures = result.tables(columns)
-        opts, root, name = self.cfg.output.storage_options, self.cfg.output.dir, part_name(result.index)
+        opts, root, name = self.cfg.output.storage_options, self.cfg.output.dir, part_name(shard)
         compression = None if columns.compression == "none" else columns.compression
         for table, folder in ((failures, FAILURES), (results, RESULTS)):
             local = os.path.join(self._tmp, f"{folder}-{name}")
@@ -234,3 +271,31 @@ class ShardWorker:
             storage.put_file(local, storage.join(root, folder, name), opts, root=root)
             os.unlink(local)
         return results.num_rows, failures.num_rows
+
+
+def worker_id() -> str:
+    """The Ray actor's id (the same across Ray's restarts of it: the budget learns that the earlier
+    incarnation died), else a random one."""
+    try:
+        import ray
+        actor = ray.get_runtime_context().get_actor_id()
+    except Exception:
+        actor = None
+    return actor or uuid.uuid4().hex
+
+
+def _row_counts(keys: list[str | None], known: dict[str, Record], seen: np.ndarray) -> dict[str, int]:
+    """The local engine's row accounting (core/finish.py RowCount) for one shard: input-failed (no request),
+    reused (answered before), edited (asked anew for a row the job had answered before: its id is in the
+    row map) and new."""
+    out = {"input_failed": 0, "reused": 0, "edited": 0, "new": 0}
+    for key, before in zip(keys, seen):
+        if key is None:
+            out["input_failed"] += 1
+        elif key in known:
+            out["reused"] += 1
+        elif before:
+            out["edited"] += 1
+        else:
+            out["new"] += 1
+    return out
