@@ -87,7 +87,7 @@ class Request:
     key: str                  # what the answer is stored under (see the module docstring)
     payload: bytes            # the canonical JSON body, sent as is
     body: dict[str, Any]      # the rendered body before structured shaping: reshaping starts from it
-    est_prompt: int           # prompt tokens of what is sent (build/tokens.py; shaping and images included)
+    est_prompt: int           # prompt tokens of what is sent (prepare/tokens.py; shaping and images included)
     max_tokens: int | None
     n_images: int = 0
     image_tokens: int = 0
@@ -104,7 +104,7 @@ class BuiltBatch:
 
 
 class AnswerStore(Protocol):
-    """Where the engine finds answers already paid for and puts new ones (see engines/core.py)."""
+    """Where the engine finds answers already paid for and puts new ones (see core/transformer.py)."""
 
     def lookup(self, keys: Collection[str]) -> dict[str, Record]:
         """The answers to reuse for those of `keys` that have one (a resume, a shared cache)."""

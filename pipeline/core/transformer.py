@@ -4,7 +4,7 @@
 one `OutcomeBatch` per input batch, as each one is resolved (not necessarily in input order): per row
 a `Record` (an answer or a failed request, with its request key, tokens and cost), a `RowFailure` (the
 row never became a request), or None (not answered because dispatch stopped: the row is pending).
-Rows are built into requests (build/request.py), answered from the answer store when it already has
+Rows are built into requests (prepare/request.py), answered from the answer store when it already has
 them, else sent through the limiter, the transport and the one classifier (send/dispatch.py).
 
 The core owns no files, no store and no signals. A driver injects:

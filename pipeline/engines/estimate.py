@@ -3,7 +3,7 @@
 The input is read and every request built by the runner's own code (`RequestBuilder.build_batch`), one
 batch at a time, so the figures are those of the real run: the same request keys (identical requests
 counted once, rows already answered in `output.dir` or the shared cache left out), the same prompt
-token counts the tokens/minute limiter and the budget use (build/tokens.py: exact for OpenAI models,
+token counts the tokens/minute limiter and the budget use (prepare/tokens.py: exact for OpenAI models,
 calibrated by this job's earlier answers for others; images by the tile rule) and the same per-row
 failures. Prices come from models/prices.py, each with its source. `--json` prints the same figures
 as one JSON object (engines/estimate_json.py), and the text report ends with the first request as it

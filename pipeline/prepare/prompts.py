@@ -13,7 +13,7 @@ absent so the provider's defaults apply), `params.extra` at the top level, and p
 from the config (tools, provider, ...) are shared between bodies: build new ones, never mutate them.
 With `prompt.messages_column` the column's messages are sent; `prompt.system` is prepended when they
 have no system message and `prompt.user`, when also set, is appended as a final user message.
-Prompt tokens are counted by `self.tokens` (build/tokens.py) once per distinct request, after shaping;
+Prompt tokens are counted by `self.tokens` (prepare/tokens.py) once per distinct request, after shaping;
 rendering counts a row only when a cheap bound says it might not fit the context window.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ the same numbers. The message overhead is OpenAI's, as its cookbook "How to coun
 tiktoken" documents and checks against the API: 3 tokens a message, 1 more for a `name`, 3 priming
 the reply; tool definitions by the cookbook's rule for functions. A `response_format` schema is
 counted as its JSON text (OpenAI documents no rule for it). Image parts are not text: their tokens
-(the tile rule, build/images.py) are passed in.
+(the tile rule, prepare/images.py) are passed in.
 
 Other models (Claude, Llama, Gemini, ...) have tokenizers we do not ship. Their prompts are counted
 with o200k_base as a proxy and multiplied by a ratio learned from this job's answers: the sum of the

@@ -29,7 +29,7 @@ from ..models.catalog import context_window, max_output_tokens
 from ..models.prices import cache_saving, cost_of, find_price, prompt_cache, warn_unpriced
 from .usage import checked_usage
 
-# Prompt counts are exact for OpenAI models (build/tokens.py) but only calibrated for the others, and
+# Prompt counts are exact for OpenAI models (prepare/tokens.py) but only calibrated for the others, and
 # uncalibrated before a job's first answers. The worst case must not be an underestimate.
 PROMPT_SAFETY = 1.25
 

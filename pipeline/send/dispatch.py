@@ -6,7 +6,7 @@
 Identical requests in flight are sent once. A paid answer is put in the answer store before it counts
 and before its concurrency slot is released. A run-fatal outcome stops all dispatch at once: requests
 waiting on a limit or the budget leave as `Stopped`, and their rows stay pending, to resume.
-Collaborators are injected: the limiter, the transport, the answer store (see engines/core.py for the
+Collaborators are injected: the limiter, the transport, the answer store (see core/transformer.py for the
 protocols), the budget, the stats and the request builder; the clock is the running loop's.
 """
 from __future__ import annotations

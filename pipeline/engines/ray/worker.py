@@ -61,7 +61,7 @@ def make_layout(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
 
 
 class JournalAnswers:
-    """The core's AnswerStore (engines/core.py) over the journal: per-shard lookups, durable puts."""
+    """The core's AnswerStore (core/transformer.py) over the journal: per-shard lookups, durable puts."""
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
