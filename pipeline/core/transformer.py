@@ -1,6 +1,6 @@
 """The engine as a transformer: input batches in, outcome batches out.
 
-`Core.outcomes(batches)` takes `read.reader.InputBatch`es (an iterable or an async iterable) and yields
+`Core.outcomes(batches)` takes `vocab.InputBatch`es (an iterable or an async iterable) and yields
 one `OutcomeBatch` per input batch, as each one is resolved (not necessarily in input order): per row
 a `Record` (an answer or a failed request, with its request key, tokens and cost), a `RowFailure` (the
 row never became a request), or None (not answered because dispatch stopped: the row is pending).
@@ -9,7 +9,7 @@ them, else sent through the limiter, the transport and the one classifier (send/
 
 The core owns no files, no store and no signals. A driver injects:
 
-    answers    state.store.AnswerStore   lookup(keys) -> {key: Record} to reuse (answers, and failures
+    answers    vocab.AnswerStore         lookup(keys) -> {key: Record} to reuse (answers, and failures
                                          not to ask again); async put(record), durable when it returns
                                          (RunFatalError when nothing can be stored: the run stops);
                                          note(name, value) (e.g. the structured mode learned, for the
