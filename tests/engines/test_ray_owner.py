@@ -147,6 +147,25 @@ def test_lease_on_a_local_folder_is_exclusive(tmp_path: Any) -> None:
     b.acquire()
 
 
+def test_a_lease_whose_driver_died_on_this_machine_is_taken_at_once(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from pipeline.engines.ray.lease import Lease
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    a = Lease(str(tmp_path / "job"))
+    a.me["pid"] = int(dead.stdout)  # the holder was that process, which has exited (a kill -9 leaves this)
+    a.acquire()
+    b = Lease(str(tmp_path / "job"))
+    b.acquire()  # not refused for the minute the dead driver's lease had left
+    assert b.generation == 2
+    c = Lease(str(tmp_path / "job"))
+    with pytest.raises(StoreLockedError):  # b is alive: refused as before
+        c.acquire()
+    b.release()
+
+
 def test_conditional_put_is_signed_like_botocore() -> None:
     botocore = pytest.importorskip("botocore.auth")
     from botocore.awsrequest import AWSRequest

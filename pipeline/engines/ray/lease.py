@@ -12,7 +12,8 @@ holding {holder, host, pid, run_id, expires_at}; the newest generation is the le
   driver took the lease after ours expired (this process stalled for longer than LEASE_S): this run
   must stop (`lost` is set and the caller halts dispatch).
 - release: a last generation marked released, so the next driver is admitted at once; a driver that
-  dies without releasing is succeeded once its lease expires (LEASE_S after its last renewal).
+  dies without releasing is succeeded once its lease expires (LEASE_S after its last renewal), or at
+  once by a driver on the same machine that sees the holder's process is gone.
 
 Generations older than the newest two are deleted as the chain grows. Time comes from an injected
 clock (tests move it instead of sleeping); `expires_at` is wall-clock epoch seconds, so drivers on
@@ -113,13 +114,27 @@ class Lease:
         if newest is not None:
             gen, held = newest
             if not held.get("released") and float(held.get("expires_at", 0)) > self.clock() \
-                    and held.get("holder") != self.me["holder"]:
+                    and held.get("holder") != self.me["holder"] and not self._died_here(held):
                 raise StoreLockedError(self._refusal(held))
         if not self._create(gen + 1):
             taken = self.newest()
             raise StoreLockedError(self._refusal(taken[1] if taken else {}))
         self.generation = gen + 1
         self._trim(gen + 1)
+
+    def _died_here(self, held: dict[str, Any]) -> bool:
+        """A holder on this machine whose process is gone (a driver killed with kill -9): its lease is void
+        now, not when it expires, so the same command can resume at once (as the local engine's lock)."""
+        pid = held.get("pid")
+        if held.get("host") != self.me["host"] or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
 
     def _refusal(self, held: dict[str, Any]) -> str:
         until = float(held.get("expires_at", 0) or 0)
