@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import SCHEMA, median, print_machine, table, write_rows  # noqa: E402
 from _endpoint import BODY  # noqa: E402
+from overhead import PAYLOAD  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKTREE = "WORKTREE"  # the checkout this script runs from, uncommitted changes included
@@ -69,16 +70,7 @@ summary = pipeline.run(json.load(open(sys.argv[1])))
 print(summary.succeeded)
 """
 
-# The pipeline's tool-mode request for one generated row, for the bare loop to send (same size and shape).
-PAYLOAD = (
-    b'{"max_tokens":200,"messages":[{"content":"You label reviews.","role":"system"},{"content":"Review: review '
-    b'number 0000000: works fine, arrived late","role":"user"}],"model":"openai/gpt-4-turbo","temperature":0.0,'
-    b'"tool_choice":{"function":{"name":"output"},"type":"function"},"tools":[{"function":{"description":"Record '
-    b'the answer. Call this function exactly once; its arguments are the answer.","name":"output","parameters":'
-    b'{"properties":{"score":{"maximum":5,"minimum":1,"type":"integer"},"sentiment":{"enum":["positive",'
-    b'"negative","mixed"],"type":"string"},"tags":{"items":{"type":"string"},"type":"array"}},"required":'
-    b'["sentiment","score"],"type":"object"}},"type":"function"}]}'
-)
+# The bare loop sends overhead.py's PAYLOAD: the pipeline's tool-mode request for one generated row.
 
 
 def free_port() -> int:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline")
 
 UPLOAD, CREATE = "POST /files", "POST /batches"
-_TODO = "check that endpoint.base_url speaks the OpenAI Batch API, then re-run the same command (or use run.mode: sync)"
+_CHECK_BATCH_API = "check that endpoint.base_url speaks the OpenAI Batch API, then re-run the same command (or use run.mode: sync)"
 
 
 class Submitter:
@@ -171,8 +171,8 @@ class Submitter:
                 d.stop(stop)
             return False
         if isinstance(exc, (FatalReply, PermanentError, RunFatalError)):
-            d.stop(refused(call, exc, f"the provider refused batch file {chunk.path}; {_TODO}"))
+            d.stop(refused(call, exc, f"the provider refused batch file {chunk.path}; {_CHECK_BATCH_API}"))
             return False
         # Bad content cannot come from a files or batches call; any other answer is still one we cannot use.
-        d.stop(RunFatalError(f"{describe(call, exc)}; {_TODO}"))
+        d.stop(RunFatalError(f"{describe(call, exc)}; {_CHECK_BATCH_API}"))
         return False

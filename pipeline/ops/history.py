@@ -72,6 +72,11 @@ def read(out_dir: str | os.PathLike[str], last: int | None = None) -> list[dict[
         data = path.read_bytes()
     except FileNotFoundError:
         return []
+    return parse(data, last)
+
+
+def parse(data: bytes, last: int | None = None) -> list[dict[str, Any]]:
+    """history.jsonl's records from its bytes (local or an object), oldest first; torn lines skipped."""
     records = []
     for line in data.splitlines():
         try:

@@ -229,12 +229,4 @@ def read_history(root: str, options: dict[str, Any] | None, last: int | None = N
         data = storage.read_bytes(storage.join(root, history.HISTORY_FILE), options)
     except (FileNotFoundError, OSError):
         return []
-    out = []
-    for line in data.splitlines():
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out[-last:] if last else out
+    return history.parse(data, last)
