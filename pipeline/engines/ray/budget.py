@@ -13,6 +13,11 @@ Persisted: before the actor grants beyond what `_journal/_budget.json` records, 
 ceiling (spent + reserved + a chunk of 2% of the cap), so an actor that Ray restarts, or a driver that
 runs after one that died, starts from at least what was spent; at a clean end the driver writes the
 exact figure. A crash therefore costs at most one chunk of budget (unspent), never an overshoot.
+
+The worst case is the table's, times the endpoint's markup (send/budget.py): the actor learns it from
+every worker's answers (usage.cost against the table's price, sent with each settle), reserves at it for
+all workers, and keeps its sums in the same file (`markup`, written when it moves by more than 1% and
+at the end), so a resumed run reserves at the endpoint's rate from its first request.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ longer has, and maps the shards without a published part through `run.workers` S
 budget are shared through one limiter actor; answers go to the journal in output.dir
 (state/segments.py); parts are published per shard. The driver owns no answer: killing it loses nothing
 committed, and the same command resumes. Every invocation is one line in history.jsonl, with
-pipeline.log (driver and workers), the metrics file and the webhook (invocation.py).
+pipeline.log (driver and workers), the metrics file and the webhook (invocation.py); summary.json, the
+quality gate and output.publish are summary.py's. Cascades and the audit run inside the workers, per shard.
 Layout, commit protocol and loss bound: docs/ray.md.
 """
 from __future__ import annotations
