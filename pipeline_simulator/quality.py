@@ -6,6 +6,7 @@ Applied to the plain answer (answer.py) of a request without a content fault:
   from its belief when sampling;
 - `logprobs: true` adds OpenAI's `logprobs.content` for message content (never for tool-call
   arguments, as OpenAI's logprobs do not cover them), with `top_logprobs` alternatives (logprobs.py);
+  a streamed answer carries the same tokens, one per chunk (responses.ChunkMaker.body_chunks);
 - `n > 1` adds choices 1..n-1, each an independent sample (drawn from the request's own digest, so the
   same body always gets the same samples). Usage counts the tokens of every choice.
 """
