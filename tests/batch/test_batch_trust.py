@@ -180,12 +180,6 @@ def test_the_dry_run_of_a_batch_cascade_prices_every_stage_at_batch_rates(tmp_pa
     assert "48h00m" in text and "one window per cascade stage (2" in text
 
 
-def test_packs_with_a_cascade_in_batch_mode_are_refused_naming_the_key(tmp_path: Path, sim: SimulatorThread) -> None:
-    cfg = trust_job(tmp_path, sim, 10, "batch", prompt={"rows_per_request": 4})
-    r = cli_in_process("run", str(write_config(tmp_path, cfg)))
-    assert r.returncode == 2 and "prompt.rows_per_request" in r.stderr and "in batch mode" in r.stderr, r.stderr
-
-
 def test_no_wait_submits_one_stage_a_run_until_every_row_is_decided(tmp_path: Path, sim: SimulatorThread) -> None:
     rows = 60
     cfg = trust_job(tmp_path, sim, rows, "batch")
