@@ -1,6 +1,6 @@
 """Cascade benchmark: accuracy and cost of the weak model alone, the strong model alone, and the cascade.
 
-    python benchmarks/cascade.py [--rows 5000] [--threshold 0.9] [--audit-share 0.05]
+    python benchmarks/cascade.py [--rows 5000] [--threshold 0.9] [--audit-share 0.05] [--batch]
 
 5,000 rows with gold on the built-in simulator, whose models have an accuracy against a truth derived
 from each row (pipeline_simulator/judge.py: gpt-4o-mini 0.90, gpt-4o 0.95 of enum/boolean fields right)
@@ -11,6 +11,9 @@ and calibrated logprobs. Gold is that truth, computed from the row's text with t
     strong    openai/gpt-4o on every row
     cascade   gpt-4o-mini first; rows under --threshold confidence (logprobs) go to gpt-4o; an audit of
               --audit-share of the rows by gpt-4o
+    cascade-batch  (--batch) the same cascade in run.mode: batch through the simulator's Batch API (files
+              of 50,000 lines, every batch done at its first poll): its decisions must equal the sync
+              cascade's, at the batch price (half)
 
 Accuracy is the share of (row, field) answers equal to gold over both fields (sentiment: 3 values, spam:
 boolean). Cost is what the pipeline charged (summary cost_usd, the audit's included for the cascade and
@@ -95,6 +98,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=5000)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--audit-share", type=float, default=0.05)
+    ap.add_argument("--batch", action="store_true", help="also run the cascade in run.mode: batch")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -106,6 +110,13 @@ def main() -> int:
         jobs = {"weak": config(data, root / "weak"),
                 "strong": config(data, root / "strong", endpoint={**config(data, root)["endpoint"], "model": STRONG}),
                 "cascade": config(data, root / "cascade", **trust)}
+        if args.batch:
+            instant = {"validating_polls": 0, "in_progress_polls": 0, "finalizing_polls": 0}
+            endpoint = {**config(data, root)["endpoint"]}
+            endpoint["simulator"] = {**endpoint["simulator"], "batch": instant}
+            jobs["cascade-batch"] = config(data, root / "cascade-batch", **trust, endpoint=endpoint,
+                                           run={"progress": False, "mode": "batch"},
+                                           batch={"poll_interval_s": 0.01, "poll_max_interval_s": 0.05})
         figures = {name: run(name, cfg) for name, cfg in jobs.items()}
         frames = {name: answers(root / name) for name in jobs}
         strong_cost = figures["strong"][0].cost_usd
@@ -118,6 +129,11 @@ def main() -> int:
         casc, strong = frames["cascade"], frames["strong"].rename({"sentiment": "s_sentiment", "spam": "s_spam"})
         stages = casc["cascade_stage"].value_counts().sort("cascade_stage")
         print("cascade rows per stage:", dict(stages.iter_rows()))
+        if args.batch:
+            key = ["rid", "sentiment", "spam", "cascade_stage"]
+            same = frames["cascade-batch"].select(key).sort("rid").equals(casc.select(key).sort("rid"))
+            print(f"cascade-batch: decisions {'equal to' if same else 'DIFFERENT from'} the sync cascade's, at "
+                  f"{figures['cascade-batch'][0].cost_usd / figures['cascade'][0].cost_usd:.1%} of its cost")
         joined = casc.join(strong.select("rid", "s_sentiment", "s_spam"), on="rid")
         audit = figures["cascade"][0].quality["audit"]
         ok = True
