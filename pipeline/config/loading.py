@@ -102,9 +102,6 @@ def _check_quality(cfg: Config) -> None:
         if "n" in cfg.params.extra or "n" in cfg.params.from_columns:
             raise ConfigError("quality.confidence: votes sets n (quality.votes); remove it from params",
                               key="params.extra.n", file=src)
-        if cfg.params.stream:
-            raise ConfigError("quality.confidence: votes reads all samples of a whole answer; remove params.stream",
-                              key="params.stream", file=src)
 
 
 def day_note(cfg: Config, rows: int) -> str | None:
