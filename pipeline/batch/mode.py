@@ -33,8 +33,10 @@ async def drive_batches(ctx: RunContext, transport: Any, batches: Callable[[], I
         raise UsageError("--no-wait leaves batches at the endpoint, but the in-process simulator stops with this "
                          "run: serve it with `pipeline simulate --port 8089` and set endpoint.base_url to "
                          "http://127.0.0.1:8089/api/v1 (or run without --no-wait)")
+    trust = core.trust  # a cascade, an audit, votes as requests: rows go in rounds (rounds.py)
     engine = Engine(core, store, lambda b: core.builder.build_batch(b, renderer).requests, ctx.answers.lookup,
-                    observe=ctx.invocation.tally.observe)  # each line an attempt in the metrics, as sync's are
+                    observe=ctx.invocation.tally.observe,  # each line an attempt in the metrics, as sync's are
+                    route=trust.needs if trust is not None else None, lanes=trust.lanes() if trust is not None else {})
     driver = BatchDriver(cfg, folder, engine, transport, batches=batches, no_wait=no_wait, progress=progress.enabled,
                          force_new=ctx.options.force_new)
     task = asyncio.ensure_future(driver.cancel() if cancel else driver.run())
