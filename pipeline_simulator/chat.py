@@ -177,7 +177,8 @@ class ChatService:
         rows = packs.pack_rows(ask.body, target.schema)
         if rows is not None and target.schema is not None:  # several rows in one request: each answered alone
             return make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio,
-                               value=packs.pack_value(self.seed_bytes, ask.body, target.schema, rows))
+                               value=packs.pack_value(self.seed_bytes, ask.body, target.schema, rows,
+                                                      garble=self.cfg.garble_packs))
         label = packs.label_digest(self.seed_bytes, ask.body, packs.last_user_content(ask.body))
         answer = make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio,
                              label=label)
