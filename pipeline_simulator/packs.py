@@ -60,6 +60,15 @@ def _lead(body: dict[str, Any]) -> str:
     return ""
 
 
+def row_whole_text(body: dict[str, Any], rid: Any) -> str | None:
+    """The whole message text of the packed row with id `rid` (the shared start and its own input), as
+    that row alone would have sent it; None when the pack has no such row or its input is not text."""
+    for row in pack_rows_unchecked(body) or []:
+        if row.get("id") == rid:
+            return _lead(body) + row["input"] if isinstance(row.get("input"), str) else None
+    return None
+
+
 def row_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
     """The per-row schema of a pack's answer schema, or None when `schema` is not one."""
     if not isinstance(schema, dict):
@@ -76,6 +85,11 @@ def pack_rows(body: dict[str, Any], schema: dict[str, Any] | None) -> list[dict[
     """The rows of a packed request ({"id", "input"} each), or None when the request is not a pack."""
     if row_schema(schema) is None:
         return None
+    return pack_rows_unchecked(body)
+
+
+def pack_rows_unchecked(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The rows of the last user message when it is a pack's rows list, whatever the answer schema."""
     content = last_user_content(body)
     if not isinstance(content, str) or not content.startswith("{"):
         return None

@@ -136,18 +136,21 @@ class ChunkMaker:
         self.obfuscation = obfuscation and meta.flavor == "openai"
         self.string_codes = string_codes and meta.flavor == "openrouter"
 
-    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None,
+              logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """One chunk of choice 0; `logprobs` are the tokens this delta writes (None: the chunk has none)."""
         m = self.meta
         choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        lp = {"content": logprobs, "refusal": None} if logprobs is not None else None
         if m.flavor == "openrouter":
             choice["native_finish_reason"] = finish
-            choice["logprobs"] = None
+            choice["logprobs"] = lp
             return {"id": m.id, "provider": m.provider, "model": m.model, "object": CHUNK, "created": m.created,
                     "choices": [choice], "system_fingerprint": m.fingerprint}
         if m.flavor == "llamacpp":
             return {"choices": [choice], "created": m.created, "id": m.id, "model": m.model,
                     "system_fingerprint": m.fingerprint, "object": CHUNK}
-        choice["logprobs"] = None
+        choice["logprobs"] = lp
         out: dict[str, Any] = {"id": m.id, "object": CHUNK, "created": m.created, "model": m.model}
         if m.flavor == "openai":
             out["service_tier"] = "default"
@@ -185,7 +188,15 @@ class ChunkMaker:
                              "native_finish_reason": "error", "logprobs": None}]}
 
     def body_chunks(self, a: Answer, low: int, high: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-        """(role chunk, content/tool/refusal delta chunks of random sizes, final chunk with finish_reason)."""
+        """(role chunk, content/tool/refusal delta chunks of random sizes, final chunk with finish_reason).
+
+        An answer with logprobs streams as OpenAI does: one token per content chunk, each chunk carrying that
+        token in `logprobs.content` (the role chunk an empty list, the final chunk null), so the chunks'
+        logprobs put together are the whole answer's."""
+        if a.logprobs is not None and a.tool_name is None and a.refusal is None and self.meta.flavor != "llamacpp":
+            first = self.chunk({"role": "assistant", "content": "", "refusal": None}, logprobs=[])
+            middle = [self.chunk({"content": t["token"]}, logprobs=[t]) for t in a.logprobs]
+            return first, middle, self.chunk({}, a.finish_reason)
         rng = random.Random(a.rng_seed ^ 0x5EED)
         pieces = _split(a.output, rng, low, high)
         if a.tool_name is not None:

@@ -88,11 +88,12 @@ def _check_quality(cfg: Config) -> None:
         raise ConfigError(f"{what} runs with run.mode: sync on run.engine: local (a later stage's rows depend on "
                           "the answers before it); remove it or use the local engine in sync mode",
                           key="run.mode" if cfg.run.mode != "sync" else "run.engine", file=src)
-    if cfg.prompt.rows_per_request > 1 and (stages or q.audit or q.confidence != "off"):
-        what = "cascade" if stages else "quality.audit" if q.audit else "quality.confidence"
-        raise ConfigError(f"{what} measures each row's own answer; prompt.rows_per_request: "
-                          f"{cfg.prompt.rows_per_request} packs several rows into one answer: use rows_per_request: 1 "
-                          "with it", key="prompt.rows_per_request", file=src)
+    if cfg.prompt.rows_per_request > 1 and cfg.run.mode == "batch" and (stages or q.audit or by_requests):
+        # Packs, cascades and the audit each work; all three at once in batch mode is not built.
+        what = "cascade" if stages else "quality.audit" if q.audit else "quality.vote_by: requests"
+        raise ConfigError(f"{what} with prompt.rows_per_request: {cfg.prompt.rows_per_request} runs with run.mode: "
+                          "sync; use run.mode: sync for it, or rows_per_request: 1 in batch mode",
+                          key="prompt.rows_per_request", file=src)
     if q.confidence == "logprobs" and cfg.structured is not None and cfg.structured.mode == "tool":
         q.fall_back_to_votes("structured.mode: tool answers in tool-call arguments, which carry no logprobs")
     if q.confidence == "logprobs" and cfg.params.logprobs is False:

@@ -14,6 +14,12 @@ computed from the results, engines/quality.py). A row whose deciding (or audit) 
 stays pending, so a stopped batch is redone on resume from the store, never half-decided.
 
 Which rows are audited is a hash of the row id and `quality.audit.seed`: the same rows on every run.
+
+With `prompt.rows_per_request` > 1 every stage packs its rows (core/packing.py): a batch's rows in stage 1,
+the rows of that batch going on to stage 2 packed together there, the audited rows at the reference model,
+each vote-by-requests sample on its own. A packed row is stored under its own packed key with its share of
+its pack's bill and its own confidence (core/pack_confidence.py), so routing, resume, exactly-once and the
+cost summed over the stages a row visited work as one by one; only what a request holds differs.
 """
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ import orjson
 
 from ..config import Config
 from ..errors import ConfigError, Fatal, Stopped
+from ..prepare.packs import Packer, RowBuilder
 from ..prepare.prompts import Renderer
 from ..prepare.request import RequestBuilder
 from ..prepare.structured import StructuredPlan, plan_for
 from ..send.confidence import choice_fields, compared_fields, row_confidence, vote_confidence
 from ..send.dispatch import Dispatcher
-from ..vocab import BuiltBatch, Decided, InputBatch, Record
+from ..vocab import BuiltBatch, Decided, InputBatch, Record, Request
+from .packing import PackSender
 
 if TYPE_CHECKING:
     from .transformer import Core, Outcome
@@ -49,6 +57,8 @@ class Stage:
     dispatcher: Dispatcher
     # Votes sent as separate requests (quality.vote_by): samples 1..K-1, each the job with its own seed.
     samples: list[tuple[Renderer, RequestBuilder]] = field(default_factory=list)
+    # prompt.rows_per_request > 1: the stage's rows go in packs through its dispatcher (core/packing.py).
+    packs: PackSender | None = None
 
 
 def audited(row_id: str, share: float, seed: int) -> bool:
@@ -69,7 +79,7 @@ class Trust:
                               "structured.schema has none (add one, e.g. a label enum)", key="cascade",
                               file=cfg.source)
         first = Stage(cfg.endpoint.model, cascade[0].min_confidence if cascade else None, core.renderer,
-                      core.builder, core.dispatcher)
+                      core.builder, core.dispatcher, packs=core.packs)
         self.stages = [first] + [self._stage(plan, s.model, s.min_confidence) for s in cascade[1:]]
         self.votes = cfg.quality.samples_by_requests(cfg.endpoint.base_url)
         self.closed = choice_fields(plan.schema if plan else None)
@@ -87,22 +97,32 @@ class Trust:
         core = self.core
         for stage in getattr(self, "stages", []):
             if stage.model == model:  # the audit's model is a stage's: the same requests, the same answers
-                return Stage(model, min_confidence, stage.renderer, stage.builder, stage.dispatcher)
+                return Stage(model, min_confidence, stage.renderer, stage.builder, stage.dispatcher,
+                             packs=stage.packs)
         if model == core.cfg.endpoint.model:
-            return Stage(model, min_confidence, core.renderer, core.builder, core.dispatcher)
+            return Stage(model, min_confidence, core.renderer, core.builder, core.dispatcher, packs=core.packs)
         cfg: Config = core.cfg.stage_config(model)
         stage_plan = plan_for(cfg, plan.schema) if plan is not None else None
         renderer = core.renderer.for_config(cfg)
-        builder = RequestBuilder(cfg.endpoint.base_url, stage_plan, renderer.tokens)
         d = core.dispatcher
-        dispatcher = Dispatcher(cfg, d.transport, core.answers, d.limits, stage_plan, stats=core.stats,
-                                budget=d.budget, builder=builder, rng=d.backoff.rng)
-        return Stage(model, min_confidence, renderer, builder, dispatcher)
+        packer = Packer.of(cfg, stage_plan, renderer.tokens)
+        if packer is None or stage_plan is None:
+            builder = RequestBuilder(cfg.endpoint.base_url, stage_plan, renderer.tokens)
+            dispatcher = Dispatcher(cfg, d.transport, core.answers, d.limits, stage_plan, stats=core.stats,
+                                    budget=d.budget, builder=builder, rng=d.backoff.rng)
+            return Stage(model, min_confidence, renderer, builder, dispatcher)
+        # Packed like the first stage: rows under their packed keys, packs through this stage's dispatcher.
+        packs = PackSender(cfg, packer, core.answers, stage_plan)
+        builder = RowBuilder(cfg.endpoint.base_url, stage_plan, renderer.tokens)
+        dispatcher = Dispatcher(cfg, d.transport, packs.answers, d.limits, packer.plan, stats=core.stats,
+                                budget=d.budget, builder=packer.builder, rng=d.backoff.rng)
+        return Stage(model, min_confidence, renderer, builder, dispatcher, packs=packs)
 
     def _sample(self, plan: StructuredPlan | None, stage: Stage, index: int) -> tuple[Renderer, RequestBuilder]:
         cfg = self.core.cfg.stage_config(stage.model).sample_config(index)
         renderer = stage.renderer.for_config(cfg)
-        return renderer, RequestBuilder(cfg.endpoint.base_url, stage.builder.plan, renderer.tokens)
+        kind = RowBuilder if stage.packs is not None else RequestBuilder
+        return renderer, kind(cfg.endpoint.base_url, stage.builder.plan, renderer.tokens)
 
     def fatal(self) -> Fatal | None:
         stages = self.stages + ([self.audit] if self.audit else [])
@@ -166,11 +186,16 @@ class Trust:
         sub = batch if len(rows) == len(batch.rows) else _subset(batch, rows)
         renderer, builder = sample or (stage.renderer, stage.builder)
         built = builder.build_batch(sub, renderer)
+        if stage.packs is not None:
+            built = Packer.rekey(built)  # a packed row is stored under its own packed key
         records = self.core.answers.lookup(built.requests.keys())
         per_key = Counter(k for k in built.keys if k is not None)
         self.core.stats.reused(deduplicated=sum(per_key.values()) - len(per_key))
         todo = [req for key, req in built.requests.items() if key not in records]
         if not todo:
+            return built, records
+        if stage.packs is not None:  # the stage's rows (or the sample's) packed together
+            records.update(await self._packed(stage, stage.packs, todo))
             return built, records
         tasks = [asyncio.create_task(stage.dispatcher.submit(req)) for req in todo]
         self.core.track(tasks)
@@ -184,6 +209,19 @@ class Trust:
             elif not isinstance(res, (Stopped, asyncio.CancelledError)):
                 raise res  # a bug, not an outcome: surface it
         return built, records
+
+    async def _packed(self, stage: Stage, packs: PackSender, todo: list[Request]) -> dict[str, Record]:
+        """The rows' records, sent in packs; rows left when dispatch stops have none (they stay pending)."""
+        records: dict[str, Record] = {}
+        task = asyncio.create_task(packs.send(stage.dispatcher, todo, records.__setitem__))
+        self.core.track([task])  # abort() cancels the packs in flight; what they resolved stays
+        try:
+            (res,) = await asyncio.gather(task, return_exceptions=True)
+        finally:
+            self.core.untrack([task])
+        if isinstance(res, BaseException) and not isinstance(res, (Stopped, asyncio.CancelledError)):
+            raise res  # a bug, not an outcome: surface it
+        return records
 
     async def _audit(self, batch: InputBatch, outcomes: list[Outcome]) -> None:
         """The audited rows' answers from the reference model, compared field by field."""

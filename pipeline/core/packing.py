@@ -12,6 +12,9 @@ the answer store only through `PackAnswers.put`, which turns the pack's record i
 groups the puts of one event-loop tick into one transaction): a kill -9 leaves all of a pack's rows
 stored or none. A pack's record itself is never stored.
 
+Each row's record carries its own confidence (`quality.confidence`) and its own logprobs, measured on its
+own part of the pack's answer (core/pack_confidence.py); with votes over n samples, its majority answer.
+
 Rows asked again: a row the answer leaves without a usable answer (missing, repeated with different
 answers, invalid, or only under an id the pack did not ask) is committed as `transient` with its share
 of the cost (a resume asks it again; the next record for it carries that cost forward), then asked again
@@ -34,8 +37,10 @@ from ..models.prices import find_price
 from ..prepare.packs import Pack, Packer, Share, apportion, split_answer
 from ..prepare.packs import shares as divide
 from ..prepare.structured import StructuredPlan
+from ..send.confidence import choice_fields
 from ..send.dispatch import Dispatcher
 from ..vocab import AnswerStore, Record, Request
+from .pack_confidence import Measured, Measuring, measure
 
 
 @dataclass(slots=True)
@@ -66,8 +71,10 @@ class _Flight:
 class PackAnswers:
     """The answer store the pack dispatcher writes to: a pack's record becomes its rows' records."""
 
-    def __init__(self, inner: AnswerStore, row_plan: StructuredPlan, price: tuple[float, float] | None) -> None:
+    def __init__(self, inner: AnswerStore, row_plan: StructuredPlan, price: tuple[float, float] | None,
+                 measuring: Measuring | None = None) -> None:
         self.inner, self.row_plan, self.price = inner, row_plan, price
+        self.measuring = measuring  # each row's confidence and own logprobs (core/pack_confidence.py)
         self.flights: dict[str, _Flight] = {}
 
     def lookup(self, keys: Collection[str]) -> dict[str, Record]:
@@ -91,6 +98,7 @@ class PackAnswers:
         pack = flight.pack
         split = split_answer(orjson.loads(record.output_json or "null"), pack, self.row_plan) \
             if record.state == "ok" else None
+        measured = measure(record, pack, split, self.measuring) if split is not None and self.measuring else {}
         billed = Share(record.prompt_tokens, record.completion_tokens, record.cost_usd)
         shares = apportion(pack, billed, split.answer_chars if split else {}, len(record.content or ""), self.price)
         # Cached and cache-written tokens are the shared prefix's: evenly.
@@ -108,7 +116,9 @@ class PackAnswers:
                          usage_note=record.usage_note)
             if split is not None and row.key in split.answers:
                 text = orjson.dumps(split.answers[row.key]).decode()
-                rec = replace(rec, state="ok", content=text, output_json=text, raw=text.encode())
+                m = measured.get(row.key) or Measured()
+                rec = replace(rec, state="ok", content=text, output_json=text, raw=text.encode(),
+                              confidence=m.confidence, confidence_json=m.confidence_json, logprobs_json=m.logprobs_json)
             elif split is not None:
                 rec = replace(rec, error_class="bad_content", message=split.bad[row.key][:1000])
             else:
@@ -126,8 +136,9 @@ class PackSender:
     def __init__(self, cfg: Config, packer: Packer, answers: AnswerStore, row_plan: StructuredPlan) -> None:
         price = find_price(cfg, cfg.endpoint.model, batch=cfg.run.mode == "batch")
         self.packer = packer
+        measuring = Measuring(cfg.quality.confidence, choice_fields(row_plan.schema), packer.plan, row_plan)
         self.answers = PackAnswers(answers, row_plan,
-                                   (price.input_per_m, price.output_per_m) if price is not None else None)
+                                   (price.input_per_m, price.output_per_m) if price is not None else None, measuring)
         self.bad_retries = cfg.structured.bad_content_retries if cfg.structured is not None else 1
         self.spent: dict[str, _Spent] = {}
         self.flying_rows: dict[str, asyncio.Future[Record]] = {}  # rows in a pack now, by key

@@ -26,7 +26,7 @@ alone. Tokens and cost of the pack are apportioned to its rows (`apportion`, doc
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -153,6 +153,7 @@ class Split:
     bad: dict[str, str]
     answer_chars: dict[str, int]
     unknown_ids: int = 0
+    missing: set[str] = field(default_factory=set)  # rows the answer has no item for (a subset of `bad`)
 
 
 def packed_key(key: str) -> str:
@@ -304,6 +305,7 @@ def split_answer(value: Any, pack: Pack, row_plan: StructuredPlan) -> Split:
         distinct = {orjson.dumps(a, option=orjson.OPT_SORT_KEYS) for a in answers if a is not _MISSING}
         if not answers:
             split.bad[key] = f"the packed answer has no item for this row (id {rid})"
+            split.missing.add(key)
         elif _MISSING in answers:
             split.bad[key] = f"the packed answer's item for this row (id {rid}) has no answer"
         elif len(distinct) > 1:

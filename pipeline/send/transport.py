@@ -281,8 +281,8 @@ class _Assembler:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue  # n > 1 is not something a labelling run asks for; keep choice 0 whole
             self._delta(choice.get("delta") or {})
-            lp = choice.get("logprobs")
-            if isinstance(lp, dict) and lp.get("content"):
+            lp = choice.get("logprobs")  # OpenAI: the tokens this chunk writes (the role chunk's list is empty)
+            if isinstance(lp, dict) and isinstance(lp.get("content"), list):
                 self.logprobs.extend(lp["content"])
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]

@@ -164,3 +164,21 @@ def test_bad_endings_of_a_stream_are_transient_errors() -> None:
     extra = STREAM.replace(b"data: [DONE]", orjson.dumps({"choices": [{"index": 1, "delta": {"content": "X"}}]})
                            + b"\n\ndata: [DONE]")
     assert assemble(extra)["choices"][0]["message"]["content"] == "Hello"
+
+
+def test_assembler_puts_each_chunks_logprobs_together_in_order() -> None:
+    """OpenAI's shape: the role chunk an empty list, one token per content chunk, null on the last chunk;
+    a `logprobs.content` that is not a list (an untrusted server) adds nothing."""
+    def token(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []}
+    tokens = [token('{"', 0.0), token("sent", -0.01), token('":"', 0.0), token("pos", -0.4), token('"}', 0.0)]
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": {"content": [], "refusal": None}, "finish_reason": None}]}]
+    chunks += [{"choices": [{"index": 0, "delta": {"content": t["token"]}, "logprobs": {"content": [t], "refusal": None},
+                             "finish_reason": None}]} for t in tokens]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "logprobs": {"content": "garbage"}, "finish_reason": None}]})
+    chunks.append({"choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+    body = assemble(b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n")
+    choice = body["choices"][0]
+    assert choice["message"]["content"] == '{"sent":"pos"}'
+    assert choice["logprobs"] == {"content": tokens}
