@@ -165,11 +165,6 @@ def _check_packs(cfg: Config) -> None:
     elif cfg.prompt.messages_column:
         why = ("cannot pack rows whose whole conversation comes from prompt.messages_column: nothing is shared; "
                "use prompt.system and prompt.user", "prompt.messages_column")
-    elif cfg.run.mode == "batch" and (cfg.cascade or cfg.quality.audit or cfg.quality.confidence != "off"):
-        # Batch lines of packs are split into rows without a confidence, a later stage or an audit sample.
-        what = "cascade" if cfg.cascade else "quality.audit" if cfg.quality.audit else "quality.confidence"
-        why = (f"with run.mode: batch cannot serve {what} (each row's own answer is not measured in a batch "
-               "pack); use run.mode: sync for packs with it, or rows_per_request: 1 in batch mode", what)
     if why is not None:
         raise ConfigError(f"prompt.rows_per_request: {k} {why[0]}", key=why[1], file=cfg.source)
 

@@ -5,7 +5,6 @@ without paying for any pack twice."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -14,12 +13,11 @@ import pytest
 
 import pipeline
 from pipeline.batch import driver
-from pipeline.errors import ConfigError
 from pipeline_simulator import SimConfig
 from pipeline_simulator.thread import SimulatorThread
 from tests.batch.test_batch import FAST, batch_stats
 from tests.batch.test_batch_kill import Killed, kill_at
-from tests.conftest import job
+from tests.e2e.test_cascade import trust_job
 from tests.support import TEST_KEY_ENV as KEY_ENV
 from tests.support import assert_each_id_once, outputs, sim_job, start, wait_for, write_config
 
@@ -174,10 +172,16 @@ def test_kill_9_of_a_packed_batch_run_then_the_same_command_finishes(tmp_path: P
     assert_each_id_once(tmp_path / "out", ROWS)
 
 
-def test_packs_in_batch_mode_with_a_measure_of_each_rows_answer_are_refused_naming_the_key(tmp_path: Path) -> None:
-    cfg = job(tmp_path, 5, prompt={"rows_per_request": 5}, run={"mode": "batch", "progress": False},
-              quality={"confidence": "votes"})
-    with pytest.raises(ConfigError, match=re.escape("quality.confidence")) as info:
-        pipeline.run(cfg)
-    assert "rows_per_request" in str(info.value)
-    assert not (tmp_path / "out" / "store.sqlite").exists()
+def test_each_packed_rows_confidence_in_batch_mode_is_the_one_sync_mode_measures(tmp_path: Path) -> None:
+    frames = []
+    for mode in ("sync", "batch"):
+        (tmp_path / mode).mkdir()
+        cfg = trust_job(tmp_path / mode, 40, cascade=None, prompt={"rows_per_request": 10}, endpoint={"model": "weak"},
+                        params={"max_tokens": 100, "logprobs": True}, run={"mode": mode, "progress": False},
+                        batch=FAST)
+        summary = pipeline.run(cfg, quiet=True)
+        assert summary.exit_code == 0 and summary.succeeded == 40, summary
+        frames.append(assert_each_id_once(tmp_path / mode / "out", 40).sort("rid"))
+    columns = ["rid", "output", "confidence", "confidence_by_field", "logprobs"]
+    assert frames[0].select(columns).equals(frames[1].select(columns))
+    assert frames[1]["confidence"].null_count() == 0 and frames[1]["confidence"].min() < 0.9
