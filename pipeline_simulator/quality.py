@@ -96,6 +96,8 @@ def apply_pack_quality(answer: Answer, target: Target, body: dict[str, Any], mod
     top = body.get("top_logprobs")
     top_n = top if isinstance(top, int) and not isinstance(top, bool) else 0
     want = (body.get("logprobs") is True, top_n)
+    if accuracy is None and not want[0] and samples_asked(body) == 1:
+        return answer  # nothing to judge or to add: the packed answer as drawn
     samples = [_pack_one(answer, target, body, model, cfg, accuracy, want, (seed, i if sampling else None))
                for i in range(samples_asked(body))]
     first = samples[0]

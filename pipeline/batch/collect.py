@@ -77,6 +77,8 @@ class Collector:
         self.policy = RetryPolicy.of(cfg)
         self.backoff = Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, rng or random.Random())
         self._mode: str | None = None
+        # The model of the chunk being collected: its prices and structured plan (a cascade's later stage).
+        self._cfg, self._plan = cfg, plan
         self._chunk: Chunk | None = None
         self._max_tokens: dict[str, int | None] | None = None
         self._alone: list[str] = []  # rows to ask alone, recorded with the next outcomes
@@ -85,7 +87,8 @@ class Collector:
         info = {key: (est, images) for key, est, images, _ in self.ledger.lines(chunk.chunk)}
         seen: set[str] = set()
         result = Collected()
-        self._mode = self.plan.mode if self.plan is not None else None  # what these lines were shaped for
+        self._cfg, self._plan = self.engine.lane(chunk.model) if chunk.model is not None else (self.cfg, self.plan)
+        self._mode = self._plan.mode if self._plan is not None else None  # what these lines were shaped for
         self._chunk, self._max_tokens, self._alone = chunk, None, []
         records: list[Record] = []
         outcomes: list[tuple[str, str]] = []
@@ -152,12 +155,12 @@ class Collector:
         body: dict[str, Any] | None = None
         try:
             body = classify(reply)
-            usage = batch_usage(body, self.cfg, images, est)
+            usage = batch_usage(body, self._cfg, images, est)
             self._charge(usage, paid)
             parsed = self._parse(key, body, usage)
         except RequestError as exc:
             if body is None and exc.billed is not None:  # a failure the provider billed anyway
-                self._charge(batch_usage(exc.billed, self.cfg, images, est), paid)
+                self._charge(batch_usage(exc.billed, self._cfg, images, est), paid)
             # A 200 without choices is billed and answers nothing (send/classify.py): its body is kept too.
             raw = _raw(body) if body is not None else _raw(exc.billed) if exc.billed is not None else None
             return self._decide(key, exc, paid, raw, result)
@@ -169,7 +172,7 @@ class Collector:
 
     def _parse(self, key: str, body: dict[str, Any], usage: Usage) -> Any:
         try:
-            return parse_completion(body, usage, self.plan, self.cfg.quality.confidence)
+            return parse_completion(body, usage, self._plan, self.cfg.quality.confidence)
         except BadContentError:
             raise
         except Exception as exc:  # a parser bug must not lose a paid answer
@@ -182,7 +185,7 @@ class Collector:
         tries = self.ledger.attempts(key)
         counted = Tries(attempts=tries["sent"], transient=tries.get("transient", 0) + tries.get("missing", 0),
                         bad_content=tries.get("bad_content", 0))
-        falls_back = isinstance(exc, PermanentError) and self.plan is not None and self.plan.fallback(
+        falls_back = isinstance(exc, PermanentError) and self._plan is not None and self._plan.fallback(
             exc.status, exc.message, exc.code, mode=self._mode)
         max_tokens = self._line_max_tokens(key) if _is_length(exc) else None
         decision = decide(exc, counted, self.policy, self.backoff, max_tokens=max_tokens, falls_back=falls_back)
@@ -205,8 +208,8 @@ class Collector:
             self.stats.retried(decision.retry_class)
         if decision.action == "reshape" and decision.max_tokens is None:
             # The structured mode is not supported here: later files are rendered under the next mode.
-            assert self.plan is not None
-            self.store.set_meta("structured_mode", self.plan.mode)
+            assert self._plan is not None
+            self.store.set_meta("structured_mode", self._plan.mode)
             return outcome, None
         if decision.max_tokens is not None:
             result.raised[key] = decision.max_tokens

@@ -4,7 +4,9 @@ Two tables of their own on the answer store's connection (contract 5), so an int
 leads to live in one SQLite file and one WAL:
 
   batch_chunks  one row per batch file: its state, the provider's file and batch ids, the last status
-                and request_counts seen, and the sums the queue and budget checks need;
+                and request_counts seen, the sums the queue and budget checks need, and the model its
+                lines ask (a cascade's stages and the audit each have files of their own, since a Batch
+                API file carries one model; NULL: the job's endpoint.model);
   batch_lines   one row per (chunk, request key): which requests a file carries and how each ended
                 (NULL while in flight; ok | permanent | transient | bad_content | fatal | missing);
   batch_packs   with prompt.rows_per_request > 1, the rows of each pack line (its request key), in order;
@@ -59,6 +61,8 @@ _SCHEMA = [
     # the line that left them, so a kill between the two cannot lose it).
     "CREATE TABLE IF NOT EXISTS batch_alone (row TEXT PRIMARY KEY)",
 ]
+# Columns added to batch_chunks after it first shipped (a store written before reads them as NULL).
+_ADDED = {"model": "TEXT"}
 
 # Chunks whose lines are spoken for: written, at the provider, or waiting to be collected.
 LIVE = ("ready", "uploading", "uploaded", "creating", "submitted")
@@ -81,6 +85,7 @@ class Chunk:
     output_file_id: str | None
     error_file_id: str | None
     intent_at: float | None
+    model: str | None = None  # the model its lines ask; None: the job's endpoint.model
 
     @property
     def name(self) -> str:
@@ -88,7 +93,7 @@ class Chunk:
 
 
 _COLS = "chunk, state, path, lines, bytes, est_tokens, worst_usd, file_id, batch_id, status, counts, " \
-        "output_file_id, error_file_id, intent_at"
+        "output_file_id, error_file_id, intent_at, model"
 
 
 class Ledger:
@@ -97,6 +102,10 @@ class Ledger:
         self.db: sqlite3.Connection = store.connection
         for statement in _SCHEMA:
             self.db.execute(statement)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(batch_chunks)")}
+        for name, kind in _ADDED.items():
+            if name not in have:
+                self.db.execute(f"ALTER TABLE batch_chunks ADD COLUMN {name} {kind}")
         job = store.get_meta("batch_job_id")
         if job is None:
             # Names this job's files and batches at the provider (metadata, filenames); random, so two
@@ -107,12 +116,12 @@ class Ledger:
 
     # -- chunks --------------------------------------------------------------------------------------
 
-    def new_chunk(self, folder: str) -> Chunk:
+    def new_chunk(self, folder: str, model: str | None = None) -> Chunk:
         row = self.db.execute("SELECT coalesce(max(chunk), 0) + 1 FROM batch_chunks").fetchone()
         n = int(row[0])
         path = os.path.join(folder, f"chunk-{n:06d}.jsonl")
-        self.db.execute("INSERT INTO batch_chunks (chunk, state, path, updated_at) VALUES (?, 'writing', ?, ?)",
-                        (n, path, time.time()))
+        self.db.execute("INSERT INTO batch_chunks (chunk, state, path, updated_at, model) VALUES (?, 'writing', ?, ?, ?)",
+                        (n, path, time.time(), model))
         self._durable()
         return self.get(n)
 
@@ -160,14 +169,18 @@ class Ledger:
 
     def spoken_for(self, keys: list[str]) -> set[str]:
         """Those of `keys` that a live chunk (or the one being written) carries with no outcome yet."""
-        out: set[str] = set()
+        return set(self.carriers(keys))
+
+    def carriers(self, keys: list[str]) -> dict[str, int]:
+        """{key: the live chunk (or the one being written) that carries it with no outcome yet}."""
+        out: dict[str, int] = {}
         live = ("writing", *LIVE)
         marks_live = ",".join("?" * len(live))
         for i in range(0, len(keys), 500):
             part = keys[i:i + 500]
             marks = ",".join("?" * len(part))
-            out.update(k for (k,) in self.db.execute(
-                f"SELECT l.key FROM batch_lines l JOIN batch_chunks c USING (chunk) WHERE l.key IN ({marks}) "
+            out.update(self.db.execute(
+                f"SELECT l.key, l.chunk FROM batch_lines l JOIN batch_chunks c USING (chunk) WHERE l.key IN ({marks}) "
                 f"AND l.outcome IS NULL AND c.state IN ({marks_live})", (*part, *live)))
         return out
 
@@ -283,8 +296,11 @@ def _chunk(row: tuple[Any, ...]) -> Chunk:
 
 def read_chunks(store: Store) -> list[Chunk]:
     """For `pipeline status` (a read-only store): the ledger's chunks, or none when this is no batch job."""
+    db = store.connection
     try:
-        rows = store.connection.execute(f"SELECT {_COLS} FROM batch_chunks ORDER BY chunk").fetchall()
-    except sqlite3.OperationalError:
+        have = {row[1] for row in db.execute("PRAGMA table_info(batch_chunks)")}
+        cols = ", ".join(c if c in have else "NULL" for c in _COLS.split(", "))  # a store from before a column
+        rows = db.execute(f"SELECT {cols} FROM batch_chunks ORDER BY chunk").fetchall()
+    except sqlite3.OperationalError:  # no batch_chunks table: not a batch job
         return []
     return [_chunk(r) for r in rows]

@@ -341,8 +341,11 @@ def _cost_lines(est: Estimate, cfg: Config, add: Any) -> None:
 
 def _time_lines(est: Estimate, cfg: Config, add: Any) -> None:
     if cfg.run.mode == "batch":
-        add("time", f"{duration(cfg.batch.poll_interval_s)} .. 24h00m: the Batch API answers within its 24 h window "
-            "(often minutes to hours); its rate limits are the batch queue's, not limits.*")
+        windows = len(cfg.cascade or [None])
+        add("time", f"{duration(cfg.batch.poll_interval_s)} .. {duration(windows * 86400.0)}: the Batch API answers "
+            "within its 24 h window (often minutes to hours)" + (
+                f", one window per cascade stage ({windows}: a stage's rows go once the stage before has answered)"
+                if windows > 1 else "") + "; its rate limits are the batch queue's, not limits.*")
         return
     bounds = time_bounds(est, cfg)
     low = max(lo for lo, _ in bounds.values())

@@ -108,9 +108,6 @@ def test_cascade_config_errors_name_the_key(tmp_path: Path) -> None:
         cfg = trust_job(tmp_path, 3, cascade=cascade, quality=quality)
         r = cli_in_process("run", str(write_config(tmp_path, cfg)))
         assert r.returncode == 2 and key in r.stderr, r.stderr
-    batch = trust_job(tmp_path, 3, run={"mode": "batch"})
-    r = cli_in_process("run", str(write_config(tmp_path, batch)))
-    assert r.returncode == 2 and "run.mode" in r.stderr and "cascade" in r.stderr
 
 
 def test_kill_9_in_the_second_stage_resumes_each_id_once_and_pays_no_first_stage_twice(tmp_path: Path) -> None:
@@ -238,8 +235,6 @@ def test_votes_as_separate_requests_for_endpoints_without_n(tmp_path: Path) -> N
     stored = store_rows(tmp_path / "out")
     assert res["cost_usd"].sum() == pytest.approx(sum(r["cost_usd"] for r in stored.values()), abs=1e-9)
     assert pipeline.run(cfg, quiet=True).requests_sent == 0  # every sample is an answer like any other
-    batch = cli_in_process("run", str(write_config(tmp_path, {**cfg, "run": {"mode": "batch"}})))
-    assert batch.returncode == 2 and "quality.vote_by: requests" in batch.stderr
 
 
 def test_streamed_answers_give_the_same_confidences_and_labels_as_whole_ones(tmp_path: Path,

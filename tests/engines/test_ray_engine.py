@@ -132,11 +132,14 @@ def test_more_workers_than_slots_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_ray_engine_with_packs_same_labels_as_local_and_resumes(tmp_path: Path, ray_local: Any) -> None:
-    """prompt.rows_per_request on Ray: packs through the same core; rows land once, typed as locally."""
+    """prompt.rows_per_request on Ray: packs through the same core; rows land once, typed as locally, with
+    each row's confidence measured on its own part of the packed answer as locally."""
+    sure = {"accuracy": {"openai/gpt-4-turbo": 0.8}}
     local = job(tmp_path, rows=40, input={"batch_size": 20}, prompt={"rows_per_request": 8},
-                output={"dir": str(tmp_path / "local")}, sim={"seed": 3})
+                output={"dir": str(tmp_path / "local")}, sim={"seed": 3, **sure}, quality={"confidence": "logprobs"})
     on_ray = job(tmp_path, rows=40, input={"batch_size": 20}, prompt={"rows_per_request": 8},
-                 run={"engine": "ray", "workers": 2}, sim={"rate_500": 0.1, "seed": 3})
+                 run={"engine": "ray", "workers": 2}, sim={"rate_500": 0.1, "seed": 3, **sure},
+                 quality={"confidence": "logprobs"})
     summary = pipeline.run(on_ray, quiet=True)
     assert summary.exit_code == 0 and summary.succeeded == 40, summary
     assert summary.requests_sent <= 8 + 40 * 0.5  # packs of 8 (and retries of the 500s), never one by one
@@ -144,7 +147,8 @@ def test_ray_engine_with_packs_same_labels_as_local_and_resumes(tmp_path: Path, 
     ray_rows = _read(str(tmp_path / "out" / "results.parquet"))
     local_rows = _read(str(tmp_path / "local" / "results.parquet"))
     assert ray_rows.schema == local_rows.schema
-    by_id = {r["rid"]: r["output"] for r in local_rows.to_pylist()}
-    assert {r["rid"]: r["output"] for r in ray_rows.to_pylist()} == by_id
+    by_id = {r["rid"]: (r["output"], r["confidence"]) for r in local_rows.to_pylist()}
+    assert {r["rid"]: (r["output"], r["confidence"]) for r in ray_rows.to_pylist()} == by_id
+    assert all(c is not None for _, c in by_id.values()) and min(c for _, c in by_id.values()) < 0.9
     again = pipeline.run(on_ray, quiet=True)
     assert again.requests_sent == 0 and again.resumed_rows == 40 and again.succeeded == 40
