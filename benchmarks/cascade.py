@@ -1,6 +1,7 @@
 """Cascade benchmark: accuracy and cost of the weak model alone, the strong model alone, and the cascade.
 
     python benchmarks/cascade.py [--rows 5000] [--threshold 0.9] [--audit-share 0.05] [--rows-per-request 10] [--long-instructions]
+        [--batch]
 
 5,000 rows with gold on the built-in simulator, whose models have an accuracy against a truth derived
 from each row (pipeline_simulator/judge.py: gpt-4o-mini 0.90, gpt-4o 0.95 of enum/boolean fields right)
@@ -11,6 +12,9 @@ and calibrated logprobs. Gold is that truth, computed from the row's text with t
     strong    openai/gpt-4o on every row
     cascade   gpt-4o-mini first; rows under --threshold confidence (logprobs) go to gpt-4o; an audit of
               --audit-share of the rows by gpt-4o
+    cascade-batch  (--batch) the same cascade in run.mode: batch through the simulator's Batch API (files
+              of 50,000 lines, every batch done at its first poll): its decisions must equal the sync
+              cascade's, at the batch price (half)
 
 With --rows-per-request K a fourth job runs the same cascade and audit with K rows per request at every
 stage (`prompt.rows_per_request`: each row's confidence from its own part of the packed answer's
@@ -127,6 +131,7 @@ def main() -> int:
                     help="also run the cascade with this many rows per request (1: not)")
     ap.add_argument("--long-instructions", action="store_true",
                     help="a ~1,500-token shared system prompt in every job instead of one line")
+    ap.add_argument("--batch", action="store_true", help="also run the cascade in run.mode: batch")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -144,6 +149,13 @@ def main() -> int:
         if k > 1:
             prompt = {**config(data, root)["prompt"], "rows_per_request": k}
             jobs[f"cascade, {k} rows per request"] = config(data, root / "packed", prompt=prompt, **trust)
+        if args.batch:
+            instant = {"validating_polls": 0, "in_progress_polls": 0, "finalizing_polls": 0}
+            endpoint = {**config(data, root)["endpoint"]}
+            endpoint["simulator"] = {**endpoint["simulator"], "batch": instant}
+            jobs["cascade-batch"] = config(data, root / "cascade-batch", **trust, endpoint=endpoint,
+                                           run={"progress": False, "mode": "batch"},
+                                           batch={"poll_interval_s": 0.01, "poll_max_interval_s": 0.05})
         folders = {name: root / ("packed" if name.startswith("cascade, ") else name) for name in jobs}
         figures = {name: run(name, cfg) for name, cfg in jobs.items()}
         frames = {name: answers(folders[name]) for name in jobs}
@@ -159,6 +171,11 @@ def main() -> int:
         casc, strong = frames["cascade"], frames["strong"].rename({"sentiment": "s_sentiment", "spam": "s_spam"})
         stages = casc["cascade_stage"].value_counts().sort("cascade_stage")
         print("cascade rows per stage:", dict(stages.iter_rows()))
+        if args.batch:
+            key = ["rid", "sentiment", "spam", "cascade_stage"]
+            same = frames["cascade-batch"].select(key).sort("rid").equals(casc.select(key).sort("rid"))
+            print(f"cascade-batch: decisions {'equal to' if same else 'DIFFERENT from'} the sync cascade's, at "
+                  f"{figures['cascade-batch'][0].cost_usd / figures['cascade'][0].cost_usd:.1%} of its cost")
         joined = casc.join(strong.select("rid", "s_sentiment", "s_spam"), on="rid")
         audit = figures["cascade"][0].quality["audit"]
         ok = True

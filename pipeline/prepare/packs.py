@@ -115,8 +115,8 @@ class RowBuilder(RequestBuilder):
     """Builds the rows that go into packs: their keys and bodies, without counting their tokens (each pack
     is counted as it is sent; counting every row alone as well would double the tokenizer's work)."""
 
-    def _request(self, rendered: RenderedRow, shaped: dict[str, Any], payload: bytes, key: str) -> Request:
-        return Request(key, payload, rendered.body, 0, rendered.max_tokens, 0, rendered.image_tokens,
+    def _request(self, rendered: RenderedRow, shaped: dict[str, Any], key: str) -> Request:
+        return Request(key, shaped, rendered.body, 0, rendered.max_tokens, 0, rendered.image_tokens,
                        self.plan.mode if self.plan is not None else None)
 
 

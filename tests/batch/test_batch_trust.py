@@ -53,6 +53,15 @@ def chunks(out: Path) -> list[tuple[int, str | None, str, int]]:
         db.close()
 
 
+def worst_per_line(out: Path) -> dict[str, float]:
+    """{model: the budget's worst case of one line} over the job's batch files."""
+    db = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
+    try:
+        return dict(db.execute("SELECT model, sum(worst_usd) / sum(lines) FROM batch_chunks GROUP BY model"))
+    finally:
+        db.close()
+
+
 def stored(out: Path) -> dict[str, str]:
     """{request key: model} of every answer in the job's store."""
     db = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
@@ -91,10 +100,46 @@ def test_a_cascade_in_batch_mode_decides_every_row_as_sync_mode_does(tmp_path: P
     models = [m for _, m, _, _ in files]
     assert models == ["weak"] * 3 + ["strong"] * (len(models) - 3) and "strong" in models
     assert sum(n for _, m, _, n in files if m == "strong") == (batch["cascade_stage"] == 2).sum()
+    # The budget holds each line at its own model's worst case (gpt-4o's is ~16x gpt-4o-mini's here).
+    worst = worst_per_line(tmp_path / "batch" / "out")
+    assert worst["strong"] > 10 * worst["weak"] > 0
     served = sim.stats()["served_by_body"]
     assert set(served.values()) == {2}  # every request once in each mode: the same bodies
     again = pipeline.run(trust_job(tmp_path / "batch", sim, rows, "batch"), quiet=True)
     assert again.exit_code == 0 and again.requests_sent == 0
+
+
+def test_failed_first_stage_lines_go_on_to_the_next_stage_in_batch_files_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TEST_KEY_ENV, "sk-test")
+    faults = {**INSTANT, "line_rate_4xx": 0.1, "line_rate_5xx": 0.05}
+    sim = SimulatorThread(SimConfig(flavor="openai", accuracy=ACCURACY, prices=PRICES, log_limit=0, batch=faults))
+    sim.start()
+    try:
+        rows = 100
+        cfg = trust_job(tmp_path, sim, rows, "batch")
+        cfg["limits"]["max_retries"] = 0  # a 5xx line is final at once: a transient failure that goes on too
+        s = pipeline.run(cfg, quiet=True)
+        chat_requests = sim.stats()["requests"]
+    finally:
+        sim.stop()
+    assert s.exit_code in (0, 1)
+    res = assert_each_id_once(tmp_path / "out", rows)
+    fail = pl.read_parquet(tmp_path / "out" / "failures.parquet")
+    db = sqlite3.connect(f"file:{tmp_path / 'out' / 'store.sqlite'}?mode=ro", uri=True)
+    try:
+        weak = db.execute("SELECT r.state, r.confidence FROM responses r WHERE r.key IN (SELECT l.key FROM batch_lines "
+                          "l JOIN batch_chunks c USING (chunk) WHERE c.model = 'weak')").fetchall()
+    finally:
+        db.close()
+    assert len(weak) == rows
+    failed_weak = sum(1 for state, _ in weak if state != "ok")
+    assert {"transient", "permanent"} <= {state for state, _ in weak}
+    onward = sum(1 for state, conf in weak if state != "ok" or conf is None or conf < 0.9)
+    assert failed_weak > 0
+    # Every row the weak model failed or was unsure of went on; only the last stage's failures are failures.
+    assert (res["cascade_stage"] == 2).sum() + fail.height == onward
+    assert chat_requests == 0  # the engine pass sent nothing synchronously: every stage went in batch files
 
 
 def test_kill_in_the_second_stage_resumes_each_id_once_and_pays_no_line_twice(

@@ -237,10 +237,14 @@ def test_votes_as_separate_requests_for_endpoints_without_n(tmp_path: Path) -> N
     assert pipeline.run(cfg, quiet=True).requests_sent == 0  # every sample is an answer like any other
 
 
-def test_streamed_answers_give_the_same_confidences_and_labels_as_whole_ones(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """OpenAI streams logprobs per chunk (`choices[0].logprobs.content`); assembled, they are the whole
-    answer's, so `params.stream: true` changes neither a row's label nor its confidence."""
+@pytest.mark.parametrize("quality", [{"confidence": "logprobs"}, {"confidence": "votes", "votes": 5},
+                                     {"confidence": "votes", "votes": 3, "vote_by": "requests"}],
+                         ids=["logprobs", "votes-n", "votes-requests"])
+def test_streamed_answers_give_the_same_confidences_and_labels_as_whole_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quality: dict[str, Any]) -> None:
+    """OpenAI streams logprobs per chunk (`choices[0].logprobs.content`) and n samples as interleaved
+    choices; assembled, they are the whole answer's, so `params.stream: true` changes neither a row's label
+    nor its confidence."""
     monkeypatch.setenv(TEST_KEY_ENV, "sk-test")
     sim = SimulatorThread(SimConfig(flavor="openai", accuracy=ACCURACY, log_limit=0, stream_chunk_chars=(1, 4)))
     sim.start()
@@ -249,15 +253,20 @@ def test_streamed_answers_give_the_same_confidences_and_labels_as_whole_ones(tmp
         for stream in (False, True):
             (tmp_path / str(stream)).mkdir()
             cfg = sim_job(tmp_path / str(stream), sim, 40, structured={"schema": SCHEMA, "mode": "json_schema"},
-                          quality={"confidence": "logprobs"}, run={"progress": False})
+                          quality=quality, run={"progress": False})
             cfg["endpoint"]["model"] = "weak"
-            cfg["params"] = {"stream": stream, "logprobs": True, "top_logprobs": 3}
-            assert pipeline.run(cfg, quiet=True).exit_code == 0
+            cfg["params"] = {"stream": stream}
+            if quality["confidence"] == "logprobs":
+                cfg["params"].update(logprobs=True, top_logprobs=3)
+            summary = pipeline.run(cfg, quiet=True)
+            assert summary.exit_code == 0 and summary.requests_sent == 40 * quality.get("votes", 1) ** (
+                quality.get("vote_by") == "requests")
             frames.append(assert_each_id_once(tmp_path / str(stream) / "out", 40).sort("rid"))
     finally:
         sim.stop()
     whole, streamed = frames
     assert "ttft_s" in streamed.columns and "ttft_s" not in whole.columns  # it really streamed
     assert streamed["confidence"].null_count() == 0 and whole["confidence"].min() < 0.9
-    for column in ("output", "content", "confidence", "confidence_by_field", "logprobs"):
-        assert streamed[column].to_list() == whole[column].to_list(), column
+    for column in ("output", "content", "confidence", "confidence_by_field", "completion_tokens", "logprobs"):
+        if column in whole.columns:
+            assert streamed[column].to_list() == whole[column].to_list(), column

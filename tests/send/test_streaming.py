@@ -182,3 +182,20 @@ def test_assembler_puts_each_chunks_logprobs_together_in_order() -> None:
     choice = body["choices"][0]
     assert choice["message"]["content"] == '{"sent":"pos"}'
     assert choice["logprobs"] == {"content": tokens}
+
+
+def test_assembler_keeps_each_of_n_interleaved_choices() -> None:
+    """n samples (votes) stream as chunks of several `index`es, interleaved; each choice is put together
+    on its own, and the stream is whole only once every choice has its finish_reason."""
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"choices": [{"index": index, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+    events = [chunk(0, {"role": "assistant", "content": ""}), chunk(1, {"role": "assistant", "content": ""}),
+              chunk(0, {"content": '{"a":'}), chunk(1, {"content": '{"a":'}), chunk(1, {"content": "2}"}),
+              chunk(0, {"content": "1}"}), chunk(1, {}, "stop"), chunk(0, {}, "length")]
+    body = assemble(b"".join(events) + b"data: [DONE]\n\n")
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, '{"a":1}', "length"), (1, '{"a":2}', "stop")]
+    with pytest.raises(TransientError, match="without a finish_reason"):
+        assemble(b"".join(events[:-1]))   # choice 0 never finished and no [DONE]
+    hostile = chunk(10**9, {"content": "x"}) + b'data: {"choices":[{"index":true,"delta":{"content":"y"}}]}\n\n'
+    assert len(assemble(b"".join(events) + hostile + b"data: [DONE]\n\n")["choices"]) == 2

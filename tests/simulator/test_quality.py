@@ -131,3 +131,24 @@ def test_a_streamed_answer_carries_the_same_logprobs_one_token_per_chunk() -> No
             assert logprob_confidence(tokens, value, fields) == \
                 logprob_confidence(whole["logprobs"]["content"], value, fields)
     serve(SimConfig(flavor="openai", accuracy={"weak": 0.8}), run)
+
+
+def test_n_streamed_samples_are_the_whole_answers_samples_each_under_its_index() -> None:
+    async def run(_sim: Simulator, url: str, session: aiohttp.ClientSession) -> None:
+        varied = 0
+        for i in range(8):
+            body = ask("weak", f"review {i}: it broke twice", n=5, temperature=1.0)
+            whole = [c["message"]["content"] for c in (await post(session, url, body))["choices"]]
+            async with session.post(f"{url}/chat/completions", json={**body, "stream": True},
+                                    headers={"Authorization": "Bearer k"}) as r:
+                text = (await r.read()).decode()
+            chunks = [orjson.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
+            choices = [ch for c in chunks for ch in c["choices"]]
+            indexes = [ch["index"] for ch in choices]
+            assert sorted(set(indexes)) == list(range(5)) and indexes != sorted(indexes)  # interleaved
+            assert sorted(ch["index"] for ch in choices if ch["finish_reason"] == "stop") == list(range(5))
+            assert ["".join(ch["delta"].get("content") or "" for ch in choices if ch["index"] == k)
+                    for k in range(5)] == whole
+            varied += len(set(whole)) > 1
+        assert varied > 0  # the samples are draws, and each keeps its own index
+    serve(SimConfig(flavor="openai", accuracy={"weak": 0.6}), run)
