@@ -95,6 +95,10 @@ def _check_quality(cfg: Config) -> None:
     if q.confidence == "logprobs" and cfg.params.logprobs is False:
         raise ConfigError("quality.confidence: logprobs needs the answer's logprobs; remove params.logprobs: false",
                           key="params.logprobs", file=src)
+    if cfg.params.top_logprobs is not None and not cfg.params.logprobs and q.confidence != "logprobs":
+        # quality.confidence: logprobs asks for the logprobs itself, at the top_logprobs given here
+        raise ConfigError("top_logprobs requires params.logprobs: true (or quality.confidence: logprobs)",
+                          key="params.top_logprobs", file=src)
     if q.confidence == "votes":
         if "n" in cfg.params.extra or "n" in cfg.params.from_columns:
             raise ConfigError("quality.confidence: votes sets n (quality.votes); remove it from params",
@@ -158,9 +162,6 @@ def _check_packs(cfg: Config) -> None:
     elif cfg.prompt.messages_column:
         why = ("cannot pack rows whose whole conversation comes from prompt.messages_column: nothing is shared; "
                "use prompt.system and prompt.user", "prompt.messages_column")
-    elif cfg.run.mode == "batch":
-        why = ("is not available with run.mode: batch yet (a Batch API line must carry one request of its own "
-               "rows); use run.mode: sync, or rows_per_request: 1 for batch mode", "run.mode")
     if why is not None:
         raise ConfigError(f"prompt.rows_per_request: {k} {why[0]}", key=why[1], file=cfg.source)
 
