@@ -178,7 +178,8 @@ class ChatService:
         if rows is not None and target.schema is not None:  # several rows in one request: each answered alone
             packed = make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault,
                                  self.cfg.cached_tokens_ratio,
-                                 value=packs.pack_value(self.seed_bytes, ask.body, target.schema, rows))
+                                 value=packs.pack_value(self.seed_bytes, ask.body, target.schema, rows,
+                                                         garble=self.cfg.garble_packs))
             return apply_pack_quality(packed, target, ask.body, ask.model, self.cfg, content_fault, self.seed_bytes)
         label = packs.label_digest(self.seed_bytes, ask.body, packs.last_user_content(ask.body))
         answer = make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio,

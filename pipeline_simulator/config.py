@@ -168,6 +168,9 @@ class SimConfig(BaseModel):
     rate_error_200: float = Field(default=0.0, ge=0, le=1)
     rate_empty: float = Field(default=0.0, ge=0, le=1)
     retry_after_s: float | None = Field(default=1.0, ge=0)  # Retry-After on random 429/503; None omits it
+    # Every pack of several rows (a packed request, packs.py) answered wrongly on purpose: ids 2 and 3
+    # missing, id 4 answered twice with two different answers, and an answer under id 99, which no pack asks.
+    garble_packs: bool = False
     fault_plan: list[FaultRule] = Field(default_factory=list)
 
     # Enforced limits (token buckets that start full); None = unlimited.

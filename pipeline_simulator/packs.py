@@ -103,8 +103,10 @@ def pack_rows_unchecked(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     return rows
 
 
-def pack_value(seed: bytes, body: dict[str, Any], schema: dict[str, Any], rows: list[dict[str, Any]]) -> Any:
-    """The packed answer: each row's answer drawn as for that row alone."""
+def pack_value(seed: bytes, body: dict[str, Any], schema: dict[str, Any], rows: list[dict[str, Any]], *,
+               garble: bool = False) -> Any:
+    """The packed answer: each row's answer drawn as for that row alone (`garble`: a pack of several rows
+    with ids 2 and 3 dropped, id 4 answered twice with different answers, an answer under id 99)."""
     inner = row_schema(schema)
     lead = _lead(body)
     answers = []
@@ -112,4 +114,13 @@ def pack_value(seed: bytes, body: dict[str, Any], schema: dict[str, Any], rows: 
         whole = lead + row["input"] if isinstance(row["input"], str) else row["input"]
         rng = random.Random(int.from_bytes(label_digest(seed, body, whole)[:8], "big"))
         answers.append({"id": row["id"], "answer": SchemaFaker(schema, rng).value(inner)})
+    if garble and len(rows) > 1:
+        twice = [a for a in answers if a["id"] == "4"]
+        answers = [a for a in answers if a["id"] not in ("2", "3", "4")]
+        rng = random.Random(int.from_bytes(seed[:8] or b"\0", "big") ^ len(rows))
+        others = [SchemaFaker(schema, rng).value(inner) for _ in range(8)]
+        if twice:  # two answers that differ (drawn until they do: the schema may allow few values)
+            second = next((o for o in others if o != twice[0]["answer"]), None)
+            answers += [twice[0], {"id": "4", "answer": second}] if second is not None else []
+        answers.append({"id": "99", "answer": others[0]})
     return {"answers": answers}

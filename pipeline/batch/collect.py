@@ -12,7 +12,8 @@ or under the next structured mode; fail -> a failure record; stop -> the run sto
 are built by send/outcome.py, as the sync mode builds them. Either file may hold any kind of line, in
 any order; a line for a request this chunk does not carry is ignored (the server is untrusted).
 Records are committed before the chunk counts as collected; re-reading the same files after a kill
-writes the same records again.
+writes the same records again. With `prompt.rows_per_request` > 1 a line is a pack: its record becomes
+its rows' records (batch/packed.py) before anything is committed.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from .ledger import Chunk, Ledger
 
 if TYPE_CHECKING:
     from .driver import Engine
+    from .packed import BatchPacks
 
 log = logging.getLogger("pipeline")
 
@@ -63,12 +65,13 @@ class Collected:
     to_sync: set[str] = field(default_factory=set)  # keys left for the sync engine (batch.retry_via: sync)
     settled: set[str] = field(default_factory=set)  # keys recorded as failures by this run
     raised: dict[str, int] = field(default_factory=dict)  # requeued keys to send with this max_tokens
+    alone: set[str] = field(default_factory=set)  # packs: rows to ask again, each in a pack of its own
 
 
 class Collector:
     def __init__(self, cfg: Config, ledger: Ledger, engine: Engine, plan: StructuredPlan | None,
-                 rng: random.Random | None = None) -> None:
-        self.cfg, self.ledger, self.engine, self.plan = cfg, ledger, engine, plan
+                 rng: random.Random | None = None, packs: BatchPacks | None = None) -> None:
+        self.cfg, self.ledger, self.engine, self.plan, self.packs = cfg, ledger, engine, plan, packs
         self.store = engine.store
         self.stats = engine.core.stats
         self.policy = RetryPolicy.of(cfg)
@@ -78,6 +81,7 @@ class Collector:
         self._cfg, self._plan = cfg, plan
         self._chunk: Chunk | None = None
         self._max_tokens: dict[str, int | None] | None = None
+        self._alone: list[str] = []  # rows to ask alone, recorded with the next outcomes
 
     def collect(self, chunk: Chunk, paths: list[str]) -> Collected:
         info = {key: (est, images) for key, est, images, _ in self.ledger.lines(chunk.chunk)}
@@ -85,7 +89,7 @@ class Collector:
         result = Collected()
         self._cfg, self._plan = self.engine.lane(chunk.model) if chunk.model is not None else (self.cfg, self.plan)
         self._mode = self._plan.mode if self._plan is not None else None  # what these lines were shaped for
-        self._chunk, self._max_tokens = chunk, None
+        self._chunk, self._max_tokens, self._alone = chunk, None, []
         records: list[Record] = []
         outcomes: list[tuple[str, str]] = []
         for path in paths:
@@ -101,7 +105,7 @@ class Collector:
                 outcome, record = self._judge(key, line, *info[key], result)
                 outcomes.append((key, outcome))
                 if record is not None:
-                    records.append(record)
+                    records.extend(self._rows(key, record, result))
                 if len(outcomes) >= 1000:
                     self._commit(chunk, records, outcomes)
             if ignored:
@@ -114,17 +118,31 @@ class Collector:
             missing = TransientError("the batch ended without an answer for this request", code="missing")
             _, record = self._decide(key, missing, Paid(), None, result)
             if record is not None:
-                records.append(record)
+                records.extend(self._rows(key, record, result))
         self._commit(chunk, records, outcomes)
         self.ledger.mark_unanswered(chunk.chunk)
+        if self.packs is not None:  # the sync engine is asked for rows, not packs
+            result.to_sync = self.packs.row_keys(result.to_sync)
         return result
+
+    def _rows(self, key: str, record: Record, result: Collected) -> list[Record]:
+        """What to commit for a line's record: itself, or (a pack) its rows' records."""
+        rows = self.packs.rows(key, record) if self.packs is not None else None
+        if rows is None:
+            return [record]
+        records, failed, alone = rows
+        result.settled |= failed
+        result.alone |= alone
+        self._alone.extend(alone)
+        return records
 
     def _commit(self, chunk: Chunk, records: list[Record], outcomes: list[tuple[str, str]]) -> None:
         """Answers first, then the lines' outcomes: a kill in between re-reads the files, same records."""
         if records:
             self.store.put_now(records)
-        if outcomes:
-            self.ledger.set_outcomes(chunk.chunk, outcomes)
+        if outcomes or self._alone:
+            self.ledger.set_outcomes(chunk.chunk, outcomes, self._alone)
+        self._alone = []
         records.clear()
         outcomes.clear()
 

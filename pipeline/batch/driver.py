@@ -10,7 +10,8 @@ resumed by running the same command again:
      (resuming a partial download) and every line is committed to the store (collect.py) before the
      chunk counts as collected; then its files at the provider are deleted (batch.delete_files);
   3. submit (submit.py): the requests the store cannot answer are rendered by the very builder the sync
-     mode uses (same body, same request key), streamed into files within the caps, uploaded and created,
+     mode uses (same body, same request key; with prompt.rows_per_request > 1 the same packs, packed.py),
+     streamed into files within the caps, uploaded and created,
      each step behind an intent recorded (and fsynced) first; the queue cap (batch.max_enqueued_tokens)
      and the budget (each line at its worst case until collected) are checked before each create. With a
      cascade, an audit or votes as requests, what a row needs depends on the answers collected so far:
@@ -46,6 +47,7 @@ from .client import TERMINAL, BatchClient, batch_errors, queue_full
 from .collect import Collector, worst_line_cost
 from .files import ChunkWriter, max_tokens_of, request_payloads, with_max_tokens
 from .ledger import LIVE, Chunk, Ledger
+from .packed import BatchPacks
 from .progress import BatchBar
 from .reconcile import Reconciler
 from .rounds import Rounds
@@ -105,7 +107,9 @@ class BatchDriver:
         self.store = engine.store
         self.ledger = Ledger(self.store)
         self.client = BatchClient(transport)
-        self.collector = Collector(cfg, self.ledger, engine, self.plan)
+        sender = engine.core.packs
+        self.packs = BatchPacks(sender, self.ledger) if sender is not None else None  # a line per pack
+        self.collector = Collector(cfg, self.ledger, engine, self.plan, packs=self.packs)
         self.batches = batches
         self.no_wait, self.rng = no_wait, rng or random.Random()
         self.calls = Calls(cfg, Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, self.rng))
@@ -116,6 +120,7 @@ class BatchDriver:
         self.rounds = Rounds(self) if engine.route is not None else None
         self.settled: set[str] = set()  # failures recorded by this run: not sent again by it
         self.to_sync: set[str] = set()  # batch.retry_via: sync — left for the engine's sync pass
+        self.rerender = False  # packs: rows to ask alone wait for the next render of the input
         self.bar = BatchBar(enabled=progress)
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -136,7 +141,8 @@ class BatchDriver:
                         self.rounds.everything()
                 if self.engine.stop_reason:
                     return "stopped"
-                if render or (self.rounds is not None and self.rounds.due):
+                if render or self.rerender or (self.rounds is not None and self.rounds.due):
+                    self.rerender = False
                     await self.write_pending()
                     render = False
                 if not self.engine.stop_reason:
@@ -240,6 +246,7 @@ class BatchDriver:
             self.ledger.add_cleanup(chunk.chunk, files)
         self.settled |= result.settled
         self.to_sync |= result.to_sync
+        self.rerender |= bool(result.alone)
         if result.requeued:
             self._carry(chunk, result.requeued, result.raised)
         if self.rounds is not None:
@@ -319,12 +326,10 @@ class BatchDriver:
                 jobs = self.engine.build(batch)
                 known = self.engine.known(jobs.keys())
                 fresh = [k for k in jobs if k not in known and k not in self.settled and k not in self.to_sync]
-                spoken = self.ledger.spoken_for(fresh)
-                for key in fresh:
-                    if key in spoken:
-                        continue
-                    job = jobs[key]
-                    writer.add(key, job.payload, job.est_prompt, job.n_images,
+                spoken = self.ledger.spoken_for(fresh) if self.packs is None else self.packs.spoken_for(fresh)
+                todo = [jobs[key] for key in fresh if key not in spoken]
+                for job in todo if self.packs is None else self.packs.lines(todo):
+                    writer.add(job.key, job.payload, job.est_prompt, job.n_images,
                                worst_line_cost(self.cfg, job.est_prompt, job.max_tokens, job.n_images))
                     written += 1
                 writer.flush()

@@ -65,8 +65,9 @@ def load_config(
 
 
 def _check_quality(cfg: Config) -> None:
-    """A cascade needs a confidence to route by; its stages and the audit are answered by the local engine,
-    in sync mode or in batch mode's rounds (each stage's rows depend on the answers of the one before)."""
+    """A cascade needs a confidence to route by. Its stages and the audit run in either mode on the local
+    engine (batch mode in rounds, batch/rounds.py) and on Ray in sync mode (each worker runs them per shard;
+    Ray has no batch mode)."""
     q, stages, src = cfg.quality, cfg.cascade, cfg.source
     if stages is not None:
         if len(stages) < 2:
@@ -83,10 +84,6 @@ def _check_quality(cfg: Config) -> None:
             raise ConfigError("a cascade routes rows by their confidence: set quality.confidence to logprobs or "
                               "votes", key="quality.confidence", file=src)
     by_requests = q.samples_by_requests(cfg.endpoint.base_url) > 1
-    if (stages or q.audit or by_requests) and cfg.run.engine != "local":
-        what = "cascade" if stages else "quality.audit" if q.audit else "quality.vote_by: requests"
-        raise ConfigError(f"{what} runs on run.engine: local (a later stage's rows depend on the answers before "
-                          "it); remove it or use the local engine (run.mode: sync or batch)", key="run.engine", file=src)
     if cfg.prompt.rows_per_request > 1 and cfg.run.mode == "batch" and (stages or q.audit or by_requests):
         # Packs, cascades and the audit each work; all three at once in batch mode is not built.
         what = "cascade" if stages else "quality.audit" if q.audit else "quality.vote_by: requests"
@@ -98,6 +95,10 @@ def _check_quality(cfg: Config) -> None:
     if q.confidence == "logprobs" and cfg.params.logprobs is False:
         raise ConfigError("quality.confidence: logprobs needs the answer's logprobs; remove params.logprobs: false",
                           key="params.logprobs", file=src)
+    if cfg.params.top_logprobs is not None and not cfg.params.logprobs and q.confidence != "logprobs":
+        # quality.confidence: logprobs asks for the logprobs itself, at the top_logprobs given here
+        raise ConfigError("top_logprobs requires params.logprobs: true (or quality.confidence: logprobs)",
+                          key="params.top_logprobs", file=src)
     if q.confidence == "votes":
         if "n" in cfg.params.extra or "n" in cfg.params.from_columns:
             raise ConfigError("quality.confidence: votes sets n (quality.votes); remove it from params",
@@ -161,9 +162,6 @@ def _check_packs(cfg: Config) -> None:
     elif cfg.prompt.messages_column:
         why = ("cannot pack rows whose whole conversation comes from prompt.messages_column: nothing is shared; "
                "use prompt.system and prompt.user", "prompt.messages_column")
-    elif cfg.run.mode == "batch":
-        why = ("is not available with run.mode: batch yet (a Batch API line must carry one request of its own "
-               "rows); use run.mode: sync, or rows_per_request: 1 for batch mode", "run.mode")
     if why is not None:
         raise ConfigError(f"prompt.rows_per_request: {k} {why[0]}", key=why[1], file=cfg.source)
 

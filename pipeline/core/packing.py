@@ -143,6 +143,22 @@ class PackSender:
         self.spent: dict[str, _Spent] = {}
         self.flying_rows: dict[str, asyncio.Future[Record]] = {}  # rows in a pack now, by key
 
+    def settle(self, pack: Pack, record: Record, *, answered_alone: int = 0) -> tuple[list[Record], Settled]:
+        """A pack's record that reached us without the dispatcher (a batch line's, batch/packed.py): the rows'
+        records to commit together (never the pack's own), and what became of each row, decided as a pack
+        sent here is. `answered_alone`: for a pack of one row, how many earlier answers of that same pack
+        left the row without a usable answer (batch mode counts them in its ledger, across runs)."""
+        spent = {r.key: self.spent.pop(r.key, _Spent()) for r in pack.rows}
+        if len(pack.rows) == 1:
+            one = spent[pack.rows[0].key]
+            one.bad = max(one.bad, answered_alone)
+        flight = _Flight(pack, spent)
+        rows = self.answers.rows(flight, record)
+        flight.records.update((r.key, r) for r in rows)
+        settled = settle(flight, record, self.bad_retries)
+        self.spent.update(settled.again)
+        return [*rows, *settled.give_up], settled
+
     async def send(self, dispatcher: Dispatcher, todo: list[Request],
                    on_record: Callable[[str, Record], None]) -> None:
         """Every row of `todo` to its final record, each handed to `on_record` as it is resolved; rows
@@ -200,6 +216,7 @@ class PackSender:
 
     async def _fly(self, dispatcher: Dispatcher, pack: Pack) -> tuple[dict[str, Record], list[Request]]:
         """One pack to its end: the rows it resolved, and the rows to ask again alone."""
+        assert pack.request is not None  # built by the packer (only the batch ledger rebuilds packs)
         flight = _Flight(pack, {r.key: self.spent.pop(r.key, _Spent()) for r in pack.rows})
         key = pack.request.key
         self.answers.flights[key] = flight
@@ -207,25 +224,43 @@ class PackSender:
             record = await dispatcher.submit(pack.request)
         finally:
             self.answers.flights.pop(key, None)
-        alone = len(pack.rows) == 1
-        final: dict[str, Record] = {}
-        again: list[Request] = []
-        for row in pack.rows:
-            rec = flight.records.get(row.key)
-            if rec is None:  # nothing was committed for it (cannot happen once submit returned)
-                continue
-            if rec.state == "ok" or (record.state != "ok" and (alone or record.state == "transient")):
-                final[row.key] = rec
-                continue
-            bad = flight.spent[row.key].bad + (1 if alone and record.state == "ok" else 0)
-            if alone and bad > self.bad_retries:
-                rec = replace(rec, state="bad_content")
-                await _commit(dispatcher, self.answers.inner, rec)
-                final[row.key] = rec
-            else:
-                self.spent[row.key] = _Spent.of(rec, bad)
-                again.append(row.request)
-        return final, again
+        settled = settle(flight, record, self.bad_retries)
+        for rec in settled.give_up:
+            await _commit(dispatcher, self.answers.inner, rec)
+        self.spent.update(settled.again)
+        return settled.final, [row.request for row in pack.rows if row.key in settled.again and row.request is not None]
+
+
+@dataclass(slots=True)
+class Settled:
+    """What a pack's answer did for its rows (sync packs and batch lines decide alike)."""
+
+    final: dict[str, Record] = field(default_factory=dict)  # rows resolved, by key (their records committed)
+    give_up: list[Record] = field(default_factory=list)  # rows alone out of bad-content budget: commit these
+    again: dict[str, _Spent] = field(default_factory=dict)  # rows to ask again alone, with what they cost so far
+
+
+def settle(flight: _Flight, record: Record, bad_retries: int) -> Settled:
+    """After a pack's record became its rows' records (`flight.records`): the rows it resolved, and the rows
+    to ask again alone (a row without a usable answer in a pack of several; a pack of several that failed
+    as a whole, except when its transient retries ran out; a row alone within its bad-content budget)."""
+    alone = len(flight.pack.rows) == 1
+    out = Settled()
+    for row in flight.pack.rows:
+        rec = flight.records.get(row.key)
+        if rec is None:  # nothing was committed for it (cannot happen once the pack's record is)
+            continue
+        if rec.state == "ok" or (record.state != "ok" and (alone or record.state == "transient")):
+            out.final[row.key] = rec
+            continue
+        bad = flight.spent[row.key].bad + (1 if alone and record.state == "ok" else 0)
+        if alone and bad > bad_retries:
+            rec = replace(rec, state="bad_content")
+            out.give_up.append(rec)
+            out.final[row.key] = rec
+        else:
+            out.again[row.key] = _Spent.of(rec, bad)
+    return out
 
 
 async def _commit(dispatcher: Dispatcher, answers: AnswerStore, record: Record) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Unpack
 
+from ..common import lean
 from ..common.parts import drop_partial_parts
 from ..config import Config, day_note, load_config
 from ..core.context import RunContext, RunFlags, RunOptions
@@ -78,6 +79,7 @@ async def run_async(cfg: Config, *, schema: dict[str, Any] | None = None, transp
                                        force_new=options.force_new, schema=schema, quiet=options.quiet,
                                        config_path=options.config_path or cfg.source, overrides=options.overrides)
     check_local_output(cfg)
+    lean.keep_pandas_out()
     invocation = Invocation(cfg)
     try:
         summary = await _run_job(cfg, invocation, options, schema=schema, transport=transport, interrupt=interrupt)

@@ -31,6 +31,7 @@ chosen answer is the first sample agreeing with the most per-field majorities.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections import Counter
@@ -159,7 +160,7 @@ def _literal_value(raw: bytes) -> tuple[bool, Any]:
 def _field_confidence(toks: list[Token], starts: list[int], text: bytes, span: Span, chosen: Any,
                       allowed: list[Any]) -> float | None:
     start, end = span
-    first = next((i for i, s in enumerate(starts) if s <= start < s + len(toks[i][0])), None)
+    first = _token_at(toks, starts, start)
     if first is None:
         return None
     base = starts[first]
@@ -191,6 +192,15 @@ def _field_confidence(toks: list[Token], starts: list[int], text: bytes, span: S
         return round(path, 6)
     total = sum(mass.values())
     return round(mass[chosen_key] / total, 6) if total > 0 else None
+
+
+def _token_at(toks: list[Token], starts: list[int], offset: int) -> int | None:
+    """The index of the token that writes the byte at `offset` (token starts are sorted; empty tokens write
+    nothing), or None."""
+    i = bisect.bisect_right(starts, offset) - 1
+    while i >= 0 and not toks[i][0]:
+        i -= 1
+    return i if i >= 0 and starts[i] <= offset < starts[i] + len(toks[i][0]) else None
 
 
 def _lstrip_value(written: bytes, lead: bytes) -> bytes:
@@ -247,7 +257,13 @@ class _Answer:
 
     def overlapping(self, start: int, end: int) -> list[Mapping[str, Any]]:
         """The tokens that write any byte of [start, end)."""
-        return [t for t, s, (b, _, _) in zip(self.raw, self.starts, self.toks) if s < end and s + len(b) > start]
+        i = max(0, bisect.bisect_right(self.starts, start) - 1)
+        out = []
+        while i < len(self.toks) and self.starts[i] < end:
+            if self.starts[i] + len(self.toks[i][0]) > start:
+                out.append(self.raw[i])
+            i += 1
+        return out
 
     def confidences(self, spans: Mapping[str, Span], output: Any, fields: Fields) -> dict[str, float | None]:
         out: dict[str, float | None] = {}

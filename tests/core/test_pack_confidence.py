@@ -150,3 +150,16 @@ def test_a_row_no_sample_answered_usably_is_asked_again() -> None:
     reply = body((None, _pack_answer(("1", pos))), (None, _pack_answer(("1", pos), ("2", {"sentiment": "x"}))))
     rows, bad = measured(reply, 2, "votes")
     assert rows["key1"][1] == {"sentiment": 1.0, "spam": 1.0} and set(bad) == {"key2"}
+
+
+def test_a_token_running_past_a_rows_value_into_the_next_item_decides_only_that_value() -> None:
+    # `false}},{"` ends row 1's object and starts row 2's item in one token; its alternative decides row 1's
+    # spam only. An empty token (a tokenizer's zero-width piece) writes nothing and is skipped.
+    tokens = [tok('{"answers":[{"id":"1","answer":{"sentiment":"negative","spam":', 1.0),
+              tok('false}},{"', 0.8, ('true}},{"', 0.2)), tok("", 1.0),
+              tok('id":"2","answer":{"sentiment":"negative","spam":', 1.0),
+              tok("true", 0.65, ("false", 0.35)), tok("}}]}", 1.0)]
+    rows, bad = measured(body((tokens, "".join(t["token"] for t in tokens))), 2, "logprobs")
+    assert not bad
+    assert rows["key1"][1] == {"sentiment": pytest.approx(1.0), "spam": pytest.approx(0.8, abs=1e-6)}
+    assert rows["key2"][1] == {"sentiment": pytest.approx(1.0), "spam": pytest.approx(0.65, abs=1e-6)}

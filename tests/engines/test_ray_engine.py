@@ -102,7 +102,7 @@ def test_the_budget_is_one_for_all_workers_and_a_dead_workers_reservations_count
     async def scenario() -> None:
         now = [100.0]
         persisted: list[float] = []
-        b = JobBudget(1.0, 0.25, clock=lambda: now[0], persist=persisted.append)
+        b = JobBudget(1.0, 0.25, clock=lambda: now[0], persist=lambda ceiling, _: persisted.append(ceiling))
         for w in ("a", "b", "c"):
             b.hello(w, "1")
         assert [await b.reserve(w, 0.2) for w in ("a", "b", "c")] == ["ok", "ok", "ok"]  # 0.25 + 0.6 <= 1
@@ -152,3 +152,22 @@ def test_ray_engine_with_packs_same_labels_as_local_and_resumes(tmp_path: Path, 
     assert all(c is not None for _, c in by_id.values()) and min(c for _, c in by_id.values()) < 0.9
     again = pipeline.run(on_ray, quiet=True)
     assert again.requests_sent == 0 and again.resumed_rows == 40 and again.succeeded == 40
+
+
+def test_the_job_budget_reserves_at_the_learned_markup_and_persists_it() -> None:
+    import asyncio
+
+    from pipeline.engines.ray.budget import JobBudget
+
+    async def scenario() -> None:
+        persisted: list[tuple[float, str]] = []
+        b = JobBudget(1.0, 0.0, persist=lambda ceiling, learned: persisted.append((ceiling, learned)))
+        assert b.markup == 1.0
+        await b.learn(0.010, 0.001)  # the endpoint billed 10x what the table prices the answer at
+        assert b.markup == 10.0 and persisted[-1][1] == "0.01 0.001"  # kept at once, not only at the end
+        await b.learn(0.0101, 0.001)  # moved by under 1%: not worth a write
+        assert len(persisted) == 1
+        resumed = JobBudget(1.0, 0.5, learned=b.rate.learned())  # the next run's actor
+        assert abs(resumed.markup - 10.05) < 1e-9 and resumed.state()["learned"] == b.rate.learned()
+
+    asyncio.run(scenario())
