@@ -119,6 +119,9 @@ class BatchSim(BaseModel):
     line_rate_schema_invalid: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 whose JSON breaks the schema
     line_rate_no_choices: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 billed with `choices: []`
     expire: list[int] = Field(default_factory=list)  # creation numbers (1-based) of batches that expire
+    # Batches of these models stay in_progress however often they are polled (a cascade's later stage held,
+    # so a test can kill a client in it); empty the list and they go on.
+    hold_models: list[str] = Field(default_factory=list)
     expire_done_ratio: float = Field(default=0.5, ge=0, le=1)  # share answered before the window closed
     errors_in_output: bool = False  # failed lines in the output file (some gateways) instead of the error file
     shuffle: bool = True  # output order is not input order

@@ -95,6 +95,10 @@ def _check_quality(cfg: Config) -> None:
     if q.confidence == "logprobs" and cfg.params.logprobs is False:
         raise ConfigError("quality.confidence: logprobs needs the answer's logprobs; remove params.logprobs: false",
                           key="params.logprobs", file=src)
+    if cfg.params.top_logprobs is not None and not cfg.params.logprobs and q.confidence != "logprobs":
+        # quality.confidence: logprobs asks for the logprobs itself, at the top_logprobs given here
+        raise ConfigError("top_logprobs requires params.logprobs: true (or quality.confidence: logprobs)",
+                          key="params.top_logprobs", file=src)
     if q.confidence == "votes":
         if "n" in cfg.params.extra or "n" in cfg.params.from_columns:
             raise ConfigError("quality.confidence: votes sets n (quality.votes); remove it from params",

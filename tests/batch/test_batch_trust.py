@@ -4,6 +4,7 @@ model, each line at its model's batch price, a kill in stage 2 resumed with noth
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,15 @@ from pipeline_simulator.thread import SimulatorThread
 from tests.batch.test_batch import batch_stats
 from tests.batch.test_batch_kill import Killed, kill_at
 from tests.e2e.test_cascade import ACCURACY, PRICES, SCHEMA
-from tests.support import TEST_KEY_ENV, assert_each_id_once, cli_in_process, sim_job, write_config
+from tests.support import (
+    TEST_KEY_ENV,
+    assert_each_id_once,
+    cli_in_process,
+    sim_job,
+    start,
+    wait_for,
+    write_config,
+)
 
 CASCADE = [{"model": "weak", "min_confidence": 0.9}, {"model": "strong"}]
 INSTANT = {"validating_polls": 0, "in_progress_polls": 0, "finalizing_polls": 0}
@@ -237,4 +246,35 @@ def test_no_wait_submits_one_stage_a_run_until_every_row_is_decided(tmp_path: Pa
     third = pipeline.run(cfg, quiet=True, no_wait=True)
     assert third.exit_code == 0 and third.requests_sent == 0
     res = assert_each_id_once(tmp_path / "out", rows)
+    assert set(res["cascade_stage"]) == {1, 2}
+
+
+def test_kill_9_while_the_second_stage_runs_at_the_provider(tmp_path: Path, sim: SimulatorThread) -> None:
+    rows = 60
+    cfg = trust_job(tmp_path, sim, rows, "batch", batch={"poll_interval_s": 0.05, "poll_max_interval_s": 0.05,
+                                                         "max_requests": 40})
+    sim.call(lambda: setattr(sim.sim.batches.cfg, "hold_models", ["strong"]))  # stage 2 stays in progress
+
+    def strong_batches() -> int:
+        return sim.call(lambda: sum(1 for b in sim.sim.batches.batches.values()
+                                    if b.lines and b.lines[0].body.get("model") == "strong"))
+    proc = start("run", str(write_config(tmp_path, cfg)), "-q")
+    try:
+        wait_for(lambda: strong_batches() > 0 or proc.poll() is not None, what="the second stage to be submitted")
+        polled = batch_stats(sim).get("polls", 0)
+        wait_for(lambda: proc.poll() is not None or batch_stats(sim).get("polls", 0) > polled + 2,
+                 what="the run to poll the second stage")
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    weak_lines = batch_stats(sim)["lines_submitted"] - sum(n for _, m, _, n in chunks(tmp_path / "out") if m == "strong")
+    assert weak_lines == rows
+    sim.call(lambda: setattr(sim.sim.batches.cfg, "hold_models", []))
+    summary = pipeline.run(cfg, quiet=True)
+    assert summary.exit_code == 0, summary.stop_message
+    res = assert_each_id_once(tmp_path / "out", rows)
+    stats, served = batch_stats(sim), sim.stats()["served_by_body"]
+    assert set(served.values()) == {1} and stats["lines_submitted"] == len(served)  # nothing paid twice
+    assert strong_batches() == sum(1 for _, m, _, _ in chunks(tmp_path / "out") if m == "strong")  # none made again
     assert set(res["cascade_stage"]) == {1, 2}

@@ -30,9 +30,9 @@ def plans() -> tuple[StructuredPlan, PackPlan]:
 def pack(n: int) -> Pack:
     rows = []
     for i in range(n):
-        req = Request(f"key{i + 1}", b"{}", {}, 10, 50)
+        req = Request(f"key{i + 1}", {}, {}, 10, 50)
         rows.append(PackRow(f"key{i + 1}", f"text {i + 1}", 20, req))
-    return Pack(Request("pack", b"{}", {}, 50, 300), rows, 100)
+    return Pack(Request("pack", {}, {}, 50, 300), rows, 100)
 
 
 def measured(reply: dict[str, Any], n: int, mode: str) -> tuple[dict[str, Any], dict[str, Any]]:

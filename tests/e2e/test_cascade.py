@@ -257,7 +257,7 @@ def test_streamed_answers_give_the_same_confidences_and_labels_as_whole_ones(
             cfg["endpoint"]["model"] = "weak"
             cfg["params"] = {"stream": stream}
             if quality["confidence"] == "logprobs":
-                cfg["params"].update(logprobs=True, top_logprobs=3)
+                cfg["params"]["top_logprobs"] = 3   # quality.confidence asks for the logprobs themselves
             summary = pipeline.run(cfg, quiet=True)
             assert summary.exit_code == 0 and summary.requests_sent == 40 * quality.get("votes", 1) ** (
                 quality.get("vote_by") == "requests")

@@ -63,6 +63,7 @@ def test_a_packed_cascade_with_an_audit_decides_as_one_by_one_and_sums_each_rows
 def test_packed_confidence_alone_is_the_rows_own_with_its_own_logprobs(tmp_path: Path) -> None:
     one, packed, _ = run_both(tmp_path, 40, 10, cascade=None, params={"max_tokens": 100, "logprobs": True},
                               endpoint={"model": "weak"})
+    assert one.schema == packed.schema  # logprobs included: the same columns and types
     assert one.select("rid", "output", "confidence", "confidence_by_field").equals(
         packed.select("rid", "output", "confidence", "confidence_by_field"))
     assert packed["confidence"].null_count() == 0 and packed["confidence"].min() < 0.9
@@ -72,11 +73,11 @@ def test_packed_confidence_alone_is_the_rows_own_with_its_own_logprobs(tmp_path:
         assert f'"sentiment":"{row["output"]["sentiment"]}' in text and text.count('"sentiment"') == 1
 
 
-@pytest.mark.parametrize("vote_by", ["n", "requests"])
-def test_votes_with_packs(tmp_path: Path, vote_by: str) -> None:
+@pytest.mark.parametrize("vote_by, stream", [("n", False), ("n", True), ("requests", False)])
+def test_votes_with_packs(tmp_path: Path, vote_by: str, stream: bool) -> None:
     quality = {"confidence": "votes", "votes": 3, "vote_by": vote_by}
     cfg = trust_job(tmp_path, 40, quality=quality, cascade=None, prompt={"rows_per_request": 10},
-                    endpoint={"model": "weak"})
+                    endpoint={"model": "weak"}, params={"max_tokens": 100, "stream": stream})
     s = pipeline.run(cfg, quiet=True)
     assert s.exit_code == 0 and s.succeeded == 40
     assert s.requests_sent == (3 * 4 if vote_by == "requests" else 4)  # K packs per pack, or n in one

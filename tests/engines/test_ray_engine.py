@@ -171,3 +171,19 @@ def test_the_job_budget_reserves_at_the_learned_markup_and_persists_it() -> None
         assert abs(resumed.markup - 10.05) < 1e-9 and resumed.state()["learned"] == b.rate.learned()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_killed_uploads_leftover_is_swept_and_parts_are_kept(tmp_path: Path, s3_bucket: str, where: str) -> None:
+    from pipeline.config import load_config
+    from pipeline.engines.ray.plan import RayJob
+    out = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/job"
+    cfg = load_config(job(tmp_path, rows=3, output={"dir": out}, run={"engine": "ray"}))
+    names = ["results.parquet/part-00aa.parquet", "failures.parquet/part-00aa.parquet",
+             "results.parquet/.tmp-1f2e-part-00bb.parquet", "results.parquet/.part-00bb.parquet.9c1d.tmp",
+             "failures.parquet/.tmp-77aa-part-00bb.parquet"]
+    for name in names:
+        storage.write_bytes(storage.join(out, name), b"x", root=out if where == "local" else None)
+    RayJob(cfg).sweep()
+    left = sorted(u.rsplit("/", 2)[-2] + "/" + u.rsplit("/", 1)[-1] for u in storage.list_files(out))
+    assert left == sorted(names[:2])

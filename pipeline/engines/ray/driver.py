@@ -169,6 +169,7 @@ def _run(ray: Any, cfg: Config, invocation: RayInvocation, args: RunArgs) -> Sum
         job.write_manifest({**manifest, "rows_total": scan.rows, "shards": names})
         p = RayPass(ray, cfg, invocation, args, commands, started, source, scan, job, lease)
         removed = job.prune(names, layout.id_column)
+        job.sweep()  # an earlier run's workers are gone with their driver
         p.rows_removed = source.count_missing(removed) if removed else 0
         done = job.done(names, retry_failed=args.retry_failed)
         p.todo = [(i, n) for i, n in enumerate(names) if n not in done]
@@ -203,6 +204,7 @@ def _dispatch(p: RayPass) -> Gathered:
         for out in _execute(p, Wiring.of(cfg, base_url, limiter, p.args.schema), [ray.put(row_map)]):
             _add(gathered, out, p.invocation)
             progress.advance(int(out["ok"]) + int(out["failed"]), gathered.stats, gathered.rows["failed"])
+        p.job.sweep()  # every shard task has returned: a killed upload's leftover is nobody's now
     finally:
         beat.stop()
         progress.close()
