@@ -68,7 +68,8 @@ class Estimate:
     failing_by_reason: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     rows_to_send: int = 0
-    requests: int = 0               # distinct requests among rows_to_send
+    requests: int = 0               # requests to send for rows_to_send (packs, with rows_per_request > 1)
+    distinct: int = 0               # distinct row requests among rows_to_send (identical rows asked once)
     prompt_tokens: int = 0
     images: int = 0
     image_tokens: int = 0
@@ -186,6 +187,7 @@ def _batch(batch: InputBatch, renderer: Renderer, asker: _Asker, cfg: Config,
         if len(seen) < MAX_KEYS_TRACKED:
             seen.add(short)
         fresh.append(job)
+    est.distinct += len(fresh)
     for job in asker.requests(fresh):
         if est.example is None:
             est.example = job.payload
@@ -292,8 +294,10 @@ def report(est: Estimate, cfg: Config) -> str:
         f"{r} {n:,}" for r, n in est.failing_by_reason.most_common()) if est.rows_failing else ""))
     for example in est.examples:
         add("", example)
-    same = est.rows_to_send - est.requests
+    same = est.rows_to_send - est.distinct
+    k = cfg.prompt.rows_per_request
     add("to send", f"{est.requests:,} requests for {est.rows_to_send:,} rows"
+        + (f" (packs of up to {k} rows)" if k > 1 else "")
         + (f" ({same:,} of them {'repeats' if same == 1 else 'repeat'} an identical request, sent once)"
            if same else ""))
     add("input tokens", f"{est.prompt_tokens:,} ({est.token_method}; "
