@@ -70,8 +70,11 @@ class Collected:
 
 class Collector:
     def __init__(self, cfg: Config, ledger: Ledger, engine: Engine, plan: StructuredPlan | None,
-                 rng: random.Random | None = None, packs: BatchPacks | None = None) -> None:
+                 rng: random.Random | None = None, packs: BatchPacks | None = None,
+                 lane_packs: dict[str, BatchPacks] | None = None) -> None:
         self.cfg, self.ledger, self.engine, self.plan, self.packs = cfg, ledger, engine, plan, packs
+        self.lane_packs = lane_packs or {}  # a cascade's packing models: each splits its lines with its own
+        self._packs = packs
         self.store = engine.store
         self.stats = engine.core.stats
         self.policy = RetryPolicy.of(cfg)
@@ -88,6 +91,7 @@ class Collector:
         seen: set[str] = set()
         result = Collected()
         self._cfg, self._plan = self.engine.lane(chunk.model) if chunk.model is not None else (self.cfg, self.plan)
+        self._packs = self.lane_packs.get(chunk.model, self.packs) if chunk.model is not None else self.packs
         self._mode = self._plan.mode if self._plan is not None else None  # what these lines were shaped for
         self._chunk, self._max_tokens, self._alone = chunk, None, []
         records: list[Record] = []
@@ -121,13 +125,13 @@ class Collector:
                 records.extend(self._rows(key, record, result))
         self._commit(chunk, records, outcomes)
         self.ledger.mark_unanswered(chunk.chunk)
-        if self.packs is not None:  # the sync engine is asked for rows, not packs
-            result.to_sync = self.packs.row_keys(result.to_sync)
+        if self._packs is not None:  # the sync engine is asked for rows, not packs
+            result.to_sync = self._packs.row_keys(result.to_sync)
         return result
 
     def _rows(self, key: str, record: Record, result: Collected) -> list[Record]:
         """What to commit for a line's record: itself, or (a pack) its rows' records."""
-        rows = self.packs.rows(key, record) if self.packs is not None else None
+        rows = self._packs.rows(key, record) if self._packs is not None else None
         if rows is None:
             return [record]
         records, failed, alone = rows

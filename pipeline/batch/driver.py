@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
+from ..core.packing import PackSender
 from ..core.transformer import Core
 from ..errors import Fatal, PermanentError, RequestError, RunFatalError, TransientError
 from ..send.retry import Backoff
@@ -84,6 +85,7 @@ class Engine:
     observe: Callable[[int | None, str | None], None] | None = None  # each line's status: the run's tally
     route: Route | None = None
     lanes: dict[str, tuple[Config, StructuredPlan | None]] = field(default_factory=dict)  # per model (Trust.lanes)
+    senders: dict[str, PackSender] = field(default_factory=dict)  # per packing model (Trust.pack_senders)
 
     def lane(self, model: str | None) -> tuple[Config, StructuredPlan | None]:
         """The config (prices) and structured plan (parsing) of a file's model; None: the job's own."""
@@ -109,7 +111,9 @@ class BatchDriver:
         self.client = BatchClient(transport)
         sender = engine.core.packs
         self.packs = BatchPacks(sender, self.ledger) if sender is not None else None  # a line per pack
-        self.collector = Collector(cfg, self.ledger, engine, self.plan, packs=self.packs)
+        # A cascade with packs: each model's lines are its own stage's packs (rounds.py, collect.py).
+        self.lane_packs = {model: BatchPacks(s, self.ledger) for model, s in engine.senders.items()}
+        self.collector = Collector(cfg, self.ledger, engine, self.plan, packs=self.packs, lane_packs=self.lane_packs)
         self.batches = batches
         self.no_wait, self.rng = no_wait, rng or random.Random()
         self.calls = Calls(cfg, Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, self.rng))

@@ -187,14 +187,18 @@ class Ledger:
     def spoken_rows(self, rows: list[str]) -> set[str]:
         """Those of `rows` that a pack line of a live chunk (or the one being written) carries, with no
         outcome yet."""
-        out: set[str] = set()
+        return set(self.row_carriers(rows))
+
+    def row_carriers(self, rows: list[str]) -> dict[str, int]:
+        """{row: the live chunk (or the one being written) whose pack line carries it with no outcome yet}."""
+        out: dict[str, int] = {}
         live = ("writing", *LIVE)
         marks_live = ",".join("?" * len(live))
         for i in range(0, len(rows), 500):
             part = rows[i:i + 500]
             marks = ",".join("?" * len(part))
-            out.update(r for (r,) in self.db.execute(
-                f"SELECT p.row FROM batch_packs p JOIN batch_lines l ON l.key = p.pack JOIN batch_chunks c "
+            out.update(self.db.execute(
+                f"SELECT p.row, l.chunk FROM batch_packs p JOIN batch_lines l ON l.key = p.pack JOIN batch_chunks c "
                 f"USING (chunk) WHERE p.row IN ({marks}) AND l.outcome IS NULL AND c.state IN ({marks_live})",
                 (*part, *live)))
         return out

@@ -41,7 +41,8 @@ async def drive_batches(ctx: RunContext, transport: Any, batches: Callable[[], I
     trust = core.trust  # a cascade, an audit, votes as requests: rows go in rounds (rounds.py)
     engine = Engine(core, store, build, ctx.answers.lookup,
                     observe=ctx.invocation.tally.observe,  # each line an attempt in the metrics, as sync's are
-                    route=trust.needs if trust is not None else None, lanes=trust.lanes() if trust is not None else {})
+                    route=trust.needs if trust is not None else None, lanes=trust.lanes() if trust is not None else {},
+                    senders=trust.pack_senders() if trust is not None else {})
     driver = BatchDriver(cfg, folder, engine, transport, batches=batches, no_wait=no_wait, progress=progress.enabled,
                          force_new=ctx.options.force_new)
     task = asyncio.ensure_future(driver.cancel() if cancel else driver.run())

@@ -35,6 +35,10 @@ class BatchPacks:
         """Those of `rows` that a pack line in flight already carries."""
         return self.ledger.spoken_rows(rows)
 
+    def carriers(self, rows: list[str]) -> dict[str, int]:
+        """{row: the live chunk whose pack line carries it} for those of `rows` a pack line in flight carries."""
+        return self.ledger.row_carriers(rows)
+
     def lines(self, rows: list[Request]) -> list[Request]:
         """The pack requests for `rows`, as the sync mode packs them (rows to ask alone: each in its own),
         with their rows recorded in the ledger first."""

@@ -84,8 +84,14 @@ class Rounds:
     def _write(self, index: int, wanted: dict[str, tuple[str, Request]]) -> int:
         d = self.d
         keys = [k for k in wanted if k not in d.settled and k not in d.to_sync]
+        packed: dict[str, list[str]] = {}  # a packing model's rows: written as its packs (below)
+        for key in keys:
+            if wanted[key][0] in d.lane_packs:
+                packed.setdefault(wanted[key][0], []).append(key)
+        keys = [k for k in keys if wanted[k][0] not in d.lane_packs]
         carried = d.ledger.carriers(keys)
-        written = 0
+        written = sum(self._write_packs(index, model, [(k, wanted[k][1]) for k in rows])
+                      for model, rows in packed.items())
         for key in keys:
             chunk = carried.get(key)
             if chunk is None:
@@ -99,4 +105,22 @@ class Rounds:
                 self.serves.setdefault(chunk, set()).add(index)
         for writer in d.all_writers():
             writer.flush()
+        return written
+
+    def _write_packs(self, index: int, model: str, rows: list[tuple[str, Request]]) -> int:
+        """A packing model's rows (prompt.rows_per_request > 1) as pack lines of its files, packed as sync mode
+        packs that stage (rows a pack line in flight carries wait for it; rows to ask alone go alone)."""
+        d = self.d
+        bp = d.lane_packs[model]
+        carried = bp.carriers([k for k, _ in rows])
+        for chunk in set(carried.values()):
+            self.serves.setdefault(chunk, set()).add(index)
+        writer, (cfg, _) = d.writer_for(model), d.engine.lane(model)
+        written = 0
+        for line in bp.lines([req for key, req in rows if key not in carried]):
+            writer.add(line.key, line.payload, line.est_prompt, line.n_images,
+                       worst_line_cost(cfg, line.est_prompt, line.max_tokens, line.n_images))
+            written += 1
+            if writer.current is not None:
+                self.serves.setdefault(writer.current, set()).add(index)
         return written

@@ -83,13 +83,6 @@ def _check_quality(cfg: Config) -> None:
         if q.confidence == "off":
             raise ConfigError("a cascade routes rows by their confidence: set quality.confidence to logprobs or "
                               "votes", key="quality.confidence", file=src)
-    by_requests = q.samples_by_requests(cfg.endpoint.base_url) > 1
-    if cfg.prompt.rows_per_request > 1 and cfg.run.mode == "batch" and (stages or q.audit or by_requests):
-        # Packs, cascades and the audit each work; all three at once in batch mode is not built.
-        what = "cascade" if stages else "quality.audit" if q.audit else "quality.vote_by: requests"
-        raise ConfigError(f"{what} with prompt.rows_per_request: {cfg.prompt.rows_per_request} runs with run.mode: "
-                          "sync; use run.mode: sync for it, or rows_per_request: 1 in batch mode",
-                          key="prompt.rows_per_request", file=src)
     if q.confidence == "logprobs" and cfg.structured is not None and cfg.structured.mode == "tool":
         q.fall_back_to_votes("structured.mode: tool answers in tool-call arguments, which carry no logprobs")
     if q.confidence == "logprobs" and cfg.params.logprobs is False:

@@ -159,6 +159,11 @@ class Trust:
             self._audit_ahead(batch, outcomes, wanted)
         return wanted.requests, all(o is not None for o in outcomes)
 
+    def pack_senders(self) -> dict[str, PackSender]:
+        """Each packing model's pack sender (prompt.rows_per_request > 1: batch mode packs each model's lines)."""
+        stages = self.stages + ([self.audit] if self.audit else [])
+        return {s.model: s.packs for s in stages if s.packs is not None}
+
     def lanes(self) -> dict[str, tuple[Config, StructuredPlan | None]]:
         """Each model's config and structured plan (batch mode prices and parses a line by its model)."""
         stages = self.stages + ([self.audit] if self.audit else [])
@@ -297,6 +302,8 @@ class Trust:
         if not rows:
             return
         built = audit.builder.build_batch(_subset(batch, rows), audit.renderer)
+        if audit.packs is not None:
+            built = Packer.rekey(built)  # packed rows: under their own packed keys, as _answers asks them
         found = wanted.lookup(built.requests.keys())
         for key, req in built.requests.items():
             if key not in found:

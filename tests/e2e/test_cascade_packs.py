@@ -15,7 +15,7 @@ import pipeline
 from pipeline_simulator import SimConfig
 from pipeline_simulator.thread import SimulatorThread
 from tests.e2e.test_cascade import ACCURACY, PRICES, SCHEMA, store_rows, trust_job
-from tests.support import assert_each_id_once, cli, cli_in_process, kill, sim_job, start, wait_for, write_config
+from tests.support import assert_each_id_once, cli, kill, sim_job, start, wait_for, write_config
 
 DECIDED = ["rid", "output", "model", "confidence", "confidence_by_field", "cascade_stage", "audit_agrees"]
 
@@ -86,12 +86,6 @@ def test_votes_with_packs(tmp_path: Path, vote_by: str, stream: bool) -> None:
     stored = store_rows(tmp_path / "out")
     assert res["cost_usd"].sum() == pytest.approx(sum(r["cost_usd"] for r in stored.values()), abs=1e-9)
     assert pipeline.run(cfg, quiet=True).requests_sent == 0
-
-
-def test_packs_with_a_cascade_in_batch_mode_are_refused_naming_the_key(tmp_path: Path) -> None:
-    cfg = trust_job(tmp_path, 3, prompt={"rows_per_request": 4}, run={"mode": "batch"})
-    r = cli_in_process("run", str(write_config(tmp_path, cfg)))
-    assert r.returncode == 2 and ("run.mode" in r.stderr or "rows_per_request" in r.stderr), r.stderr
 
 
 def rows_asked(sim: SimulatorThread, model: str) -> list[str]:

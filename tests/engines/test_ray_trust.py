@@ -68,6 +68,12 @@ def test_a_cascade_on_ray_decides_as_the_local_engine_and_its_gate_holds_back_th
     assert summary["quality"]["cascade"] == local.quality["cascade"]
     history = [json.loads(line) for line in (tmp_path / "ray" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["quality"]["gate"] == "failed"
+    # The dry run reads the Ray job's journal as it reads a local job's store: nothing left to send, and
+    # the cascade's likely case from the first stage's answers.
+    path = write_config(tmp_path, cfg)
+    dry = json.loads(cli_in_process("run", str(path), "--dry-run", "--json").stdout)
+    assert dry["requests"] == 0 and dry["rows"]["done_ok"] == ROWS, dry
+    assert f"go on (of {ROWS} first-stage answers in this job)" in cli_in_process("run", str(path), "--dry-run").stdout
 
     # A lower bar: every stage's and the audit's answers come from the journal (nothing is paid twice),
     # the gate holds, and the parts and then the summary are published.
