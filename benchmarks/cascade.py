@@ -1,6 +1,7 @@
 """Cascade benchmark: accuracy and cost of the weak model alone, the strong model alone, and the cascade.
 
-    python benchmarks/cascade.py [--rows 5000] [--threshold 0.9] [--audit-share 0.05]
+    python benchmarks/cascade.py [--rows 5000] [--threshold 0.9] [--audit-share 0.05] [--rows-per-request 10] [--long-instructions]
+        [--batch]
 
 5,000 rows with gold on the built-in simulator, whose models have an accuracy against a truth derived
 from each row (pipeline_simulator/judge.py: gpt-4o-mini 0.90, gpt-4o 0.95 of enum/boolean fields right)
@@ -11,6 +12,16 @@ and calibrated logprobs. Gold is that truth, computed from the row's text with t
     strong    openai/gpt-4o on every row
     cascade   gpt-4o-mini first; rows under --threshold confidence (logprobs) go to gpt-4o; an audit of
               --audit-share of the rows by gpt-4o
+    cascade-batch  (--batch) the same cascade in run.mode: batch through the simulator's Batch API (files
+              of 50,000 lines, every batch done at its first poll): its decisions must equal the sync
+              cascade's, at the batch price (half)
+
+With --rows-per-request K a fourth job runs the same cascade and audit with K rows per request at every
+stage (`prompt.rows_per_request`: each row's confidence from its own part of the packed answer's
+logprobs), and the table says how many of its labels equal the one-by-one cascade's. Packs share the
+instructions once per pack but add a wrapper per row to the answer ({"id": ..., "answer": ...}), so they
+pay off when the shared part is long: --long-instructions replaces the one-line system prompt with ~1,500
+tokens of instructions and examples (the savings benchmark's workload) in every job.
 
 Accuracy is the share of (row, field) answers equal to gold over both fields (sentiment: 3 values, spam:
 boolean). Cost is what the pipeline charged (summary cost_usd, the audit's included for the cascade and
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -41,7 +53,20 @@ FIELDS = {"sentiment": ["positive", "negative", "neutral"], "spam": [True, False
 SCHEMA = {"type": "object", "properties": {"sentiment": {"type": "string", "enum": FIELDS["sentiment"]},
                                            "spam": {"type": "boolean"}},
           "required": ["sentiment", "spam"], "additionalProperties": False}
+PROMPT = {"system": "Label the review's sentiment and whether it is spam.", "user": "{{ text }}"}
 WORDS = ["parcel", "late", "broken", "lovely", "refund", "again", "colour", "size", "cheap", "support", "box"]
+
+
+def long_instructions() -> str:
+    """~1,500 tokens shared by every row: the task, the labels, then examples (as benchmarks/savings.py)."""
+    rng = random.Random(20)
+    lines = ["Label the review's sentiment (positive, negative or neutral) and whether it is spam.",
+             "Neutral means neither praise nor complaint outweighs the other. Spam is advertising or nonsense.",
+             "Ignore shipping complaints unless the product itself is affected. Examples follow.", ""]
+    for i in range(40):
+        review = " ".join(rng.choice(WORDS) for _ in range(18))
+        lines.append(f"Example {i + 1}: {review} -> {rng.choice(FIELDS['sentiment'])}, spam {rng.random() < 0.1}")
+    return "\n".join(lines)
 
 
 def write_input(path: Path, rows: int) -> None:
@@ -59,7 +84,7 @@ def config(data: Path, out: Path, **extra: Any) -> dict[str, Any]:
                   "batch_size": 500},
         "endpoint": {"base_url": "simulator", "model": WEAK,
                      "simulator": {"accuracy": ACCURACY, "prices": PRICES, "retry_after_s": 0.01}},
-        "prompt": {"system": "Label the review's sentiment and whether it is spam.", "user": "{{ text }}"},
+        "prompt": dict(PROMPT),
         "params": {"temperature": 0, "max_tokens": 60},
         "structured": {"schema": SCHEMA, "mode": "json_schema"},
         "limits": {"requests_per_minute": None, "tokens_per_minute": None, "max_concurrency": 64},
@@ -82,6 +107,13 @@ def accuracy(df: pl.DataFrame) -> float:
     return right / (2 * df.height)
 
 
+def same_labels(a: pl.DataFrame, b: pl.DataFrame) -> float:
+    """The share of rows whose labels (every field) are the same in two runs."""
+    joined = a.join(b, on="rid", suffix="_b")
+    same = (joined["sentiment"] == joined["sentiment_b"]) & (joined["spam"] == joined["spam_b"])
+    return float(same.mean() or 0.0)
+
+
 def run(name: str, cfg: dict[str, Any]) -> tuple[pipeline.Summary, float]:
     started = time.monotonic()
     summary = pipeline.run(cfg, quiet=True)
@@ -95,6 +127,11 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=5000)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--audit-share", type=float, default=0.05)
+    ap.add_argument("--rows-per-request", type=int, default=1,
+                    help="also run the cascade with this many rows per request (1: not)")
+    ap.add_argument("--long-instructions", action="store_true",
+                    help="a ~1,500-token shared system prompt in every job instead of one line")
+    ap.add_argument("--batch", action="store_true", help="also run the cascade in run.mode: batch")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -103,21 +140,42 @@ def main() -> int:
         trust = {"quality": {"confidence": "logprobs",
                              "audit": {"share": args.audit_share, "model": STRONG, "min_agreement": 0.95}},
                  "cascade": [{"model": WEAK, "min_confidence": args.threshold}, {"model": STRONG}]}
+        if args.long_instructions:
+            PROMPT["system"] = long_instructions()
         jobs = {"weak": config(data, root / "weak"),
                 "strong": config(data, root / "strong", endpoint={**config(data, root)["endpoint"], "model": STRONG}),
                 "cascade": config(data, root / "cascade", **trust)}
+        k = args.rows_per_request
+        if k > 1:
+            prompt = {**config(data, root)["prompt"], "rows_per_request": k}
+            jobs[f"cascade, {k} rows per request"] = config(data, root / "packed", prompt=prompt, **trust)
+        if args.batch:
+            instant = {"validating_polls": 0, "in_progress_polls": 0, "finalizing_polls": 0}
+            endpoint = {**config(data, root)["endpoint"]}
+            endpoint["simulator"] = {**endpoint["simulator"], "batch": instant}
+            jobs["cascade-batch"] = config(data, root / "cascade-batch", **trust, endpoint=endpoint,
+                                           run={"progress": False, "mode": "batch"},
+                                           batch={"poll_interval_s": 0.01, "poll_max_interval_s": 0.05})
+        folders = {name: root / ("packed" if name.startswith("cascade, ") else name) for name in jobs}
         figures = {name: run(name, cfg) for name, cfg in jobs.items()}
-        frames = {name: answers(root / name) for name in jobs}
+        frames = {name: answers(folders[name]) for name in jobs}
         strong_cost = figures["strong"][0].cost_usd
-        print(f"{args.rows} rows, threshold {args.threshold}, audit share {args.audit_share}")
-        print("| run | accuracy | cost (USD) | cost vs strong | requests | wall (s) |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print(f"{args.rows} rows, threshold {args.threshold}, audit share {args.audit_share}, "
+              f"{'~1,500-token' if args.long_instructions else 'one-line'} shared instructions")
+        print("| run | accuracy | cost (USD) | cost vs strong | requests | wall (s) | labels = cascade's |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for name, (s, wall) in figures.items():
+            same = same_labels(frames[name], frames["cascade"]) if name.startswith("cascade") else None
             print(f"| {name} | {accuracy(frames[name]):.4f} | {s.cost_usd:.4f} | {s.cost_usd / strong_cost:.1%} | "
-                  f"{s.requests_sent} | {wall:.1f} |")
+                  f"{s.requests_sent} | {wall:.1f} | {'' if same is None else f'{same:.2%}'} |")
         casc, strong = frames["cascade"], frames["strong"].rename({"sentiment": "s_sentiment", "spam": "s_spam"})
         stages = casc["cascade_stage"].value_counts().sort("cascade_stage")
         print("cascade rows per stage:", dict(stages.iter_rows()))
+        if args.batch:
+            key = ["rid", "sentiment", "spam", "cascade_stage"]
+            same = frames["cascade-batch"].select(key).sort("rid").equals(casc.select(key).sort("rid"))
+            print(f"cascade-batch: decisions {'equal to' if same else 'DIFFERENT from'} the sync cascade's, at "
+                  f"{figures['cascade-batch'][0].cost_usd / figures['cascade'][0].cost_usd:.1%} of its cost")
         joined = casc.join(strong.select("rid", "s_sentiment", "s_spam"), on="rid")
         audit = figures["cascade"][0].quality["audit"]
         ok = True

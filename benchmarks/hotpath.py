@@ -64,8 +64,9 @@ asyncio.run(main())
 """
 
 PIPELINE = r"""
-import json, sys
+import json, os, sys
 import pipeline
+assert os.path.dirname(os.path.dirname(os.path.abspath(pipeline.__file__))) == os.getcwd(), pipeline.__file__
 summary = pipeline.run(json.load(open(sys.argv[1])))
 print(summary.succeeded)
 """
@@ -133,10 +134,12 @@ def checkout(rev: str, scratch: Path) -> Path:
     return dest
 
 
-def child(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
-    """Run one client; its own CPU and peak RSS from the reaped child's rusage."""
+def child(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
+    """Run one client; its own CPU and peak RSS from the reaped child's rusage. It runs in `cwd`, its own
+    checkout: `python -c` puts the working directory first on sys.path, so from anywhere else every
+    revision would import the pipeline of whatever checkout the script was started in."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     out, err = proc.stdout.read() if proc.stdout else "", proc.stderr.read() if proc.stderr else ""
@@ -179,18 +182,18 @@ def main() -> None:
         base_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"BENCH_API_KEY": "sk-bench-local"}
         runs: dict[str, list[dict[str, float]]] = {}
         for r in range(1, args.rounds + 1):
-            clients: list[tuple[str, list[str], dict[str, str]]] = [
+            clients: list[tuple[str, list[str], dict[str, str], Path]] = [
                 ("bare aiohttp", [sys.executable, "-c", BARE, server.base_url, str(args.n), str(args.concurrency),
-                                  str(scratch / "payload.json")], base_env)]
+                                  str(scratch / "payload.json")], base_env, scratch)]
             for rev, tree in trees.items():
                 cfg_path = scratch / f"cfg-{len(clients)}.json"
                 out = scratch / f"out-{len(clients)}"
                 shutil.rmtree(out, ignore_errors=True)
                 cfg_path.write_text(json.dumps(config(data, out, server.base_url, args.concurrency)))
                 clients.append((f"pipeline @ {rev}", [sys.executable, "-c", PIPELINE, str(cfg_path)],
-                                base_env | {"PYTHONPATH": str(tree)}))
-            for name, cmd, env in clients:
-                m = child(cmd, env)
+                                base_env | {"PYTHONPATH": str(tree)}, tree))
+            for name, cmd, env, cwd in clients:
+                m = child(cmd, env, cwd)
                 runs.setdefault(name, []).append(m)
                 print(f"round {r}: {name}: {args.n / m['wall']:,.0f} req/s, {1000 * m['cpu'] / args.n:.3f} ms CPU/req, "
                       f"{m['rss_mb']:.0f} MB peak RSS", flush=True)

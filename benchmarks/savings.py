@@ -11,8 +11,8 @@ Paths, each a fresh job over the same rows:
     sync, one by one, no caching      the baseline: prompt.cache off and a simulator that caches nothing
     sync + caching                    prompt.cache: auto (the default)
     batch + caching                   run.mode: batch
-    sync + caching + 10 rows/request  prompt.rows_per_request: 10 (row packing, when this build has it)
-    batch + caching + 10 rows/request
+    sync + caching + 10 rows/request  prompt.rows_per_request: 10 (row packing)
+    batch + caching + 10 rows/request run.mode: batch, each Batch API line one pack of ten rows
 
 Per path: cost per million labels, the ratio to the baseline, the share of prompt tokens read from the
 cache, the share of labels identical to the baseline's, and client CPU per row (this process: the
@@ -57,12 +57,6 @@ def write_rows(path: Path, n: int) -> None:
         for i in range(n):
             text = " ".join(rng.choice(WORDS) for _ in range(190))  # ~300 tokens
             fh.write(json.dumps({"rid": f"r{i:06d}", "text": f"({i}) {text}"}) + "\n")
-
-
-def packing_available() -> bool:
-    from pipeline.config.request import PromptConfig
-
-    return "rows_per_request" in PromptConfig.model_fields
 
 
 def config(data: Path, out: Path, base_url: str, concurrency: int, *, cache: str, mode: str,
@@ -112,12 +106,9 @@ def main() -> None:
     sim = {"flavor": "openrouter", "batch": {"validating_polls": 0, "in_progress_polls": 1, "finalizing_polls": 0}}
     paths = [("sync, one by one, no caching", {**sim, "prefix_caching": False}, {"cache": "off", "mode": "sync"}),
              ("sync + caching", sim, {"cache": "auto", "mode": "sync"}),
-             ("batch + caching", sim, {"cache": "auto", "mode": "batch"})]
-    packed = packing_available()
-    if packed:
-        paths += [("sync + caching + 10 rows/request", sim, {"cache": "auto", "mode": "sync", "rows_per_request": 10}),
-                  ("batch + caching + 10 rows/request", sim, {"cache": "auto", "mode": "batch",
-                                                              "rows_per_request": 10})]
+             ("batch + caching", sim, {"cache": "auto", "mode": "batch"}),
+             ("sync + caching + 10 rows/request", sim, {"cache": "auto", "mode": "sync", "rows_per_request": 10}),
+             ("batch + caching + 10 rows/request", sim, {"cache": "auto", "mode": "batch", "rows_per_request": 10})]
     from pipeline.errors import ConfigError
 
     runs = []
@@ -148,10 +139,6 @@ def main() -> None:
                      round(r["cpu_s"] / max(1, s.succeeded) * 1e3, 3), round(r["wall_s"], 1)])
     for name, why in refused:
         rows.append([f"{name} (refused: {why[:90]})", "-", "-", "-", "-", "-", "-", "-", "-"])
-    if not packed:
-        for name in ("sync + caching + 10 rows/request", "batch + caching + 10 rows/request"):
-            rows.append([name + " (needs prompt.rows_per_request: not in this build)", "-", "-", "-", "-", "-", "-",
-                         "-", "-"])
     print(f"\n{args.rows:,} rows, ~1,500 shared + ~300 row tokens, one-word answer, {MODEL}, "
           f"max_concurrency {args.concurrency}\n")
     print(table(["path", "labels", "USD per 1M labels", "x baseline", "prompt tokens/label", "prompt cached",

@@ -15,7 +15,7 @@ __all__ = ["Config", "PipelineError", "Summary", "load", "load_config", "report"
 # Imported on first use: `pipeline --help` and `import pipeline` stay fast (no polars/aiohttp import).
 _LAZY = {
     "Config": ".config", "load_config": ".config", "PipelineError": ".errors", "Summary": ".write.output",
-    "load": ".write.output", "run": ".engines.runner", "run_async": ".engines.runner",
+    "load": ".write.output", "run": ".engines.api", "run_async": ".engines.runner",
     "report": ".reporting",  # not pipeline/report/: importing a submodule would shadow the function
 }
 

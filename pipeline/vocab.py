@@ -11,6 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
 import pyarrow as pa
 
 from .errors import RowError
@@ -80,18 +81,30 @@ class RowFailure:
     message: str
 
 
+def canonical(body: dict[str, Any]) -> bytes:
+    """A body's one encoding: what is sent and what its request key hashes (keys sorted)."""
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One request as sent: build new ones with the builder, never change one."""
 
     key: str                  # what the answer is stored under (see the module docstring)
-    payload: bytes            # the canonical JSON body, sent as is
+    shaped: dict[str, Any]    # the body as sent (structured shaping included); `payload` encodes it
     body: dict[str, Any]      # the rendered body before structured shaping: reshaping starts from it
     est_prompt: int           # prompt tokens of what is sent (prepare/tokens.py; shaping and images included)
     max_tokens: int | None
     n_images: int = 0
     image_tokens: int = 0
     mode: str | None = None   # the structured mode it was shaped for
+
+    @property
+    def payload(self) -> bytes:
+        """The canonical JSON body, sent as is. Encoded when it is needed, not kept: the shaped body
+        shares its schema and fixed text with every other request, while thousands of queued requests
+        each holding the same kilobytes of encoded schema were the run's largest allocation."""
+        return canonical(self.shaped)
 
 
 @dataclass(slots=True)

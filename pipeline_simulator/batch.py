@@ -247,6 +247,8 @@ class BatchService:
         lasts = {"validating": cfg.validating_polls, "in_progress": cfg.in_progress_polls,
                  "finalizing": cfg.finalizing_polls, "cancelling": cfg.cancelling_polls}
         while b.status not in TERMINAL and b.ticks > lasts[b.status]:
+            if b.status == "in_progress" and b.lines and b.lines[0].body.get("model") in cfg.hold_models:
+                break  # held (BatchSim.hold_models): a file carries one model, its first line names it
             if b.status == "validating":
                 self._move(b, "failed" if b.errors else "in_progress")
             elif b.status == "in_progress" and b.number in cfg.expire:

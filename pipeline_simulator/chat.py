@@ -40,7 +40,7 @@ from .faults import (
 from .generations import Generations
 from .limits import Credits, RateLimits
 from .prefix_cache import PrefixCache
-from .quality import apply_quality
+from .quality import apply_pack_quality, apply_quality
 from .responses import ChunkMaker, Meta, completion_body, error_200_body
 from .stats import Accounting, LogEntry, redact_headers
 from .streaming import StreamSpec, abort_connection, write_stream
@@ -176,8 +176,11 @@ class ChatService:
         digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(ask.body), option=orjson.OPT_SORT_KEYS)).digest()
         rows = packs.pack_rows(ask.body, target.schema)
         if rows is not None and target.schema is not None:  # several rows in one request: each answered alone
-            return make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio,
-                               value=packs.pack_value(self.seed_bytes, ask.body, target.schema, rows))
+            packed = make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault,
+                                 self.cfg.cached_tokens_ratio,
+                                 value=packs.pack_value(self.seed_bytes, ask.body, target.schema, rows,
+                                                         garble=self.cfg.garble_packs))
+            return apply_pack_quality(packed, target, ask.body, ask.model, self.cfg, content_fault, self.seed_bytes)
         label = packs.label_digest(self.seed_bytes, ask.body, packs.last_user_content(ask.body))
         answer = make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault, self.cfg.cached_tokens_ratio,
                              label=label)

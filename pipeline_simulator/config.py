@@ -119,6 +119,9 @@ class BatchSim(BaseModel):
     line_rate_schema_invalid: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 whose JSON breaks the schema
     line_rate_no_choices: float = Field(default=0.0, ge=0, le=1)  # per line: a 200 billed with `choices: []`
     expire: list[int] = Field(default_factory=list)  # creation numbers (1-based) of batches that expire
+    # Batches of these models stay in_progress however often they are polled (a cascade's later stage held,
+    # so a test can kill a client in it); empty the list and they go on.
+    hold_models: list[str] = Field(default_factory=list)
     expire_done_ratio: float = Field(default=0.5, ge=0, le=1)  # share answered before the window closed
     errors_in_output: bool = False  # failed lines in the output file (some gateways) instead of the error file
     shuffle: bool = True  # output order is not input order
@@ -165,6 +168,9 @@ class SimConfig(BaseModel):
     rate_error_200: float = Field(default=0.0, ge=0, le=1)
     rate_empty: float = Field(default=0.0, ge=0, le=1)
     retry_after_s: float | None = Field(default=1.0, ge=0)  # Retry-After on random 429/503; None omits it
+    # Every pack of several rows (a packed request, packs.py) answered wrongly on purpose: ids 2 and 3
+    # missing, id 4 answered twice with two different answers, and an answer under id 99, which no pack asks.
+    garble_packs: bool = False
     fault_plan: list[FaultRule] = Field(default_factory=list)
 
     # Enforced limits (token buckets that start full); None = unlimited.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .judge import Judgement
@@ -83,6 +83,31 @@ def tokens_for(value: Mapping[str, Any], judged: Mapping[str, tuple[Judgement, i
             text += lead + _dumps(val)
     toks += plain_tokens(pending + "}")
     text += "}"
+    if not top_n:
+        for t in toks:
+            t["top_logprobs"] = []
+    return text, toks
+
+
+def pack_tokens(items: Sequence[tuple[Any, Any, Mapping[str, tuple[Judgement, int]]]],
+                top_n: int) -> tuple[str, list[dict[str, Any]]]:
+    """A packed answer ({"answers": [{"id": ..., "answer": {...}}, ...]}) as compact JSON and its tokens:
+    each row's answer written as `tokens_for` writes an answer alone; `items` holds (id, answer, judged)."""
+    text, toks, pending = "", [], '{"answers":['
+    for n, (rid, value, judged) in enumerate(items):
+        pending += ("," if n else "") + '{"id":' + _dumps(rid) + ',"answer":'
+        if isinstance(value, Mapping):
+            toks += plain_tokens(pending)
+            text += pending
+            pending = ""
+            inner_text, inner = tokens_for(value, judged, top_n)
+            text, toks = text + inner_text, toks + inner
+        else:
+            pending += _dumps(value)
+        pending += "}"
+    pending += "]}"
+    toks += plain_tokens(pending)
+    text += pending
     if not top_n:
         for t in toks:
             t["top_logprobs"] = []

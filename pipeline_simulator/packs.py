@@ -60,6 +60,15 @@ def _lead(body: dict[str, Any]) -> str:
     return ""
 
 
+def row_whole_text(body: dict[str, Any], rid: Any) -> str | None:
+    """The whole message text of the packed row with id `rid` (the shared start and its own input), as
+    that row alone would have sent it; None when the pack has no such row or its input is not text."""
+    for row in pack_rows_unchecked(body) or []:
+        if row.get("id") == rid:
+            return _lead(body) + row["input"] if isinstance(row.get("input"), str) else None
+    return None
+
+
 def row_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
     """The per-row schema of a pack's answer schema, or None when `schema` is not one."""
     if not isinstance(schema, dict):
@@ -76,6 +85,11 @@ def pack_rows(body: dict[str, Any], schema: dict[str, Any] | None) -> list[dict[
     """The rows of a packed request ({"id", "input"} each), or None when the request is not a pack."""
     if row_schema(schema) is None:
         return None
+    return pack_rows_unchecked(body)
+
+
+def pack_rows_unchecked(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The rows of the last user message when it is a pack's rows list, whatever the answer schema."""
     content = last_user_content(body)
     if not isinstance(content, str) or not content.startswith("{"):
         return None
@@ -89,8 +103,10 @@ def pack_rows(body: dict[str, Any], schema: dict[str, Any] | None) -> list[dict[
     return rows
 
 
-def pack_value(seed: bytes, body: dict[str, Any], schema: dict[str, Any], rows: list[dict[str, Any]]) -> Any:
-    """The packed answer: each row's answer drawn as for that row alone."""
+def pack_value(seed: bytes, body: dict[str, Any], schema: dict[str, Any], rows: list[dict[str, Any]], *,
+               garble: bool = False) -> Any:
+    """The packed answer: each row's answer drawn as for that row alone (`garble`: a pack of several rows
+    with ids 2 and 3 dropped, id 4 answered twice with different answers, an answer under id 99)."""
     inner = row_schema(schema)
     lead = _lead(body)
     answers = []
@@ -98,4 +114,13 @@ def pack_value(seed: bytes, body: dict[str, Any], schema: dict[str, Any], rows: 
         whole = lead + row["input"] if isinstance(row["input"], str) else row["input"]
         rng = random.Random(int.from_bytes(label_digest(seed, body, whole)[:8], "big"))
         answers.append({"id": row["id"], "answer": SchemaFaker(schema, rng).value(inner)})
+    if garble and len(rows) > 1:
+        twice = [a for a in answers if a["id"] == "4"]
+        answers = [a for a in answers if a["id"] not in ("2", "3", "4")]
+        rng = random.Random(int.from_bytes(seed[:8] or b"\0", "big") ^ len(rows))
+        others = [SchemaFaker(schema, rng).value(inner) for _ in range(8)]
+        if twice:  # two answers that differ (drawn until they do: the schema may allow few values)
+            second = next((o for o in others if o != twice[0]["answer"]), None)
+            answers += [twice[0], {"id": "4", "answer": second}] if second is not None else []
+        answers.append({"id": "99", "answer": others[0]})
     return {"answers": answers}

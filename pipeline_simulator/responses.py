@@ -136,18 +136,21 @@ class ChunkMaker:
         self.obfuscation = obfuscation and meta.flavor == "openai"
         self.string_codes = string_codes and meta.flavor == "openrouter"
 
-    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None,
+              logprobs: list[dict[str, Any]] | None = None, index: int = 0) -> dict[str, Any]:
+        """One chunk of choice `index`; `logprobs` are the tokens this delta writes (None: the chunk has none)."""
         m = self.meta
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
+        lp = {"content": logprobs, "refusal": None} if logprobs is not None else None
         if m.flavor == "openrouter":
             choice["native_finish_reason"] = finish
-            choice["logprobs"] = None
+            choice["logprobs"] = lp
             return {"id": m.id, "provider": m.provider, "model": m.model, "object": CHUNK, "created": m.created,
                     "choices": [choice], "system_fingerprint": m.fingerprint}
         if m.flavor == "llamacpp":
             return {"choices": [choice], "created": m.created, "id": m.id, "model": m.model,
                     "system_fingerprint": m.fingerprint, "object": CHUNK}
-        choice["logprobs"] = None
+        choice["logprobs"] = lp
         out: dict[str, Any] = {"id": m.id, "object": CHUNK, "created": m.created, "model": m.model}
         if m.flavor == "openai":
             out["service_tier"] = "default"
@@ -185,20 +188,41 @@ class ChunkMaker:
                              "native_finish_reason": "error", "logprobs": None}]}
 
     def body_chunks(self, a: Answer, low: int, high: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-        """(role chunk, content/tool/refusal delta chunks of random sizes, final chunk with finish_reason)."""
-        rng = random.Random(a.rng_seed ^ 0x5EED)
+        """(role chunk, content/tool/refusal delta chunks of random sizes, final chunk with finish_reason).
+
+        An answer with logprobs streams as OpenAI does: one token per content chunk, each chunk carrying that
+        token in `logprobs.content` (the role chunk an empty list, the final chunk null), so the chunks'
+        logprobs put together are the whole answer's. With n samples (`a.more`) every choice streams under
+        its own index, their chunks interleaved, each choice ending with its own finish_reason."""
+        first, middle, final = self._choice_chunks(a, 0, low, high)
+        if not a.more:
+            return first, middle, final
+        others = [self._choice_chunks(m, i, low, high) for i, m in enumerate(a.more, 1)]
+        lanes = [middle] + [o[1] for o in others]
+        mixed = [lane[k] for k in range(max(len(lane) for lane in lanes)) for lane in lanes if k < len(lane)]
+        return first, [o[0] for o in others] + mixed + [o[2] for o in others], final
+
+    def _choice_chunks(self, a: Answer, index: int, low: int, high: int
+                       ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+        if a.logprobs is not None and a.tool_name is None and a.refusal is None and self.meta.flavor != "llamacpp":
+            first = self.chunk({"role": "assistant", "content": "", "refusal": None}, logprobs=[], index=index)
+            middle = [self.chunk({"content": t["token"]}, logprobs=[t], index=index) for t in a.logprobs]
+            return first, middle, self.chunk({}, a.finish_reason, index=index)
+        rng = random.Random(a.rng_seed ^ 0x5EED ^ index)
         pieces = _split(a.output, rng, low, high)
         if a.tool_name is not None:
             first = self.chunk({"role": "assistant", "content": None, "tool_calls": [
-                {"index": 0, "id": a.tool_id, "type": "function", "function": {"name": a.tool_name, "arguments": ""}}]})
-            middle = [self.chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in pieces]
+                {"index": 0, "id": a.tool_id, "type": "function", "function": {"name": a.tool_name, "arguments": ""}}]},
+                index=index)
+            middle = [self.chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}, index=index)
+                      for p in pieces]
         elif a.refusal is not None and self.meta.flavor != "llamacpp":
-            first = self.chunk({"role": "assistant", "content": None, "refusal": ""})
-            middle = [self.chunk({"refusal": p}) for p in pieces]
+            first = self.chunk({"role": "assistant", "content": None, "refusal": ""}, index=index)
+            middle = [self.chunk({"refusal": p}, index=index) for p in pieces]
         else:
-            first = self.chunk({"role": "assistant", "content": ""})
-            middle = [self.chunk({"content": p}) for p in pieces]
-        return first, middle, self.chunk({}, a.finish_reason)
+            first = self.chunk({"role": "assistant", "content": ""}, index=index)
+            middle = [self.chunk({"content": p}, index=index) for p in pieces]
+        return first, middle, self.chunk({}, a.finish_reason, index=index)
 
 
 def _split(text: str, rng: random.Random, low: int, high: int) -> list[str]:

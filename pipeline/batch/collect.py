@@ -12,7 +12,8 @@ or under the next structured mode; fail -> a failure record; stop -> the run sto
 are built by send/outcome.py, as the sync mode builds them. Either file may hold any kind of line, in
 any order; a line for a request this chunk does not carry is ignored (the server is untrusted).
 Records are committed before the chunk counts as collected; re-reading the same files after a kill
-writes the same records again.
+writes the same records again. With `prompt.rows_per_request` > 1 a line is a pack: its record becomes
+its rows' records (batch/packed.py) before anything is committed.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from .ledger import Chunk, Ledger
 
 if TYPE_CHECKING:
     from .driver import Engine
+    from .packed import BatchPacks
 
 log = logging.getLogger("pipeline")
 
@@ -63,26 +65,35 @@ class Collected:
     to_sync: set[str] = field(default_factory=set)  # keys left for the sync engine (batch.retry_via: sync)
     settled: set[str] = field(default_factory=set)  # keys recorded as failures by this run
     raised: dict[str, int] = field(default_factory=dict)  # requeued keys to send with this max_tokens
+    alone: set[str] = field(default_factory=set)  # packs: rows to ask again, each in a pack of its own
 
 
 class Collector:
     def __init__(self, cfg: Config, ledger: Ledger, engine: Engine, plan: StructuredPlan | None,
-                 rng: random.Random | None = None) -> None:
-        self.cfg, self.ledger, self.engine, self.plan = cfg, ledger, engine, plan
+                 rng: random.Random | None = None, packs: BatchPacks | None = None,
+                 lane_packs: dict[str, BatchPacks] | None = None) -> None:
+        self.cfg, self.ledger, self.engine, self.plan, self.packs = cfg, ledger, engine, plan, packs
+        self.lane_packs = lane_packs or {}  # a cascade's packing models: each splits its lines with its own
+        self._packs = packs
         self.store = engine.store
         self.stats = engine.core.stats
         self.policy = RetryPolicy.of(cfg)
         self.backoff = Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, rng or random.Random())
         self._mode: str | None = None
+        # The model of the chunk being collected: its prices and structured plan (a cascade's later stage).
+        self._cfg, self._plan = cfg, plan
         self._chunk: Chunk | None = None
         self._max_tokens: dict[str, int | None] | None = None
+        self._alone: list[str] = []  # rows to ask alone, recorded with the next outcomes
 
     def collect(self, chunk: Chunk, paths: list[str]) -> Collected:
         info = {key: (est, images) for key, est, images, _ in self.ledger.lines(chunk.chunk)}
         seen: set[str] = set()
         result = Collected()
-        self._mode = self.plan.mode if self.plan is not None else None  # what these lines were shaped for
-        self._chunk, self._max_tokens = chunk, None
+        self._cfg, self._plan = self.engine.lane(chunk.model) if chunk.model is not None else (self.cfg, self.plan)
+        self._packs = self.lane_packs.get(chunk.model, self.packs) if chunk.model is not None else self.packs
+        self._mode = self._plan.mode if self._plan is not None else None  # what these lines were shaped for
+        self._chunk, self._max_tokens, self._alone = chunk, None, []
         records: list[Record] = []
         outcomes: list[tuple[str, str]] = []
         for path in paths:
@@ -98,7 +109,7 @@ class Collector:
                 outcome, record = self._judge(key, line, *info[key], result)
                 outcomes.append((key, outcome))
                 if record is not None:
-                    records.append(record)
+                    records.extend(self._rows(key, record, result))
                 if len(outcomes) >= 1000:
                     self._commit(chunk, records, outcomes)
             if ignored:
@@ -111,17 +122,31 @@ class Collector:
             missing = TransientError("the batch ended without an answer for this request", code="missing")
             _, record = self._decide(key, missing, Paid(), None, result)
             if record is not None:
-                records.append(record)
+                records.extend(self._rows(key, record, result))
         self._commit(chunk, records, outcomes)
         self.ledger.mark_unanswered(chunk.chunk)
+        if self._packs is not None:  # the sync engine is asked for rows, not packs
+            result.to_sync = self._packs.row_keys(result.to_sync)
         return result
+
+    def _rows(self, key: str, record: Record, result: Collected) -> list[Record]:
+        """What to commit for a line's record: itself, or (a pack) its rows' records."""
+        rows = self._packs.rows(key, record) if self._packs is not None else None
+        if rows is None:
+            return [record]
+        records, failed, alone = rows
+        result.settled |= failed
+        result.alone |= alone
+        self._alone.extend(alone)
+        return records
 
     def _commit(self, chunk: Chunk, records: list[Record], outcomes: list[tuple[str, str]]) -> None:
         """Answers first, then the lines' outcomes: a kill in between re-reads the files, same records."""
         if records:
             self.store.put_now(records)
-        if outcomes:
-            self.ledger.set_outcomes(chunk.chunk, outcomes)
+        if outcomes or self._alone:
+            self.ledger.set_outcomes(chunk.chunk, outcomes, self._alone)
+        self._alone = []
         records.clear()
         outcomes.clear()
 
@@ -134,12 +159,12 @@ class Collector:
         body: dict[str, Any] | None = None
         try:
             body = classify(reply)
-            usage = batch_usage(body, self.cfg, images, est)
+            usage = batch_usage(body, self._cfg, images, est)
             self._charge(usage, paid)
             parsed = self._parse(key, body, usage)
         except RequestError as exc:
             if body is None and exc.billed is not None:  # a failure the provider billed anyway
-                self._charge(batch_usage(exc.billed, self.cfg, images, est), paid)
+                self._charge(batch_usage(exc.billed, self._cfg, images, est), paid)
             # A 200 without choices is billed and answers nothing (send/classify.py): its body is kept too.
             raw = _raw(body) if body is not None else _raw(exc.billed) if exc.billed is not None else None
             return self._decide(key, exc, paid, raw, result)
@@ -151,7 +176,7 @@ class Collector:
 
     def _parse(self, key: str, body: dict[str, Any], usage: Usage) -> Any:
         try:
-            return parse_completion(body, usage, self.plan, self.cfg.quality.confidence)
+            return parse_completion(body, usage, self._plan, self.cfg.quality.confidence)
         except BadContentError:
             raise
         except Exception as exc:  # a parser bug must not lose a paid answer
@@ -164,7 +189,7 @@ class Collector:
         tries = self.ledger.attempts(key)
         counted = Tries(attempts=tries["sent"], transient=tries.get("transient", 0) + tries.get("missing", 0),
                         bad_content=tries.get("bad_content", 0))
-        falls_back = isinstance(exc, PermanentError) and self.plan is not None and self.plan.fallback(
+        falls_back = isinstance(exc, PermanentError) and self._plan is not None and self._plan.fallback(
             exc.status, exc.message, exc.code, mode=self._mode)
         max_tokens = self._line_max_tokens(key) if _is_length(exc) else None
         decision = decide(exc, counted, self.policy, self.backoff, max_tokens=max_tokens, falls_back=falls_back)
@@ -187,8 +212,8 @@ class Collector:
             self.stats.retried(decision.retry_class)
         if decision.action == "reshape" and decision.max_tokens is None:
             # The structured mode is not supported here: later files are rendered under the next mode.
-            assert self.plan is not None
-            self.store.set_meta("structured_mode", self.plan.mode)
+            assert self._plan is not None
+            self.store.set_meta("structured_mode", self._plan.mode)
             return outcome, None
         if decision.max_tokens is not None:
             result.raised[key] = decision.max_tokens

@@ -10,9 +10,13 @@ resumed by running the same command again:
      (resuming a partial download) and every line is committed to the store (collect.py) before the
      chunk counts as collected; then its files at the provider are deleted (batch.delete_files);
   3. submit (submit.py): the requests the store cannot answer are rendered by the very builder the sync
-     mode uses (same body, same request key), streamed into files within the caps, uploaded and created,
+     mode uses (same body, same request key; with prompt.rows_per_request > 1 the same packs, packed.py),
+     streamed into files within the caps, uploaded and created,
      each step behind an intent recorded (and fsynced) first; the queue cap (batch.max_enqueued_tokens)
-     and the budget (each line at its worst case until collected) are checked before each create;
+     and the budget (each line at its worst case until collected) are checked before each create. With a
+     cascade, an audit or votes as requests, what a row needs depends on the answers collected so far:
+     after each collection the rows it touched are asked again what they need next (rounds.py), so a
+     cascade's later stage goes out as soon as the stage before has answered, in files of its own model;
   4. wait (poll_interval_s, backing off with jitter to poll_max_interval_s; after a failed call, the
      retry backoff of calls.py) and go round again, until nothing is in flight and nothing is left to send.
 Then the ordinary engine writes results/failures/summary from the store, with nothing left to send,
@@ -28,10 +32,11 @@ import logging
 import os
 import random
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
+from ..core.packing import PackSender
 from ..core.transformer import Core
 from ..errors import Fatal, PermanentError, RequestError, RunFatalError, TransientError
 from ..send.retry import Backoff
@@ -43,9 +48,19 @@ from .client import TERMINAL, BatchClient, batch_errors, queue_full
 from .collect import Collector, worst_line_cost
 from .files import ChunkWriter, max_tokens_of, request_payloads, with_max_tokens
 from .ledger import LIVE, Chunk, Ledger
+from .packed import BatchPacks
 from .progress import BatchBar
 from .reconcile import Reconciler
+from .rounds import Rounds
 from .submit import Submitter
+
+if TYPE_CHECKING:
+    from ..prepare.structured import StructuredPlan
+
+Lookup = Callable[[Collection[str]], dict[str, Record]]
+# Cascades, the audit and votes as requests (core/cascade.py `Trust.needs`): the requests the rows of a batch
+# need next given the answers a lookup finds, {key: (model, request)}, and whether every row is decided.
+Route = Callable[[InputBatch, Lookup], Awaitable[tuple[dict[str, tuple[str, Request]], bool]]]
 
 log = logging.getLogger("pipeline")
 
@@ -66,8 +81,15 @@ class Engine:
     core: Core
     store: Store
     build: Callable[[InputBatch], dict[str, Request]]
-    known: Callable[[Collection[str]], dict[str, Record]]
+    known: Lookup
     observe: Callable[[int | None, str | None], None] | None = None  # each line's status: the run's tally
+    route: Route | None = None
+    lanes: dict[str, tuple[Config, StructuredPlan | None]] = field(default_factory=dict)  # per model (Trust.lanes)
+    senders: dict[str, PackSender] = field(default_factory=dict)  # per packing model (Trust.pack_senders)
+
+    def lane(self, model: str | None) -> tuple[Config, StructuredPlan | None]:
+        """The config (prices) and structured plan (parsing) of a file's model; None: the job's own."""
+        return self.lanes[model] if model in self.lanes else (self.core.cfg, self.core.plan)
 
     def stop(self, exc: Fatal) -> None:
         """Stop the run for a run-fatal reason, as the dispatcher does."""
@@ -87,15 +109,22 @@ class BatchDriver:
         self.store = engine.store
         self.ledger = Ledger(self.store)
         self.client = BatchClient(transport)
-        self.collector = Collector(cfg, self.ledger, engine, self.plan)
+        sender = engine.core.packs
+        self.packs = BatchPacks(sender, self.ledger) if sender is not None else None  # a line per pack
+        # A cascade with packs: each model's lines are its own stage's packs (rounds.py, collect.py).
+        self.lane_packs = {model: BatchPacks(s, self.ledger) for model, s in engine.senders.items()}
+        self.collector = Collector(cfg, self.ledger, engine, self.plan, packs=self.packs, lane_packs=self.lane_packs)
         self.batches = batches
         self.no_wait, self.rng = no_wait, rng or random.Random()
         self.calls = Calls(cfg, Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, self.rng))
         self.reconciler = Reconciler(self.ledger, self.client, self.calls, self.filename, force_new=force_new)
         self.submitter = Submitter(self)
         self.writer = ChunkWriter(self.ledger, folder, cfg.batch, before_line=self.at)
+        self.writers: dict[str, ChunkWriter] = {}  # a cascade's other models' files (one model a file)
+        self.rounds = Rounds(self) if engine.route is not None else None
         self.settled: set[str] = set()  # failures recorded by this run: not sent again by it
         self.to_sync: set[str] = set()  # batch.retry_via: sync — left for the engine's sync pass
+        self.rerender = False  # packs: rows to ask alone wait for the next render of the input
         self.bar = BatchBar(enabled=progress)
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -108,13 +137,16 @@ class BatchDriver:
         try:
             while True:
                 await self.reconcile()
-                mode = self.plan.mode if self.plan is not None else None
+                modes = self._modes()
                 moved = await self.collect() if not self.engine.stop_reason else False
-                if self.plan is not None and self.plan.mode != mode:
+                if self._modes() != modes:
                     render = True  # a structured-mode fallback: every request is shaped anew
+                    if self.rounds is not None:
+                        self.rounds.everything()
                 if self.engine.stop_reason:
                     return "stopped"
-                if render:
+                if render or self.rerender or (self.rounds is not None and self.rounds.due):
+                    self.rerender = False
                     await self.write_pending()
                     render = False
                 if not self.engine.stop_reason:
@@ -135,7 +167,8 @@ class BatchDriver:
                 if not await self._sleep(pause):
                     return "stopped"
         finally:
-            self.writer.abandon()
+            for writer in self.all_writers():
+                writer.abandon()
             self.bar.close()
 
     async def _sleep(self, seconds: float) -> bool:
@@ -217,8 +250,11 @@ class BatchDriver:
             self.ledger.add_cleanup(chunk.chunk, files)
         self.settled |= result.settled
         self.to_sync |= result.to_sync
+        self.rerender |= bool(result.alone)
         if result.requeued:
             self._carry(chunk, result.requeued, result.raised)
+        if self.rounds is not None:
+            self.rounds.collected(chunk.chunk)
         for path in [chunk.path, *paths]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
@@ -247,12 +283,17 @@ class BatchDriver:
         """Lines to send again go into the next file, copied from the file that carried them (with a raised
         max_tokens where the length rule asked for one)."""
         info = {key: (est, images) for key, est, images, _ in self.ledger.lines(chunk.chunk) if key in keys}
+        writer, (cfg, _) = self.writer_for(chunk.model), self.engine.lane(chunk.model)
+        into: set[int | None] = set()
         for key, payload in request_payloads(chunk.path, keys):
             est, images = info[key]
             if key in raised:
                 payload = with_max_tokens(payload, raised[key])
-            self.writer.add(key, payload, est, images, worst_line_cost(self.cfg, est, max_tokens_of(payload), images))
-        self.writer.flush()
+            writer.add(key, payload, est, images, worst_line_cost(cfg, est, max_tokens_of(payload), images))
+            into.add(writer.current)
+        writer.flush()
+        if self.rounds is not None:
+            self.rounds.inherit(chunk.chunk, into)
 
     async def cleanup(self) -> None:
         """Delete the provider's copies of files whose answers are committed (batch.delete_files). A failure
@@ -280,6 +321,8 @@ class BatchDriver:
 
     async def write_pending(self) -> int:
         """Stream every request the store cannot answer, and no live file carries, into batch files."""
+        if self.rounds is not None:
+            return await self.rounds.write()
         writer = self.writer
         written = 0
         try:
@@ -287,12 +330,10 @@ class BatchDriver:
                 jobs = self.engine.build(batch)
                 known = self.engine.known(jobs.keys())
                 fresh = [k for k in jobs if k not in known and k not in self.settled and k not in self.to_sync]
-                spoken = self.ledger.spoken_for(fresh)
-                for key in fresh:
-                    if key in spoken:
-                        continue
-                    job = jobs[key]
-                    writer.add(key, job.payload, job.est_prompt, job.n_images,
+                spoken = self.ledger.spoken_for(fresh) if self.packs is None else self.packs.spoken_for(fresh)
+                todo = [jobs[key] for key in fresh if key not in spoken]
+                for job in todo if self.packs is None else self.packs.lines(todo):
+                    writer.add(job.key, job.payload, job.est_prompt, job.n_images,
                                worst_line_cost(self.cfg, job.est_prompt, job.max_tokens, job.n_images))
                     written += 1
                 writer.flush()
@@ -324,6 +365,31 @@ class BatchDriver:
         return n
 
     # -- helpers -------------------------------------------------------------------------------------
+
+    def writer_for(self, model: str | None) -> ChunkWriter:
+        """The writer of a model's files (None: the job's endpoint.model, as before cascades)."""
+        if model is None:
+            return self.writer
+        if model not in self.writers:
+            self.writers[model] = ChunkWriter(self.ledger, self.folder, self.cfg.batch, before_line=self.at,
+                                              model=model)
+        return self.writers[model]
+
+    def all_writers(self) -> list[ChunkWriter]:
+        return [self.writer, *self.writers.values()]
+
+    def known(self, keys: Collection[str]) -> dict[str, Record]:
+        """The answers a row's next step is decided by: the store's, and the failures recorded by this run
+        (a request whose retries ran out here is final for this run, as the write pass counts it)."""
+        found = self.engine.known(keys)
+        again = [k for k in keys if k in self.settled and k not in found]
+        if again:
+            found.update(self.store.get_many(again))
+        return found
+
+    def _modes(self) -> tuple[str | None, ...]:
+        plans = [self.plan, *(plan for _, plan in self.engine.lanes.values())]
+        return tuple(p.mode if p is not None else None for p in plans)
 
     def filename(self, chunk: Chunk) -> str:
         return f"pipeline-{self.ledger.job_id}-{chunk.name}.jsonl"

@@ -73,12 +73,14 @@ def open_ours(path: str) -> Any:
 
 @dataclass
 class ChunkWriter:
-    """Fills one chunk file after another; `add` returns a chunk when adding a line closed it."""
+    """Fills one chunk file after another; `add` returns a chunk when adding a line closed it. One writer
+    per model: a Batch API file carries requests to one model only."""
 
     ledger: Ledger
     folder: str
     caps: BatchConfig
     before_line: Any = None  # the fault-injection hook (tests): called with "writing" before each line
+    model: str | None = None  # the model of its lines (None: the job's endpoint.model)
     _chunk: Chunk | None = None
     _fh: Any = None
     _lines: int = 0
@@ -96,7 +98,7 @@ class ChunkWriter:
             raise ValueError(f"one request is {len(line):,} bytes, over batch.max_bytes={self.caps.max_bytes:,}")
         if self._chunk is None:
             safefs.ensure_dir(self.folder)
-            self._chunk = self.ledger.new_chunk(self.folder)
+            self._chunk = self.ledger.new_chunk(self.folder, self.model)
             self._fh = open_new(self._chunk.path)
         if self.before_line is not None:
             self.before_line("writing")
@@ -109,6 +111,11 @@ class ChunkWriter:
         if len(self._rows) >= 1000:
             self.flush()
         return closed
+
+    @property
+    def current(self) -> int | None:
+        """The number of the chunk being written (the last line added went there), if one is open."""
+        return self._chunk.chunk if self._chunk is not None else None
 
     def _full(self, size: int, est: int) -> bool:
         caps = self.caps

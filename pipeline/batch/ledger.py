@@ -4,9 +4,13 @@ Two tables of their own on the answer store's connection (contract 5), so an int
 leads to live in one SQLite file and one WAL:
 
   batch_chunks  one row per batch file: its state, the provider's file and batch ids, the last status
-                and request_counts seen, and the sums the queue and budget checks need;
+                and request_counts seen, the sums the queue and budget checks need, and the model its
+                lines ask (a cascade's stages and the audit each have files of their own, since a Batch
+                API file carries one model; NULL: the job's endpoint.model);
   batch_lines   one row per (chunk, request key): which requests a file carries and how each ended
-                (NULL while in flight; ok | permanent | transient | bad_content | fatal | missing).
+                (NULL while in flight; ok | permanent | transient | bad_content | fatal | missing);
+  batch_packs   with prompt.rows_per_request > 1, the rows of each pack line (its request key), in order;
+  batch_alone   rows a pack's answer left without a usable answer, to ask again in a pack of their own.
 
 A chunk's state only moves forward. An intent is written (and fsynced) BEFORE each step that creates
 something at the provider, so after a kill -9 the next run knows what may exist there and reconciles
@@ -46,7 +50,19 @@ _SCHEMA = [
     # Provider files (input, output, error) still to delete once their answers are committed
     # (batch.delete_files); a table of its own, so a store written before it existed reads as it was.
     "CREATE TABLE IF NOT EXISTS batch_cleanup (file_id TEXT PRIMARY KEY, chunk INTEGER NOT NULL)",
+    # prompt.rows_per_request > 1: the rows each pack line carries (a pack's key is fixed by its rows, so
+    # this is keyed by the pack, not the chunk), each row's share of the prompt and the shared prefix, so
+    # a later run can split the pack's answer without the pack in memory.
+    """CREATE TABLE IF NOT EXISTS batch_packs (
+        pack TEXT NOT NULL, pos INTEGER NOT NULL, row TEXT NOT NULL, chars INTEGER NOT NULL,
+        shared INTEGER NOT NULL, PRIMARY KEY (pack, pos))""",
+    "CREATE INDEX IF NOT EXISTS batch_packs_row ON batch_packs (row)",
+    # Rows a pack's answer left without a usable answer: asked again alone (recorded with the outcome of
+    # the line that left them, so a kill between the two cannot lose it).
+    "CREATE TABLE IF NOT EXISTS batch_alone (row TEXT PRIMARY KEY)",
 ]
+# Columns added to batch_chunks after it first shipped (a store written before reads them as NULL).
+_ADDED = {"model": "TEXT"}
 
 # Chunks whose lines are spoken for: written, at the provider, or waiting to be collected.
 LIVE = ("ready", "uploading", "uploaded", "creating", "submitted")
@@ -69,6 +85,7 @@ class Chunk:
     output_file_id: str | None
     error_file_id: str | None
     intent_at: float | None
+    model: str | None = None  # the model its lines ask; None: the job's endpoint.model
 
     @property
     def name(self) -> str:
@@ -76,7 +93,7 @@ class Chunk:
 
 
 _COLS = "chunk, state, path, lines, bytes, est_tokens, worst_usd, file_id, batch_id, status, counts, " \
-        "output_file_id, error_file_id, intent_at"
+        "output_file_id, error_file_id, intent_at, model"
 
 
 class Ledger:
@@ -85,6 +102,10 @@ class Ledger:
         self.db: sqlite3.Connection = store.connection
         for statement in _SCHEMA:
             self.db.execute(statement)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(batch_chunks)")}
+        for name, kind in _ADDED.items():
+            if name not in have:
+                self.db.execute(f"ALTER TABLE batch_chunks ADD COLUMN {name} {kind}")
         job = store.get_meta("batch_job_id")
         if job is None:
             # Names this job's files and batches at the provider (metadata, filenames); random, so two
@@ -95,12 +116,12 @@ class Ledger:
 
     # -- chunks --------------------------------------------------------------------------------------
 
-    def new_chunk(self, folder: str) -> Chunk:
+    def new_chunk(self, folder: str, model: str | None = None) -> Chunk:
         row = self.db.execute("SELECT coalesce(max(chunk), 0) + 1 FROM batch_chunks").fetchone()
         n = int(row[0])
         path = os.path.join(folder, f"chunk-{n:06d}.jsonl")
-        self.db.execute("INSERT INTO batch_chunks (chunk, state, path, updated_at) VALUES (?, 'writing', ?, ?)",
-                        (n, path, time.time()))
+        self.db.execute("INSERT INTO batch_chunks (chunk, state, path, updated_at, model) VALUES (?, 'writing', ?, ?, ?)",
+                        (n, path, time.time(), model))
         self._durable()
         return self.get(n)
 
@@ -148,15 +169,59 @@ class Ledger:
 
     def spoken_for(self, keys: list[str]) -> set[str]:
         """Those of `keys` that a live chunk (or the one being written) carries with no outcome yet."""
-        out: set[str] = set()
+        return set(self.carriers(keys))
+
+    def carriers(self, keys: list[str]) -> dict[str, int]:
+        """{key: the live chunk (or the one being written) that carries it with no outcome yet}."""
+        out: dict[str, int] = {}
         live = ("writing", *LIVE)
         marks_live = ",".join("?" * len(live))
         for i in range(0, len(keys), 500):
             part = keys[i:i + 500]
             marks = ",".join("?" * len(part))
-            out.update(k for (k,) in self.db.execute(
-                f"SELECT l.key FROM batch_lines l JOIN batch_chunks c USING (chunk) WHERE l.key IN ({marks}) "
+            out.update(self.db.execute(
+                f"SELECT l.key, l.chunk FROM batch_lines l JOIN batch_chunks c USING (chunk) WHERE l.key IN ({marks}) "
                 f"AND l.outcome IS NULL AND c.state IN ({marks_live})", (*part, *live)))
+        return out
+
+    def spoken_rows(self, rows: list[str]) -> set[str]:
+        """Those of `rows` that a pack line of a live chunk (or the one being written) carries, with no
+        outcome yet."""
+        return set(self.row_carriers(rows))
+
+    def row_carriers(self, rows: list[str]) -> dict[str, int]:
+        """{row: the live chunk (or the one being written) whose pack line carries it with no outcome yet}."""
+        out: dict[str, int] = {}
+        live = ("writing", *LIVE)
+        marks_live = ",".join("?" * len(live))
+        for i in range(0, len(rows), 500):
+            part = rows[i:i + 500]
+            marks = ",".join("?" * len(part))
+            out.update(self.db.execute(
+                f"SELECT p.row, l.chunk FROM batch_packs p JOIN batch_lines l ON l.key = p.pack JOIN batch_chunks c "
+                f"USING (chunk) WHERE p.row IN ({marks}) AND l.outcome IS NULL AND c.state IN ({marks_live})",
+                (*part, *live)))
+        return out
+
+    def add_packs(self, packs: list[tuple[str, list[tuple[str, int]], int]]) -> None:
+        """(pack key, [(row key, chars)] in pack order, shared chars) of packs about to be written."""
+        self._many("INSERT OR IGNORE INTO batch_packs (pack, pos, row, chars, shared) VALUES (?, ?, ?, ?, ?)",
+                   [(key, pos, row, chars, shared) for key, rows, shared in packs
+                    for pos, (row, chars) in enumerate(rows)])
+
+    def pack(self, key: str) -> tuple[list[tuple[str, int]], int] | None:
+        """The rows (key, chars) of the pack line `key` in pack order and its shared chars; None: no pack."""
+        found = self.db.execute("SELECT row, chars, shared FROM batch_packs WHERE pack = ? ORDER BY pos",
+                                (key,)).fetchall()
+        return ([(r, c) for r, c, _ in found], int(found[0][2])) if found else None
+
+    def alone(self, rows: list[str]) -> set[str]:
+        """Those of `rows` to ask in a pack of their own."""
+        out: set[str] = set()
+        for i in range(0, len(rows), 500):
+            part = rows[i:i + 500]
+            marks = ",".join("?" * len(part))
+            out.update(r for (r,) in self.db.execute(f"SELECT row FROM batch_alone WHERE row IN ({marks})", part))
         return out
 
     def lines(self, chunk: int) -> Iterator[tuple[str, int, int, str | None]]:
@@ -172,8 +237,18 @@ class Ledger:
                 out[outcome] = n
         return out
 
-    def set_outcomes(self, chunk: int, outcomes: list[tuple[str, str]]) -> None:
-        self._many("UPDATE batch_lines SET outcome = ? WHERE chunk = ? AND key = ?", [(o, chunk, k) for k, o in outcomes])
+    def set_outcomes(self, chunk: int, outcomes: list[tuple[str, str]], alone: Iterable[str] = ()) -> None:
+        """How lines ended, and (packs) the rows they leave to ask alone, in one transaction."""
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("UPDATE batch_lines SET outcome = ? WHERE chunk = ? AND key = ?",
+                                [(o, chunk, k) for k, o in outcomes])
+            self.db.executemany("INSERT OR IGNORE INTO batch_alone (row) VALUES (?)", [(r,) for r in alone])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.store.touched()
 
     def mark_unanswered(self, chunk: int) -> int:
         """Lines of a finished batch that neither file answered; returns how many."""
@@ -225,8 +300,11 @@ def _chunk(row: tuple[Any, ...]) -> Chunk:
 
 def read_chunks(store: Store) -> list[Chunk]:
     """For `pipeline status` (a read-only store): the ledger's chunks, or none when this is no batch job."""
+    db = store.connection
     try:
-        rows = store.connection.execute(f"SELECT {_COLS} FROM batch_chunks ORDER BY chunk").fetchall()
-    except sqlite3.OperationalError:
+        have = {row[1] for row in db.execute("PRAGMA table_info(batch_chunks)")}
+        cols = ", ".join(c if c in have else "NULL" for c in _COLS.split(", "))  # a store from before a column
+        rows = db.execute(f"SELECT {cols} FROM batch_chunks ORDER BY chunk").fetchall()
+    except sqlite3.OperationalError:  # no batch_chunks table: not a batch job
         return []
     return [_chunk(r) for r in rows]

@@ -8,8 +8,9 @@ from typing import Any
 from ..common import layout
 from ..core.context import RunContext
 from ..errors import EXIT_BATCH_SUBMITTED, EXIT_STOPPED, UsageError
+from ..prepare.packs import Packer
 from ..send.transport import HttpTransport
-from ..vocab import FINAL_STATES, InputBatch
+from ..vocab import FINAL_STATES, InputBatch, Request
 from ..write.output import Summary
 from .driver import BatchDriver, Engine
 
@@ -33,8 +34,15 @@ async def drive_batches(ctx: RunContext, transport: Any, batches: Callable[[], I
         raise UsageError("--no-wait leaves batches at the endpoint, but the in-process simulator stops with this "
                          "run: serve it with `pipeline simulate --port 8089` and set endpoint.base_url to "
                          "http://127.0.0.1:8089/api/v1 (or run without --no-wait)")
-    engine = Engine(core, store, lambda b: core.builder.build_batch(b, renderer).requests, ctx.answers.lookup,
-                    observe=ctx.invocation.tally.observe)  # each line an attempt in the metrics, as sync's are
+    def build(batch: InputBatch) -> dict[str, Request]:
+        built = core.builder.build_batch(batch, renderer)
+        return (built if core.packs is None else Packer.rekey(built)).requests  # packed rows: their own keys
+
+    trust = core.trust  # a cascade, an audit, votes as requests: rows go in rounds (rounds.py)
+    engine = Engine(core, store, build, ctx.answers.lookup,
+                    observe=ctx.invocation.tally.observe,  # each line an attempt in the metrics, as sync's are
+                    route=trust.needs if trust is not None else None, lanes=trust.lanes() if trust is not None else {},
+                    senders=trust.pack_senders() if trust is not None else {})
     driver = BatchDriver(cfg, folder, engine, transport, batches=batches, no_wait=no_wait, progress=progress.enabled,
                          force_new=ctx.options.force_new)
     task = asyncio.ensure_future(driver.cancel() if cancel else driver.run())

@@ -50,7 +50,8 @@ class Submitter:
     async def submit(self) -> None:
         """Upload and create the ready files, in order, while the queue cap and the budget allow."""
         d = self.d
-        d.writer.close()
+        for writer in d.all_writers():
+            writer.close()
         cap = d.cfg.batch.max_enqueued_tokens
         while not d.engine.stop_reason:
             waiting = d.ledger.chunks(("ready", "uploaded"))
@@ -95,7 +96,7 @@ class Submitter:
 
     def _lines(self, chunk: Chunk) -> list[tuple[str, bytes, int, int, float]]:
         """(key, payload, est, images, worst case) of each line of the chunk's file, in file order."""
-        cfg = self.d.cfg
+        cfg, _ = self.d.engine.lane(chunk.model)  # a cascade's later stage: its model's batch price
         info = {key: (est, images) for key, est, images, _ in self.d.ledger.lines(chunk.chunk)}
         out = []
         for key, payload in request_payloads(chunk.path, set(info)):
@@ -110,12 +111,15 @@ class Submitter:
         d.ledger.drop(chunk.chunk, state="split")
         if chunk.file_id is not None:  # uploaded already: that copy is never used
             d.ledger.add_cleanup(chunk.chunk, [chunk.file_id])
-        head = None
+        head, rest = None, None
+        writer = d.writer_for(chunk.model)
         for i, (key, payload, est, images, worst) in enumerate(lines):
-            d.writer.add(key, payload, est, images, worst)
+            writer.add(key, payload, est, images, worst)
             if i == fit - 1:
-                head = d.writer.close()
-        d.writer.close()
+                head = writer.close()
+        rest = writer.close()
+        if d.rounds is not None:
+            d.rounds.inherit(chunk.chunk, [c.chunk for c in (head, rest) if c is not None])
         with contextlib.suppress(FileNotFoundError):
             os.remove(chunk.path)
         assert head is not None

@@ -65,8 +65,9 @@ def load_config(
 
 
 def _check_quality(cfg: Config) -> None:
-    """A cascade needs a confidence to route by; its stages and the audit are answered by the local engine
-    in sync mode (each stage's rows depend on the answers of the one before)."""
+    """A cascade needs a confidence to route by. Its stages and the audit run in either mode on the local
+    engine (batch mode in rounds, batch/rounds.py) and on Ray in sync mode (each worker runs them per shard;
+    Ray has no batch mode)."""
     q, stages, src = cfg.quality, cfg.cascade, cfg.source
     if stages is not None:
         if len(stages) < 2:
@@ -82,29 +83,19 @@ def _check_quality(cfg: Config) -> None:
         if q.confidence == "off":
             raise ConfigError("a cascade routes rows by their confidence: set quality.confidence to logprobs or "
                               "votes", key="quality.confidence", file=src)
-    by_requests = q.samples_by_requests(cfg.endpoint.base_url) > 1
-    if (stages or q.audit or by_requests) and (cfg.run.mode != "sync" or cfg.run.engine != "local"):
-        what = "cascade" if stages else "quality.audit" if q.audit else "quality.vote_by: requests"
-        raise ConfigError(f"{what} runs with run.mode: sync on run.engine: local (a later stage's rows depend on "
-                          "the answers before it); remove it or use the local engine in sync mode",
-                          key="run.mode" if cfg.run.mode != "sync" else "run.engine", file=src)
-    if cfg.prompt.rows_per_request > 1 and (stages or q.audit or q.confidence != "off"):
-        what = "cascade" if stages else "quality.audit" if q.audit else "quality.confidence"
-        raise ConfigError(f"{what} measures each row's own answer; prompt.rows_per_request: "
-                          f"{cfg.prompt.rows_per_request} packs several rows into one answer: use rows_per_request: 1 "
-                          "with it", key="prompt.rows_per_request", file=src)
     if q.confidence == "logprobs" and cfg.structured is not None and cfg.structured.mode == "tool":
         q.fall_back_to_votes("structured.mode: tool answers in tool-call arguments, which carry no logprobs")
     if q.confidence == "logprobs" and cfg.params.logprobs is False:
         raise ConfigError("quality.confidence: logprobs needs the answer's logprobs; remove params.logprobs: false",
                           key="params.logprobs", file=src)
+    if cfg.params.top_logprobs is not None and not cfg.params.logprobs and q.confidence != "logprobs":
+        # quality.confidence: logprobs asks for the logprobs itself, at the top_logprobs given here
+        raise ConfigError("top_logprobs requires params.logprobs: true (or quality.confidence: logprobs)",
+                          key="params.top_logprobs", file=src)
     if q.confidence == "votes":
         if "n" in cfg.params.extra or "n" in cfg.params.from_columns:
             raise ConfigError("quality.confidence: votes sets n (quality.votes); remove it from params",
                               key="params.extra.n", file=src)
-        if cfg.params.stream:
-            raise ConfigError("quality.confidence: votes reads all samples of a whole answer; remove params.stream",
-                              key="params.stream", file=src)
 
 
 def day_note(cfg: Config, rows: int) -> str | None:
@@ -164,9 +155,6 @@ def _check_packs(cfg: Config) -> None:
     elif cfg.prompt.messages_column:
         why = ("cannot pack rows whose whole conversation comes from prompt.messages_column: nothing is shared; "
                "use prompt.system and prompt.user", "prompt.messages_column")
-    elif cfg.run.mode == "batch":
-        why = ("is not available with run.mode: batch yet (a Batch API line must carry one request of its own "
-               "rows); use run.mode: sync, or rows_per_request: 1 for batch mode", "run.mode")
     if why is not None:
         raise ConfigError(f"prompt.rows_per_request: {k} {why[0]}", key=why[1], file=cfg.source)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 
@@ -95,14 +95,6 @@ class ParamsConfig(Section):
         for tok, bias in (v or {}).items():
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {tok} is {bias}; it must be between -100 and 100")
-        return v
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
-        # A field validator (logprobs is declared first) so the error names params.top_logprobs.
-        if v is not None and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs requires params.logprobs: true")
         return v
 
 

@@ -12,6 +12,9 @@ the answer store only through `PackAnswers.put`, which turns the pack's record i
 groups the puts of one event-loop tick into one transaction): a kill -9 leaves all of a pack's rows
 stored or none. A pack's record itself is never stored.
 
+Each row's record carries its own confidence (`quality.confidence`) and its own logprobs, measured on its
+own part of the pack's answer (core/pack_confidence.py); with votes over n samples, its majority answer.
+
 Rows asked again: a row the answer leaves without a usable answer (missing, repeated with different
 answers, invalid, or only under an id the pack did not ask) is committed as `transient` with its share
 of the cost (a resume asks it again; the next record for it carries that cost forward), then asked again
@@ -34,8 +37,10 @@ from ..models.prices import find_price
 from ..prepare.packs import Pack, Packer, Share, apportion, split_answer
 from ..prepare.packs import shares as divide
 from ..prepare.structured import StructuredPlan
+from ..send.confidence import choice_fields
 from ..send.dispatch import Dispatcher
 from ..vocab import AnswerStore, Record, Request
+from .pack_confidence import Measured, Measuring, measure
 
 
 @dataclass(slots=True)
@@ -66,8 +71,10 @@ class _Flight:
 class PackAnswers:
     """The answer store the pack dispatcher writes to: a pack's record becomes its rows' records."""
 
-    def __init__(self, inner: AnswerStore, row_plan: StructuredPlan, price: tuple[float, float] | None) -> None:
+    def __init__(self, inner: AnswerStore, row_plan: StructuredPlan, price: tuple[float, float] | None,
+                 measuring: Measuring | None = None) -> None:
         self.inner, self.row_plan, self.price = inner, row_plan, price
+        self.measuring = measuring  # each row's confidence and own logprobs (core/pack_confidence.py)
         self.flights: dict[str, _Flight] = {}
 
     def lookup(self, keys: Collection[str]) -> dict[str, Record]:
@@ -91,6 +98,7 @@ class PackAnswers:
         pack = flight.pack
         split = split_answer(orjson.loads(record.output_json or "null"), pack, self.row_plan) \
             if record.state == "ok" else None
+        measured = measure(record, pack, split, self.measuring) if split is not None and self.measuring else {}
         billed = Share(record.prompt_tokens, record.completion_tokens, record.cost_usd)
         shares = apportion(pack, billed, split.answer_chars if split else {}, len(record.content or ""), self.price)
         # Cached and cache-written tokens are the shared prefix's: evenly.
@@ -108,7 +116,9 @@ class PackAnswers:
                          usage_note=record.usage_note)
             if split is not None and row.key in split.answers:
                 text = orjson.dumps(split.answers[row.key]).decode()
-                rec = replace(rec, state="ok", content=text, output_json=text, raw=text.encode())
+                m = measured.get(row.key) or Measured()
+                rec = replace(rec, state="ok", content=text, output_json=text, raw=text.encode(),
+                              confidence=m.confidence, confidence_json=m.confidence_json, logprobs_json=m.logprobs_json)
             elif split is not None:
                 rec = replace(rec, error_class="bad_content", message=split.bad[row.key][:1000])
             else:
@@ -126,11 +136,28 @@ class PackSender:
     def __init__(self, cfg: Config, packer: Packer, answers: AnswerStore, row_plan: StructuredPlan) -> None:
         price = find_price(cfg, cfg.endpoint.model, batch=cfg.run.mode == "batch")
         self.packer = packer
+        measuring = Measuring(cfg.quality.confidence, choice_fields(row_plan.schema), packer.plan, row_plan)
         self.answers = PackAnswers(answers, row_plan,
-                                   (price.input_per_m, price.output_per_m) if price is not None else None)
+                                   (price.input_per_m, price.output_per_m) if price is not None else None, measuring)
         self.bad_retries = cfg.structured.bad_content_retries if cfg.structured is not None else 1
         self.spent: dict[str, _Spent] = {}
         self.flying_rows: dict[str, asyncio.Future[Record]] = {}  # rows in a pack now, by key
+
+    def settle(self, pack: Pack, record: Record, *, answered_alone: int = 0) -> tuple[list[Record], Settled]:
+        """A pack's record that reached us without the dispatcher (a batch line's, batch/packed.py): the rows'
+        records to commit together (never the pack's own), and what became of each row, decided as a pack
+        sent here is. `answered_alone`: for a pack of one row, how many earlier answers of that same pack
+        left the row without a usable answer (batch mode counts them in its ledger, across runs)."""
+        spent = {r.key: self.spent.pop(r.key, _Spent()) for r in pack.rows}
+        if len(pack.rows) == 1:
+            one = spent[pack.rows[0].key]
+            one.bad = max(one.bad, answered_alone)
+        flight = _Flight(pack, spent)
+        rows = self.answers.rows(flight, record)
+        flight.records.update((r.key, r) for r in rows)
+        settled = settle(flight, record, self.bad_retries)
+        self.spent.update(settled.again)
+        return [*rows, *settled.give_up], settled
 
     async def send(self, dispatcher: Dispatcher, todo: list[Request],
                    on_record: Callable[[str, Record], None]) -> None:
@@ -189,6 +216,7 @@ class PackSender:
 
     async def _fly(self, dispatcher: Dispatcher, pack: Pack) -> tuple[dict[str, Record], list[Request]]:
         """One pack to its end: the rows it resolved, and the rows to ask again alone."""
+        assert pack.request is not None  # built by the packer (only the batch ledger rebuilds packs)
         flight = _Flight(pack, {r.key: self.spent.pop(r.key, _Spent()) for r in pack.rows})
         key = pack.request.key
         self.answers.flights[key] = flight
@@ -196,25 +224,43 @@ class PackSender:
             record = await dispatcher.submit(pack.request)
         finally:
             self.answers.flights.pop(key, None)
-        alone = len(pack.rows) == 1
-        final: dict[str, Record] = {}
-        again: list[Request] = []
-        for row in pack.rows:
-            rec = flight.records.get(row.key)
-            if rec is None:  # nothing was committed for it (cannot happen once submit returned)
-                continue
-            if rec.state == "ok" or (record.state != "ok" and (alone or record.state == "transient")):
-                final[row.key] = rec
-                continue
-            bad = flight.spent[row.key].bad + (1 if alone and record.state == "ok" else 0)
-            if alone and bad > self.bad_retries:
-                rec = replace(rec, state="bad_content")
-                await _commit(dispatcher, self.answers.inner, rec)
-                final[row.key] = rec
-            else:
-                self.spent[row.key] = _Spent.of(rec, bad)
-                again.append(row.request)
-        return final, again
+        settled = settle(flight, record, self.bad_retries)
+        for rec in settled.give_up:
+            await _commit(dispatcher, self.answers.inner, rec)
+        self.spent.update(settled.again)
+        return settled.final, [row.request for row in pack.rows if row.key in settled.again and row.request is not None]
+
+
+@dataclass(slots=True)
+class Settled:
+    """What a pack's answer did for its rows (sync packs and batch lines decide alike)."""
+
+    final: dict[str, Record] = field(default_factory=dict)  # rows resolved, by key (their records committed)
+    give_up: list[Record] = field(default_factory=list)  # rows alone out of bad-content budget: commit these
+    again: dict[str, _Spent] = field(default_factory=dict)  # rows to ask again alone, with what they cost so far
+
+
+def settle(flight: _Flight, record: Record, bad_retries: int) -> Settled:
+    """After a pack's record became its rows' records (`flight.records`): the rows it resolved, and the rows
+    to ask again alone (a row without a usable answer in a pack of several; a pack of several that failed
+    as a whole, except when its transient retries ran out; a row alone within its bad-content budget)."""
+    alone = len(flight.pack.rows) == 1
+    out = Settled()
+    for row in flight.pack.rows:
+        rec = flight.records.get(row.key)
+        if rec is None:  # nothing was committed for it (cannot happen once the pack's record is)
+            continue
+        if rec.state == "ok" or (record.state != "ok" and (alone or record.state == "transient")):
+            out.final[row.key] = rec
+            continue
+        bad = flight.spent[row.key].bad + (1 if alone and record.state == "ok" else 0)
+        if alone and bad > bad_retries:
+            rec = replace(rec, state="bad_content")
+            out.give_up.append(rec)
+            out.final[row.key] = rec
+        else:
+            out.again[row.key] = _Spent.of(rec, bad)
+    return out
 
 
 async def _commit(dispatcher: Dispatcher, answers: AnswerStore, record: Record) -> None:

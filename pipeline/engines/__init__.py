@@ -1,3 +1,3 @@
-"""The engine and its drivers: `core` turns input batches into outcome batches (no files, no store, no
-signals); `runner` drives it locally (job folder, SQLite store, part files; `interrupt` for Ctrl-C);
-`estimate` is the dry run; `progress` the bar."""
+"""The drivers around the core (pipeline/core/): `runner` drives it locally (job folder, SQLite store,
+part files), `api` is the synchronous `pipeline.run()` over it, `ray/` runs it on Ray actors, `estimate*`
+is the dry run and `savings` what it could save."""

@@ -8,8 +8,8 @@ calibrated by this job's earlier answers for others; images by the tile rule) an
 failures. Prices come from models/prices.py, each with its source. `--json` prints the same figures
 as one JSON object (engines/estimate_json.py), and the text report ends with the first request as it
 would be sent. Nothing goes to the network, no API key is needed, and nothing is
-written: the store is opened read-only (SQLite `immutable` when no run is writing it, so not even its
--wal/-shm files appear).
+written: the store is opened read-only (engines/estimate_store.py: SQLite `immutable` when no run is
+writing it, so not even its -wal/-shm files appear).
 
 Output tokens are a range, 0 to max_tokens per request (the model's output cap when max_tokens is
 unset). The "likely" figure is the mean completion tokens of the answers this job (or the shared cache)
@@ -23,7 +23,6 @@ import logging
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,11 +39,10 @@ from ..prepare.structured import StructuredPlan, plan_for
 from ..prepare.tokens import CALIBRATION_META, counter_for
 from ..read.reader import Source
 from ..send.budget import worst_output_tokens
-from ..state import migrations
 from ..state.jobdir import JobDir
-from ..state.store import MIGRATIONS, connect
-from ..vocab import FINAL_STATES, BuiltBatch, InputBatch, Request
+from ..vocab import BuiltBatch, InputBatch, Request
 from .estimate_cascade import Escalation, describe, extra_cost
+from .estimate_store import final_states, job_store, likely_output, meta, open_readonly, spent_before
 
 # Latency assumed for a real endpoint: time to the first token plus the output at ~33 tokens/s, which is
 # what gpt-4-turbo typically sustains on OpenRouter and OpenAI. Printed with the figure it produces.
@@ -70,7 +68,8 @@ class Estimate:
     failing_by_reason: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     rows_to_send: int = 0
-    requests: int = 0               # distinct requests among rows_to_send
+    requests: int = 0               # requests to send for rows_to_send (packs, with rows_per_request > 1)
+    distinct: int = 0               # distinct row requests among rows_to_send (identical rows asked once)
     prompt_tokens: int = 0
     images: int = 0
     image_tokens: int = 0
@@ -113,12 +112,12 @@ def estimate(cfg: Config) -> Estimate:
     renderer = Renderer(cfg, input_dir=str(Path(source.files[0]).parent) if source.files else None,
                         columns=scan.columns)
     plan = plan_for(cfg)
-    store = _job_store(cfg, est)
-    renderer.tokens = counter_for(cfg.endpoint.model, _meta(store, CALIBRATION_META) if store is not None else None)
+    store = job_store(cfg, est.notes)
+    renderer.tokens = counter_for(cfg.endpoint.model, meta(store, CALIBRATION_META) if store is not None else None)
     est.token_method = renderer.tokens.method
-    cache = _open_readonly(os.path.join(cfg.cache.dir, "cache.sqlite")) if cfg.cache.dir else None
+    cache = open_readonly(os.path.join(cfg.cache.dir, "cache.sqlite")) if cfg.cache.dir else None
     try:
-        if plan is not None and store is not None and (mode := _meta(store, "structured_mode")):
+        if plan is not None and store is not None and (mode := meta(store, "structured_mode")):
             plan.mode = mode  # as the runner does: an earlier run already learned the structured mode
         asker = _Asker.of(cfg, plan, renderer)
         seen: set[int] = set()
@@ -127,7 +126,7 @@ def estimate(cfg: Config) -> Estimate:
             _batch(batch, renderer, asker, cfg, store, cache, seen, est)
         # The shared part of a row's request; a pack starts with the same shared part (prepare/packs.py).
         est.shared_prefix, est.cache_notes = asker.builder.shared_prefix, renderer.cache_notes()
-        est.output_likely_per_request, est.likely_basis = _likely_output(store, cache)
+        est.output_likely_per_request, est.likely_basis = likely_output(store, cache)
     finally:
         for db in (store, cache):
             if db is not None:
@@ -152,7 +151,7 @@ class _Asker:
         return Packer.rekey(built) if self.packer is not None else built
 
     def requests(self, rows: list[Request]) -> list[Request]:
-        return [p.request for p in self.packer.packs(rows)] if self.packer is not None and rows else rows
+        return [p.request for p in self.packer.packs(rows) if p.request is not None] if self.packer is not None and rows else rows
 
 
 def _batch(batch: InputBatch, renderer: Renderer, asker: _Asker, cfg: Config,
@@ -160,10 +159,10 @@ def _batch(batch: InputBatch, renderer: Renderer, asker: _Asker, cfg: Config,
     # Outcomes are not kept: a failing row's reason is re-derived in _failing.
     built = asker.build(batch, renderer)
     row_keys, jobs = built.keys, built.requests
-    answered = _states(store, jobs.keys())
+    answered = final_states(store, jobs.keys())
     if cfg.cascade:
         est.escalation.add(store, jobs.keys(), cfg.cascade[0].min_confidence)
-    cached = {k for k, s in _states(cache, [k for k in jobs if k not in answered]).items() if s == "ok"}
+    cached = {k for k, s in final_states(cache, [k for k in jobs if k not in answered]).items() if s == "ok"}
     for i, key in enumerate(row_keys):
         if key is None:
             _failing(batch, i, renderer, est)
@@ -184,6 +183,7 @@ def _batch(batch: InputBatch, renderer: Renderer, asker: _Asker, cfg: Config,
         if len(seen) < MAX_KEYS_TRACKED:
             seen.add(short)
         fresh.append(job)
+    est.distinct += len(fresh)
     for job in asker.requests(fresh):
         if est.example is None:
             est.example = job.payload
@@ -209,63 +209,6 @@ def _failing(batch: InputBatch, i: int, renderer: Renderer, est: Estimate) -> No
         where = f"{err.file} row {err.row}" if err is not None and err.file else f"row id {batch.ids[i]}"
         message = err.message if err is not None else "cannot be rendered"
         est.examples.append(f"{where}: [{reason}] {message}")
-
-
-# -- what output.dir already holds ---------------------------------------------------------------------
-
-
-def _job_store(cfg: Config, est: Estimate) -> sqlite3.Connection | None:
-    """The job's store (read-only), when output.dir holds this same job (the input may have changed)."""
-    jobdir = JobDir(cfg.output.dir)
-    if not jobdir.path.exists():
-        est.notes.append(f"output.dir {jobdir.path} does not exist yet: a fresh run")
-        return None
-    known = jobdir.identity()
-    if known is not None and known.get("fingerprint") != cfg.request_fingerprint():
-        est.notes.append(f"output.dir {jobdir.path} holds a different job (endpoint, model, prompt, params or "
-                         "structured changed): the run will refuse it unless --force-new, which starts over "
-                         "(figures below)")
-        return None
-    return _open_readonly(jobdir.store_path)
-
-
-def _open_readonly(path: str) -> sqlite3.Connection | None:
-    if not os.path.exists(path):
-        return None
-    # Without a -wal file no run is writing, and `immutable` reads without creating -wal/-shm files;
-    # with one, a run is live (or died): plain read-only mode sees its latest commits.
-    mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
-    db = connect(path, mode)
-    migrations.refuse_newer(migrations.applied(db), MIGRATIONS, path)  # a newer store: not ours to read
-    return db
-
-
-def _meta(db: sqlite3.Connection, name: str) -> str | None:
-    row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-    return row[0] if row else None
-
-
-def _states(db: sqlite3.Connection | None, keys: Iterable[str]) -> dict[str, str]:
-    """key -> state for the keys a resume would not request again."""
-    if db is None:
-        return {}
-    unique = list(keys)
-    out: dict[str, str] = {}
-    for i in range(0, len(unique), 500):
-        chunk = unique[i:i + 500]
-        sql = f"SELECT key, state FROM responses WHERE key IN ({','.join('?' * len(chunk))})"
-        out.update((k, s) for k, s in db.execute(sql, chunk) if s in FINAL_STATES)
-    return out
-
-
-def _likely_output(store: sqlite3.Connection | None, cache: sqlite3.Connection | None) -> tuple[float | None, str]:
-    for db, where in ((store, "this job's output.dir"), (cache, "the shared cache")):
-        if db is None:
-            continue
-        n, mean = db.execute("SELECT count(*), avg(completion_tokens) FROM responses WHERE state = 'ok'").fetchone()
-        if n:
-            return float(mean), f"mean of {n:,} answers in {where}"
-    return None, "unknown until some rows are answered (run a sample first, e.g. --set input.path=sample.jsonl)"
 
 
 # -- cost and time ---------------------------------------------------------------------------------
@@ -347,8 +290,10 @@ def report(est: Estimate, cfg: Config) -> str:
         f"{r} {n:,}" for r, n in est.failing_by_reason.most_common()) if est.rows_failing else ""))
     for example in est.examples:
         add("", example)
-    same = est.rows_to_send - est.requests
+    same = est.rows_to_send - est.distinct
+    k = cfg.prompt.rows_per_request
     add("to send", f"{est.requests:,} requests for {est.rows_to_send:,} rows"
+        + (f" (packs of up to {k} rows)" if k > 1 else "")
         + (f" ({same:,} of them {'repeats' if same == 1 else 'repeat'} an identical request, sent once)"
            if same else ""))
     add("input tokens", f"{est.prompt_tokens:,} ({est.token_method}; "
@@ -398,22 +343,13 @@ def _cost_lines(est: Estimate, cfg: Config, add: Any) -> None:
     add("budget", f"${cap:g} (${spent:.4f} spent by earlier runs of this job, ${left:.4f} left): {verdict}")
 
 
-def spent_before(est: Estimate, cfg: Config) -> float:
-    """USD earlier runs of this job spent (what a resume's budget starts from)."""
-    store = _open_readonly(JobDir(cfg.output.dir).store_path) if est.rows_done_ok + est.rows_done_failed else None
-    if store is None:
-        return 0.0
-    try:
-        row = store.execute("SELECT coalesce(sum(cost_usd), 0) FROM responses WHERE cache_hit = 0").fetchone()
-        return float(row[0])
-    finally:
-        store.close()
-
-
 def _time_lines(est: Estimate, cfg: Config, add: Any) -> None:
     if cfg.run.mode == "batch":
-        add("time", f"{duration(cfg.batch.poll_interval_s)} .. 24h00m: the Batch API answers within its 24 h window "
-            "(often minutes to hours); its rate limits are the batch queue's, not limits.*")
+        windows = len(cfg.cascade or [None])
+        add("time", f"{duration(cfg.batch.poll_interval_s)} .. {duration(windows * 86400.0)}: the Batch API answers "
+            "within its 24 h window (often minutes to hours)" + (
+                f", one window per cascade stage ({windows}: a stage's rows go once the stage before has answered)"
+                if windows > 1 else "") + "; its rate limits are the batch queue's, not limits.*")
         return
     bounds = time_bounds(est, cfg)
     low = max(lo for lo, _ in bounds.values())

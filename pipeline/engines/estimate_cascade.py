@@ -5,7 +5,8 @@ also goes through every later stage (each at its own price, the same prompt and 
 once the first stage has answered some rows of this job: the share of its answers under its
 min_confidence (or failed) goes on, compounded stage by stage, with the likely output per request. The
 audit adds its share of the rows at the reference model's price (nothing where that model is a stage:
-those answers are shared). The budget verdict uses the range with these added.
+those answers are shared). In run.mode: batch every stage and the audit are priced at their batch rates,
+as their lines are charged. The budget verdict uses the range with these added.
 """
 from __future__ import annotations
 
@@ -56,13 +57,14 @@ def extra_cost(est: Estimate, cfg: Config) -> tuple[float | None, float] | None:
     votes = cfg.quality.samples_by_requests(cfg.endpoint.base_url)  # K requests a row and stage (quality.vote_by)
     likely: float | None = 0.0
     worst = 0.0
-    first = find_price(cfg, cfg.endpoint.model)
+    batch = cfg.run.mode == "batch"  # every stage's lines go through the Batch API: its prices
+    first = find_price(cfg, cfg.endpoint.model, batch=batch)
     if votes > 1 and first is not None:  # the first stage's other K-1 samples
         worst += (votes - 1) * (est.prompt_tokens * first.input_per_m / 1e6 + est.output_max * first.output_per_m / 1e6)
         likely = (votes - 1) * _likely(est, first.input_per_m, first.output_per_m) \
             if est.output_likely_per_request is not None else None
     for k, model in enumerate(later, start=1):
-        price = find_price(cfg, model)
+        price = find_price(cfg, model, batch=batch)
         if price is None:
             return None
         worst += votes * (est.prompt_tokens * price.input_per_m / 1e6 + est.output_max * price.output_per_m / 1e6)
@@ -71,7 +73,7 @@ def extra_cost(est: Estimate, cfg: Config) -> tuple[float | None, float] | None:
         else:
             likely = None
     for model, fraction in audited:
-        price = find_price(cfg, model)
+        price = find_price(cfg, model, batch=batch)
         if price is None:
             return None
         worst += fraction * (est.prompt_tokens * price.input_per_m / 1e6 + est.output_max * price.output_per_m / 1e6)

@@ -34,7 +34,8 @@ import orjson
 
 from ..config import Config
 from ..models.prices import find_price
-from .estimate import Estimate, cost_range, spent_before, time_bounds
+from .estimate import Estimate, cost_range, time_bounds
+from .estimate_store import spent_before
 
 _DATA_URL_SHOWN = 48  # characters of an image data URL kept in the printed example
 _TEXT_SHOWN = 4000    # a longer string value is cut, its length said

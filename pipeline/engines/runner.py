@@ -7,13 +7,11 @@ be reused as it is; each outcome batch becomes Parquet part files and a row in t
 at the end this input's parts are merged into results.parquet / failures.parquet, parts of batches the
 input no longer has are pruned and summary.json is written. Signals: engines/interrupt.py. Every
 invocation is one record in history.jsonl, with pipeline.log, metrics and alerts (ops/invocation.py).
-`run` is the sync wrapper and also works inside an already running event loop (Jupyter) by running the
-job on a private loop in a worker thread.
+The synchronous `run()` of the Python API, with its keyword overrides, is engines/api.py.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -23,8 +21,9 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple, Unpack, cast
+from typing import Any, NamedTuple, Unpack
 
+from ..common import lean
 from ..common.parts import drop_partial_parts
 from ..config import Config, day_note, load_config
 from ..core.context import RunContext, RunFlags, RunOptions
@@ -39,7 +38,6 @@ from ..ops.invocation import Invocation
 from ..prepare.prompts import Renderer
 from ..prepare.structured import StructuredPlan, plan_for
 from ..prepare.tokens import CALIBRATION_META, counter_for
-from ..read.frames import frame_file
 from ..read.reader import InputScan, Source
 from ..send.budget import MARKUP_META, Budget
 from ..send.limits import Limits
@@ -81,6 +79,7 @@ async def run_async(cfg: Config, *, schema: dict[str, Any] | None = None, transp
                                        force_new=options.force_new, schema=schema, quiet=options.quiet,
                                        config_path=options.config_path or cfg.source, overrides=options.overrides)
     check_local_output(cfg)
+    lean.keep_pandas_out()
     invocation = Invocation(cfg)
     try:
         summary = await _run_job(cfg, invocation, options, schema=schema, transport=transport, interrupt=interrupt)
@@ -349,85 +348,3 @@ def _summary(ctx: RunContext) -> Summary:
         structured={"mode": plan.mode, "notes": plan.notes, "fallbacks": plan.fallbacks} if plan else {},
         prompt_cache=prompt_cache_figures(cfg, store.cache_totals(), totals["prompt_tokens"], stats),
     )
-
-
-# The keywords of `run()` that are this invocation's flags (RunOptions); every other keyword overrides the config.
-_RUN_FLAGS = ("retry_failed", "force_new", "quiet", "no_wait", "cancel_batches")
-
-
-def run(config: str | os.PathLike[str] | dict[str, Any] | Config, *, schema: Any = None,
-        set: list[str] | None = None, **kwargs: Any) -> Summary:
-    """Run a job from a config path, dict or Config.
-
-    Flags: `retry_failed`, `force_new`, `quiet`, `no_wait`, `cancel_batches` (as on the command line).
-    Every other keyword overrides the config: dotted paths with `__` (`output__dir="/tmp/x"`) or section
-    dicts (`limits={"max_concurrency": 8}`); `set` takes `--set` items. A pydantic model class may be given
-    as `schema`, and the input as `input=` a polars/pandas DataFrame or an Arrow table (read/frames.py)
-    instead of `input.path`."""
-    flags = cast(RunFlags, {k: kwargs.pop(k) for k in _RUN_FLAGS if k in kwargs})  # RunFlags' keys only
-    data = kwargs.get("input")
-    if data is not None and not isinstance(data, dict):
-        with frame_file(data) as path:
-            return run(config, schema=schema, set=set, **flags, **{**kwargs, "input": {"path": path,
-                                                                                      "format": "parquet"}})
-    cfg, schema_dict = _run_config(config, schema, set, kwargs)
-    interrupt = Interrupt()
-
-    def coro_factory() -> Any:
-        return run_async(cfg, schema=schema_dict, interrupt=interrupt, **flags)
-    try:
-        asyncio.get_running_loop()
-        in_loop = True
-    except RuntimeError:
-        in_loop = False
-    if not in_loop:  # run outside the except block: a run's own error must not be chained to "no running loop"
-        return asyncio.run(coro_factory())  # Ctrl-C: KeyboardInterrupt, after the store is closed
-    return _run_beside_loop(coro_factory, interrupt)
-
-
-def _run_config(config: str | os.PathLike[str] | dict[str, Any] | Config, schema: Any, set: list[str] | None,
-                overrides: dict[str, Any]) -> tuple[Config, dict[str, Any] | None]:
-    """The config with the keyword overrides and --set items applied, and the schema given as an argument."""
-    flat: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
-        else:
-            flat[key.replace("__", ".")] = value
-    cfg = load_config(config if not isinstance(config, os.PathLike) else str(config), set or flat or None)
-    if set and flat:
-        cfg = load_config(cfg, flat)
-    schema_dict = None
-    if schema is not None:
-        from ..prepare.schema import from_pydantic
-        schema_dict = schema if isinstance(schema, dict) else from_pydantic(schema)
-        if cfg.structured is None:
-            cfg = load_config(cfg, {"structured.schema": schema_dict})
-    return cfg, schema_dict
-
-
-def _run_beside_loop(coro_factory: Callable[[], Any], interrupt: Interrupt) -> Summary:
-    """Inside a running loop (Jupyter): a private loop in a worker thread; block this cell until done."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as pool:
-        future = pool.submit(lambda: asyncio.run(coro_factory()))
-        while True:
-            try:
-                # Wake up now and then: a signal handled by another thread does not interrupt a blocked
-                # wait, and Python runs the KeyboardInterrupt handler only when this thread runs.
-                return future.result(timeout=0.2)
-            except concurrent.futures.TimeoutError:
-                continue
-            except KeyboardInterrupt:
-                # Interrupting the cell stops the job as Ctrl-C stops the CLI (a second time: at once) and
-                # returns its summary, instead of leaving it running behind the cell with the lock held.
-                interrupt.trigger_threadsafe()
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v and k not in ("schema", "headers", "extra", "simulator", "provider"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -69,7 +69,11 @@ def mode_price(cfg: Config) -> ModelPrice | None:
 def time_range(est: Estimate, cfg: Config) -> tuple[float, float, str]:
     """(seconds at least, at most, what decides it) for the run mode."""
     if cfg.run.mode == "batch":
-        return cfg.batch.poll_interval_s, BATCH_WINDOW_S, "the Batch API's 24 h window (often minutes to hours)"
+        # A cascade's stage waits for the one before: one window per stage (the audit goes with the first).
+        windows = len(cfg.cascade or [None])
+        return (cfg.batch.poll_interval_s, windows * BATCH_WINDOW_S,
+                "the Batch API's 24 h window (often minutes to hours)" + (
+                    f", one per cascade stage ({windows})" if windows > 1 else ""))
     bounds = time_bounds(est, cfg)
     slowest = max(bounds, key=lambda k: bounds[k][1])
     return max(lo for lo, _ in bounds.values()), max(hi for _, hi in bounds.values()), slowest

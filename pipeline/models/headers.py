@@ -2,12 +2,16 @@
 
 - OpenAI: `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, resets as Go durations ('6m0s').
 - OpenRouter: `X-RateLimit-Limit` / `-Remaining` / `-Reset`, the reset in epoch milliseconds.
+- Anthropic: `anthropic-ratelimit-{requests,input-tokens,output-tokens}-{limit,remaining,reset}`, per
+  minute, the reset an RFC 3339 time at which the bucket is full again. Its `-tokens-*` family is the
+  most restrictive of the input and output limits now in effect, not a limit of its own: not read.
 - Anyone: `Retry-After` (seconds or an HTTP date), `retry-after-ms`, an error's
   `metadata.headers` (OpenRouter relays the upstream's) or `availability.retry_after`, and
   "try again in 9.8s" in the message text.
 
 `rate_windows(headers)` is what the limiter learns from; `retry_after(...)` is how long the server
-asked us to wait, which the classifier attaches to the error it raises.
+asked us to wait, which the classifier attaches to the error it raises. Both take `now` (epoch seconds)
+for the headers that give a time rather than a duration; tests pass their own clock.
 """
 from __future__ import annotations
 
@@ -17,17 +21,22 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 _MINUTE = 60.0
 _TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)", re.IGNORECASE)
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_ANTHROPIC = "anthropic-ratelimit-"
+# Anthropic's windows by the limiter's names (limits.requests/input_tokens/output_tokens_per_minute).
+_ANTHROPIC_KINDS = {"requests": "requests", "input-tokens": "input_tokens", "output-tokens": "output_tokens"}
 
 
 @dataclass(frozen=True, slots=True)
 class RateWindow:
-    """One server-side limit as a reply reports it: `kind` is requests or tokens (per minute)."""
+    """One server-side limit as a reply reports it: `kind` is requests, tokens, input_tokens or
+    output_tokens (per minute)."""
 
     kind: str
     limit: float | None
@@ -36,12 +45,14 @@ class RateWindow:
     source: str = "openai"
 
 
-def rate_windows(headers: Mapping[str, str]) -> list[RateWindow]:
+def rate_windows(headers: Mapping[str, str], now: float | None = None) -> list[RateWindow]:
     """The limits a reply's headers report; empty (and cheap) when it has none."""
-    h = {k.lower(): v for k, v in headers.items() if k[:12].lower() == "x-ratelimit-"}
+    h = {k.lower(): v for k, v in headers.items()
+         if k[:12].lower() == "x-ratelimit-" or k[:20].lower() == _ANTHROPIC}
     if not h:
         return []
-    out = []
+    out = _anthropic_windows(h, time.time() if now is None else now) if any(
+        k.startswith(_ANTHROPIC) for k in h) else []
     for kind in ("requests", "tokens"):
         limit = _number(h.get(f"x-ratelimit-limit-{kind}"))
         remaining = _number(h.get(f"x-ratelimit-remaining-{kind}"))
@@ -50,26 +61,40 @@ def rate_windows(headers: Mapping[str, str]) -> list[RateWindow]:
             out.append(RateWindow(kind, limit, remaining, reset))
     limit = _number(h.get("x-ratelimit-limit"))
     reset_ms = _number(h.get("x-ratelimit-reset"))
-    if limit and reset_ms and 0 < reset_ms / 1000 - time.time() <= _MINUTE:
+    if limit and reset_ms and 0 < reset_ms / 1000 - (time.time() if now is None else now) <= _MINUTE:
         # OpenRouter reports a reset in epoch milliseconds; a window within a minute is requests/min.
         out.append(RateWindow("requests", limit, source="openrouter"))
     return out
 
 
-def retry_after(headers: Mapping[str, str], err: Mapping[str, Any] | None = None, message: str = "") -> float | None:
+def _anthropic_windows(h: Mapping[str, str], now: float) -> list[RateWindow]:
+    out = []
+    for name, kind in _ANTHROPIC_KINDS.items():
+        limit = _number(h.get(f"{_ANTHROPIC}{name}-limit"))
+        remaining = _number(h.get(f"{_ANTHROPIC}{name}-remaining"))
+        at = parse_rfc3339(h.get(f"{_ANTHROPIC}{name}-reset", ""))
+        reset = max(0.0, at - now) if at is not None else None
+        if limit or (remaining is not None and reset):
+            out.append(RateWindow(kind, limit, remaining, reset, source="anthropic"))
+    return out
+
+
+def retry_after(headers: Mapping[str, str], err: Mapping[str, Any] | None = None, message: str = "",
+                now: float | None = None) -> float | None:
     """Seconds the server asked us to wait, from whichever signal it gave; None if it gave none."""
+    now = time.time() if now is None else now
     h = {k.lower(): v for k, v in headers.items()}
     raw_meta = err.get("metadata") if err else None
     meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     if isinstance(meta.get("headers"), dict):
         h = {**{k.lower(): str(v) for k, v in meta["headers"].items()}, **h}
-    explicit = _explicit_wait(h)
+    explicit = _explicit_wait(h, now)
     if explicit is not None:
         return explicit
     avail = err.get("availability") if err else None
     if isinstance(avail, dict) and isinstance(avail.get("retry_after"), (int, float)):
         return float(avail["retry_after"])
-    reset = _reset_wait(h)
+    reset = _reset_wait(h, now)
     if reset is not None:
         return reset
     m = _TRY_AGAIN.search(message)
@@ -78,7 +103,7 @@ def retry_after(headers: Mapping[str, str], err: Mapping[str, Any] | None = None
     return None
 
 
-def _explicit_wait(h: Mapping[str, str]) -> float | None:
+def _explicit_wait(h: Mapping[str, str], now: float) -> float | None:
     """Retry-After (seconds or an HTTP date) and retry-after-ms, the latter first."""
     if "retry-after-ms" in h:
         try:
@@ -92,15 +117,16 @@ def _explicit_wait(h: Mapping[str, str]) -> float | None:
         except ValueError:
             parsed = email.utils.parsedate_to_datetime(value) if value else None
             if parsed is not None:
-                return max(0.0, parsed.timestamp() - time.time())
+                return max(0.0, parsed.timestamp() - now)
     return None
 
 
-def _reset_wait(h: Mapping[str, str]) -> float | None:
-    """An exhausted window's reset: OpenRouter's epoch milliseconds, else OpenAI's longest Go duration."""
+def _reset_wait(h: Mapping[str, str], now: float) -> float | None:
+    """An exhausted window's reset: OpenRouter's epoch milliseconds, else the longest of OpenAI's Go
+    durations and Anthropic's RFC 3339 times."""
     if h.get("x-ratelimit-remaining") == "0" and "x-ratelimit-reset" in h:
         try:
-            return max(0.0, float(h["x-ratelimit-reset"]) / 1000 - time.time())
+            return max(0.0, float(h["x-ratelimit-reset"]) / 1000 - now)
         except ValueError:
             pass
     waits = []
@@ -109,6 +135,11 @@ def _reset_wait(h: Mapping[str, str]) -> float | None:
             d = parse_go_duration(h[f"x-ratelimit-reset-{kind}"])
             if d is not None:
                 waits.append(d)
+    for name in _ANTHROPIC_KINDS:
+        if h.get(f"{_ANTHROPIC}{name}-remaining") == "0":
+            at = parse_rfc3339(h.get(f"{_ANTHROPIC}{name}-reset", ""))
+            if at is not None:
+                waits.append(max(0.0, at - now))
     return max(waits) if waits else None
 
 
@@ -132,3 +163,18 @@ def parse_go_duration(text: str) -> float | None:
         pos = m.end()
         total += float(m.group(1)) * _UNIT_S[m.group(2)]
     return total if pos and pos == len(text) else None
+
+
+def parse_rfc3339(text: str) -> float | None:
+    """Anthropic reset headers: '2025-08-21T12:40:59Z' (fractions and offsets too) -> epoch seconds; a time
+    without an offset is UTC; None if not such a time."""
+    text = text.strip()
+    if not text or not text[0].isdigit():
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()

@@ -26,7 +26,7 @@ alone. Tokens and cost of the pack are apportioned to its rows (`apportion`, doc
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -115,8 +115,8 @@ class RowBuilder(RequestBuilder):
     """Builds the rows that go into packs: their keys and bodies, without counting their tokens (each pack
     is counted as it is sent; counting every row alone as well would double the tokenizer's work)."""
 
-    def _request(self, rendered: RenderedRow, shaped: dict[str, Any], payload: bytes, key: str) -> Request:
-        return Request(key, payload, rendered.body, 0, rendered.max_tokens, 0, rendered.image_tokens,
+    def _request(self, rendered: RenderedRow, shaped: dict[str, Any], key: str) -> Request:
+        return Request(key, shaped, rendered.body, 0, rendered.max_tokens, 0, rendered.image_tokens,
                        self.plan.mode if self.plan is not None else None)
 
 
@@ -127,14 +127,22 @@ class PackRow:
     key: str          # the row's packed request key (its answer's key in the store)
     input: Any        # its own message content, as sent
     chars: int        # its share of the prompt: the length of its item in the rows list
-    request: Request  # the row as a request of its own (tokens, max_tokens)
+    # The row as a request of its own (tokens, max_tokens). None in a pack rebuilt from the batch ledger
+    # (`Pack.of_ledger`): batch mode renders a row again to ask it alone.
+    request: Request | None
 
 
 @dataclass(slots=True)
 class Pack:
-    request: Request
+    request: Request | None  # None when rebuilt from the batch ledger: its line is in the batch file
     rows: list[PackRow]
     shared_chars: int  # the prefix every row shares: apportioned evenly
+
+    @classmethod
+    def of_ledger(cls, rows: list[tuple[str, int]], shared_chars: int) -> Pack:
+        """What splitting and apportioning a pack's answer need, from what the batch ledger kept of it: its
+        rows' keys in pack order (ids "1".."K") and each row's share of the prompt."""
+        return cls(None, [PackRow(key, None, chars, None) for key, chars in rows], shared_chars)
 
 
 @dataclass(slots=True)
@@ -145,6 +153,7 @@ class Split:
     bad: dict[str, str]
     answer_chars: dict[str, int]
     unknown_ids: int = 0
+    missing: set[str] = field(default_factory=set)  # rows the answer has no item for (a subset of `bad`)
 
 
 def packed_key(key: str) -> str:
@@ -296,6 +305,7 @@ def split_answer(value: Any, pack: Pack, row_plan: StructuredPlan) -> Split:
         distinct = {orjson.dumps(a, option=orjson.OPT_SORT_KEYS) for a in answers if a is not _MISSING}
         if not answers:
             split.bad[key] = f"the packed answer has no item for this row (id {rid})"
+            split.missing.add(key)
         elif _MISSING in answers:
             split.bad[key] = f"the packed answer's item for this row (id {rid}) has no answer"
         elif len(distinct) > 1:

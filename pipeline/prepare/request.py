@@ -17,23 +17,22 @@ import hashlib
 from dataclasses import replace
 from typing import Any
 
-import orjson
-
 from ..errors import RowError
-from ..vocab import BuiltBatch, InputBatch, Request, RowFailure
+from ..vocab import BuiltBatch, InputBatch, Request, RowFailure, canonical
 from . import caching
 from .prompts import RenderedRow, Renderer
 from .structured import StructuredPlan
 from .tokens import TokenCounter
 
 
+def request_key(body: dict[str, Any], base_url: str) -> str:
+    """The request key: sha256 of base_url, newline, the canonical payload without its caching hints."""
+    return hashlib.sha256(base_url.encode() + b"\n" + canonical(caching.plain(body))).hexdigest()
+
+
 def payload_and_key(body: dict[str, Any], base_url: str) -> tuple[bytes, str]:
-    """The canonical payload (sent as is) and the request key: sha256 of base_url, newline, payload
-    without its caching hints."""
-    payload = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-    asked = caching.plain(body)
-    keyed = payload if asked is body else orjson.dumps(asked, option=orjson.OPT_SORT_KEYS)
-    return payload, hashlib.sha256(base_url.encode() + b"\n" + keyed).hexdigest()
+    """What a request built from this body sends (Request.payload) and the key its answer is stored under."""
+    return canonical(body), request_key(body, base_url)
 
 
 class RequestBuilder:
@@ -48,41 +47,36 @@ class RequestBuilder:
         self.shared_prefix: int | None = None
 
     def build(self, rendered: RenderedRow) -> Request:
-        shaped, payload, key = self._encode(rendered)
-        return self._request(rendered, shaped, payload, key)
+        shaped, key = self._encode(rendered)
+        return self._request(rendered, shaped, key)
 
-    def _encode(self, rendered: RenderedRow) -> tuple[dict[str, Any], bytes, str]:
+    def _encode(self, rendered: RenderedRow) -> tuple[dict[str, Any], str]:
         shaped = self.plan.shape(rendered.body) if self.plan is not None else rendered.body
-        payload, key = payload_and_key(shaped, self.base_url)
-        return shaped, payload, key
+        return shaped, request_key(shaped, self.base_url)
 
-    def _request(self, rendered: RenderedRow, shaped: dict[str, Any], payload: bytes, key: str) -> Request:
+    def _request(self, rendered: RenderedRow, shaped: dict[str, Any], key: str) -> Request:
         body = rendered.body
         # Counted on what is sent: shaping adds the schema (tools or system prompt).
         est = self.tokens.count(shaped, rendered.image_tokens)
         if self.shared_prefix is None:
             self.shared_prefix = min(est, self.tokens.count(caching.prefix_body(shaped, rendered.shared)))
-        return Request(key, payload, body, est, rendered.max_tokens, count_images(body), rendered.image_tokens,
+        return Request(key, shaped, body, est, rendered.max_tokens, count_images(body), rendered.image_tokens,
                        self.plan.mode if self.plan is not None else None)
 
     def reshape(self, request: Request) -> Request:
         """The same row asked the way the run asks now (the plan's current mode): a new key."""
         body = self._with_tokens(request)
         if self.plan is None:
-            payload, key = payload_and_key(body, self.base_url)
-            return replace(request, key=key, payload=payload)
+            return replace(request, key=request_key(body, self.base_url), shaped=body)
         shaped = self.plan.shape(body)
-        payload, key = payload_and_key(shaped, self.base_url)
-        return replace(request, key=key, payload=payload, mode=self.plan.mode,
+        return replace(request, key=request_key(shaped, self.base_url), shaped=shaped, mode=self.plan.mode,
                        est_prompt=self.tokens.count(shaped, request.image_tokens))
 
     def with_max_tokens(self, request: Request, max_tokens: int) -> Request:
         """A retry allowed a longer answer. The key stays: it is what the row looks its answer up by."""
         raised = replace(request, max_tokens=max_tokens)
         body = self._with_tokens(raised)
-        shaped = self.plan.shape(body) if self.plan is not None else body
-        payload, _ = payload_and_key(shaped, self.base_url)
-        return replace(raised, payload=payload)
+        return replace(raised, shaped=self.plan.shape(body) if self.plan is not None else body)
 
     @staticmethod
     def _with_tokens(request: Request) -> dict[str, Any]:
@@ -108,10 +102,10 @@ class RequestBuilder:
                 failures[i] = RowFailure("input", str(err))
                 continue
             # Identical rows are common (a resume, repeated texts): count only once per distinct request.
-            shaped, payload, key = self._encode(rendered)
+            shaped, key = self._encode(rendered)
             keys[i] = key
             if key not in requests:
-                requests[key] = self._request(rendered, shaped, payload, key)
+                requests[key] = self._request(rendered, shaped, key)
         return BuiltBatch(failures, keys, requests)
 
 

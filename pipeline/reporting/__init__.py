@@ -7,7 +7,7 @@
 
 Modules: data (read a folder), figures (the numbers, with polars), charts (Altair -> inline SVG),
 gold (gold labels: a carried column or the stored human labels), compare (agreement, confusion, gold
-scores), calibration (reliability, ECE, thresholds), examples (disagreements, samples, slices), inputs
+scores), calibration (reliability, ECE, thresholds), examples (disagreements, samples), slices (--by), inputs
 (a row's input text), markup / html / html_compare (the document), review and labelstudio (the human
 review loop), show (one row), status (where a job stands).
 The package is `reporting`, not `report`: `pipeline.report` is this module's `report()` function, and a

@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 
 from ..errors import UsageError
-from . import examples
+from . import examples, slices
 from .calibration import Calibration, calibrate
 from .data import RunData
 from .gold import Gold, column_gold, stored_gold
@@ -40,7 +40,8 @@ class Comparison:
     label_fields: list[str] = field(default_factory=list)   # enum / boolean fields: the labels read side by side
     disagreements: pl.DataFrame = field(default_factory=pl.DataFrame)
     samples: pl.DataFrame = field(default_factory=pl.DataFrame)
-    slices: pl.DataFrame = field(default_factory=pl.DataFrame)
+    slices: pl.DataFrame = field(default_factory=pl.DataFrame)   # slices.py: per value of --by, N beside each figure
+    slice_notes: list[str] = field(default_factory=list)         # how to read them (weighted gold, audit sample)
     by: str | None = None
     texts: dict[str, str] = field(default_factory=dict)       # row id -> input text, for the rows shown
 
@@ -224,10 +225,12 @@ def gold_scores(gold: pl.Series, pred: pl.Series, label: str, name: str, weight:
 
 def _rows_to_read(result: Comparison, runs: list[RunData], gold: Gold | None) -> None:
     fields = result.label_fields or ([result.gold_field] if result.gold_field else [])
-    frame = examples.wide(runs, fields, gold, result.by)
+    sliced = result.gold_field or (fields[0] if fields else None)
+    frame = examples.wide(runs, fields, gold, result.by, sliced)
     result.disagreements = examples.disagreements(frame, fields, len(runs))
     result.samples = examples.samples(frame)
-    result.slices = examples.slices(frame, result.labels, result.gold_field or (fields[0] if fields else None))
+    result.slices = slices.slices(frame, result.labels, sliced)
+    result.slice_notes = slices.notes(frame, sliced) if result.slices.height else []
     ids = set(result.disagreements.get_column("__id").to_list()) | set(result.samples.get_column("__id").to_list())
     for run in runs:  # the runs share an input; another run's config may still render what one cannot
         missing = ids - set(result.texts)

@@ -1,9 +1,11 @@
-"""Rows a reader looks at when comparing runs: where the runs disagree, a sample of rows side by side,
-and the runs' figures per slice of a carried column (`--by product`).
+"""Rows a reader looks at when comparing runs: where the runs disagree and a sample of rows side by side;
+the runs' figures per slice of a carried column (`--by product`) are slices.py's.
 
-All three work on one wide frame: the row id, each run's answer to every compared field (`<field>@<i>`
-for run i), each run's row confidence (`confidence@<i>`), the gold values and the --by column. Rows
-are matched by id across runs; a row some run did not answer shows a null there.
+All of them work on one wide frame: the row id, each run's answer to every compared field (`<field>@<i>`
+for run i), whether run i answered the row at all (`__answered@<i>`), each run's row confidence
+(`confidence@<i>`), its audit's agreement on the sliced field (`audit@<i>`, null for rows not audited),
+the gold values with each gold row's weight (`__weight`) and the --by column. Rows are matched by id
+across runs; a row some run did not answer shows a null there.
 """
 from __future__ import annotations
 
@@ -15,22 +17,26 @@ from .gold import Gold
 
 DISAGREEMENTS = 12
 SAMPLES = 10
-SLICES = 20
 SEED = 0
 
 
-def wide(runs: list[RunData], fields: list[str], gold: Gold | None, by: str | None) -> pl.DataFrame:
-    """One row per id answered by any run: answers per run, confidences, gold and the slice column."""
+def wide(runs: list[RunData], fields: list[str], gold: Gold | None, by: str | None,
+         audit_field: str | None = None) -> pl.DataFrame:
+    """One row per id answered by any run: answers per run, confidences, audits, gold and the slice column."""
     frame: pl.DataFrame | None = None
     for i, run in enumerate(runs):
         res = run.results
         if res.height == 0:
             continue
         out = run.outputs()
-        cols = [res.get_column(run.id_column).cast(pl.String).alias("__id")]
+        cols = [res.get_column(run.id_column).cast(pl.String).alias("__id"),
+                pl.Series(f"__answered@{i}", [True] * res.height, dtype=pl.Boolean)]
         cols += [out.get_column(f).cast(pl.String).alias(f"{f}@{i}") for f in fields if f in out.columns]
         if "confidence" in res.columns:
             cols.append(res.get_column("confidence").cast(pl.Float64).alias(f"confidence@{i}"))
+        audit = res.schema.get("audit_agrees")
+        if audit_field and isinstance(audit, pl.Struct) and audit_field in [f.name for f in audit.fields]:
+            cols.append(res.get_column("audit_agrees").struct.field(audit_field).cast(pl.Boolean).alias(f"audit@{i}"))
         if by is not None and (name := _by_column(run, by)) is not None:
             cols.append(res.get_column(name).cast(pl.String).alias(f"__by@{i}"))
         part = pl.DataFrame(cols)
@@ -44,8 +50,7 @@ def wide(runs: list[RunData], fields: list[str], gold: Gold | None, by: str | No
                              f"with input.columns: [{by}] (a re-run sends nothing new)")
         frame = frame.with_columns(pl.coalesce(bys).alias("__by")).drop(bys)
     if gold is not None:
-        frame = frame.join(gold.frame.drop("__weight").rename({f: f"gold:{f}" for f in gold.fields}), on="__id",
-                           how="left")
+        frame = frame.join(gold.frame.rename({f: f"gold:{f}" for f in gold.fields}), on="__id", how="left")
     return frame.sort("__id")
 
 
@@ -78,25 +83,3 @@ def samples(frame: pl.DataFrame, limit: int = SAMPLES) -> pl.DataFrame:
     if frame.height <= limit:
         return frame
     return frame.sample(n=limit, seed=SEED).sort("__id")
-
-
-def slices(frame: pl.DataFrame, labels: list[str], field: str | None, limit: int = SLICES) -> pl.DataFrame:
-    """Per value of the --by column: rows, and per run the accuracy against gold (when there is gold for
-    `field`) or the agreement with the first run, and the mean confidence."""
-    if "__by" not in frame.columns:
-        return pl.DataFrame()
-    aggs: list[pl.Expr] = [pl.len().alias("rows")]
-    gold = f"gold:{field}" if field else None
-    for i, label in enumerate(labels):
-        answer = f"{field}@{i}" if field else None
-        if gold and gold in frame.columns and answer in frame.columns:
-            ok = pl.when(pl.col(gold).is_not_null() & pl.col(answer).is_not_null()).then(pl.col(answer) == pl.col(gold))
-            aggs.append(ok.mean().alias(f"accuracy {label}"))
-        elif i > 0 and answer and answer in frame.columns and f"{field}@0" in frame.columns:
-            same = pl.when(pl.col(answer).is_not_null() & pl.col(f"{field}@0").is_not_null()).then(
-                pl.col(answer) == pl.col(f"{field}@0"))
-            aggs.append(same.mean().alias(f"agreement {label}"))
-        if f"confidence@{i}" in frame.columns:
-            aggs.append(pl.col(f"confidence@{i}").mean().alias(f"confidence {label}"))
-    return (frame.with_columns(pl.col("__by").fill_null("(null)")).group_by("__by").agg(aggs)
-            .sort(["rows", "__by"], descending=[True, False]).head(limit).rename({"__by": "slice"}))

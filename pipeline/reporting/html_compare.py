@@ -7,6 +7,7 @@ long run name wraps instead of being clipped by the SVG.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -37,7 +38,7 @@ def comparison_section(c: Comparison, runs: list[RunData]) -> str:
     if c.calibration:
         out.append(_calibration(c.calibration))
     if c.slices.height:
-        out.append(f"<h3 id=\"slices\">By {e(c.by)}</h3>" + table(c.slices, key="cmp.slices", key_column="slice"))
+        out.append(_slices(c))
     if c.samples.height:
         out.append(_rows_table(c, c.samples, "Sample rows", "cmp.sample"))
     if several:
@@ -186,6 +187,16 @@ def _calibration(cals: list[Calibration]) -> str:
                    + f"<div><span data-k=\"{e(k)}.ece\" data-v=\"{e('' if cal.ece is None else repr(cal.ece))}\"></span>"
                    + table(thresholds, key=f"{k}.thresholds", formats={c: pct for c in _SHARES}) + "</div></div>")
     return "".join(out)
+
+
+def _slices(c: Comparison) -> str:
+    """The slice table with the rows behind each figure, and how to read it."""
+    shares: dict[str, Callable[[Any], str]] = {
+        col: pct for col in c.slices.columns
+        if col == "share" or col.split(" ")[0] in ("accuracy", "agreement") or col.startswith("audit agreement")}
+    note = " ".join(["Rows: the slice's rows answered by any run; share: of all of them.", *c.slice_notes])
+    return (f"<h3 id=\"slices\">By {e(c.by)}</h3><p class=\"muted\">{e(note)}</p>"
+            + table(c.slices, key="cmp.slices", key_column="slice", formats=shares))
 
 
 def _agreement(c: Comparison) -> str:

@@ -144,7 +144,9 @@ def _matching_body(batch: Any, i: int, renderer: Any, plan: Any, cfg: Any, key: 
         rendered_key = keys[i]
         if rendered_key is None:
             return {"note": f"the row does not render: {getattr(outcomes[i], 'message', '')}", "verified": False}
-        job = jobs[rendered_key] if packer is None else packer.pack([jobs[rendered_key]]).request
+        sent = jobs[rendered_key] if packer is None else packer.pack([jobs[rendered_key]]).request
+        assert sent is not None  # a pack the packer built has its request
+        job = sent
         shown = {"method": "POST", "url": _url(cfg.endpoint.base_url),
                  "headers": {"Authorization": REDACTED, **cfg.endpoint.public_headers(),
                              **{name: "[redacted]" for name in cfg.endpoint.secret_headers}},

@@ -163,7 +163,8 @@ def batch_rows(store: Store) -> list[dict[str, Any]]:
     from ..batch.ledger import read_chunks
 
     return [{"chunk": c.chunk, "state": c.state, "batch_id": c.batch_id, "status": c.status, "lines": c.lines,
-             "completed": int(c.counts.get("completed") or 0), "failed": int(c.counts.get("failed") or 0)}
+             "completed": int(c.counts.get("completed") or 0), "failed": int(c.counts.get("failed") or 0),
+             "model": c.model}  # a cascade's stages and the audit have files of their own model
             for c in read_chunks(store) if c.state not in ("dropped", "split")]
 
 
@@ -208,8 +209,9 @@ def print_status(target: str, *, as_json: bool = False) -> int:
         for b in st["batches"]:
             # The provider names its batches and their status: shown on the terminal, never obeyed.
             batch_id, status = printable(str(b["batch_id"] or "-")), printable(str(b["status"] or b["state"]))
+            model = f" {printable(str(b['model']))}" if b.get("model") else ""
             print(f"  chunk {b['chunk']:>4}  {batch_id:<28} {status:<12} "
-                  f"{b['completed']:,}/{b['lines']:,} done, {b['failed']:,} failed ({b['state']})")
+                  f"{b['completed']:,}/{b['lines']:,} done, {b['failed']:,} failed ({b['state']}){model}")
     if not st["running"] and st["rows_pending"] and st["resume_command"]:
         print(f"resume     {st['resume_command']}")
     if st["last_runs"]:

@@ -15,6 +15,9 @@ Learning (`observe`, on every reply, `limits.adaptive`):
   where it settles; with a fixed window it spends exactly what is left by the reset.
 - OpenRouter `X-RateLimit-Limit/-Reset` (epoch ms) on its 429s: a limit whose window resets within a
   minute is taken as requests per minute (the free tier's 20/min).
+- Anthropic `anthropic-ratelimit-{requests,input-tokens,output-tokens}-*` (every reply, resets as RFC
+  3339 times): the same rules for requests, input tokens and output tokens per minute, each against
+  its own bucket (output reserved at max_tokens, so pacing by output is conservative).
 
 429s. A rate-limit answer pauses the whole client until the server's reset (`pause`, called by the
 retry loop with the server's wait); after the pause the requests bucket restarts empty, so traffic comes
@@ -35,7 +38,8 @@ import asyncio
 import logging
 import math
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Protocol
@@ -119,7 +123,7 @@ class Slot:
             if lim.output_tokens is not None:
                 await lim.output_tokens.take(self.est_out)
             if lim._pacing:
-                await lim._wait_pace(est)
+                await lim._wait_pace(est, self.est_in, self.est_out)
             if lim._resume_at:
                 await lim._wait_pause()  # a pause may have started while we waited for the buckets
         except BaseException:
@@ -134,8 +138,9 @@ class Slot:
 
 
 class Limits:
-    def __init__(self, cfg: LimitsConfig) -> None:
+    def __init__(self, cfg: LimitsConfig, *, wall_clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.wall_clock = wall_clock  # epoch seconds, for headers that give a time (Anthropic's resets)
         rpm, tpm = cfg.requests_per_minute, cfg.tokens_per_minute
         self.requests = Bucket(rpm, cfg.burst_s) if rpm else None
         self.tokens = Bucket(tpm, cfg.burst_s) if tpm else None
@@ -237,11 +242,15 @@ class Limits:
         """Learn the server's budget from OpenAI- or OpenRouter-style rate-limit headers (see module doc)."""
         if not self.cfg.adaptive or self.stopped:
             return
-        for w in rate_windows(headers):
+        for w in rate_windows(headers, self.wall_clock()):
             if w.limit:
                 self._learn(w.kind, w.limit, w.source)
             if w.remaining is not None and w.reset_s:
                 self._pace_from(w.kind, w.remaining, w.reset_s, w.limit or self.learned.get(w.kind))
+
+    def _bucket(self, kind: str) -> Bucket | None:
+        return {"requests": self.requests, "tokens": self.tokens, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens}.get(kind)
 
     def _learn(self, kind: str, limit: float, source: str) -> None:
         if self.learned.get(kind) != limit:
@@ -249,20 +258,17 @@ class Limits:
                      extra={"event": "limit_learned", "limit": f"{kind}_per_minute", "value": limit, "source": source})
         self.learned[kind] = limit
         target = limit * HEADROOM
-        bucket = self.requests if kind == "requests" else self.tokens
+        bucket = self._bucket(kind)
         if bucket is None:
             # The config left this limit open: the server's own is the ceiling now.
             bucket = Bucket(target, self.cfg.burst_s)
-            if kind == "requests":
-                self.requests = bucket
-            else:
-                self.tokens = bucket
+            setattr(self, kind, bucket)  # requests, tokens, input_tokens or output_tokens
         elif limit < bucket.per_minute:
             # Only a server limit below our own ceiling matters; at or above it our bucket already holds.
             bucket.set_rate(target)
 
     def _pace_from(self, kind: str, remaining: float, reset_s: float, limit: float | None) -> None:
-        bucket = self.requests if kind == "requests" else self.tokens
+        bucket = self._bucket(kind)
         ours = bucket.rate_per_s if bucket is not None else math.inf
         rate = max(remaining / reset_s, MIN_PACE * limit / _MINUTE) if limit else math.inf
         pacer = self._pacers.get(kind)
@@ -275,8 +281,9 @@ class Limits:
             pacer.pace(rate, reset_s)
         self._pacing = any(p.active for p in self._pacers.values())
 
-    async def _wait_pace(self, est_tokens: float) -> None:
-        for kind, amount in (("requests", 1.0), ("tokens", est_tokens)):
+    async def _wait_pace(self, est_tokens: float, est_in: float = 0.0, est_out: float = 0.0) -> None:
+        for kind, amount in (("requests", 1.0), ("tokens", est_tokens), ("input_tokens", est_in),
+                             ("output_tokens", est_out)):
             pacer = self._pacers.get(kind)
             if pacer is not None and pacer.active:
                 await pacer.take(amount)

@@ -229,29 +229,76 @@ class SSEParser:
         # `event`, `id` and `retry` carry nothing a chat completion needs.
 
 
-class _Assembler:
-    """Folds chat.completion.chunk events into the non-streaming body shape (choice 0 only).
-
-    An error event (OpenRouter's mid-stream error chunk with `finish_reason: "error"`, a vLLM/llama.cpp
-    `{"error":...}` event, the legacy `error:` field) is kept as the body's `error`, with whatever was
-    generated before it; a stream that stopped with neither a finish_reason nor [DONE] is `cut_off`.
-    Judging either is the classifier's job.
-    """
+class _Choice:
+    """One choice's pieces as its deltas arrive."""
 
     def __init__(self) -> None:
-        self.done = False
-        self.finished = False
-        self.got_token = False
-        self.err: dict[str, Any] | None = None
-        self.meta: dict[str, Any] = {}
         self.content: list[str] = []
         self.refusal: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
         self.native_finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
         self.logprobs: list[Any] = []
+
+    def delta(self, delta: dict[str, Any]) -> bool:
+        """Add one delta; True when it carried a token."""
+        got = False
+        for key, sink in (("content", self.content), ("refusal", self.refusal), ("reasoning", self.reasoning)):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                sink.append(text)
+                got = True
+        for tc in delta.get("tool_calls") or []:
+            got = True
+            slot = self.tool_calls.setdefault(tc.get("index", 0),
+                                              {"type": "function", "function": {"name": "", "arguments": ""}})
+            if tc.get("id"):
+                slot["id"] = tc["id"]
+            fn = tc.get("function") or {}
+            slot["function"]["name"] += fn.get("name") or ""
+            slot["function"]["arguments"] += fn.get("arguments") or ""
+        return got
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        if self.refusal:
+            message["refusal"] = "".join(self.refusal)
+        if self.reasoning:
+            message["reasoning"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return message
+
+    def result(self, index: int) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "message": self.message(), "finish_reason": self.finish_reason}
+        if self.native_finish_reason is not None:
+            choice["native_finish_reason"] = self.native_finish_reason
+        if self.logprobs:
+            choice["logprobs"] = {"content": self.logprobs}
+        return choice
+
+
+_MAX_CHOICES = 128  # OpenAI's limit on n; a larger index in an untrusted stream is ignored
+
+
+class _Assembler:
+    """Folds chat.completion.chunk events into the non-streaming body shape, one choice per `index` (n
+    samples for votes stream interleaved, each with its own finish_reason and logprobs).
+
+    An error event (OpenRouter's mid-stream error chunk with `finish_reason: "error"`, a vLLM/llama.cpp
+    `{"error":...}` event, the legacy `error:` field) is kept as the body's `error`, with whatever choice 0
+    generated before it; a stream that stopped with neither every choice's finish_reason nor [DONE] is
+    `cut_off`. Judging either is the classifier's job.
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+        self.got_token = False
+        self.err: dict[str, Any] | None = None
+        self.meta: dict[str, Any] = {}
+        self.choices: dict[int, _Choice] = {}
+        self.usage: dict[str, Any] | None = None
 
     def event(self, name: str, data: bytes) -> None:
         if name == "error":
@@ -278,63 +325,42 @@ class _Assembler:
         if obj.get("error"):
             self._error(obj)
         for choice in obj.get("choices") or []:
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue  # n > 1 is not something a labelling run asks for; keep choice 0 whole
-            self._delta(choice.get("delta") or {})
-            lp = choice.get("logprobs")
-            if isinstance(lp, dict) and lp.get("content"):
-                self.logprobs.extend(lp["content"])
+            index = choice.get("index", 0) if isinstance(choice, dict) else None
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < _MAX_CHOICES:
+                continue
+            slot = self.choices.setdefault(index, _Choice())
+            self.got_token |= slot.delta(choice.get("delta") or {})
+            lp = choice.get("logprobs")  # OpenAI: the tokens this chunk writes (the role chunk's list is empty)
+            if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+                slot.logprobs.extend(lp["content"])
             if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-                self.native_finish_reason = choice.get("native_finish_reason")
-                self.finished = True
+                slot.finish_reason = choice["finish_reason"]
+                slot.native_finish_reason = choice.get("native_finish_reason")
                 if choice["finish_reason"] == "error":
                     self._error(choice.get("error") or {"message": "the provider ended the stream with an error"})
 
-    def _delta(self, delta: dict[str, Any]) -> None:
-        for key, sink in (("content", self.content), ("refusal", self.refusal), ("reasoning", self.reasoning)):
-            text = delta.get(key)
-            if isinstance(text, str) and text:
-                sink.append(text)
-                self.got_token = True
-        for tc in delta.get("tool_calls") or []:
-            self.got_token = True
-            slot = self.tool_calls.setdefault(tc.get("index", 0),
-                                              {"type": "function", "function": {"name": "", "arguments": ""}})
-            if tc.get("id"):
-                slot["id"] = tc["id"]
-            fn = tc.get("function") or {}
-            slot["function"]["name"] += fn.get("name") or ""
-            slot["function"]["arguments"] += fn.get("arguments") or ""
+    @property
+    def finished(self) -> bool:
+        return bool(self.choices) and all(c.finish_reason for c in self.choices.values())
 
     @property
     def cut_off(self) -> bool:
         return self.err is None and not self.done and not self.finished
 
     def result(self) -> dict[str, Any]:
-        partial = "".join(self.content) or None
-        message: dict[str, Any] = {"role": "assistant", "content": partial}
-        if self.refusal:
-            message["refusal"] = "".join(self.refusal)
-        if self.reasoning:
-            message["reasoning"] = "".join(self.reasoning)
-        if self.tool_calls:
-            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
         body: dict[str, Any] = {**self.meta, "object": "chat.completion"}
         if self.err is not None or self.cut_off:
-            # Tokens generated before the end are billed: keep them (and only then a choice).
-            generated = partial or self.tool_calls or self.usage
+            # Tokens generated before the end are billed: keep choice 0's (and only then a choice).
+            first = self.choices.get(0, _Choice())
+            message = first.message()
+            generated = message["content"] or first.tool_calls or self.usage
             finish = "error" if self.err is not None else None
             body["choices"] = [{"index": 0, "message": message, "finish_reason": finish}] if generated else []
             if self.err is not None:
                 body["error"] = self.err
         else:
-            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": self.finish_reason}
-            if self.native_finish_reason is not None:
-                choice["native_finish_reason"] = self.native_finish_reason
-            if self.logprobs:
-                choice["logprobs"] = {"content": self.logprobs}
-            body["choices"] = [choice]
+            body["choices"] = [self.choices[i].result(i) for i in sorted(self.choices)] or [
+                _Choice().result(0)]
         if self.usage is not None:
             body["usage"] = self.usage
         return body

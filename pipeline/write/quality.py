@@ -23,6 +23,7 @@ from ..errors import EXIT_FAILED_ROWS, EXIT_OK, EXIT_QUALITY_GATE
 from .output import Summary
 
 Z95 = 1.959963984540054
+QUALITY_COLUMNS = ("confidence", "cascade_stage", "audit_agrees")  # what the figures read from the results
 
 
 def wilson(agree: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -37,9 +38,19 @@ def wilson(agree: int, n: int, z: float = Z95) -> tuple[float, float]:
 
 def quality_figures(job: Path, cfg: Config) -> dict[str, Any]:
     """The summary's `quality`: confidence, rows per cascade stage, the audit's agreement per field."""
-    if cfg.quality.confidence == "off" and not cfg.cascade and cfg.quality.audit is None:
+    if not quality_on(cfg):
         return {}
-    table = _results(job)
+    return figures_of(_results(job), cfg)
+
+
+def quality_on(cfg: Config) -> bool:
+    """The job measures its labels (confidence, a cascade or an audit): the summary gets `quality`."""
+    return cfg.quality.confidence != "off" or bool(cfg.cascade) or cfg.quality.audit is not None
+
+
+def figures_of(table: pa.Table | None, cfg: Config) -> dict[str, Any]:
+    """The summary's `quality` from the results' QUALITY_COLUMNS (any engine's: the local merged file, the
+    Ray parts); None: no results yet."""
     out: dict[str, Any] = {"confidence": cfg.quality.confidence}
     if table is None:
         return out
@@ -101,5 +112,5 @@ def _results(job: Path) -> pa.Table | None:
         return None
     with fh:
         pf = pq.ParquetFile(fh)
-        wanted = [c for c in ("confidence", "cascade_stage", "audit_agrees") if c in pf.schema_arrow.names]
+        wanted = [c for c in QUALITY_COLUMNS if c in pf.schema_arrow.names]
         return pf.read(columns=wanted)

@@ -181,3 +181,16 @@ def test_switches_for_servers_without_lists_a_failing_upload_and_deletes() -> No
         assert status == 500 and err["error"]["type"] == "server_error"
         assert sim.stats["batch"]["upload_attempts"] == 2 and sim.stats["batch"]["files_deleted"] == 1
     serve(SimConfig(batch={"list_files": False, "list_batches": False}), body)
+
+
+def test_batches_of_a_held_model_stay_in_progress_until_released() -> None:
+    async def body(sim: Simulator, url: str, session: aiohttp.ClientSession) -> None:
+        _, held = await create(session, url, line("h", model="strong"))
+        _, free = await create(session, url, line("f", model="weak"))
+        assert (await poll_until_done(session, url, free["id"]))[-1]["status"] == "completed"
+        for _ in range(10):
+            _, b = await call(session, "GET", f"{url}/batches/{held['id']}")
+            assert b["status"] in ("validating", "in_progress")
+        sim.batches.cfg.hold_models = []
+        assert (await poll_until_done(session, url, held["id"]))[-1]["status"] == "completed"
+    serve(SimConfig(batch={"hold_models": ["strong"]}), body)

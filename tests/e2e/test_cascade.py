@@ -108,9 +108,6 @@ def test_cascade_config_errors_name_the_key(tmp_path: Path) -> None:
         cfg = trust_job(tmp_path, 3, cascade=cascade, quality=quality)
         r = cli_in_process("run", str(write_config(tmp_path, cfg)))
         assert r.returncode == 2 and key in r.stderr, r.stderr
-    batch = trust_job(tmp_path, 3, run={"mode": "batch"})
-    r = cli_in_process("run", str(write_config(tmp_path, batch)))
-    assert r.returncode == 2 and "run.mode" in r.stderr and "cascade" in r.stderr
 
 
 def test_kill_9_in_the_second_stage_resumes_each_id_once_and_pays_no_first_stage_twice(tmp_path: Path) -> None:
@@ -238,5 +235,38 @@ def test_votes_as_separate_requests_for_endpoints_without_n(tmp_path: Path) -> N
     stored = store_rows(tmp_path / "out")
     assert res["cost_usd"].sum() == pytest.approx(sum(r["cost_usd"] for r in stored.values()), abs=1e-9)
     assert pipeline.run(cfg, quiet=True).requests_sent == 0  # every sample is an answer like any other
-    batch = cli_in_process("run", str(write_config(tmp_path, {**cfg, "run": {"mode": "batch"}})))
-    assert batch.returncode == 2 and "quality.vote_by: requests" in batch.stderr
+
+
+@pytest.mark.parametrize("quality", [{"confidence": "logprobs"}, {"confidence": "votes", "votes": 5},
+                                     {"confidence": "votes", "votes": 3, "vote_by": "requests"}],
+                         ids=["logprobs", "votes-n", "votes-requests"])
+def test_streamed_answers_give_the_same_confidences_and_labels_as_whole_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quality: dict[str, Any]) -> None:
+    """OpenAI streams logprobs per chunk (`choices[0].logprobs.content`) and n samples as interleaved
+    choices; assembled, they are the whole answer's, so `params.stream: true` changes neither a row's label
+    nor its confidence."""
+    monkeypatch.setenv(TEST_KEY_ENV, "sk-test")
+    sim = SimulatorThread(SimConfig(flavor="openai", accuracy=ACCURACY, log_limit=0, stream_chunk_chars=(1, 4)))
+    sim.start()
+    try:
+        frames = []
+        for stream in (False, True):
+            (tmp_path / str(stream)).mkdir()
+            cfg = sim_job(tmp_path / str(stream), sim, 40, structured={"schema": SCHEMA, "mode": "json_schema"},
+                          quality=quality, run={"progress": False})
+            cfg["endpoint"]["model"] = "weak"
+            cfg["params"] = {"stream": stream}
+            if quality["confidence"] == "logprobs":
+                cfg["params"]["top_logprobs"] = 3   # quality.confidence asks for the logprobs themselves
+            summary = pipeline.run(cfg, quiet=True)
+            assert summary.exit_code == 0 and summary.requests_sent == 40 * quality.get("votes", 1) ** (
+                quality.get("vote_by") == "requests")
+            frames.append(assert_each_id_once(tmp_path / str(stream) / "out", 40).sort("rid"))
+    finally:
+        sim.stop()
+    whole, streamed = frames
+    assert "ttft_s" in streamed.columns and "ttft_s" not in whole.columns  # it really streamed
+    assert streamed["confidence"].null_count() == 0 and whole["confidence"].min() < 0.9
+    for column in ("output", "content", "confidence", "confidence_by_field", "completion_tokens", "logprobs"):
+        if column in whole.columns:
+            assert streamed[column].to_list() == whole[column].to_list(), column

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.engines import runner
+from pipeline.engines import api, runner
 from pipeline.errors import InternalError
 from pipeline.state.store import Store
 from tests.conftest import REPO, job, write_rows
@@ -128,7 +128,7 @@ def test_an_unexpected_exception_exits_70_and_loses_nothing(bug: type[Exception]
     assert db.execute("SELECT count(*) FROM responses WHERE state = 'ok'").fetchone()[0] == 6
     db.close()
     monkeypatch.undo()
-    summary = runner.run(cfg)
+    summary = api.run(cfg)
     assert summary.exit_code == 0 and summary.requests_sent == 0 and summary.succeeded == 6
 
 
@@ -238,7 +238,7 @@ def test_outputs_inside_the_input_folder_are_not_read_back(pattern: str, out: st
     pq.write_table(pa.Table.from_pylist(rows), data / "reviews.parquet")
     cfg = job(tmp_path, 0, input={"path": pattern.format(data=data)}, output={"dir": out.format(data=data)})
     for _ in range(2):
-        summary = runner.run(cfg)
+        summary = api.run(cfg)
         assert summary.exit_code == 0 and summary.rows_total == 8
     assert summary.requests_sent == 0  # the second run resumed: same input, nothing new
 
@@ -248,7 +248,7 @@ def test_a_damaged_part_file_is_named_and_costs_nothing_to_rebuild(tmp_path: Pat
     # Parts are named after their batch's content and reused unread: the damage is found by the footer
     # check before reuse, named, and the batch rebuilt from the store (no request) over the damaged file.
     cfg = job(tmp_path, 6)
-    assert runner.run(cfg).exit_code == 0
+    assert api.run(cfg).exit_code == 0
     (part,) = (tmp_path / "out" / "parts").glob("*.r.parquet")
     good = pq.read_table(part)
     part.write_bytes(b"PAR1 garbage, not a footer")  # a shared folder: anyone may have written it
@@ -262,5 +262,5 @@ def test_a_damaged_part_file_is_named_and_costs_nothing_to_rebuild(tmp_path: Pat
     assert rebuilt.select(["rid", "completion_tokens"]).equals(good.select(["rid", "completion_tokens"]))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["succeeded"], summary["requests_sent"]) == (6, 0)
-    again = runner.run(cfg)
+    again = api.run(cfg)
     assert (again.exit_code, again.succeeded, again.requests_sent) == (0, 6, 0)

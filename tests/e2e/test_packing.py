@@ -156,7 +156,6 @@ def test_resume_dedup_cache_and_a_grown_input_with_packs(tmp_path: Path) -> None
 @pytest.mark.parametrize("change, named", [
     ({"structured": None}, "structured.schema"),
     ({"prompt": {"images": ["photo"]}}, "prompt.images"),
-    ({"run": {"mode": "batch"}}, "run.mode"),
 ])
 def test_combinations_packs_cannot_serve_are_config_errors(tmp_path: Path, change: dict[str, Any],
                                                            named: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 import pipeline
 from pipeline.config import load_config
-from pipeline.engines.estimate import cost_range, dry_run, estimate, time_bounds
+from pipeline.engines.estimate import cost_range, dry_run, estimate, report, time_bounds
 from pipeline_simulator import SimConfig, SimulatorThread
 from tests.conftest import job
 from tests.support import cli_in_process
@@ -170,6 +170,10 @@ def test_packed_rows_are_estimated_as_the_packs_the_run_sends(tmp_path: Path) ->
     packed = estimate(load_config(packed_cfg))
     assert (one.requests, packed.requests) == (10, 3) and packed.rows_to_send == 10
     assert packed.prompt_tokens < one.prompt_tokens  # the instructions and schema once per pack
+    # Packing is not repetition: no row repeats another here.
+    assert "3 requests for 10 rows (packs of up to 4 rows)\n" in report(packed, load_config(packed_cfg))
+    batch = estimate(load_config({**packed_cfg, "run": {"mode": "batch", "progress": False}}))
+    assert batch.requests == 3 and batch.prompt_tokens == packed.prompt_tokens  # one Batch API line a pack
     assert b'{\\"rows\\":[{' in (packed.example or b"")  # the rows, as JSON in the last message
     s = pipeline.run(packed_cfg, quiet=True)
     assert s.exit_code == 0 and s.requests_sent == 3

@@ -102,7 +102,7 @@ def test_the_budget_is_one_for_all_workers_and_a_dead_workers_reservations_count
     async def scenario() -> None:
         now = [100.0]
         persisted: list[float] = []
-        b = JobBudget(1.0, 0.25, clock=lambda: now[0], persist=persisted.append)
+        b = JobBudget(1.0, 0.25, clock=lambda: now[0], persist=lambda ceiling, _: persisted.append(ceiling))
         for w in ("a", "b", "c"):
             b.hello(w, "1")
         assert [await b.reserve(w, 0.2) for w in ("a", "b", "c")] == ["ok", "ok", "ok"]  # 0.25 + 0.6 <= 1
@@ -132,11 +132,14 @@ def test_more_workers_than_slots_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_ray_engine_with_packs_same_labels_as_local_and_resumes(tmp_path: Path, ray_local: Any) -> None:
-    """prompt.rows_per_request on Ray: packs through the same core; rows land once, typed as locally."""
+    """prompt.rows_per_request on Ray: packs through the same core; rows land once, typed as locally, with
+    each row's confidence measured on its own part of the packed answer as locally."""
+    sure = {"accuracy": {"openai/gpt-4-turbo": 0.8}}
     local = job(tmp_path, rows=40, input={"batch_size": 20}, prompt={"rows_per_request": 8},
-                output={"dir": str(tmp_path / "local")}, sim={"seed": 3})
+                output={"dir": str(tmp_path / "local")}, sim={"seed": 3, **sure}, quality={"confidence": "logprobs"})
     on_ray = job(tmp_path, rows=40, input={"batch_size": 20}, prompt={"rows_per_request": 8},
-                 run={"engine": "ray", "workers": 2}, sim={"rate_500": 0.1, "seed": 3})
+                 run={"engine": "ray", "workers": 2}, sim={"rate_500": 0.1, "seed": 3, **sure},
+                 quality={"confidence": "logprobs"})
     summary = pipeline.run(on_ray, quiet=True)
     assert summary.exit_code == 0 and summary.succeeded == 40, summary
     assert summary.requests_sent <= 8 + 40 * 0.5  # packs of 8 (and retries of the 500s), never one by one
@@ -144,7 +147,43 @@ def test_ray_engine_with_packs_same_labels_as_local_and_resumes(tmp_path: Path, 
     ray_rows = _read(str(tmp_path / "out" / "results.parquet"))
     local_rows = _read(str(tmp_path / "local" / "results.parquet"))
     assert ray_rows.schema == local_rows.schema
-    by_id = {r["rid"]: r["output"] for r in local_rows.to_pylist()}
-    assert {r["rid"]: r["output"] for r in ray_rows.to_pylist()} == by_id
+    by_id = {r["rid"]: (r["output"], r["confidence"]) for r in local_rows.to_pylist()}
+    assert {r["rid"]: (r["output"], r["confidence"]) for r in ray_rows.to_pylist()} == by_id
+    assert all(c is not None for _, c in by_id.values()) and min(c for _, c in by_id.values()) < 0.9
     again = pipeline.run(on_ray, quiet=True)
     assert again.requests_sent == 0 and again.resumed_rows == 40 and again.succeeded == 40
+
+
+def test_the_job_budget_reserves_at_the_learned_markup_and_persists_it() -> None:
+    import asyncio
+
+    from pipeline.engines.ray.budget import JobBudget
+
+    async def scenario() -> None:
+        persisted: list[tuple[float, str]] = []
+        b = JobBudget(1.0, 0.0, persist=lambda ceiling, learned: persisted.append((ceiling, learned)))
+        assert b.markup == 1.0
+        await b.learn(0.010, 0.001)  # the endpoint billed 10x what the table prices the answer at
+        assert b.markup == 10.0 and persisted[-1][1] == "0.01 0.001"  # kept at once, not only at the end
+        await b.learn(0.0101, 0.001)  # moved by under 1%: not worth a write
+        assert len(persisted) == 1
+        resumed = JobBudget(1.0, 0.5, learned=b.rate.learned())  # the next run's actor
+        assert abs(resumed.markup - 10.05) < 1e-9 and resumed.state()["learned"] == b.rate.learned()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_killed_uploads_leftover_is_swept_and_parts_are_kept(tmp_path: Path, s3_bucket: str, where: str) -> None:
+    from pipeline.config import load_config
+    from pipeline.engines.ray.plan import RayJob
+    out = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/job"
+    cfg = load_config(job(tmp_path, rows=3, output={"dir": out}, run={"engine": "ray"}))
+    names = ["results.parquet/part-00aa.parquet", "failures.parquet/part-00aa.parquet",
+             "results.parquet/.tmp-1f2e-part-00bb.parquet", "results.parquet/.part-00bb.parquet.9c1d.tmp",
+             "failures.parquet/.tmp-77aa-part-00bb.parquet"]
+    for name in names:
+        storage.write_bytes(storage.join(out, name), b"x", root=out if where == "local" else None)
+    RayJob(cfg).sweep()
+    left = sorted(u.rsplit("/", 2)[-2] + "/" + u.rsplit("/", 1)[-1] for u in storage.list_files(out))
+    assert left == sorted(names[:2])

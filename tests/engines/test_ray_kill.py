@@ -72,7 +72,8 @@ def _kill_a_worker(ray: Any, out: str) -> None:
 
 def _check(out: str, stats: dict[str, Any], rows: int, kills: int) -> int:
     ids = _read_ids(f"{out}/results.parquet")
-    assert len(ids) == rows and len(set(ids)) == rows          # every row exactly once
+    listing = storage.list_files(f"{out}/results.parquet")
+    assert len(ids) == rows and len(set(ids)) == rows, listing  # every row exactly once
     assert _read_ids(f"{out}/failures.parquet") == []
     paid_twice = sum(n - 1 for n in stats["served_by_body"].values() if n > 1)
     # In flight at each kill: a request holds its slot until its answer is committed, so a killed worker

@@ -171,7 +171,7 @@ def test_conditional_put_is_signed_like_botocore() -> None:
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    from pipeline.engines.ray.conditional import sign_v4
+    from pipeline.engines.ray.conditional import SigningKey, sign_v4
     data = b'{"holder":"x"}'
     creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "token")
     req = AWSRequest(method="PUT", url="http://127.0.0.1:9/bucket/job/_lease/000000000001.json", data=data,
@@ -181,5 +181,5 @@ def test_conditional_put_is_signed_like_botocore() -> None:
     headers = {"host": "127.0.0.1:9", "if-none-match": "*", "x-amz-content-sha256": hashlib.sha256(data).hexdigest(),
                "x-amz-date": req.headers["X-Amz-Date"], "x-amz-security-token": "token"}
     mine = sign_v4("PUT", "/bucket/job/_lease/000000000001.json", "", headers, headers["x-amz-content-sha256"],
-                   "us-east-1", "s3", creds.access_key, creds.secret_key, now)
+                   SigningKey(creds.access_key, creds.secret_key, "us-east-1", "s3"), now)
     assert mine == req.headers["Authorization"]

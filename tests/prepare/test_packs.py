@@ -130,7 +130,7 @@ def test_the_templates_fixed_start_travels_once_before_the_rows_with_its_cache_m
     assert [r["input"] for r in orjson.loads(last["content"])["rows"]] == ["one", "two", "three"]
     # With a breakpoint-style cache mark on the rows' shared text, the shared message carries it.
     mark = {"type": "ephemeral"}
-    marked = [Request(r.key, r.payload, {**r.body, "messages": [*r.body["messages"][:-1], {"role": "user", "content": [
+    marked = [Request(r.key, r.shaped, {**r.body, "messages": [*r.body["messages"][:-1], {"role": "user", "content": [
         {"type": "text", "text": "Review: ", "cache_control": mark},
         {"type": "text", "text": r.body["messages"][-1]["content"][len("Review: "):]}]}]}, r.est_prompt, r.max_tokens)
         for r in rows]

@@ -236,3 +236,16 @@ def test_batch_size_defaults_small_when_images_are_sent(tmp_path: Path) -> None:
     assert load_config(cfg).input.batch_size == IMAGE_BATCH_SIZE
     cfg["input"]["batch_size"] = 10
     assert load_config(cfg).input.batch_size == 10
+
+
+def test_top_logprobs_alone_is_enough_when_the_confidence_asks_for_logprobs(tmp_path: Path) -> None:
+    """quality.confidence: logprobs sets logprobs: true itself, at params.top_logprobs when given; without
+    it (or when tool mode falls back to votes) a top_logprobs alone would be refused by the endpoint."""
+    schema = {"type": "object", "properties": {"s": {"type": "string", "enum": ["a", "b"]}}, "required": ["s"]}
+    cfg = load_config(job(tmp_path, 1, params={"top_logprobs": 3}, quality={"confidence": "logprobs"},
+                          structured={"schema": schema, "mode": "json_schema"}))
+    assert cfg.quality.body_fields(cfg.params.model_dump(exclude_none=True), cfg.endpoint.base_url) == {
+        "logprobs": True, "top_logprobs": 3}
+    for extra in ({}, {"quality": {"confidence": "logprobs"}, "structured": {"schema": schema, "mode": "tool"}}):
+        with pytest.raises(ConfigError, match=r"params.top_logprobs: top_logprobs requires params.logprobs: true"):
+            load_config(job(tmp_path, 1, params={"top_logprobs": 3}, **extra))

@@ -164,3 +164,38 @@ def test_bad_endings_of_a_stream_are_transient_errors() -> None:
     extra = STREAM.replace(b"data: [DONE]", orjson.dumps({"choices": [{"index": 1, "delta": {"content": "X"}}]})
                            + b"\n\ndata: [DONE]")
     assert assemble(extra)["choices"][0]["message"]["content"] == "Hello"
+
+
+def test_assembler_puts_each_chunks_logprobs_together_in_order() -> None:
+    """OpenAI's shape: the role chunk an empty list, one token per content chunk, null on the last chunk;
+    a `logprobs.content` that is not a list (an untrusted server) adds nothing."""
+    def token(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []}
+    tokens = [token('{"', 0.0), token("sent", -0.01), token('":"', 0.0), token("pos", -0.4), token('"}', 0.0)]
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": {"content": [], "refusal": None}, "finish_reason": None}]}]
+    chunks += [{"choices": [{"index": 0, "delta": {"content": t["token"]}, "logprobs": {"content": [t], "refusal": None},
+                             "finish_reason": None}]} for t in tokens]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "logprobs": {"content": "garbage"}, "finish_reason": None}]})
+    chunks.append({"choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+    body = assemble(b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n")
+    choice = body["choices"][0]
+    assert choice["message"]["content"] == '{"sent":"pos"}'
+    assert choice["logprobs"] == {"content": tokens}
+
+
+def test_assembler_keeps_each_of_n_interleaved_choices() -> None:
+    """n samples (votes) stream as chunks of several `index`es, interleaved; each choice is put together
+    on its own, and the stream is whole only once every choice has its finish_reason."""
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"choices": [{"index": index, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+    events = [chunk(0, {"role": "assistant", "content": ""}), chunk(1, {"role": "assistant", "content": ""}),
+              chunk(0, {"content": '{"a":'}), chunk(1, {"content": '{"a":'}), chunk(1, {"content": "2}"}),
+              chunk(0, {"content": "1}"}), chunk(1, {}, "stop"), chunk(0, {}, "length")]
+    body = assemble(b"".join(events) + b"data: [DONE]\n\n")
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, '{"a":1}', "length"), (1, '{"a":2}', "stop")]
+    with pytest.raises(TransientError, match="without a finish_reason"):
+        assemble(b"".join(events[:-1]))   # choice 0 never finished and no [DONE]
+    hostile = chunk(10**9, {"content": "x"}) + b'data: {"choices":[{"index":true,"delta":{"content":"y"}}]}\n\n'
+    assert len(assemble(b"".join(events) + hostile + b"data: [DONE]\n\n")["choices"]) == 2

@@ -100,3 +100,55 @@ def test_n_samples_are_drawn_at_temperature_and_counted_in_usage() -> None:
         assert len({c["message"]["content"] for c in b["choices"]}) == 1
     sampled = answers("weak", 40, n=9, temperature=1.0)
     assert any(len({c["message"]["content"] for c in b["choices"]}) > 1 for _, b in sampled)
+
+
+def test_a_streamed_answer_carries_the_same_logprobs_one_token_per_chunk() -> None:
+    """As OpenAI streams them: the role chunk an empty `logprobs.content`, each content chunk the one token
+    it writes, the final chunk null; put together they are the non-streamed answer's, and so is the
+    confidence read from them."""
+    fields = choice_fields(SCHEMA)
+
+    async def run(_sim: Simulator, url: str, session: aiohttp.ClientSession) -> None:
+        for i in range(12):
+            body = ask("weak", f"review {i}: it broke", logprobs=True, top_logprobs=3)
+            whole = (await post(session, url, body))["choices"][0]
+            async with session.post(f"{url}/chat/completions", json={**body, "stream": True},
+                                    headers={"Authorization": "Bearer k"}) as r:
+                text = (await r.read()).decode()
+            chunks = [orjson.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
+            choices = [c["choices"][0] for c in chunks if c["choices"]]
+            assert choices[0]["logprobs"] == {"content": [], "refusal": None}
+            assert choices[-1]["finish_reason"] == "stop" and choices[-1]["logprobs"] is None
+            tokens = []
+            for choice in choices[1:-1]:
+                [token] = choice["logprobs"]["content"]
+                assert choice["delta"] == {"content": token["token"]} and choice["logprobs"]["refusal"] is None
+                tokens.append(token)
+            assert tokens == whole["logprobs"]["content"]
+            content = "".join(t["token"] for t in tokens)
+            assert content == whole["message"]["content"]
+            value = orjson.loads(content)
+            assert logprob_confidence(tokens, value, fields) == \
+                logprob_confidence(whole["logprobs"]["content"], value, fields)
+    serve(SimConfig(flavor="openai", accuracy={"weak": 0.8}), run)
+
+
+def test_n_streamed_samples_are_the_whole_answers_samples_each_under_its_index() -> None:
+    async def run(_sim: Simulator, url: str, session: aiohttp.ClientSession) -> None:
+        varied = 0
+        for i in range(8):
+            body = ask("weak", f"review {i}: it broke twice", n=5, temperature=1.0)
+            whole = [c["message"]["content"] for c in (await post(session, url, body))["choices"]]
+            async with session.post(f"{url}/chat/completions", json={**body, "stream": True},
+                                    headers={"Authorization": "Bearer k"}) as r:
+                text = (await r.read()).decode()
+            chunks = [orjson.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
+            choices = [ch for c in chunks for ch in c["choices"]]
+            indexes = [ch["index"] for ch in choices]
+            assert sorted(set(indexes)) == list(range(5)) and indexes != sorted(indexes)  # interleaved
+            assert sorted(ch["index"] for ch in choices if ch["finish_reason"] == "stop") == list(range(5))
+            assert ["".join(ch["delta"].get("content") or "" for ch in choices if ch["index"] == k)
+                    for k in range(5)] == whole
+            varied += len(set(whole)) > 1
+        assert varied > 0  # the samples are draws, and each keeps its own index
+    serve(SimConfig(flavor="openai", accuracy={"weak": 0.6}), run)

@@ -225,7 +225,7 @@ def test_openai_sdk_types_accept_bodies_and_chunks(flavor: str) -> None:
     tool = {"type": "function", "function": {"name": "label", "parameters": SCHEMA}}
     async def check(sim: Simulator, url: str, s: aiohttp.ClientSession) -> None:
         variants = [body(), body(tools=[tool], tool_choice="required", stream_options={"include_usage": True}),
-                    body(max_tokens=3)]
+                    body(max_tokens=3), body(logprobs=True, top_logprobs=2), body(n=3, temperature=1.0)]
         for payload in variants:
             _, _, plain = await raw_stream(s, url, {**payload, "stream": False})
             completion = openai_types.ChatCompletion.model_validate(json.loads(b"".join(plain)))

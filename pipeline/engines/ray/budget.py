@@ -13,6 +13,11 @@ Persisted: before the actor grants beyond what `_journal/_budget.json` records, 
 ceiling (spent + reserved + a chunk of 2% of the cap), so an actor that Ray restarts, or a driver that
 runs after one that died, starts from at least what was spent; at a clean end the driver writes the
 exact figure. A crash therefore costs at most one chunk of budget (unspent), never an overshoot.
+
+The worst case is the table's, times the endpoint's markup (send/budget.py): the actor learns it from
+every worker's answers (usage.cost against the table's price, sent with each settle), reserves at it for
+all workers, and keeps its sums in the same file (`markup`, written when it moves by more than 1% and
+at the end), so a resumed run reserves at the endpoint's rate from its first request.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import orjson
 
 from ...errors import BudgetExceeded, Stopped
 from ...read import storage
+from ...send.budget import Budget
 
 BUDGET_FILE = "_budget.json"      # under <output.dir>/_journal/
 DEAD_S = 5.0                      # a worker silent this long (it polls every 0.25 s) is taken for dead
@@ -38,18 +44,28 @@ def budget_uri(root: str) -> str:
     return storage.join(root, "_journal", BUDGET_FILE)
 
 
+def read_budget(root: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """`_budget.json` as written ({} when there is none, or it cannot be read)."""
+    try:
+        value = orjson.loads(storage.read_bytes(budget_uri(root), options))
+    except (FileNotFoundError, OSError, orjson.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def read_spent(root: str, options: dict[str, Any] | None) -> float | None:
     """What the job's budget has counted as spent so far (None: nothing recorded yet)."""
-    try:
-        value = orjson.loads(storage.read_bytes(budget_uri(root), options)).get("spent")
-    except (FileNotFoundError, OSError, orjson.JSONDecodeError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) else None
+    value = read_budget(root, options).get("spent")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def write_spent(root: str, options: dict[str, Any] | None, spent: float, *, exact: bool) -> None:
-    storage.write_bytes(budget_uri(root), orjson.dumps({"spent": spent, "exact": exact, "at": time.time()}),
-                        options, root=root)
+def write_spent(root: str, options: dict[str, Any] | None, spent: float, *, exact: bool,
+                learned: str | None = None) -> None:
+    """`learned`: the endpoint's markup sums (send.budget.Budget.learned), kept for the next run."""
+    body: dict[str, Any] = {"spent": spent, "exact": exact, "at": time.time()}
+    if learned is not None:
+        body["markup"] = learned
+    storage.write_bytes(budget_uri(root), orjson.dumps(body), options, root=root)
 
 
 @dataclass
@@ -64,13 +80,28 @@ class JobBudget:
     """The actor's side: spent and reserved for the whole job, per worker (to find dead ones)."""
 
     def __init__(self, cap: float, spent: float, *, clock: Callable[[], float] = time.time,
-                 persist: Callable[[float], None] | None = None, dead_after_s: float = DEAD_S) -> None:
+                 persist: Callable[[float, str], None] | None = None, dead_after_s: float = DEAD_S,
+                 learned: str | None = None) -> None:
         self.cap, self.spent, self.clock = cap, spent, clock
         self.persist, self.dead_after_s = persist, dead_after_s
         self.ceiling = spent  # what the persisted file holds (at least)
         self.workers: dict[str, _Worker] = {}
         self.lost = 0.0
         self._changed = asyncio.Event()
+        # The endpoint's markup over the price table, learned from every worker's answers (the local
+        # budget's arithmetic; only its markup is used here), starting from what earlier runs learned.
+        self.rate = Budget(None)
+        self.rate.seed(learned)
+
+    @property
+    def markup(self) -> float:
+        return self.rate.markup
+
+    async def learn(self, reported: float, table: float) -> None:
+        """What the endpoint charged for answers the table prices at `table`; a markup that moved is
+        persisted at once, so a resumed run reserves at it from its first request."""
+        if self.rate.learn(reported, table) and self.persist is not None:
+            await asyncio.to_thread(self.persist, self.ceiling, self.rate.learned())
 
     @property
     def reserved(self) -> float:
@@ -127,7 +158,7 @@ class JobBudget:
         w.count += 1
         if self.persist is not None and self.spent + self.reserved > self.ceiling:
             self.ceiling = self.spent + self.reserved + CHUNK * self.cap
-            await asyncio.to_thread(self.persist, self.ceiling)
+            await asyncio.to_thread(self.persist, self.ceiling, self.rate.learned())
         return "ok"
 
     def settle(self, worker: str, amount: float, charged: float) -> None:
@@ -153,46 +184,58 @@ class JobBudget:
 
     def state(self) -> dict[str, Any]:
         return {"cap": self.cap, "spent": self.spent, "reserved": self.reserved, "lost": self.lost,
-                "in_flight": self.live_in_flight()}
+                "in_flight": self.live_in_flight(), "markup": self.markup, "learned": self.rate.learned()}
 
 
 class RayBudget:
-    """The worker's side, with the interface of send.budget.Budget that the dispatcher uses."""
+    """The worker's side, with the interface of send.budget.Budget that the dispatcher uses. The actor
+    prices each reservation at the job's learned markup; what the endpoint charged over the table goes
+    back with each settle."""
 
     def __init__(self, cap: float | None, actor: Any, worker: str | None = None) -> None:
         self.cap, self.actor = cap, actor
         self.worker = worker or uuid.uuid4().hex[:12]
         self._closed = False
         self._charged = 0.0  # charged since the last settle: sent with it, so spent never lags a release
+        self._billed = (0.0, 0.0)  # (usage.cost, the table's price) of answers since the last settle
 
     async def reserve(self, amount: float) -> float:
+        """`amount`: the table's worst case; returns what the actor holds (times the markup)."""
         if self.cap is None:
             return 0.0
         while True:
             if self._closed:
                 raise Stopped()
-            verdict = await self.actor.reserve.remote(self.worker, amount)
+            verdict, held = await self.actor.reserve.remote(self.worker, amount)
             if verdict == "ok":
                 if self._closed:  # stopped while it was granted: give it back
-                    self.release(amount)
+                    self.release(held)
                     raise Stopped()
-                return amount
+                return float(held)
             if verdict == "exceeded":
                 state = await self.actor.budget_state.remote()
                 raise BudgetExceeded(
                     f"budget reached: the job spent ${state['spent']:.4f} (all workers, earlier runs included) "
-                    f"and the next request may cost up to ${amount:.4f}, over budget.max_cost_usd=${self.cap:g}")
+                    f"and the next request may cost up to ${held:.4f}, over budget.max_cost_usd=${self.cap:g}")
 
     def release(self, amount: float) -> None:
         if self.cap is None:
             return
         charged, self._charged = self._charged, 0.0
-        self.actor.settle.remote(self.worker, amount, charged)
+        billed, self._billed = self._billed, (0.0, 0.0)
+        self.actor.settle.remote(self.worker, amount, charged, billed if billed[1] > 0 else None)
 
     def charge(self, cost: float) -> None:
         if self.cap is None:
             return
-        self._charged += cost
+        self._charged += max(0.0, cost)
+
+    def learn(self, reported: float, table: float) -> bool:
+        """Kept until the next settle; the actor learns and persists the job's markup (so never True: the
+        dispatcher has nothing to note in the journal)."""
+        if self.cap is not None and table > 0 and reported >= 0:
+            self._billed = (self._billed[0] + reported, self._billed[1] + table)
+        return False
 
     def close(self) -> None:
         self._closed = True

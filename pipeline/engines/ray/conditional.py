@@ -20,6 +20,7 @@ import os
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -90,8 +91,8 @@ def _s3_put_if_absent(uri: str, data: bytes, options: dict[str, Any]) -> bool:
                "x-amz-date": now.strftime("%Y%m%dT%H%M%SZ")}
     if token:
         headers["x-amz-security-token"] = token
-    headers["authorization"] = sign_v4("PUT", path, "", headers, headers["x-amz-content-sha256"], region, "s3",
-                                       access, secret, now)
+    headers["authorization"] = sign_v4("PUT", path, "", headers, headers["x-amz-content-sha256"],
+                                       SigningKey(access, secret, region), now)
     req = urllib.request.Request(url, data=data, method="PUT",
                                  headers={**{k: v for k, v in headers.items() if k != "host"},
                                           "content-type": "application/json"})
@@ -144,9 +145,20 @@ def _credentials(options: dict[str, Any]) -> tuple[str, str, str | None]:
                       key="output.storage_options")
 
 
-def sign_v4(method: str, path: str, query: str, headers: dict[str, str], payload_hash: str, region: str,
-            service: str, access: str, secret: str, now: datetime.datetime) -> str:
+@dataclass(frozen=True)
+class SigningKey:
+    """Who signs, for which region and service (never shown by repr: the secret stays out of logs)."""
+
+    access: str
+    secret: str = field(repr=False)
+    region: str = "us-east-1"
+    service: str = "s3"
+
+
+def sign_v4(method: str, path: str, query: str, headers: dict[str, str], payload_hash: str, key: SigningKey,
+            now: datetime.datetime) -> str:
     """The Authorization header of AWS Signature Version 4 over `headers` (lower-case names)."""
+    region, service, access, secret = key.region, key.service, key.access, key.secret
     names = sorted(headers)
     canonical_headers = "".join(f"{n}:{' '.join(headers[n].strip().split())}\n" for n in names)
     signed = ";".join(names)

@@ -8,13 +8,13 @@ longer has, and maps the shards without a published part through `run.workers` S
 budget are shared through one limiter actor; answers go to the journal in output.dir
 (state/segments.py); parts are published per shard. The driver owns no answer: killing it loses nothing
 committed, and the same command resumes. Every invocation is one line in history.jsonl, with
-pipeline.log (driver and workers), the metrics file and the webhook (invocation.py).
+pipeline.log (driver and workers), the metrics file and the webhook (invocation.py); summary.json, the
+quality gate and output.publish are summary.py's. Cascades and the audit run inside the workers, per shard.
 Layout, commit protocol and loss bound: docs/ray.md.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import math
 import threading
@@ -28,9 +28,8 @@ import numpy as np
 import orjson
 
 from ...config import Config
-from ...core.finish import Verdict, finish
 from ...core.progress import Progress
-from ...errors import ConfigError, RunFatalError
+from ...errors import ConfigError
 from ...ops.figures import Figures
 from ...prepare.structured import plan_for
 from ...read import storage
@@ -42,9 +41,10 @@ from .budget import read_spent, write_spent
 from .invocation import RayInvocation
 from .lease import Lease
 from .limiter import LimiterActor
-from .plan import FAILURES, RESULTS, RayJob
-from .status import STATUS_FILE, count_rows
-from .worker import Secret, ShardWorker, make_layout
+from .plan import RayJob
+from .status import STATUS_FILE
+from .summary import check_publish, previous_summary, write_summary
+from .worker import ShardInput, ShardWorker, Wiring, make_layout
 
 NAMESPACE = "pipeline"
 HEARTBEAT_S = 5.0
@@ -92,15 +92,54 @@ class Gathered:
     shards_done: int = 0
 
 
+@dataclass(frozen=True)
+class RunArgs:
+    """What this invocation was asked (run_ray's flags)."""
+
+    retry_failed: bool = False
+    force_new: bool = False
+    schema: dict[str, Any] | None = None
+    quiet: bool = False
+    config_path: str | None = None
+    overrides: list[str] | None = None
+    clock: Callable[[], float] = time.time
+
+
+@dataclass
+class RayPass:
+    """One invocation's plan, from the job check to the summary: what the shards need and what the
+    summary counts (the shards reused as they were, the rows that left the input, the earlier summary)."""
+
+    ray: Any
+    cfg: Config
+    invocation: RayInvocation
+    args: RunArgs
+    commands: tuple[str, str]
+    started: float
+    source: Source
+    scan: InputScan
+    job: RayJob
+    lease: Lease
+    todo: list[tuple[int, str]] = field(default_factory=list)
+    reused: tuple[int, int, int] = (0, 0, 0)  # ok, failed and input-failed rows of the parts reused
+    rows_removed: int = 0
+    previous: dict[str, Any] = field(default_factory=dict)
+    spent_before: float = 0.0
+
+    @property
+    def resumed(self) -> int:
+        return self.reused[0] + self.reused[1]
+
+
 def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
             schema: dict[str, Any] | None = None, quiet: bool = False, config_path: str | None = None,
             overrides: list[str] | None = None, clock: Callable[[], float] = time.time) -> Summary:
     """One invocation; `clock` is the lease's (tests move it instead of waiting for an expiry)."""
     ray = import_ray()
     invocation = RayInvocation(cfg)
+    args = RunArgs(retry_failed, force_new, schema, quiet, config_path or cfg.source, overrides, clock)
     try:
-        summary = _run(ray, cfg, invocation, retry_failed=retry_failed, force_new=force_new, schema=schema,
-                       quiet=quiet, config_path=config_path or cfg.source, overrides=overrides, clock=clock)
+        summary = _run(ray, cfg, invocation, args)
     except BaseException as exc:
         asyncio.run(invocation.finish(None, exc))
         raise
@@ -108,75 +147,73 @@ def run_ray(cfg: Config, *, retry_failed: bool = False, force_new: bool = False,
     return summary
 
 
-def _run(ray: Any, cfg: Config, invocation: RayInvocation, *, retry_failed: bool, force_new: bool,
-         schema: dict[str, Any] | None, quiet: bool, config_path: str, overrides: list[str] | None,
-         clock: Callable[[], float]) -> Summary:
+def _run(ray: Any, cfg: Config, invocation: RayInvocation, args: RunArgs) -> Summary:
     started = time.monotonic()
-    commands = (resume_command(config_path, overrides, retry_failed=retry_failed, out_dir=cfg.output.dir),
-                resume_command(config_path, overrides, retry_failed=True, out_dir=cfg.output.dir))
+    path = args.config_path or cfg.source
+    commands = (resume_command(path, args.overrides, retry_failed=args.retry_failed, out_dir=cfg.output.dir),
+                resume_command(path, args.overrides, retry_failed=True, out_dir=cfg.output.dir))
     cfg.api_key()  # a missing key is a usage error here, before anything starts
     cfg.endpoint.secret_header_values(cfg.source)  # so is a missing secret header
+    check_publish(cfg)
     job = RayJob(cfg)
     job.adopt_batch_size(cfg)
     source = Source(cfg.input)
     scan = source.scan()
-    layout = make_layout(cfg, plan_for(cfg, schema))
+    layout = make_layout(cfg, plan_for(cfg, args.schema))
     names = part_names(scan.digests, part_context(scan.carried_types, layout.id_column, layout))
-    lease = Lease(cfg.output.dir, cfg.output.storage_options, run_id=invocation.run_id, clock=clock)
+    lease = Lease(cfg.output.dir, cfg.output.storage_options, run_id=invocation.run_id, clock=args.clock)
     lease.acquire()
     try:
         invocation.attach_output()
-        manifest = job.check(cfg, force_new=force_new, command=commands[0])
+        manifest = job.check(cfg, force_new=args.force_new, command=commands[0])
         job.write_manifest({**manifest, "rows_total": scan.rows, "shards": names})
+        p = RayPass(ray, cfg, invocation, args, commands, started, source, scan, job, lease)
         removed = job.prune(names, layout.id_column)
-        rows_removed = source.count_missing(removed) if removed else 0
-        done = job.done(names, retry_failed=retry_failed)
-        todo = [(i, n) for i, n in enumerate(names) if n not in done]
-        reused = (sum(d[0] for d in done.values()), sum(d[1] for d in done.values()),
-                  sum(d[2] for d in done.values()))
-        previous = _previous_summary(cfg)
+        job.sweep()  # an earlier run's workers are gone with their driver
+        p.rows_removed = source.count_missing(removed) if removed else 0
+        done = job.done(names, retry_failed=args.retry_failed)
+        p.todo = [(i, n) for i, n in enumerate(names) if n not in done]
+        p.reused = (sum(d[0] for d in done.values()), sum(d[1] for d in done.values()),
+                    sum(d[2] for d in done.values()))
+        p.previous = previous_summary(cfg)
         spent_before = read_spent(cfg.output.dir, cfg.output.storage_options)
-        spent_before = previous.get("cost_usd", 0.0) if spent_before is None else spent_before
-        gathered = _dispatch(ray, cfg, invocation, lease, job, source, scan, todo, reused[0] + reused[1], spent_before,
-                             retry_failed=retry_failed, schema=schema, quiet=quiet)
-        summary = _write_summary(cfg, ray, scan.rows, previous, gathered, reused, rows_removed, started, commands)
-        summary = dataclasses.replace(summary, **invocation.stamp())
-        storage.write_bytes(storage.join(cfg.output.dir, "summary.json"), summary.to_json(),
-                            cfg.output.storage_options, root=cfg.output.dir)
+        p.spent_before = p.previous.get("cost_usd", 0.0) if spent_before is None else spent_before
+        gathered = _dispatch(p)
+        summary = write_summary(p, gathered, set(names))
         lease.check()
         return summary
     finally:
         lease.release()
 
 
-def _dispatch(ray: Any, cfg: Config, invocation: RayInvocation, lease: Lease, job: RayJob, source: Source,
-              scan: InputScan, todo: list[tuple[int, str]], resumed: int, spent_before: float, *,
-              retry_failed: bool, schema: dict[str, Any] | None, quiet: bool) -> Gathered:
+def _dispatch(p: RayPass) -> Gathered:
     """Run the shards still to do on the actors; whatever happens, keep the row map and the budget."""
+    ray, cfg = p.ray, p.cfg
     connect(ray, cfg)
     base_url, sim = _endpoint(cfg)
-    limiter = start_limiter(ray, cfg, spent_before)
-    lease.keep(lambda message: limiter.halt.remote(message))
-    progress = Progress(scan.rows, resumed, enabled=cfg.run.progress and not quiet,
+    limiter = start_limiter(ray, cfg, p.spent_before)
+    p.lease.keep(lambda message: limiter.halt.remote(message))
+    progress = Progress(p.scan.rows, p.resumed, enabled=cfg.run.progress and not p.args.quiet,
                         interval_s=cfg.run.progress_interval_s)
     gathered = Gathered()
-    beat = _Heartbeat(cfg, invocation, limiter, gathered, scan.rows, resumed, len(todo), spent_before)
-    invocation.watch(beat.figures)
-    row_map = job.row_map()
+    beat = _Heartbeat(p, limiter, gathered)
+    p.invocation.watch(beat.figures)
+    row_map = p.job.row_map()
     try:
         beat.start()
-        shards = _execute(ray, cfg, source, scan, todo, base_url, limiter, [ray.put(row_map)], retry_failed, schema)
-        for out in shards:
-            _add(gathered, out, invocation)
+        for out in _execute(p, Wiring.of(cfg, base_url, limiter, p.args.schema), [ray.put(row_map)]):
+            _add(gathered, out, p.invocation)
             progress.advance(int(out["ok"]) + int(out["failed"]), gathered.stats, gathered.rows["failed"])
+        p.job.sweep()  # every shard task has returned: a killed upload's leftover is nobody's now
     finally:
         beat.stop()
         progress.close()
         try:
             if cfg.budget.max_cost_usd is not None:
                 state = ray.get(limiter.budget_state.remote(), timeout=30)
-                write_spent(cfg.output.dir, cfg.output.storage_options, state["spent"], exact=True)
-            job.save_row_map(row_map.repoint(gathered.finished))
+                write_spent(cfg.output.dir, cfg.output.storage_options, state["spent"], exact=True,
+                            learned=state.get("learned"))
+            p.job.save_row_map(row_map.repoint(gathered.finished))
         finally:
             ray.kill(limiter)
             if sim is not None:
@@ -209,51 +246,16 @@ def _add(g: Gathered, out: dict[str, Any], invocation: RayInvocation) -> None:
         g.shards_done += 1
 
 
-def _write_summary(cfg: Config, ray: Any, total: int, previous: dict[str, Any], g: Gathered,
-                   reused: tuple[int, int, int], rows_removed: int, started: float, commands: tuple[str, str]) -> Summary:
-    """summary.json from the published parts and the workers' figures, with the local driver's verdict."""
-    succeeded, _ = count_rows(cfg.output.dir, cfg.output.storage_options, RESULTS)
-    failed, classes = count_rows(cfg.output.dir, cfg.output.storage_options, FAILURES)
-    stats = g.stats
-    summary = Summary(
-        out_dir=cfg.output.dir, rows_total=total, succeeded=succeeded, failed=failed,
-        pending=total - succeeded - failed,
-        prompt_tokens=previous.get("prompt_tokens", 0) + stats.prompt_tokens,
-        completion_tokens=previous.get("completion_tokens", 0) + stats.completion_tokens,
-        cost_usd=round(previous.get("cost_usd", 0.0) + stats.cost_usd, 6), run_cost_usd=round(stats.cost_usd, 6),
-        wall_s=round(time.monotonic() - started, 3), requests_sent=stats.requests_sent,
-        retries=dict(stats.retries), failures_by_class=classes, deduplicated=stats.deduplicated,
-        resumed_rows=reused[0] + reused[1] + g.rows["reused"],
-        rows_reused=reused[0] + reused[1] - reused[2] + g.rows["reused"], rows_removed=rows_removed,
-        rows_input_failed=reused[2] + g.rows["input_failed"], rows_edited=g.rows["edited"],
-        # rows not reached (a stop) are new, as the local engine counts them
-        rows_new=g.rows["new"] + max(0, total - reused[0] - reused[1] - sum(g.rows[k] for k in
-                                                                              ("reused", "new", "edited", "input_failed"))),
-        config_fingerprint=cfg.request_fingerprint(), versions={"ray": ray.__version__},
-        prompt_cache=_prompt_cache(previous, stats),
-    )
-    # The local driver's verdict (exit code, next step), from what the workers reported.
-    fatal = RunFatalError(g.message) if g.stop in ("fatal", "budget") else None
-    finish(summary, Verdict(g.stop or None, fatal), *commands)
-    return summary
-
-
-def _execute(ray: Any, cfg: Config, source: Source, scan: InputScan, todo: list[tuple[int, str]], base_url: str,
-             limiter: Any, row_map: Any, retry_failed: bool, schema: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+def _execute(p: RayPass, wiring: Wiring, row_map: list[Any]) -> Iterator[dict[str, Any]]:
     """The Ray Data pipeline over the shards still to do; yields one report per finished shard."""
-    if not todo:
+    if not p.todo:
         return
-    ds = ray.data.from_items([{"shard": i, "name": n} for i, n in todo], override_num_blocks=len(todo))
-    input_dir = str(Path(source.files[0]).parent) if source.files and not storage.is_remote(source.files[0]) else None
-    ds = ds.map_batches(
-        ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.run.workers), num_cpus=0,
-        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(by_alias=True, exclude={"source"}),
-                               "source": source, "base_url": base_url, "limiter": limiter,
-                               "workers": cfg.run.workers, "retry_failed": retry_failed, "schema": schema,
-                               "api_key": Secret(cfg.api_key()),
-                               "secret_headers": Secret(cfg.endpoint.secret_header_values(cfg.source)),
-                               "input_dir": input_dir, "columns": scan.columns, "row_map": row_map},
-    )
+    ray, files = p.ray, p.source.files
+    ds = ray.data.from_items([{"shard": i, "name": n} for i, n in p.todo], override_num_blocks=len(p.todo))
+    input_dir = str(Path(files[0]).parent) if files and not storage.is_remote(files[0]) else None
+    shards = ShardInput(p.source, p.args.retry_failed, input_dir, p.scan.columns, row_map)
+    ds = ds.map_batches(ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=p.cfg.run.workers),
+                        num_cpus=0, fn_constructor_kwargs={"wiring": wiring, "shards": shards})
     for batch in ds.iter_batches(batch_size=1, batch_format="pandas"):
         for rec in batch.to_dict("records"):
             yield {k: (v if not (isinstance(v, float) and math.isnan(v)) else 0) for k, v in rec.items()}
@@ -263,10 +265,9 @@ class _Heartbeat:
     """Every HEARTBEAT_S while the run goes: `ray-status.json` for `pipeline status` (shards, rows,
     cost, workers alive) and, every 30 s, the metrics file."""
 
-    def __init__(self, cfg: Config, invocation: RayInvocation, limiter: Any, g: Gathered, total: int, resumed: int,
-                 todo: int, spent_before: float) -> None:
-        self.cfg, self.invocation, self.limiter, self.g = cfg, invocation, limiter, g
-        self.total, self.resumed, self.todo, self.spent_before = total, resumed, todo, spent_before
+    def __init__(self, p: RayPass, limiter: Any, g: Gathered) -> None:
+        self.cfg, self.invocation, self.limiter, self.g = p.cfg, p.invocation, limiter, g
+        self.total, self.resumed, self.todo, self.spent_before = p.scan.rows, p.resumed, len(p.todo), p.spent_before
         self.workers_alive = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pipeline-heartbeat", daemon=True)
@@ -313,19 +314,6 @@ class _Heartbeat:
                        last_success=None, started=self.invocation.started, running=True)
 
 
-def _prompt_cache(previous: dict[str, Any], stats: Stats) -> dict[str, Any]:
-    """summary.json's prompt_cache: earlier runs' (their summary) plus this run's, as the workers counted."""
-    raw = previous.get("prompt_cache")
-    before: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    cached = int(before.get("cached_tokens", 0)) + stats.cached_tokens
-    prompt = int(previous.get("prompt_tokens", 0)) + stats.prompt_tokens
-    return {"cached_tokens": cached,
-            "cache_write_tokens": int(before.get("cache_write_tokens", 0)) + stats.cache_write_tokens,
-            "hit_share": round(cached / prompt, 4) if prompt else 0.0,
-            "saved_usd": round(float(before.get("saved_usd", 0.0)) + stats.cache_saved_usd, 6),
-            "run_cached_tokens": stats.cached_tokens, "run_saved_usd": round(stats.cache_saved_usd, 6)}
-
-
 def _add_stats(stats: Stats, out: dict[str, Any]) -> None:
     stats.requests_sent += int(out.get("requests", 0))
     stats.prompt_tokens += int(out.get("prompt_tokens", 0))
@@ -337,10 +325,3 @@ def _add_stats(stats: Stats, out: dict[str, Any]) -> None:
     for k, v in out.items():
         if k.startswith("retry_") and v:
             stats.retries[k[6:]] += int(v)
-
-
-def _previous_summary(cfg: Config) -> dict[str, Any]:
-    try:
-        return orjson.loads(storage.read_bytes(storage.join(cfg.output.dir, "summary.json"), cfg.output.storage_options))
-    except (FileNotFoundError, OSError, orjson.JSONDecodeError):
-        return {}

@@ -18,7 +18,7 @@ from ...prepare.prompts import Renderer
 from ...read.formats import arrow_ids, digest8
 from ...vocab import InputBatch, Record, RowFailure
 from ...write.schema_arrow import to_arrow
-from .worker import Secret, Sender, make_layout
+from .worker import Sender, Wiring, make_layout
 
 ORIGIN = "<ray dataset>"
 _simulators: list[Any] = []  # endpoint.base_url: simulator serves this driver process until it exits
@@ -64,21 +64,15 @@ def label_columns(cfg: Config, sender: Sender, outcomes: list[Record | RowFailur
 class LabelWorker:
     """`ds.map_batches(LabelWorker, batch_format="pyarrow", concurrency=run.workers)`."""
 
-    def __init__(self, cfg_json: str, base_url: str, limiter: Any, workers: int, api_key: Secret,
-                 schema: dict[str, Any] | None, secret_headers: Secret | None = None) -> None:
-        import orjson
-
-        from ...config import load_config
-        self.cfg = load_config(orjson.loads(cfg_json))
-        self.base_url, self.limiter, self.workers = base_url, limiter, workers
-        self.api_key, self.schema, self.secret_headers = api_key, schema, secret_headers
+    def __init__(self, wiring: Wiring) -> None:
+        self.wiring = wiring
+        self.cfg = wiring.config()
         self.sender: Sender | None = None
 
     async def __call__(self, table: pa.Table) -> pa.Table:
         if self.sender is None:
             renderer = Renderer(self.cfg, input_dir=None, columns=table.column_names)
-            self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key,
-                                 renderer, self.secret_headers)
+            self.sender = Sender(self.cfg, self.wiring, renderer)
         clash = [c for c in table.column_names if c in ("output", "content", "error_class", "error_message",
                                                           "request_key", "prompt_tokens", "completion_tokens",
                                                           "cached_tokens", "cost_usd")]
@@ -121,7 +115,5 @@ def label(ds: Any, config: Any, *, schema: Any = None) -> Any:
     _limiters[name] = start_limiter(ray, cfg, read_spent(cfg.output.dir, cfg.output.storage_options) or 0.0)
     return ds.map_batches(
         LabelWorker, batch_format="pyarrow", batch_size=cfg.input.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.run.workers), num_cpus=0, fn_constructor_kwargs={
-            "cfg_json": cfg.model_dump_json(by_alias=True, exclude={"source"}), "base_url": base_url,
-            "limiter": _limiters[name], "workers": cfg.run.workers, "api_key": Secret(cfg.api_key()),
-            "secret_headers": Secret(cfg.endpoint.secret_header_values(cfg.source)), "schema": schema_dict})
+        compute=ray.data.ActorPoolStrategy(size=cfg.run.workers), num_cpus=0,
+        fn_constructor_kwargs={"wiring": Wiring.of(cfg, base_url, _limiters[name], schema_dict)})

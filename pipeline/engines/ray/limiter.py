@@ -59,11 +59,14 @@ class LimiterActor:
         cap = budget[0] if budget is not None else None
         if budget is not None and cap is not None:
             _, spent, root, options = budget
-            from .budget import read_spent
-            # Ray restarts this actor with the same arguments: continue from what was persisted since.
+            from .budget import read_budget, read_spent
+            # Ray restarts this actor with the same arguments: continue from what was persisted since,
+            # and reserve at the markup earlier runs (or this actor's earlier incarnation) learned.
             spent = max(spent, read_spent(root, options) or 0.0)
-            self.budget = JobBudget(cap, spent, clock=clock,
-                                    persist=lambda ceiling: write_spent(root, options, ceiling, exact=False))
+            learned = read_budget(root, options).get("markup")
+            self.budget = JobBudget(cap, spent, clock=clock, learned=learned if isinstance(learned, str) else None,
+                                    persist=lambda ceiling, learned: write_spent(root, options, ceiling, exact=False,
+                                                                                 learned=learned))
 
     def hello(self, pid: int, node: str, worker: str = "") -> None:
         self.workers[pid] = node
@@ -82,14 +85,21 @@ class LimiterActor:
     def halt(self, message: str) -> None:
         self.halted = message
 
-    async def reserve(self, worker: str, amount: float) -> str:
+    async def reserve(self, worker: str, amount: float) -> tuple[str, float]:
+        """(verdict, the amount held): `amount` is the table's worst case, held at the job's markup."""
         assert self.budget is not None
         self.seen[worker] = self.clock()
-        return await self.budget.reserve(worker, amount)
+        held = amount * self.budget.markup
+        return await self.budget.reserve(worker, held), held
 
-    def settle(self, worker: str, amount: float, charged: float) -> None:
+    async def settle(self, worker: str, amount: float, charged: float,
+                     billed: tuple[float, float] | None = None) -> None:
+        """A reservation given back with what was charged since; `billed`: (usage.cost, table price) of
+        the answers the endpoint costed itself, for the markup."""
         if self.budget is not None:
             self.budget.settle(worker, amount, charged)
+            if billed is not None:
+                await self.budget.learn(*billed)
 
     def budget_state(self) -> dict[str, Any]:
         return self.budget.state() if self.budget is not None else {}

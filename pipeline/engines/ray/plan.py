@@ -241,6 +241,18 @@ class RayJob:
                     _delete(uri, self.options)
         return removed
 
+    def sweep(self) -> None:
+        """Delete what killed uploads left in the parts folders: a worker killed while publishing leaves
+        its temporary object (a local `.part-….tmp`, an object store's `.tmp-…-part-…`; S3's move is a
+        copy then a delete), which a reader listing the folder would take for a part. Only the lease
+        holder calls it, when no worker of this job can be uploading (before the shards start, after
+        they have all returned)."""
+        for folder in (FAILURES, RESULTS):
+            for uri in storage.list_files(storage.join(self.root, folder), self.options):
+                base = uri.rsplit("/", 1)[-1]
+                if base.startswith(".") and "part-" in base:
+                    _delete(uri, self.options)
+
     # -- the row map ------------------------------------------------------------------------------
 
     def row_map(self) -> RowMap:

@@ -8,9 +8,11 @@ cost so far), `summary.json` and `history.jsonl`.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ...read import storage
@@ -50,6 +52,17 @@ def part_uris(root: str, options: dict[str, Any] | None, folder: str, names: set
         if base.startswith("part-") and base.endswith(".parquet") and (names is None or base[5:-8] in names):
             out.append(uri)
     return out
+
+
+def read_parts(root: str, options: dict[str, Any] | None, folder: str, names: set[str] | None,
+               columns: Collection[str]) -> pa.Table | None:
+    """The parts' `columns` (those they have) as one table; None when there is no part."""
+    tables = []
+    for uri in part_uris(root, options, folder, names):
+        fs, path = storage.filesystem(uri, options) if storage.is_remote(uri) else (None, uri)
+        present = pq.read_schema(path, filesystem=fs).names
+        tables.append(pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in present]))
+    return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
 def count_rows(root: str, options: dict[str, Any] | None, folder: str,

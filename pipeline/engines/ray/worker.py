@@ -23,9 +23,11 @@ import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow.parquet as pq
 
 from ...common import redact
@@ -61,22 +63,30 @@ def make_layout(cfg: Config, plan: StructuredPlan | None) -> OutputColumns:
 
 
 class JournalAnswers:
-    """The core's AnswerStore (core/transformer.py) over the journal: per-shard lookups, durable puts."""
+    """The core's AnswerStore (core/transformer.py) over the journal: per-shard lookups, durable puts.
+
+    A shard may look up several times (a cascade's stages, the audit, votes as requests): each lookup
+    sees the shard's preloaded answers, and every key a shard asked for is kept (`asked`) so the worker
+    releases them all and copies every answer the shard used from donors into its own folder."""
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
         self.preloaded: dict[str, dict[str, Record]] = {}
+        self.asked: dict[str, set[str]] = {}
 
     def lookup(self, keys: Collection[str]) -> dict[str, Record]:
         shard = CURRENT_SHARD.get()
-        known = self.preloaded.pop(shard, {})
+        known = self.preloaded.get(shard, {})
+        asked = self.asked.setdefault(shard, set())
         for key in keys:
             self.journal.route(key, shard)  # answers to the keys still to send are committed to this shard
+            asked.add(key)
         return {k: known[k] for k in keys if k in known}
 
     async def put(self, record: Record) -> None:
         if record.key not in self.journal.routes:  # a re-shaped request (structured-mode fallback): new key
             self.journal.route(record.key, CURRENT_SHARD.get())
+            self.asked.setdefault(CURRENT_SHARD.get(), set()).add(record.key)
         try:
             await self.journal.put(record)
         except OSError as exc:
@@ -106,20 +116,57 @@ class Secret:
     __str__ = __repr__
 
 
+@dataclass(frozen=True)
+class Wiring:
+    """What a driver hands every worker of a job (ShardWorker, LabelWorker): the job's config, where to
+    send, the job's limiter actor, how many workers share it, the secrets, and the schema asked for."""
+
+    cfg_json: str
+    base_url: str
+    limiter: Any
+    workers: int
+    api_key: Secret
+    secret_headers: Secret | None = None
+    schema: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, cfg: Config, base_url: str, limiter: Any, schema: dict[str, Any] | None) -> Wiring:
+        """In the driver: the config without its source path, the secrets from the driver's environment."""
+        return cls(cfg.model_dump_json(by_alias=True, exclude={"source"}), base_url, limiter, cfg.run.workers,
+                   Secret(cfg.api_key()), Secret(cfg.endpoint.secret_header_values(cfg.source)), schema)
+
+    def config(self) -> Config:
+        from ...config import load_config
+        return load_config(orjson.loads(self.cfg_json))
+
+
+@dataclass(frozen=True)
+class ShardInput:
+    """Where a ShardWorker reads its shards: the input, its folder (relative image paths), its columns,
+    the row map ([its ObjectRef], fetched on first use), and whether failed answers are asked again."""
+
+    source: Source
+    retry_failed: bool = False
+    input_dir: str | None = None
+    columns: list[str] | None = None
+    row_map: list[Any] | None = None
+
+
 class Sender:
     """What a worker holds for its lifetime: one session, one core, leased limits, the journal writer."""
 
-    def __init__(self, cfg: Config, base_url: str, limiter: Any, workers: int, schema: dict[str, Any] | None,
-                 api_key: Secret, renderer: Renderer, secret_headers: Secret | None = None) -> None:
+    def __init__(self, cfg: Config, wiring: Wiring, renderer: Renderer) -> None:
         self.cfg = cfg
-        self.plan = plan_for(cfg, schema)
+        self.plan = plan_for(cfg, wiring.schema)
         self.worker = worker_id()
-        self.limits = RayLimits(cfg.limits, limiter, workers, worker=self.worker)
+        limiter = wiring.limiter
+        self.limits = RayLimits(cfg.limits, limiter, wiring.workers, worker=self.worker)
         self.limits.on_halt = self._halt
         self.limits.start()
         limiter.hello.remote(os.getpid(), os.uname().nodename, self.worker)
         self.transport = HttpTransport(
-            base_url, api_key.reveal(), _headers(cfg, secret_headers), timeout_s=cfg.endpoint.timeout_s,
+            wiring.base_url, wiring.api_key.reveal(), _headers(cfg, wiring.secret_headers),
+            timeout_s=cfg.endpoint.timeout_s,
             read_timeout_s=cfg.endpoint.read_timeout_s, connect_timeout_s=cfg.endpoint.connect_timeout_s,
             pool_size=self.limits.cfg.max_concurrency)
         # Flush early when half this worker's slots wait for a commit: waiting longer only idles them.
@@ -152,6 +199,7 @@ class Sender:
         known = {**lent, **own}
         self.last_known = known
         self.answers.preloaded[shard] = known
+        self.answers.asked[shard] = set()
         CURRENT_SHARD.set(shard)
         result: OutcomeBatch | None = None
         try:
@@ -160,10 +208,12 @@ class Sender:
                     result = out
         finally:
             self.answers.preloaded.pop(shard, None)
+            asked = self.answers.asked.pop(shard, set())
             if result is not None:
-                self.journal.release([k for k in result.keys if k is not None], shard)
+                self.journal.release(sorted(asked), shard)
         assert result is not None
-        adopted = [lent[k] for k in {k for k in result.keys if k is not None} if k in lent and k not in own]
+        # Every answer the shard used (each cascade stage's, the audit's), not only the deciding ones.
+        adopted = [lent[k] for k in asked if k in lent and k not in own]
         if adopted:  # this shard's folder holds all its rows' answers before its part says "done"
             await asyncio.to_thread(self.journal.adopt, shard, adopted)
         reused = sum(1 for k in result.keys if k is not None and k in known)
@@ -195,28 +245,19 @@ class ShardWorker:
     """`ds.map_batches(ShardWorker, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=run.workers))`
     over (shard index, shard name) rows."""
 
-    def __init__(self, cfg_json: str, source: Source, base_url: str, limiter: Any, workers: int,
-                 retry_failed: bool, api_key: Secret, schema: dict[str, Any] | None = None,
-                 input_dir: str | None = None, columns: list[str] | None = None,
-                 secret_headers: Secret | None = None, row_map: list[Any] | None = None) -> None:
-        import orjson
-
-        from ...config import load_config
-        self.cfg = load_config(orjson.loads(cfg_json))
-        self.source, self.base_url, self.workers = source, base_url, workers
-        self.limiter, self.retry_failed, self.schema = limiter, retry_failed, schema
-        self.api_key, self.secret_headers = api_key, secret_headers
-        self.row_map_ref = row_map  # [ObjectRef of the RowMap], fetched on first use (shared, zero-copy)
+    def __init__(self, wiring: Wiring, shards: ShardInput) -> None:
+        self.wiring, self.shards = wiring, shards
+        self.cfg = wiring.config()
+        self.source, self.retry_failed = shards.source, shards.retry_failed
         self.row_map: RowMap | None = None
         self.capture = LineCapture.install()
-        self.renderer = Renderer(self.cfg, input_dir=input_dir, columns=columns)
+        self.renderer = Renderer(self.cfg, input_dir=shards.input_dir, columns=shards.columns)
         self.sender: Sender | None = None
         self._tmp = tempfile.mkdtemp(prefix="pipeline-ray-")
 
     def _sender(self) -> Sender:
         if self.sender is None:  # on the actor's loop, on first use
-            self.sender = Sender(self.cfg, self.base_url, self.limiter, self.workers, self.schema, self.api_key,
-                                 self.renderer, self.secret_headers)
+            self.sender = Sender(self.cfg, self.wiring, self.renderer)
         return self.sender
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -256,7 +297,8 @@ class ShardWorker:
         this shard, or the shards its rows were in before rows moved)."""
         if self.row_map is None:
             import ray
-            self.row_map = ray.get(self.row_map_ref[0]) if self.row_map_ref else RowMap()
+            ref = self.shards.row_map  # shared by every worker, zero-copy
+            self.row_map = ray.get(ref[0]) if ref else RowMap()
         return self.row_map.donors(hashes), self.row_map.seen(hashes)
 
     def _publish(self, result: OutcomeBatch, plan: StructuredPlan | None, shard: str) -> tuple[int, int]:
