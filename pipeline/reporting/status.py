@@ -11,11 +11,11 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 
-from ..common.parts import done_parts
+from ..common.parts import done_parts, part_number
 from ..common.terminal import printable
 from ..errors import EXIT_FAILED_ROWS, EXIT_OK, UsageError
 from ..ops import history
-from ..state.jobdir import JobDir, count_part, part_number
+from ..state.jobdir import JobDir, count_part
 from ..state.store import PartCounts, Store
 
 LAST_RUNS = 5
