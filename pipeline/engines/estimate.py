@@ -103,7 +103,11 @@ def dry_run(cfg: Config, out: TextIO, *, as_json: bool = False, compare: bool = 
 def estimate(cfg: Config) -> Estimate:
     cfg = cfg.model_copy(deep=True)  # the job's own batch size may replace the configured one
     est = Estimate()
-    JobDir(cfg.output.dir).adopt_batch_size(cfg)  # before the scan, as the runner does (read-only)
+    if cfg.run.engine == "ray":  # before the scan, as the runner does (read-only)
+        from .ray.plan import RayJob
+        RayJob(cfg).adopt_batch_size(cfg)
+    else:
+        JobDir(cfg.output.dir).adopt_batch_size(cfg)
     source = Source(cfg.input)
     scan = source.scan()
     est.rows_total = scan.rows

@@ -20,7 +20,11 @@ if TYPE_CHECKING:
 
 
 def job_store(cfg: Config, notes: list[str]) -> sqlite3.Connection | None:
-    """The job's store (read-only), when output.dir holds this same job (the input may have changed)."""
+    """The job's store (read-only), when output.dir holds this same job (the input may have changed); a
+    Ray job's journal seen as one (engines/ray/dryrun.py)."""
+    if cfg.run.engine == "ray":
+        from .ray.dryrun import journal_store
+        return journal_store(cfg, notes)
     jobdir = JobDir(cfg.output.dir)
     if not jobdir.path.exists():
         notes.append(f"output.dir {jobdir.path} does not exist yet: a fresh run")
@@ -75,6 +79,9 @@ def likely_output(store: sqlite3.Connection | None, cache: sqlite3.Connection | 
 
 def spent_before(est: Estimate, cfg: Config) -> float:
     """USD earlier runs of this job spent (what a resume's budget starts from)."""
+    if cfg.run.engine == "ray":
+        from .ray.dryrun import journal_spent
+        return journal_spent(cfg) if est.rows_done_ok + est.rows_done_failed else 0.0
     store = open_readonly(JobDir(cfg.output.dir).store_path) if est.rows_done_ok + est.rows_done_failed else None
     if store is None:
         return 0.0

@@ -118,6 +118,22 @@ def test_retry_via_sync_sends_the_rows_of_failed_pack_lines_as_packed_chat_reque
     assert_each_id_once(tmp_path / "out", 50)
 
 
+def test_the_budget_holds_each_pack_line_at_the_packs_worst_case_and_finishes_in_one_run(tmp_path: Path) -> None:
+    # A pack of ten reserves ~$0.034 (its prompt and 2,176 output tokens at half of $30/M); it costs about a
+    # fifth of that. A $0.1 cap holds two packs at their worst: the rest go as earlier ones are paid for.
+    sim = _sim()
+    try:
+        summary = pipeline.run(sim_job(tmp_path, sim, 60, prompt={"rows_per_request": 10}, budget={"max_cost_usd": 0.1},
+                                       run={"mode": "batch", "progress": False}, batch=FAST))
+        stats = batch_stats(sim)
+    finally:
+        sim.stop()
+    assert summary.exit_code == 0 and summary.pending == 0, summary
+    assert summary.cost_usd <= 0.1
+    assert stats["batches_created"] > 1 and stats["lines_submitted"] == 6  # split to fit, no pack twice
+    assert_each_id_once(tmp_path / "out", 60)
+
+
 ROWS, K = 100, 5  # 20 packs: 3 files of 8 lines; the garbled packs leave 60 rows for 8 files of their own
 
 

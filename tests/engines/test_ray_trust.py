@@ -28,6 +28,10 @@ def _ray_results(out: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in parts])
 
 
+def _keys(folder: Path) -> set[str]:
+    return {k for seg in folder.glob("*.parquet") for k in pq.read_table(seg, columns=["key"])["key"].to_pylist()}
+
+
 def _decisions(table: pa.Table) -> pl.DataFrame:
     cols = ["rid", "output", "model", "cascade_stage", "confidence", "confidence_by_field", "audit_agrees",
             "request_key", "cost_usd"]
@@ -68,12 +72,25 @@ def test_a_cascade_on_ray_decides_as_the_local_engine_and_its_gate_holds_back_th
     assert summary["quality"]["cascade"] == local.quality["cascade"]
     history = [json.loads(line) for line in (tmp_path / "ray" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["quality"]["gate"] == "failed"
+    # The dry run reads the Ray job's journal as it reads a local job's store: nothing left to send, and
+    # the cascade's likely case from the first stage's answers.
+    path = write_config(tmp_path, cfg)
+    dry = json.loads(cli_in_process("run", str(path), "--dry-run", "--json").stdout)
+    assert dry["requests"] == 0 and dry["rows"]["done_ok"] == ROWS, dry
+    assert f"go on (of {ROWS} first-stage answers in this job)" in cli_in_process("run", str(path), "--dry-run").stdout
 
     # A lower bar: every stage's and the audit's answers come from the journal (nothing is paid twice),
     # the gate holds, and the parts and then the summary are published.
     cfg["quality"]["audit"]["min_agreement"] = 0.3
     again = pipeline.run(cfg, quiet=True)
     assert again.exit_code == 0 and again.requests_sent == 0 and again.quality["gate"] == "passed", again
+    # The gate's bar is part of the parts' layout, so every shard has a new name and took its answers from
+    # the old shards' folders: each copied every answer its rows used (each stage's and the audit's), not
+    # only the deciding ones, so the shards of this plan hold every answer the job has.
+    shards = json.loads((tmp_path / "ray" / "ray-manifest.json").read_text())["shards"]
+    folders = {p.name: _keys(p) for p in (tmp_path / "ray" / "_journal").iterdir() if p.is_dir()}
+    assert set(shards) <= set(folders) and len(folders) == 2 * len(shards)
+    assert set().union(*(folders[n] for n in shards)) == set().union(*folders.values())
     published = storage.list_files(f"{s3_bucket}/published")
     assert sum("/results.parquet/part-" in u for u in published) == 3
     assert sum("/failures.parquet/part-" in u for u in published) == 3 and published[-1].endswith("summary.json")
