@@ -156,7 +156,11 @@ def main() -> int:
             jobs["cascade-batch"] = config(data, root / "cascade-batch", **trust, endpoint=endpoint,
                                            run={"progress": False, "mode": "batch"},
                                            batch={"poll_interval_s": 0.01, "poll_max_interval_s": 0.05})
-        folders = {name: root / ("packed" if name.startswith("cascade, ") else name) for name in jobs}
+            if k > 1:
+                jobs[f"cascade-batch, {k} rows per request"] = config(
+                    data, root / "packed-batch", **trust, endpoint=endpoint, prompt=prompt,
+                    run={"progress": False, "mode": "batch"}, batch={"poll_interval_s": 0.01, "poll_max_interval_s": 0.05})
+        folders = {name: Path(cfg["output"]["dir"]) for name, cfg in jobs.items()}
         figures = {name: run(name, cfg) for name, cfg in jobs.items()}
         frames = {name: answers(folders[name]) for name in jobs}
         strong_cost = figures["strong"][0].cost_usd

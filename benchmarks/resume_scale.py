@@ -33,12 +33,13 @@ from typing import Any
 import orjson
 from _common import REPO, cleanup, job_config, print_machine, scratch, table, write_rows
 
+from pipeline.common.parts import part_context, part_names, part_number
 from pipeline.config import load_config
 from pipeline.prepare.prompts import Renderer
 from pipeline.prepare.request import RequestBuilder
 from pipeline.prepare.structured import StructuredPlan, plan_for
 from pipeline.read.reader import Source
-from pipeline.state.jobdir import JobDir, part_context, part_names, part_number
+from pipeline.state.jobdir import JobDir
 from pipeline.state.store import Store
 from pipeline.vocab import Record
 from pipeline.write.output import OutputColumns, write_part

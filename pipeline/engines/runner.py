@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Unpack
 
 from ..common import lean
-from ..common.parts import drop_partial_parts
+from ..common.parts import drop_partial_parts, part_context, part_names, part_number
 from ..config import Config, day_note, load_config
 from ..core.context import RunContext, RunFlags, RunOptions
 from ..core.finish import RowCount, figures, finish, prompt_cache_figures, versions
@@ -44,7 +44,7 @@ from ..send.limits import Limits
 from ..send.stats import Stats
 from ..send.transport import HttpTransport, Transport
 from ..state.answers import LocalAnswers
-from ..state.jobdir import JobDir, part_context, part_names, part_number, resume_command
+from ..state.jobdir import JobDir, resume_command
 from ..state.store import PartCounts, Store
 from ..vocab import InputBatch, Record
 from ..write.output import (

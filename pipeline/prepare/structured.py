@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import jsonschema_rs
 import orjson
@@ -27,6 +26,7 @@ from jsonschema.exceptions import best_match
 from ..config import Config, EndpointConfig, ParamsConfig, StructuredConfig
 from ..errors import BadContentError, ConfigError
 from ..models.catalog import capabilities
+from .mode_support import FALLBACK_STATUSES, NO_ENDPOINTS, routes_via_openrouter, unsupported, user_require_parameters
 from .schema import SCHEMA_KEY, check_schema, pointer, strict_normalise, tolerant_schema
 
 MODES = ("json_schema", "tool", "json_object")
@@ -43,10 +43,6 @@ INSTRUCTION = "Respond with a single JSON object that conforms to this JSON Sche
 TOOL_DESCRIPTION = "Record the answer. Call this function exactly once; its arguments are the answer."
 ERROR_CHARS = 300
 
-_NO_ENDPOINTS = "no endpoints found that can handle the requested parameters"
-_NOT_SUPPORTED = ("not supported", "unsupported", "does not support", "invalid parameter", "must be one of",
-                  "not available")
-_FALLBACK_STATUSES = (400, 404, 422, 501)
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\r?\n?(.*?)\r?\n?[ \t]*```", re.DOTALL)
 
 
@@ -77,7 +73,7 @@ class StructuredPlan:
         self._mode = self.modes[0]
         # Set only where the user left it unset: an explicit false (or true) is theirs to keep.
         self.require_parameters = (endpoint is not None and routes_via_openrouter(endpoint)
-                                   and _user_require_parameters(params) is None)
+                                   and user_require_parameters(params) is None)
         if self.require_parameters and any(m in GUARDED_MODES for m in self.modes):
             self.notes.append("provider.require_parameters: true is sent with json_schema and tool requests, so "
                               "OpenRouter answers 404 instead of routing to a provider that would ignore the "
@@ -227,15 +223,15 @@ class StructuredPlan:
         mode the failed request was shaped for (see mode_of); it tells a late answer to a request sent
         before a switch from a new refusal, so requests in flight do not cause a second step down.
         """
-        if self.cfg.mode != "auto" or (status is not None and status not in _FALLBACK_STATUSES):
+        if self.cfg.mode != "auto" or (status is not None and status not in FALLBACK_STATUSES):
             return False
         text = f"{message} {code or ''}".lower()
         sent = mode or self.mode
         if sent != self.mode:
-            return sent in self._abandoned and _unsupported(sent, text, status)
-        if not _unsupported(sent, text, status):
+            return sent in self._abandoned and unsupported(sent, text, status)
+        if not unsupported(sent, text, status):
             # Without `mode`, a late answer that names an abandoned mode is still recognisable.
-            return mode is None and any(_unsupported(m, text, status, generic=False) for m in self._abandoned)
+            return mode is None and any(unsupported(m, text, status, generic=False) for m in self._abandoned)
         self._abandoned.add(sent)
         nxt = next((m for m in self.modes if m not in self._abandoned), None)
         if nxt is None:
@@ -244,7 +240,7 @@ class StructuredPlan:
         short = _clip(message.strip(), 200)
         self.fallbacks.append({"from": sent, "to": nxt, "status": status, "message": short})
         why = (" (with the provider.require_parameters the pipeline sets, any parameter the providers lack gives "
-               "this 404, not only the structured one)") if self.require_parameters and _NO_ENDPOINTS in text else ""
+               "this 404, not only the structured one)") if self.require_parameters and NO_ENDPOINTS in text else ""
         self.notes.append(f"{sent} not supported by {self.model} (HTTP {status}: {short}){why}; "
                           f"falling back to {nxt} for the rest of the run")
         return True
@@ -319,45 +315,6 @@ class StructuredPlan:
 
 
 # ---------------------------------------------------------------------------------------------------
-
-
-def routes_via_openrouter(endpoint: EndpointConfig) -> bool:
-    """Whether requests go to OpenRouter (or to the built-in simulator playing it)."""
-    if endpoint.base_url == "simulator":
-        return bool(endpoint.simulator_options()["flavor"] == "openrouter")
-    host = (urlsplit(endpoint.base_url).hostname or "").lower()
-    return host == "openrouter.ai" or host.endswith(".openrouter.ai")
-
-
-def _user_require_parameters(params: ParamsConfig | None) -> bool | None:
-    """provider.require_parameters as the user set it (params.provider or params.extra), else None."""
-    if params is None:
-        return None
-    if params.provider is not None and params.provider.require_parameters is not None:
-        return params.provider.require_parameters
-    extra = params.extra.get("provider")
-    value = extra.get("require_parameters") if isinstance(extra, dict) else None
-    return bool(value) if value is not None else None
-
-
-def _unsupported(mode: str, text: str, status: int | None, *, generic: bool = True) -> bool:
-    """Whether an error text is the documented "this mode is not supported" answer for `mode`."""
-    if generic and _NO_ENDPOINTS in text:
-        # OpenRouter with require_parameters: no endpoint takes what this mode sent (docs/wire.md §1.5).
-        return True
-    if status == 404:
-        return False
-    says_no = any(p in text for p in _NOT_SUPPORTED)
-    if mode == "tool":
-        return says_no and ("tool" in text or "function call" in text or "function_call" in text)
-    if "must contain the word" in text:
-        return False  # json_object's json-word rule: shape() always satisfies it, so this is not about support
-    other = "json_object" if mode == "json_schema" else "json_schema"
-    if other in text and mode not in text:
-        return False
-    if mode == "json_schema" and "invalid schema for response_format" in text:
-        return True  # strict rejects the schema itself; a non-strict mode can still carry it
-    return says_no and ("response_format" in text or mode in text or "structured output" in text)
 
 
 def _content_text(content: Any) -> str:

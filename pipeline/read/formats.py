@@ -280,24 +280,36 @@ def resolve(cfg: InputConfig) -> list[File]:
         raise InputError(problem + (f"; found only {seen}" if seen else ""), file=path)
     if all((listed[f.path] if listed is not None else os.path.getsize(f.path)) == 0 for f in files):
         raise InputError("the input is empty", file=path)
-    names = [os.path.basename(f.path) for f in files]
-    if len(set(names)) < len(names) and listed is not None:  # object keys: the part below the common prefix
-        root = os.path.commonpath([f.path.split("://", 1)[1] for f in files])
-        names = [os.path.relpath(f.path.split("://", 1)[1], root) for f in files]
-    elif len(set(names)) < len(names):  # bad-row ids must stay unique across same-named files
-        root = os.path.commonpath([os.path.abspath(f.path) for f in files])
-        names = [os.path.relpath(os.path.abspath(f.path), root) for f in files]
-    for f, name in zip(files, names):
+    for f, name in zip(files, _unique_names(files, remote=listed is not None)):
         f.name = name
-        if f.kind == "jsonl":
-            open_binary(f.path, f.options).close()
-            continue
-        try:
-            with parquet_file(f) as pf:
-                meta = pf.metadata
-                f.schema, f.rows = pf.schema_arrow, meta.num_rows
-                sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"not a readable Parquet file ({exc})", file=f.path) from None
-        f.rg_starts = tuple(accumulate(sizes, initial=0))[:-1]
+        _probe(f)
     return files
+
+
+def _unique_names(files: list[File], *, remote: bool) -> list[str]:
+    """Each file's name in row ids: its base name, or its path below the files' common folder (or common
+    key prefix) when two files share a base name, so bad-row ids stay unique across same-named files."""
+    names = [os.path.basename(f.path) for f in files]
+    if len(set(names)) == len(names):
+        return names
+    if remote:  # object keys: the part below the common prefix
+        root = os.path.commonpath([f.path.split("://", 1)[1] for f in files])
+        return [os.path.relpath(f.path.split("://", 1)[1], root) for f in files]
+    root = os.path.commonpath([os.path.abspath(f.path) for f in files])
+    return [os.path.relpath(os.path.abspath(f.path), root) for f in files]
+
+
+def _probe(f: File) -> None:
+    """Check the file opens, before any batch is read; a Parquet file's footer gives its schema, rows and
+    row groups here."""
+    if f.kind == "jsonl":
+        open_binary(f.path, f.options).close()
+        return
+    try:
+        with parquet_file(f) as pf:
+            meta = pf.metadata
+            f.schema, f.rows = pf.schema_arrow, meta.num_rows
+            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"not a readable Parquet file ({exc})", file=f.path) from None
+    f.rg_starts = tuple(accumulate(sizes, initial=0))[:-1]

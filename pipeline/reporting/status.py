@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow.parquet as pq
 
-from ..common.parts import done_parts
+from ..common.parts import done_parts, part_number
 from ..common.terminal import printable
 from ..errors import EXIT_FAILED_ROWS, EXIT_OK, UsageError
 from ..ops import history
-from ..state.jobdir import JobDir, count_part, part_number
+from ..state.jobdir import JobDir, count_part
 from ..state.store import PartCounts, Store
 
 LAST_RUNS = 5
@@ -79,36 +80,18 @@ def job_status(target: str) -> dict[str, Any]:
     if manifest is None and not Path(jobdir.store_path).exists() and owner is None:
         raise UsageError(f"{out_dir} holds no job (no manifest.json or store.sqlite); give a job's output.dir "
                          "or its config file")
-    totals: dict[str, Any] = {"by_state": {}, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
-                              "last_write": None}
-    index: dict[int, PartCounts] = {}
-    batches: list[dict[str, Any]] = []
     since = float(manifest.get("updated") or 0) if manifest else 0.0  # when the last run started sending
-    stored_now: dict[str, int] = {}
-    if Path(jobdir.store_path).exists():
-        # Read-only, through SQLite's WAL: a running writer is never blocked and never sees us.
-        store = Store(jobdir.store_path, readonly=True)
-        try:
-            totals = store.totals()
-            index = store.parts()
-            batches = batch_rows(store)
-            stored_now = store.answered_since(since) if since else {}
-        finally:
-            store.close()
+    stored = _read_store(jobdir, since)
+    totals = stored.totals
     names = list(manifest.get("batches", [])) if manifest else []
-    succeeded, failed = _rows(jobdir, names, index)
+    succeeded, failed = _rows(jobdir, names, stored.index)
     rows_total = int(manifest.get("rows_total", 0)) if manifest else 0
     summary, summary_at = _summary(jobdir)
-    if owner is not None:
-        state = "running"
-    elif summary is not None and summary_at is not None and summary_at >= (totals["last_write"] or 0):
-        # The summary is newer than every stored answer: it describes how the last run ended.
-        state = "finished" if summary.get("exit_code") in (EXIT_OK, EXIT_FAILED_ROWS) else str(summary.get("stopped"))
-    else:
-        state = "not running"  # answers newer than any summary: the last run was killed or crashed
+    state = _state(owner, summary, summary_at, totals["last_write"])
     live = None
     if state in ("running", "not running") and since:
-        live = _live(jobdir, names, index, stored_now, since, totals["last_write"], running=owner is not None)
+        live = _live(jobdir, names, stored.index, stored.since_start, since, totals["last_write"],
+                     running=owner is not None)
         succeeded, failed = succeeded + live["unwritten_ok"], failed + live["unwritten_failed"]
     pending = max(0, rows_total - succeeded - failed)
     if live is not None:
@@ -133,9 +116,44 @@ def job_status(target: str) -> dict[str, Any]:
         "host": owner.get("host") if owner else None,
         "finished": state == "finished",
         "resume_command": manifest.get("command") if manifest else None,
-        "batches": batches,
+        "batches": stored.batches,
         "last_runs": history.read(jobdir.path, last=LAST_RUNS),
     }
+
+
+@dataclass
+class _Stored:
+    """What the job's store holds, read once: its totals, the part index, the batch files (run.mode: batch)
+    and the answers stored since the last run started, by state."""
+
+    totals: dict[str, Any]
+    index: dict[int, PartCounts] = field(default_factory=dict)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    since_start: dict[str, int] = field(default_factory=dict)
+
+
+def _read_store(jobdir: JobDir, since: float) -> _Stored:
+    if not Path(jobdir.store_path).exists():
+        return _Stored({"by_state": {}, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
+                        "last_write": None})
+    # Read-only, through SQLite's WAL: a running writer is never blocked and never sees us.
+    store = Store(jobdir.store_path, readonly=True)
+    try:
+        return _Stored(store.totals(), store.parts(), batch_rows(store),
+                       store.answered_since(since) if since else {})
+    finally:
+        store.close()
+
+
+def _state(owner: dict[str, Any] | None, summary: dict[str, Any] | None, summary_at: float | None,
+           last_write: float | None) -> str:
+    """running, finished, how the last run stopped (its summary's `stopped`), or not running."""
+    if owner is not None:
+        return "running"
+    if summary is not None and summary_at is not None and summary_at >= (last_write or 0):
+        # The summary is newer than every stored answer: it describes how the last run ended.
+        return "finished" if summary.get("exit_code") in (EXIT_OK, EXIT_FAILED_ROWS) else str(summary.get("stopped"))
+    return "not running"  # answers newer than any summary: the last run was killed or crashed
 
 
 def _live(jobdir: JobDir, names: list[str], index: dict[int, PartCounts], stored: dict[str, int], since: float,

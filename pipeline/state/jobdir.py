@@ -21,7 +21,6 @@ once the outputs are written, so the outputs always match this run's input.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ import sqlite3
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -39,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..common import layout, redact, safefs
-from ..common.parts import ANY_PART_RE, done_parts, read_part
+from ..common.parts import ANY_PART_RE, done_parts, part_number, read_part
 from ..config import Config
 from ..config.job import NOT_IDENTITY
 from ..errors import (
@@ -52,20 +51,6 @@ from ..errors import (
 from .store import PartCounts, Store
 
 MANIFEST_VERSION = 2   # 2: no input fingerprint (input is data); `batches` names this run's parts
-class OutputShape(Protocol):
-    """What a part's columns depend on besides its rows (write/output.py OutputColumns has it)."""
-
-    schema: dict[str, Any] | None
-    with_tool_calls: bool
-    with_logprobs: bool
-    with_ttft: bool
-    confidence_fields: list[str] | None
-    cascade: bool
-    audit_fields: list[str] | None
-    decisions: dict[str, Any] | None
-
-
-PART_FORMAT = 2        # 2: parts named by batch content instead of batch number
 IDENTITY_META = "job_identity"
 log = logging.getLogger("pipeline")
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")  # safefs.temp_name
@@ -313,27 +298,6 @@ class JobDir:
             if src.exists():
                 os.replace(src, aside / name)
         safefs.ensure_dir(self.parts)
-
-
-def part_context(carried_types: dict[str, str], id_column: str, layout: OutputShape) -> bytes:
-    """What shapes a part besides its batch's rows: the columns and types it is written with."""
-    shape = {"version": PART_FORMAT, "id": id_column, "carried": carried_types, "schema": layout.schema,
-             "tool_calls": layout.with_tool_calls, "logprobs": layout.with_logprobs, "ttft": layout.with_ttft}
-    if layout.confidence_fields is not None or layout.cascade or layout.audit_fields is not None:
-        # Only with the features on, so older jobs keep their part names.
-        shape["quality"] = [layout.confidence_fields, layout.cascade, layout.audit_fields, layout.decisions]
-    return orjson.dumps(shape, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
-
-
-def part_names(digests: list[bytes], context: bytes) -> list[str]:
-    """Each batch's part name: its content digest and the part context, as 16 hex characters."""
-    ctx = hashlib.blake2b(context, digest_size=8).digest()
-    return [hashlib.blake2b(d + ctx, digest_size=8).hexdigest() for d in digests]
-
-
-def part_number(name: str) -> int:
-    """A part name as the store's part index keys it (a signed 64-bit integer)."""
-    return int.from_bytes(bytes.fromhex(name), "big", signed=True)
 
 
 def _read_owner(fd: int) -> str:

@@ -1,7 +1,7 @@
 """Results, failures and the summary, written so that every input row lands exactly once.
 
 Each input batch, once all its rows are resolved, becomes two part files (`parts/NAME.f.parquet`
-then `parts/NAME.r.parquet`, NAME being the batch's content name (state/jobdir.py part_names), each
+then `parts/NAME.r.parquet`, NAME being the batch's content name (common/parts.py part_names), each
 written to a temp file and renamed; the results part is the batch's completion mark). A later run
 reuses the part of an unchanged batch without rendering it. At the end (and on interruption) the parts
 of this run's batches are concatenated in input order into `results.parquet` and `failures.parquet`,

@@ -278,3 +278,33 @@ def test_kill_9_while_the_second_stage_runs_at_the_provider(tmp_path: Path, sim:
     assert set(served.values()) == {1} and stats["lines_submitted"] == len(served)  # nothing paid twice
     assert strong_batches() == sum(1 for _, m, _, _ in chunks(tmp_path / "out") if m == "strong")  # none made again
     assert set(res["cascade_stage"]) == {1, 2}
+
+
+def test_retry_via_sync_sends_a_failed_line_and_its_rows_later_stages_synchronously(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TEST_KEY_ENV, "sk-test")
+    sim = SimulatorThread(SimConfig(flavor="openai", accuracy=ACCURACY, prices=PRICES, log_limit=1000,
+                                    batch={**INSTANT, "line_rate_5xx": 0.2}))
+    sim.start()
+    try:
+        rows = 60
+        cfg = trust_job(tmp_path, sim, rows, "batch")
+        cfg["batch"]["retry_via"] = "sync"
+        s = pipeline.run(cfg, quiet=True)
+        chat = sim.stats()["requests"]
+        strong_sync = sim.call(lambda: sum(1 for e in sim.sim.service.acct.log if e.raw and b'"model":"strong"' in e.raw))
+    finally:
+        sim.stop()
+    assert s.exit_code == 0, s.stop_message
+    res = assert_each_id_once(tmp_path / "out", rows)
+    assert set(res["cascade_stage"]) == {1, 2}
+    in_files = sum(n for *_, n in chunks(tmp_path / "out"))
+    assert chat > 0 and s.requests_sent == in_files + chat  # the failed lines (and what followed) went sync
+    db = sqlite3.connect(f"file:{tmp_path / 'out' / 'store.sqlite'}?mode=ro", uri=True)
+    try:
+        (strong_retried,) = db.execute("SELECT count(*) FROM batch_lines JOIN batch_chunks USING (chunk) WHERE "
+                                       "model = 'strong' AND outcome IN ('transient', 'missing')").fetchone()
+    finally:
+        db.close()
+    # Beyond the strong lines retried sync: rows whose first-stage line went sync were escalated in sync mode.
+    assert strong_sync > strong_retried

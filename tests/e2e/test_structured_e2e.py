@@ -25,8 +25,9 @@ from pydantic import BaseModel
 import pipeline
 from pipeline.config import EndpointConfig, ParamsConfig, StructuredConfig, load_config
 from pipeline.errors import JobChangedError
+from pipeline.prepare.mode_support import routes_via_openrouter
 from pipeline.prepare.schema import strict_normalise, tolerant_schema
-from pipeline.prepare.structured import StructuredPlan, routes_via_openrouter
+from pipeline.prepare.structured import StructuredPlan
 from pipeline.write.schema_arrow import arrow_type
 from pipeline_simulator import SimConfig
 from pipeline_simulator.thread import SimulatorThread

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from ...common.parts import part_context, part_names
 from ...config import Config
 from ...core.progress import Progress
 from ...errors import ConfigError
@@ -35,7 +36,7 @@ from ...prepare.structured import plan_for
 from ...read import storage
 from ...read.reader import InputScan, Source
 from ...send.stats import Stats
-from ...state.jobdir import part_context, part_names, resume_command
+from ...state.jobdir import resume_command
 from ...write.output import Summary
 from .budget import spent_so_far, write_spent
 from .invocation import RayInvocation
