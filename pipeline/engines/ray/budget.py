@@ -15,9 +15,10 @@ runs after one that died, starts from at least what was spent; at a clean end th
 exact figure. A crash therefore costs at most one chunk of budget (unspent), never an overshoot.
 
 The worst case is the table's, times the endpoint's markup (send/budget.py): the actor learns it from
-every worker's answers (usage.cost against the table's price, sent with each settle), reserves at it for
-all workers, and keeps its sums in the same file (`markup`, written when it moves by more than 1% and
-at the end), so a resumed run reserves at the endpoint's rate from its first request.
+every worker's answers (usage.cost against the table's price, sent with each settle, or every LEARN_S
+when there is no cap), reserves at it for all workers, and keeps its sums in the same file (`markup`,
+written when it moves by more than 1% and at the end), so a resumed run reserves at the endpoint's rate
+from its first request.
 """
 from __future__ import annotations
 
