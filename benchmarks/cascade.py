@@ -1,6 +1,7 @@
 """Cascade benchmark: accuracy and cost of the weak model alone, the strong model alone, and the cascade.
 
-    python benchmarks/cascade.py [--rows 5000] [--threshold 0.9] [--audit-share 0.05] [--rows-per-request 10] [--long-instructions]
+    python benchmarks/cascade.py [--rows 5000] [--threshold 0.9] [--audit-share 0.05] [--rows-per-request 10]
+                                 [--long-instructions]
         [--batch]
 
 5,000 rows with gold on the built-in simulator, whose models have an accuracy against a truth derived
@@ -159,7 +160,8 @@ def main() -> int:
             if k > 1:
                 jobs[f"cascade-batch, {k} rows per request"] = config(
                     data, root / "packed-batch", **trust, endpoint=endpoint, prompt=prompt,
-                    run={"progress": False, "mode": "batch"}, batch={"poll_interval_s": 0.01, "poll_max_interval_s": 0.05})
+                    run={"progress": False, "mode": "batch"}, batch={"poll_interval_s": 0.01,
+                                                                     "poll_max_interval_s": 0.05})
         folders = {name: Path(cfg["output"]["dir"]) for name, cfg in jobs.items()}
         figures = {name: run(name, cfg) for name, cfg in jobs.items()}
         frames = {name: answers(folders[name]) for name in jobs}

@@ -1,4 +1,5 @@
-"""`pipeline run | check | simulate | status | report | review | show`: a thin layer that parses arguments and formats a Summary.
+"""`pipeline run | check | simulate | status | report | review | show`: a thin layer that parses arguments and
+formats a Summary.
 
 Exit codes: 0 every row succeeded; 1 finished with failed rows; 2 bad config, input or usage (nothing
 sent); 3 stopped early (run-fatal or budget), resumable; 4 finished but the quality gate failed
@@ -45,7 +46,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true",
                      help="mirror pipeline.log (failed attempts, limits learned, pauses, stops) to stderr, with debug")
     run.add_argument("--limit", type=int, metavar="N",
-                     help="only the first N input rows (a cheap trial; outputs and resume are those of a job over them)")
+                     help="only the first N input rows (a cheap trial; outputs and resume are those of a job "
+                          "over them)")
     run.add_argument("--no-wait", action="store_true",
                      help="run.mode: batch: submit the batches and exit 75; run the same command again to collect")
     run.add_argument("--cancel-batches", action="store_true",

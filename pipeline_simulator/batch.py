@@ -202,7 +202,8 @@ class BatchService:
         lines, errors = check_lines(f.data, endpoint, chat)
         if len(lines) > self.cfg.max_file_lines:
             errors.append({"code": "too_many_requests", "line": None, "param": None,
-                           "message": f"The file has {len(lines):,} requests; the limit is {self.cfg.max_file_lines:,}."})
+                           "message": f"The file has {len(lines):,} requests; the limit is "
+                                      f"{self.cfg.max_file_lines:,}."})
         refusal = self._over_limits(sum(line.tokens for line in lines))
         if refusal is not None:
             self.counts["create_429"] += 1

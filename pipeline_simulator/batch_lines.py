@@ -115,7 +115,8 @@ def _error_body(err: SimError, service: ChatService) -> tuple[int, dict[str, Any
 
 
 def line_faults(n: int, rates: dict[str, float], rng: random.Random) -> list[str | None]:
-    """One draw per line, in input order: a fault name of `rates` ('4xx', '5xx', 'schema_invalid', 'no_choices') or None."""
+    """One draw per line, in input order: a fault name of `rates` ('4xx', '5xx', 'schema_invalid', 'no_choices')
+    or None."""
     out: list[str | None] = []
     for _ in range(n):
         u = rng.random()

@@ -173,7 +173,8 @@ class ChatService:
     def answer(self, ask: _Ask, content_fault: str | None = None) -> Answer:
         """The model's answer to a valid request: the same for the same body, whichever way it came."""
         target = find_target(ask.body, self.cfg.flavor, self.finder)
-        digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(ask.body), option=orjson.OPT_SORT_KEYS)).digest()
+        digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(ask.body),
+                                                               option=orjson.OPT_SORT_KEYS)).digest()
         rows = packs.pack_rows(ask.body, target.schema)
         if rows is not None and target.schema is not None:  # several rows in one request: each answered alone
             packed = make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault,
@@ -366,7 +367,8 @@ class ChatService:
         fault = choice.name if choice is not None else None
         rule = choice.rule if choice is not None else None
         options = body.get("stream_options")
-        include_usage = cfg.flavor == "openrouter" or (isinstance(options, dict) and options.get("include_usage") is True)
+        include_usage = cfg.flavor == "openrouter" or (isinstance(options, dict)
+                                                       and options.get("include_usage") is True)
         err: SimError | None = None
         if fault in ("stream_error", "stream_error_legacy", "error_200", "error_200_partial"):
             err = generic_error(rule.status if rule and rule.status else 502, rule.message if rule else None)

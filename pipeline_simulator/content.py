@@ -121,7 +121,8 @@ class SchemaFaker:
         low = int(schema.get("minProperties", 0))
         extra = schema.get("additionalProperties", True)
         while len(out) < low and extra is not False:
-            out[f"{self.rng.choice(WORDS)}_{len(out)}"] = self.value(extra if isinstance(extra, dict) else {}, depth + 1)
+            out[f"{self.rng.choice(WORDS)}_{len(out)}"] = self.value(extra if isinstance(extra, dict) else {},
+                                                                     depth + 1)
         return out
 
     def _array(self, schema: Schema, depth: int) -> list[Any]:

@@ -79,7 +79,8 @@ def error_object(err: SimError, flavor: str, provider: str) -> Any:
             return "Unauthorized"
         kind = _VLLM_TYPES.get(err.status) or _phrase(err.status)
         return {"message": err.message, "type": kind, "param": err.param, "code": err.status}
-    kind = err.lcpp_type or _LCPP_TYPES.get(err.status) or ("server_error" if err.status >= 500 else "invalid_request_error")
+    kind = err.lcpp_type or _LCPP_TYPES.get(err.status) or (
+        "server_error" if err.status >= 500 else "invalid_request_error")
     return {"code": err.status, "message": err.message, "type": kind, **err.lcpp_extra}
 
 
@@ -138,7 +139,8 @@ _GENERIC: dict[int, tuple[str, str, str | None, str, str]] = {
 
 def generic_error(status: int, message: str | None = None) -> SimError:
     oa_msg, oa_type, oa_code, or_msg, error_type = _GENERIC.get(status) or (
-        f"HTTP {status}", "server_error" if status >= 500 else "invalid_request_error", None, f"HTTP {status}", "unmapped")
+        f"HTTP {status}", "server_error" if status >= 500 else "invalid_request_error", None, f"HTTP {status}",
+        "unmapped")
     return SimError(status, message or oa_msg, oa_type, oa_code, or_message=message or or_msg,
                     error_type=error_type, provider_wrap=(status == 502 and message is None))
 

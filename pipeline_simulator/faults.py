@@ -87,7 +87,8 @@ def fault_error(name: str, rule: FaultRule | None, ctx: ErrorContext) -> SimErro
         return too_large(ctx, limit, requested, message)
     if name == "429_capacity":
         capacity_wait = retry if retry is not None else (ctx.retry_after or 1.0)
-        return _availability(429, "capacity_exhausted", True, capacity_wait, ctx, message or "Provider capacity exhausted")
+        return _availability(429, "capacity_exhausted", True, capacity_wait, ctx,
+                             message or "Provider capacity exhausted")
     if name == "429_flex":  # OpenAI Flex processing without capacity (not billed; retry later)
         return SimError(429, message or "Resource unavailable: Flex processing has no capacity for this request "
                         "right now. Retry later, or use the default service tier.", "server_error",
@@ -152,7 +153,8 @@ def rate_limited(ctx: ErrorContext, kind: str, retry_after: float | None, messag
     oa_msg = message or (f"Rate limit reached for {ctx.model} in organization {_ORG} on {unit}: Limit {limit}, "
                          f"Used {used}, Requested {requested}. Please try again in {go_duration(wait)}. "
                          "Visit https://platform.openai.com/account/rate-limits to learn more.")
-    err = SimError(429, oa_msg, kind, "rate_limit_exceeded", or_message=message or f"Rate limit exceeded: limit_rpm/{ctx.model}",
+    err = SimError(429, oa_msg, kind, "rate_limit_exceeded",
+                   or_message=message or f"Rate limit exceeded: limit_rpm/{ctx.model}",
                    error_type="rate_limit_exceeded", retry_after=retry_after)
     if ctx.flavor == "openrouter" and ctx.rate_headers:
         err.headers.update(ctx.rate_headers)

@@ -187,7 +187,8 @@ class ChunkMaker:
                 "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error",
                              "native_finish_reason": "error", "logprobs": None}]}
 
-    def body_chunks(self, a: Answer, low: int, high: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    def body_chunks(self, a: Answer, low: int, high: int) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                                   dict[str, Any]]:
         """(role chunk, content/tool/refusal delta chunks of random sizes, final chunk with finish_reason).
 
         An answer with logprobs streams as OpenAI does: one token per content chunk, each chunk carrying that

@@ -23,7 +23,8 @@ _NO_ENDPOINTS = "No endpoints found that can handle the requested parameters."
 
 
 def _bad(message: str, param: str | None, code: str | None = None, *, wrap: bool = True) -> SimError:
-    return SimError(400, message, "invalid_request_error", code, param, provider_wrap=wrap, error_type="invalid_request")
+    return SimError(400, message, "invalid_request_error", code, param, provider_wrap=wrap,
+                    error_type="invalid_request")
 
 
 def model_matches(model: str, patterns: list[str] | dict[str, int]) -> str | None:

@@ -35,7 +35,8 @@ def job(tmp_path: Path, rows: int = 20, *, sim: dict[str, Any] | None = None, **
         write_rows(data, rows)
     cfg: dict[str, Any] = {
         "input": {"path": str(data), "id_column": "rid", "columns": ["stars"]},
-        "endpoint": {"base_url": "simulator", "model": "openai/gpt-4-turbo", "simulator": {"retry_after_s": 0.01, **(sim or {})}},
+        "endpoint": {"base_url": "simulator", "model": "openai/gpt-4-turbo",
+                     "simulator": {"retry_after_s": 0.01, **(sim or {})}},
         "prompt": {"system": "You label reviews.", "user": "Review: {{ text }}"},
         "params": {"temperature": 0, "max_tokens": 200},
         "structured": {"schema": SCHEMA},

@@ -120,7 +120,8 @@ class Ledger:
         row = self.db.execute("SELECT coalesce(max(chunk), 0) + 1 FROM batch_chunks").fetchone()
         n = int(row[0])
         path = os.path.join(folder, f"chunk-{n:06d}.jsonl")
-        self.db.execute("INSERT INTO batch_chunks (chunk, state, path, updated_at, model) VALUES (?, 'writing', ?, ?, ?)",
+        self.db.execute("INSERT INTO batch_chunks (chunk, state, path, updated_at, model) "
+                        "VALUES (?, 'writing', ?, ?, ?)",
                         (n, path, time.time(), model))
         self._durable()
         return self.get(n)
@@ -161,7 +162,8 @@ class Ledger:
         they are rendered (or carried) again."""
         self.db.execute("BEGIN")
         self.db.execute("DELETE FROM batch_lines WHERE chunk = ?", (chunk,))
-        self.db.execute("UPDATE batch_chunks SET state = ?, updated_at = ? WHERE chunk = ?", (state, time.time(), chunk))
+        self.db.execute("UPDATE batch_chunks SET state = ?, updated_at = ? WHERE chunk = ?",
+                        (state, time.time(), chunk))
         self.db.execute("COMMIT")
         self._durable()
 
@@ -252,7 +254,8 @@ class Ledger:
 
     def mark_unanswered(self, chunk: int) -> int:
         """Lines of a finished batch that neither file answered; returns how many."""
-        cur = self.db.execute("UPDATE batch_lines SET outcome = 'missing' WHERE chunk = ? AND outcome IS NULL", (chunk,))
+        cur = self.db.execute("UPDATE batch_lines SET outcome = 'missing' WHERE chunk = ? AND outcome IS NULL",
+                              (chunk,))
         self.store.touched()
         return cur.rowcount
 

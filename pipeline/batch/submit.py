@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline")
 
 UPLOAD, CREATE = "POST /files", "POST /batches"
-_CHECK_BATCH_API = "check that endpoint.base_url speaks the OpenAI Batch API, then re-run the same command (or use run.mode: sync)"
+_CHECK_BATCH_API = ("check that endpoint.base_url speaks the OpenAI Batch API, then re-run the same command "
+                    "(or use run.mode: sync)")
 
 
 class Submitter:

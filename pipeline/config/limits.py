@@ -76,7 +76,8 @@ class NotifyConfig(Section):
         ["failure"], description="When to POST: failure (exit code not 0), success (exit 0).",
     )
     timeout_s: float = Field(10.0, gt=0, le=300, description="Time one POST may take.")
-    retries: int = Field(3, ge=0, le=10, description="Further POSTs when the receiver cannot be reached or answers 5xx.")
+    retries: int = Field(3, ge=0, le=10,
+                         description="Further POSTs when the receiver cannot be reached or answers 5xx.")
     format: Literal["json", "slack", "teams"] = Field(
         "json", description="json: the run record as it is; slack: {text} for a Slack incoming webhook; teams: a "
                             "MessageCard for a Microsoft Teams incoming webhook (the record's figures in one line).")

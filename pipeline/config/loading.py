@@ -104,7 +104,8 @@ def day_note(cfg: Config, rows: int) -> str | None:
     rpm = cfg.limits.requests_per_minute
     if rpm is None or rows / rpm <= MINUTES_A_DAY:
         return None
-    return (f"limits.requests_per_minute={rpm:g}: the input's {rows:,} rows need up to {rows / rpm / MINUTES_A_DAY:,.1f} "
+    return (f"limits.requests_per_minute={rpm:g}: the input's {rows:,} rows need up to "
+            f"{rows / rpm / MINUTES_A_DAY:,.1f} "
             "days to send, so the job cannot finish within a day; raise the limit, or let it run over several days "
             "(every run resumes)")
 

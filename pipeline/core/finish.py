@@ -1,5 +1,6 @@
 """How a local run ends: rows counted as new, edited, retried, reused or input-failed, the exit code and
-next step, the job's figures for the metrics file while it runs, and the versions stamped into summary.json (engines/runner.py)."""
+next step, the job's figures for the metrics file while it runs, and the versions stamped into summary.json
+(engines/runner.py)."""
 from __future__ import annotations
 
 import platform

@@ -258,7 +258,8 @@ class Core:
                 raise res  # a bug, not an outcome: surface it
         return records
 
-    async def _send_packs(self, packs: PackSender, todo: list[Request], rows_per_key: Counter[str]) -> dict[str, Record]:
+    async def _send_packs(self, packs: PackSender, todo: list[Request],
+                          rows_per_key: Counter[str]) -> dict[str, Record]:
         records: dict[str, Record] = {}
 
         def done(key: str, record: Record) -> None:

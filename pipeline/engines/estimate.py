@@ -155,7 +155,8 @@ class _Asker:
         return Packer.rekey(built) if self.packer is not None else built
 
     def requests(self, rows: list[Request]) -> list[Request]:
-        return [p.request for p in self.packer.packs(rows) if p.request is not None] if self.packer is not None and rows else rows
+        return [p.request for p in self.packer.packs(rows) if p.request is not None] \
+            if self.packer is not None and rows else rows
 
 
 def _batch(batch: InputBatch, renderer: Renderer, asker: _Asker, cfg: Config,

@@ -155,14 +155,16 @@ def _context(cfg: Config, options: RunOptions, invocation: Invocation, prepared:
     limiter = Limits(cfg.limits)
     progress = Progress(scan.rows, reused.ok + reused.failed, enabled=cfg.run.progress and not options.quiet,
                         interval_s=cfg.run.progress_interval_s,
-                        live=lambda: Live(invocation.tally.in_flight, limiter.paused_for(), invocation.tally.last_error))
+                        live=lambda: Live(invocation.tally.in_flight, limiter.paused_for(),
+                                          invocation.tally.last_error))
     answers = LocalAnswers(store, _open_cache(cfg, stack), stats, retry_failed=options.retry_failed)
     core = Core(cfg, renderer, plan, answers=answers, limiter=limiter, transport=transport, progress=progress,
                 stats=stats, budget=_budget(cfg, store, spent_before))
     return RunContext(cfg=cfg, options=options, invocation=invocation, jobdir=jobdir, source=prepared.source,
                       scan=scan, renderer=renderer, plan=plan, store=store, answers=answers, core=core,
                       progress=progress, interrupt=interrupt, columns=columns, names=names, reuse=reuse,
-                      reused=reused, rows=RowCount(invocation.started, reused, answers.asked_again), commands=prepared.commands,
+                      reused=reused, rows=RowCount(invocation.started, reused, answers.asked_again),
+                      commands=prepared.commands,
                       started=prepared.started, spent_before=spent_before)
 
 

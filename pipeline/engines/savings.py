@@ -124,7 +124,8 @@ def compare(est: Estimate, cfg: Config) -> list[dict[str, Any]]:
         if costs is not None and price is not None:
             base = costs[1] if costs[1] is not None else costs[0]
             row["cost_usd"] = {"min": round(costs[0], 6), "likely": None if costs[1] is None else round(costs[1], 6),
-                               "max": round(costs[2], 6), "with_prompt_cache": round(cached_cost(base, cache, price), 6)}
+                               "max": round(costs[2], 6),
+                               "with_prompt_cache": round(cached_cost(base, cache, price), 6)}
         rows.append(row)
     return rows
 

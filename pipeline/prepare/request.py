@@ -8,8 +8,9 @@
 The request key is sha256 of the base URL, a newline and the canonical payload (JSON with sorted keys,
 exactly the bytes sent) without its prompt-caching hints (caching.plain: `prompt_cache_key` and
 `cache_control` marks do not change the answer), so any change to what is asked is a different key and
-an old answer is never reused for a new question, while switching `prompt.cache` keeps every answer. The local runner, the dry run, the dispatcher and the benchmarks all build
-requests here, so they agree on every key.
+an old answer is never reused for a new question, while switching `prompt.cache` keeps every answer. The
+local runner, the dry run, the dispatcher and the benchmarks all build requests here, so they agree on every
+key.
 """
 from __future__ import annotations
 

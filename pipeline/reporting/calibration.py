@@ -44,7 +44,8 @@ class Calibration:
     no_confidence: int            # gold rows with an answer but no confidence (left out)
     ece: float | None
     bins: pl.DataFrame            # bin, lo, hi, rows, mean_confidence, accuracy, gap
-    thresholds: pl.DataFrame      # threshold, accepted_share, accepted_rows, gold_rows, precision, precision_low, precision_high
+    # threshold, accepted_share, accepted_rows, gold_rows, precision, precision_low, precision_high
+    thresholds: pl.DataFrame
     target: float | None = None
     chosen: dict[str, float | int | None] | None = None   # the threshold row --target-precision names
 

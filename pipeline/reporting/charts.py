@@ -67,7 +67,8 @@ def histogram(df: pl.DataFrame, title: str, x_title: str, *, marks: dict[str, fl
     """Bars over [start, end) bins; optional labelled rules (p50/p90/p99)."""
     layers: list[Any] = [
         alt.Chart(_values(df)).mark_bar(color=ACCENT, stroke="white", strokeWidth=0.5).encode(
-            x=alt.X("start:Q", title=x_title, bin="binned", axis=alt.Axis(tickCount=8)), x2="end:Q", y=alt.Y("count:Q", title="rows", axis=alt.Axis(tickMinStep=1)),
+            x=alt.X("start:Q", title=x_title, bin="binned", axis=alt.Axis(tickCount=8)), x2="end:Q",
+            y=alt.Y("count:Q", title="rows", axis=alt.Axis(tickMinStep=1)),
             tooltip=["start:Q", "end:Q", "count:Q"],
         )
     ]

@@ -284,7 +284,8 @@ def _cost_table(runs: list[RunData], labels: list[str], agreement: pl.DataFrame,
         acc = gold.filter(pl.col("run") == label).get_column("accuracy").first() if gold is not None else None
         rows.append({"run": label, "out_dir": str(run.path), "rows": fig["succeeded"], "cost_usd": fig["cost_usd"],
                      "cost_per_1k_rows": fig["cost_per_1k_rows"],
-                     "agreement_with_reference": 1.0 if label == ref else (vs_ref.get_column("agree").mean() if vs_ref.height else None),
+                     "agreement_with_reference": 1.0 if label == ref
+                     else (vs_ref.get_column("agree").mean() if vs_ref.height else None),
                      "gold_accuracy": acc})
     return pl.DataFrame(rows, schema={"run": pl.String, "out_dir": pl.String, "rows": pl.Int64, "cost_usd": pl.Float64,
                                       "cost_per_1k_rows": pl.Float64, "agreement_with_reference": pl.Float64,

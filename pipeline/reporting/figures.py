@@ -124,7 +124,8 @@ def failure_figures(run: RunData) -> tuple[pl.DataFrame, dict[str, list[dict[str
     f = run.failures
     if f.height == 0 or "error_class" not in f.columns:
         return pl.DataFrame({"error_class": [], "status": [], "rows": []}), {}
-    by = f.group_by("error_class", "status").agg(pl.len().alias("rows")).sort(["rows", "error_class"], descending=[True, False])
+    by = f.group_by("error_class", "status").agg(pl.len().alias("rows")).sort(["rows", "error_class"],
+                                                                              descending=[True, False])
     examples: dict[str, list[dict[str, Any]]] = {}
     cols = [c for c in (run.id_column, "status", "message", "content", "attempts") if c in f.columns]
     for (error_class,), group in f.select(["error_class", *cols]).group_by("error_class", maintain_order=True):
@@ -219,8 +220,8 @@ def histogram(v: pl.Series, bins: int = HIST_BINS, *, upper: float | None = None
     if upper is not None and lo < upper < hi:
         hi = upper
     if hi == lo:
-        return pl.DataFrame({"start": [lo], "end": [hi], "count": [v.len()]}, schema={"start": pl.Float64,
-                                                                                    "end": pl.Float64, "count": pl.Int64})
+        return pl.DataFrame({"start": [lo], "end": [hi], "count": [v.len()]},
+                            schema={"start": pl.Float64, "end": pl.Float64, "count": pl.Int64})
     if (v == v.floor()).all() and hi - lo < 2 * bins:
         bins, width = int(hi - lo) + 1, 1.0  # small integers (list lengths, stars): one bar per value
     else:

@@ -1,8 +1,9 @@
 """The report as one self-contained HTML document: inline CSS, inline SVG charts, no script, no URL.
 
 Every value that came from the output folder (ids, messages, raw content, labels) is escaped: the folder
-is untrusted, and a model's answer may well contain markup or URLs (shown as text, never as links). Figures carry their exact value in a
-`data-k` / `data-v` pair so that tools (and the tests) can read them back without parsing formatted text.
+is untrusted, and a model's answer may well contain markup or URLs (shown as text, never as links). Figures
+carry their exact value in a `data-k` / `data-v` pair so that tools (and the tests) can read them back without
+parsing formatted text.
 """
 from __future__ import annotations
 
@@ -199,7 +200,8 @@ def _failures(run: RunData, p: str) -> str:
     head = f"<h2 id=\"{p}-failures\">Failures</h2>"
     if by.height == 0:
         return head + "<p>No failed rows.</p>"
-    per_class = by.group_by("error_class").agg(pl.col("rows").sum()).sort(["rows", "error_class"], descending=[True, False])
+    per_class = by.group_by("error_class").agg(pl.col("rows").sum()).sort(["rows", "error_class"],
+                                                                          descending=[True, False])
     out = [head, "<div class=\"grid\">",
            _figure(charts.bars(per_class, "error_class", "rows", "Failed rows by class", color=charts.WARN), ""),
            table(by, key=f"{p}.failures"), "</div>"]
@@ -224,7 +226,8 @@ def _outputs(run: RunData, p: str) -> str:
         k = f"{p}.field.{s.name}"
         title = f"{s.name} ({s.kind.replace('_', ' of ')})"
         if s.kind in ("enum", "list", "other", "list_objects"):
-            chart = charts.bars(s.table, "value", "count", title if s.kind != "list_objects" else f"{title}: items per row")
+            chart = charts.bars(s.table, "value", "count",
+                                title if s.kind != "list_objects" else f"{title}: items per row")
         elif s.kind == "boolean":
             chart = charts.shares(s.table, title)
         else:

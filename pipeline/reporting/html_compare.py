@@ -63,11 +63,13 @@ def _side_by_side(c: Comparison, runs: list[RunData]) -> str:
             ("succeeded", "rows answered", f["succeeded"], None), ("failed", "rows failed", f["failed"], None),
             ("accuracy", f"accuracy against gold ({c.gold_field})" if c.gold_field else "accuracy against gold",
              g.get("accuracy"), pct(g.get("accuracy"))),
-            ("macro_f1", "macro F1", g.get("macro_f1"), fmt(g.get("macro_f1"), ".3f") if g.get("macro_f1") is not None else None),
+            ("macro_f1", "macro F1", g.get("macro_f1"),
+             fmt(g.get("macro_f1"), ".3f") if g.get("macro_f1") is not None else None),
             ("agreement", "agreement with the first run (labels)", cost.get(label, {}).get("agreement_with_reference"),
              pct(cost.get(label, {}).get("agreement_with_reference"))),
             ("mean_confidence", "mean confidence", conf, fmt(conf, ".3f") if conf is not None else None),
-            ("ece", "calibration error (ECE)", k.ece if k else None, fmt(k.ece, ".3f") if k and k.ece is not None else None),
+            ("ece", "calibration error (ECE)", k.ece if k else None,
+             fmt(k.ece, ".3f") if k and k.ece is not None else None),
             ("cost_usd", "cost (whole job)", f["cost_usd"], money(f["cost_usd"])),
             ("cost_per_1k_rows", "cost per 1,000 rows", f["cost_per_1k_rows"], money(f["cost_per_1k_rows"])),
         ]
@@ -184,7 +186,8 @@ def _calibration(cals: list[Calibration]) -> str:
             "threshold", "accepted_share", "accepted_rows", "gold_rows", "precision", "precision_low", "precision_high")
         out.append(f"<h4>{e(cal.field)}: {e(cal.run)}</h4>{chosen}<div class=\"grid\">"
                    + figure(svg, cap, title="Reliability: accuracy per confidence bin", key=f"{k}.reliability")
-                   + f"<div><span data-k=\"{e(k)}.ece\" data-v=\"{e('' if cal.ece is None else repr(cal.ece))}\"></span>"
+                   + f"<div><span data-k=\"{e(k)}.ece\" "
+                     f"data-v=\"{e('' if cal.ece is None else repr(cal.ece))}\"></span>"
                    + table(thresholds, key=f"{k}.thresholds", formats={c: pct for c in _SHARES}) + "</div></div>")
     return "".join(out)
 

@@ -66,7 +66,8 @@ def label_config(fields: list[ReviewField]) -> str:
     lines = ["<View>", f"  <Text name={quoteattr(TEXT)} value={quoteattr('$' + TEXT)}/>"]
     for f in fields:
         lines.append(f"  <Header value={quoteattr(f.name)}/>")
-        lines.append(f"  <Choices name={quoteattr(f.name)} toName={quoteattr(TEXT)} choice=\"single\" showInline=\"true\">")
+        lines.append(f"  <Choices name={quoteattr(f.name)} toName={quoteattr(TEXT)} choice=\"single\" "
+                     "showInline=\"true\">")
         lines += [f"    <Choice value={quoteattr(c)}/>" for c in f.choices]
         lines.append("  </Choices>")
     lines.append("</View>")
@@ -77,7 +78,8 @@ def csv_text(rows: list[dict[str, Any]], fields: list[ReviewField]) -> str:
     """row_id, reason, weight, confidence, text, then per field the model's answer and an empty column to fill."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([ROW_ID, "reason", "weight", "confidence", TEXT] + [c for f in fields for c in (f"model_{f.name}", f.name)])
+    writer.writerow([ROW_ID, "reason", "weight", "confidence", TEXT]
+                    + [c for f in fields for c in (f"model_{f.name}", f.name)])
     for r in rows:
         conf = "" if r.get("confidence") is None else f"{r['confidence']:.4f}"
         writer.writerow([r[ROW_ID], r["reason"], f"{r['weight']:.6g}", conf, _cell(r[TEXT])]
@@ -147,7 +149,8 @@ def _from_task(t: dict[str, Any], where: str, name: str) -> list[Label]:
 
 def _from_flat(t: dict[str, Any], where: str, name: str) -> list[Label]:
     row_id = _row_id(t.get(ROW_ID), where, name)
-    skip = {ROW_ID, TEXT, "reason", "weight", "confidence", "id", "annotator", "annotation_id", "created_at", "updated_at",
+    skip = {ROW_ID, TEXT, "reason", "weight", "confidence", "id", "annotator", "annotation_id", "created_at",
+            "updated_at",
             "lead_time"}
     out = []
     for key, value in t.items():

@@ -136,7 +136,8 @@ def _choose(rows: pl.DataFrame, path: Path, below: float | None, sample: int, se
                .with_columns(reason=pl.format("confidence {} < {}", pl.col("confidence").round(3), pl.lit(below)),
                              weight=pl.lit(1.0)))
     rest = rows.join(low.select("row_id"), on="row_id", how="anti").sort("row_id")
-    picked = rest.sample(n=min(sample, rest.height), seed=seed, shuffle=True) if sample > 0 and rest.height else rest.head(0)
+    picked = rest.sample(n=min(sample, rest.height), seed=seed, shuffle=True) if sample > 0 and rest.height \
+        else rest.head(0)
     # Every uncertain row is up for review, one in (rest / sample) of the others: that inverse is its weight.
     weight = rest.height / picked.height if picked.height else 1.0
     return pl.concat([low, picked.with_columns(reason=pl.lit("random sample"), weight=pl.lit(weight))],
@@ -171,7 +172,8 @@ def import_labels(out_dir: str, source: str) -> Imported:
                          file=str(path))
     now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     frame = pl.DataFrame([{"row_id": lab.row_id, "field": lab.field, "value": value, "annotator": lab.annotator,
-                           "annotated_at": lab.annotated_at, "reason": lab.reason, "weight": lab.weight, "source": path.name,
+                           "annotated_at": lab.annotated_at, "reason": lab.reason, "weight": lab.weight,
+                           "source": path.name,
                            "imported_at": now} for lab, value in kept], schema=GOLD_SCHEMA)
     frame = frame.unique(subset=["row_id", "field"], keep="last", maintain_order=True)
     merged = write_gold(run.path, frame)

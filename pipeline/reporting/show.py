@@ -201,7 +201,8 @@ def job_configs(path: Path, manifest: dict[str, Any], config: str | None) -> Ite
 
 
 def _url(base_url: str) -> str:
-    return "(the built-in simulator)/chat/completions" if base_url == "simulator" else f"{base_url.rstrip('/')}/chat/completions"
+    return "(the built-in simulator)/chat/completions" if base_url == "simulator" \
+        else f"{base_url.rstrip('/')}/chat/completions"
 
 
 def _short_data_urls(value: Any) -> Any:

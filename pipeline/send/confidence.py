@@ -120,7 +120,8 @@ def vote_confidence(outputs: Sequence[Any], fields: Fields) -> tuple[int, dict[s
     majority = {name: c.most_common(1)[0][0] for name, c in counts.items() if c}
     best = max(valid, key=lambda io: (sum(1 for n, m in majority.items() if _canon(io[1].get(n)) == m), -io[0]))
     index, chosen = best
-    shares: dict[str, float | None] = {name: counts[name][_canon(chosen[name])] / total for name in fields if name in chosen}
+    shares: dict[str, float | None] = {name: counts[name][_canon(chosen[name])] / total
+                                       for name in fields if name in chosen}
     return index, shares
 
 
@@ -143,7 +144,8 @@ def _bytes_of(token: Mapping[str, Any]) -> bytes:
 
 def _logprob(token: Mapping[str, Any]) -> float:
     lp = token.get("logprob")
-    return float(lp) if isinstance(lp, (int, float)) and not isinstance(lp, bool) and math.isfinite(lp) else _NOT_IN_TOP * 2
+    return float(lp) if isinstance(lp, (int, float)) and not isinstance(lp, bool) and math.isfinite(lp) \
+        else _NOT_IN_TOP * 2
 
 
 def _p(logprob: float) -> float:

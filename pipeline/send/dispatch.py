@@ -76,7 +76,8 @@ class Dispatcher:
         self.budget = extras.get("budget") or Budget(cfg.budget.max_cost_usd)
         self.builder = (extras.get("builder")
                         or RequestBuilder(cfg.endpoint.base_url, plan, TokenCounter(cfg.endpoint.model)))
-        self.backoff = Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, extras.get("rng") or random.Random())
+        self.backoff = Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s,
+                               extras.get("rng") or random.Random())
         self.policy = RetryPolicy.of(cfg)
         self.reach = Reachability()
         self.fatal: Fatal | None = None

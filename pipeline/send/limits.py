@@ -167,7 +167,8 @@ class Limits:
 
         Raises PermanentError at once for a request that could never fit a minute's tokens."""
         if self.tokens is not None and est_tokens > self.tokens.per_minute:
-            raise _too_large(est_tokens, "tokens_per_minute", self.tokens, "lower params.max_tokens or shorten the prompt")
+            raise _too_large(est_tokens, "tokens_per_minute", self.tokens,
+                             "lower params.max_tokens or shorten the prompt")
         if self.input_tokens is not None and input_tokens > self.input_tokens.per_minute:
             raise _too_large(input_tokens, "input_tokens_per_minute", self.input_tokens, "shorten the prompt")
         if self.output_tokens is not None and output_tokens > self.output_tokens.per_minute:

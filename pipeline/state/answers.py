@@ -36,7 +36,8 @@ class LocalAnswers:
         self.asked_again.update(k for k in found if k not in records)
         if self.cache is not None:
             missing = [k for k in keys if k not in records]
-            hits = [r for r in self.cache.get_many(missing, with_raw=True).values() if r.state == "ok"] if missing else []
+            hits = [r for r in self.cache.get_many(missing, with_raw=True).values() if r.state == "ok"] \
+                if missing else []
             for r in hits:
                 r.cache_hit, r.cost_usd, r.created_at = True, 0.0, 0.0
             if hits:

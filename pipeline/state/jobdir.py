@@ -321,7 +321,8 @@ def resume_command(config_path: str | None, overrides: list[str] | None, *, retr
     """The command that continues this job: the config path as given plus every --set, shell-quoted.
     From a notebook (a dict config) it names the output folder, which a notebook user may not have set."""
     if not config_path or config_path == "<dict>":
-        call, flag = ("pipeline.run(..., retry_failed=True)", " --retry-failed") if retry_failed else ("pipeline.run(...)", "")
+        call, flag = ("pipeline.run(..., retry_failed=True)", " --retry-failed") if retry_failed \
+            else ("pipeline.run(...)", "")
         where = f" with output.dir {out_dir}" if out_dir else ""
         return f"the same {call} call{where} (or `pipeline run CONFIG{flag}` with this job's config file)"
     argv = ["pipeline", "run", config_path]

@@ -99,8 +99,10 @@ def part_tables(layout: OutputColumns, carried: pa.Table,
     ok_set = set(ok_idx)
     bad_idx = [i for i, o in enumerate(outcomes) if o is not None and i not in ok_set]
     carried = _rename_carried(carried, layout)
-    results = _results_table(carried.take(pa.array(ok_idx, pa.int64())), [outcomes[i] for i in ok_idx], layout)  # type: ignore[misc]
-    failures = _failures_table(carried.take(pa.array(bad_idx, pa.int64())), [outcomes[i] for i in bad_idx], layout)  # type: ignore[misc]
+    results = _results_table(carried.take(pa.array(ok_idx, pa.int64())),
+                             [outcomes[i] for i in ok_idx], layout)  # type: ignore[misc]
+    failures = _failures_table(carried.take(pa.array(bad_idx, pa.int64())),
+                               [outcomes[i] for i in bad_idx], layout)  # type: ignore[misc]
     return results, failures
 
 
@@ -362,7 +364,8 @@ def load(out_dir: str | os.PathLike[str], *, include_failures: bool = False, unn
         renamed = {f: (f"output_{f}" if f in taken else f) for f in fields}
         df = df.with_columns(pl.col("output").struct.rename_fields([renamed[f] for f in fields])).unnest("output")
     if include_failures and (remote or (out / "failures.parquet").exists()):
-        failures = read_outputs(str(out_dir), "failures.parquet").drop(["content", "cost_usd", "attempts"], strict=False)
+        failures = read_outputs(str(out_dir), "failures.parquet").drop(["content", "cost_usd", "attempts"],
+                                                                       strict=False)
         df = pl.concat([df, failures], how="diagonal_relaxed")
     return df
 

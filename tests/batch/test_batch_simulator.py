@@ -94,7 +94,8 @@ def test_lifecycle_counts_shuffle_and_answers_equal_to_chat() -> None:
         statuses = [s["status"] for s in seen]
         assert statuses == ["validating", "in_progress", "in_progress", "finalizing", "completed"]
         progress = [s["request_counts"]["completed"] for s in seen if s["status"] == "in_progress"]
-        assert progress == sorted(progress) and seen[-1]["request_counts"] == {"total": 30, "completed": 30, "failed": 0}
+        assert progress == sorted(progress) and seen[-1]["request_counts"] == {"total": 30, "completed": 30,
+                                                                               "failed": 0}
         out = await content(session, url, seen[-1]["output_file_id"])
         ids = [o["custom_id"] for o in out]
         assert sorted(ids) == sorted(f"c{i}" for i in range(30)) and ids != [f"c{i}" for i in range(30)]

@@ -268,7 +268,8 @@ def test_kill_9_while_the_second_stage_runs_at_the_provider(tmp_path: Path, sim:
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
-    weak_lines = batch_stats(sim)["lines_submitted"] - sum(n for _, m, _, n in chunks(tmp_path / "out") if m == "strong")
+    weak_lines = batch_stats(sim)["lines_submitted"] - sum(
+        n for _, m, _, n in chunks(tmp_path / "out") if m == "strong")
     assert weak_lines == rows
     sim.call(lambda: setattr(sim.sim.batches.cfg, "hold_models", []))
     summary = pipeline.run(cfg, quiet=True)
@@ -292,7 +293,8 @@ def test_retry_via_sync_sends_a_failed_line_and_its_rows_later_stages_synchronou
         cfg["batch"]["retry_via"] = "sync"
         s = pipeline.run(cfg, quiet=True)
         chat = sim.stats()["requests"]
-        strong_sync = sim.call(lambda: sum(1 for e in sim.sim.service.acct.log if e.raw and b'"model":"strong"' in e.raw))
+        strong_sync = sim.call(lambda: sum(1 for e in sim.sim.service.acct.log
+                                           if e.raw and b'"model":"strong"' in e.raw))
     finally:
         sim.stop()
     assert s.exit_code == 0, s.stop_message

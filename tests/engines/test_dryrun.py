@@ -67,7 +67,8 @@ def test_figures_on_a_known_dataset(tmp_path: Path) -> None:
     assert dry_run(cfg, out) == 0
     text = out.getvalue()
     for figure in ("8 rows", "3 requests for 4 rows", "110 (", "0 .. 300", "$0.1100 .. $0.7100", "30.0s .. 41.0s",
-                   "slowest limit: tokens/min", "would fail      4 rows", "missing_column 1", "0.6 s to the first token"):
+                   "slowest limit: tokens/min", "would fail      4 rows", "missing_column 1",
+                   "0.6 s to the first token"):
         assert figure in text, figure
     assert not (tmp_path / "out").exists()
 
@@ -114,7 +115,8 @@ def test_images_in_the_estimate_and_unreadable_images_as_failures(tmp_path: Path
 
     Image.new("RGB", (1024, 1024), (0, 0, 0)).save(tmp_path / "a.png")
     with open(tmp_path / "in.jsonl", "w") as fh:
-        fh.writelines(json.dumps({"rid": rid, "text": "t", "img": img}) + "\n" for rid, img in (("ok", "a.png"), ("gone", "missing.png"), ("two", ["a.png", "https://x.org/b.jpg"])))
+        fh.writelines(json.dumps({"rid": rid, "text": "t", "img": img}) + "\n"
+                      for rid, img in (("ok", "a.png"), ("gone", "missing.png"), ("two", ["a.png", "https://x.org/b.jpg"])))
     cfg = load_config({"input": {"path": str(tmp_path / "in.jsonl"), "id_column": "rid"},
                        "prompt": {"user": "{{ text }}", "images": ["img"], "image_detail": "high"},
                        "params": {"max_tokens": 10}, "output": {"dir": str(tmp_path / "out")}})

@@ -92,7 +92,8 @@ def test_three_nights_over_a_growing_input_send_only_what_has_no_answer(s3_bucke
     assert [e["event"] for e in log].count("run_start") == 3 and any(e["event"] == "run_end" for e in log)
     from pipeline.reporting.status import job_status
     st = job_status(out)
-    assert (st["engine"], st["state"], st["rows_done"], st["shards_done"]) == ("ray", "finished", 145, st["shards_total"])
+    assert (st["engine"], st["state"], st["rows_done"], st["shards_done"]) == ("ray", "finished", 145,
+                                                                               st["shards_total"])
 
 
 def test_workers_events_reach_the_one_log(tmp_path: Path, ray_local: Any) -> None:
@@ -112,7 +113,8 @@ def test_workers_events_reach_the_one_log(tmp_path: Path, ray_local: Any) -> Non
     events = [json.loads(line) for line in (tmp_path / "out" / "pipeline.log").read_text().splitlines()]
     failed = [e for e in events if e["event"] == "attempt_failed"]
     assert len(failed) == 3 and all(e["status"] == 500 for e in failed)  # logged in the workers
-    assert [json.loads(line)["exit_code"] for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()] == [0]
+    assert [json.loads(line)["exit_code"]
+            for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()] == [0]
     df = pipeline.load(str(tmp_path / "out"))
     assert df.height == 20 and "sentiment" in df.columns
     # One outcome policy and one record construction (issue 23, item 5): the workers run the local

@@ -18,7 +18,8 @@ from tests.e2e.test_budget_holds import DEAR
 
 
 def _dear(tmp_path: Path, cap: float | None, concurrency: int) -> dict[str, Any]:
-    return job(tmp_path, 100, sim={"prices": DEAR, "cached_tokens_ratio": 0.0}, endpoint={"model": "openai/gpt-4o-mini"},
+    return job(tmp_path, 100, sim={"prices": DEAR, "cached_tokens_ratio": 0.0},
+               endpoint={"model": "openai/gpt-4o-mini"},
                budget={"max_cost_usd": cap}, params={"temperature": 0, "max_tokens": 40},
                limits={"max_concurrency": concurrency}, input={"batch_size": 50},
                run={"engine": "ray", "workers": 2})
@@ -38,7 +39,8 @@ def _kept(out: Path) -> tuple[float, float, dict[str, Any]]:
     return reported / table, kept["spent"], kept
 
 
-def test_a_resumed_ray_run_reserves_at_the_learned_markup_from_its_first_request(tmp_path: Path, ray_local: Any) -> None:
+def test_a_resumed_ray_run_reserves_at_the_learned_markup_from_its_first_request(tmp_path: Path,
+                                                                                 ray_local: Any) -> None:
     # A first night without a cap: nothing is reserved, yet the actor learns the endpoint's rate and keeps it.
     first = pipeline.run(_dear(tmp_path, None, 4), quiet=True)
     out = Path(first.out_dir)

@@ -93,7 +93,8 @@ def test_images_stay_after_the_mark(tmp_path: Path) -> None:
 
 def test_openai_models_get_one_prompt_cache_key_per_job_where_the_endpoint_takes_it() -> None:
     a, b = built(cfg("openai/gpt-4o-mini")), built(cfg("openai/gpt-4o-mini"), "another row")
-    assert a["prompt_cache_key"] == b["prompt_cache_key"] == f"pipeline-{cfg('openai/gpt-4o-mini').request_fingerprint()}"
+    assert a["prompt_cache_key"] == b["prompt_cache_key"] == \
+        f"pipeline-{cfg('openai/gpt-4o-mini').request_fingerprint()}"
     assert marks(a) == [] and a["messages"][-1]["content"] == INSTRUCTIONS + "Review: " + ROW
     # A server that may not know the field (vLLM, llama.cpp on loopback) does not get it.
     assert "prompt_cache_key" not in built(cfg("openai/gpt-4o-mini", base_url="http://127.0.0.1:8080/v1"))

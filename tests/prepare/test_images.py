@@ -37,7 +37,8 @@ def decode(url: str) -> tuple[str, bytes]:
 
 @pytest.mark.parametrize("w, h, detail, tokens", [
     (1024, 1024, "high", 765), (2048, 4096, "high", 1105), (4096, 8192, "low", 85),
-    (512, 512, "high", 255), (100, 100, "auto", 255), (768, 768, "auto", 765), (4096, 1024, "high", 765), (1000, 3000, "high", 1445),
+    (512, 512, "high", 255), (100, 100, "auto", 255), (768, 768, "auto", 765), (4096, 1024, "high", 765),
+    (1000, 3000, "high", 1445),
 ])
 def test_image_tokens_rule(w: int, h: int, detail: str, tokens: int) -> None:
     assert image_tokens(w, h, detail) == tokens

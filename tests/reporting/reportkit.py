@@ -111,7 +111,8 @@ MEASURE = """
     if (el.closest('svg') && el.tagName.toLowerCase() !== 'svg') continue;
     const b = r(el);
     if (b.width === 0 && b.height === 0) continue;
-    if (b.right > W + 0.5 || b.left < -0.5) out.overflow.push([el.tagName, el.textContent.slice(0, 60), b.left, b.right]);
+    if (b.right > W + 0.5 || b.left < -0.5)
+      out.overflow.push([el.tagName, el.textContent.slice(0, 60), b.left, b.right]);
     const p = el.parentElement;
     if (p && !p.closest('svg') && p.tagName !== 'BODY' && p.tagName !== 'HTML' && b.right > r(p).right + 1
         && getComputedStyle(p).overflowX === 'visible')

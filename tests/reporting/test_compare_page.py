@@ -72,7 +72,8 @@ def test_comparison_first_nothing_clipped_or_overflowing(runs: list[Path], tmp_p
         pred = res.get_column("output").struct.field("sentiment").cast(pl.String)
         acc = (pred == res.get_column("gold_sentiment")).mean()
         assert float(fig.values[f"cmp.runs.{model}.accuracy"]) == pytest.approx(acc)
-        assert float(fig.values[f"cmp.runs.{model}.mean_confidence"]) == pytest.approx(res.get_column("confidence").mean())
+        assert float(fig.values[f"cmp.runs.{model}.mean_confidence"]) == \
+            pytest.approx(res.get_column("confidence").mean())
     a, b = (pl.read_parquet(p / "results.parquet").select(
         "review_id", "gold_sentiment", s=pl.col("output").struct.field("sentiment").cast(pl.String)) for p in runs)
     both = a.join(b.drop("gold_sentiment"), on="review_id")
@@ -80,7 +81,8 @@ def test_comparison_first_nothing_clipped_or_overflowing(runs: list[Path], tmp_p
                         | (pl.col("s_right") != pl.col("gold_sentiment"))).get_column("review_id").to_list()
     shown = {k.split(".")[2] for k in fig.values if k.startswith("cmp.disagree.") and k.endswith(".id")}
     assert shown <= set(worth) and len(shown) == min(12, len(worth)) > 0
-    reviews = {r["review_id"]: r["text"] for r in map(json.loads, (REPO / "data" / "reviews.jsonl").read_text().splitlines())}
+    reviews = {r["review_id"]: r["text"] for r in map(json.loads,
+                                                      (REPO / "data" / "reviews.jsonl").read_text().splitlines())}
     for rid in shown:
         assert fig.values[f"cmp.disagree.{rid}.gold"] == f"sentiment={_gold_of(runs[0], rid)}"
         assert reviews[rid] in fig.values[f"cmp.disagree.{rid}.input"]  # the user message it was sent

@@ -92,8 +92,10 @@ def _iso(ts: float) -> str:
 def _external_urls(text: str) -> list[str]:
     """Anything a viewer's browser would fetch or follow: src/href/url( not pointing into the page, and
     http(s):// anywhere outside data: URIs."""
-    found = [m for m in re.findall(r'(?:src|href)\s*=\s*["\']([^"\']*)', text, re.IGNORECASE) if not m.startswith(("#", "data:"))]
-    found += [m for m in re.findall(r'url\(\s*["\']?([^"\')]*)', text, re.IGNORECASE) if not m.startswith(("#", "data:"))]
+    found = [m for m in re.findall(r'(?:src|href)\s*=\s*["\']([^"\']*)', text,
+                                   re.IGNORECASE) if not m.startswith(("#", "data:"))]
+    found += [m for m in re.findall(r'url\(\s*["\']?([^"\')]*)', text,
+                                    re.IGNORECASE) if not m.startswith(("#", "data:"))]
     without_data = re.sub(r'data:[^"\')\s]*', "", text)
     return found + re.findall(r"https?://[^\s\"'<>]+", without_data, re.IGNORECASE)
 
@@ -213,7 +215,8 @@ def test_failures_history_and_pauses(pair: list[Path]) -> None:
     assert failures.height == 2
     by = failures.group_by("error_class", "status").len()
     for cls, _status, rows in by.sort("error_class").iter_rows():
-        keys = [k for k, v in fig.values.items() if k.startswith("r0.failures.") and k.endswith(".error_class") and v == cls]
+        keys = [k for k, v in fig.values.items()
+                if k.startswith("r0.failures.") and k.endswith(".error_class") and v == cls]
         assert keys and int(fig.values[keys[0].replace(".error_class", ".rows")]) == rows
     for message in failures.get_column("message"):
         assert message[:40].replace("'", "&#x27;").replace('"', "&quot;") in text

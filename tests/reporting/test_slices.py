@@ -78,7 +78,8 @@ def test_slices_weigh_review_gold_say_n_and_match_the_whole_run(pair: list[Path]
     for line in table.iter_rows(named=True):
         mine = audited if line["slice"] == "(all rows)" else audited.filter(pl.col("product") == line["slice"])
         agrees = mine.get_column("audit_agrees").struct.field("sentiment")
-        assert line["audited model-a"] == mine.height and line["audit agreement model-a"] == pytest.approx(agrees.mean())
+        assert line["audited model-a"] == mine.height
+        assert line["audit agreement model-a"] == pytest.approx(agrees.mean())
     assert "audited model-b" not in table.columns
     page = rep.html
     assert "from the audit&#x27;s seeded sample only" in page and "inverse of their chance of being reviewed" in page

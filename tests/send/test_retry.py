@@ -21,7 +21,8 @@ from pipeline.send.classify import classify
 from pipeline.send.retry import Backoff
 from pipeline.send.transport import Reply
 
-OK = {"id": "gen-1", "model": "openai/gpt-4-turbo", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+OK = {"id": "gen-1", "model": "openai/gpt-4-turbo",
+      "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
 
 
 def reply(status: int, body: object, headers: dict[str, str] | None = None) -> Reply:
@@ -48,7 +49,8 @@ CASES: list[tuple[int, object, dict[str, str], type[RequestError]]] = [
     (403, or_err(403, "Key lacks permission"), {}, AuthError),
     (403, or_err(403, "Input flagged", reasons=["violence"], flagged_input="..."), {}, PermanentError),
     (402, or_err(402, "Insufficient credits"), {}, CreditsError),
-    (402, or_err(402, "in-flight budget", limit_source="openrouter_in_flight_budget"), {"Retry-After": "3"}, TransientError),
+    (402, or_err(402, "in-flight budget", limit_source="openrouter_in_flight_budget"), {"Retry-After": "3"},
+     TransientError),
     (404, or_err(404, "No endpoints found that can handle the requested parameters."), {}, PermanentError),
     (400, or_err(400, "Provider returned error", raw="{...}"), {}, PermanentError),
     (408, or_err(408, "Request timed out"), {}, TransientError),
@@ -61,42 +63,60 @@ CASES: list[tuple[int, object, dict[str, str], type[RequestError]]] = [
     (524, b"<html>cloudflare timeout</html>", {}, TransientError),
     (529, or_err(529, "Provider overloaded"), {}, TransientError),
     # OpenAI
-    (429, oa_err("Rate limit reached for gpt-4 in organization org-x on tokens per min (TPM): Limit 10000, Used 8554, Requested 3082. Please try again in 9.816s.", "tokens", "rate_limit_exceeded"), {}, RateLimited),
-    (429, oa_err("Request too large for gpt-4 in organization org-x on tokens per min (TPM): Limit 30000, Requested 31538. The input or output tokens must be reduced.", "tokens", "rate_limit_exceeded"), {}, PermanentError),
-    (429, oa_err("You exceeded your current quota, please check your plan and billing details.", "insufficient_quota", "insufficient_quota"), {}, CreditsError),
+    (429, oa_err("Rate limit reached for gpt-4 in organization org-x on tokens per min (TPM): Limit 10000, Used "
+                 "8554, Requested 3082. Please try again in 9.816s.", "tokens", "rate_limit_exceeded"), {},
+     RateLimited),
+    (429, oa_err("Request too large for gpt-4 in organization org-x on tokens per min (TPM): Limit 30000, "
+                 "Requested 31538. The input or output tokens must be reduced.", "tokens", "rate_limit_exceeded"), {},
+     PermanentError),
+    (429, oa_err("You exceeded your current quota, please check your plan and billing details.", "insufficient_quota",
+                 "insufficient_quota"), {}, CreditsError),
     (429, oa_err("Credit balance exhausted", "insufficient_quota", "credit_balance_exhausted"), {}, CreditsError),
     (429, oa_err("Spend limit", "insufficient_quota", "project_spend_limit_exceeded"), {}, CreditsError),
-    (400, oa_err("Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.", "invalid_request_error", None), {}, PermanentError),
-    (503, oa_err("The engine is currently overloaded, please try again later", "server_error", None), {}, TransientError),
+    (400, oa_err("Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
+                 "invalid_request_error", None), {}, PermanentError),
+    (503, oa_err("The engine is currently overloaded, please try again later", "server_error", None), {},
+     TransientError),
     # vLLM / llama.cpp
     (401, {"error": "Unauthorized"}, {}, AuthError),
     (400, {"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}}, {}, PermanentError),
-    (400, {"object": "error", "message": "legacy flat", "type": "BadRequestError", "param": None, "code": 400}, {}, PermanentError),
+    (400, {"object": "error", "message": "legacy flat", "type": "BadRequestError", "param": None, "code": 400}, {},
+     PermanentError),
     (503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}, {}, TransientError),
     # 200s that are not answers
     (200, b"not json at all", {}, TransientError),
-    (200, {"error": {"message": "Provider returned error", "code": 429, "metadata": {}}, "user_id": "u"}, {}, RateLimited),
+    (200, {"error": {"message": "Provider returned error", "code": 429, "metadata": {}}, "user_id": "u"}, {},
+     RateLimited),
     (200, {"error": {"message": "Provider returned error", "code": 502}}, {}, TransientError),
     (200, {"id": "x", "choices": None}, {}, BadContentError),  # billed, nothing answered: bad content (issue 19)
-    (200, {"id": "x", "choices": [{"message": {"content": "part"}, "finish_reason": "error", "error": {"code": 502, "message": "disconnect"}}]}, {}, TransientError),
-    (200, {"id": "x", "error": {"code": "server_error", "message": "stream died"}, "choices": [{"message": {"content": ""}, "finish_reason": "error"}]}, {}, TransientError),
-    (200, {"id": "x", "error": {"code": "rate_limit_exceeded", "message": "slow"}, "choices": [{"delta": {}, "finish_reason": "error"}]}, {}, RateLimited),
+    (200, {"id": "x", "choices": [{"message": {"content": "part"}, "finish_reason": "error",
+                                   "error": {"code": 502, "message": "disconnect"}}]}, {}, TransientError),
+    (200, {"id": "x", "error": {"code": "server_error", "message": "stream died"},
+           "choices": [{"message": {"content": ""}, "finish_reason": "error"}]}, {}, TransientError),
+    (200, {"id": "x", "error": {"code": "rate_limit_exceeded", "message": "slow"},
+           "choices": [{"delta": {}, "finish_reason": "error"}]}, {}, RateLimited),
     (200, {"error": {"message": "upstream", "metadata": {"error_type": "provider_overloaded"}}}, {}, TransientError),
     (200, {"error": "Unauthorized"}, {}, TransientError),
     # the availability variant: no error.code, the HTTP status (or http_status) decides
     (429, {"error": {"message": "Provider capacity exhausted", "error_type": "rate_limit_exceeded", "http_status": 429,
-                     "availability": {"code": "capacity_exhausted", "retryable": True, "retry_after": 2}}}, {}, RateLimited),
-    (503, {"error": {"message": "Model temporarily unavailable", "error_type": "provider_overloaded", "http_status": 503,
+                     "availability": {"code": "capacity_exhausted", "retryable": True, "retry_after": 2}}}, {},
+     RateLimited),
+    (503, {"error": {"message": "Model temporarily unavailable", "error_type": "provider_overloaded",
+                     "http_status": 503,
                      "availability": {"code": "temporarily_unavailable", "retryable": True}}}, {}, TransientError),
     (404, {"error": {"message": "No endpoints", "error_type": "not_found", "http_status": 404,
                      "availability": {"code": "no_endpoints", "retryable": False}}}, {}, PermanentError),
     (200, {"error": {"message": "No endpoints", "http_status": 404, "availability": {"code": "no_endpoints",
-                                                                                  "retryable": False}}}, {}, PermanentError),
+                                                                                  "retryable": False}}}, {},
+     PermanentError),
     # OpenAI 503 "Slow Down": the request rate is the problem, so the whole client backs off
-    (503, oa_err("Slow Down: a sudden increase in your request rate is impacting service reliability.", "server_error", None), {}, RateLimited),
+    (503, oa_err("Slow Down: a sudden increase in your request rate is impacting service reliability.", "server_error",
+                 None), {}, RateLimited),
     # OpenRouter 402s: credits (run-fatal), the max_tokens pre-flight (run-fatal), the in-flight budget (wait)
-    (402, or_err(402, "This request requires more credits, or fewer max_tokens. You requested up to 4096 tokens, but can only afford 812."), {}, CreditsError),
-    (402, or_err(402, "Insufficient credits", limit_source="openrouter_in_flight_budget"), {"Retry-After": "2"}, TransientError),
+    (402, or_err(402, "This request requires more credits, or fewer max_tokens. You requested up to 4096 tokens, "
+                      "but can only afford 812."), {}, CreditsError),
+    (402, or_err(402, "Insufficient credits", limit_source="openrouter_in_flight_budget"), {"Retry-After": "2"},
+     TransientError),
 ]
 
 

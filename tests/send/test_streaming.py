@@ -99,7 +99,8 @@ def test_persistent_mid_stream_error_fails_the_row_keeping_partial_content(tmp_p
 # -- the SSE decoder and assembler on their own --------------------------------------------------------
 
 STREAM = (b": OPENROUTER PROCESSING\n\n: OPENROUTER PROCESSING\n\n"
-          b'data: {"id":"gen-1","model":"m","provider":"P","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+          b'data: {"id":"gen-1","model":"m","provider":"P","choices":[{"index":0,"delta":{"role":"assistant",'
+          b'"content":""}}]}\n\n'
           b'data: {"id":"gen-1","choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
           b'data: {"id":"gen-1","choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}\n\n'
           b'data: {"id":"gen-1","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"cost":0.1}}\n\n'
@@ -174,7 +175,8 @@ def test_assembler_puts_each_chunks_logprobs_together_in_order() -> None:
     tokens = [token('{"', 0.0), token("sent", -0.01), token('":"', 0.0), token("pos", -0.4), token('"}', 0.0)]
     chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                             "logprobs": {"content": [], "refusal": None}, "finish_reason": None}]}]
-    chunks += [{"choices": [{"index": 0, "delta": {"content": t["token"]}, "logprobs": {"content": [t], "refusal": None},
+    chunks += [{"choices": [{"index": 0, "delta": {"content": t["token"]},
+                             "logprobs": {"content": [t], "refusal": None},
                              "finish_reason": None}]} for t in tokens]
     chunks.append({"choices": [{"index": 0, "delta": {}, "logprobs": {"content": "garbage"}, "finish_reason": None}]})
     chunks.append({"choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
@@ -188,7 +190,8 @@ def test_assembler_keeps_each_of_n_interleaved_choices() -> None:
     """n samples (votes) stream as chunks of several `index`es, interleaved; each choice is put together
     on its own, and the stream is whole only once every choice has its finish_reason."""
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return b"data: " + orjson.dumps({"choices": [{"index": index, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+        return b"data: " + orjson.dumps({"choices": [{"index": index, "delta": delta,
+                                                      "finish_reason": finish}]}) + b"\n\n"
     events = [chunk(0, {"role": "assistant", "content": ""}), chunk(1, {"role": "assistant", "content": ""}),
               chunk(0, {"content": '{"a":'}), chunk(1, {"content": '{"a":'}), chunk(1, {"content": "2}"}),
               chunk(0, {"content": "1}"}), chunk(1, {}, "stop"), chunk(0, {}, "length")]

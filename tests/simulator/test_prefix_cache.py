@@ -58,6 +58,7 @@ def test_each_model_its_own_price() -> None:
     sonnet = cfg.price_for("anthropic/claude-3.5-sonnet")
     assert (sonnet.cached_input_per_m, sonnet.cache_write_per_m) == (0.3, 3.75)  # the vendor's cache rates
     assert list_price("acme/unknown-model") == FALLBACK
-    assert SimConfig(default_price=Price(input_per_m=1, output_per_m=2)).price_for("openai/gpt-4o-mini").input_per_m == 1
+    assert SimConfig(default_price=Price(input_per_m=1,
+                                         output_per_m=2)).price_for("openai/gpt-4o-mini").input_per_m == 1
     assert SimConfig(prices={"openai/gpt-4o-mini": Price(input_per_m=3)}).price_for("openai/gpt-4o-mini").input_per_m \
         == pytest.approx(3)

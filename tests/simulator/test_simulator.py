@@ -454,7 +454,8 @@ def test_latency_knobs() -> None:
 
     # A new json_schema costs extra once; the same schema again, or none, costs nothing.
     assert planned(SimConfig(new_schema_latency_ms=300)) == pytest.approx([0.3, 0.0, 0.0])
-    assert planned(SimConfig(latency_ms=40, latency_tail_prob=1.0, latency_tail_multiplier=4)) == pytest.approx([0.16] * 3)
+    assert planned(SimConfig(latency_ms=40, latency_tail_prob=1.0,
+                             latency_tail_multiplier=4)) == pytest.approx([0.16] * 3)
     assert planned(SimConfig(latency_per_output_token_ms=10), tokens=12) == pytest.approx([0.12] * 3)
 
     async def check(sim: Simulator, url: str, s: aiohttp.ClientSession) -> list[float]:
@@ -586,7 +587,8 @@ def test_cli_serves_in_subprocess_until_interrupted() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    bad = subprocess.run([sys.executable, "-m", "pipeline_simulator", "--rate-500", "2"], check=False, cwd=ROOT, env=env,
+    bad = subprocess.run([sys.executable, "-m", "pipeline_simulator", "--rate-500", "2"], check=False, cwd=ROOT,
+                         env=env,
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "rate_500" in bad.stderr
 

@@ -52,9 +52,11 @@ def one_fault(flavor: str, fault: str, **rule: Any) -> tuple[int, Any, Any]:
     return serve(SimConfig(flavor=flavor, fault_plan=[FaultRule(requests="2", fault=fault, **rule)]), check)
 
 
-STATUS_FAULTS = {"400": 400, "401": 401, "402": 402, "402_afford": 402, "403": 403, "403_key": 403, "404": 404, "408": 408,
+STATUS_FAULTS = {"400": 400, "401": 401, "402": 402, "402_afford": 402, "403": 403, "403_key": 403, "404": 404,
+                 "408": 408,
                  "413": 413, "422": 422, "429": 429, "429_quota": 429, "429_too_large": 429, "429_capacity": 429,
-                 "500": 500, "502": 502, "503": 503, "503_unavailable": 503, "503_slow_down": 503, "504": 504, "524": 524,
+                 "500": 500, "502": 502, "503": 503, "503_unavailable": 503, "503_slow_down": 503, "504": 504,
+                 "524": 524,
                  "529": 529}
 
 

@@ -31,7 +31,8 @@ SCHEMAS: list[dict] = [
      "required": ["label", "stars"], "additionalProperties": False},
     {"type": "object", "properties": {
         "items": {"type": "array", "minItems": 2, "maxItems": 4,
-                  "items": {"type": "object", "properties": {"name": {"type": "string", "minLength": 3, "maxLength": 10},
+                  "items": {"type": "object",
+                            "properties": {"name": {"type": "string", "minLength": 3, "maxLength": 10},
                                                              "price": {"type": "number", "exclusiveMinimum": 0,
                                                                        "maximum": 9.5}},
                             "required": ["name", "price"], "additionalProperties": False}},
@@ -54,7 +55,8 @@ SCHEMAS: list[dict] = [
         "uniq": {"type": "array", "items": {"enum": [1, 2, 3]}, "uniqueItems": True, "minItems": 2}},
      "required": ["value", "choice", "pair", "uniq"]},
     {"$defs": {"node": {"type": "object", "properties": {"name": {"type": "string"},
-                                                         "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+                                                         "children": {"type": "array",
+                                                                      "items": {"$ref": "#/$defs/node"}}},
                         "required": ["name", "children"], "additionalProperties": False}},
      "$ref": "#/$defs/node"},
     {"type": "object", "allOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]},
@@ -87,7 +89,8 @@ def test_pattern_generation() -> None:
 
 
 def test_schema_finder_picks_first_schema_like_object() -> None:
-    text = 'Answer in JSON. Example {"not": "schema"}. Schema: {"type": "object", "properties": {"a": {"type": "string"}}} end'
+    text = ('Answer in JSON. Example {"not": "schema"}. Schema: {"type": "object", "properties": {"a": '
+            '{"type": "string"}}} end')
     assert scan_for_schema(text) == {"type": "object", "properties": {"a": {"type": "string"}}}
     finder = SchemaFinder()
     msgs = [{"role": "user", "content": [{"type": "text", "text": "no schema here {"}]},
@@ -172,7 +175,8 @@ def test_fault_rule_ranges_and_plan_file(tmp_path) -> None:
     with pytest.raises(ValueError):
         FaultRule(requests="5-2", fault="500")
     plan = tmp_path / "plan.yaml"
-    plan.write_text("- {requests: '1-2', fault: '429', retry_after: 0.5}\n- {requests: 3, fault: stream_error, after_chunks: 1}\n")
+    plan.write_text("- {requests: '1-2', fault: '429', retry_after: 0.5}\n"
+                    "- {requests: 3, fault: stream_error, after_chunks: 1}\n")
     rules = load_fault_plan(plan)
     assert [r.fault for r in rules] == ["429", "stream_error"] and rules[0].retry_after == 0.5
     as_json = tmp_path / "plan.json"
@@ -196,4 +200,5 @@ def test_the_product_starts_the_simulator_with_its_own_default_flavor() -> None:
 
     assert SimConfig.model_fields["flavor"].default == SIMULATOR_FLAVOR
     assert EndpointConfig(base_url="simulator").simulator_options()["flavor"] == SIMULATOR_FLAVOR
-    assert EndpointConfig(base_url="simulator", simulator={"flavor": "openai"}).simulator_options()["flavor"] == "openai"
+    assert EndpointConfig(base_url="simulator",
+                          simulator={"flavor": "openai"}).simulator_options()["flavor"] == "openai"

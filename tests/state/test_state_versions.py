@@ -31,7 +31,8 @@ def test_a_new_store_records_each_named_migration_once(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     Store(str(path)).close()
     Store(str(path)).close()
-    assert migrations_of(path) == [m.__name__ for m in MIGRATIONS] == ["m001_responses", "m002_tally_and_parts", "m003_cache_confidence_usage"]
+    assert migrations_of(path) == [m.__name__ for m in MIGRATIONS] == ["m001_responses", "m002_tally_and_parts",
+                                                                       "m003_cache_confidence_usage"]
 
 
 def test_an_appended_migration_runs_once_on_an_existing_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

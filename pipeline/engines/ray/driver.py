@@ -55,7 +55,8 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ConfigError("run.engine: ray needs Ray: pip install 'llm-batch-pipeline[ray]'", key="run.engine") from None
+        raise ConfigError("run.engine: ray needs Ray: pip install 'llm-batch-pipeline[ray]'",
+                          key="run.engine") from None
     return ray
 
 
@@ -309,7 +310,8 @@ class _Heartbeat:
         body = {"run_id": self.invocation.run_id, "updated_at": time.time(), "running": True,
                 "workers_alive": self.workers_alive, "shards_todo": self.todo, "shards_done": g.shards_done,
                 "rows_total": self.total, "rows_done": self.resumed + g.rows["ok"] + g.rows["failed"],
-                "run_cost_usd": round(g.stats.cost_usd, 6), "job_cost_usd": round(self.spent_before + g.stats.cost_usd, 6),
+                "run_cost_usd": round(g.stats.cost_usd, 6),
+                "job_cost_usd": round(self.spent_before + g.stats.cost_usd, 6),
                 "requests": g.stats.requests_sent}
         storage.write_bytes(storage.join(self.cfg.output.dir, STATUS_FILE), orjson.dumps(body),
                             self.cfg.output.storage_options, root=self.cfg.output.dir)

@@ -44,7 +44,8 @@ def check_publish(cfg: Config) -> None:
 
 def previous_summary(cfg: Config) -> dict[str, Any]:
     try:
-        return orjson.loads(storage.read_bytes(storage.join(cfg.output.dir, "summary.json"), cfg.output.storage_options))
+        return orjson.loads(storage.read_bytes(storage.join(cfg.output.dir, "summary.json"),
+                                               cfg.output.storage_options))
     except (FileNotFoundError, OSError, orjson.JSONDecodeError):
         return {}
 
