@@ -110,7 +110,8 @@ def closed_fields(schema: Mapping[str, Any] | None) -> dict[str, list[Any]]:
 
 
 def row_text(body: Mapping[str, Any]) -> str:
-    """The row's own text: the last user message (text parts joined)."""
+    """The row's own text: the last user message (text parts joined as they are written one after the other,
+    as a packed row's whole text is, packs.row_whole_text: the same row is judged the same packed or not)."""
     messages = body.get("messages")
     for msg in reversed(messages if isinstance(messages, list) else []):
         if isinstance(msg, Mapping) and msg.get("role") == "user":
@@ -118,7 +119,7 @@ def row_text(body: Mapping[str, Any]) -> str:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):
-                return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+                return "".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
     return ""
 
 

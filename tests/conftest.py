@@ -88,6 +88,26 @@ def s3_bucket(s3_server: str, request: Any) -> str:
 
 # -- Ray: one real local instance per test session (2 CPUs), started after the S3 env is in place --------
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist registers it too; here so that plain `pytest` without the plugin knows the mark.
+    config.addinivalue_line("markers", "xdist_group(name): run on the worker that runs the rest of the group")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) tests that share an expensive
+    fixture run on one worker: every Ray test on the worker that started the session's Ray instance (a
+    second instance would double Ray's processes on 2 cores), and a module's tests that share a
+    module-scoped fixture (a demo run, a browser page) where it was built. Everything else is handed out
+    one test at a time. Without xdist the mark is inert."""
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if "ray_local" in defs:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif any(d.scope in ("module", "class", "package") for ds in defs.values() for d in ds):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server: str) -> Any:
     ray = pytest.importorskip("ray")

@@ -73,6 +73,16 @@ def test_packed_confidence_alone_is_the_rows_own_with_its_own_logprobs(tmp_path:
         assert f'"sentiment":"{row["output"]["sentiment"]}' in text and text.count('"sentiment"') == 1
 
 
+def test_a_model_with_cache_breakpoints_gets_the_same_labels_and_confidences_packed(tmp_path: Path) -> None:
+    # Claude models get the user message split at the end of its fixed start (prompt.cache: auto); the
+    # packed row's text is the same text, so the simulator judges it the same and so does the pipeline.
+    model = "anthropic/claude-3.5-haiku"
+    sim = {"retry_after_s": 0.01, "flavor": "openai", "accuracy": {model: 0.8}}
+    one, packed, _ = run_both(tmp_path, 30, 5, cascade=None, endpoint={"model": model, "simulator": sim})
+    assert one.select("rid", "output", "confidence").equals(packed.select("rid", "output", "confidence"))
+    assert packed["confidence"].min() < 0.9
+
+
 @pytest.mark.parametrize("vote_by, stream", [("n", False), ("n", True), ("requests", False)])
 def test_votes_with_packs(tmp_path: Path, vote_by: str, stream: bool) -> None:
     quality = {"confidence": "votes", "votes": 3, "vote_by": vote_by}

@@ -46,7 +46,8 @@ def _cfg(bucket: str, url: str, **extra: Any) -> dict[str, Any]:
         "structured": {"schema": SCHEMA},
         "limits": {"requests_per_minute": None, "max_concurrency": 16, "backoff_base_s": 0.01, "backoff_max_s": 0.05},
         "output": {"dir": f"{bucket}/job"},
-        "run": {"engine": "ray", "workers": 4, "progress": False},
+        # Two workers: shards still run side by side; each more is one more Ray process to start per run.
+        "run": {"engine": "ray", "workers": 2, "progress": False},
     }
     for k, v in extra.items():
         cfg[k] = {**cfg.get(k, {}), **v}

@@ -96,7 +96,7 @@ def test_a_second_driver_is_refused_while_the_first_runs_and_admitted_after_it_d
     from pipeline.engines.ray import run_ray
     from pipeline.engines.ray.lease import LEASE_S, Lease
     server, url = sim
-    cfg = _config(s3_bucket, url, rows=40)
+    cfg = _config(s3_bucket, url, rows=40, run={"workers": 2})  # the lease is the driver's: workers do not matter
     first: list[Any] = []
     runner = threading.Thread(target=lambda: first.append(pipeline.run(cfg, quiet=True)))
     runner.start()

@@ -15,9 +15,10 @@ runs after one that died, starts from at least what was spent; at a clean end th
 exact figure. A crash therefore costs at most one chunk of budget (unspent), never an overshoot.
 
 The worst case is the table's, times the endpoint's markup (send/budget.py): the actor learns it from
-every worker's answers (usage.cost against the table's price, sent with each settle), reserves at it for
-all workers, and keeps its sums in the same file (`markup`, written when it moves by more than 1% and
-at the end), so a resumed run reserves at the endpoint's rate from its first request.
+every worker's answers (usage.cost against the table's price, sent with each settle, or every LEARN_S
+when there is no cap), reserves at it for all workers, and keeps its sums in the same file (`markup`,
+written when it moves by more than 1% and at the end), so a resumed run reserves at the endpoint's rate
+from its first request.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ BUDGET_FILE = "_budget.json"      # under <output.dir>/_journal/
 DEAD_S = 5.0                      # a worker silent this long (it polls every 0.25 s) is taken for dead
 CHUNK = 0.02                      # share of the cap persisted ahead of what is granted
 WAIT_S = 0.5                      # how long one reserve call waits at the actor before the worker asks again
+LEARN_S = 1.0                     # without a cap, how often a worker tells the actor what the endpoint billed
 
 
 def budget_uri(root: str) -> str:
@@ -57,6 +59,13 @@ def read_spent(root: str, options: dict[str, Any] | None) -> float | None:
     """What the job's budget has counted as spent so far (None: nothing recorded yet)."""
     value = read_budget(root, options).get("spent")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def spent_so_far(root: str, options: dict[str, Any] | None, summarised: float) -> float:
+    """What a new run's budget starts from: the larger of what the budget file records and what the last
+    summary counted (`summarised`, the job's cost_usd). Both only ever undercount: the file may be older
+    than a run that had no cap, the summary is missing when a driver died (the file's ceiling covers it)."""
+    return max(read_spent(root, options) or 0.0, summarised)
 
 
 def write_spent(root: str, options: dict[str, Any] | None, spent: float, *, exact: bool,
@@ -198,6 +207,7 @@ class RayBudget:
         self._closed = False
         self._charged = 0.0  # charged since the last settle: sent with it, so spent never lags a release
         self._billed = (0.0, 0.0)  # (usage.cost, the table's price) of answers since the last settle
+        self._told_at = 0.0  # without a cap: when the actor last heard what was billed (at most every LEARN_S)
 
     async def reserve(self, amount: float) -> float:
         """`amount`: the table's worst case; returns what the actor holds (times the markup)."""
@@ -219,7 +229,10 @@ class RayBudget:
                     f"and the next request may cost up to ${held:.4f}, over budget.max_cost_usd=${self.cap:g}")
 
     def release(self, amount: float) -> None:
-        if self.cap is None:
+        if self.cap is None:  # nothing reserved; the markup is still learned, for a later run with a cap
+            if self._billed[1] > 0 and time.monotonic() - self._told_at >= LEARN_S:
+                billed, self._billed, self._told_at = self._billed, (0.0, 0.0), time.monotonic()
+                self.actor.learn_markup.remote(*billed)
             return
         charged, self._charged = self._charged, 0.0
         billed, self._billed = self._billed, (0.0, 0.0)
@@ -231,9 +244,9 @@ class RayBudget:
         self._charged += max(0.0, cost)
 
     def learn(self, reported: float, table: float) -> bool:
-        """Kept until the next settle; the actor learns and persists the job's markup (so never True: the
-        dispatcher has nothing to note in the journal)."""
-        if self.cap is not None and table > 0 and reported >= 0:
+        """Kept until the next settle (without a cap: sent every LEARN_S); the actor learns and persists the
+        job's markup (so never True: the dispatcher has nothing to note in the journal)."""
+        if table > 0 and reported >= 0:
             self._billed = (self._billed[0] + reported, self._billed[1] + table)
         return False
 

@@ -38,7 +38,7 @@ from ...read.reader import InputScan, Source
 from ...send.stats import Stats
 from ...state.jobdir import resume_command
 from ...write.output import Summary
-from .budget import read_spent, write_spent
+from .budget import spent_so_far, write_spent
 from .invocation import RayInvocation
 from .lease import Lease
 from .limiter import LimiterActor
@@ -177,8 +177,8 @@ def _run(ray: Any, cfg: Config, invocation: RayInvocation, args: RunArgs) -> Sum
         p.reused = (sum(d[0] for d in done.values()), sum(d[1] for d in done.values()),
                     sum(d[2] for d in done.values()))
         p.previous = previous_summary(cfg)
-        spent_before = read_spent(cfg.output.dir, cfg.output.storage_options)
-        p.spent_before = p.previous.get("cost_usd", 0.0) if spent_before is None else spent_before
+        p.spent_before = spent_so_far(cfg.output.dir, cfg.output.storage_options,
+                                      float(p.previous.get("cost_usd", 0.0) or 0.0))
         gathered = _dispatch(p)
         summary = write_summary(p, gathered, set(names))
         lease.check()
@@ -210,16 +210,26 @@ def _dispatch(p: RayPass) -> Gathered:
         beat.stop()
         progress.close()
         try:
-            if cfg.budget.max_cost_usd is not None:
-                state = ray.get(limiter.budget_state.remote(), timeout=30)
-                write_spent(cfg.output.dir, cfg.output.storage_options, state["spent"], exact=True,
-                            learned=state.get("learned"))
+            _keep_budget(p, ray.get(limiter.budget_state.remote(), timeout=30), gathered)
             p.job.save_row_map(row_map.repoint(gathered.finished))
         finally:
             ray.kill(limiter)
             if sim is not None:
                 sim.stop()
     return gathered
+
+
+def _keep_budget(p: RayPass, state: dict[str, Any], g: Gathered) -> None:
+    """The job's spend and the endpoint's learned markup in `_budget.json`: the budget's exact figure, or
+    without a cap (once the endpoint costed an answer) what the job has spent by the workers' count."""
+    cfg = p.cfg
+    if cfg.budget.max_cost_usd is not None:
+        spent = state["spent"]
+    elif state.get("markup_known"):
+        spent = p.spent_before + g.stats.cost_usd
+    else:
+        return
+    write_spent(cfg.output.dir, cfg.output.storage_options, spent, exact=True, learned=state.get("learned"))
 
 
 def _endpoint(cfg: Config) -> tuple[str, Any]:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...config import LimitsConfig
+from ...send.budget import Budget
 from ...send.limits import HEADROOM, Bucket, Limits
 from .budget import DEAD_S, JobBudget, write_spent
 
@@ -56,17 +57,20 @@ class LimiterActor:
         self.seen: dict[str, float] = {}   # worker id -> last poll
         self.halted: str | None = None
         self.budget: JobBudget | None = None
-        cap = budget[0] if budget is not None else None
-        if budget is not None and cap is not None:
-            _, spent, root, options = budget
+        self.rate = Budget(None)  # without a cap: the endpoint's markup, learned for a later run with one
+        if budget is not None:
+            cap, spent, root, options = budget
             from .budget import read_budget, read_spent
-            # Ray restarts this actor with the same arguments: continue from what was persisted since,
-            # and reserve at the markup earlier runs (or this actor's earlier incarnation) learned.
-            spent = max(spent, read_spent(root, options) or 0.0)
-            learned = read_budget(root, options).get("markup")
-            self.budget = JobBudget(cap, spent, clock=clock, learned=learned if isinstance(learned, str) else None,
-                                    persist=lambda ceiling, learned: write_spent(root, options, ceiling, exact=False,
-                                                                                 learned=learned))
+            stored = read_budget(root, options).get("markup")
+            learned = stored if isinstance(stored, str) else None
+            self.rate.seed(learned)
+            if cap is not None:
+                # Ray restarts this actor with the same arguments: continue from what was persisted since,
+                # and reserve at the markup earlier runs (or this actor's earlier incarnation) learned.
+                spent = max(spent, read_spent(root, options) or 0.0)
+                self.budget = JobBudget(cap, spent, clock=clock, learned=learned,
+                                        persist=lambda ceiling, learned: write_spent(root, options, ceiling,
+                                                                                     exact=False, learned=learned))
 
     def hello(self, pid: int, node: str, worker: str = "") -> None:
         self.workers[pid] = node
@@ -101,8 +105,19 @@ class LimiterActor:
             if billed is not None:
                 await self.budget.learn(*billed)
 
+    async def learn_markup(self, reported: float, table: float) -> None:
+        """What the endpoint billed over the table, from a worker that reserves nothing (no cap)."""
+        if self.budget is not None:
+            await self.budget.learn(reported, table)
+        else:
+            self.rate.learn(reported, table)
+
     def budget_state(self) -> dict[str, Any]:
-        return self.budget.state() if self.budget is not None else {}
+        """The budget's figures (with a cap), and the markup learned so far (`learned`; `markup_known`:
+        some answer was costed by the endpoint, in this job)."""
+        if self.budget is not None:
+            return {**self.budget.state(), "markup_known": self.budget.rate.billed_table > 0}
+        return {"learned": self.rate.learned(), "markup": self.rate.markup, "markup_known": self.rate.billed_table > 0}
 
     async def lease(self, kind: str, amount: float) -> tuple[float, float]:
         """(granted, resume_at): waits for the pause and the bucket; an unlimited kind grants at once."""

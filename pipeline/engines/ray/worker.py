@@ -39,7 +39,6 @@ from ...prepare.prompts import Renderer
 from ...prepare.structured import StructuredPlan, plan_for
 from ...read import storage
 from ...read.reader import Source
-from ...send.budget import Budget
 from ...send.transport import HttpTransport
 from ...state.segments import COMMIT_S, Journal
 from ...vocab import InputBatch, Record
@@ -174,9 +173,9 @@ class Sender:
                                interval_s=min(cfg.output.fsync_interval_s, COMMIT_S),
                                max_records=max(1, self.limits.cfg.max_concurrency // 2))
         self.answers = JournalAnswers(self.journal)
-        # The job's one budget, held by the limiter actor for all workers (budget.py).
-        cap = cfg.budget.max_cost_usd
-        budget = RayBudget(cap, limiter, self.worker) if cap is not None else Budget(None)
+        # The job's one budget, held by the limiter actor for all workers (budget.py); without a cap it
+        # reserves nothing but still tells the actor what the endpoint bills over the table.
+        budget = RayBudget(cfg.budget.max_cost_usd, limiter, self.worker)
         self.core = Core(cfg, renderer, self.plan, answers=self.answers, limiter=self.limits,
                          transport=self.transport, budget=budget)  # type: ignore[arg-type]
         self.reported: Counter[str] = Counter()
