@@ -69,13 +69,15 @@ def test_three_nights_over_a_growing_input_send_only_what_has_no_answer(s3_bucke
     server, url = sim
     cfg = _cfg(s3_bucket, url)
     data, out = f"{s3_bucket}/in/rows.jsonl", f"{s3_bucket}/job"
+    # 4, 5, then 6 shards of 25 rows; on the third night 5 rows go (every later row moves to another shard,
+    # its answer found through the row map), 10 are edited and 25 are new.
     nights = [
-        _rows(range(200)),
-        _rows(range(250)),
-        [r for r in _rows(range(300), edited=set(range(100, 110))) if int(r["rid"][1:]) not in range(40, 45)],
+        _rows(range(100)),
+        _rows(range(125)),
+        [r for r in _rows(range(150), edited=set(range(50, 60))) if int(r["rid"][1:]) not in range(20, 25)],
     ]
     sent_before = 0
-    for night, (rows, expect) in enumerate(zip(nights, (200, 50, 60)), 1):
+    for night, (rows, expect) in enumerate(zip(nights, (100, 25, 35)), 1):
         _put_jsonl(data, rows)
         summary = pipeline.run(cfg, quiet=True)
         sent = server.stats()["requests"] - sent_before
@@ -83,14 +85,14 @@ def test_three_nights_over_a_growing_input_send_only_what_has_no_answer(s3_bucke
         assert (night, sent, summary.requests_sent) == (night, expect, expect), summary
         assert summary.exit_code == 0 and summary.succeeded == len(rows), summary
         assert sorted(_ids(f"{out}/results.parquet")) == sorted(r["rid"] for r in rows)  # exactly this input
-    assert (summary.rows_removed, summary.rows_new, summary.rows_edited, summary.rows_reused) == (5, 50, 10, 235)
+    assert (summary.rows_removed, summary.rows_new, summary.rows_edited, summary.rows_reused) == (5, 25, 10, 110)
     history = storage.read_bytes(f"{out}/history.jsonl").decode().splitlines()
-    assert [json.loads(line)["requests"] for line in history] == [200, 50, 60]
+    assert [json.loads(line)["requests"] for line in history] == [100, 25, 35]
     log = [json.loads(line) for line in storage.read_bytes(f"{out}/pipeline.log").decode().splitlines()]
     assert [e["event"] for e in log].count("run_start") == 3 and any(e["event"] == "run_end" for e in log)
     from pipeline.reporting.status import job_status
     st = job_status(out)
-    assert (st["engine"], st["state"], st["rows_done"], st["shards_done"]) == ("ray", "finished", 295, st["shards_total"])
+    assert (st["engine"], st["state"], st["rows_done"], st["shards_done"]) == ("ray", "finished", 145, st["shards_total"])
 
 
 def test_workers_events_reach_the_one_log(tmp_path: Path, ray_local: Any) -> None:
