@@ -6,6 +6,7 @@ request always gets the identical answer, whichever arrival it is.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -130,3 +131,45 @@ def partial_answer(answer: Answer) -> Answer:
     return Answer(half if answer.tool_name is None else None, None, answer.tool_name, answer.tool_id,
                   half if answer.tool_name is not None else None, "error", answer.prompt_tokens,
                   (len(half) + 3) // 4, answer.cached_tokens, answer.rng_seed, answer.cache_write_tokens)
+
+
+def answer_digest(seed_bytes: bytes, body: dict[str, Any]) -> bytes:
+    """The digest an answer is drawn from: the seed and the canonical body, without what does not change the
+    answer, so an identical request gets the identical answer whichever way (chat, stream, batch line) it came."""
+    return hashlib.sha256(seed_bytes + orjson.dumps(_content_key(body), option=orjson.OPT_SORT_KEYS)).digest()
+
+
+_NOT_CONTENT = ("stream", "stream_options", "prompt_cache_key", "service_tier")
+
+
+def _content_key(body: dict[str, Any]) -> dict[str, Any]:
+    """The body minus what does not change the answer (streaming, caching hints, the service tier), so
+    streamed and plain, cached and uncached answers have the same content."""
+    if any(k in body for k in _NOT_CONTENT):
+        body = {k: v for k, v in body.items() if k not in _NOT_CONTENT}
+    messages = body.get("messages")
+    if isinstance(messages, list) and any(_marked(m) for m in messages):
+        body = {**body, "messages": [_unmarked(m) if _marked(m) else m for m in messages]}
+    return body
+
+
+def _marked(message: Any) -> bool:
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(isinstance(p, dict) and "cache_control" in p for p in content)
+
+
+def _unmarked(message: dict[str, Any]) -> dict[str, Any]:
+    """cache_control marks out, and the text parts a mark split joined again."""
+    parts: list[Any] = []
+    for part in message["content"]:
+        if isinstance(part, dict):
+            part = {k: v for k, v in part.items() if k != "cache_control"}
+        prev = parts[-1] if parts else None
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(prev, dict) \
+                and prev.get("type") == "text":
+            parts[-1] = {**prev, "text": str(prev.get("text", "")) + str(part.get("text", ""))}
+        else:
+            parts.append(part)
+    if len(parts) == 1 and isinstance(parts[0], dict) and parts[0].get("type") == "text":
+        return {**message, "content": parts[0].get("text", "")}
+    return {**message, "content": parts}

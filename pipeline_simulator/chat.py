@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from . import packs
-from .answer import Answer, find_target, make_answer, partial_answer
+from .answer import Answer, answer_digest, find_target, make_answer, partial_answer
 from .config import Price, SimConfig
 from .content import SchemaFinder
 from .envelopes import SimError, generic_error, render
@@ -43,25 +43,30 @@ from .prefix_cache import PrefixCache
 from .quality import apply_pack_quality, apply_quality
 from .responses import ChunkMaker, Meta, completion_body, error_200_body
 from .stats import Accounting, LogEntry, redact_headers
-from .streaming import StreamSpec, abort_connection, write_stream
+from .streaming import abort_connection, stream_spec, write_stream
 from .timing import Timing
-from .tokens import ImageSizer, prompt_tokens
-from .validation import messages_text, validate
+from .tokens import ImageSizer
+from .validation import Ask, ask_of
 
 _JSON = "application/json"
 
 
 @dataclass(slots=True)
-class _Ask:
-    """A request that passed auth, parsing and validation."""
+class _Reply:
+    """What answering a billed request needs, plain or streamed: the connection, the request, its answer
+    and fault, and the response's headers and log entry as they were filled so far."""
 
-    body: dict[str, Any]
-    raw_digest: bytes
-    model: str
-    max_tokens: int | None
-    prompt: int
-    text: str
-    served_model: str  # the model that answers ("" when a model_down fault leaves no fallback)
+    request: web.BaseRequest
+    ask: Ask
+    meta: Meta
+    answer: Answer
+    choice: FaultChoice | None
+    headers: dict[str, str]
+    entry: LogEntry
+
+    @property
+    def fault(self) -> str | None:
+        return self.choice.name if self.choice is not None else None
 
 
 class ChatService:
@@ -112,7 +117,7 @@ class ChatService:
                       entry: LogEntry) -> web.StreamResponse:
         headers = self._base_headers(request, now)
         ask = await self._read(request, headers, entry)
-        if not isinstance(ask, _Ask):
+        if not isinstance(ask, Ask):
             return ask
         fault = choice.name if choice is not None else None
         answer = self.answer(ask, fault if fault in BODY_FAULTS else None)
@@ -124,7 +129,7 @@ class ChatService:
         return await self._deliver(request, ask, answer, choice, headers, entry, now)
 
     async def _read(self, request: web.BaseRequest, headers: dict[str, str],
-                    entry: LogEntry) -> _Ask | web.StreamResponse:
+                    entry: LogEntry) -> Ask | web.StreamResponse:
         """Read, authenticate, parse and validate the request (in that order, as the real services do)."""
         cfg = self.cfg
         try:
@@ -151,30 +156,17 @@ class ChatService:
             return self._error(SimError(400, msg, or_message="Invalid JSON body", error_type="invalid_request"),
                                headers, entry)
         ask = self.check(body, entry.digest)
-        return ask if isinstance(ask, _Ask) else self._error(ask, headers, entry)
+        return ask if isinstance(ask, Ask) else self._error(ask, headers, entry)
 
-    def check(self, body: dict[str, Any], digest: bytes) -> _Ask | SimError:
+    def check(self, body: dict[str, Any], digest: bytes) -> Ask | SimError:
         """What a parsed request body asks, or the validation error it gets. Shared by chat completions
         and Batch API lines (batch_lines.py), so one body is judged the same in both."""
-        cfg = self.cfg
-        model = str(body.get("model") or (cfg.default_model if cfg.flavor != "openai" else ""))
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
-            return SimError(400, f"Invalid type for 'max_tokens': expected an integer, but got "
-                                 f"{type(max_tokens).__name__} instead.", param="max_tokens",
-                            oa_code="invalid_type", error_type="invalid_request")
-        prompt, _images = prompt_tokens(body, self.sizer, cfg.upscale_images)
-        text = messages_text(body.get("messages") or []) if isinstance(body.get("messages"), list) else ""
-        err = validate(body, cfg, model, prompt, max_tokens, text)
-        if err is not None:
-            return err
-        return _Ask(body, digest, model, max_tokens, prompt, text, model)
+        return ask_of(body, digest, self.cfg, self.sizer)
 
-    def answer(self, ask: _Ask, content_fault: str | None = None) -> Answer:
+    def answer(self, ask: Ask, content_fault: str | None = None) -> Answer:
         """The model's answer to a valid request: the same for the same body, whichever way it came."""
         target = find_target(ask.body, self.cfg.flavor, self.finder)
-        digest = hashlib.sha256(self.seed_bytes + orjson.dumps(_content_key(ask.body),
-                                                               option=orjson.OPT_SORT_KEYS)).digest()
+        digest = answer_digest(self.seed_bytes, ask.body)
         rows = packs.pack_rows(ask.body, target.schema)
         if rows is not None and target.schema is not None:  # several rows in one request: each answered alone
             packed = make_answer(target, digest, ask.prompt, ask.max_tokens, content_fault,
@@ -187,7 +179,7 @@ class ChatService:
                              label=label)
         return apply_quality(answer, target, ask.body, ask.model, self.cfg, content_fault)
 
-    def _refuse(self, request: web.BaseRequest, ask: _Ask, answer: Answer, choice: FaultChoice | None,
+    def _refuse(self, request: web.BaseRequest, ask: Ask, answer: Answer, choice: FaultChoice | None,
                 now: float, entry: LogEntry) -> SimError | web.StreamResponse | None:
         """Credits, then the rate limits, then an injected fault: what turns the request away, if anything."""
         cfg = self.cfg
@@ -222,7 +214,7 @@ class ChatService:
             return generic_error(502)
         return None
 
-    async def _deliver(self, request: web.BaseRequest, ask: _Ask, answer: Answer, choice: FaultChoice | None,
+    async def _deliver(self, request: web.BaseRequest, ask: Ask, answer: Answer, choice: FaultChoice | None,
                        headers: dict[str, str], entry: LogEntry, now: float) -> web.StreamResponse:
         """Bill, wait out the latency, then answer (streamed or not)."""
         cfg = self.cfg
@@ -247,16 +239,16 @@ class ChatService:
         if fault not in ("error_200", "hang") and not (fault == "stream_error_legacy" and not stream):
             partial = fault in ("error_200_partial", "stream_error") and not stream
             self._bill(now, meta, partial_answer(answer) if partial else answer, ask.body)
+        reply = _Reply(request, ask, meta, answer, choice, headers, entry)
         if stream:
-            return await self._stream(request, ask.body, meta, answer, choice, latency, headers, entry,
-                                      ask.raw_digest)
+            return await self._stream(reply, latency)
         if latency > 0 and not await self.timing.sleep(latency):
             abort_connection(request, rst=False)  # the simulator is stopping: drop hung requests
             entry.status = "hang"
             return web.Response(status=503)
         if fault == "hang":
             self._bill(time.monotonic(), meta, answer, ask.body)
-        return await self._respond(request, meta, answer, choice, headers, entry, ask.raw_digest)
+        return await self._respond(reply)
 
     def _credit_check(self, ctx: ErrorContext, prompt_usd: float, out_per_token: float,
                       max_tokens: int | None) -> SimError | None:
@@ -280,7 +272,7 @@ class ChatService:
         chain = [model] + [m for m in models if isinstance(m, str) and m != model]
         return chain[1] if len(chain) > 1 else None
 
-    def cache(self, ask: _Ask, answer: Answer) -> None:
+    def cache(self, ask: Ask, answer: Answer) -> None:
         """The prompt cache's share of this answer (prefix_cache.py), unless a fixed ratio is configured."""
         if self.cfg.prefix_caching and not self.cfg.cached_tokens_ratio:
             answer.cached_tokens, answer.cache_write_tokens = self.prefix.use(
@@ -333,10 +325,9 @@ class ChatService:
         entry.status = status
         return web.Response(status=status, body=body, headers=headers)
 
-    async def _respond(self, request: web.BaseRequest, meta: Meta, answer: Answer, choice: FaultChoice | None,
-                       headers: dict[str, str], entry: LogEntry, raw_digest: bytes) -> web.StreamResponse:
-        fault = choice.name if choice is not None else None
-        rule = choice.rule if choice is not None else None
+    async def _respond(self, reply: _Reply) -> web.StreamResponse:
+        request, meta, answer, headers, entry = reply.request, reply.meta, reply.answer, reply.headers, reply.entry
+        fault, rule = reply.fault, reply.choice.rule if reply.choice is not None else None
         headers["Content-Type"] = _JSON
         entry.status = 200
         if fault in ("error_200", "stream_error_legacy"):
@@ -357,91 +348,37 @@ class ChatService:
             abort_connection(request, rst=False)
             return resp
         if fault in (None, "model_down", "hang", "stream_no_usage"):
-            self.acct.served(raw_digest)
+            self.acct.served(reply.ask.raw_digest)
         return web.Response(body=body, headers=headers)
 
-    async def _stream(self, request: web.BaseRequest, body: dict[str, Any], meta: Meta, answer: Answer,
-                      choice: FaultChoice | None, latency: float, headers: dict[str, str],
-                      entry: LogEntry, raw_digest: bytes) -> web.StreamResponse:
-        cfg = self.cfg
-        fault = choice.name if choice is not None else None
-        rule = choice.rule if choice is not None else None
-        options = body.get("stream_options")
+    async def _stream(self, reply: _Reply, latency: float) -> web.StreamResponse:
+        cfg, request, headers, entry, fault = self.cfg, reply.request, reply.headers, reply.entry, reply.fault
+        options = reply.ask.body.get("stream_options")
         include_usage = cfg.flavor == "openrouter" or (isinstance(options, dict)
                                                        and options.get("include_usage") is True)
-        err: SimError | None = None
-        if fault in ("stream_error", "stream_error_legacy", "error_200", "error_200_partial"):
-            err = generic_error(rule.status if rule and rule.status else 502, rule.message if rule else None)
-            err.provider_wrap = False
-            err.or_message = err.or_message if rule and rule.message else "Upstream provider disconnected"
-        after = rule.after_chunks if rule and rule.after_chunks is not None else cfg.stream_error_after_chunks
-        done = rule.done if rule and rule.done is not None else cfg.stream_error_done
         if fault == "hang":
             if not await self.timing.sleep(latency):
                 abort_connection(request, rst=False)
                 entry.status = "hang"
                 return web.StreamResponse()
-            self._bill(time.monotonic(), meta, answer, body)
-        spec = StreamSpec(
-            comments=cfg.stream_comments if cfg.flavor == "openrouter" else 0,
-            comment_interval=cfg.stream_comment_interval_ms / 1000, ttft=0.0 if fault == "hang" else latency,
-            comments_between=cfg.stream_comments_between and cfg.flavor == "openrouter",
-            chunk_delay=cfg.stream_chunk_ms / 1000, split=cfg.stream_split_writes,
-            split_delay=cfg.stream_split_delay_ms / 1000, crlf=cfg.stream_crlf, chunk_chars=cfg.stream_chunk_chars,
-            usage_chunk=include_usage, usage_delay=cfg.stream_usage_delay_ms / 1000, fault=fault, error=err,
-            after_chunks=after, done_after_error=done)
+            self._bill(time.monotonic(), reply.meta, reply.answer, reply.ask.body)
+        spec = stream_spec(cfg, reply.choice, latency, usage_chunk=include_usage)
         headers["Content-Type"] = "text/event-stream"
         headers["Cache-Control"] = "no-cache"
         resp = web.StreamResponse(headers=headers)
         entry.status = 200
         self.acct.streams += 1
         await resp.prepare(request)
-        maker = ChunkMaker(meta, include_usage, cfg.stream_obfuscation, cfg.stream_error_code == "string")
-        ending = await write_stream(request, resp, maker, answer, spec, cfg.flavor == "openrouter")
+        maker = ChunkMaker(reply.meta, include_usage, cfg.stream_obfuscation, cfg.stream_error_code == "string")
+        ending = await write_stream(request, resp, maker, reply.answer, spec, cfg.flavor == "openrouter")
         if ending == "truncated":
             return resp
         await resp.write_eof()
         if ending == "ok" and fault in (None, "model_down", "hang", "stream_no_usage"):
-            self.acct.served(raw_digest)
+            self.acct.served(reply.ask.raw_digest)
         return resp
 
     # -- side endpoint data --------------------------------------------------------------------
 
     def generation(self, gen_id: str) -> dict[str, Any] | None:
         return self.generations.get(gen_id)
-
-
-_NOT_CONTENT = ("stream", "stream_options", "prompt_cache_key", "service_tier")
-
-
-def _content_key(body: dict[str, Any]) -> dict[str, Any]:
-    """The body minus what does not change the answer (streaming, caching hints, the service tier), so
-    streamed and plain, cached and uncached answers have the same content."""
-    if any(k in body for k in _NOT_CONTENT):
-        body = {k: v for k, v in body.items() if k not in _NOT_CONTENT}
-    messages = body.get("messages")
-    if isinstance(messages, list) and any(_marked(m) for m in messages):
-        body = {**body, "messages": [_unmarked(m) if _marked(m) else m for m in messages]}
-    return body
-
-
-def _marked(message: Any) -> bool:
-    content = message.get("content") if isinstance(message, dict) else None
-    return isinstance(content, list) and any(isinstance(p, dict) and "cache_control" in p for p in content)
-
-
-def _unmarked(message: dict[str, Any]) -> dict[str, Any]:
-    """cache_control marks out, and the text parts a mark split joined again."""
-    parts: list[Any] = []
-    for part in message["content"]:
-        if isinstance(part, dict):
-            part = {k: v for k, v in part.items() if k != "cache_control"}
-        prev = parts[-1] if parts else None
-        if isinstance(part, dict) and part.get("type") == "text" and isinstance(prev, dict) \
-                and prev.get("type") == "text":
-            parts[-1] = {**prev, "text": str(prev.get("text", "")) + str(part.get("text", ""))}
-        else:
-            parts.append(part)
-    if len(parts) == 1 and isinstance(parts[0], dict) and parts[0].get("type") == "text":
-        return {**message, "content": parts[0].get("text", "")}
-    return {**message, "content": parts}

@@ -17,7 +17,9 @@ import orjson
 from aiohttp import web
 
 from .answer import Answer
-from .envelopes import SimError, error_object
+from .config import SimConfig
+from .envelopes import SimError, error_object, generic_error
+from .faults import FaultChoice
 from .responses import ChunkMaker
 
 COMMENT = b": OPENROUTER PROCESSING"
@@ -41,6 +43,28 @@ class StreamSpec:
     error: SimError | None  # what a stream_error / error_200 event carries
     after_chunks: int
     done_after_error: bool
+
+
+def stream_spec(cfg: SimConfig, choice: FaultChoice | None, latency: float, *, usage_chunk: bool) -> StreamSpec:
+    """How one answer is streamed: the config's pacing and framing, and the injected stream fault if any
+    (a hung request's first token comes at once: it already waited out its latency)."""
+    fault = choice.name if choice is not None else None
+    rule = choice.rule if choice is not None else None
+    err: SimError | None = None
+    if fault in ("stream_error", "stream_error_legacy", "error_200", "error_200_partial"):
+        err = generic_error(rule.status if rule and rule.status else 502, rule.message if rule else None)
+        err.provider_wrap = False
+        err.or_message = err.or_message if rule and rule.message else "Upstream provider disconnected"
+    after = rule.after_chunks if rule and rule.after_chunks is not None else cfg.stream_error_after_chunks
+    done = rule.done if rule and rule.done is not None else cfg.stream_error_done
+    return StreamSpec(
+        comments=cfg.stream_comments if cfg.flavor == "openrouter" else 0,
+        comment_interval=cfg.stream_comment_interval_ms / 1000, ttft=0.0 if fault == "hang" else latency,
+        comments_between=cfg.stream_comments_between and cfg.flavor == "openrouter",
+        chunk_delay=cfg.stream_chunk_ms / 1000, split=cfg.stream_split_writes,
+        split_delay=cfg.stream_split_delay_ms / 1000, crlf=cfg.stream_crlf, chunk_chars=cfg.stream_chunk_chars,
+        usage_chunk=usage_chunk, usage_delay=cfg.stream_usage_delay_ms / 1000, fault=fault, error=err,
+        after_chunks=after, done_after_error=done)
 
 
 class _Truncate(Exception):

@@ -3,16 +3,19 @@
 OpenAI rejects with its own 400s; OpenRouter relays an upstream provider's 400 as "Provider
 returned error" (``provider_wrap``) unless it refuses routing itself (404 with
 ``provider.require_parameters``). vLLM and llama.cpp do not enforce OpenAI's strict-schema or
-"json" word rules, so those checks are skipped for them.
+"json" word rules, so those checks are skipped for them. `ask_of` reads what a parsed body asks and
+runs these checks, for chat completions and Batch API lines alike.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from .config import SimConfig
 from .envelopes import SimError
+from .tokens import ImageSizer, prompt_tokens
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _UNSUPPORTED_STRICT = ("allOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas")
@@ -43,6 +46,36 @@ def messages_text(messages: list[Any]) -> str:
         elif isinstance(content, list):
             parts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
     return "\n".join(parts)
+
+
+@dataclass(slots=True)
+class Ask:
+    """A request that passed auth, parsing and validation."""
+
+    body: dict[str, Any]
+    raw_digest: bytes
+    model: str
+    max_tokens: int | None
+    prompt: int
+    text: str
+    served_model: str  # the model that answers ("" when a model_down fault leaves no fallback)
+
+
+def ask_of(body: dict[str, Any], digest: bytes, cfg: SimConfig, sizer: ImageSizer) -> Ask | SimError:
+    """What a parsed request body asks (model, max_tokens, prompt tokens, the messages' text), or the
+    validation error it gets."""
+    model = str(body.get("model") or (cfg.default_model if cfg.flavor != "openai" else ""))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+        return SimError(400, f"Invalid type for 'max_tokens': expected an integer, but got "
+                             f"{type(max_tokens).__name__} instead.", param="max_tokens",
+                        oa_code="invalid_type", error_type="invalid_request")
+    prompt, _images = prompt_tokens(body, sizer, cfg.upscale_images)
+    text = messages_text(body.get("messages") or []) if isinstance(body.get("messages"), list) else ""
+    err = validate(body, cfg, model, prompt, max_tokens, text)
+    if err is not None:
+        return err
+    return Ask(body, digest, model, max_tokens, prompt, text, model)
 
 
 def validate(body: dict[str, Any], cfg: SimConfig, model: str, prompt_tokens: int,

@@ -6,7 +6,7 @@ resumed by running the same command again:
      against the provider (a file uploaded but not recorded is adopted by its name where the server
      lists files, else uploaded again; a batch created but not recorded is adopted by its metadata: job
      id + chunk number), and a file killed while being written is dropped;
-  2. collect: poll the batches at the provider; a finished one's output and error files are downloaded
+  2. collect (poll.py): poll the batches at the provider; a finished one's output and error files are downloaded
      (resuming a partial download) and every line is committed to the store (collect.py) before the
      chunk counts as collected; then its files at the provider are deleted (batch.delete_files);
   3. submit (submit.py): the requests the store cannot answer are rendered by the very builder the sync
@@ -27,28 +27,28 @@ collects them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import random
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
+from ..core.context import RunOptions
 from ..core.packing import PackSender
 from ..core.transformer import Core
-from ..errors import Fatal, PermanentError, RequestError, RunFatalError, TransientError
+from ..errors import Fatal, RequestError, RunFatalError
 from ..send.retry import Backoff
 from ..send.transport import HttpTransport
 from ..state.store import Store
 from ..vocab import InputBatch, Record, Request
-from .calls import Calls, describe, refused
-from .client import TERMINAL, BatchClient, batch_errors, queue_full
+from .calls import Calls, describe
+from .client import TERMINAL, BatchClient
 from .collect import Collector, worst_line_cost
-from .files import ChunkWriter, max_tokens_of, request_payloads, with_max_tokens
+from .files import ChunkWriter
 from .ledger import LIVE, Chunk, Ledger
 from .packed import BatchPacks
+from .poll import Poller
 from .progress import BatchBar
 from .reconcile import Reconciler
 from .rounds import Rounds
@@ -69,9 +69,6 @@ log = logging.getLogger("pipeline")
 FAULT_HOOK: Callable[[str], None] | None = None
 # How the driver waits between rounds: tests put a virtual clock here (nothing sleeps for real).
 NAP: Callable[[float], Awaitable[Any]] = asyncio.sleep
-
-POLL, DOWNLOAD, DELETE = "GET /batches/{id}", "GET /files/{id}/content", "DELETE /files/{id}"
-
 
 @dataclass
 class Engine:
@@ -102,8 +99,9 @@ class Engine:
 
 class BatchDriver:
     def __init__(self, cfg: Config, folder: str, engine: Engine, transport: HttpTransport, *,
-                 batches: Callable[[], Iterable[InputBatch]], no_wait: bool = False, progress: bool = False,
-                 force_new: bool = False, rng: random.Random | None = None) -> None:
+                 batches: Callable[[], Iterable[InputBatch]], options: RunOptions, progress: bool = False,
+                 rng: random.Random | None = None) -> None:
+        """`options` are the invocation's flags (--no-wait, --force-new), as the run context carries them."""
         self.cfg, self.folder, self.engine = cfg, folder, engine
         self.plan = engine.core.plan
         self.store = engine.store
@@ -115,10 +113,11 @@ class BatchDriver:
         self.lane_packs = {model: BatchPacks(s, self.ledger) for model, s in engine.senders.items()}
         self.collector = Collector(cfg, self.ledger, engine, self.plan, packs=self.packs, lane_packs=self.lane_packs)
         self.batches = batches
-        self.no_wait, self.rng = no_wait, rng or random.Random()
+        self.no_wait, self.rng = options.no_wait, rng or random.Random()
         self.calls = Calls(cfg, Backoff(cfg.limits.backoff_base_s, cfg.limits.backoff_max_s, self.rng))
-        self.reconciler = Reconciler(self.ledger, self.client, self.calls, self.filename, force_new=force_new)
-        self.submitter = Submitter(self)
+        self.reconciler = Reconciler(self.ledger, self.client, self.calls, self.filename, force_new=options.force_new)
+        self.poller = Poller(self)  # 2. collect
+        self.submitter = Submitter(self)  # 3. submit
         self.writer = ChunkWriter(self.ledger, folder, cfg.batch, before_line=self.at)
         self.writers: dict[str, ChunkWriter] = {}  # a cascade's other models' files (one model a file)
         self.rounds = Rounds(self) if engine.route is not None else None
@@ -138,7 +137,7 @@ class BatchDriver:
             while True:
                 await self.reconcile()
                 modes = self._modes()
-                moved = await self.collect() if not self.engine.stop_reason else False
+                moved = await self.poller.collect() if not self.engine.stop_reason else False
                 if self._modes() != modes:
                     render = True  # a structured-mode fallback: every request is shaped anew
                     if self.rounds is not None:
@@ -151,7 +150,7 @@ class BatchDriver:
                     render = False
                 if not self.engine.stop_reason:
                     await self.submitter.submit()
-                await self.cleanup()
+                await self.poller.cleanup()
                 if self.engine.stop_reason:
                     return "stopped"
                 if not self.ledger.chunks(LIVE):
@@ -187,135 +186,6 @@ class BatchDriver:
         stop = await self.reconciler.settle()
         if stop is not None:
             self.stop(stop)
-
-    # -- 2. collect ----------------------------------------------------------------------------------
-
-    async def collect(self) -> bool:
-        """Poll every batch at the provider; collect the finished ones. True if anything moved."""
-        moved = False
-        for chunk in self.ledger.chunks(("submitted",)):
-            assert chunk.batch_id is not None
-            try:
-                batch = await self.client.get(chunk.batch_id)
-            except (RequestError, RunFatalError) as exc:
-                self._call_failed(POLL.replace("{id}", chunk.batch_id), exc,
-                                  f"batch {chunk.batch_id} of {chunk.path} cannot be polled; was endpoint.base_url or "
-                                  "the key changed since it was submitted? Fix that and re-run the same command",
-                                  key=POLL)
-                if self.engine.stop_reason:
-                    return moved
-                continue
-            self.calls.ok(POLL)
-            status = str(batch.get("status"))
-            raw_counts = batch.get("request_counts")
-            counts: dict[str, Any] = raw_counts if isinstance(raw_counts, dict) else {}
-            moved |= status != chunk.status or counts != chunk.counts
-            self.ledger.update(chunk.chunk, status=status, counts=counts)
-            self.bar.show(chunk.chunk, status, counts, chunk.lines)
-            self.at("polling")
-            if status in TERMINAL:
-                await self._collect(self.ledger.get(chunk.chunk), batch)
-                moved = True
-            if self.engine.stop_reason:
-                break
-        return moved
-
-    async def _collect(self, chunk: Chunk, batch: dict[str, Any]) -> None:
-        if batch.get("status") == "failed" and not queue_full(batch):
-            self.ledger.update(chunk.chunk, state="rejected", durable=True)
-            self.stop(RunFatalError(
-                f"the provider rejected batch file {chunk.path} (batch {chunk.batch_id}): {batch_errors(batch)}; "
-                "check that endpoint.base_url speaks the OpenAI Batch API and the model takes batches, "
-                "then re-run the same command (or use run.mode: sync)"))
-            return
-        paths, files = [], [chunk.file_id]
-        for kind in ("output_file_id", "error_file_id"):
-            file_id = batch.get(kind)
-            if not isinstance(file_id, str) or not file_id:
-                continue
-            files.append(file_id)
-            dest = f"{chunk.path[:-len('.jsonl')]}.{kind.split('_')[0]}.jsonl"
-            if not os.path.lexists(dest):  # a link planted there is refused when it is read
-                if not await self._download(chunk, kind, file_id, dest):
-                    return
-            paths.append(dest)
-        try:
-            result = self.collector.collect(chunk, paths)
-            self.store.sync()  # every answer on disk before the chunk counts as collected
-        except RunFatalError as exc:  # nothing more can be stored (a full disk): what is committed stays
-            self.stop(exc)
-            return
-        self.ledger.update(chunk.chunk, state="collected", durable=True)
-        if self.cfg.batch.delete_files:
-            self.ledger.add_cleanup(chunk.chunk, files)
-        self.settled |= result.settled
-        self.to_sync |= result.to_sync
-        self.rerender |= bool(result.alone)
-        if result.requeued:
-            self._carry(chunk, result.requeued, result.raised)
-        if self.rounds is not None:
-            self.rounds.collected(chunk.chunk)
-        for path in [chunk.path, *paths]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-        log.info("collected batch %s (%s): %d answers and failures stored, %d lines to send again",
-                 chunk.batch_id, batch.get("status"), result.records, len(result.requeued) + len(result.to_sync))
-
-    async def _download(self, chunk: Chunk, kind: str, file_id: str, dest: str) -> bool:
-        """One result file into `dest` (resuming a partial one); False: not now (tried again next round)."""
-        try:
-            await self.client.download(file_id, dest + ".part")
-        except PermanentError as exc:  # gone (files are deleted after some days): its lines go again
-            log.warning("the %s of batch %s cannot be downloaded (%s); its lines are sent again",
-                        kind, chunk.batch_id, exc)
-            return True
-        except (RequestError, RunFatalError) as exc:
-            self._call_failed(DOWNLOAD.replace("{id}", file_id), exc,
-                              f"the {kind} of batch {chunk.batch_id} cannot be downloaded; re-run the same command",
-                              key=DOWNLOAD)
-            return False
-        self.calls.ok(DOWNLOAD)
-        self.at("downloading")
-        os.replace(dest + ".part", dest)
-        return True
-
-    def _carry(self, chunk: Chunk, keys: set[str], raised: dict[str, int]) -> None:
-        """Lines to send again go into the next file, copied from the file that carried them (with a raised
-        max_tokens where the length rule asked for one)."""
-        info = {key: (est, images) for key, est, images, _ in self.ledger.lines(chunk.chunk) if key in keys}
-        writer, (cfg, _) = self.writer_for(chunk.model), self.engine.lane(chunk.model)
-        into: set[int | None] = set()
-        for key, payload in request_payloads(chunk.path, keys):
-            est, images = info[key]
-            if key in raised:
-                payload = with_max_tokens(payload, raised[key])
-            writer.add(key, payload, est, images, worst_line_cost(cfg, est, max_tokens_of(payload), images))
-            into.add(writer.current)
-        writer.flush()
-        if self.rounds is not None:
-            self.rounds.inherit(chunk.chunk, into)
-
-    async def cleanup(self) -> None:
-        """Delete the provider's copies of files whose answers are committed (batch.delete_files). A failure
-        never stops the run: a transient one is tried again next round (or run), any other is said once."""
-        pending = self.ledger.cleanup()
-        done: list[str] = []
-        for file_id in pending:
-            try:
-                await self.client.delete(file_id)
-            except TransientError as exc:
-                log.info("%s; tried again later", describe(DELETE.replace("{id}", file_id), exc))
-                break
-            except (RequestError, RunFatalError) as exc:
-                log.warning("%s; the job's batch files stay at the provider (delete them there, or set "
-                            "batch.delete_files: false)", describe(DELETE.replace("{id}", file_id), exc),
-                            extra={"event": "batch_files_kept"})
-                done = pending  # the provider deletes none: do not ask again
-                break
-            done.append(file_id)
-        if done:
-            self.ledger.cleaned(done)
-            log.info("deleted %d batch file(s) at the provider", len(done))
 
     # -- 3. submit -----------------------------------------------------------------------------------
 
@@ -400,14 +270,3 @@ class BatchDriver:
 
     def stop(self, exc: Fatal) -> None:
         self.engine.stop(exc)
-
-    def _call_failed(self, call: str, exc: RequestError | RunFatalError, todo: str, *, key: str) -> None:
-        """A failed call about the batches themselves: transient ones are tried again next round, within
-        the retry budget; anything else stops the run naming the call (a 4xx here is not one row's
-        problem, it is the endpoint's answer to the protocol)."""
-        if isinstance(exc, TransientError):
-            stop = self.calls.failed(key, exc, shown=call)
-            if stop is not None:
-                self.stop(stop)
-            return
-        self.stop(refused(call, exc, todo))

@@ -43,8 +43,8 @@ async def drive_batches(ctx: RunContext, transport: Any, batches: Callable[[], I
                     observe=ctx.invocation.tally.observe,  # each line an attempt in the metrics, as sync's are
                     route=trust.needs if trust is not None else None, lanes=trust.lanes() if trust is not None else {},
                     senders=trust.pack_senders() if trust is not None else {})
-    driver = BatchDriver(cfg, folder, engine, transport, batches=batches, no_wait=no_wait, progress=progress.enabled,
-                         force_new=ctx.options.force_new)
+    driver = BatchDriver(cfg, folder, engine, transport, batches=batches, options=ctx.options,
+                         progress=progress.enabled)
     task = asyncio.ensure_future(driver.cancel() if cancel else driver.run())
     while not task.done():
         await asyncio.wait({task}, timeout=0.2)
