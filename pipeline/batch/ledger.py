@@ -66,6 +66,8 @@ _ADDED = {"model": "TEXT"}
 
 # Chunks whose lines are spoken for: written, at the provider, or waiting to be collected.
 LIVE = ("ready", "uploading", "uploaded", "creating", "submitted")
+_WRITING_OR_LIVE = ("writing", *LIVE)  # a line of the chunk being written is spoken for too
+_LIVE_MARKS = ",".join("?" * len(_WRITING_OR_LIVE))
 AT_PROVIDER = ("submitted",)
 
 
@@ -175,16 +177,9 @@ class Ledger:
 
     def carriers(self, keys: list[str]) -> dict[str, int]:
         """{key: the live chunk (or the one being written) that carries it with no outcome yet}."""
-        out: dict[str, int] = {}
-        live = ("writing", *LIVE)
-        marks_live = ",".join("?" * len(live))
-        for i in range(0, len(keys), 500):
-            part = keys[i:i + 500]
-            marks = ",".join("?" * len(part))
-            out.update(self.db.execute(
-                f"SELECT l.key, l.chunk FROM batch_lines l JOIN batch_chunks c USING (chunk) WHERE l.key IN ({marks}) "
-                f"AND l.outcome IS NULL AND c.state IN ({marks_live})", (*part, *live)))
-        return out
+        return dict(self._where_in(
+            "SELECT l.key, l.chunk FROM batch_lines l JOIN batch_chunks c USING (chunk) WHERE l.key IN ({marks}) "
+            f"AND l.outcome IS NULL AND c.state IN ({_LIVE_MARKS})", keys, _WRITING_OR_LIVE))
 
     def spoken_rows(self, rows: list[str]) -> set[str]:
         """Those of `rows` that a pack line of a live chunk (or the one being written) carries, with no
@@ -193,17 +188,10 @@ class Ledger:
 
     def row_carriers(self, rows: list[str]) -> dict[str, int]:
         """{row: the live chunk (or the one being written) whose pack line carries it with no outcome yet}."""
-        out: dict[str, int] = {}
-        live = ("writing", *LIVE)
-        marks_live = ",".join("?" * len(live))
-        for i in range(0, len(rows), 500):
-            part = rows[i:i + 500]
-            marks = ",".join("?" * len(part))
-            out.update(self.db.execute(
-                f"SELECT p.row, l.chunk FROM batch_packs p JOIN batch_lines l ON l.key = p.pack JOIN batch_chunks c "
-                f"USING (chunk) WHERE p.row IN ({marks}) AND l.outcome IS NULL AND c.state IN ({marks_live})",
-                (*part, *live)))
-        return out
+        return dict(self._where_in(
+            "SELECT p.row, l.chunk FROM batch_packs p JOIN batch_lines l ON l.key = p.pack JOIN batch_chunks c "
+            f"USING (chunk) WHERE p.row IN ({{marks}}) AND l.outcome IS NULL AND c.state IN ({_LIVE_MARKS})",
+            rows, _WRITING_OR_LIVE))
 
     def add_packs(self, packs: list[tuple[str, list[tuple[str, int]], int]]) -> None:
         """(pack key, [(row key, chars)] in pack order, shared chars) of packs about to be written."""
@@ -219,12 +207,7 @@ class Ledger:
 
     def alone(self, rows: list[str]) -> set[str]:
         """Those of `rows` to ask in a pack of their own."""
-        out: set[str] = set()
-        for i in range(0, len(rows), 500):
-            part = rows[i:i + 500]
-            marks = ",".join("?" * len(part))
-            out.update(r for (r,) in self.db.execute(f"SELECT row FROM batch_alone WHERE row IN ({marks})", part))
-        return out
+        return {r for (r,) in self._where_in("SELECT row FROM batch_alone WHERE row IN ({marks})", rows)}
 
     def lines(self, chunk: int) -> Iterator[tuple[str, int, int, str | None]]:
         yield from self.db.execute("SELECT key, est, images, outcome FROM batch_lines WHERE chunk = ?", (chunk,))
@@ -278,6 +261,13 @@ class Ledger:
 
     def cleaned(self, file_ids: Iterable[str]) -> None:
         self._many("DELETE FROM batch_cleanup WHERE file_id = ?", [(f,) for f in file_ids])
+
+    def _where_in(self, sql: str, keys: list[str], extra: tuple[str, ...] = ()) -> Iterator[tuple[Any, ...]]:
+        """Rows of `sql` whose `IN ({marks})` is `keys`, asked 500 at a time (SQLite caps a statement's
+        parameters); `extra` are the parameters that follow the marks."""
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            yield from self.db.execute(sql.replace("{marks}", ",".join("?" * len(part))), (*part, *extra))
 
     def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """One transaction for many rows (autocommit would make each row a commit of its own)."""
