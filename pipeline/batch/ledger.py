@@ -30,6 +30,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,16 +225,10 @@ class Ledger:
 
     def set_outcomes(self, chunk: int, outcomes: list[tuple[str, str]], alone: Iterable[str] = ()) -> None:
         """How lines ended, and (packs) the rows they leave to ask alone, in one transaction."""
-        self.db.execute("BEGIN")
-        try:
+        with self._transaction():
             self.db.executemany("UPDATE batch_lines SET outcome = ? WHERE chunk = ? AND key = ?",
                                 [(o, chunk, k) for k, o in outcomes])
             self.db.executemany("INSERT OR IGNORE INTO batch_alone (row) VALUES (?)", [(r,) for r in alone])
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.store.touched()
 
     def mark_unanswered(self, chunk: int) -> int:
         """Lines of a finished batch that neither file answered; returns how many."""
@@ -271,9 +266,15 @@ class Ledger:
 
     def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """One transaction for many rows (autocommit would make each row a commit of its own)."""
+        with self._transaction():
+            self.db.executemany(sql, rows)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """The statements of the block commit together, or (an exception, a Ctrl-C) none of them."""
         self.db.execute("BEGIN")
         try:
-            self.db.executemany(sql, rows)
+            yield
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
