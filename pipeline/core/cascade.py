@@ -156,7 +156,7 @@ class Trust:
         wanted = Wanted(lookup)
         outcomes, _ = await self._walk(batch, wanted)
         if self.audit is not None:
-            self._audit_ahead(batch, outcomes, wanted)
+            await self._audit_ahead(batch, outcomes, wanted)
         return wanted.requests, all(o is not None for o in outcomes)
 
     def pack_senders(self) -> dict[str, PackSender]:
@@ -291,8 +291,7 @@ class Trust:
             elif ref is not None and ref.state == "ok":
                 row.audit_json = orjson.dumps(_agreement(row, ref, self.fields)).decode()
 
-
-    def _audit_ahead(self, batch: InputBatch, outcomes: list[Outcome], wanted: Wanted) -> None:
+    async def _audit_ahead(self, batch: InputBatch, outcomes: list[Outcome], wanted: Wanted) -> None:
         """Batch mode: the audited rows' reference requests without waiting for their decision (the rows
         decided as failures, which the audit leaves out, excepted)."""
         audit, cfg = self.audit, self.core.cfg.quality.audit
@@ -301,13 +300,7 @@ class Trust:
                 and audited(batch.ids[i], cfg.share, cfg.seed)]
         if not rows:
             return
-        built = audit.builder.build_batch(_subset(batch, rows), audit.renderer)
-        if audit.packs is not None:
-            built = Packer.rekey(built)  # packed rows: under their own packed keys, as _answers asks them
-        found = wanted.lookup(built.requests.keys())
-        for key, req in built.requests.items():
-            if key not in found:
-                wanted.requests.setdefault(key, (audit.model, req))
+        await self._answers(audit, batch, rows, wanted=wanted)  # names the reference requests not answered yet
 
 
 def _voted(first: Record | None, others: list[Record | None], closed: dict[str, list[Any]]) -> Record | None:
