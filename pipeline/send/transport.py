@@ -251,8 +251,10 @@ class _Choice:
                 got = True
         for tc in delta.get("tool_calls") or []:
             got = True
-            slot = self.tool_calls.setdefault(tc.get("index", 0),
-                                              {"type": "function", "function": {"name": "", "arguments": ""}})
+            index = tc.get("index", 0)
+            slot = self.tool_calls.get(index)
+            if slot is None:  # not setdefault: that would build a slot for every chunk of the arguments
+                slot = self.tool_calls[index] = {"type": "function", "function": {"name": "", "arguments": ""}}
             if tc.get("id"):
                 slot["id"] = tc["id"]
             fn = tc.get("function") or {}
@@ -328,7 +330,9 @@ class _Assembler:
             index = choice.get("index", 0) if isinstance(choice, dict) else None
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < _MAX_CHOICES:
                 continue
-            slot = self.choices.setdefault(index, _Choice())
+            slot = self.choices.get(index)
+            if slot is None:  # not setdefault: that would build a _Choice for every chunk
+                slot = self.choices[index] = _Choice()
             self.got_token |= slot.delta(choice.get("delta") or {})
             lp = choice.get("logprobs")  # OpenAI: the tokens this chunk writes (the role chunk's list is empty)
             if isinstance(lp, dict) and isinstance(lp.get("content"), list):
