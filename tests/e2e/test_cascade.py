@@ -3,7 +3,6 @@ who decides each row, what it cost, kill -9 in the second stage, and the gate's 
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from tests.support import (
     served_by_key,
     sim_job,
     start,
+    store_query,
     wait_for,
     write_config,
 )
@@ -51,12 +51,8 @@ def trust_job(tmp_path: Path, rows: int, **sections: Any) -> dict[str, Any]:
 
 
 def store_rows(out: Path) -> dict[str, dict[str, Any]]:
-    db = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
-    try:
-        cur = db.execute("SELECT key, model, state, confidence, cost_usd FROM responses")
-        return {k: {"model": m, "state": s, "confidence": c, "cost_usd": cost} for k, m, s, c, cost in cur}
-    finally:
-        db.close()
+    rows = store_query(out, "SELECT key, model, state, confidence, cost_usd FROM responses")
+    return {k: {"model": m, "state": s, "confidence": c, "cost_usd": cost} for k, m, s, c, cost in rows}
 
 
 def test_the_first_stage_decides_the_sure_rows_and_the_last_stage_the_rest(tmp_path: Path) -> None:
