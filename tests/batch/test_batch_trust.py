@@ -68,6 +68,21 @@ def stored(out: Path) -> dict[str, str]:
     return dict(store_query(out, "SELECT key, model FROM responses"))
 
 
+def kill_as_stage_2_is_created_then_resume(cfg: dict[str, Any], out: Path, first: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill the run right after the provider created the first strong batch, before the ledger recorded it
+    (the `first` batch files before it all weak), then resume it to exit 0."""
+    monkeypatch.setattr(driver, "FAULT_HOOK", kill_at("created", first + 1, out))
+    with pytest.raises(Killed):
+        pipeline.run(cfg)
+    monkeypatch.setattr(driver, "FAULT_HOOK", None)
+    at_kill = chunks(out)
+    assert [m for _, m, _, _ in at_kill[:first]] == ["weak"] * first
+    assert at_kill[first][1:3] == ("strong", "creating")
+    summary = pipeline.run(cfg, quiet=True)
+    assert summary.exit_code == 0, summary.stop_message
+
+
 def runs(tmp_path: Path, sim: SimulatorThread, rows: int, **sections: Any) -> dict[str, Any]:
     """The same job in sync mode then in batch mode (two folders, one simulator): summaries and results."""
     out: dict[str, Any] = {}
@@ -140,17 +155,7 @@ def test_kill_in_the_second_stage_resumes_each_id_once_and_pays_no_line_twice(
     rows, per_file = 100, 20
     cfg = trust_job(tmp_path, sim, rows, "batch", batch={"poll_interval_s": 0.001, "poll_max_interval_s": 0.01,
                                                          "max_requests": per_file})
-    first = rows // per_file
-    # Killed right after the provider created the first strong batch, before the ledger recorded it.
-    monkeypatch.setattr(driver, "FAULT_HOOK", kill_at("created", first + 1, tmp_path / "out"))
-    with pytest.raises(Killed):
-        pipeline.run(cfg)
-    monkeypatch.setattr(driver, "FAULT_HOOK", None)
-    at_kill = chunks(tmp_path / "out")
-    assert [m for _, m, _, _ in at_kill[:first]] == ["weak"] * first
-    assert at_kill[first][1:3] == ("strong", "creating")
-    summary = pipeline.run(cfg, quiet=True)
-    assert summary.exit_code == 0, summary.stop_message
+    kill_as_stage_2_is_created_then_resume(cfg, tmp_path / "out", rows // per_file, monkeypatch)
     res = assert_each_id_once(tmp_path / "out", rows)
     stats = batch_stats(sim)
     served = sim.stats()["served_by_body"]
