@@ -31,10 +31,6 @@ def request_key(body: dict[str, Any], base_url: str) -> str:
     return hashlib.sha256(base_url.encode() + b"\n" + canonical(caching.plain(body))).hexdigest()
 
 
-def payload_and_key(body: dict[str, Any], base_url: str) -> tuple[bytes, str]:
-    """What a request built from this body sends (Request.payload) and the key its answer is stored under."""
-    return canonical(body), request_key(body, base_url)
-
 
 class RequestBuilder:
     """Builds every Request of a run: shapes for the structured plan's current mode, encodes, keys."""

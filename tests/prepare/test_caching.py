@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import Config, load_config
 from pipeline.prepare import caching
 from pipeline.prepare.prompts import Renderer
-from pipeline.prepare.request import RequestBuilder, payload_and_key
+from pipeline.prepare.request import RequestBuilder, request_key
 from pipeline.prepare.structured import plan_for
 from tests.conftest import SCHEMA
 
@@ -114,7 +114,7 @@ def test_the_hints_change_no_request_key(model: str, system: str | None) -> None
                     .build(renderer.render({"text": ROW}, ORIGIN)).key)
     assert keys[0] == keys[1]
     body = built(on)
-    assert payload_and_key(body, on.endpoint.base_url)[1] == keys[0]  # the body as sent proves its key
+    assert request_key(body, on.endpoint.base_url) == keys[0]  # the body as sent proves its key
     assert caching.plain(body) == built(off)
 
 
@@ -124,12 +124,12 @@ def test_a_different_question_is_still_a_different_key() -> None:
     shared, row = body["messages"][1]["content"]
     changed = {**body, "messages": [body["messages"][0], {**body["messages"][1], "content": [
         {**shared, "text": INSTRUCTIONS}, row]}]}
-    assert payload_and_key(changed, "x")[1] != payload_and_key(body, "x")[1]
+    assert request_key(changed, "x") != request_key(body, "x")
     # Where the mark sits does not change the question (the text is the same): the same key.
     moved = {**body, "messages": [body["messages"][0], {**body["messages"][1], "content": [
         {**shared, "text": INSTRUCTIONS}, {"type": "text", "text": "Review: " + ROW}]}]}
-    assert payload_and_key(moved, "x")[1] == payload_and_key(body, "x")[1]
-    assert payload_and_key({**body, "prompt_cache_key": "other"}, "x")[1] == payload_and_key(body, "x")[1]
+    assert request_key(moved, "x") == request_key(body, "x")
+    assert request_key({**body, "prompt_cache_key": "other"}, "x") == request_key(body, "x")
 
 
 def test_json_object_shaping_keeps_the_shared_part_first() -> None:

@@ -12,7 +12,8 @@ from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, RowError
 from pipeline.models.catalog import context_window
 from pipeline.prepare.prompts import RenderedRow, Renderer
-from pipeline.prepare.request import payload_and_key
+from pipeline.prepare.request import request_key
+from pipeline.vocab import canonical
 
 ORIGIN = ("/data/in.jsonl", 7)
 
@@ -58,7 +59,7 @@ def test_openrouter_fields_extra_and_logit_bias() -> None:
     assert body["transforms"] == [] and body["reasoning"] == {"effort": "low"}
     assert body["logit_bias"] == {"50256": -100}
     assert "extra" not in body and "from_columns" not in body and "stream" not in body
-    payload_and_key(body, "https://x")  # serializable as is
+    canonical(body)  # serializable as is
 
 
 def test_extra_conflicts_are_config_errors() -> None:
@@ -171,21 +172,21 @@ def test_context_window() -> None:
 def test_payload_and_key_deterministic_and_sensitive() -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0}
     reordered = {"temperature": 0, "messages": [{"content": "x", "role": "user"}], "model": "m"}
-    payload, key = payload_and_key(body, "https://a/v1")
-    assert payload_and_key(reordered, "https://a/v1") == (payload, key)
+    payload, key = canonical(body), request_key(body, "https://a/v1")
+    assert (canonical(reordered), request_key(reordered, "https://a/v1")) == (payload, key)
     assert orjson.loads(payload) == body and len(key) == 64
     variants = [
         dict(body, model="n"), dict(body, temperature=0.1), dict(body, seed=1),
         dict(body, messages=[{"role": "user", "content": "y"}]),
         dict(body, messages=[{"role": "system", "content": "x"}]),
     ]
-    keys = {payload_and_key(v, "https://a/v1")[1] for v in variants} | {payload_and_key(body, "https://b/v1")[1], key}
+    keys = {request_key(v, "https://a/v1") for v in variants} | {request_key(body, "https://b/v1"), key}
     assert len(keys) == len(variants) + 2
 
 
 def test_payload_and_key_same_key_in_another_process(tmp_path: Path) -> None:
-    code = ("from pipeline.prepare.request import payload_and_key; "
-            "print(payload_and_key({'b': [1, {'y': 2, 'x': 1}], 'a': 'é'}, 'https://h')[1])")
+    code = ("from pipeline.prepare.request import request_key; "
+            "print(request_key({'b': [1, {'y': 2, 'x': 1}], 'a': 'é'}, 'https://h'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip()
-    assert out == payload_and_key({"a": "é", "b": [1, {"x": 1, "y": 2}]}, "https://h")[1]
+    assert out == request_key({"a": "é", "b": [1, {"x": 1, "y": 2}]}, "https://h")

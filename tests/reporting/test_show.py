@@ -11,7 +11,7 @@ import yaml
 
 import pipeline
 from pipeline import cli
-from pipeline.prepare.request import payload_and_key
+from pipeline.prepare.request import request_key
 from tests.conftest import job
 
 SECRET = "sk-or-v1-SHOW-TEST-SECRET"
@@ -43,7 +43,7 @@ def test_show_an_answered_row(out: Path, capsys: pytest.CaptureFixture[str]) -> 
     req = story["request"]
     assert req["verified"] is True and req["headers"]["Authorization"] == "Bearer [redacted]"
     # The body shown hashes to the key stored with the answer: it is the body that was sent.
-    assert payload_and_key(req["body"], "simulator")[1] == row["request_key"] == req["key"]
+    assert request_key(req["body"], "simulator") == row["request_key"] == req["key"]
     text_in = {r["rid"]: r["text"] for r in map(json.loads, (out.parent / "in.jsonl").read_text().splitlines())}
     assert req["body"]["messages"][-1]["content"] == f"Review: {text_in[row['rid']]}"
     assert story["record"]["state"] == "ok" and story["record"]["raw"]["choices"]
