@@ -181,3 +181,18 @@ def test_packed_rows_are_estimated_as_the_packs_the_run_sends(tmp_path: Path) ->
     assert s.exit_code == 0 and s.requests_sent == 3
     after = estimate(load_config(packed_cfg))  # the store is read under the packed keys
     assert (after.rows_done_ok, after.requests) == (10, 0)
+
+
+def test_a_ray_dry_run_starts_the_budget_where_the_driver_would(tmp_path: Path) -> None:
+    # A run without a cap whose endpoint costed nothing leaves no `_budget.json`: the driver's next run
+    # starts from the last summary's cost_usd (budget.spent_so_far), and so must the dry run's figure.
+    from pipeline.engines.ray.budget import write_spent
+    from pipeline.engines.ray.dryrun import journal_spent
+    cfg = load_config(known(tmp_path, run={"engine": "ray", "workers": 1}))
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True)
+    assert journal_spent(cfg) == 0.0
+    (out / "summary.json").write_text(json.dumps({"cost_usd": 2.5}))
+    assert journal_spent(cfg) == 2.5
+    write_spent(cfg.output.dir, cfg.output.storage_options, 3.0, exact=False)  # the file's ceiling, larger
+    assert journal_spent(cfg) == 3.0

@@ -19,8 +19,9 @@ from ...config import Config
 from ...read import storage
 from ...state.jobdir import _job_changes
 from ...state.segments import JOURNAL
-from .budget import read_spent
+from .budget import spent_so_far
 from .plan import MANIFEST_VERSION, RayJob
+from .summary import previous_summary
 
 COLUMNS = ("key", "state", "confidence", "completion_tokens", "cost_usd", "cache_hit")
 
@@ -53,8 +54,10 @@ def journal_store(cfg: Config, notes: list[str]) -> sqlite3.Connection | None:
 
 
 def journal_spent(cfg: Config) -> float:
-    """USD earlier runs of this job spent, as the job's budget counted it (what a resume starts from)."""
-    return read_spent(cfg.output.dir, cfg.output.storage_options) or 0.0
+    """USD earlier runs of this job spent: what a resume's budget starts from, counted as the driver counts
+    it (budget.spent_so_far: the budget file or, when larger, the last summary's cost_usd)."""
+    return spent_so_far(cfg.output.dir, cfg.output.storage_options,
+                        float(previous_summary(cfg).get("cost_usd", 0.0) or 0.0))
 
 
 def _segments(root: str, options: dict[str, Any] | None) -> list[str]:
