@@ -37,23 +37,28 @@ def samples_asked(body: dict[str, Any]) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_N else 1
 
 
+def _asked(body: dict[str, Any], model: str, cfg: SimConfig) -> tuple[float | None, bool, tuple[bool, int]]:
+    """What a request asks of the quality model: the model's accuracy, whether it samples (temperature
+    above 0) and (logprobs wanted, top_logprobs)."""
+    temperature = body.get("temperature")
+    top = body.get("top_logprobs")
+    top_n = top if isinstance(top, int) and not isinstance(top, bool) else 0
+    return (cfg.accuracy.get(model, cfg.default_accuracy), isinstance(temperature, (int, float)) and temperature > 0,
+            (body.get("logprobs") is True, top_n))
+
+
 def apply_quality(answer: Answer, target: Target, body: dict[str, Any], model: str, cfg: SimConfig,
                   content_fault: str | None) -> Answer:
     """The answer with judged fields, logprobs and extra samples as the request asks."""
     if content_fault is not None or answer.refusal is not None or answer.finish_reason == "length":
         return answer
-    accuracy = cfg.accuracy.get(model, cfg.default_accuracy)
-    temperature = body.get("temperature")
-    sampling = isinstance(temperature, (int, float)) and temperature > 0
-    top = body.get("top_logprobs")
-    top_n = top if isinstance(top, int) and not isinstance(top, bool) else 0
-    want_logprobs = body.get("logprobs") is True
+    accuracy, sampling, want = _asked(body, model, cfg)
     n = samples_asked(body)
-    first = _one(answer, target, body, model, cfg, accuracy, (want_logprobs, top_n),
+    first = _one(answer, target, body, model, cfg, accuracy, want,
                  random.Random(answer.rng_seed) if sampling else None)
     if n == 1:
         return first
-    more = [_one(answer, target, body, model, cfg, accuracy, (want_logprobs, top_n),
+    more = [_one(answer, target, body, model, cfg, accuracy, want,
                  random.Random(answer.rng_seed + i) if sampling else None) for i in range(1, n)]
     return replace(first, more=more,
                    completion_tokens=first.completion_tokens + sum(m.completion_tokens for m in more))
@@ -90,12 +95,7 @@ def apply_pack_quality(answer: Answer, target: Target, body: dict[str, Any], mod
     if content_fault is not None or answer.refusal is not None or answer.finish_reason == "length" \
             or target.kind == "text" or row_schema(target.schema) is None:
         return answer
-    accuracy = cfg.accuracy.get(model, cfg.default_accuracy)
-    temperature = body.get("temperature")
-    sampling = isinstance(temperature, (int, float)) and temperature > 0
-    top = body.get("top_logprobs")
-    top_n = top if isinstance(top, int) and not isinstance(top, bool) else 0
-    want = (body.get("logprobs") is True, top_n)
+    accuracy, sampling, want = _asked(body, model, cfg)
     if accuracy is None and not want[0] and samples_asked(body) == 1:
         return answer  # nothing to judge or to add: the packed answer as drawn
     samples = [_pack_one(answer, target, body, model, cfg, accuracy, want, (seed, i if sampling else None))

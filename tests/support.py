@@ -201,13 +201,18 @@ def served_by_key(sim: SimulatorThread) -> Counter[str]:
     return Counter({key_of[digest]: n for digest, n in served.items()})
 
 
-def stored_ok_keys(out: Path) -> set[str]:
-    """Request keys of the answers in a job's store (read-only: a run may hold it)."""
+def store_query(out: Path, sql: str) -> list[tuple[Any, ...]]:
+    """The rows `sql` selects from a job's store, opened read-only (a run may hold it)."""
     db = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
     try:
-        return {k for (k,) in db.execute("SELECT key FROM responses WHERE state = 'ok'")}
+        return db.execute(sql).fetchall()
     finally:
         db.close()
+
+
+def stored_ok_keys(out: Path) -> set[str]:
+    """Request keys of the answers in a job's store."""
+    return {k for (k,) in store_query(out, "SELECT key FROM responses WHERE state = 'ok'")}
 
 
 def max_unstored_at_kill(max_concurrency: int) -> int:

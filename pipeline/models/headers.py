@@ -30,6 +30,7 @@ _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _ANTHROPIC = "anthropic-ratelimit-"
 # Anthropic's windows by the limiter's names (limits.requests/input_tokens/output_tokens_per_minute).
+_PREFIXES = ("x-ratelimit-", _ANTHROPIC)
 _ANTHROPIC_KINDS = {"requests": "requests", "input-tokens": "input_tokens", "output-tokens": "output_tokens"}
 
 
@@ -47,8 +48,8 @@ class RateWindow:
 
 def rate_windows(headers: Mapping[str, str], now: float | None = None) -> list[RateWindow]:
     """The limits a reply's headers report; empty (and cheap) when it has none."""
-    h = {k.lower(): v for k, v in headers.items()
-         if k[:12].lower() == "x-ratelimit-" or k[:20].lower() == _ANTHROPIC}
+    # One short lowered slice per header (most replies carry none of these): prefixes up to 20 characters.
+    h = {k.lower(): v for k, v in headers.items() if k[:20].lower().startswith(_PREFIXES)}
     if not h:
         return []
     out = _anthropic_windows(h, time.time() if now is None else now) if any(

@@ -249,15 +249,22 @@ class _Choice:
             if isinstance(text, str) and text:
                 sink.append(text)
                 got = True
-        for tc in delta.get("tool_calls") or []:
+        calls = delta.get("tool_calls")
+        for tc in calls if isinstance(calls, list) else ():
+            index = tc.get("index", 0) if isinstance(tc, dict) else None
+            if not isinstance(index, int) or isinstance(index, bool):
+                continue  # an untrusted stream's malformed call: skipped, the rest of the answer is kept
             got = True
-            slot = self.tool_calls.setdefault(tc.get("index", 0),
-                                              {"type": "function", "function": {"name": "", "arguments": ""}})
+            slot = self.tool_calls.get(index)
+            if slot is None:  # not setdefault: that would build a slot for every chunk of the arguments
+                slot = self.tool_calls[index] = {"type": "function", "function": {"name": "", "arguments": ""}}
             if tc.get("id"):
                 slot["id"] = tc["id"]
-            fn = tc.get("function") or {}
-            slot["function"]["name"] += fn.get("name") or ""
-            slot["function"]["arguments"] += fn.get("arguments") or ""
+            fn = tc.get("function")
+            if isinstance(fn, dict):
+                for part in ("name", "arguments"):
+                    if isinstance(fn.get(part), str):
+                        slot["function"][part] += fn[part]
         return got
 
     def message(self) -> dict[str, Any]:
@@ -328,8 +335,12 @@ class _Assembler:
             index = choice.get("index", 0) if isinstance(choice, dict) else None
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < _MAX_CHOICES:
                 continue
-            slot = self.choices.setdefault(index, _Choice())
-            self.got_token |= slot.delta(choice.get("delta") or {})
+            slot = self.choices.get(index)
+            if slot is None:  # not setdefault: that would build a _Choice for every chunk
+                slot = self.choices[index] = _Choice()
+            delta = choice.get("delta")
+            if isinstance(delta, dict):  # untrusted: a delta that is not an object writes nothing
+                self.got_token |= slot.delta(delta)
             lp = choice.get("logprobs")  # OpenAI: the tokens this chunk writes (the role chunk's list is empty)
             if isinstance(lp, dict) and isinstance(lp.get("content"), list):
                 slot.logprobs.extend(lp["content"])

@@ -40,6 +40,22 @@ def kill_at(step: str, nth: int, out: Path) -> Callable[[str], None]:
     return hook
 
 
+def kill_9_while_polling(sim: SimulatorThread, config: Path, files: int) -> None:
+    """Run the job at `config` as a child process; kill -9 it once it has created its `files` batches and
+    polled them again (the simulator must hold them in progress)."""
+    proc = start("run", str(config), "-q")
+    try:
+        wait_for(lambda: batch_stats(sim).get("batches_created", 0) == files or proc.poll() is not None,
+                 timeout=60, what="the run to submit its batches")
+        polled = sim.stats()["batch"].get("polls", 0)
+        wait_for(lambda: proc.poll() is not None or sim.stats()["batch"].get("polls", 0) > polled + files,
+                 timeout=30, what="the run to poll")
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
 @pytest.mark.parametrize("step,nth", [("writing", 55), ("uploaded", 2), ("created", 2), ("polling", 3),
                                       ("downloading", 1)])
 def test_a_kill_at_each_step_submits_nothing_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -75,17 +91,7 @@ def test_kill_9_while_polling_then_the_same_command_collects(tmp_path: Path, mon
     try:
         cfg = sim_job(tmp_path, sim, ROWS, run={"mode": "batch", "progress": False},
                       batch={"poll_interval_s": 0.05, "poll_max_interval_s": 0.05, "max_requests": 40})
-        proc = start("run", str(write_config(tmp_path, cfg)), "-q")
-        try:
-            wait_for(lambda: batch_stats(sim).get("batches_created", 0) == FILES or proc.poll() is not None,
-                     timeout=60, what="the run to submit its batches")
-            polled = sim.stats()["batch"].get("polls", 0)
-            wait_for(lambda: proc.poll() is not None or sim.stats()["batch"].get("polls", 0) > polled + FILES,
-                     timeout=30, what="the run to poll")
-            assert proc.poll() is None, proc.communicate()[1]
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.wait()
+        kill_9_while_polling(sim, write_config(tmp_path, cfg), FILES)
         sim.call(lambda: setattr(sim.sim.batches.cfg, "in_progress_polls", 1))
         summary = pipeline.run({**cfg, "batch": {**FAST, "max_requests": 40}})
         stats = batch_stats(sim)

@@ -5,7 +5,6 @@ without paying for any pack twice."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ from pipeline.batch import driver
 from pipeline_simulator import SimConfig
 from pipeline_simulator.thread import SimulatorThread
 from tests.batch.test_batch import FAST, batch_stats
-from tests.batch.test_batch_kill import Killed, kill_at
+from tests.batch.test_batch_kill import Killed, kill_9_while_polling, kill_at
 from tests.e2e.test_cascade import trust_job
 from tests.support import TEST_KEY_ENV as KEY_ENV
-from tests.support import assert_each_id_once, outputs, sim_job, start, wait_for, write_config
+from tests.support import assert_each_id_once, outputs, sim_job, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -167,17 +166,7 @@ def test_kill_9_of_a_packed_batch_run_then_the_same_command_finishes(tmp_path: P
     try:
         cfg = sim_job(tmp_path, sim, ROWS, prompt={"rows_per_request": K}, run={"mode": "batch", "progress": False},
                       batch={"poll_interval_s": 0.05, "poll_max_interval_s": 0.05, "max_requests": 8})
-        proc = start("run", str(write_config(tmp_path, cfg)), "-q")
-        try:
-            wait_for(lambda: batch_stats(sim).get("batches_created", 0) == 3 or proc.poll() is not None,
-                     timeout=60, what="the run to submit its batches")
-            polled = sim.stats()["batch"].get("polls", 0)
-            wait_for(lambda: proc.poll() is not None or sim.stats()["batch"].get("polls", 0) > polled + 3,
-                     timeout=30, what="the run to poll")
-            assert proc.poll() is None, proc.communicate()[1]
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.wait()
+        kill_9_while_polling(sim, write_config(tmp_path, cfg), 3)
         sim.call(lambda: setattr(sim.sim.batches.cfg, "in_progress_polls", 1))
         summary = pipeline.run({**cfg, "batch": {**FAST, "max_requests": 8}})
         served = sim.stats()["served_by_body"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tests.support import (
     cli_in_process,
     sim_job,
     start,
+    store_query,
     wait_for,
     write_config,
 )
@@ -55,29 +55,32 @@ def trust_job(tmp_path: Path, sim: SimulatorThread, rows: int, mode: str, **sect
 
 def chunks(out: Path) -> list[tuple[int, str | None, str, int]]:
     """(chunk, model, state, lines) of the job's batch files, in order."""
-    db = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
-    try:
-        return db.execute("SELECT chunk, model, state, lines FROM batch_chunks ORDER BY chunk").fetchall()
-    finally:
-        db.close()
+    return store_query(out, "SELECT chunk, model, state, lines FROM batch_chunks ORDER BY chunk")
 
 
 def worst_per_line(out: Path) -> dict[str, float]:
     """{model: the budget's worst case of one line} over the job's batch files."""
-    db = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
-    try:
-        return dict(db.execute("SELECT model, sum(worst_usd) / sum(lines) FROM batch_chunks GROUP BY model"))
-    finally:
-        db.close()
+    return dict(store_query(out, "SELECT model, sum(worst_usd) / sum(lines) FROM batch_chunks GROUP BY model"))
 
 
 def stored(out: Path) -> dict[str, str]:
     """{request key: model} of every answer in the job's store."""
-    db = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
-    try:
-        return dict(db.execute("SELECT key, model FROM responses"))
-    finally:
-        db.close()
+    return dict(store_query(out, "SELECT key, model FROM responses"))
+
+
+def kill_as_stage_2_is_created_then_resume(cfg: dict[str, Any], out: Path, first: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill the run right after the provider created the first strong batch, before the ledger recorded it
+    (the `first` batch files before it all weak), then resume it to exit 0."""
+    monkeypatch.setattr(driver, "FAULT_HOOK", kill_at("created", first + 1, out))
+    with pytest.raises(Killed):
+        pipeline.run(cfg)
+    monkeypatch.setattr(driver, "FAULT_HOOK", None)
+    at_kill = chunks(out)
+    assert [m for _, m, _, _ in at_kill[:first]] == ["weak"] * first
+    assert at_kill[first][1:3] == ("strong", "creating")
+    summary = pipeline.run(cfg, quiet=True)
+    assert summary.exit_code == 0, summary.stop_message
 
 
 def runs(tmp_path: Path, sim: SimulatorThread, rows: int, **sections: Any) -> dict[str, Any]:
@@ -135,12 +138,8 @@ def test_failed_first_stage_lines_go_on_to_the_next_stage_in_batch_files_only(
     assert s.exit_code in (0, 1)
     res = assert_each_id_once(tmp_path / "out", rows)
     fail = pl.read_parquet(tmp_path / "out" / "failures.parquet")
-    db = sqlite3.connect(f"file:{tmp_path / 'out' / 'store.sqlite'}?mode=ro", uri=True)
-    try:
-        weak = db.execute("SELECT r.state, r.confidence FROM responses r WHERE r.key IN (SELECT l.key FROM batch_lines "
-                          "l JOIN batch_chunks c USING (chunk) WHERE c.model = 'weak')").fetchall()
-    finally:
-        db.close()
+    weak = store_query(tmp_path / "out", "SELECT r.state, r.confidence FROM responses r WHERE r.key IN (SELECT "
+                       "l.key FROM batch_lines l JOIN batch_chunks c USING (chunk) WHERE c.model = 'weak')")
     assert len(weak) == rows
     failed_weak = sum(1 for state, _ in weak if state != "ok")
     assert {"transient", "permanent"} <= {state for state, _ in weak}
@@ -156,17 +155,7 @@ def test_kill_in_the_second_stage_resumes_each_id_once_and_pays_no_line_twice(
     rows, per_file = 100, 20
     cfg = trust_job(tmp_path, sim, rows, "batch", batch={"poll_interval_s": 0.001, "poll_max_interval_s": 0.01,
                                                          "max_requests": per_file})
-    first = rows // per_file
-    # Killed right after the provider created the first strong batch, before the ledger recorded it.
-    monkeypatch.setattr(driver, "FAULT_HOOK", kill_at("created", first + 1, tmp_path / "out"))
-    with pytest.raises(Killed):
-        pipeline.run(cfg)
-    monkeypatch.setattr(driver, "FAULT_HOOK", None)
-    at_kill = chunks(tmp_path / "out")
-    assert [m for _, m, _, _ in at_kill[:first]] == ["weak"] * first
-    assert at_kill[first][1:3] == ("strong", "creating")
-    summary = pipeline.run(cfg, quiet=True)
-    assert summary.exit_code == 0, summary.stop_message
+    kill_as_stage_2_is_created_then_resume(cfg, tmp_path / "out", rows // per_file, monkeypatch)
     res = assert_each_id_once(tmp_path / "out", rows)
     stats = batch_stats(sim)
     served = sim.stats()["served_by_body"]
@@ -302,11 +291,7 @@ def test_retry_via_sync_sends_a_failed_line_and_its_rows_later_stages_synchronou
     assert set(res["cascade_stage"]) == {1, 2}
     in_files = sum(n for *_, n in chunks(tmp_path / "out"))
     assert chat > 0 and s.requests_sent == in_files + chat  # the failed lines (and what followed) went sync
-    db = sqlite3.connect(f"file:{tmp_path / 'out' / 'store.sqlite'}?mode=ro", uri=True)
-    try:
-        (strong_retried,) = db.execute("SELECT count(*) FROM batch_lines JOIN batch_chunks USING (chunk) WHERE "
-                                       "model = 'strong' AND outcome IN ('transient', 'missing')").fetchone()
-    finally:
-        db.close()
+    [(strong_retried,)] = store_query(tmp_path / "out", "SELECT count(*) FROM batch_lines JOIN batch_chunks USING "
+                                      "(chunk) WHERE model = 'strong' AND outcome IN ('transient', 'missing')")
     # Beyond the strong lines retried sync: rows whose first-stage line went sync were escalated in sync mode.
     assert strong_sync > strong_retried

@@ -11,12 +11,10 @@ from typing import Any
 import pytest
 
 import pipeline
-from pipeline.batch import driver
 from pipeline_simulator import SimConfig
 from pipeline_simulator.thread import SimulatorThread
 from tests.batch.test_batch import batch_stats
-from tests.batch.test_batch_kill import Killed, kill_at
-from tests.batch.test_batch_trust import INSTANT, chunks, stored, trust_job
+from tests.batch.test_batch_trust import INSTANT, chunks, kill_as_stage_2_is_created_then_resume, stored, trust_job
 from tests.e2e.test_cascade import ACCURACY, PRICES
 from tests.support import TEST_KEY_ENV, assert_each_id_once, cli_in_process, write_config
 
@@ -90,17 +88,7 @@ def test_kill_in_a_packed_second_stage_resumes_each_id_once_and_pays_no_pack_twi
     rows, per_file = 120, 6  # 20 weak packs of 6 rows, in files of 6 lines
     cfg = trust_job(tmp_path, sim, rows, "batch", prompt={"rows_per_request": K},
                     batch={"poll_interval_s": 0.001, "poll_max_interval_s": 0.01, "max_requests": per_file})
-    first = -(-rows // K // per_file)
-    # Killed right after the provider created the first strong batch, before the ledger recorded it.
-    monkeypatch.setattr(driver, "FAULT_HOOK", kill_at("created", first + 1, tmp_path / "out"))
-    with pytest.raises(Killed):
-        pipeline.run(cfg)
-    monkeypatch.setattr(driver, "FAULT_HOOK", None)
-    at_kill = chunks(tmp_path / "out")
-    assert [m for _, m, _, _ in at_kill[:first]] == ["weak"] * first
-    assert at_kill[first][1:3] == ("strong", "creating")
-    summary = pipeline.run(cfg, quiet=True)
-    assert summary.exit_code == 0, summary.stop_message
+    kill_as_stage_2_is_created_then_resume(cfg, tmp_path / "out", -(-rows // K // per_file), monkeypatch)
     res = assert_each_id_once(tmp_path / "out", rows)
     answers = stored(tmp_path / "out")
     assert list(answers.values()).count("weak") == rows  # every row's stage-1 answer, from its pack

@@ -3,7 +3,6 @@ who decides each row, what it cost, kill -9 in the second stage, and the gate's 
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from tests.support import (
     served_by_key,
     sim_job,
     start,
+    store_query,
     wait_for,
     write_config,
 )
@@ -51,12 +51,27 @@ def trust_job(tmp_path: Path, rows: int, **sections: Any) -> dict[str, Any]:
 
 
 def store_rows(out: Path) -> dict[str, dict[str, Any]]:
-    db = sqlite3.connect(f"file:{out / 'store.sqlite'}?mode=ro", uri=True)
-    try:
-        cur = db.execute("SELECT key, model, state, confidence, cost_usd FROM responses")
-        return {k: {"model": m, "state": s, "confidence": c, "cost_usd": cost} for k, m, s, c, cost in cur}
-    finally:
-        db.close()
+    rows = store_query(out, "SELECT key, model, state, confidence, cost_usd FROM responses")
+    return {k: {"model": m, "state": s, "confidence": c, "cost_usd": cost} for k, m, s, c, cost in rows}
+
+
+def kill_9_sim(latency_ms: float) -> SimulatorThread:
+    """A started simulator on its own thread, for a cascade run in a child process to be killed in: slow
+    enough to be caught mid-stage, logging every request body."""
+    sim = SimulatorThread(SimConfig(flavor="openai", accuracy=ACCURACY, prices=PRICES, latency_ms=latency_ms,
+                                    log_limit=100_000))
+    sim.start()
+    return sim
+
+
+def kill_9_config(tmp_path: Path, sim: SimulatorThread, rows: int, max_concurrency: int, **sections: Any) -> Path:
+    """trust_job answered by `sim`, all rows in one input batch, written for a child process to run."""
+    cfg = sim_job(tmp_path, sim, rows, structured={"schema": SCHEMA, "mode": "json_schema"},
+                  quality={"confidence": "logprobs"}, prices=PRICES, input={"batch_size": rows},
+                  cascade=[{"model": "weak", "min_confidence": 0.9}, {"model": "strong"}],
+                  limits={"max_concurrency": max_concurrency}, output={"fsync_interval_s": 0.05}, **sections)
+    cfg["params"] = {"max_tokens": 100}
+    return write_config(tmp_path, cfg)
 
 
 def test_the_first_stage_decides_the_sure_rows_and_the_last_stage_the_rest(tmp_path: Path) -> None:
@@ -112,16 +127,9 @@ def test_cascade_config_errors_name_the_key(tmp_path: Path) -> None:
 
 def test_kill_9_in_the_second_stage_resumes_each_id_once_and_pays_no_first_stage_twice(tmp_path: Path) -> None:
     rows = 120
-    sim = SimulatorThread(SimConfig(flavor="openai", accuracy=ACCURACY, prices=PRICES, latency_ms=30,
-                                    log_limit=100_000))
-    sim.start()
+    sim = kill_9_sim(latency_ms=30)
     try:
-        cfg = sim_job(tmp_path, sim, rows, structured={"schema": SCHEMA, "mode": "json_schema"},
-                      quality={"confidence": "logprobs"}, prices=PRICES, input={"batch_size": rows},
-                      cascade=[{"model": "weak", "min_confidence": 0.9}, {"model": "strong"}],
-                      limits={"max_concurrency": 4}, output={"fsync_interval_s": 0.05})
-        cfg["params"] = {"max_tokens": 100}
-        path = write_config(tmp_path, cfg)
+        path = kill_9_config(tmp_path, sim, rows, max_concurrency=4)
 
         def strong_arrivals() -> int:
             return sim.call(lambda: sum(1 for e in sim.sim.service.acct.log if e.raw and b'"model":"strong"' in e.raw))

@@ -12,10 +12,9 @@ import polars as pl
 import pytest
 
 import pipeline
-from pipeline_simulator import SimConfig
 from pipeline_simulator.thread import SimulatorThread
-from tests.e2e.test_cascade import ACCURACY, PRICES, SCHEMA, store_rows, trust_job
-from tests.support import assert_each_id_once, cli, kill, sim_job, start, wait_for, write_config
+from tests.e2e.test_cascade import kill_9_config, kill_9_sim, store_rows, trust_job
+from tests.support import assert_each_id_once, cli, kill, start, wait_for
 
 DECIDED = ["rid", "output", "model", "confidence", "confidence_by_field", "cascade_stage", "audit_agrees"]
 
@@ -112,17 +111,9 @@ def rows_asked(sim: SimulatorThread, model: str) -> list[str]:
 def test_kill_9_in_a_packed_second_stage_resumes_each_id_once_and_asks_no_first_stage_row_twice(
         tmp_path: Path) -> None:
     rows = 200
-    sim = SimulatorThread(SimConfig(flavor="openai", accuracy=ACCURACY, prices=PRICES, latency_ms=40,
-                                    log_limit=100_000))
-    sim.start()
+    sim = kill_9_sim(latency_ms=40)
     try:
-        cfg = sim_job(tmp_path, sim, rows, structured={"schema": SCHEMA, "mode": "json_schema"},
-                      quality={"confidence": "logprobs"}, prices=PRICES, input={"batch_size": rows},
-                      cascade=[{"model": "weak", "min_confidence": 0.9}, {"model": "strong"}],
-                      prompt={"rows_per_request": 5}, limits={"max_concurrency": 3},
-                      output={"fsync_interval_s": 0.05})
-        cfg["params"] = {"max_tokens": 100}
-        path = write_config(tmp_path, cfg)
+        path = kill_9_config(tmp_path, sim, rows, max_concurrency=3, prompt={"rows_per_request": 5})
         proc = start("run", str(path), "-q")
         wait_for(lambda: len(rows_asked(sim, "strong")) >= 15 or proc.poll() is not None,
                  what="the second stage to start")

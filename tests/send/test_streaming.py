@@ -202,3 +202,19 @@ def test_assembler_keeps_each_of_n_interleaved_choices() -> None:
         assemble(b"".join(events[:-1]))   # choice 0 never finished and no [DONE]
     hostile = chunk(10**9, {"content": "x"}) + b'data: {"choices":[{"index":true,"delta":{"content":"y"}}]}\n\n'
     assert len(assemble(b"".join(events) + hostile + b"data: [DONE]\n\n")["choices"]) == 2
+
+
+def test_assembler_skips_malformed_deltas_and_keeps_the_rest_of_a_paid_answer() -> None:
+    """An untrusted stream's delta that is not an object, a tool call that is not one (or has an index that
+    is not an integer), or a name/arguments that are not strings write nothing; the good chunks around them
+    still make the answer, instead of an exception that would lose a paid answer."""
+    def data(delta: Any, finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) \
+            + b"\n\n"
+    call = {"index": 0, "id": "c1", "function": {"name": "answer", "arguments": '{"a":'}}
+    events = [data({"role": "assistant", "content": None, "tool_calls": [call]}), data("garbage"),
+              data({"tool_calls": ["x", {"index": [1]}, {"index": 0, "function": {"name": 3, "arguments": "1}"}}]}),
+              data({"tool_calls": {"index": 0}}), data({}, "tool_calls")]
+    body = assemble(b"".join(events) + b"data: [DONE]\n\n")
+    assert body["choices"][0]["message"]["tool_calls"] == [
+        {"type": "function", "id": "c1", "function": {"name": "answer", "arguments": '{"a":1}'}}]
