@@ -117,10 +117,11 @@ def prompt_cache(usage: dict[str, Any]) -> PromptCache:
     return PromptCache(cached, min(written, prompt - cached))
 
 
-def cost_of(price: ModelPrice, usage: dict[str, Any], n_images: int = 0) -> float:
-    """USD for one answer's usage: cached prompt tokens at the cached price, cache writes at the write price."""
+def cost_of(price: ModelPrice, usage: dict[str, Any], n_images: int = 0, cache: PromptCache | None = None) -> float:
+    """USD for one answer's usage: cached prompt tokens at the cached price, cache writes at the write price.
+    `cache`: the usage's prompt_cache() when the caller has read it already (once per answer on the hot path)."""
     prompt = _int(usage.get("prompt_tokens"))
-    cache = prompt_cache(usage)
+    cache = cache if cache is not None else prompt_cache(usage)
     fresh = prompt - cache.cached - cache.written
     return ((fresh * price.input_per_m + cache.cached * price.cached_rate + cache.written * price.write_rate
              + _int(usage.get("completion_tokens")) * price.output_per_m) / 1e6 + n_images * price.per_image)

@@ -100,7 +100,7 @@ def read_usage(body: dict[str, Any], cfg: Config, n_images: int = 0, est_prompt:
     price = find_price(cfg, name, batch=batch) or find_price(cfg, cfg.endpoint.model, batch=batch)
     cache = prompt_cache(usage)
     reported = _reported_cost(usage)
-    table = None if price is None else cost_of(price, usage, n_images)
+    table = None if price is None else cost_of(price, usage, n_images, cache)
     if reported is None and table is None:
         warn_unpriced(name)
     return Usage(
